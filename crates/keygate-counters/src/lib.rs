@@ -1,1 +1,357 @@
+//! Rate limits, key budgets and tenant credit pools, in process.
+//!
+//! * Rate limits: one two-window weighted counter ([`keygate_core::WindowState`]) per key
+//!   family, behind a `std::sync::Mutex` held for a few instructions, never across an await.
+//! * Budgets and credits: the store is the source of truth. This node withdraws credits from
+//!   the store in small **leases** with one atomic conditional UPDATE, spends them from memory,
+//!   and returns what is left on shutdown ([`Counters::flush`]). A credit is therefore never
+//!   granted unless it was first taken from the store, so neither concurrency nor a restart
+//!   can grant it twice; a crash (`kill -9`) loses at most the unspent part of one lease per
+//!   family and tenant: an under-grant, never an over-grant.
+//!
+//! The order of checks is the contract's: rate limit → key budget → tenant credits. A
+//! request refused by the tenant pool gives its key-budget credits back to the lease.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use keygate_core::{Charge, Code, RateDecision, WindowState};
+use keygate_store::{Store, StoreError, Withdrawal};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Largest lease taken from the store at once.
+const MAX_LEASE: u64 = 1_000;
+
+/// Credits leased from one budget or pool.
+#[derive(Debug, Default)]
+struct Lease {
+    /// Credits this node holds and may spend without asking the store.
+    local: Mutex<LeaseState>,
+    /// Serialises refills so that a burst does one store round trip, not one per request.
+    refill: tokio::sync::Mutex<()>,
+    /// The store said the pool is unlimited (tenants only).
+    unlimited: AtomicBool,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct LeaseState {
+    local: u64,
+    /// What the store had left after our last withdrawal (a hint for display and sizing).
+    store_remaining: u64,
+    /// The last withdrawal came back short: don't ask the store again until told of a change.
+    store_empty: bool,
+}
+
+impl Lease {
+    fn try_take(&self, cost: u64) -> Option<u64> {
+        let mut s = lock(&self.local);
+        if s.local >= cost {
+            s.local -= cost;
+            Some(s.local + s.store_remaining)
+        } else {
+            None
+        }
+    }
+
+    fn give_back(&self, cost: u64) {
+        lock(&self.local).local += cost;
+    }
+
+    fn snapshot(&self) -> LeaseState {
+        *lock(&self.local)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the counters half-updated
+    // (every critical section is a single arithmetic step), so poisoning is ignored.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The result of running a request's [`Charge`] through the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metered {
+    /// The rate-limit check, when the key has a limit (for the RateLimit headers).
+    pub rate: Option<RateDecision>,
+    /// Credits left in the key's budget after this call, when it has one.
+    pub budget_remaining: Option<u64>,
+    /// Credits left in the tenant's pool after this call, when it is limited.
+    pub credits_remaining: Option<u64>,
+}
+
+/// A refusal from the counters, with the rate decision when there was one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// `RATE_LIMITED`, `BUDGET_EXHAUSTED`, `INSUFFICIENT_CREDITS` or `UNAVAILABLE`.
+    pub code: Code,
+    /// The rate decision (for `Retry-After` and the RateLimit headers).
+    pub rate: Option<RateDecision>,
+}
+
+type Map<V> = RwLock<HashMap<String, Arc<V>>>;
+
+fn get_or_insert<V: Default>(map: &Map<V>, key: &str) -> Arc<V> {
+    if let Some(v) = map.read().unwrap_or_else(|p| p.into_inner()).get(key) {
+        return v.clone();
+    }
+    map.write()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(key.to_owned())
+        .or_default()
+        .clone()
+}
+
+/// In-process counters backed by a [`Store`] for money.
+#[derive(Debug)]
+pub struct Counters {
+    store: Arc<dyn Store>,
+    windows: Map<Mutex<WindowState>>,
+    budgets: Map<Lease>,
+    pools: Map<Lease>,
+}
+
+impl Counters {
+    /// Counters that lease credits from `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            windows: RwLock::default(),
+            budgets: RwLock::default(),
+            pools: RwLock::default(),
+        }
+    }
+
+    /// Runs `charge` for a key of `family_id` in `tenant_id` at `now_ms`: rate limit, then key
+    /// budget, then tenant credits. Either every counter is charged or none of the money is.
+    pub async fn meter(
+        &self,
+        family_id: &str,
+        tenant_id: &str,
+        charge: &Charge,
+        now_ms: i64,
+    ) -> Result<Metered, Refused> {
+        let rate = charge.rate_limit.map(|rl| {
+            let w = get_or_insert(&self.windows, family_id);
+            let mut st = lock(&w);
+            st.check(&rl, now_ms, 1)
+        });
+        if let Some(r) = rate {
+            if !r.allowed {
+                return Err(Refused {
+                    code: Code::RateLimited,
+                    rate,
+                });
+            }
+        }
+        let refuse = |code| Refused { code, rate };
+        let cost = charge.cost;
+        let mut budget_remaining = None;
+        let mut budget_lease = None;
+        if let Some(cap) = charge.budget {
+            let lease = get_or_insert(&self.budgets, family_id);
+            let want = cost.max((cap / 50).min(MAX_LEASE));
+            let store = self.store.clone();
+            let fam = family_id.to_owned();
+            let got = take(&lease, cost, want, move |w| {
+                let store = store.clone();
+                let fam = fam.clone();
+                async move {
+                    let g = store.withdraw_budget(&fam, w).await?;
+                    Ok(Some((g.granted, g.remaining)))
+                }
+            })
+            .await
+            .map_err(|_| refuse(Code::Unavailable))?;
+            match got {
+                Taken::Yes(rem) => budget_remaining = Some(rem),
+                Taken::No => return Err(refuse(Code::BudgetExhausted)),
+                Taken::Unlimited => {}
+            }
+            budget_lease = Some(lease);
+        }
+        let mut credits_remaining = None;
+        if cost > 0 {
+            let lease = get_or_insert(&self.pools, tenant_id);
+            if !lease.unlimited.load(Ordering::Relaxed) {
+                let hint = lease.snapshot().store_remaining;
+                let want = cost.max((hint / 50).min(MAX_LEASE));
+                let store = self.store.clone();
+                let tid = tenant_id.to_owned();
+                let got = take(&lease, cost, want, move |w| {
+                    let store = store.clone();
+                    let tid = tid.clone();
+                    async move {
+                        Ok(match store.withdraw_credits(&tid, w).await? {
+                            Withdrawal::Unlimited => None,
+                            Withdrawal::Granted(g) => Some((g.granted, g.remaining)),
+                        })
+                    }
+                })
+                .await;
+                let refusal = match got {
+                    Ok(Taken::Yes(rem)) => {
+                        credits_remaining = Some(rem);
+                        None
+                    }
+                    Ok(Taken::Unlimited) => None,
+                    Ok(Taken::No) => Some(Code::InsufficientCredits),
+                    Err(_) => Some(Code::Unavailable),
+                };
+                if let Some(code) = refusal {
+                    if let Some(b) = budget_lease {
+                        b.give_back(cost);
+                    }
+                    return Err(refuse(code));
+                }
+            }
+        }
+        Ok(Metered {
+            rate,
+            budget_remaining,
+            credits_remaining,
+        })
+    }
+
+    /// Credits of `family_id`'s budget leased to this node and not yet spent.
+    pub fn budget_leased(&self, family_id: &str) -> u64 {
+        self.budgets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(family_id)
+            .map_or(0, |l| l.snapshot().local)
+    }
+
+    /// Credits of `tenant_id`'s pool leased to this node and not yet spent.
+    pub fn credits_leased(&self, tenant_id: &str) -> u64 {
+        self.pools
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant_id)
+            .map_or(0, |l| l.snapshot().local)
+    }
+
+    /// Returns this node's lease on a family's budget to the store and forgets that the store
+    /// was empty: call before changing the budget, so the new cap applies to true spending.
+    pub async fn release_budget(&self, family_id: &str) -> Result<(), StoreError> {
+        let lease = self
+            .budgets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(family_id)
+            .cloned();
+        if let Some(lease) = lease {
+            release(&lease, |n| self.store.refund_budget(family_id, n)).await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets that a tenant's pool was empty or unlimited (after a top-up or plan change).
+    pub fn pool_changed(&self, tenant_id: &str) {
+        if let Some(l) = self
+            .pools
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(tenant_id)
+        {
+            lock(&l.local).store_empty = false;
+            l.unlimited.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Returns every unspent lease to the store (graceful shutdown).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let budgets: Vec<_> = self
+            .budgets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (fam, lease) in budgets {
+            release(&lease, |n| self.store.refund_budget(&fam, n)).await?;
+        }
+        let pools: Vec<_> = self
+            .pools
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (tid, lease) in pools {
+            release(&lease, |n| self.store.refund_credits(&tid, n)).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops rate windows that have not been touched for two windows (memory bound).
+    pub fn sweep(&self, now_ms: i64, max_window_ms: i64) {
+        self.windows
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, w| lock(w).start_ms + 2 * max_window_ms > now_ms);
+    }
+}
+
+enum Taken {
+    Yes(u64),
+    No,
+    Unlimited,
+}
+
+async fn take<F, Fut>(lease: &Lease, cost: u64, want: u64, withdraw: F) -> Result<Taken, StoreError>
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<(u64, u64)>, StoreError>>,
+{
+    if cost == 0 {
+        let s = lease.snapshot();
+        return Ok(Taken::Yes(s.local + s.store_remaining));
+    }
+    if let Some(rem) = lease.try_take(cost) {
+        return Ok(Taken::Yes(rem));
+    }
+    let _refill = lease.refill.lock().await;
+    if let Some(rem) = lease.try_take(cost) {
+        return Ok(Taken::Yes(rem));
+    }
+    if lease.snapshot().store_empty {
+        return Ok(Taken::No);
+    }
+    let Some((granted, remaining)) = withdraw(want).await? else {
+        lease.unlimited.store(true, Ordering::Relaxed);
+        return Ok(Taken::Unlimited);
+    };
+    let mut s = lock(&lease.local);
+    s.local += granted;
+    s.store_remaining = remaining;
+    s.store_empty = granted < want && remaining == 0;
+    if s.local >= cost {
+        s.local -= cost;
+        Ok(Taken::Yes(s.local + s.store_remaining))
+    } else {
+        Ok(Taken::No)
+    }
+}
+
+async fn release<F, Fut>(lease: &Lease, refund: F) -> Result<(), StoreError>
+where
+    F: FnOnce(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<(), StoreError>>,
+{
+    let _refill = lease.refill.lock().await;
+    let n = {
+        let mut s = lock(&lease.local);
+        let n = s.local;
+        s.local = 0;
+        s.store_empty = false;
+        n
+    };
+    if n > 0 {
+        if let Err(e) = refund(n).await {
+            lease.give_back(n);
+            return Err(e);
+        }
+    }
+    Ok(())
+}

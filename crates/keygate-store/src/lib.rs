@@ -1,1 +1,152 @@
+//! keygate storage.
+//!
+//! [`Store`] is the boundary: rows go in and come out as typed records built from core types
+//! (`ScopeSet`, `IpAllowList`, `OriginList`, …), so nothing above this crate parses a stored
+//! string. [`SqliteStore`] is the embedded implementation; the trait is shaped so that a
+//! PostgreSQL implementation runs the same test suite.
+//!
+//! Money lives here: a key family's `spent` and a tenant's `credits` are changed only by
+//! single-statement conditional updates (`withdraw_*`), so no interleaving of nodes or tasks
+//! can overspend. Nodes withdraw credits in small leases and return what they did not use on
+//! shutdown; a crash loses at most one lease (under-grant, never over-grant).
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod sqlite;
+mod types;
+
+pub use sqlite::SqliteStore;
+pub use types::*;
+
+use async_trait::async_trait;
+use keygate_core::KeyHash;
+
+/// What went wrong in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// A unique constraint was violated (duplicate id, email, …).
+    Conflict,
+    /// The database could not be reached or answered with an error.
+    Unavailable,
+    /// A stored row could not be turned back into a record.
+    Corrupt,
+}
+
+/// A store error: a kind and a message for the log (never shown to API callers verbatim).
+#[derive(Debug, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct StoreError {
+    /// The kind.
+    pub kind: StoreErrorKind,
+    /// Details, for the log.
+    pub message: String,
+}
+
+impl StoreError {
+    pub(crate) fn corrupt(what: impl Into<String>) -> Self {
+        Self {
+            kind: StoreErrorKind::Corrupt,
+            message: what.into(),
+        }
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        let kind = match &e {
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreErrorKind::Conflict,
+            _ => StoreErrorKind::Unavailable,
+        };
+        Self {
+            kind,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        Self {
+            kind: StoreErrorKind::Unavailable,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Shorthand.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Credits taken from a budget or pool by one atomic withdrawal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    /// Credits withdrawn (possibly fewer than asked, possibly 0).
+    pub granted: u64,
+    /// Credits left in the store after the withdrawal.
+    pub remaining: u64,
+}
+
+/// The outcome of withdrawing credits from a tenant's pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Withdrawal {
+    /// The pool is unlimited: nothing to withdraw.
+    Unlimited,
+    /// Credits were withdrawn.
+    Granted(Grant),
+}
+
+/// Persistent state of keygate. Implementations must be safe to call from many tasks.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Applies pending schema migrations.
+    async fn migrate(&self) -> Result<()>;
+
+    /// Inserts a tenant. `Conflict` if the id exists.
+    async fn insert_tenant(&self, t: &Tenant) -> Result<()>;
+    /// Reads a tenant.
+    async fn get_tenant(&self, id: &str) -> Result<Option<Tenant>>;
+    /// Lists tenants, newest first.
+    async fn list_tenants(&self, page: &PageRequest) -> Result<Vec<Tenant>>;
+    /// Adds `amount` credits to a tenant's pool (an unlimited pool stays unlimited).
+    /// Returns the tenant after the change, `None` if it does not exist.
+    async fn add_tenant_credits(&self, id: &str, amount: u64) -> Result<Option<Tenant>>;
+
+    /// Inserts a user. `Conflict` if the email is taken in the tenant.
+    async fn insert_user(&self, u: &User) -> Result<()>;
+    /// Reads a user.
+    async fn get_user(&self, id: &str) -> Result<Option<User>>;
+    /// Lists a tenant's users, newest first.
+    async fn list_users(&self, tenant_id: &str, page: &PageRequest) -> Result<Vec<User>>;
+
+    /// Inserts a new key (and its family, when `family_id == id`).
+    async fn insert_key(&self, k: &KeyRecord) -> Result<()>;
+    /// Reads a key by id.
+    async fn get_key(&self, id: &str) -> Result<Option<KeyRecord>>;
+    /// Reads a key by the hash of its plaintext.
+    async fn get_key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>>;
+    /// Lists keys matching `filter`, newest first.
+    async fn list_keys(&self, filter: &KeyFilter, page: &PageRequest) -> Result<Vec<KeyRecord>>;
+    /// Writes a key's mutable fields (name, scopes, IPs, origins, rate, expiry, metadata,
+    /// status, timestamps) and its family's budget cap. `false` if the key does not exist.
+    async fn update_key(&self, k: &KeyRecord) -> Result<bool>;
+    /// In one transaction: marks `old_id` as in grace until `grace_until_ms` (pointing at the
+    /// successor) and inserts `successor` into the same family. `false` if `old_id` is not
+    /// active or in grace any more (a concurrent revoke or rotate won).
+    async fn rotate_key(&self, old_id: &str, grace_until_ms: i64, successor: &KeyRecord) -> Result<bool>;
+    /// Revokes a key now. Returns the revoked record, `None` if it does not exist.
+    async fn revoke_key(&self, id: &str, now_ms: i64) -> Result<Option<KeyRecord>>;
+    /// Records last use, for many keys at once (a batch from the write-behind queue).
+    async fn touch_keys(&self, used: &[(String, i64)]) -> Result<()>;
+    /// Number of keys (to tell a fresh database).
+    async fn count_keys(&self) -> Result<u64>;
+
+    /// Withdraws up to `want` credits from a family's budget atomically: how many were
+    /// granted (0 when spent) and how many remain in the store after it. Families without a
+    /// budget grant `want` and report `u64::MAX` remaining.
+    async fn withdraw_budget(&self, family_id: &str, want: u64) -> Result<Grant>;
+    /// Returns unused leased credits to a family's budget.
+    async fn refund_budget(&self, family_id: &str, amount: u64) -> Result<()>;
+    /// Withdraws up to `want` credits from a tenant's pool atomically.
+    async fn withdraw_credits(&self, tenant_id: &str, want: u64) -> Result<Withdrawal>;
+    /// Returns unused leased credits to a tenant's pool.
+    async fn refund_credits(&self, tenant_id: &str, amount: u64) -> Result<()>;
+}

@@ -1,0 +1,488 @@
+//! The embedded store: one SQLite file in WAL mode.
+
+use crate::{
+    Grant, KeyFilter, KeyRecord, PageRequest, Result, Store, StoreError, Tenant, User,
+    Withdrawal,
+};
+use async_trait::async_trait;
+use keygate_core::{IpAllowList, KeyHash, KeyStatus, Kind, OriginList, RateLimit, ScopeSet};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite};
+use std::str::FromStr;
+use std::time::Duration;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// SQLite implementation of [`Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url` (`sqlite://keygate.db`,
+    /// `sqlite:///abs/path.db`) in WAL mode.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let opts = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .min_connections(1)
+            .connect_with(opts)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    /// The underlying pool (for tests and tools).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn json_list(v: Vec<String>) -> String {
+    serde_json::Value::from(v).to_string()
+}
+
+fn parse_list(s: &str, what: &str) -> Result<Vec<String>> {
+    serde_json::from_str(s).map_err(|e| StoreError::corrupt(format!("{what}: {e}")))
+}
+
+fn tenant_from_row(r: &SqliteRow) -> Result<Tenant> {
+    Ok(Tenant {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        plan: r.try_get("plan")?,
+        credits: r.try_get::<Option<i64>, _>("credits")?.map(to_u64),
+        created_at_ms: r.try_get("created_at")?,
+    })
+}
+
+fn user_from_row(r: &SqliteRow) -> Result<User> {
+    Ok(User {
+        id: r.try_get("id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        email: r.try_get("email")?,
+        name: r.try_get("name")?,
+        plan: r.try_get("plan")?,
+        password_hash: r.try_get("password_hash")?,
+        created_at_ms: r.try_get("created_at")?,
+    })
+}
+
+fn key_from_row(r: &SqliteRow) -> Result<KeyRecord> {
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| StoreError::corrupt(format!("{what}: {e}"));
+    let kind: String = r.try_get("kind")?;
+    let status: String = r.try_get("status")?;
+    let hash: Vec<u8> = r.try_get("hash")?;
+    let scopes = parse_list(&r.try_get::<String, _>("scopes")?, "scopes")?;
+    let ips = parse_list(&r.try_get::<String, _>("allowed_ips")?, "allowed_ips")?;
+    let origins = parse_list(&r.try_get::<String, _>("allowed_origins")?, "allowed_origins")?;
+    let metadata: String = r.try_get("metadata")?;
+    let rate_limit = match (
+        r.try_get::<Option<i64>, _>("rate_limit")?,
+        r.try_get::<Option<i64>, _>("rate_window")?,
+    ) {
+        (Some(l), Some(w)) => Some(
+            RateLimit::new(
+                u32::try_from(l).map_err(|e| corrupt("rate_limit", &e))?,
+                u32::try_from(w).map_err(|e| corrupt("rate_window", &e))?,
+            )
+            .map_err(|e| corrupt("rate_limit", &e))?,
+        ),
+        _ => None,
+    };
+    Ok(KeyRecord {
+        id: r.try_get("id")?,
+        family_id: r.try_get("family_id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        user_id: r.try_get("user_id")?,
+        kind: Kind::parse(&kind).map_err(|e| corrupt("kind", &e))?,
+        name: r.try_get("name")?,
+        hash: KeyHash::from_slice(&hash).ok_or_else(|| StoreError::corrupt("hash length"))?,
+        display: r.try_get("display")?,
+        scopes: ScopeSet::parse(&scopes).map_err(|e| corrupt("scopes", &e))?,
+        allowed_ips: IpAllowList::parse(&ips).map_err(|e| corrupt("allowed_ips", &e))?,
+        allowed_origins: OriginList::parse(&origins).map_err(|e| corrupt("allowed_origins", &e))?,
+        rate_limit,
+        budget: r.try_get::<Option<i64>, _>("budget")?.map(to_u64),
+        budget_withdrawn: to_u64(r.try_get("spent")?),
+        expires_at_ms: r.try_get("expires_at")?,
+        rotation_days: r
+            .try_get::<Option<i64>, _>("rotation_days")?
+            .map(|d| u32::try_from(d).unwrap_or(u32::MAX)),
+        metadata: serde_json::from_str(&metadata).map_err(|e| corrupt("metadata", &e))?,
+        status: KeyStatus::parse(&status).ok_or_else(|| StoreError::corrupt("status"))?,
+        rotated_from: r.try_get("rotated_from")?,
+        rotated_to: r.try_get("rotated_to")?,
+        created_at_ms: r.try_get("created_at")?,
+        updated_at_ms: r.try_get("updated_at")?,
+        last_used_at_ms: r.try_get("last_used_at")?,
+        revoked_at_ms: r.try_get("revoked_at")?,
+    })
+}
+
+const KEY_SELECT: &str = "SELECT k.*, f.budget, f.spent FROM keys k JOIN key_families f ON f.id = k.family_id";
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn insert_tenant(&self, t: &Tenant) -> Result<()> {
+        sqlx::query("INSERT INTO tenants (id, name, plan, credits, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(&t.id)
+            .bind(&t.name)
+            .bind(&t.plan)
+            .bind(t.credits.map(to_i64))
+            .bind(t.created_at_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn get_tenant(&self, id: &str) -> Result<Option<Tenant>> {
+        let row = sqlx::query("SELECT * FROM tenants WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(tenant_from_row).transpose()
+    }
+
+    async fn list_tenants(&self, page: &PageRequest) -> Result<Vec<Tenant>> {
+        let rows = sqlx::query(
+            "SELECT * FROM tenants WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2",
+        )
+        .bind(page.cursor.as_deref())
+        .bind(i64::from(page.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(tenant_from_row).collect()
+    }
+
+    async fn add_tenant_credits(&self, id: &str, amount: u64) -> Result<Option<Tenant>> {
+        let row = sqlx::query(
+            "UPDATE tenants SET credits = CASE WHEN credits IS NULL THEN NULL ELSE credits + ?1 END \
+             WHERE id = ?2 RETURNING *",
+        )
+        .bind(to_i64(amount))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(tenant_from_row).transpose()
+    }
+
+    async fn insert_user(&self, u: &User) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO users (id, tenant_id, email, name, plan, password_hash, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&u.id)
+        .bind(&u.tenant_id)
+        .bind(&u.email)
+        .bind(&u.name)
+        .bind(&u.plan)
+        .bind(&u.password_hash)
+        .bind(u.created_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_user(&self, id: &str) -> Result<Option<User>> {
+        let row = sqlx::query("SELECT * FROM users WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn list_users(&self, tenant_id: &str, page: &PageRequest) -> Result<Vec<User>> {
+        let rows = sqlx::query(
+            "SELECT * FROM users WHERE tenant_id = ?1 AND (?2 IS NULL OR id < ?2) \
+             ORDER BY id DESC LIMIT ?3",
+        )
+        .bind(tenant_id)
+        .bind(page.cursor.as_deref())
+        .bind(i64::from(page.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(user_from_row).collect()
+    }
+
+    async fn insert_key(&self, k: &KeyRecord) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        if k.family_id == k.id {
+            sqlx::query("INSERT INTO key_families (id, budget, spent) VALUES (?, ?, ?)")
+                .bind(&k.family_id)
+                .bind(k.budget.map(to_i64))
+                .bind(to_i64(k.budget_withdrawn))
+                .execute(&mut *tx)
+                .await?;
+        }
+        insert_key_row(&mut tx, k).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_key(&self, id: &str) -> Result<Option<KeyRecord>> {
+        let row = sqlx::query(&format!("{KEY_SELECT} WHERE k.id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn get_key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>> {
+        let row = sqlx::query(&format!("{KEY_SELECT} WHERE k.hash = ?"))
+            .bind(&hash.as_bytes()[..])
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn list_keys(&self, f: &KeyFilter, page: &PageRequest) -> Result<Vec<KeyRecord>> {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(KEY_SELECT);
+        q.push(" WHERE 1 = 1");
+        if let Some(t) = &f.tenant_id {
+            q.push(" AND k.tenant_id = ").push_bind(t.clone());
+        }
+        if let Some(kind) = f.kind {
+            q.push(" AND k.kind = ").push_bind(kind.as_str());
+        }
+        if let Some(s) = f.status {
+            q.push(" AND k.status = ").push_bind(s.as_str());
+        }
+        if let Some(u) = &f.user_id {
+            q.push(" AND k.user_id = ").push_bind(u.clone());
+        }
+        if let Some(n) = &f.name_contains {
+            q.push(" AND instr(lower(k.name), lower(")
+                .push_bind(n.clone())
+                .push(")) > 0");
+        }
+        if let Some(c) = &page.cursor {
+            q.push(" AND k.id < ").push_bind(c.clone());
+        }
+        q.push(" ORDER BY k.id DESC LIMIT ").push_bind(i64::from(page.limit));
+        let rows = q.build().fetch_all(&self.pool).await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn update_key(&self, k: &KeyRecord) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE keys SET name = ?, scopes = ?, allowed_ips = ?, allowed_origins = ?, \
+             rate_limit = ?, rate_window = ?, expires_at = ?, rotation_days = ?, metadata = ?, \
+             status = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(&k.name)
+        .bind(json_list(k.scopes.to_strings()))
+        .bind(json_list(k.allowed_ips.to_strings()))
+        .bind(json_list(k.allowed_origins.to_strings()))
+        .bind(k.rate_limit.map(|r| i64::from(r.limit)))
+        .bind(k.rate_limit.map(|r| i64::from(r.window_seconds)))
+        .bind(k.expires_at_ms)
+        .bind(k.rotation_days.map(i64::from))
+        .bind(serde_json::Value::Object(k.metadata.clone()).to_string())
+        .bind(k.status.as_str())
+        .bind(k.updated_at_ms)
+        .bind(&k.id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        sqlx::query("UPDATE key_families SET budget = ? WHERE id = ?")
+            .bind(k.budget.map(to_i64))
+            .bind(&k.family_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    async fn rotate_key(&self, old_id: &str, grace_until_ms: i64, successor: &KeyRecord) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let changed = sqlx::query(
+            "UPDATE keys SET status = 'grace', rotated_to = ?1, updated_at = ?2, \
+             expires_at = CASE WHEN expires_at IS NOT NULL AND expires_at < ?3 THEN expires_at ELSE ?3 END \
+             WHERE id = ?4 AND status IN ('active', 'grace') AND rotated_to IS NULL",
+        )
+        .bind(&successor.id)
+        .bind(successor.created_at_ms)
+        .bind(grace_until_ms)
+        .bind(old_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if changed != 1 {
+            return Ok(false);
+        }
+        insert_key_row(&mut tx, successor).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn revoke_key(&self, id: &str, now_ms: i64) -> Result<Option<KeyRecord>> {
+        sqlx::query(
+            "UPDATE keys SET status = 'revoked', revoked_at = COALESCE(revoked_at, ?1), updated_at = ?1 \
+             WHERE id = ?2",
+        )
+        .bind(now_ms)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        self.get_key(id).await
+    }
+
+    async fn touch_keys(&self, used: &[(String, i64)]) -> Result<()> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for (id, at) in used {
+            sqlx::query(
+                "UPDATE keys SET last_used_at = ?1 WHERE id = ?2 AND (last_used_at IS NULL OR last_used_at < ?1)",
+            )
+            .bind(at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn count_keys(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM keys")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(to_u64(n))
+    }
+
+    async fn withdraw_budget(&self, family_id: &str, want: u64) -> Result<Grant> {
+        // SET expressions all read the row as it was before the update, so `last_grant`
+        // records exactly what this statement took: one atomic statement, no read-modify-write.
+        let row = sqlx::query(
+            "UPDATE key_families SET \
+               last_grant = CASE WHEN budget IS NULL THEN ?1 ELSE MIN(?1, MAX(budget - spent, 0)) END, \
+               spent = spent + CASE WHEN budget IS NULL THEN 0 ELSE MIN(?1, MAX(budget - spent, 0)) END \
+             WHERE id = ?2 RETURNING last_grant, budget - spent AS remaining",
+        )
+        .bind(to_i64(want))
+        .bind(family_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(r) => Ok(Grant {
+                granted: to_u64(r.try_get("last_grant")?),
+                remaining: r
+                    .try_get::<Option<i64>, _>("remaining")?
+                    .map_or(u64::MAX, to_u64),
+            }),
+            None => Ok(Grant {
+                granted: 0,
+                remaining: 0,
+            }),
+        }
+    }
+
+    async fn refund_budget(&self, family_id: &str, amount: u64) -> Result<()> {
+        sqlx::query("UPDATE key_families SET spent = MAX(spent - ?1, 0) WHERE id = ?2")
+            .bind(to_i64(amount))
+            .bind(family_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn withdraw_credits(&self, tenant_id: &str, want: u64) -> Result<Withdrawal> {
+        let row = sqlx::query(
+            "UPDATE tenants SET \
+               last_grant = CASE WHEN credits IS NULL THEN -1 ELSE MIN(?1, MAX(credits, 0)) END, \
+               credits = CASE WHEN credits IS NULL THEN NULL ELSE credits - MIN(?1, MAX(credits, 0)) END \
+             WHERE id = ?2 RETURNING last_grant, credits",
+        )
+        .bind(to_i64(want))
+        .bind(tenant_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            None => Ok(Withdrawal::Granted(Grant {
+                granted: 0,
+                remaining: 0,
+            })),
+            Some(r) => {
+                let g: i64 = r.try_get("last_grant")?;
+                Ok(if g < 0 {
+                    Withdrawal::Unlimited
+                } else {
+                    Withdrawal::Granted(Grant {
+                        granted: to_u64(g),
+                        remaining: to_u64(r.try_get::<Option<i64>, _>("credits")?.unwrap_or(0)),
+                    })
+                })
+            }
+        }
+    }
+
+    async fn refund_credits(&self, tenant_id: &str, amount: u64) -> Result<()> {
+        sqlx::query("UPDATE tenants SET credits = credits + ?1 WHERE id = ?2 AND credits IS NOT NULL")
+            .bind(to_i64(amount))
+            .bind(tenant_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn insert_key_row(tx: &mut sqlx::Transaction<'_, Sqlite>, k: &KeyRecord) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO keys (id, family_id, tenant_id, user_id, kind, name, hash, display, scopes, \
+         allowed_ips, allowed_origins, rate_limit, rate_window, expires_at, rotation_days, metadata, \
+         status, rotated_from, rotated_to, created_at, updated_at, last_used_at, revoked_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&k.id)
+    .bind(&k.family_id)
+    .bind(&k.tenant_id)
+    .bind(&k.user_id)
+    .bind(k.kind.as_str())
+    .bind(&k.name)
+    .bind(&k.hash.as_bytes()[..])
+    .bind(&k.display)
+    .bind(json_list(k.scopes.to_strings()))
+    .bind(json_list(k.allowed_ips.to_strings()))
+    .bind(json_list(k.allowed_origins.to_strings()))
+    .bind(k.rate_limit.map(|r| i64::from(r.limit)))
+    .bind(k.rate_limit.map(|r| i64::from(r.window_seconds)))
+    .bind(k.expires_at_ms)
+    .bind(k.rotation_days.map(i64::from))
+    .bind(serde_json::Value::Object(k.metadata.clone()).to_string())
+    .bind(k.status.as_str())
+    .bind(&k.rotated_from)
+    .bind(&k.rotated_to)
+    .bind(k.created_at_ms)
+    .bind(k.updated_at_ms)
+    .bind(k.last_used_at_ms)
+    .bind(k.revoked_at_ms)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! Records as they cross the store boundary.
+
+use keygate_core::{IpAllowList, KeyHash, KeyStatus, Kind, OriginList, RateLimit, ScopeSet};
+
+/// A tenant: an organisation with a plan and a credit pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    /// `tnt_…`, or `default` for the operator's tenant.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Plan name (from config).
+    pub plan: String,
+    /// Pool balance in the store (credits leased to nodes are already subtracted);
+    /// `None` = unlimited.
+    pub credits: Option<u64>,
+    /// Creation time, Unix ms.
+    pub created_at_ms: i64,
+}
+
+/// A user of a tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// `usr_…`.
+    pub id: String,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Email, unique within the tenant.
+    pub email: String,
+    /// Display name.
+    pub name: Option<String>,
+    /// Plan name (from config).
+    pub plan: String,
+    /// Argon2 PHC string, if the user can log in.
+    pub password_hash: Option<String>,
+    /// Creation time, Unix ms.
+    pub created_at_ms: i64,
+}
+
+/// A key record. Holds the hash of the key, never the key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyRecord {
+    /// `key_…`.
+    pub id: String,
+    /// The rotation family (the first key's id): one budget and rate window for the family.
+    pub family_id: String,
+    /// Owning tenant.
+    pub tenant_id: String,
+    /// Owning user (for `ut`).
+    pub user_id: Option<String>,
+    /// Kind.
+    pub kind: Kind,
+    /// Display name.
+    pub name: String,
+    /// SHA-256 / HMAC-SHA256 of the plaintext.
+    pub hash: KeyHash,
+    /// The first characters of the plaintext, for display.
+    pub display: String,
+    /// Scopes.
+    pub scopes: ScopeSet,
+    /// IP allow-list.
+    pub allowed_ips: IpAllowList,
+    /// Origin allow-list.
+    pub allowed_origins: OriginList,
+    /// The key's own rate limit.
+    pub rate_limit: Option<RateLimit>,
+    /// The family's lifetime budget.
+    pub budget: Option<u64>,
+    /// Credits withdrawn from the family's budget (spent or leased), as stored.
+    pub budget_withdrawn: u64,
+    /// Expiry, Unix ms.
+    pub expires_at_ms: Option<i64>,
+    /// Automatic rotation period in days.
+    pub rotation_days: Option<u32>,
+    /// Free-form JSON object.
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// Stored status (`active`, `grace`, `revoked`).
+    pub status: KeyStatus,
+    /// Predecessor in rotation.
+    pub rotated_from: Option<String>,
+    /// Successor in rotation.
+    pub rotated_to: Option<String>,
+    /// Creation time, Unix ms.
+    pub created_at_ms: i64,
+    /// Last change, Unix ms.
+    pub updated_at_ms: i64,
+    /// Last use, Unix ms.
+    pub last_used_at_ms: Option<i64>,
+    /// Revocation time, Unix ms.
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// Filters for listing keys.
+#[derive(Debug, Clone, Default)]
+pub struct KeyFilter {
+    /// Only this tenant's keys (always set except for the operator listing everything).
+    pub tenant_id: Option<String>,
+    /// Only this kind.
+    pub kind: Option<Kind>,
+    /// Only this stored status.
+    pub status: Option<KeyStatus>,
+    /// Only this user's keys.
+    pub user_id: Option<String>,
+    /// Name contains this text.
+    pub name_contains: Option<String>,
+}
+
+/// Cursor pagination: items strictly older than `cursor` (an id), at most `limit`.
+#[derive(Debug, Clone)]
+pub struct PageRequest {
+    /// The last id of the previous page.
+    pub cursor: Option<String>,
+    /// Page size.
+    pub limit: u32,
+}
