@@ -14,6 +14,7 @@ pub mod ip;
 pub mod key;
 pub mod origin;
 pub mod ratelimit;
+pub mod route;
 pub mod scope;
 
 pub use decision::{decide, Charge, Code, KeyPolicy, KeyStatus, RequestFacts, RouteClass};
@@ -21,6 +22,7 @@ pub use ip::IpAllowList;
 pub use key::{KeyFormat, KeyHash, KeyHasher, Kind, ParsedKey};
 pub use origin::{Origin, OriginList, OriginPattern};
 pub use ratelimit::{RateDecision, RateLimit, WindowState};
+pub use route::PathPattern;
 pub use scope::{Scope, ScopeSet};
 
 /// An error from parsing a value that came from outside (a request body, config, a header).

@@ -89,6 +89,11 @@ impl ScopeSet {
         self.scopes.iter().map(|s| s.0.clone()).collect()
     }
 
+    /// Number of scopes.
+    pub fn len(&self) -> usize {
+        self.scopes.len()
+    }
+
     /// Whether the set is empty.
     pub fn is_empty(&self) -> bool {
         self.scopes.is_empty()

@@ -1,1 +1,17 @@
+//! keygate's HTTP server: configuration, startup, the management, verify and forward-auth
+//! routes, and the pipeline they share. Only this crate knows HTTP.
 #![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod ids;
+pub mod issue;
+pub mod routes;
+pub mod startup;
+pub mod state;
+pub mod telemetry;
+pub mod views;
+
+pub use config::Config;
+pub use startup::Application;

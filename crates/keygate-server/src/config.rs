@@ -1,0 +1,265 @@
+//! Configuration: defaults, then `keygate.toml`, then `KEYGATE_*` environment variables
+//! (`__` between levels: `KEYGATE_KEYS__PREFIX`).
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use keygate_core::{PathPattern, RateLimit, RouteClass};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The whole configuration. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: String,
+    /// `sqlite://file.db` (embedded) or `postgres://…`.
+    pub database_url: String,
+    /// Empty: in-process counters.
+    pub redis_url: String,
+    /// This node's name in logs and audit events (default: a random id per process).
+    pub node_id: Option<String>,
+    /// Key format and lifecycle.
+    pub keys: KeysConfig,
+    /// Plans by name.
+    pub plans: BTreeMap<String, PlanConfig>,
+    /// Gateway / forward-auth route table.
+    pub routes: Vec<RouteConfig>,
+    /// Request limits.
+    pub limits: LimitsConfig,
+    /// Key cache.
+    pub cache: CacheConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[keys]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeysConfig {
+    /// Deployment prefix of every key (`kg`).
+    pub prefix: String,
+    /// Default grace period of a rotated key, seconds.
+    pub rotation_grace_seconds: u64,
+    /// Optional server-side pepper: keys are then stored as HMAC-SHA256(pepper, key).
+    /// Changing it invalidates every key.
+    pub pepper: Option<String>,
+}
+
+/// `[plans.NAME]`: limits that follow a tenant or user on this plan.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlanConfig {
+    /// Default rate limit for `ut` keys of users on this plan.
+    pub rate_limit: Option<RateLimit>,
+    /// Whether keys on this plan may call the API at all (else `PLAN_FEATURE`).
+    pub api_access: bool,
+    /// Credits a new tenant on this plan starts with (`None`: unlimited).
+    pub credits: Option<u64>,
+    /// Scopes a `ut` key of a user on this plan may hold (and gets by default);
+    /// `None`: any scope except `*`.
+    pub scopes: Option<Vec<String>>,
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        Self {
+            rate_limit: None,
+            api_access: true,
+            credits: None,
+            scopes: None,
+        }
+    }
+}
+
+/// `[[routes]]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// `/exact` or `/prefix/*`.
+    pub path: String,
+    /// Methods; empty = all.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Upstream base URL (gateway mode).
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// Scope the route needs.
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// Credits per call.
+    #[serde(default)]
+    pub cost: u64,
+    /// No key needed ("visitor"); limited per client IP.
+    #[serde(default)]
+    pub public: bool,
+    /// `normal`, or `admin` / `billing` / `webhook` / `token_management` (closed to `pk`).
+    #[serde(default)]
+    pub class: RouteClass,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest management request body, bytes.
+    pub max_body_bytes: usize,
+    /// Whole-request timeout, seconds.
+    pub request_timeout_seconds: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 64 * 1024,
+            request_timeout_seconds: 30,
+        }
+    }
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Entries kept.
+    pub max_entries: u64,
+    /// A cached key is re-read from the store after this long even without a change event.
+    pub ttl_seconds: u64,
+    /// An unknown (well-formed) key is remembered as unknown this long.
+    pub negative_ttl_seconds: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: 100_000,
+            ttl_seconds: 300,
+            negative_ttl_seconds: 2,
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A `tracing` filter (`info`, `keygate=debug,info`); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "kg".into(),
+            rotation_grace_seconds: 86_400,
+            pepper: None,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut plans = BTreeMap::new();
+        plans.insert(
+            "free".into(),
+            PlanConfig {
+                rate_limit: Some(RateLimit {
+                    limit: 60,
+                    window_seconds: 60,
+                }),
+                credits: Some(1_000),
+                ..PlanConfig::default()
+            },
+        );
+        plans.insert(
+            "pro".into(),
+            PlanConfig {
+                rate_limit: Some(RateLimit {
+                    limit: 600,
+                    window_seconds: 60,
+                }),
+                credits: Some(100_000),
+                ..PlanConfig::default()
+            },
+        );
+        plans.insert("enterprise".into(), PlanConfig::default());
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            database_url: "sqlite://keygate.db".into(),
+            redis_url: String::new(),
+            node_id: None,
+            keys: KeysConfig::default(),
+            plans,
+            routes: Vec::new(),
+            limits: LimitsConfig::default(),
+            cache: CacheConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with a message naming the field.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "configuration error: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Loads defaults, then `file` (if given; it must exist), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(ConfigError(format!("config file {} not found", f.display())));
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        fig = fig.merge(Env::prefixed("KEYGATE_").split("__"));
+        let cfg: Config = fig.extract().map_err(|e| ConfigError(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: prefixes, patterns, plan references.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        keygate_core::KeyFormat::new(&self.keys.prefix)
+            .map_err(|e| ConfigError(format!("keys.prefix: {e}")))?;
+        for p in ["free", "enterprise"] {
+            if !self.plans.contains_key(p) {
+                return Err(ConfigError(format!("plans.{p} must exist (it is the default plan)")));
+            }
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            PathPattern::parse(&r.path).map_err(|e| ConfigError(format!("routes[{i}].path: {e}")))?;
+            if let Some(s) = &r.scope {
+                keygate_core::Scope::parse(s)
+                    .map_err(|e| ConfigError(format!("routes[{i}].scope: {e}")))?;
+            }
+        }
+        for (name, plan) in &self.plans {
+            if let Some(s) = &plan.scopes {
+                keygate_core::ScopeSet::parse(s)
+                    .map_err(|e| ConfigError(format!("plans.{name}.scopes: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,230 @@
+//! The one error type of the HTTP layer and the JSON body every refusal carries:
+//! `{"error": {"code", "message", "request_id"}}`.
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use keygate_core::{Code, RateDecision};
+use serde::Serialize;
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+tokio::task_local! {
+    static REQUEST_ID: RequestId;
+}
+
+/// A request id: a per-process random prefix and a counter, so it is unique across nodes and
+/// costs no system call.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+static NODE_PREFIX: OnceLock<String> = OnceLock::new();
+static COUNTER: AtomicU64 = AtomicU64::new(1);
+
+impl RequestId {
+    /// A fresh id.
+    pub fn new() -> Self {
+        let prefix = NODE_PREFIX.get_or_init(|| crate::ids::random_base62(8));
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        RequestId(format!("req_{prefix}{n:010}"))
+    }
+
+    /// The id of the request being served by this task, if any.
+    pub fn current() -> Option<String> {
+        REQUEST_ID.try_with(|r| r.0.clone()).ok()
+    }
+
+    /// Runs `f` with this id as the current one.
+    pub async fn scope<F: std::future::Future>(self, f: F) -> F::Output {
+        REQUEST_ID.scope(self, f).await
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// The code (`INVALID_REQUEST`, `REVOKED`, …).
+    pub code: &'static str,
+    /// Safe, human-readable message.
+    pub message: Cow<'static, str>,
+    /// Rate decision, for `Retry-After` and the RateLimit headers.
+    pub rate: Option<RateDecision>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    code: &'a str,
+    message: &'a str,
+    request_id: &'a str,
+}
+
+impl ApiError {
+    /// An error with a status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            rate: None,
+        }
+    }
+
+    /// 400/422 `INVALID_REQUEST`.
+    pub fn invalid(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "INVALID_REQUEST", message)
+    }
+
+    /// 404 `NOT_FOUND`.
+    pub fn not_found(what: &'static str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", format!("{what} not found"))
+    }
+
+    /// 409 `CONFLICT`.
+    pub fn conflict(message: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(StatusCode::CONFLICT, "CONFLICT", message)
+    }
+
+    /// A decision refusal.
+    pub fn decision(code: Code, rate: Option<RateDecision>) -> Self {
+        Self {
+            status: StatusCode::from_u16(code.status()).unwrap_or(StatusCode::FORBIDDEN),
+            code: code.as_str(),
+            message: Cow::Borrowed(code.message()),
+            rate,
+        }
+    }
+
+    /// 503/500 without details: the details go to the log with the request id.
+    pub fn internal(context: &str, err: &dyn std::fmt::Display) -> Self {
+        let unavailable = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            "a backing service is unavailable; try again shortly",
+        );
+        tracing::error!(request_id = RequestId::current().as_deref().unwrap_or("-"), "{context}: {err}");
+        unavailable
+    }
+}
+
+impl From<keygate_store::StoreError> for ApiError {
+    fn from(e: keygate_store::StoreError) -> Self {
+        match e.kind {
+            keygate_store::StoreErrorKind::Conflict => {
+                ApiError::conflict("a record with the same unique value already exists")
+            }
+            _ => ApiError::internal("store", &e),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let rid = RequestId::current().unwrap_or_default();
+        let body = serde_json::to_vec(&Body {
+            error: Inner {
+                code: self.code,
+                message: &self.message,
+                request_id: &rid,
+            },
+        })
+        .unwrap_or_default();
+        let mut res = (self.status, body).into_response();
+        let h = res.headers_mut();
+        h.insert(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert("x-keygate-code", HeaderValue::from_static(self.code));
+        if let Some(r) = self.rate {
+            crate::headers::rate_headers(h, &r);
+            if !r.allowed {
+                h.insert(
+                    axum::http::header::RETRY_AFTER,
+                    HeaderValue::from(r.retry_after_seconds),
+                );
+            }
+        }
+        res
+    }
+}
+
+/// A JSON body extractor whose rejections are [`ApiError`]s in the contract's shape.
+#[derive(Debug)]
+pub struct Json<T>(pub T);
+
+impl<T, S> FromRequest<S> for Json<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Json(v)),
+            Err(rej) => Err(json_rejection(rej)),
+        }
+    }
+}
+
+fn json_rejection(rej: JsonRejection) -> ApiError {
+    match rej {
+        JsonRejection::JsonDataError(e) => ApiError::invalid(format!("invalid request body: {}", e.body_text())),
+        JsonRejection::JsonSyntaxError(e) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+            format!("malformed JSON: {}", e.body_text()),
+        ),
+        JsonRejection::MissingJsonContentType(_) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "send Content-Type: application/json",
+        ),
+        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            "request body too large",
+        ),
+        other => ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", other.body_text()),
+    }
+}
+
+/// A query-string extractor whose rejections are [`ApiError`]s.
+#[derive(Debug)]
+pub struct Query<T>(pub T);
+
+impl<T, S> axum::extract::FromRequestParts<S> for Query<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
+                Err(ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", e.body_text()))
+            }
+            Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", e.body_text())),
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! `/v1/keys…`: create, list, read, update, rotate, revoke.
+
+use super::{next_cursor, Caller, Ctx, PageQuery};
+use crate::error::{ApiError, Json, Query};
+use crate::issue::{self, CreateKey, Issuer, RateLimitBody};
+use crate::state::{now_ms, AppState};
+use crate::views::{IssuedKey, KeyView, ListView};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use keygate_core::{KeyStatus, Kind, RouteClass};
+use keygate_store::{KeyFilter, KeyRecord};
+use serde::{Deserialize, Deserializer};
+
+/// Scope to read keys.
+pub const READ: &str = "keys:read";
+/// Scope to create and change keys.
+pub const WRITE: &str = "keys:write";
+
+impl AppState {
+    /// The issuer view of the state.
+    pub fn issuer(&self) -> Issuer<'_> {
+        Issuer {
+            config: &self.config,
+            format: &self.format,
+            hasher: &self.hasher,
+        }
+    }
+
+    /// A key visible to `caller`, or 404.
+    async fn visible_key(&self, caller: &Caller, id: &str) -> Result<KeyRecord, ApiError> {
+        match self.store.get_key(id).await? {
+            Some(k) if caller.sees(&k.tenant_id) => Ok(k),
+            _ => Err(ApiError::not_found("key")),
+        }
+    }
+}
+
+/// `POST /v1/keys`
+pub async fn create(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Json(body): Json<CreateKey>,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
+    let tenant = caller.act_in(&state, body.tenant_id.as_deref()).await?;
+    let now = now_ms();
+    let (plaintext, record) = issue::build_key(&state.issuer(), &*state.store, &tenant, body, now).await?;
+    state.store.insert_key(&record).await?;
+    state.invalidate(&record.hash);
+    tracing::info!(key_id = %record.id, tenant = %record.tenant_id, kind = %record.kind, actor = %caller.key.record.id, "key created");
+    let view = KeyView::new(&state, &record, now);
+    Ok((StatusCode::CREATED, axum::Json(IssuedKey { key: plaintext, record: view })))
+}
+
+/// `GET /v1/keys` filters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Page size.
+    pub limit: Option<u32>,
+    /// Cursor.
+    pub cursor: Option<String>,
+    /// Tenant (operator: any; others: their own).
+    pub tenant_id: Option<String>,
+    /// Kind.
+    pub kind: Option<String>,
+    /// Stored status.
+    pub status: Option<String>,
+    /// User.
+    pub user_id: Option<String>,
+    /// Name contains.
+    pub name: Option<String>,
+}
+
+/// `GET /v1/keys`
+pub async fn list(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Query(q): Query<ListQuery>,
+) -> Result<axum::Json<ListView<KeyView>>, ApiError> {
+    let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
+    let page = PageQuery {
+        limit: q.limit,
+        cursor: q.cursor.clone(),
+    }
+    .page()?;
+    let tenant = caller.act_in(&state, q.tenant_id.as_deref()).await?;
+    let bad = |m: &'static str| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", m);
+    let filter = KeyFilter {
+        tenant_id: Some(tenant),
+        kind: q
+            .kind
+            .as_deref()
+            .map(Kind::parse)
+            .transpose()
+            .map_err(|_| bad("kind must be sk, ut or pk"))?,
+        status: q
+            .status
+            .as_deref()
+            .map(|s| KeyStatus::parse(s).filter(|s| *s != KeyStatus::Expired))
+            .map(|s| s.ok_or(()))
+            .transpose()
+            .map_err(|_| bad("status must be active, grace or revoked"))?,
+        user_id: q.user_id.clone(),
+        name_contains: q.name.clone(),
+    };
+    let keys = state.store.list_keys(&filter, &page).await?;
+    let now = now_ms();
+    let next = next_cursor(&keys, page.limit, |k| &k.id);
+    Ok(axum::Json(ListView {
+        data: keys.iter().map(|k| KeyView::new(&state, k, now)).collect(),
+        next_cursor: next,
+    }))
+}
+
+/// `GET /v1/keys/{id}`
+pub async fn get(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<axum::Json<KeyView>, ApiError> {
+    let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
+    let k = state.visible_key(&caller, &id).await?;
+    Ok(axum::Json(KeyView::new(&state, &k, now_ms())))
+}
+
+/// Distinguishes "absent" (`None`) from "null" (`Some(None)`) in a PATCH body.
+fn nullable<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// `PATCH /v1/keys/{id}` body: only the fields given change; `null` clears.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateKey {
+    name: Option<String>,
+    scopes: Option<Vec<String>>,
+    allowed_ips: Option<Vec<String>>,
+    allowed_origins: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    rate_limit: Option<Option<RateLimitBody>>,
+    #[serde(default, deserialize_with = "nullable")]
+    budget: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "nullable")]
+    expires_at: Option<Option<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    rotation_days: Option<Option<u32>>,
+    metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// `PATCH /v1/keys/{id}`
+pub async fn update(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    Json(body): Json<UpdateKey>,
+) -> Result<axum::Json<KeyView>, ApiError> {
+    let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
+    let mut k = state.visible_key(&caller, &id).await?;
+    let now = now_ms();
+    if k.status == KeyStatus::Revoked {
+        return Err(ApiError::conflict("the key is revoked; it cannot be changed"));
+    }
+    // Validate everything before changing anything.
+    if let Some(n) = &body.name {
+        k.name = issue::check_name(n)?;
+    }
+    if let Some(s) = &body.scopes {
+        k.scopes = issue::check_scopes(k.kind, s)?;
+    }
+    if let Some(ips) = &body.allowed_ips {
+        k.allowed_ips = issue::check_ips(ips)?;
+    }
+    if let Some(o) = &body.allowed_origins {
+        k.allowed_origins = issue::check_origins(o)?;
+        if k.kind == Kind::Pk && k.allowed_origins.is_empty() {
+            return Err(ApiError::invalid("publishable keys need at least one allowed origin"));
+        }
+    }
+    if let Some(r) = body.rate_limit {
+        k.rate_limit = r.map(RateLimitBody::parse).transpose()?;
+    }
+    let budget_changed = body.budget.is_some();
+    if let Some(b) = body.budget {
+        if b.is_some_and(|b| b > i64::MAX as u64) {
+            return Err(ApiError::invalid("budget is too large"));
+        }
+        k.budget = b;
+    }
+    if let Some(e) = &body.expires_at {
+        k.expires_at_ms = match e {
+            None => None,
+            Some(s) => issue::check_expiry(Some(s), None, now)?,
+        };
+    }
+    if let Some(d) = body.rotation_days {
+        if d.is_some_and(|d| d == 0 || d > 3650) {
+            return Err(ApiError::invalid("rotation_days must be between 1 and 3650"));
+        }
+        k.rotation_days = d;
+    }
+    if body.metadata.is_some() {
+        k.metadata = issue::check_metadata(body.metadata)?;
+    }
+    k.updated_at_ms = now;
+    if budget_changed {
+        // Give this node's lease back first, so the new cap applies to what was really spent.
+        state
+            .counters
+            .release_budget(&k.family_id)
+            .await
+            .map_err(ApiError::from)?;
+    }
+    if !state.store.update_key(&k).await? {
+        return Err(ApiError::not_found("key"));
+    }
+    state.invalidate(&k.hash);
+    let fresh = state.store.get_key(&k.id).await?.ok_or_else(|| ApiError::not_found("key"))?;
+    Ok(axum::Json(KeyView::new(&state, &fresh, now)))
+}
+
+/// `POST /v1/keys/{id}/rotate` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKey {
+    /// How long the old key keeps working (default from config; 0 allowed; max 30 days).
+    pub grace_seconds: Option<u64>,
+}
+
+/// Parses an optional JSON body: empty is the default value.
+fn optional_json<T: serde::de::DeserializeOwned + Default>(bytes: &Bytes) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))
+}
+
+/// `POST /v1/keys/{id}/rotate`
+pub async fn rotate(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
+    let body: RotateKey = optional_json(&body)?;
+    let grace = body.grace_seconds.unwrap_or(state.config.keys.rotation_grace_seconds);
+    if grace > 30 * 86_400 {
+        return Err(ApiError::invalid("grace_seconds must be at most 2592000 (30 days)"));
+    }
+    let old = state.visible_key(&caller, &id).await?;
+    let now = now_ms();
+    if old.status == KeyStatus::Revoked || old.rotated_to.is_some() || old.expires_at_ms.is_some_and(|e| e <= now) {
+        return Err(ApiError::conflict("only an active key that was not rotated yet can be rotated"));
+    }
+    let (plaintext, successor) = issue::successor(&state.issuer(), &old, now);
+    let grace_until = now + (grace as i64) * 1000;
+    if !state.store.rotate_key(&old.id, grace_until, &successor).await? {
+        return Err(ApiError::conflict("the key was rotated or revoked concurrently"));
+    }
+    state.invalidate(&old.hash);
+    state.invalidate(&successor.hash);
+    tracing::info!(key_id = %old.id, successor = %successor.id, grace_seconds = grace, actor = %caller.key.record.id, "key rotated");
+    let view = KeyView::new(&state, &successor, now);
+    Ok((StatusCode::CREATED, axum::Json(IssuedKey { key: plaintext, record: view })))
+}
+
+/// `POST /v1/keys/{id}/revoke` and `DELETE /v1/keys/{id}`
+pub async fn revoke(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<axum::Json<KeyView>, ApiError> {
+    let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
+    let k = state.visible_key(&caller, &id).await?;
+    let now = now_ms();
+    let k = state
+        .store
+        .revoke_key(&k.id, now)
+        .await?
+        .ok_or_else(|| ApiError::not_found("key"))?;
+    state.invalidate(&k.hash);
+    tracing::info!(key_id = %k.id, actor = %caller.key.record.id, "key revoked");
+    Ok(axum::Json(KeyView::new(&state, &k, now)))
+}

@@ -1,0 +1,141 @@
+//! HTTP routes. Every management handler starts with [`Ctx::caller`], which runs the same
+//! pipeline as every other request (so `pk` keys are refused here by route class, revoked keys
+//! at once, and so on) and checks the scope the endpoint needs.
+
+pub mod keys;
+pub mod status;
+pub mod tenants;
+pub mod users;
+pub mod verify;
+
+use crate::error::ApiError;
+use crate::state::{bearer, management_facts, AppState, CachedKey};
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method};
+use keygate_core::{Kind, RouteClass};
+use serde::Deserialize;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+/// The operator's tenant.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// Request context every handler can extract: method, headers, the TCP peer.
+#[derive(Debug)]
+pub struct Ctx {
+    /// Method.
+    pub method: Method,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// TCP peer address.
+    pub peer: Option<IpAddr>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Ctx {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Ctx {
+            method: parts.method.clone(),
+            headers: parts.headers.clone(),
+            peer: parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip()),
+        })
+    }
+}
+
+/// An authenticated management caller.
+#[derive(Debug)]
+pub struct Caller {
+    /// The caller's key.
+    pub key: Arc<CachedKey>,
+}
+
+impl Caller {
+    /// The caller's tenant.
+    pub fn tenant(&self) -> &str {
+        &self.key.record.tenant_id
+    }
+
+    /// The operator: a `sk` key with `*` in the `default` tenant; may act in any tenant.
+    pub fn is_operator(&self) -> bool {
+        self.key.record.tenant_id == DEFAULT_TENANT
+            && self.key.record.kind == Kind::Sk
+            && self.key.record.scopes.has_all()
+    }
+
+    /// Whether records of `tenant_id` are visible to the caller.
+    pub fn sees(&self, tenant_id: &str) -> bool {
+        self.is_operator() || tenant_id == self.tenant()
+    }
+
+    /// The tenant to act in: `requested` if the caller may (else 404, as if it did not exist),
+    /// or the caller's own.
+    pub async fn act_in(&self, state: &AppState, requested: Option<&str>) -> Result<String, ApiError> {
+        match requested {
+            None => Ok(self.tenant().to_owned()),
+            Some(t) if t == self.tenant() => Ok(t.to_owned()),
+            Some(t) if self.is_operator() => match state.store.get_tenant(t).await? {
+                Some(_) => Ok(t.to_owned()),
+                None => Err(ApiError::not_found("tenant")),
+            },
+            Some(_) => Err(ApiError::not_found("tenant")),
+        }
+    }
+}
+
+impl Ctx {
+    /// Authenticates the caller and checks that its key holds `scope` on a route of `class`.
+    pub async fn caller(&self, state: &AppState, scope: &str, class: RouteClass) -> Result<Caller, ApiError> {
+        let facts = management_facts(self.method.as_str(), &self.headers, self.peer, scope, class);
+        match state.authorize(bearer(&self.headers), &facts, None).await {
+            Ok(a) => {
+                if a.key.record.kind == Kind::Pk {
+                    // decide() already refuses pk on every non-normal class; keep it explicit.
+                    return Err(ApiError::decision(keygate_core::Code::BlockedForKeyType, None));
+                }
+                Ok(Caller { key: a.key })
+            }
+            Err(d) => Err(ApiError::decision(d.code, d.rate)),
+        }
+    }
+}
+
+/// `?limit=&cursor=`
+#[derive(Debug, Deserialize)]
+pub struct PageQuery {
+    /// Page size (default 50, max 500).
+    pub limit: Option<u32>,
+    /// Cursor from the previous page.
+    pub cursor: Option<String>,
+}
+
+impl PageQuery {
+    /// The store's page request, with the limit checked.
+    pub fn page(&self) -> Result<keygate_store::PageRequest, ApiError> {
+        let limit = self.limit.unwrap_or(50);
+        if limit == 0 || limit > 500 {
+            return Err(ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "INVALID_REQUEST",
+                "limit must be between 1 and 500",
+            ));
+        }
+        Ok(keygate_store::PageRequest {
+            cursor: self.cursor.clone(),
+            limit,
+        })
+    }
+}
+
+/// The next cursor for a page of `n` items out of `limit`.
+pub fn next_cursor<T>(items: &[T], limit: u32, id: impl Fn(&T) -> &str) -> Option<String> {
+    if items.len() == limit as usize {
+        items.last().map(|i| id(i).to_owned())
+    } else {
+        None
+    }
+}

@@ -1,0 +1,166 @@
+//! `/v1/tenants…`: create (operator only, with an admin key shown once), read, list, top up.
+
+use super::{next_cursor, Ctx, PageQuery};
+use crate::error::{ApiError, Json, Query};
+use crate::issue::{self, CreateKey};
+use crate::state::{now_ms, AppState};
+use crate::views::{IssuedKey, KeyView, ListView, TenantView};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use keygate_core::RouteClass;
+use keygate_store::Tenant;
+use serde::{Deserialize, Serialize};
+
+/// Scope to read tenants.
+pub const READ: &str = "tenants:read";
+/// Scope to create tenants and top up credits (operator only).
+pub const WRITE: &str = "tenants:write";
+
+/// `POST /v1/tenants` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    name: String,
+    plan: Option<String>,
+    credits: Option<u64>,
+}
+
+/// `POST /v1/tenants` answer.
+#[derive(Debug, Serialize)]
+pub struct CreatedTenant {
+    #[serde(flatten)]
+    tenant: TenantView,
+    /// The tenant's first admin key (`sk`, scope `*` inside the tenant), shown once.
+    admin_key: IssuedKey,
+}
+
+fn operator_only() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "FORBIDDEN_SCOPE",
+        "only the operator (a * key of the default tenant) may do this",
+    )
+}
+
+/// `POST /v1/tenants`
+pub async fn create(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Json(body): Json<CreateTenant>,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
+    if !caller.is_operator() {
+        return Err(operator_only());
+    }
+    let name = issue::check_name(&body.name)?;
+    let plan = body.plan.unwrap_or_else(|| "free".to_owned());
+    let Some(plan_cfg) = state.config.plans.get(&plan) else {
+        return Err(ApiError::invalid(format!(
+            "plan must be one of: {}",
+            state.config.plans.keys().cloned().collect::<Vec<_>>().join(", ")
+        )));
+    };
+    let credits = body.credits.or(plan_cfg.credits);
+    if credits.is_some_and(|c| c > i64::MAX as u64) {
+        return Err(ApiError::invalid("credits is too large"));
+    }
+    let now = now_ms();
+    let tenant = Tenant {
+        id: crate::ids::new_id("tnt", now),
+        name,
+        plan,
+        credits,
+        created_at_ms: now,
+    };
+    let key_body = CreateKey {
+        kind: "sk".into(),
+        name: "admin".into(),
+        scopes: Some(vec!["*".into()]),
+        ..CreateKey::default()
+    };
+    state.store.insert_tenant(&tenant).await?;
+    let (plaintext, record) = issue::build_key(&state.issuer(), &*state.store, &tenant.id, key_body, now).await?;
+    state.store.insert_key(&record).await?;
+    tracing::info!(tenant = %tenant.id, actor = %caller.key.record.id, "tenant created");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(CreatedTenant {
+            tenant: TenantView::new(&state, &tenant),
+            admin_key: IssuedKey {
+                key: plaintext,
+                record: KeyView::new(&state, &record, now),
+            },
+        }),
+    ))
+}
+
+/// `GET /v1/tenants`: the operator sees all, everyone else their own.
+pub async fn list(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Query(q): Query<PageQuery>,
+) -> Result<axum::Json<ListView<TenantView>>, ApiError> {
+    let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
+    let page = q.page()?;
+    let tenants = if caller.is_operator() {
+        state.store.list_tenants(&page).await?
+    } else {
+        let own = state.store.get_tenant(caller.tenant()).await?;
+        own.into_iter()
+            .filter(|t| page.cursor.as_deref().is_none_or(|c| t.id.as_str() < c))
+            .collect()
+    };
+    let next = next_cursor(&tenants, page.limit, |t| &t.id);
+    Ok(axum::Json(ListView {
+        data: tenants.iter().map(|t| TenantView::new(&state, t)).collect(),
+        next_cursor: next,
+    }))
+}
+
+/// `GET /v1/tenants/{id}`
+pub async fn get(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<axum::Json<TenantView>, ApiError> {
+    let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
+    match state.store.get_tenant(&id).await? {
+        Some(t) if caller.sees(&t.id) => Ok(axum::Json(TenantView::new(&state, &t))),
+        _ => Err(ApiError::not_found("tenant")),
+    }
+}
+
+/// `POST /v1/tenants/{id}/credits` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopUp {
+    amount: u64,
+}
+
+/// `POST /v1/tenants/{id}/credits`: operator only (a tenant must not mint its own credits).
+pub async fn top_up(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    Json(body): Json<TopUp>,
+) -> Result<axum::Json<TenantView>, ApiError> {
+    let caller = ctx.caller(&state, WRITE, RouteClass::Billing).await?;
+    if !caller.is_operator() {
+        if caller.sees(&id) {
+            return Err(operator_only());
+        }
+        return Err(ApiError::not_found("tenant"));
+    }
+    if body.amount == 0 || body.amount > 1_000_000_000_000 {
+        return Err(ApiError::invalid("amount must be between 1 and 1000000000000"));
+    }
+    let t = state
+        .store
+        .add_tenant_credits(&id, body.amount)
+        .await?
+        .ok_or_else(|| ApiError::not_found("tenant"))?;
+    state.counters.pool_changed(&id);
+    tracing::info!(tenant = %id, amount = body.amount, actor = %caller.key.record.id, "credits topped up");
+    Ok(axum::Json(TenantView::new(&state, &t)))
+}

@@ -1,0 +1,135 @@
+//! `/v1/users…`: users of a tenant (plan, optional password for OAuth login).
+
+use super::{next_cursor, Ctx, PageQuery};
+use crate::error::{ApiError, Json, Query};
+use crate::state::{now_ms, AppState};
+use crate::views::{ListView, UserView};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use keygate_core::RouteClass;
+use keygate_store::User;
+use serde::Deserialize;
+
+/// Scope to read users.
+pub const READ: &str = "users:read";
+/// Scope to create users.
+pub const WRITE: &str = "users:write";
+
+/// `POST /v1/users` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    email: String,
+    password: Option<String>,
+    name: Option<String>,
+    plan: Option<String>,
+    tenant_id: Option<String>,
+}
+
+/// Hashes a password with Argon2id (default parameters) off the async threads.
+pub async fn hash_password(password: String) -> Result<String, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let mut salt = [0u8; 16];
+        crate::ids::os_fill(&mut salt);
+        let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+        argon2::Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| ApiError::internal("password hashing task", &e))?
+    .map_err(|e| ApiError::internal("password hashing", &e))
+}
+
+/// `POST /v1/users`
+pub async fn create(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Json(body): Json<CreateUser>,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
+    let tenant = caller.act_in(&state, body.tenant_id.as_deref()).await?;
+    let email = body.email.trim().to_ascii_lowercase();
+    let valid_email = email.len() <= 254
+        && email
+            .split_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'))
+        && !email.contains(char::is_whitespace);
+    if !valid_email {
+        return Err(ApiError::invalid("email must be a valid address"));
+    }
+    let plan = body.plan.unwrap_or_else(|| "free".to_owned());
+    if !state.config.plans.contains_key(&plan) {
+        return Err(ApiError::invalid("plan is not one of the configured plans"));
+    }
+    let name = body.name.map(|n| crate::issue::check_name(&n)).transpose()?;
+    let password_hash = match body.password {
+        Some(p) if p.chars().count() < 8 || p.len() > 1024 => {
+            return Err(ApiError::invalid("password must be 8 to 1024 characters"))
+        }
+        Some(p) => Some(hash_password(p).await?),
+        None => None,
+    };
+    let now = now_ms();
+    let user = User {
+        id: crate::ids::new_id("usr", now),
+        tenant_id: tenant,
+        email,
+        name,
+        plan,
+        password_hash,
+        created_at_ms: now,
+    };
+    state.store.insert_user(&user).await.map_err(|e| match e.kind {
+        keygate_store::StoreErrorKind::Conflict => ApiError::conflict("a user with this email exists in the tenant"),
+        _ => ApiError::from(e),
+    })?;
+    Ok((StatusCode::CREATED, axum::Json(UserView::from(&user))))
+}
+
+/// `GET /v1/users`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListUsers {
+    limit: Option<u32>,
+    cursor: Option<String>,
+    tenant_id: Option<String>,
+}
+
+/// `GET /v1/users`
+pub async fn list(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Query(q): Query<ListUsers>,
+) -> Result<axum::Json<ListView<UserView>>, ApiError> {
+    let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
+    let page = PageQuery {
+        limit: q.limit,
+        cursor: q.cursor,
+    }
+    .page()?;
+    let tenant = caller.act_in(&state, q.tenant_id.as_deref()).await?;
+    let users = state.store.list_users(&tenant, &page).await?;
+    let next = next_cursor(&users, page.limit, |u| &u.id);
+    Ok(axum::Json(ListView {
+        data: users.iter().map(UserView::from).collect(),
+        next_cursor: next,
+    }))
+}
+
+/// `GET /v1/users/{id}`
+pub async fn get(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<axum::Json<UserView>, ApiError> {
+    let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
+    match state.store.get_user(&id).await? {
+        Some(u) if caller.sees(&u.tenant_id) => Ok(axum::Json(UserView::from(&u))),
+        _ => Err(ApiError::not_found("user")),
+    }
+}
+

@@ -1,0 +1,206 @@
+//! `POST /v1/keys/verify` (the verify API) and `GET /v1/auth` (forward-auth for nginx
+//! `auth_request`, Traefik `forwardAuth`, Envoy `ext_authz`). Both run the one pipeline.
+
+use super::Ctx;
+use crate::error::{ApiError, Json};
+use crate::headers::metered_headers;
+use crate::state::{bearer, now_ms, AppState};
+use crate::views::rfc3339;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use keygate_core::{Code, RequestFacts, RouteClass};
+use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
+
+/// Scope to call the verify API.
+pub const VERIFY: &str = "keys:verify";
+
+/// Cost of a call when neither a route nor the caller names one.
+pub const DEFAULT_COST: u64 = 1;
+
+/// `POST /v1/keys/verify` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyBody {
+    key: String,
+    scope: Option<String>,
+    method: Option<String>,
+    path: Option<String>,
+    origin: Option<String>,
+    ip: Option<String>,
+    tenant_id: Option<String>,
+    cost: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct RateView {
+    limit: u32,
+    remaining: u32,
+    reset_seconds: u32,
+    window_seconds: u32,
+}
+
+#[derive(Debug, Serialize)]
+struct BudgetLeft {
+    limit: u64,
+    remaining: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct VerifyAnswer {
+    valid: bool,
+    code: &'static str,
+    key_id: Option<String>,
+    tenant_id: Option<String>,
+    user_id: Option<String>,
+    kind: Option<&'static str>,
+    scopes: Option<Vec<String>>,
+    ratelimit: Option<RateView>,
+    budget: Option<BudgetLeft>,
+    credits_remaining: Option<u64>,
+    expires_at: Option<String>,
+}
+
+/// `POST /v1/keys/verify`: always 200 with `valid` and `code`, unless the caller itself is
+/// refused.
+pub async fn verify(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Json(body): Json<VerifyBody>,
+) -> Result<Response, ApiError> {
+    let caller = ctx.caller(&state, VERIFY, RouteClass::TokenManagement).await?;
+    let ip = body
+        .ip
+        .as_deref()
+        .map(|s| s.trim().parse::<IpAddr>())
+        .transpose()
+        .map_err(|_| ApiError::invalid("ip must be an IPv4 or IPv6 address"))?;
+    let route = match (&body.method, &body.path) {
+        (Some(m), Some(p)) => state.match_route(m, strip_query(p)),
+        (None, None) => None,
+        _ => return Err(ApiError::invalid("give method and path together")),
+    };
+    let scope = body
+        .scope
+        .as_deref()
+        .or_else(|| route.and_then(|r| r.config.scope.as_deref()));
+    let cost = body
+        .cost
+        .unwrap_or_else(|| route.map_or(DEFAULT_COST, |r| r.config.cost));
+    let facts = RequestFacts {
+        method: body.method.as_deref().unwrap_or("POST"),
+        route_class: route.map_or(RouteClass::Normal, |r| r.config.class),
+        scope,
+        origin: body.origin.as_deref(),
+        ip,
+        tenant_id: body.tenant_id.as_deref(),
+        cost,
+        now_ms: now_ms(),
+    };
+    let credential = if body.key.is_empty() { Ok(None) } else { Ok(Some(body.key.as_str())) };
+    let visible = if caller.is_operator() { None } else { Some(caller.tenant()) };
+    let result = state.authorize(credential, &facts, visible).await;
+    let (code, key, rate, metered) = match &result {
+        Ok(a) => (Code::Valid, Some(&a.key), a.metered.rate, Some(a.metered)),
+        Err(d) => (d.code, d.key.as_ref(), d.rate, None),
+    };
+    if code == Code::Unavailable {
+        return Err(ApiError::decision(code, None));
+    }
+    let answer = VerifyAnswer {
+        valid: code == Code::Valid,
+        code: code.as_str(),
+        key_id: key.map(|k| k.record.id.clone()),
+        tenant_id: key.map(|k| k.record.tenant_id.clone()),
+        user_id: key.and_then(|k| k.record.user_id.clone()),
+        kind: key.map(|k| k.record.kind.as_str()),
+        scopes: key.map(|k| k.record.scopes.to_strings()),
+        ratelimit: rate.map(|r| RateView {
+            limit: r.limit,
+            remaining: r.remaining,
+            reset_seconds: r.reset_seconds,
+            window_seconds: r.window_seconds,
+        }),
+        budget: key.and_then(|k| k.policy.budget).map(|limit| BudgetLeft {
+            limit,
+            remaining: metered.and_then(|m| m.budget_remaining),
+        }),
+        credits_remaining: metered.and_then(|m| m.credits_remaining),
+        expires_at: key.and_then(|k| k.record.expires_at_ms).map(rfc3339),
+    };
+    let mut res = axum::Json(answer).into_response();
+    if let Some(m) = metered {
+        metered_headers(res.headers_mut(), &m);
+    }
+    Ok(res)
+}
+
+fn strip_query(uri: &str) -> &str {
+    uri.split_once('?').map_or(uri, |(p, _)| p)
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The client IP a forward-auth proxy reports: the right-most valid `X-Forwarded-For` entry
+/// (the one the proxy itself appended; entries to its left are client-controlled), then
+/// `X-Real-IP`, then the TCP peer.
+pub fn forwarded_ip(h: &HeaderMap, peer: Option<IpAddr>) -> Option<IpAddr> {
+    if let Some(xff) = header(h, "x-forwarded-for") {
+        if let Some(ip) = xff.rsplit(',').find_map(|s| s.trim().parse::<IpAddr>().ok()) {
+            return Some(ip);
+        }
+    }
+    header(h, "x-real-ip")
+        .and_then(|s| s.trim().parse().ok())
+        .or(peer)
+}
+
+/// `GET /v1/auth` (any method): the forward-auth decision.
+pub async fn forward_auth(State(state): State<AppState>, ctx: Ctx) -> Response {
+    let h = &ctx.headers;
+    let method = header(h, "x-original-method")
+        .or_else(|| header(h, "x-forwarded-method"))
+        .unwrap_or("GET");
+    let uri = header(h, "x-original-uri").or_else(|| header(h, "x-forwarded-uri"));
+    let route = uri.and_then(|u| state.match_route(method, strip_query(u)));
+    if route.is_some_and(|r| r.config.public) {
+        return StatusCode::OK.into_response();
+    }
+    let proxy_cost = match header(h, "x-keygate-cost").map(str::parse::<u64>) {
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(_)) => return ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", "X-Keygate-Cost must be a whole number").into_response(),
+    };
+    let facts = RequestFacts {
+        method,
+        route_class: route.map_or(RouteClass::Normal, |r| r.config.class),
+        scope: match route {
+            Some(r) => r.config.scope.as_deref(),
+            None => header(h, "x-keygate-scope"),
+        },
+        origin: header(h, "origin"),
+        ip: forwarded_ip(h, ctx.peer),
+        tenant_id: header(h, "x-tenant-id"),
+        cost: route.map_or(proxy_cost.unwrap_or(DEFAULT_COST), |r| r.config.cost),
+        now_ms: now_ms(),
+    };
+    match state.authorize(bearer(h), &facts, None).await {
+        Ok(a) => {
+            let mut res = StatusCode::OK.into_response();
+            let out = res.headers_mut();
+            out.insert("x-keygate-key-id", a.key.id_header.clone());
+            out.insert("x-keygate-tenant", a.key.tenant_header.clone());
+            if let Some(u) = &a.key.user_header {
+                out.insert("x-keygate-user", u.clone());
+            }
+            out.insert("x-keygate-scopes", a.key.scopes_header.clone());
+            out.insert("x-keygate-code", HeaderValue::from_static("VALID"));
+            metered_headers(out, &a.metered);
+            res
+        }
+        Err(d) => ApiError::decision(d.code, d.rate).into_response(),
+    }
+}

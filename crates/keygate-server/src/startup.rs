@@ -1,0 +1,256 @@
+//! Building and running the application (`Application::build` / `run_until_stopped`).
+
+use crate::config::Config;
+use crate::error::{ApiError, RequestId};
+use crate::issue::{self, CreateKey};
+use crate::routes::{self, DEFAULT_TENANT};
+use crate::state::{compile_routes, now_ms, run_touch_flusher, AppState, Inner};
+use axum::extract::Request;
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::Router;
+use keygate_core::{KeyFormat, KeyHasher};
+use keygate_counters::Counters;
+use keygate_store::{SqliteStore, Store, Tenant};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// A startup failure, with a message for the operator.
+#[derive(Debug)]
+pub struct StartupError(pub String);
+
+impl std::fmt::Display for StartupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartupError {}
+
+/// Opens the store named by `database_url` and applies migrations.
+pub async fn open_store(database_url: &str) -> Result<Arc<dyn Store>, StartupError> {
+    if database_url.starts_with("sqlite:") {
+        let s = SqliteStore::connect(database_url)
+            .await
+            .map_err(|e| StartupError(format!("cannot open {database_url}: {}", e.message)))?;
+        s.migrate()
+            .await
+            .map_err(|e| StartupError(format!("migrating {database_url}: {}", e.message)))?;
+        Ok(Arc::new(s))
+    } else if database_url.starts_with("postgres") {
+        Err(StartupError(
+            "PostgreSQL is not supported by this build yet; use sqlite://".into(),
+        ))
+    } else {
+        Err(StartupError(format!(
+            "database_url must start with sqlite:// or postgres:// (got {database_url:?})"
+        )))
+    }
+}
+
+/// The key format and hasher a config describes.
+pub fn key_tools(config: &Config) -> Result<(KeyFormat, KeyHasher), StartupError> {
+    let format = KeyFormat::new(&config.keys.prefix).map_err(|e| StartupError(e.to_string()))?;
+    let hasher = match &config.keys.pepper {
+        Some(p) if !p.is_empty() => KeyHasher::with_pepper(p.as_bytes()),
+        _ => KeyHasher::sha256(),
+    };
+    Ok((format, hasher))
+}
+
+/// Creates the `default` tenant and its root key on an empty database. Returns the root
+/// key's plaintext when it was created (the one time it exists outside a response).
+pub async fn bootstrap(config: &Config, store: &dyn Store) -> Result<Option<String>, StartupError> {
+    let fail = |e: &dyn std::fmt::Display| StartupError(format!("bootstrap: {e}"));
+    if store.get_tenant(DEFAULT_TENANT).await.map_err(|e| fail(&e))?.is_some() {
+        return Ok(None);
+    }
+    let now = now_ms();
+    let plan = if config.plans.contains_key("enterprise") { "enterprise" } else { "free" };
+    store
+        .insert_tenant(&Tenant {
+            id: DEFAULT_TENANT.into(),
+            name: DEFAULT_TENANT.into(),
+            plan: plan.into(),
+            credits: None,
+            created_at_ms: now,
+        })
+        .await
+        .map_err(|e| fail(&e))?;
+    let (format, hasher) = key_tools(config)?;
+    let issuer = issue::Issuer {
+        config,
+        format: &format,
+        hasher: &hasher,
+    };
+    let body = CreateKey {
+        kind: "sk".into(),
+        name: "root".into(),
+        scopes: Some(vec!["*".into()]),
+        ..CreateKey::default()
+    };
+    let (plaintext, record) = issue::build_key(&issuer, store, DEFAULT_TENANT, body, now)
+        .await
+        .map_err(|e| fail(&e.message))?;
+    store.insert_key(&record).await.map_err(|e| fail(&e))?;
+    Ok(Some(plaintext))
+}
+
+/// A built, bound, not yet running keygate.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    router: Router,
+    root_key: Option<String>,
+    touch_task: tokio::task::JoinHandle<()>,
+}
+
+impl Application {
+    /// Opens the store, bootstraps, binds `config.listen`.
+    pub async fn build(config: Config) -> Result<Self, StartupError> {
+        config.validate().map_err(|e| StartupError(e.to_string()))?;
+        let store = open_store(&config.database_url).await?;
+        let root_key = bootstrap(&config, &*store).await?;
+        let (format, hasher) = key_tools(&config)?;
+        let (touch_tx, touch_rx) = mpsc::channel(65_536);
+        let touch_task = tokio::spawn(run_touch_flusher(store.clone(), touch_rx, Duration::from_secs(1)));
+        let cache = moka::sync::Cache::builder()
+            .max_capacity(config.cache.max_entries)
+            .time_to_live(Duration::from_secs(config.cache.ttl_seconds.max(1)))
+            .build();
+        let negative = moka::sync::Cache::builder()
+            .max_capacity(config.cache.max_entries)
+            .time_to_live(Duration::from_secs(config.cache.negative_ttl_seconds.max(1)))
+            .build();
+        let state = AppState(Arc::new(Inner {
+            counters: Counters::new(store.clone()),
+            routes: compile_routes(&config.routes),
+            node_id: config
+                .node_id
+                .clone()
+                .unwrap_or_else(|| format!("node_{}", crate::ids::random_base62(8))),
+            store,
+            format,
+            hasher,
+            cache,
+            negative,
+            touch_tx,
+            config,
+        }));
+        let listener = TcpListener::bind(&state.config.listen)
+            .await
+            .map_err(|e| StartupError(format!("cannot listen on {}: {e}", state.config.listen)))?;
+        let router = router(state.clone());
+        Ok(Self {
+            listener,
+            state,
+            router,
+            root_key,
+            touch_task,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// The root key, if this start created it.
+    pub fn root_key(&self) -> Option<&str> {
+        self.root_key.as_deref()
+    }
+
+    /// The shared state (for tests and tools).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, finishes in-flight requests, then returns unspent
+    /// credit leases and writes pending last-used times.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let Application {
+            listener,
+            state,
+            router,
+            touch_task,
+            ..
+        } = self;
+        let sweeper = {
+            let s = state.clone();
+            tokio::spawn(async move {
+                let mut t = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    t.tick().await;
+                    s.counters.sweep(now_ms(), 86_400_000);
+                }
+            })
+        };
+        let served = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown)
+            .await;
+        sweeper.abort();
+        if let Err(e) = state.counters.flush().await {
+            tracing::error!("could not return credit leases on shutdown: {e}");
+        }
+        drop(state);
+        // The router held the last senders; once they are gone the flusher drains and exits.
+        let _ = tokio::time::timeout(Duration::from_secs(5), touch_task).await;
+        served
+    }
+}
+
+async fn request_id(req: Request, next: Next) -> Response {
+    let rid = RequestId::new();
+    let header = axum::http::HeaderValue::from_str(&rid.0).ok();
+    let mut res = rid.scope(next.run(req)).await;
+    if let Some(h) = header {
+        res.headers_mut().insert("x-request-id", h);
+    }
+    res
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", "method not allowed on this path")
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "internal error").into_response()
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    use routes::{keys, status, tenants, users, verify};
+    let body_limit = state.config.limits.max_body_bytes;
+    let timeout = Duration::from_secs(state.config.limits.request_timeout_seconds.max(1));
+    Router::new()
+        .route("/v1/status", get(status::status))
+        .route("/v1/auth", any(verify::forward_auth))
+        .route("/v1/keys/verify", post(verify::verify))
+        .route("/v1/keys", post(keys::create).get(keys::list))
+        .route("/v1/keys/{id}", get(keys::get).patch(keys::update).delete(keys::revoke))
+        .route("/v1/keys/{id}/rotate", post(keys::rotate))
+        .route("/v1/keys/{id}/revoke", post(keys::revoke))
+        .route("/v1/tenants", post(tenants::create).get(tenants::list))
+        .route("/v1/tenants/{id}", get(tenants::get))
+        .route("/v1/tenants/{id}/credits", post(tenants::top_up))
+        .route("/v1/users", post(users::create).get(users::list))
+        .route("/v1/users/{id}", get(users::get))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .layer(axum::middleware::from_fn(request_id))
+        .with_state(state)
+}

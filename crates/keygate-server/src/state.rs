@@ -1,0 +1,384 @@
+//! Shared state and the request pipeline every entry point uses (management auth, verify,
+//! forward-auth, later the gateway): parse → cache/store lookup → core decision → counters.
+
+use crate::config::{Config, PlanConfig, RouteConfig};
+use axum::http::{HeaderMap, HeaderValue};
+use keygate_core::{
+    decide, Code, KeyFormat, KeyHash, KeyHasher, KeyPolicy, Kind, PathPattern, RateDecision,
+    RequestFacts, RouteClass,
+};
+use keygate_counters::{Counters, Metered};
+use keygate_store::{KeyRecord, Store};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// A key record with everything the hot path needs precomputed.
+#[derive(Debug)]
+pub struct CachedKey {
+    /// The stored record.
+    pub record: KeyRecord,
+    /// The core policy (with plan limits applied).
+    pub policy: KeyPolicy,
+    /// `X-Keygate-Key-Id`.
+    pub id_header: HeaderValue,
+    /// `X-Keygate-Tenant`.
+    pub tenant_header: HeaderValue,
+    /// `X-Keygate-User`.
+    pub user_header: Option<HeaderValue>,
+    /// `X-Keygate-Scopes` (space separated).
+    pub scopes_header: HeaderValue,
+    /// Last use seen by this node, Unix ms.
+    last_used: AtomicI64,
+    /// Queued for the next last-used flush.
+    touch_pending: AtomicBool,
+}
+
+/// A compiled `[[routes]]` entry.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Path pattern.
+    pub pattern: PathPattern,
+    /// Upper-case methods; empty = all.
+    pub methods: Vec<String>,
+    /// The config entry.
+    pub config: RouteConfig,
+}
+
+/// Everything a handler needs. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AppState(pub Arc<Inner>);
+
+/// The shared parts.
+#[derive(Debug)]
+pub struct Inner {
+    /// Configuration.
+    pub config: Config,
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// Rate limits and credits.
+    pub counters: Counters,
+    /// Key format of this deployment.
+    pub format: KeyFormat,
+    /// Key hasher (with pepper, if configured).
+    pub hasher: KeyHasher,
+    /// Known keys by hash.
+    pub cache: moka::sync::Cache<KeyHash, Arc<CachedKey>>,
+    /// Well-formed keys recently found unknown.
+    pub negative: moka::sync::Cache<KeyHash, ()>,
+    /// Route table.
+    pub routes: Vec<Route>,
+    /// This node's id.
+    pub node_id: String,
+    /// Last-used write-behind queue.
+    pub touch_tx: mpsc::Sender<Arc<CachedKey>>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// An allowed request.
+#[derive(Debug)]
+pub struct Allowed {
+    /// The key.
+    pub key: Arc<CachedKey>,
+    /// What the counters said.
+    pub metered: Metered,
+}
+
+/// A refused request.
+#[derive(Debug)]
+pub struct Denied {
+    /// Why.
+    pub code: Code,
+    /// Rate decision, when the rate limit was consulted.
+    pub rate: Option<RateDecision>,
+    /// The key, when it was found (and is visible to the caller).
+    pub key: Option<Arc<CachedKey>>,
+}
+
+impl Denied {
+    fn code(code: Code) -> Self {
+        Self {
+            code,
+            rate: None,
+            key: None,
+        }
+    }
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The credential of an `Authorization` header: `Ok(None)` when absent, `Err` when present
+/// but not `Bearer <token>`.
+pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, Code> {
+    let Some(v) = headers.get(axum::http::header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let s = v.to_str().map_err(|_| Code::MalformedKey)?;
+    let (scheme, token) = s.split_once(' ').ok_or(Code::MalformedKey)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(Code::MalformedKey);
+    }
+    let token = token.trim();
+    if token.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(token))
+}
+
+impl Inner {
+    /// The plan called `name`, or the `free` plan if it is gone from the config.
+    pub fn plan(&self, name: &str) -> &PlanConfig {
+        self.config
+            .plans
+            .get(name)
+            .or_else(|| self.config.plans.get("free"))
+            .unwrap_or(&FALLBACK_PLAN)
+    }
+
+    /// The first route matching `method` and `path`.
+    pub fn match_route(&self, method: &str, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| {
+            (r.methods.is_empty() || r.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
+                && r.pattern.matches(path)
+        })
+    }
+
+    /// Builds the cached form of a record: applies plan limits (a `ut` key without its own
+    /// rate limit gets its user's plan's; API access follows the user's or tenant's plan).
+    pub async fn cached_key(&self, record: KeyRecord) -> Result<CachedKey, keygate_store::StoreError> {
+        let plan_name = match (&record.kind, &record.user_id) {
+            (Kind::Ut, Some(uid)) => self.store.get_user(uid).await?.map(|u| u.plan),
+            _ => None,
+        };
+        let plan_name = match plan_name {
+            Some(p) => p,
+            None => self
+                .store
+                .get_tenant(&record.tenant_id)
+                .await?
+                .map_or_else(|| "free".to_owned(), |t| t.plan),
+        };
+        let plan = self.plan(&plan_name);
+        let rate_limit = match record.kind {
+            Kind::Ut => record.rate_limit.or(plan.rate_limit),
+            _ => record.rate_limit,
+        };
+        let policy = KeyPolicy {
+            id: record.id.clone(),
+            tenant_id: record.tenant_id.clone(),
+            user_id: record.user_id.clone(),
+            kind: record.kind,
+            status: record.status,
+            scopes: record.scopes.clone(),
+            allowed_ips: record.allowed_ips.clone(),
+            allowed_origins: record.allowed_origins.clone(),
+            rate_limit,
+            budget: record.budget,
+            expires_at_ms: record.expires_at_ms,
+            api_access: plan.api_access,
+        };
+        let hv = |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
+        Ok(CachedKey {
+            id_header: hv(&record.id),
+            tenant_header: hv(&record.tenant_id),
+            user_header: record.user_id.as_deref().map(hv),
+            scopes_header: hv(&record.scopes.to_strings().join(" ")),
+            last_used: AtomicI64::new(record.last_used_at_ms.unwrap_or(0)),
+            touch_pending: AtomicBool::new(false),
+            policy,
+            record,
+        })
+    }
+
+    /// Finds a key by hash: cache, then store.
+    async fn lookup(&self, hash: &KeyHash) -> Result<Option<Arc<CachedKey>>, Code> {
+        if let Some(k) = self.cache.get(hash) {
+            return Ok(Some(k));
+        }
+        if self.negative.contains_key(hash) {
+            return Ok(None);
+        }
+        let rec = match self.store.get_key_by_hash(hash).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("key lookup failed: {e}");
+                return Err(Code::Unavailable);
+            }
+        };
+        let Some(rec) = rec else {
+            self.negative.insert(*hash, ());
+            return Ok(None);
+        };
+        let cached = match self.cached_key(rec).await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::error!("key lookup failed: {e}");
+                return Err(Code::Unavailable);
+            }
+        };
+        self.cache.insert(*hash, cached.clone());
+        Ok(Some(cached))
+    }
+
+    /// Drops a key from this node's caches (after any change to it).
+    pub fn invalidate(&self, hash: &KeyHash) {
+        self.cache.invalidate(hash);
+        self.negative.invalidate(hash);
+    }
+
+    /// The pipeline. `credential` is the bearer token (if any); `visible_tenant`, when set,
+    /// makes keys of other tenants look unknown (before anything is charged).
+    pub async fn authorize(
+        &self,
+        credential: Result<Option<&str>, Code>,
+        facts: &RequestFacts<'_>,
+        visible_tenant: Option<&str>,
+    ) -> Result<Allowed, Denied> {
+        let token = credential
+            .map_err(Denied::code)?
+            .ok_or(Denied::code(Code::MissingKey))?;
+        let parsed = self
+            .format
+            .parse(token)
+            .map_err(|_| Denied::code(Code::MalformedKey))?;
+        let hash = self.hasher.hash(parsed.expose_secret());
+        let key = self.lookup(&hash).await.map_err(Denied::code)?;
+        let key = key.filter(|k| {
+            // The index lookup matched; confirm in constant time, and hide other tenants' keys.
+            k.record.hash.ct_eq(&hash)
+                && visible_tenant.is_none_or(|t| t == k.record.tenant_id)
+        });
+        let charge = match decide(key.as_ref().map(|k| &k.policy), facts) {
+            Ok(c) => c,
+            Err(code) => {
+                return Err(Denied {
+                    code,
+                    rate: None,
+                    key,
+                })
+            }
+        };
+        // decide() returned Ok, so the key is present.
+        let Some(key) = key else {
+            return Err(Denied::code(Code::UnknownKey));
+        };
+        match self
+            .counters
+            .meter(&key.record.family_id, &key.record.tenant_id, &charge, facts.now_ms)
+            .await
+        {
+            Ok(metered) => {
+                self.touch(&key, facts.now_ms);
+                Ok(Allowed { key, metered })
+            }
+            Err(r) => Err(Denied {
+                code: r.code,
+                rate: r.rate,
+                key: Some(key),
+            }),
+        }
+    }
+
+    /// Notes a use of `key`; at most one queue entry per key per flush interval.
+    fn touch(&self, key: &Arc<CachedKey>, now_ms: i64) {
+        key.last_used.fetch_max(now_ms, Ordering::Relaxed);
+        if !key.touch_pending.swap(true, Ordering::AcqRel) && self.touch_tx.try_send(key.clone()).is_err() {
+            key.touch_pending.store(false, Ordering::Release);
+        }
+    }
+}
+
+static FALLBACK_PLAN: PlanConfig = PlanConfig {
+    rate_limit: None,
+    api_access: true,
+    credits: None,
+    scopes: None,
+};
+
+/// Writes last-used timestamps in batches, every `every`, until the channel closes; then
+/// writes what is left.
+pub async fn run_touch_flusher(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Arc<CachedKey>>, every: Duration) {
+    let mut batch: Vec<Arc<CachedKey>> = Vec::new();
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(k) => {
+                    batch.push(k);
+                    if batch.len() >= 1_000 {
+                        flush_touches(&*store, &mut batch).await;
+                    }
+                }
+                None => {
+                    flush_touches(&*store, &mut batch).await;
+                    return;
+                }
+            },
+            _ = tick.tick() => {
+                if !batch.is_empty() {
+                    flush_touches(&*store, &mut batch).await;
+                }
+            }
+        }
+    }
+}
+
+async fn flush_touches(store: &dyn Store, batch: &mut Vec<Arc<CachedKey>>) {
+    let rows: Vec<(String, i64)> = batch
+        .iter()
+        .map(|k| {
+            k.touch_pending.store(false, Ordering::Release);
+            (k.record.id.clone(), k.last_used.load(Ordering::Relaxed))
+        })
+        .collect();
+    if let Err(e) = store.touch_keys(&rows).await {
+        tracing::warn!("could not record last use of {} keys: {e}", rows.len());
+    }
+    batch.clear();
+}
+
+/// Compiles the route table (the config was validated before).
+pub fn compile_routes(cfg: &[RouteConfig]) -> Vec<Route> {
+    cfg.iter()
+        .filter_map(|r| {
+            Some(Route {
+                pattern: PathPattern::parse(&r.path).ok()?,
+                methods: r.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+                config: r.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Facts for a management call: the route class and scope it needs, cost 0.
+pub fn management_facts<'a>(
+    method: &'a str,
+    headers: &'a HeaderMap,
+    ip: Option<std::net::IpAddr>,
+    scope: &'a str,
+    class: RouteClass,
+) -> RequestFacts<'a> {
+    RequestFacts {
+        method,
+        route_class: class,
+        scope: Some(scope),
+        origin: headers.get(axum::http::header::ORIGIN).and_then(|v| v.to_str().ok()),
+        ip,
+        tenant_id: headers.get("x-tenant-id").and_then(|v| v.to_str().ok()),
+        cost: 0,
+        now_ms: now_ms(),
+    }
+}
