@@ -1,0 +1,185 @@
+//! Test harness: a real keygate on port 0 with its own SQLite file, and helpers that talk to
+//! it over HTTP like a user would.
+#![allow(dead_code)]
+
+use keygate_server::{Application, Config};
+use reqwest::{Client, RequestBuilder, Response, StatusCode};
+use serde_json::Value;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// A running app.
+pub struct TestApp {
+    pub addr: std::net::SocketAddr,
+    pub root: String,
+    pub client: Client,
+    pub db_path: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+    stop_tx: Option<oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+/// A client that sends one key.
+pub struct KeyClient<'a> {
+    client: &'a Client,
+    key: String,
+}
+
+impl KeyClient<'_> {
+    pub fn get(&self, url: String) -> RequestBuilder {
+        self.client.get(url).bearer_auth(&self.key)
+    }
+    pub fn post(&self, url: String) -> RequestBuilder {
+        self.client.post(url).bearer_auth(&self.key)
+    }
+    pub fn delete(&self, url: String) -> RequestBuilder {
+        self.client.delete(url).bearer_auth(&self.key)
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(f: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut app = Self::spawn_in(dir.path(), f).await;
+        app._dir = Some(dir);
+        app
+    }
+
+    pub async fn spawn_in(dir: &Path, f: impl FnOnce(&mut Config)) -> Self {
+        let db_path = dir.join("keygate.db");
+        let mut config = Config {
+            listen: "127.0.0.1:0".into(),
+            database_url: format!("sqlite://{}", db_path.display()),
+            ..Config::default()
+        };
+        f(&mut config);
+        let app = Application::build(config).await.expect("app builds");
+        let addr = app.local_addr().expect("bound");
+        let root = app.root_key().unwrap_or_default().to_string();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(app.run_until_stopped(async move {
+            let _ = stop_rx.await;
+        }));
+        TestApp {
+            addr,
+            root,
+            client: Client::new(),
+            db_path,
+            _dir: None,
+            stop_tx: Some(stop_tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Keeps the root key of an earlier start of the same database.
+    pub fn with_root(mut self, root: String) -> Self {
+        self.root = root;
+        self
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn as_key(&self, key: &str) -> KeyClient<'_> {
+        KeyClient {
+            client: &self.client,
+            key: key.to_string(),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.client.get(self.url(path)).bearer_auth(&self.root).send().await.expect("request")
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Response {
+        self.client.post(self.url(path)).bearer_auth(&self.root).json(&body).send().await.expect("request")
+    }
+
+    pub async fn patch(&self, path: &str, body: Value) -> Response {
+        self.client.patch(self.url(path)).bearer_auth(&self.root).json(&body).send().await.expect("request")
+    }
+
+    /// `GET /v1/auth` with an optional key and extra headers.
+    pub async fn auth(&self, key: Option<&str>, headers: &[(&str, &str)]) -> Response {
+        let mut req = self.client.get(self.url("/v1/auth"));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.expect("request")
+    }
+
+    /// Creates a key with the root key; asserts 201; returns (plaintext, record).
+    pub async fn create_key(&self, body: Value) -> (String, Value) {
+        let r = self.post("/v1/keys", body.clone()).await;
+        let status = r.status();
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(status, StatusCode::CREATED, "create {body}: {v}");
+        (v["key"].as_str().expect("key").to_string(), v)
+    }
+
+    pub async fn key_count(&self) -> usize {
+        let v: Value = self.get("/v1/keys?limit=500").await.json().await.expect("json");
+        v["data"].as_array().map_or(0, Vec::len)
+    }
+
+    /// Sends `n` forward-auth calls with `key`, one after another; counts the 200s.
+    pub async fn count_ok(&self, key: &str, n: usize) -> usize {
+        let mut ok = 0;
+        for _ in 0..n {
+            if self.auth(Some(key), &[]).await.status() == StatusCode::OK {
+                ok += 1;
+            }
+        }
+        ok
+    }
+
+    /// Graceful stop: in-flight requests finish, leases go back to the store.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop_tx.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.expect("join").expect("served");
+        }
+    }
+
+    /// Abrupt stop: the server task is dropped mid-flight, nothing is flushed.
+    pub fn crash(mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+        }
+        self.stop_tx.take();
+    }
+}
+
+/// The `error.code` of a JSON refusal.
+pub async fn error_code(r: Response) -> String {
+    let v: Value = r.json().await.expect("json error body");
+    v["error"]["code"].as_str().unwrap_or_default().to_string()
+}
+
+/// Polls `cond` until it holds, for at most 10 seconds.
+pub async fn eventually<F, Fut>(mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition not met within 10 s");
+}
