@@ -100,7 +100,9 @@ impl Code {
         match self {
             Code::Valid => "the key is valid",
             Code::MissingKey => "no API key: send Authorization: Bearer <key>",
-            Code::MalformedKey => "the API key is not in this deployment's format or its checksum does not match",
+            Code::MalformedKey => {
+                "the API key is not in this deployment's format or its checksum does not match"
+            }
             Code::UnknownKey => "the API key is not known",
             Code::Revoked => "the API key has been revoked",
             Code::Expired => "the API key has expired",

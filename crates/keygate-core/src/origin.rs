@@ -37,7 +37,9 @@ impl<'a> Origin<'a> {
 }
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
-    if s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes()) {
+    if s.len() >= prefix.len()
+        && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+    {
         Some(&s[prefix.len()..])
     } else {
         None
@@ -71,14 +73,19 @@ fn parse_port(p: &str) -> Option<u16> {
 
 fn valid_host(h: &str) -> bool {
     if let Some(inner) = h.strip_prefix('[').and_then(|x| x.strip_suffix(']')) {
-        return !inner.is_empty() && inner.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
+        return !inner.is_empty()
+            && inner
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
     }
     !h.is_empty()
         && h.len() <= 253
         && h.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
 }
 
@@ -211,7 +218,11 @@ mod tests {
 
     #[test]
     fn exact_and_wildcard() {
-        let l = list(&["https://claude.ai", "https://*.example.com", "http://localhost:3000"]);
+        let l = list(&[
+            "https://claude.ai",
+            "https://*.example.com",
+            "http://localhost:3000",
+        ]);
         assert!(l.allows("https://claude.ai"));
         assert!(l.allows("https://CLAUDE.ai"));
         assert!(l.allows("https://claude.ai:443"));
@@ -247,11 +258,17 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for s in ["https://*.example.com", "http://localhost:3000", "https://claude.ai"] {
+        for s in [
+            "https://*.example.com",
+            "http://localhost:3000",
+            "https://claude.ai",
+        ] {
             assert_eq!(OriginPattern::parse(s).expect("valid").to_string(), s);
         }
         assert_eq!(
-            OriginPattern::parse("https://Claude.AI:443").expect("valid").to_string(),
+            OriginPattern::parse("https://Claude.AI:443")
+                .expect("valid")
+                .to_string(),
             "https://claude.ai"
         );
     }

@@ -21,10 +21,14 @@ impl PathPattern {
             Some(p) => (p, true),
             None => (s, false),
         };
+        // `/*` (empty path, prefix) is "everything"; an empty exact path is not a route.
         let valid = s.starts_with('/')
             && !path.contains('*')
-            && (path.is_empty() || is_clean(path))
-            && !(path.is_empty() && !prefix);
+            && if path.is_empty() {
+                prefix
+            } else {
+                is_clean(path)
+            };
         if !valid {
             return Err(InvalidInput::new(format!(
                 "invalid route path {:?}: use /exact/path or /prefix/*",
@@ -48,7 +52,10 @@ impl PathPattern {
                     && path.starts_with(&self.path)
                     && path.as_bytes()[self.path.len()] == b'/')
         } else {
-            path == self.path || (path.len() == self.path.len() + 1 && path.starts_with(&self.path) && path.ends_with('/'))
+            path == self.path
+                || (path.len() == self.path.len() + 1
+                    && path.starts_with(&self.path)
+                    && path.ends_with('/'))
         }
     }
 }
@@ -77,7 +84,9 @@ pub fn is_clean(path: &str) -> bool {
     if inner.is_empty() {
         return true;
     }
-    inner.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+    inner
+        .split('/')
+        .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
 }
 
 #[cfg(test)]

@@ -228,7 +228,10 @@ impl Config {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(f) = file {
             if !f.exists() {
-                return Err(ConfigError(format!("config file {} not found", f.display())));
+                return Err(ConfigError(format!(
+                    "config file {} not found",
+                    f.display()
+                )));
             }
             fig = fig.merge(Toml::file(f));
         }
@@ -244,11 +247,14 @@ impl Config {
             .map_err(|e| ConfigError(format!("keys.prefix: {e}")))?;
         for p in ["free", "enterprise"] {
             if !self.plans.contains_key(p) {
-                return Err(ConfigError(format!("plans.{p} must exist (it is the default plan)")));
+                return Err(ConfigError(format!(
+                    "plans.{p} must exist (it is the default plan)"
+                )));
             }
         }
         for (i, r) in self.routes.iter().enumerate() {
-            PathPattern::parse(&r.path).map_err(|e| ConfigError(format!("routes[{i}].path: {e}")))?;
+            PathPattern::parse(&r.path)
+                .map_err(|e| ConfigError(format!("routes[{i}].path: {e}")))?;
             if let Some(s) = &r.scope {
                 keygate_core::Scope::parse(s)
                     .map_err(|e| ConfigError(format!("routes[{i}].scope: {e}")))?;

@@ -75,7 +75,11 @@ struct Inner<'a> {
 
 impl ApiError {
     /// An error with a status, code and message.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<Cow<'static, str>>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
         Self {
             status,
             code,
@@ -91,7 +95,11 @@ impl ApiError {
 
     /// 404 `NOT_FOUND`.
     pub fn not_found(what: &'static str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", format!("{what} not found"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            format!("{what} not found"),
+        )
     }
 
     /// 409 `CONFLICT`.
@@ -116,7 +124,10 @@ impl ApiError {
             "UNAVAILABLE",
             "a backing service is unavailable; try again shortly",
         );
-        tracing::error!(request_id = RequestId::current().as_deref().unwrap_or("-"), "{context}: {err}");
+        tracing::error!(
+            request_id = RequestId::current().as_deref().unwrap_or("-"),
+            "{context}: {err}"
+        );
         unavailable
     }
 }
@@ -184,7 +195,9 @@ where
 
 fn json_rejection(rej: JsonRejection) -> ApiError {
     match rej {
-        JsonRejection::JsonDataError(e) => ApiError::invalid(format!("invalid request body: {}", e.body_text())),
+        JsonRejection::JsonDataError(e) => {
+            ApiError::invalid(format!("invalid request body: {}", e.body_text()))
+        }
         JsonRejection::JsonSyntaxError(e) => ApiError::new(
             StatusCode::BAD_REQUEST,
             "INVALID_REQUEST",
@@ -195,12 +208,18 @@ fn json_rejection(rej: JsonRejection) -> ApiError {
             "UNSUPPORTED_MEDIA_TYPE",
             "send Content-Type: application/json",
         ),
-        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "PAYLOAD_TOO_LARGE",
-            "request body too large",
+        JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                "request body too large",
+            )
+        }
+        other => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+            other.body_text(),
         ),
-        other => ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", other.body_text()),
     }
 }
 
@@ -221,10 +240,16 @@ where
     ) -> Result<Self, Self::Rejection> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(Query(v)),
-            Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
-                Err(ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", e.body_text()))
-            }
-            Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", e.body_text())),
+            Err(QueryRejection::FailedToDeserializeQueryString(e)) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "INVALID_REQUEST",
+                e.body_text(),
+            )),
+            Err(e) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "INVALID_REQUEST",
+                e.body_text(),
+            )),
         }
     }
 }

@@ -10,7 +10,9 @@ pub fn rate_headers(h: &mut HeaderMap, r: &RateDecision) {
     if let Ok(v) = HeaderValue::from_str(&format!("\"key\";q={};w={}", r.limit, r.window_seconds)) {
         h.insert("ratelimit-policy", v);
     }
-    if let Ok(v) = HeaderValue::from_str(&format!("\"key\";r={};t={}", r.remaining, r.reset_seconds)) {
+    if let Ok(v) =
+        HeaderValue::from_str(&format!("\"key\";r={};t={}", r.remaining, r.reset_seconds))
+    {
         h.insert("ratelimit", v);
     }
 }

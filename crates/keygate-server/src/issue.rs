@@ -35,7 +35,8 @@ pub struct RateLimitBody {
 impl RateLimitBody {
     /// Validates.
     pub fn parse(self) -> Result<RateLimit, ApiError> {
-        RateLimit::new(self.limit, self.window_seconds).map_err(|e| ApiError::invalid(e.message().to_owned()))
+        RateLimit::new(self.limit, self.window_seconds)
+            .map_err(|e| ApiError::invalid(e.message().to_owned()))
     }
 }
 
@@ -108,7 +109,12 @@ pub fn preset(name: &str) -> Option<Preset> {
             default_origins: true,
         }),
         "widget" => Some(Preset {
-            scopes: &["chat:run", "booking:create", "form:submit", "contact:create"],
+            scopes: &[
+                "chat:run",
+                "booking:create",
+                "form:submit",
+                "contact:create",
+            ],
             budget: 5_000,
             per_minute: 120,
             ttl_days: 365,
@@ -142,7 +148,9 @@ pub fn check_metadata(
 pub fn check_scopes(kind: Kind, scopes: &[String]) -> Result<ScopeSet, ApiError> {
     let set = ScopeSet::parse(scopes).map_err(|e| ApiError::invalid(e.message().to_owned()))?;
     if set.has_all() && kind != Kind::Sk {
-        return Err(ApiError::invalid("scope \"*\" is only for secret (sk) keys"));
+        return Err(ApiError::invalid(
+            "scope \"*\" is only for secret (sk) keys",
+        ));
     }
     if set.len() > 100 {
         return Err(ApiError::invalid("at most 100 scopes"));
@@ -167,11 +175,18 @@ pub fn check_origins(origins: &[String]) -> Result<OriginList, ApiError> {
 }
 
 /// Expiry from `expires_at` or `ttl_seconds` (not both), which must lie in the future.
-pub fn check_expiry(expires_at: Option<&str>, ttl: Option<u64>, now_ms: i64) -> Result<Option<i64>, ApiError> {
+pub fn check_expiry(
+    expires_at: Option<&str>,
+    ttl: Option<u64>,
+    now_ms: i64,
+) -> Result<Option<i64>, ApiError> {
     match (expires_at, ttl) {
-        (Some(_), Some(_)) => Err(ApiError::invalid("give expires_at or ttl_seconds, not both")),
+        (Some(_), Some(_)) => Err(ApiError::invalid(
+            "give expires_at or ttl_seconds, not both",
+        )),
         (Some(s), None) => {
-            let at = parse_rfc3339(s).ok_or_else(|| ApiError::invalid("expires_at must be an RFC 3339 timestamp"))?;
+            let at = parse_rfc3339(s)
+                .ok_or_else(|| ApiError::invalid("expires_at must be an RFC 3339 timestamp"))?;
             if at <= now_ms {
                 return Err(ApiError::invalid("expires_at must be in the future"));
             }
@@ -182,7 +197,9 @@ pub fn check_expiry(expires_at: Option<&str>, ttl: Option<u64>, now_ms: i64) -> 
         }
         (None, Some(t)) => {
             if t == 0 || t > MAX_TTL_SECONDS {
-                return Err(ApiError::invalid("ttl_seconds must be between 1 and 315360000"));
+                return Err(ApiError::invalid(
+                    "ttl_seconds must be between 1 and 315360000",
+                ));
             }
             Ok(Some(now_ms + (t as i64) * 1000))
         }
@@ -212,17 +229,20 @@ pub async fn build_key(
 ) -> Result<(String, KeyRecord), ApiError> {
     let kind = Kind::parse(&body.kind).map_err(|e| ApiError::invalid(e.message().to_owned()))?;
     let name = check_name(&body.name)?;
-    let preset = match body.preset.as_deref() {
-        None => None,
-        Some(p) => Some(preset(p).ok_or_else(|| {
-            ApiError::invalid("preset must be one of default, aidemo, widget")
-        })?),
-    };
+    let preset =
+        match body.preset.as_deref() {
+            None => None,
+            Some(p) => Some(preset(p).ok_or_else(|| {
+                ApiError::invalid("preset must be one of default, aidemo, widget")
+            })?),
+        };
     // The user: required for ut, refused for sk, optional for pk; must be in the tenant.
     let user = match (&body.user_id, kind) {
         (None, Kind::Ut) => return Err(ApiError::invalid("user_id is required for ut keys")),
         (Some(_), Kind::Sk) => {
-            return Err(ApiError::invalid("sk keys have no user; use a ut key for a user"))
+            return Err(ApiError::invalid(
+                "sk keys have no user; use a ut key for a user",
+            ))
         }
         (Some(uid), _) => match store.get_user(uid).await? {
             Some(u) if u.tenant_id == tenant_id => Some(u),
@@ -249,9 +269,12 @@ pub async fn build_key(
     };
     let scopes = check_scopes(kind, &scopes)?;
     if let (Kind::Ut, Some(allowed)) = (kind, &plan_scopes) {
-        let allowed = ScopeSet::parse(allowed).map_err(|e| ApiError::invalid(e.message().to_owned()))?;
+        let allowed =
+            ScopeSet::parse(allowed).map_err(|e| ApiError::invalid(e.message().to_owned()))?;
         if !scopes.is_subset_of(&allowed) {
-            return Err(ApiError::invalid("scopes exceed what the user's plan allows"));
+            return Err(ApiError::invalid(
+                "scopes exceed what the user's plan allows",
+            ));
         }
     }
     let allowed_ips = check_ips(body.allowed_ips.as_deref().unwrap_or_default())?;
@@ -269,7 +292,9 @@ pub async fn build_key(
         (None, _, _) => OriginList::default(),
     };
     if kind == Kind::Pk && allowed_origins.is_empty() {
-        return Err(ApiError::invalid("publishable keys need at least one allowed origin"));
+        return Err(ApiError::invalid(
+            "publishable keys need at least one allowed origin",
+        ));
     }
     let rate_limit = match (body.rate_limit, preset) {
         (Some(r), _) => Some(r.parse()?),
@@ -291,7 +316,9 @@ pub async fn build_key(
     }
     if let Some(d) = body.rotation_days {
         if d == 0 || d > 3650 {
-            return Err(ApiError::invalid("rotation_days must be between 1 and 3650"));
+            return Err(ApiError::invalid(
+                "rotation_days must be between 1 and 3650",
+            ));
         }
     }
     let metadata = check_metadata(body.metadata)?;

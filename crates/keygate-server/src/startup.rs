@@ -68,11 +68,20 @@ pub fn key_tools(config: &Config) -> Result<(KeyFormat, KeyHasher), StartupError
 /// key's plaintext when it was created (the one time it exists outside a response).
 pub async fn bootstrap(config: &Config, store: &dyn Store) -> Result<Option<String>, StartupError> {
     let fail = |e: &dyn std::fmt::Display| StartupError(format!("bootstrap: {e}"));
-    if store.get_tenant(DEFAULT_TENANT).await.map_err(|e| fail(&e))?.is_some() {
+    if store
+        .get_tenant(DEFAULT_TENANT)
+        .await
+        .map_err(|e| fail(&e))?
+        .is_some()
+    {
         return Ok(None);
     }
     let now = now_ms();
-    let plan = if config.plans.contains_key("enterprise") { "enterprise" } else { "free" };
+    let plan = if config.plans.contains_key("enterprise") {
+        "enterprise"
+    } else {
+        "free"
+    };
     store
         .insert_tenant(&Tenant {
             id: DEFAULT_TENANT.into(),
@@ -120,14 +129,20 @@ impl Application {
         let root_key = bootstrap(&config, &*store).await?;
         let (format, hasher) = key_tools(&config)?;
         let (touch_tx, touch_rx) = mpsc::channel(65_536);
-        let touch_task = tokio::spawn(run_touch_flusher(store.clone(), touch_rx, Duration::from_secs(1)));
+        let touch_task = tokio::spawn(run_touch_flusher(
+            store.clone(),
+            touch_rx,
+            Duration::from_secs(1),
+        ));
         let cache = moka::sync::Cache::builder()
             .max_capacity(config.cache.max_entries)
             .time_to_live(Duration::from_secs(config.cache.ttl_seconds.max(1)))
             .build();
         let negative = moka::sync::Cache::builder()
             .max_capacity(config.cache.max_entries)
-            .time_to_live(Duration::from_secs(config.cache.negative_ttl_seconds.max(1)))
+            .time_to_live(Duration::from_secs(
+                config.cache.negative_ttl_seconds.max(1),
+            ))
             .build();
         let state = AppState(Arc::new(Inner {
             counters: Counters::new(store.clone()),
@@ -174,7 +189,10 @@ impl Application {
 
     /// Serves until `shutdown` resolves, finishes in-flight requests, then returns unspent
     /// credit leases and writes pending last-used times.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let Application {
             listener,
             state,
@@ -192,9 +210,12 @@ impl Application {
                 }
             })
         };
-        let served = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await;
         sweeper.abort();
         if let Err(e) = state.counters.flush().await {
             tracing::error!("could not return credit leases on shutdown: {e}");
@@ -221,11 +242,20 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED", "method not allowed on this path")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        "method not allowed on this path",
+    )
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "internal error").into_response()
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "INTERNAL",
+        "internal error",
+    )
+    .into_response()
 }
 
 /// The whole HTTP surface.
@@ -238,7 +268,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/auth", any(verify::forward_auth))
         .route("/v1/keys/verify", post(verify::verify))
         .route("/v1/keys", post(keys::create).get(keys::list))
-        .route("/v1/keys/{id}", get(keys::get).patch(keys::update).delete(keys::revoke))
+        .route(
+            "/v1/keys/{id}",
+            get(keys::get).patch(keys::update).delete(keys::revoke),
+        )
         .route("/v1/keys/{id}/rotate", post(keys::rotate))
         .route("/v1/keys/{id}/revoke", post(keys::revoke))
         .route("/v1/tenants", post(tenants::create).get(tenants::list))
@@ -249,8 +282,13 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panic_response))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response,
+        ))
         .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
 }

@@ -158,7 +158,10 @@ impl Inner {
 
     /// Builds the cached form of a record: applies plan limits (a `ut` key without its own
     /// rate limit gets its user's plan's; API access follows the user's or tenant's plan).
-    pub async fn cached_key(&self, record: KeyRecord) -> Result<CachedKey, keygate_store::StoreError> {
+    pub async fn cached_key(
+        &self,
+        record: KeyRecord,
+    ) -> Result<CachedKey, keygate_store::StoreError> {
         let plan_name = match (&record.kind, &record.user_id) {
             (Kind::Ut, Some(uid)) => self.store.get_user(uid).await?.map(|u| u.plan),
             _ => None,
@@ -190,7 +193,8 @@ impl Inner {
             expires_at_ms: record.expires_at_ms,
             api_access: plan.api_access,
         };
-        let hv = |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
+        let hv =
+            |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));
         Ok(CachedKey {
             id_header: hv(&record.id),
             tenant_header: hv(&record.tenant_id),
@@ -258,8 +262,7 @@ impl Inner {
         let key = self.lookup(&hash).await.map_err(Denied::code)?;
         let key = key.filter(|k| {
             // The index lookup matched; confirm in constant time, and hide other tenants' keys.
-            k.record.hash.ct_eq(&hash)
-                && visible_tenant.is_none_or(|t| t == k.record.tenant_id)
+            k.record.hash.ct_eq(&hash) && visible_tenant.is_none_or(|t| t == k.record.tenant_id)
         });
         let charge = match decide(key.as_ref().map(|k| &k.policy), facts) {
             Ok(c) => c,
@@ -277,7 +280,12 @@ impl Inner {
         };
         match self
             .counters
-            .meter(&key.record.family_id, &key.record.tenant_id, &charge, facts.now_ms)
+            .meter(
+                &key.record.family_id,
+                &key.record.tenant_id,
+                &charge,
+                facts.now_ms,
+            )
             .await
         {
             Ok(metered) => {
@@ -295,7 +303,9 @@ impl Inner {
     /// Notes a use of `key`; at most one queue entry per key per flush interval.
     fn touch(&self, key: &Arc<CachedKey>, now_ms: i64) {
         key.last_used.fetch_max(now_ms, Ordering::Relaxed);
-        if !key.touch_pending.swap(true, Ordering::AcqRel) && self.touch_tx.try_send(key.clone()).is_err() {
+        if !key.touch_pending.swap(true, Ordering::AcqRel)
+            && self.touch_tx.try_send(key.clone()).is_err()
+        {
             key.touch_pending.store(false, Ordering::Release);
         }
     }
@@ -310,7 +320,11 @@ static FALLBACK_PLAN: PlanConfig = PlanConfig {
 
 /// Writes last-used timestamps in batches, every `every`, until the channel closes; then
 /// writes what is left.
-pub async fn run_touch_flusher(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Arc<CachedKey>>, every: Duration) {
+pub async fn run_touch_flusher(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::Receiver<Arc<CachedKey>>,
+    every: Duration,
+) {
     let mut batch: Vec<Arc<CachedKey>> = Vec::new();
     let mut tick = tokio::time::interval(every);
     loop {
@@ -375,7 +389,9 @@ pub fn management_facts<'a>(
         method,
         route_class: class,
         scope: Some(scope),
-        origin: headers.get(axum::http::header::ORIGIN).and_then(|v| v.to_str().ok()),
+        origin: headers
+            .get(axum::http::header::ORIGIN)
+            .and_then(|v| v.to_str().ok()),
         ip,
         tenant_id: headers.get("x-tenant-id").and_then(|v| v.to_str().ok()),
         cost: 0,

@@ -9,7 +9,12 @@ use support::{error_code, TestApp};
 #[tokio::test]
 async fn status_is_public() {
     let app = TestApp::spawn().await;
-    let r = app.client.get(app.url("/v1/status")).send().await.expect("request");
+    let r = app
+        .client
+        .get(app.url("/v1/status"))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(r.status(), StatusCode::OK);
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["status"], "ok");
@@ -28,7 +33,14 @@ async fn missing_malformed_and_unknown_keys() {
         let r = app
             .client
             .get(app.url("/v1/auth"))
-            .header("authorization", if bad.starts_with("Basic") { bad.to_string() } else { format!("Bearer {bad}") })
+            .header(
+                "authorization",
+                if bad.starts_with("Basic") {
+                    bad.to_string()
+                } else {
+                    format!("Bearer {bad}")
+                },
+            )
             .send()
             .await
             .expect("request");
@@ -48,7 +60,9 @@ async fn missing_malformed_and_unknown_keys() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["error"]["code"], "UNKNOWN_KEY");
-    assert!(body["error"]["request_id"].as_str().is_some_and(|s| s.starts_with("req_")));
+    assert!(body["error"]["request_id"]
+        .as_str()
+        .is_some_and(|s| s.starts_with("req_")));
 }
 
 #[tokio::test]
@@ -63,24 +77,41 @@ async fn create_read_list_and_identity_headers() {
     assert_eq!(rec["metadata"]["team"], "ocr");
     let id = rec["id"].as_str().expect("id");
 
-    let got: Value = app.get(&format!("/v1/keys/{id}")).await.json().await.expect("json");
+    let got: Value = app
+        .get(&format!("/v1/keys/{id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(got["id"], id);
-    assert!(got.get("key").is_none(), "the plaintext is never shown again");
+    assert!(
+        got.get("key").is_none(),
+        "the plaintext is never shown again"
+    );
     assert!(!got.to_string().contains(&key));
 
-    let r = app.auth(Some(&key), &[("x-keygate-scope", "ocr:read")]).await;
+    let r = app
+        .auth(Some(&key), &[("x-keygate-scope", "ocr:read")])
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["x-keygate-key-id"], id);
     assert_eq!(r.headers()["x-keygate-tenant"], "default");
     assert_eq!(r.headers()["x-keygate-scopes"], "docs:read ocr:read");
 
-    let r = app.auth(Some(&key), &[("x-keygate-scope", "ocr:write")]).await;
+    let r = app
+        .auth(Some(&key), &[("x-keygate-scope", "ocr:write")])
+        .await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     assert_eq!(error_code(r).await, "FORBIDDEN_SCOPE");
 
     // last_used_at is written behind the hot path, within about a second.
     support::eventually(|| async {
-        let got: Value = app.get(&format!("/v1/keys/{id}")).await.json().await.expect("json");
+        let got: Value = app
+            .get(&format!("/v1/keys/{id}"))
+            .await
+            .json()
+            .await
+            .expect("json");
         got["last_used_at"].is_string()
     })
     .await;
@@ -90,9 +121,11 @@ async fn create_read_list_and_identity_headers() {
 async fn list_paginates_with_a_cursor_and_filters() {
     let app = TestApp::spawn().await;
     for i in 0..5 {
-        app.create_key(json!({"kind": "sk", "name": format!("k{i}"), "scopes": ["a:b"]})).await;
+        app.create_key(json!({"kind": "sk", "name": format!("k{i}"), "scopes": ["a:b"]}))
+            .await;
     }
-    app.create_key(json!({"kind": "pk", "name": "browser", "preset": "default"})).await;
+    app.create_key(json!({"kind": "pk", "name": "browser", "preset": "default"}))
+        .await;
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
@@ -118,7 +151,12 @@ async fn list_paginates_with_a_cursor_and_filters() {
     assert_eq!(seen, sorted);
     let r = app.get("/v1/keys?limit=501").await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    let named: Value = app.get("/v1/keys?name=BROW").await.json().await.expect("json");
+    let named: Value = app
+        .get("/v1/keys?name=BROW")
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(named["data"].as_array().map(Vec::len), Some(1));
 }
 
@@ -168,7 +206,10 @@ async fn bad_input_is_refused_and_writes_nothing() {
         assert!(v["error"]["request_id"].is_string(), "{body}");
     }
     // Oversized body.
-    let big = format!("{{\"kind\":\"sk\",\"name\":\"x\",\"metadata\":{{\"a\":\"{}\"}}}}", "x".repeat(200_000));
+    let big = format!(
+        "{{\"kind\":\"sk\",\"name\":\"x\",\"metadata\":{{\"a\":\"{}\"}}}}",
+        "x".repeat(200_000)
+    );
     let r = app
         .client
         .post(app.url("/v1/keys"))
@@ -183,14 +224,22 @@ async fn bad_input_is_refused_and_writes_nothing() {
     assert_eq!(app.key_count().await, before, "nothing was written");
     // Unknown route and wrong method answer in the same shape.
     assert_eq!(error_code(app.get("/v1/nothing").await).await, "NOT_FOUND");
-    let r = app.client.put(app.url("/v1/keys")).bearer_auth(&app.root).send().await.expect("request");
+    let r = app
+        .client
+        .put(app.url("/v1/keys"))
+        .bearer_auth(&app.root)
+        .send()
+        .await
+        .expect("request");
     assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
 }
 
 #[tokio::test]
 async fn budget_of_five_grants_exactly_five_of_fifty_concurrent_calls() {
     let app = TestApp::spawn().await;
-    let (key, rec) = app.create_key(json!({"kind": "sk", "name": "metered", "scopes": ["ocr:read"], "budget": 5})).await;
+    let (key, rec) = app
+        .create_key(json!({"kind": "sk", "name": "metered", "scopes": ["ocr:read"], "budget": 5}))
+        .await;
     let mut tasks = Vec::new();
     for _ in 0..50 {
         let client = app.client.clone();
@@ -221,10 +270,17 @@ async fn budget_of_five_grants_exactly_five_of_fifty_concurrent_calls() {
     }
     assert_eq!((ok, exhausted), (5, 45));
     let id = rec["id"].as_str().expect("id");
-    let v: Value = app.get(&format!("/v1/keys/{id}")).await.json().await.expect("json");
+    let v: Value = app
+        .get(&format!("/v1/keys/{id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(v["budget"], json!({"limit": 5, "spent": 5, "remaining": 0}));
     // Raising the budget lets it spend again, exactly the difference.
-    let r = app.patch(&format!("/v1/keys/{id}"), json!({"budget": 7})).await;
+    let r = app
+        .patch(&format!("/v1/keys/{id}"), json!({"budget": 7}))
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     let mut granted = 0;
     for _ in 0..5 {
@@ -245,12 +301,19 @@ async fn rate_limit_three_per_minute_refuses_the_fourth_with_retry_after() {
         let r = app.auth(Some(&key), &[]).await;
         assert_eq!(r.status(), StatusCode::OK, "call {i}");
         assert_eq!(r.headers()["ratelimit-policy"], "\"key\";q=3;w=60");
-        let rl = r.headers()["ratelimit"].to_str().expect("ascii").to_string();
+        let rl = r.headers()["ratelimit"]
+            .to_str()
+            .expect("ascii")
+            .to_string();
         assert!(rl.starts_with(&format!("\"key\";r={};t=", 2 - i)), "{rl}");
     }
     let r = app.auth(Some(&key), &[]).await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
-    let retry: u64 = r.headers()["retry-after"].to_str().expect("ascii").parse().expect("number");
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("number");
     assert!((1..=120).contains(&retry), "{retry}");
     assert_eq!(error_code(r).await, "RATE_LIMITED");
 }
@@ -258,9 +321,16 @@ async fn rate_limit_three_per_minute_refuses_the_fourth_with_retry_after() {
 #[tokio::test]
 async fn rotation_keeps_the_old_key_during_grace_and_not_after() {
     let app = TestApp::spawn().await;
-    let (old, rec) = app.create_key(json!({"kind": "sk", "name": "rotating", "budget": 100})).await;
+    let (old, rec) = app
+        .create_key(json!({"kind": "sk", "name": "rotating", "budget": 100}))
+        .await;
     let id = rec["id"].as_str().expect("id");
-    let r = app.post(&format!("/v1/keys/{id}/rotate"), json!({"grace_seconds": 3600})).await;
+    let r = app
+        .post(
+            &format!("/v1/keys/{id}/rotate"),
+            json!({"grace_seconds": 3600}),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     let v: Value = r.json().await.expect("json");
     let new = v["key"].as_str().expect("key").to_string();
@@ -268,7 +338,12 @@ async fn rotation_keeps_the_old_key_during_grace_and_not_after() {
     assert_eq!(v["rotated_from"], id);
     assert_eq!(app.auth(Some(&old), &[]).await.status(), StatusCode::OK);
     assert_eq!(app.auth(Some(&new), &[]).await.status(), StatusCode::OK);
-    let old_view: Value = app.get(&format!("/v1/keys/{id}")).await.json().await.expect("json");
+    let old_view: Value = app
+        .get(&format!("/v1/keys/{id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(old_view["status"], "grace");
     // The family shares one budget: two calls were drawn from it.
     assert_eq!(v["budget"]["limit"], 100);
@@ -277,20 +352,35 @@ async fn rotation_keeps_the_old_key_during_grace_and_not_after() {
     assert_eq!(r.status(), StatusCode::CONFLICT);
 
     // Grace 0: the old key stops at once.
-    let (old2, rec2) = app.create_key(json!({"kind": "sk", "name": "rotating-now"})).await;
+    let (old2, rec2) = app
+        .create_key(json!({"kind": "sk", "name": "rotating-now"}))
+        .await;
     let id2 = rec2["id"].as_str().expect("id");
-    let r = app.post(&format!("/v1/keys/{id2}/rotate"), json!({"grace_seconds": 0})).await;
+    let r = app
+        .post(
+            &format!("/v1/keys/{id2}/rotate"),
+            json!({"grace_seconds": 0}),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::CREATED);
-    let new2 = r.json::<Value>().await.expect("json")["key"].as_str().expect("key").to_string();
+    let new2 = r.json::<Value>().await.expect("json")["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
     let r = app.auth(Some(&old2), &[]).await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(error_code(r).await, "EXPIRED");
     assert_eq!(app.auth(Some(&new2), &[]).await.status(), StatusCode::OK);
     // Rotate with an empty body uses the configured default grace.
-    let (_, rec3) = app.create_key(json!({"kind": "sk", "name": "default-grace"})).await;
+    let (_, rec3) = app
+        .create_key(json!({"kind": "sk", "name": "default-grace"}))
+        .await;
     let r = app
         .client
-        .post(app.url(&format!("/v1/keys/{}/rotate", rec3["id"].as_str().expect("id"))))
+        .post(app.url(&format!(
+            "/v1/keys/{}/rotate",
+            rec3["id"].as_str().expect("id")
+        )))
         .bearer_auth(&app.root)
         .send()
         .await
@@ -301,7 +391,9 @@ async fn rotation_keeps_the_old_key_during_grace_and_not_after() {
 #[tokio::test]
 async fn revoke_takes_effect_on_the_next_request() {
     let app = TestApp::spawn().await;
-    let (key, rec) = app.create_key(json!({"kind": "sk", "name": "doomed"})).await;
+    let (key, rec) = app
+        .create_key(json!({"kind": "sk", "name": "doomed"}))
+        .await;
     let id = rec["id"].as_str().expect("id");
     assert_eq!(app.auth(Some(&key), &[]).await.status(), StatusCode::OK);
     let r = app.post(&format!("/v1/keys/{id}/revoke"), json!({})).await;
@@ -311,35 +403,76 @@ async fn revoke_takes_effect_on_the_next_request() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(error_code(r).await, "REVOKED");
     // DELETE revokes too, and a revoked key cannot be changed.
-    let (key2, rec2) = app.create_key(json!({"kind": "sk", "name": "doomed2"})).await;
+    let (key2, rec2) = app
+        .create_key(json!({"kind": "sk", "name": "doomed2"}))
+        .await;
     let id2 = rec2["id"].as_str().expect("id");
     assert_eq!(app.auth(Some(&key2), &[]).await.status(), StatusCode::OK);
-    let r = app.client.delete(app.url(&format!("/v1/keys/{id2}"))).bearer_auth(&app.root).send().await.expect("request");
+    let r = app
+        .client
+        .delete(app.url(&format!("/v1/keys/{id2}")))
+        .bearer_auth(&app.root)
+        .send()
+        .await
+        .expect("request");
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(error_code(app.auth(Some(&key2), &[]).await).await, "REVOKED");
-    let r = app.patch(&format!("/v1/keys/{id2}"), json!({"name": "back"})).await;
+    assert_eq!(
+        error_code(app.auth(Some(&key2), &[]).await).await,
+        "REVOKED"
+    );
+    let r = app
+        .patch(&format!("/v1/keys/{id2}"), json!({"name": "back"}))
+        .await;
     assert_eq!(r.status(), StatusCode::CONFLICT);
 }
 
 #[tokio::test]
 async fn publishable_keys_are_origin_locked_and_blocked_from_admin_and_delete() {
     let app = TestApp::spawn().await;
-    let (pk, rec) = app.create_key(json!({"kind": "pk", "name": "canvas", "preset": "aidemo"})).await;
+    let (pk, rec) = app
+        .create_key(json!({"kind": "pk", "name": "canvas", "preset": "aidemo"}))
+        .await;
     assert_eq!(rec["allowed_origins"].as_array().map(Vec::len), Some(4));
     assert_eq!(rec["budget"]["limit"], 2000);
-    assert_eq!(rec["rate_limit"], json!({"limit": 60, "window_seconds": 60}));
-    let ok = app.auth(Some(&pk), &[("origin", "https://claude.ai"), ("x-keygate-scope", "ocr:read")]).await;
+    assert_eq!(
+        rec["rate_limit"],
+        json!({"limit": 60, "window_seconds": 60})
+    );
+    let ok = app
+        .auth(
+            Some(&pk),
+            &[
+                ("origin", "https://claude.ai"),
+                ("x-keygate-scope", "ocr:read"),
+            ],
+        )
+        .await;
     assert_eq!(ok.status(), StatusCode::OK);
-    let r = app.auth(Some(&pk), &[("x-keygate-scope", "ocr:read")]).await;
+    let r = app
+        .auth(Some(&pk), &[("x-keygate-scope", "ocr:read")])
+        .await;
     assert_eq!(error_code(r).await, "ORIGIN_NOT_ALLOWED");
-    let r = app.auth(Some(&pk), &[("origin", "https://evil.example"), ("x-keygate-scope", "ocr:read")]).await;
+    let r = app
+        .auth(
+            Some(&pk),
+            &[
+                ("origin", "https://evil.example"),
+                ("x-keygate-scope", "ocr:read"),
+            ],
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     assert_eq!(error_code(r).await, "ORIGIN_NOT_ALLOWED");
     // DELETE through forward-auth, with the scope the route needs: still blocked.
     let r = app
         .auth(
             Some(&pk),
-            &[("origin", "https://claude.ai"), ("x-original-method", "DELETE"), ("x-original-uri", "/docs/1"), ("x-keygate-scope", "docs:read")],
+            &[
+                ("origin", "https://claude.ai"),
+                ("x-original-method", "DELETE"),
+                ("x-original-uri", "/docs/1"),
+                ("x-keygate-scope", "docs:read"),
+            ],
         )
         .await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
@@ -369,9 +502,25 @@ async fn publishable_keys_are_origin_locked_and_blocked_from_admin_and_delete() 
     let (w, _) = app
         .create_key(json!({"kind": "pk", "name": "widget", "preset": "widget", "allowed_origins": ["https://*.shop.example"]}))
         .await;
-    let r = app.auth(Some(&w), &[("origin", "https://eu.shop.example"), ("x-keygate-scope", "chat:run")]).await;
+    let r = app
+        .auth(
+            Some(&w),
+            &[
+                ("origin", "https://eu.shop.example"),
+                ("x-keygate-scope", "chat:run"),
+            ],
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
-    let r = app.auth(Some(&w), &[("origin", "https://shop.example"), ("x-keygate-scope", "chat:run")]).await;
+    let r = app
+        .auth(
+            Some(&w),
+            &[
+                ("origin", "https://shop.example"),
+                ("x-keygate-scope", "chat:run"),
+            ],
+        )
+        .await;
     assert_eq!(error_code(r).await, "ORIGIN_NOT_ALLOWED");
 }
 
@@ -381,70 +530,154 @@ async fn ip_allowlist_uses_the_proxys_forwarded_address() {
     let (key, _) = app
         .create_key(json!({"kind": "sk", "name": "office", "allowed_ips": ["203.0.113.0/24", "2001:db8::/32"]}))
         .await;
-    let r = app.auth(Some(&key), &[("x-forwarded-for", "203.0.113.9")]).await;
+    let r = app
+        .auth(Some(&key), &[("x-forwarded-for", "203.0.113.9")])
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
-    let r = app.auth(Some(&key), &[("x-forwarded-for", "2001:db8::7")]).await;
+    let r = app
+        .auth(Some(&key), &[("x-forwarded-for", "2001:db8::7")])
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     // The client cannot smuggle an allowed address in front of what the proxy saw.
-    let r = app.auth(Some(&key), &[("x-forwarded-for", "203.0.113.9, 198.51.100.1")]).await;
+    let r = app
+        .auth(
+            Some(&key),
+            &[("x-forwarded-for", "203.0.113.9, 198.51.100.1")],
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     assert_eq!(error_code(r).await, "IP_NOT_ALLOWED");
     // No forwarded header: the TCP peer (127.0.0.1) is judged.
-    assert_eq!(error_code(app.auth(Some(&key), &[]).await).await, "IP_NOT_ALLOWED");
+    assert_eq!(
+        error_code(app.auth(Some(&key), &[]).await).await,
+        "IP_NOT_ALLOWED"
+    );
 }
 
 #[tokio::test]
 async fn expiry_and_tenant_mismatch() {
     let app = TestApp::spawn().await;
-    let (key, _) = app.create_key(json!({"kind": "sk", "name": "short", "ttl_seconds": 1})).await;
-    support::eventually(|| async { app.auth(Some(&key), &[]).await.status() == StatusCode::UNAUTHORIZED }).await;
+    let (key, _) = app
+        .create_key(json!({"kind": "sk", "name": "short", "ttl_seconds": 1}))
+        .await;
+    support::eventually(|| async {
+        app.auth(Some(&key), &[]).await.status() == StatusCode::UNAUTHORIZED
+    })
+    .await;
     assert_eq!(error_code(app.auth(Some(&key), &[]).await).await, "EXPIRED");
     let (key, _) = app.create_key(json!({"kind": "sk", "name": "t"})).await;
     let r = app.auth(Some(&key), &[("x-tenant-id", "tnt_other")]).await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     assert_eq!(error_code(r).await, "TENANT_MISMATCH");
-    assert_eq!(app.auth(Some(&key), &[("x-tenant-id", "default")]).await.status(), StatusCode::OK);
+    assert_eq!(
+        app.auth(Some(&key), &[("x-tenant-id", "default")])
+            .await
+            .status(),
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
 async fn tenants_are_isolated_and_pools_are_never_overspent() {
     let app = TestApp::spawn().await;
-    let r = app.post("/v1/tenants", json!({"name": "Acme", "plan": "free", "credits": 3})).await;
+    let r = app
+        .post(
+            "/v1/tenants",
+            json!({"name": "Acme", "plan": "free", "credits": 3}),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     let acme: Value = r.json().await.expect("json");
     let acme_id = acme["id"].as_str().expect("id").to_string();
     assert_eq!(acme["credits"], 3);
-    let acme_admin = acme["admin_key"]["key"].as_str().expect("admin key").to_string();
-    let (other, other_rec) = app.create_key(json!({"kind": "sk", "name": "operator-side"})).await;
+    let acme_admin = acme["admin_key"]["key"]
+        .as_str()
+        .expect("admin key")
+        .to_string();
+    let (other, other_rec) = app
+        .create_key(json!({"kind": "sk", "name": "operator-side"}))
+        .await;
     let other_id = other_rec["id"].as_str().expect("id");
 
     // The tenant admin works inside its tenant only.
-    let r = app.as_key(&acme_admin).post(app.url("/v1/keys")).json(&json!({"kind": "sk", "name": "svc", "scopes": ["ocr:read"]})).send().await.expect("request");
+    let r = app
+        .as_key(&acme_admin)
+        .post(app.url("/v1/keys"))
+        .json(&json!({"kind": "sk", "name": "svc", "scopes": ["ocr:read"]}))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(r.status(), StatusCode::CREATED);
     let svc: Value = r.json().await.expect("json");
     assert_eq!(svc["tenant_id"], acme_id.as_str());
     let svc_key = svc["key"].as_str().expect("key").to_string();
-    let r = app.as_key(&acme_admin).get(app.url(&format!("/v1/keys/{other_id}"))).send().await.expect("request");
+    let r = app
+        .as_key(&acme_admin)
+        .get(app.url(&format!("/v1/keys/{other_id}")))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let r = app.as_key(&acme_admin).post(app.url("/v1/keys")).json(&json!({"kind": "sk", "name": "x", "tenant_id": "default"})).send().await.expect("request");
+    let r = app
+        .as_key(&acme_admin)
+        .post(app.url("/v1/keys"))
+        .json(&json!({"kind": "sk", "name": "x", "tenant_id": "default"}))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
-    let listed: Value = app.as_key(&acme_admin).get(app.url("/v1/keys")).send().await.expect("request").json().await.expect("json");
-    assert!(listed["data"].as_array().expect("data").iter().all(|k| k["tenant_id"] == acme_id.as_str()));
-    let r = app.as_key(&acme_admin).post(app.url("/v1/tenants")).json(&json!({"name": "Evil"})).send().await.expect("request");
+    let listed: Value = app
+        .as_key(&acme_admin)
+        .get(app.url("/v1/keys"))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert!(listed["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .all(|k| k["tenant_id"] == acme_id.as_str()));
+    let r = app
+        .as_key(&acme_admin)
+        .post(app.url("/v1/tenants"))
+        .json(&json!({"name": "Evil"}))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     // Verify from Acme's admin: another tenant's key looks unknown; its own is judged.
-    let v: Value = app.as_key(&acme_admin).post(app.url("/v1/keys/verify")).json(&json!({"key": other})).send().await.expect("request").json().await.expect("json");
+    let v: Value = app
+        .as_key(&acme_admin)
+        .post(app.url("/v1/keys/verify"))
+        .json(&json!({"key": other}))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(v["valid"], false);
     assert_eq!(v["code"], "UNKNOWN_KEY");
     assert!(v["key_id"].is_null());
     // A tenant cannot mint its own credits.
-    let r = app.as_key(&acme_admin).post(app.url(&format!("/v1/tenants/{acme_id}/credits"))).json(&json!({"amount": 100})).send().await.expect("request");
+    let r = app
+        .as_key(&acme_admin)
+        .post(app.url(&format!("/v1/tenants/{acme_id}/credits")))
+        .json(&json!({"amount": 100}))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
 
     // The pool of 3 pays for exactly 3 calls of cost 1.
     let mut statuses = Vec::new();
     for _ in 0..5 {
-        let r = app.auth(Some(&svc_key), &[("x-keygate-scope", "ocr:read")]).await;
+        let r = app
+            .auth(Some(&svc_key), &[("x-keygate-scope", "ocr:read")])
+            .await;
         statuses.push(r.status().as_u16());
         if r.status() == StatusCode::PAYMENT_REQUIRED {
             assert_eq!(error_code(r).await, "INSUFFICIENT_CREDITS");
@@ -454,25 +687,56 @@ async fn tenants_are_isolated_and_pools_are_never_overspent() {
     }
     assert_eq!(statuses, vec![200, 200, 200, 402, 402]);
     // The operator tops up; calls pass again.
-    let r = app.post(&format!("/v1/tenants/{acme_id}/credits"), json!({"amount": 2})).await;
+    let r = app
+        .post(
+            &format!("/v1/tenants/{acme_id}/credits"),
+            json!({"amount": 2}),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.json::<Value>().await.expect("json")["credits"], 2);
     assert_eq!(app.auth(Some(&svc_key), &[]).await.status(), StatusCode::OK);
     assert_eq!(app.auth(Some(&svc_key), &[]).await.status(), StatusCode::OK);
-    assert_eq!(app.auth(Some(&svc_key), &[]).await.status(), StatusCode::PAYMENT_REQUIRED);
-    let t: Value = app.get(&format!("/v1/tenants/{acme_id}")).await.json().await.expect("json");
+    assert_eq!(
+        app.auth(Some(&svc_key), &[]).await.status(),
+        StatusCode::PAYMENT_REQUIRED
+    );
+    let t: Value = app
+        .get(&format!("/v1/tenants/{acme_id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(t["credits"], 0);
-    let r = app.post(&format!("/v1/tenants/{acme_id}/credits"), json!({"amount": "lots"})).await;
+    let r = app
+        .post(
+            &format!("/v1/tenants/{acme_id}/credits"),
+            json!({"amount": "lots"}),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
 }
 
 #[tokio::test]
 async fn scopes_gate_the_management_api() {
     let app = TestApp::spawn().await;
-    let (reader, _) = app.create_key(json!({"kind": "sk", "name": "reader", "scopes": ["keys:read"]})).await;
-    let r = app.as_key(&reader).get(app.url("/v1/keys")).send().await.expect("request");
+    let (reader, _) = app
+        .create_key(json!({"kind": "sk", "name": "reader", "scopes": ["keys:read"]}))
+        .await;
+    let r = app
+        .as_key(&reader)
+        .get(app.url("/v1/keys"))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(r.status(), StatusCode::OK);
-    let r = app.as_key(&reader).post(app.url("/v1/keys")).json(&json!({"kind": "sk", "name": "x"})).send().await.expect("request");
+    let r = app
+        .as_key(&reader)
+        .post(app.url("/v1/keys"))
+        .json(&json!({"kind": "sk", "name": "x"}))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     assert_eq!(error_code(r).await, "FORBIDDEN_SCOPE");
 }
@@ -490,31 +754,63 @@ async fn user_tokens_follow_the_users_plan() {
         c.plans.insert(
             "starter".into(),
             keygate_server::config::PlanConfig {
-                rate_limit: Some(keygate_core::RateLimit { limit: 2, window_seconds: 60 }),
+                rate_limit: Some(keygate_core::RateLimit {
+                    limit: 2,
+                    window_seconds: 60,
+                }),
                 scopes: Some(vec!["docs:read".into(), "docs:write".into()]),
                 ..Default::default()
             },
         );
     })
     .await;
-    let r = app.post("/v1/users", json!({"email": "Ada@Example.com", "password": "correct horse", "plan": "starter"})).await;
+    let r = app
+        .post(
+            "/v1/users",
+            json!({"email": "Ada@Example.com", "password": "correct horse", "plan": "starter"}),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     let ada: Value = r.json().await.expect("json");
     assert_eq!(ada["email"], "ada@example.com");
     assert!(ada.get("password_hash").is_none());
-    let r = app.post("/v1/users", json!({"email": "ada@example.com"})).await;
+    let r = app
+        .post("/v1/users", json!({"email": "ada@example.com"}))
+        .await;
     assert_eq!(r.status(), StatusCode::CONFLICT);
-    let (ut, rec) = app.create_key(json!({"kind": "ut", "name": "ada", "user_id": ada["id"]})).await;
+    let (ut, rec) = app
+        .create_key(json!({"kind": "ut", "name": "ada", "user_id": ada["id"]}))
+        .await;
     assert_eq!(rec["scopes"], json!(["docs:read", "docs:write"]));
-    let r = app.post("/v1/keys", json!({"kind": "ut", "name": "x", "user_id": ada["id"], "scopes": ["billing:write"]})).await;
+    let r = app
+        .post(
+            "/v1/keys",
+            json!({"kind": "ut", "name": "x", "user_id": ada["id"], "scopes": ["billing:write"]}),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(app.auth(Some(&ut), &[]).await.status(), StatusCode::OK);
     let r = app.auth(Some(&ut), &[]).await;
     assert_eq!(r.headers()["ratelimit-policy"], "\"key\";q=2;w=60");
-    assert_eq!(app.auth(Some(&ut), &[]).await.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        app.auth(Some(&ut), &[]).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
 
-    let bob: Value = app.post("/v1/users", json!({"email": "bob@example.com", "plan": "viewer"})).await.json().await.expect("json");
-    let (bt, _) = app.create_key(json!({"kind": "ut", "name": "bob", "user_id": bob["id"], "scopes": ["docs:read"]})).await;
+    let bob: Value = app
+        .post(
+            "/v1/users",
+            json!({"email": "bob@example.com", "plan": "viewer"}),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    let (bt, _) = app
+        .create_key(
+            json!({"kind": "ut", "name": "bob", "user_id": bob["id"], "scopes": ["docs:read"]}),
+        )
+        .await;
     let r = app.auth(Some(&bt), &[]).await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     assert_eq!(error_code(r).await, "PLAN_FEATURE");
@@ -551,21 +847,41 @@ async fn verify_api_answers_in_the_documented_shape() {
     assert_eq!(v["ratelimit"]["remaining"], 9);
     assert_eq!(v["budget"], json!({"limit": 12, "remaining": 7}));
     assert!(v["expires_at"].is_null());
-    let v: Value = verify(json!({"key": pk, "scope": "ocr:write", "origin": "https://app.example.com"})).await.json().await.expect("json");
-    assert_eq!((v["valid"].clone(), v["code"].clone()), (json!(false), json!("FORBIDDEN_SCOPE")));
+    let v: Value =
+        verify(json!({"key": pk, "scope": "ocr:write", "origin": "https://app.example.com"}))
+            .await
+            .json()
+            .await
+            .expect("json");
+    assert_eq!(
+        (v["valid"].clone(), v["code"].clone()),
+        (json!(false), json!("FORBIDDEN_SCOPE"))
+    );
     let v: Value = verify(json!({"key": pk, "method": "POST", "path": "/v1/ocr/scan", "origin": "https://app.example.com"})).await.json().await.expect("json");
     assert_eq!(v["budget"]["remaining"], 2);
     let v: Value = verify(json!({"key": pk, "method": "POST", "path": "/v1/ocr/scan", "origin": "https://app.example.com"})).await.json().await.expect("json");
     assert_eq!(v["code"], "BUDGET_EXHAUSTED");
-    let v: Value = verify(json!({"key": "kg_pk_nope"})).await.json().await.expect("json");
+    let v: Value = verify(json!({"key": "kg_pk_nope"}))
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(v["code"], "MALFORMED_KEY");
     let r = verify(json!({"key": pk, "ip": "999.1.1.1"})).await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let r = verify(json!({"key": pk, "method": "POST"})).await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     // A key without keys:verify cannot call it.
-    let (plain, _) = app.create_key(json!({"kind": "sk", "name": "p", "scopes": ["ocr:read"]})).await;
-    let r = app.as_key(&plain).post(app.url("/v1/keys/verify")).json(&json!({"key": pk})).send().await.expect("request");
+    let (plain, _) = app
+        .create_key(json!({"kind": "sk", "name": "p", "scopes": ["ocr:read"]}))
+        .await;
+    let r = app
+        .as_key(&plain)
+        .post(app.url("/v1/keys/verify"))
+        .json(&json!({"key": pk}))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(error_code(r).await, "FORBIDDEN_SCOPE");
 }
 
@@ -601,16 +917,53 @@ async fn forward_auth_uses_the_route_table() {
         });
     })
     .await;
-    let (key, _) = app.create_key(json!({"kind": "sk", "name": "docs", "scopes": ["docs:read"], "budget": 10})).await;
-    let r = app.auth(None, &[("x-original-method", "GET"), ("x-original-uri", "/api/health")]).await;
+    let (key, _) = app
+        .create_key(json!({"kind": "sk", "name": "docs", "scopes": ["docs:read"], "budget": 10}))
+        .await;
+    let r = app
+        .auth(
+            None,
+            &[
+                ("x-original-method", "GET"),
+                ("x-original-uri", "/api/health"),
+            ],
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::OK, "public route needs no key");
-    let r = app.auth(Some(&key), &[("x-original-method", "POST"), ("x-original-uri", "/api/ocr/scan")]).await;
+    let r = app
+        .auth(
+            Some(&key),
+            &[
+                ("x-original-method", "POST"),
+                ("x-original-uri", "/api/ocr/scan"),
+            ],
+        )
+        .await;
     assert_eq!(error_code(r).await, "FORBIDDEN_SCOPE");
-    let r = app.auth(Some(&key), &[("x-forwarded-method", "GET"), ("x-forwarded-uri", "/other?q=1"), ("x-keygate-scope", "docs:read"), ("x-keygate-cost", "4")]).await;
+    let r = app
+        .auth(
+            Some(&key),
+            &[
+                ("x-forwarded-method", "GET"),
+                ("x-forwarded-uri", "/other?q=1"),
+                ("x-keygate-scope", "docs:read"),
+                ("x-keygate-cost", "4"),
+            ],
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["x-credits-remaining"], "6");
     let (ocr, _) = app.create_key(json!({"kind": "pk", "name": "ocr", "scopes": ["ocr:read"], "allowed_origins": ["https://a.example"]})).await;
-    let r = app.auth(Some(&ocr), &[("origin", "https://a.example"), ("x-original-method", "GET"), ("x-original-uri", "/api/billing/invoices")]).await;
+    let r = app
+        .auth(
+            Some(&ocr),
+            &[
+                ("origin", "https://a.example"),
+                ("x-original-method", "GET"),
+                ("x-original-uri", "/api/billing/invoices"),
+            ],
+        )
+        .await;
     assert_eq!(error_code(r).await, "BLOCKED_FOR_KEY_TYPE");
     let r = app.auth(Some(&key), &[("x-keygate-cost", "many")]).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
@@ -621,16 +974,22 @@ async fn a_restart_never_refills_a_budget() {
     let dir = tempfile::tempdir().expect("tempdir");
     let app = TestApp::spawn_in(dir.path(), |_| {}).await;
     let root = app.root.clone();
-    let (key, _) = app.create_key(json!({"kind": "sk", "name": "b", "budget": 5})).await;
+    let (key, _) = app
+        .create_key(json!({"kind": "sk", "name": "b", "budget": 5}))
+        .await;
     for _ in 0..3 {
         assert_eq!(app.auth(Some(&key), &[]).await.status(), StatusCode::OK);
     }
     app.stop().await;
-    let app = TestApp::spawn_in(dir.path(), |_| {}).await.with_root(root.clone());
+    let app = TestApp::spawn_in(dir.path(), |_| {})
+        .await
+        .with_root(root.clone());
     let granted = app.count_ok(&key, 10).await;
     assert_eq!(granted, 2, "graceful restart: exactly the rest");
     // A crash (no graceful shutdown, leases not returned) may lose credits, never add them.
-    let (key2, _) = app.create_key(json!({"kind": "sk", "name": "c", "budget": 500})).await;
+    let (key2, _) = app
+        .create_key(json!({"kind": "sk", "name": "c", "budget": 500}))
+        .await;
     assert_eq!(app.count_ok(&key2, 100).await, 100);
     app.crash();
     let app = TestApp::spawn_in(dir.path(), |_| {}).await.with_root(root);
@@ -653,11 +1012,26 @@ async fn the_database_never_holds_a_plaintext_key() {
         let (k, rec) = app.create_key(body).await;
         keys.push(k.clone());
         app.auth(Some(&k), &[("origin", "https://claude.ai")]).await;
-        let r = app.post(&format!("/v1/keys/{}/rotate", rec["id"].as_str().expect("id")), json!({"grace_seconds": 10})).await;
-        keys.push(r.json::<Value>().await.expect("json")["key"].as_str().expect("key").to_string());
+        let r = app
+            .post(
+                &format!("/v1/keys/{}/rotate", rec["id"].as_str().expect("id")),
+                json!({"grace_seconds": 10}),
+            )
+            .await;
+        keys.push(
+            r.json::<Value>().await.expect("json")["key"]
+                .as_str()
+                .expect("key")
+                .to_string(),
+        );
     }
     let r = app.post("/v1/tenants", json!({"name": "T"})).await;
-    keys.push(r.json::<Value>().await.expect("json")["admin_key"]["key"].as_str().expect("key").to_string());
+    keys.push(
+        r.json::<Value>().await.expect("json")["admin_key"]["key"]
+            .as_str()
+            .expect("key")
+            .to_string(),
+    );
     app.stop().await;
     let mut bytes = Vec::new();
     for entry in std::fs::read_dir(dir.path()).expect("dir") {
@@ -665,7 +1039,10 @@ async fn the_database_never_holds_a_plaintext_key() {
     }
     assert!(bytes.len() > 4096);
     for k in &keys {
-        assert!(!contains(&bytes, k.as_bytes()), "plaintext key found in the database files");
+        assert!(
+            !contains(&bytes, k.as_bytes()),
+            "plaintext key found in the database files"
+        );
         // Not even the random body without the prefix.
         assert!(!contains(&bytes, &k.as_bytes()[6..]));
     }

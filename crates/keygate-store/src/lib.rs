@@ -131,7 +131,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// In one transaction: marks `old_id` as in grace until `grace_until_ms` (pointing at the
     /// successor) and inserts `successor` into the same family. `false` if `old_id` is not
     /// active or in grace any more (a concurrent revoke or rotate won).
-    async fn rotate_key(&self, old_id: &str, grace_until_ms: i64, successor: &KeyRecord) -> Result<bool>;
+    async fn rotate_key(
+        &self,
+        old_id: &str,
+        grace_until_ms: i64,
+        successor: &KeyRecord,
+    ) -> Result<bool>;
     /// Revokes a key now. Returns the revoked record, `None` if it does not exist.
     async fn revoke_key(&self, id: &str, now_ms: i64) -> Result<Option<KeyRecord>>;
     /// Records last use, for many keys at once (a batch from the write-behind queue).

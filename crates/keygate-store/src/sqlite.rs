@@ -1,8 +1,7 @@
 //! The embedded store: one SQLite file in WAL mode.
 
 use crate::{
-    Grant, KeyFilter, KeyRecord, PageRequest, Result, Store, StoreError, Tenant, User,
-    Withdrawal,
+    Grant, KeyFilter, KeyRecord, PageRequest, Result, Store, StoreError, Tenant, User, Withdrawal,
 };
 use async_trait::async_trait;
 use keygate_core::{IpAllowList, KeyHash, KeyStatus, Kind, OriginList, RateLimit, ScopeSet};
@@ -85,13 +84,17 @@ fn user_from_row(r: &SqliteRow) -> Result<User> {
 }
 
 fn key_from_row(r: &SqliteRow) -> Result<KeyRecord> {
-    let corrupt = |what: &str, e: &dyn std::fmt::Display| StoreError::corrupt(format!("{what}: {e}"));
+    let corrupt =
+        |what: &str, e: &dyn std::fmt::Display| StoreError::corrupt(format!("{what}: {e}"));
     let kind: String = r.try_get("kind")?;
     let status: String = r.try_get("status")?;
     let hash: Vec<u8> = r.try_get("hash")?;
     let scopes = parse_list(&r.try_get::<String, _>("scopes")?, "scopes")?;
     let ips = parse_list(&r.try_get::<String, _>("allowed_ips")?, "allowed_ips")?;
-    let origins = parse_list(&r.try_get::<String, _>("allowed_origins")?, "allowed_origins")?;
+    let origins = parse_list(
+        &r.try_get::<String, _>("allowed_origins")?,
+        "allowed_origins",
+    )?;
     let metadata: String = r.try_get("metadata")?;
     let rate_limit = match (
         r.try_get::<Option<i64>, _>("rate_limit")?,
@@ -136,7 +139,8 @@ fn key_from_row(r: &SqliteRow) -> Result<KeyRecord> {
     })
 }
 
-const KEY_SELECT: &str = "SELECT k.*, f.budget, f.spent FROM keys k JOIN key_families f ON f.id = k.family_id";
+const KEY_SELECT: &str =
+    "SELECT k.*, f.budget, f.spent FROM keys k JOIN key_families f ON f.id = k.family_id";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -146,14 +150,16 @@ impl Store for SqliteStore {
     }
 
     async fn insert_tenant(&self, t: &Tenant) -> Result<()> {
-        sqlx::query("INSERT INTO tenants (id, name, plan, credits, created_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(&t.id)
-            .bind(&t.name)
-            .bind(&t.plan)
-            .bind(t.credits.map(to_i64))
-            .bind(t.created_at_ms)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO tenants (id, name, plan, credits, created_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&t.id)
+        .bind(&t.name)
+        .bind(&t.plan)
+        .bind(t.credits.map(to_i64))
+        .bind(t.created_at_ms)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -280,7 +286,8 @@ impl Store for SqliteStore {
         if let Some(c) = &page.cursor {
             q.push(" AND k.id < ").push_bind(c.clone());
         }
-        q.push(" ORDER BY k.id DESC LIMIT ").push_bind(i64::from(page.limit));
+        q.push(" ORDER BY k.id DESC LIMIT ")
+            .push_bind(i64::from(page.limit));
         let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter().map(key_from_row).collect()
     }
@@ -317,7 +324,12 @@ impl Store for SqliteStore {
         Ok(done)
     }
 
-    async fn rotate_key(&self, old_id: &str, grace_until_ms: i64, successor: &KeyRecord) -> Result<bool> {
+    async fn rotate_key(
+        &self,
+        old_id: &str,
+        grace_until_ms: i64,
+        successor: &KeyRecord,
+    ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let changed = sqlx::query(
             "UPDATE keys SET status = 'grace', rotated_to = ?1, updated_at = ?2, \
@@ -443,11 +455,13 @@ impl Store for SqliteStore {
     }
 
     async fn refund_credits(&self, tenant_id: &str, amount: u64) -> Result<()> {
-        sqlx::query("UPDATE tenants SET credits = credits + ?1 WHERE id = ?2 AND credits IS NOT NULL")
-            .bind(to_i64(amount))
-            .bind(tenant_id)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "UPDATE tenants SET credits = credits + ?1 WHERE id = ?2 AND credits IS NOT NULL",
+        )
+        .bind(to_i64(amount))
+        .bind(tenant_id)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 }

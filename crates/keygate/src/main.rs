@@ -27,7 +27,7 @@ enum Command {
     Migrate,
     /// Manage keys directly in the database (no running server needed).
     #[command(subcommand)]
-    Keys(KeysCommand),
+    Keys(Box<KeysCommand>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,7 +76,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keygate: cannot start the runtime: {e}");
@@ -90,7 +93,7 @@ fn main() -> ExitCode {
                 .await
                 .map(|_| eprintln!("keygate: migrations applied to {}", config.database_url))
                 .map_err(|e| e.to_string()),
-            Command::Keys(k) => keys(config, k).await,
+            Command::Keys(k) => keys(config, *k).await,
         }
     });
     match result {
@@ -104,7 +107,9 @@ fn main() -> ExitCode {
 
 async fn serve(config: Config) -> Result<(), String> {
     keygate_server::telemetry::init(&config.log);
-    let app = Application::build(config).await.map_err(|e| e.to_string())?;
+    let app = Application::build(config)
+        .await
+        .map_err(|e| e.to_string())?;
     if let Some(root) = app.root_key() {
         eprintln!(
             "keygate: created tenant \"default\" and its root key. It is printed once, on the next line of stdout; store it now:"
@@ -158,7 +163,12 @@ async fn keys(config: Config, cmd: KeysCommand) -> Result<(), String> {
             budget,
             ttl_seconds,
         } => {
-            if store.get_tenant(&tenant).await.map_err(|e| e.to_string())?.is_none() {
+            if store
+                .get_tenant(&tenant)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_none()
+            {
                 return Err(format!(
                     "tenant {tenant:?} does not exist (on a new database, run `keygate serve` once: it creates \"default\" and prints its root key)"
                 ));

@@ -46,12 +46,19 @@ pub async fn create(
     let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
     let tenant = caller.act_in(&state, body.tenant_id.as_deref()).await?;
     let now = now_ms();
-    let (plaintext, record) = issue::build_key(&state.issuer(), &*state.store, &tenant, body, now).await?;
+    let (plaintext, record) =
+        issue::build_key(&state.issuer(), &*state.store, &tenant, body, now).await?;
     state.store.insert_key(&record).await?;
     state.invalidate(&record.hash);
     tracing::info!(key_id = %record.id, tenant = %record.tenant_id, kind = %record.kind, actor = %caller.key.record.id, "key created");
     let view = KeyView::new(&state, &record, now);
-    Ok((StatusCode::CREATED, axum::Json(IssuedKey { key: plaintext, record: view })))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(IssuedKey {
+            key: plaintext,
+            record: view,
+        }),
+    ))
 }
 
 /// `GET /v1/keys` filters.
@@ -127,7 +134,9 @@ pub async fn get(
 }
 
 /// Distinguishes "absent" (`None`) from "null" (`Some(None)`) in a PATCH body.
-fn nullable<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+fn nullable<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
 }
 
@@ -161,7 +170,9 @@ pub async fn update(
     let mut k = state.visible_key(&caller, &id).await?;
     let now = now_ms();
     if k.status == KeyStatus::Revoked {
-        return Err(ApiError::conflict("the key is revoked; it cannot be changed"));
+        return Err(ApiError::conflict(
+            "the key is revoked; it cannot be changed",
+        ));
     }
     // Validate everything before changing anything.
     if let Some(n) = &body.name {
@@ -176,7 +187,9 @@ pub async fn update(
     if let Some(o) = &body.allowed_origins {
         k.allowed_origins = issue::check_origins(o)?;
         if k.kind == Kind::Pk && k.allowed_origins.is_empty() {
-            return Err(ApiError::invalid("publishable keys need at least one allowed origin"));
+            return Err(ApiError::invalid(
+                "publishable keys need at least one allowed origin",
+            ));
         }
     }
     if let Some(r) = body.rate_limit {
@@ -197,7 +210,9 @@ pub async fn update(
     }
     if let Some(d) = body.rotation_days {
         if d.is_some_and(|d| d == 0 || d > 3650) {
-            return Err(ApiError::invalid("rotation_days must be between 1 and 3650"));
+            return Err(ApiError::invalid(
+                "rotation_days must be between 1 and 3650",
+            ));
         }
         k.rotation_days = d;
     }
@@ -217,7 +232,11 @@ pub async fn update(
         return Err(ApiError::not_found("key"));
     }
     state.invalidate(&k.hash);
-    let fresh = state.store.get_key(&k.id).await?.ok_or_else(|| ApiError::not_found("key"))?;
+    let fresh = state
+        .store
+        .get_key(&k.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("key"))?;
     Ok(axum::Json(KeyView::new(&state, &fresh, now)))
 }
 
@@ -234,7 +253,8 @@ fn optional_json<T: serde::de::DeserializeOwned + Default>(bytes: &Bytes) -> Res
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))
 }
 
 /// `POST /v1/keys/{id}/rotate`
@@ -246,25 +266,46 @@ pub async fn rotate(
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
     let body: RotateKey = optional_json(&body)?;
-    let grace = body.grace_seconds.unwrap_or(state.config.keys.rotation_grace_seconds);
+    let grace = body
+        .grace_seconds
+        .unwrap_or(state.config.keys.rotation_grace_seconds);
     if grace > 30 * 86_400 {
-        return Err(ApiError::invalid("grace_seconds must be at most 2592000 (30 days)"));
+        return Err(ApiError::invalid(
+            "grace_seconds must be at most 2592000 (30 days)",
+        ));
     }
     let old = state.visible_key(&caller, &id).await?;
     let now = now_ms();
-    if old.status == KeyStatus::Revoked || old.rotated_to.is_some() || old.expires_at_ms.is_some_and(|e| e <= now) {
-        return Err(ApiError::conflict("only an active key that was not rotated yet can be rotated"));
+    if old.status == KeyStatus::Revoked
+        || old.rotated_to.is_some()
+        || old.expires_at_ms.is_some_and(|e| e <= now)
+    {
+        return Err(ApiError::conflict(
+            "only an active key that was not rotated yet can be rotated",
+        ));
     }
     let (plaintext, successor) = issue::successor(&state.issuer(), &old, now);
     let grace_until = now + (grace as i64) * 1000;
-    if !state.store.rotate_key(&old.id, grace_until, &successor).await? {
-        return Err(ApiError::conflict("the key was rotated or revoked concurrently"));
+    if !state
+        .store
+        .rotate_key(&old.id, grace_until, &successor)
+        .await?
+    {
+        return Err(ApiError::conflict(
+            "the key was rotated or revoked concurrently",
+        ));
     }
     state.invalidate(&old.hash);
     state.invalidate(&successor.hash);
     tracing::info!(key_id = %old.id, successor = %successor.id, grace_seconds = grace, actor = %caller.key.record.id, "key rotated");
     let view = KeyView::new(&state, &successor, now);
-    Ok((StatusCode::CREATED, axum::Json(IssuedKey { key: plaintext, record: view })))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(IssuedKey {
+            key: plaintext,
+            record: view,
+        }),
+    ))
 }
 
 /// `POST /v1/keys/{id}/revoke` and `DELETE /v1/keys/{id}`

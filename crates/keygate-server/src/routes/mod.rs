@@ -74,7 +74,11 @@ impl Caller {
 
     /// The tenant to act in: `requested` if the caller may (else 404, as if it did not exist),
     /// or the caller's own.
-    pub async fn act_in(&self, state: &AppState, requested: Option<&str>) -> Result<String, ApiError> {
+    pub async fn act_in(
+        &self,
+        state: &AppState,
+        requested: Option<&str>,
+    ) -> Result<String, ApiError> {
         match requested {
             None => Ok(self.tenant().to_owned()),
             Some(t) if t == self.tenant() => Ok(t.to_owned()),
@@ -89,13 +93,21 @@ impl Caller {
 
 impl Ctx {
     /// Authenticates the caller and checks that its key holds `scope` on a route of `class`.
-    pub async fn caller(&self, state: &AppState, scope: &str, class: RouteClass) -> Result<Caller, ApiError> {
+    pub async fn caller(
+        &self,
+        state: &AppState,
+        scope: &str,
+        class: RouteClass,
+    ) -> Result<Caller, ApiError> {
         let facts = management_facts(self.method.as_str(), &self.headers, self.peer, scope, class);
         match state.authorize(bearer(&self.headers), &facts, None).await {
             Ok(a) => {
                 if a.key.record.kind == Kind::Pk {
                     // decide() already refuses pk on every non-normal class; keep it explicit.
-                    return Err(ApiError::decision(keygate_core::Code::BlockedForKeyType, None));
+                    return Err(ApiError::decision(
+                        keygate_core::Code::BlockedForKeyType,
+                        None,
+                    ));
                 }
                 Ok(Caller { key: a.key })
             }

@@ -58,7 +58,13 @@ pub async fn create(
     let Some(plan_cfg) = state.config.plans.get(&plan) else {
         return Err(ApiError::invalid(format!(
             "plan must be one of: {}",
-            state.config.plans.keys().cloned().collect::<Vec<_>>().join(", ")
+            state
+                .config
+                .plans
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     };
     let credits = body.credits.or(plan_cfg.credits);
@@ -80,7 +86,8 @@ pub async fn create(
         ..CreateKey::default()
     };
     state.store.insert_tenant(&tenant).await?;
-    let (plaintext, record) = issue::build_key(&state.issuer(), &*state.store, &tenant.id, key_body, now).await?;
+    let (plaintext, record) =
+        issue::build_key(&state.issuer(), &*state.store, &tenant.id, key_body, now).await?;
     state.store.insert_key(&record).await?;
     tracing::info!(tenant = %tenant.id, actor = %caller.key.record.id, "tenant created");
     Ok((
@@ -153,7 +160,9 @@ pub async fn top_up(
         return Err(ApiError::not_found("tenant"));
     }
     if body.amount == 0 || body.amount > 1_000_000_000_000 {
-        return Err(ApiError::invalid("amount must be between 1 and 1000000000000"));
+        return Err(ApiError::invalid(
+            "amount must be between 1 and 1000000000000",
+        ));
     }
     let t = state
         .store

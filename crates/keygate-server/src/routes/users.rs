@@ -65,7 +65,10 @@ pub async fn create(
     if !state.config.plans.contains_key(&plan) {
         return Err(ApiError::invalid("plan is not one of the configured plans"));
     }
-    let name = body.name.map(|n| crate::issue::check_name(&n)).transpose()?;
+    let name = body
+        .name
+        .map(|n| crate::issue::check_name(&n))
+        .transpose()?;
     let password_hash = match body.password {
         Some(p) if p.chars().count() < 8 || p.len() > 1024 => {
             return Err(ApiError::invalid("password must be 8 to 1024 characters"))
@@ -83,10 +86,16 @@ pub async fn create(
         password_hash,
         created_at_ms: now,
     };
-    state.store.insert_user(&user).await.map_err(|e| match e.kind {
-        keygate_store::StoreErrorKind::Conflict => ApiError::conflict("a user with this email exists in the tenant"),
-        _ => ApiError::from(e),
-    })?;
+    state
+        .store
+        .insert_user(&user)
+        .await
+        .map_err(|e| match e.kind {
+            keygate_store::StoreErrorKind::Conflict => {
+                ApiError::conflict("a user with this email exists in the tenant")
+            }
+            _ => ApiError::from(e),
+        })?;
     Ok((StatusCode::CREATED, axum::Json(UserView::from(&user))))
 }
 
@@ -132,4 +141,3 @@ pub async fn get(
         _ => Err(ApiError::not_found("user")),
     }
 }
-

@@ -69,7 +69,9 @@ pub async fn verify(
     ctx: Ctx,
     Json(body): Json<VerifyBody>,
 ) -> Result<Response, ApiError> {
-    let caller = ctx.caller(&state, VERIFY, RouteClass::TokenManagement).await?;
+    let caller = ctx
+        .caller(&state, VERIFY, RouteClass::TokenManagement)
+        .await?;
     let ip = body
         .ip
         .as_deref()
@@ -98,8 +100,16 @@ pub async fn verify(
         cost,
         now_ms: now_ms(),
     };
-    let credential = if body.key.is_empty() { Ok(None) } else { Ok(Some(body.key.as_str())) };
-    let visible = if caller.is_operator() { None } else { Some(caller.tenant()) };
+    let credential = if body.key.is_empty() {
+        Ok(None)
+    } else {
+        Ok(Some(body.key.as_str()))
+    };
+    let visible = if caller.is_operator() {
+        None
+    } else {
+        Some(caller.tenant())
+    };
     let result = state.authorize(credential, &facts, visible).await;
     let (code, key, rate, metered) = match &result {
         Ok(a) => (Code::Valid, Some(&a.key), a.metered.rate, Some(a.metered)),
@@ -149,7 +159,10 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// `X-Real-IP`, then the TCP peer.
 pub fn forwarded_ip(h: &HeaderMap, peer: Option<IpAddr>) -> Option<IpAddr> {
     if let Some(xff) = header(h, "x-forwarded-for") {
-        if let Some(ip) = xff.rsplit(',').find_map(|s| s.trim().parse::<IpAddr>().ok()) {
+        if let Some(ip) = xff
+            .rsplit(',')
+            .find_map(|s| s.trim().parse::<IpAddr>().ok())
+        {
             return Some(ip);
         }
     }
@@ -172,7 +185,14 @@ pub async fn forward_auth(State(state): State<AppState>, ctx: Ctx) -> Response {
     let proxy_cost = match header(h, "x-keygate-cost").map(str::parse::<u64>) {
         None => None,
         Some(Ok(c)) => Some(c),
-        Some(Err(_)) => return ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", "X-Keygate-Cost must be a whole number").into_response(),
+        Some(Err(_)) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "INVALID_REQUEST",
+                "X-Keygate-Cost must be a whole number",
+            )
+            .into_response()
+        }
     };
     let facts = RequestFacts {
         method,

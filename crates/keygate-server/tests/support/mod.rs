@@ -95,15 +95,32 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> Response {
-        self.client.get(self.url(path)).bearer_auth(&self.root).send().await.expect("request")
+        self.client
+            .get(self.url(path))
+            .bearer_auth(&self.root)
+            .send()
+            .await
+            .expect("request")
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Response {
-        self.client.post(self.url(path)).bearer_auth(&self.root).json(&body).send().await.expect("request")
+        self.client
+            .post(self.url(path))
+            .bearer_auth(&self.root)
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
     }
 
     pub async fn patch(&self, path: &str, body: Value) -> Response {
-        self.client.patch(self.url(path)).bearer_auth(&self.root).json(&body).send().await.expect("request")
+        self.client
+            .patch(self.url(path))
+            .bearer_auth(&self.root)
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
     }
 
     /// `GET /v1/auth` with an optional key and extra headers.
@@ -128,7 +145,12 @@ impl TestApp {
     }
 
     pub async fn key_count(&self) -> usize {
-        let v: Value = self.get("/v1/keys?limit=500").await.json().await.expect("json");
+        let v: Value = self
+            .get("/v1/keys?limit=500")
+            .await
+            .json()
+            .await
+            .expect("json");
         v["data"].as_array().map_or(0, Vec::len)
     }
 
