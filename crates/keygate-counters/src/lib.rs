@@ -124,6 +124,9 @@ impl Counters {
 
     /// Runs `charge` for a key of `family_id` in `tenant_id` at `now_ms`: rate limit, then key
     /// budget, then tenant credits. Either every counter is charged or none of the money is.
+    ///
+    /// The common case (leases hold enough) completes without awaiting anything; only a lease
+    /// refill goes to the store, in a separately boxed future so the fast path stays small.
     pub async fn meter(
         &self,
         family_id: &str,
@@ -144,6 +147,59 @@ impl Counters {
                 });
             }
         }
+        let cost = charge.cost;
+        if cost == 0 {
+            return Ok(Metered {
+                rate,
+                budget_remaining: charge.budget.map(|_| self.budget_hint(family_id)),
+                credits_remaining: None,
+            });
+        }
+        // Fast path: both leases already hold enough.
+        let budget_lease = charge
+            .budget
+            .map(|_| get_or_insert(&self.budgets, family_id));
+        let budget_remaining = match &budget_lease {
+            None => None,
+            Some(l) => match l.try_take(cost) {
+                Some(rem) => Some(rem),
+                None => return Box::pin(self.meter_slow(family_id, tenant_id, charge, rate)).await,
+            },
+        };
+        let pool = get_or_insert(&self.pools, tenant_id);
+        let credits_remaining = if pool.unlimited.load(Ordering::Relaxed) {
+            None
+        } else {
+            match pool.try_take(cost) {
+                Some(rem) => Some(rem),
+                None => {
+                    if let Some(l) = &budget_lease {
+                        l.give_back(cost);
+                    }
+                    return Box::pin(self.meter_slow(family_id, tenant_id, charge, rate)).await;
+                }
+            }
+        };
+        Ok(Metered {
+            rate,
+            budget_remaining,
+            credits_remaining,
+        })
+    }
+
+    fn budget_hint(&self, family_id: &str) -> u64 {
+        let s = get_or_insert(&self.budgets, family_id).snapshot();
+        s.local + s.store_remaining
+    }
+
+    /// The money part of [`Counters::meter`] when a lease must be refilled from the store.
+    async fn meter_slow(
+        &self,
+        family_id: &str,
+        tenant_id: &str,
+        charge: &Charge,
+        rate: Option<RateDecision>,
+    ) -> Result<Metered, Refused> {
         let refuse = |code| Refused { code, rate };
         let cost = charge.cost;
         let mut budget_remaining = None;
@@ -171,39 +227,37 @@ impl Counters {
             budget_lease = Some(lease);
         }
         let mut credits_remaining = None;
-        if cost > 0 {
-            let lease = get_or_insert(&self.pools, tenant_id);
-            if !lease.unlimited.load(Ordering::Relaxed) {
-                let hint = lease.snapshot().store_remaining;
-                let want = cost.max((hint / 50).min(MAX_LEASE));
-                let store = self.store.clone();
-                let tid = tenant_id.to_owned();
-                let got = take(&lease, cost, want, move |w| {
-                    let store = store.clone();
-                    let tid = tid.clone();
-                    async move {
-                        Ok(match store.withdraw_credits(&tid, w).await? {
-                            Withdrawal::Unlimited => None,
-                            Withdrawal::Granted(g) => Some((g.granted, g.remaining)),
-                        })
-                    }
-                })
-                .await;
-                let refusal = match got {
-                    Ok(Taken::Yes(rem)) => {
-                        credits_remaining = Some(rem);
-                        None
-                    }
-                    Ok(Taken::Unlimited) => None,
-                    Ok(Taken::No) => Some(Code::InsufficientCredits),
-                    Err(_) => Some(Code::Unavailable),
-                };
-                if let Some(code) = refusal {
-                    if let Some(b) = budget_lease {
-                        b.give_back(cost);
-                    }
-                    return Err(refuse(code));
+        let lease = get_or_insert(&self.pools, tenant_id);
+        if !lease.unlimited.load(Ordering::Relaxed) {
+            let hint = lease.snapshot().store_remaining;
+            let want = cost.max((hint / 50).min(MAX_LEASE));
+            let store = self.store.clone();
+            let tid = tenant_id.to_owned();
+            let got = take(&lease, cost, want, move |w| {
+                let store = store.clone();
+                let tid = tid.clone();
+                async move {
+                    Ok(match store.withdraw_credits(&tid, w).await? {
+                        Withdrawal::Unlimited => None,
+                        Withdrawal::Granted(g) => Some((g.granted, g.remaining)),
+                    })
                 }
+            })
+            .await;
+            let refusal = match got {
+                Ok(Taken::Yes(rem)) => {
+                    credits_remaining = Some(rem);
+                    None
+                }
+                Ok(Taken::Unlimited) => None,
+                Ok(Taken::No) => Some(Code::InsufficientCredits),
+                Err(_) => Some(Code::Unavailable),
+            };
+            if let Some(code) = refusal {
+                if let Some(b) = budget_lease {
+                    b.give_back(cost);
+                }
+                return Err(refuse(code));
             }
         }
         Ok(Metered {

@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 tokio::task_local! {
-    static REQUEST_ID: RequestId;
+    static REQUEST_ID: HeaderValue;
 }
 
 /// A request id: a per-process random prefix and a counter, so it is unique across nodes and
 /// costs no system call.
 #[derive(Debug, Clone)]
-pub struct RequestId(pub String);
+pub struct RequestId(pub HeaderValue);
 
 static NODE_PREFIX: OnceLock<String> = OnceLock::new();
 static COUNTER: AtomicU64 = AtomicU64::new(1);
@@ -28,17 +28,32 @@ impl RequestId {
     pub fn new() -> Self {
         let prefix = NODE_PREFIX.get_or_init(|| crate::ids::random_base62(8));
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        RequestId(format!("req_{prefix}{n:010}"))
+        let s = format!("req_{prefix}{n:010}");
+        // The id is ASCII alphanumerics and `_`: always a valid header value.
+        RequestId(
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(s))
+                .unwrap_or(HeaderValue::from_static("req_unknown")),
+        )
     }
 
     /// The id of the request being served by this task, if any.
     pub fn current() -> Option<String> {
-        REQUEST_ID.try_with(|r| r.0.clone()).ok()
+        REQUEST_ID
+            .try_with(|r| r.to_str().unwrap_or_default().to_owned())
+            .ok()
+    }
+
+    /// The current request's id, or a fresh one when the request runs outside the
+    /// request-id middleware (the hot decision path sets its own).
+    pub fn current_or_new() -> HeaderValue {
+        REQUEST_ID
+            .try_with(HeaderValue::clone)
+            .unwrap_or_else(|_| RequestId::new().0)
     }
 
     /// Runs `f` with this id as the current one.
     pub async fn scope<F: std::future::Future>(self, f: F) -> F::Output {
-        REQUEST_ID.scope(self, f).await
+        REQUEST_ID.scope(self.0, f).await
     }
 }
 
@@ -145,12 +160,12 @@ impl From<keygate_store::StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let rid = RequestId::current().unwrap_or_default();
+        let rid = RequestId::current_or_new();
         let body = serde_json::to_vec(&Body {
             error: Inner {
                 code: self.code,
                 message: &self.message,
-                request_id: &rid,
+                request_id: rid.to_str().unwrap_or_default(),
             },
         })
         .unwrap_or_default();
@@ -160,9 +175,13 @@ impl IntoResponse for ApiError {
             axum::http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        h.insert("x-keygate-code", HeaderValue::from_static(self.code));
+        h.insert(
+            crate::headers::X_KEYGATE_CODE,
+            HeaderValue::from_static(self.code),
+        );
+        h.insert(crate::headers::X_REQUEST_ID, rid);
         if let Some(r) = self.rate {
-            crate::headers::rate_headers(h, &r);
+            crate::headers::rate_headers(h, &r, None);
             if !r.allowed {
                 h.insert(
                     axum::http::header::RETRY_AFTER,

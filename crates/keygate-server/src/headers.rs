@@ -1,33 +1,70 @@
-//! Response headers shared by every metered answer.
+//! Header names (as constants: a `&str` name is parsed and validated on every use, a
+//! `HeaderName` constant is not) and the headers shared by every metered answer.
 
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use keygate_core::RateDecision;
 use keygate_counters::Metered;
 
+macro_rules! names {
+    ($($id:ident = $s:literal;)*) => {
+        $(#[doc = concat!("`", $s, "`")] pub const $id: HeaderName = HeaderName::from_static($s);)*
+    };
+}
+
+names! {
+    X_KEYGATE_KEY_ID = "x-keygate-key-id";
+    X_KEYGATE_TENANT = "x-keygate-tenant";
+    X_KEYGATE_USER = "x-keygate-user";
+    X_KEYGATE_SCOPES = "x-keygate-scopes";
+    X_KEYGATE_CODE = "x-keygate-code";
+    X_KEYGATE_SCOPE = "x-keygate-scope";
+    X_KEYGATE_COST = "x-keygate-cost";
+    X_REQUEST_ID = "x-request-id";
+    X_TENANT_ID = "x-tenant-id";
+    X_FORWARDED_FOR = "x-forwarded-for";
+    X_REAL_IP = "x-real-ip";
+    X_ORIGINAL_METHOD = "x-original-method";
+    X_ORIGINAL_URI = "x-original-uri";
+    X_FORWARDED_METHOD = "x-forwarded-method";
+    X_FORWARDED_URI = "x-forwarded-uri";
+    X_CREDITS_REMAINING = "x-credits-remaining";
+    RATELIMIT = "ratelimit";
+    RATELIMIT_POLICY = "ratelimit-policy";
+}
+
+/// The `RateLimit-Policy` value: `"key";q=LIMIT;w=WINDOW`.
+pub fn policy_value(limit: u32, window_seconds: u32) -> HeaderValue {
+    HeaderValue::try_from(format!("\"key\";q={limit};w={window_seconds}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"key\""))
+}
+
 /// IETF RateLimit headers (draft-ietf-httpapi-ratelimit-headers, structured-field form):
-/// `RateLimit-Policy: "key";q=30;w=60` and `RateLimit: "key";r=12;t=40`.
-pub fn rate_headers(h: &mut HeaderMap, r: &RateDecision) {
-    if let Ok(v) = HeaderValue::from_str(&format!("\"key\";q={};w={}", r.limit, r.window_seconds)) {
-        h.insert("ratelimit-policy", v);
-    }
-    if let Ok(v) =
-        HeaderValue::from_str(&format!("\"key\";r={};t={}", r.remaining, r.reset_seconds))
+/// `RateLimit-Policy: "key";q=30;w=60` and `RateLimit: "key";r=12;t=40`. `policy` is the
+/// precomputed policy value when the caller has one.
+pub fn rate_headers(h: &mut HeaderMap, r: &RateDecision, policy: Option<&HeaderValue>) {
+    let p = match policy {
+        Some(p) => p.clone(),
+        None => policy_value(r.limit, r.window_seconds),
+    };
+    h.insert(RATELIMIT_POLICY, p);
+    // `try_from(String)` takes the buffer over: one allocation for the value.
+    if let Ok(v) = HeaderValue::try_from(format!("\"key\";r={};t={}", r.remaining, r.reset_seconds))
     {
-        h.insert("ratelimit", v);
+        h.insert(RATELIMIT, v);
     }
 }
 
 /// Headers of an allowed, metered answer: RateLimit and `X-Credits-Remaining` (the smaller of
 /// the key's budget and the tenant's pool, when either is limited).
-pub fn metered_headers(h: &mut HeaderMap, m: &Metered) {
+pub fn metered_headers(h: &mut HeaderMap, m: &Metered, policy: Option<&HeaderValue>) {
     if let Some(r) = &m.rate {
-        rate_headers(h, r);
+        rate_headers(h, r, policy);
     }
     let credits = match (m.budget_remaining, m.credits_remaining) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
     if let Some(c) = credits {
-        h.insert("x-credits-remaining", HeaderValue::from(c));
+        h.insert(X_CREDITS_REMAINING, HeaderValue::from(c));
     }
 }

@@ -29,6 +29,8 @@ pub struct CachedKey {
     pub user_header: Option<HeaderValue>,
     /// `X-Keygate-Scopes` (space separated).
     pub scopes_header: HeaderValue,
+    /// `RateLimit-Policy`, when the key has a rate limit (it never changes for a cached key).
+    pub policy_header: Option<HeaderValue>,
     /// Last use seen by this node, Unix ms.
     last_used: AtomicI64,
     /// Queued for the next last-used flush.
@@ -200,6 +202,8 @@ impl Inner {
             tenant_header: hv(&record.tenant_id),
             user_header: record.user_id.as_deref().map(hv),
             scopes_header: hv(&record.scopes.to_strings().join(" ")),
+            policy_header: rate_limit
+                .map(|r| crate::headers::policy_value(r.limit, r.window_seconds)),
             last_used: AtomicI64::new(record.last_used_at_ms.unwrap_or(0)),
             touch_pending: AtomicBool::new(false),
             policy,
@@ -212,6 +216,11 @@ impl Inner {
         if let Some(k) = self.cache.get(hash) {
             return Ok(Some(k));
         }
+        // The miss path holds store futures; boxing it keeps the hot path's future small.
+        Box::pin(self.lookup_miss(hash)).await
+    }
+
+    async fn lookup_miss(&self, hash: &KeyHash) -> Result<Option<Arc<CachedKey>>, Code> {
         if self.negative.contains_key(hash) {
             return Ok(None);
         }
@@ -393,7 +402,9 @@ pub fn management_facts<'a>(
             .get(axum::http::header::ORIGIN)
             .and_then(|v| v.to_str().ok()),
         ip,
-        tenant_id: headers.get("x-tenant-id").and_then(|v| v.to_str().ok()),
+        tenant_id: headers
+            .get(crate::headers::X_TENANT_ID)
+            .and_then(|v| v.to_str().ok()),
         cost: 0,
         now_ms: now_ms(),
     }

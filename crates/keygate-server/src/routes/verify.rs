@@ -3,11 +3,11 @@
 
 use super::Ctx;
 use crate::error::{ApiError, Json};
-use crate::headers::metered_headers;
+use crate::headers::*;
 use crate::state::{bearer, now_ms, AppState};
 use crate::views::rfc3339;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keygate_core::{Code, RequestFacts, RouteClass};
 use serde::{Deserialize, Serialize};
@@ -141,7 +141,11 @@ pub async fn verify(
     };
     let mut res = axum::Json(answer).into_response();
     if let Some(m) = metered {
-        metered_headers(res.headers_mut(), &m);
+        metered_headers(
+            res.headers_mut(),
+            &m,
+            key.and_then(|k| k.policy_header.as_ref()),
+        );
     }
     Ok(res)
 }
@@ -150,7 +154,7 @@ fn strip_query(uri: &str) -> &str {
     uri.split_once('?').map_or(uri, |(p, _)| p)
 }
 
-fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn header<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -158,7 +162,7 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// (the one the proxy itself appended; entries to its left are client-controlled), then
 /// `X-Real-IP`, then the TCP peer.
 pub fn forwarded_ip(h: &HeaderMap, peer: Option<IpAddr>) -> Option<IpAddr> {
-    if let Some(xff) = header(h, "x-forwarded-for") {
+    if let Some(xff) = header(h, &X_FORWARDED_FOR) {
         if let Some(ip) = xff
             .rsplit(',')
             .find_map(|s| s.trim().parse::<IpAddr>().ok())
@@ -166,23 +170,37 @@ pub fn forwarded_ip(h: &HeaderMap, peer: Option<IpAddr>) -> Option<IpAddr> {
             return Some(ip);
         }
     }
-    header(h, "x-real-ip")
+    header(h, &X_REAL_IP)
         .and_then(|s| s.trim().parse().ok())
         .or(peer)
 }
 
 /// `GET /v1/auth` (any method): the forward-auth decision.
-pub async fn forward_auth(State(state): State<AppState>, ctx: Ctx) -> Response {
-    let h = &ctx.headers;
-    let method = header(h, "x-original-method")
-        .or_else(|| header(h, "x-forwarded-method"))
+pub async fn forward_auth(State(state): State<AppState>, req: axum::extract::Request) -> Response {
+    let rid = crate::error::RequestId::new();
+    // Only the head is needed (and `Parts`, unlike the body, may be shared across awaits).
+    let (parts, _body) = req.into_parts();
+    let mut res = rid.clone().scope(decide_forward_auth(&state, &parts)).await;
+    res.headers_mut().insert(X_REQUEST_ID, rid.0);
+    res
+}
+
+async fn decide_forward_auth(state: &AppState, req: &axum::http::request::Parts) -> Response {
+    // Borrow the request's headers instead of cloning them: this is the hot path.
+    let h = &req.headers;
+    let peer = req
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let method = header(h, &X_ORIGINAL_METHOD)
+        .or_else(|| header(h, &X_FORWARDED_METHOD))
         .unwrap_or("GET");
-    let uri = header(h, "x-original-uri").or_else(|| header(h, "x-forwarded-uri"));
+    let uri = header(h, &X_ORIGINAL_URI).or_else(|| header(h, &X_FORWARDED_URI));
     let route = uri.and_then(|u| state.match_route(method, strip_query(u)));
     if route.is_some_and(|r| r.config.public) {
         return StatusCode::OK.into_response();
     }
-    let proxy_cost = match header(h, "x-keygate-cost").map(str::parse::<u64>) {
+    let proxy_cost = match header(h, &X_KEYGATE_COST).map(str::parse::<u64>) {
         None => None,
         Some(Ok(c)) => Some(c),
         Some(Err(_)) => {
@@ -199,11 +217,11 @@ pub async fn forward_auth(State(state): State<AppState>, ctx: Ctx) -> Response {
         route_class: route.map_or(RouteClass::Normal, |r| r.config.class),
         scope: match route {
             Some(r) => r.config.scope.as_deref(),
-            None => header(h, "x-keygate-scope"),
+            None => header(h, &X_KEYGATE_SCOPE),
         },
-        origin: header(h, "origin"),
-        ip: forwarded_ip(h, ctx.peer),
-        tenant_id: header(h, "x-tenant-id"),
+        origin: header(h, &axum::http::header::ORIGIN),
+        ip: forwarded_ip(h, peer),
+        tenant_id: header(h, &X_TENANT_ID),
         cost: route.map_or(proxy_cost.unwrap_or(DEFAULT_COST), |r| r.config.cost),
         now_ms: now_ms(),
     };
@@ -211,14 +229,15 @@ pub async fn forward_auth(State(state): State<AppState>, ctx: Ctx) -> Response {
         Ok(a) => {
             let mut res = StatusCode::OK.into_response();
             let out = res.headers_mut();
-            out.insert("x-keygate-key-id", a.key.id_header.clone());
-            out.insert("x-keygate-tenant", a.key.tenant_header.clone());
+            out.reserve(12);
+            out.insert(X_KEYGATE_KEY_ID, a.key.id_header.clone());
+            out.insert(X_KEYGATE_TENANT, a.key.tenant_header.clone());
             if let Some(u) = &a.key.user_header {
-                out.insert("x-keygate-user", u.clone());
+                out.insert(X_KEYGATE_USER, u.clone());
             }
-            out.insert("x-keygate-scopes", a.key.scopes_header.clone());
-            out.insert("x-keygate-code", HeaderValue::from_static("VALID"));
-            metered_headers(out, &a.metered);
+            out.insert(X_KEYGATE_SCOPES, a.key.scopes_header.clone());
+            out.insert(X_KEYGATE_CODE, HeaderValue::from_static("VALID"));
+            metered_headers(out, &a.metered, a.key.policy_header.as_ref());
             res
         }
         Err(d) => ApiError::decision(d.code, d.rate).into_response(),
