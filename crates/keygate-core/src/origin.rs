@@ -27,7 +27,7 @@ impl<'a> Origin<'a> {
             return None;
         };
         let (host, port) = split_host_port(rest)?;
-        if !valid_host(host) {
+        if !plausible_host(host) {
             return None;
         }
         let default = if https { 443 } else { 80 };
@@ -69,6 +69,20 @@ fn parse_port(p: &str) -> Option<u16> {
         return None;
     }
     p.parse().ok()
+}
+
+/// A one-pass check for request headers: host characters only, no empty label at either end.
+/// (Patterns get the full [`valid_host`] check; a header is only ever compared with them.)
+fn plausible_host(h: &str) -> bool {
+    let b = h.as_bytes();
+    if b.first() == Some(&b'[') {
+        return valid_host(h);
+    }
+    !b.is_empty()
+        && b[0] != b'.'
+        && b[b.len() - 1] != b'.'
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || c == b'.' || c == b'-')
 }
 
 fn valid_host(h: &str) -> bool {
@@ -175,6 +189,9 @@ impl std::fmt::Display for OriginPattern {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct OriginList {
     patterns: Vec<OriginPattern>,
+    /// Canonical text of the exact patterns: a header equal to one of them (ignoring ASCII
+    /// case) matches without being parsed, the common case.
+    exact: Vec<String>,
 }
 
 impl OriginList {
@@ -185,7 +202,12 @@ impl OriginList {
             .map(|s| OriginPattern::parse(s.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
         patterns.dedup();
-        Ok(Self { patterns })
+        let exact = patterns
+            .iter()
+            .filter(|p| matches!(p.host, HostPattern::Exact(_)))
+            .map(|p| p.to_string())
+            .collect();
+        Ok(Self { patterns, exact })
     }
 
     /// Whether the list is empty.
@@ -196,6 +218,9 @@ impl OriginList {
     /// Whether the `Origin` header value `header` is on the list.
     #[inline]
     pub fn allows(&self, header: &str) -> bool {
+        if self.exact.iter().any(|e| e.eq_ignore_ascii_case(header)) {
+            return true;
+        }
         match Origin::parse(header) {
             Some(o) => self.patterns.iter().any(|p| p.matches(&o)),
             None => false,

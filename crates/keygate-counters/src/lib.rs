@@ -91,6 +91,15 @@ pub struct Refused {
 
 type Map<V> = RwLock<HashMap<String, Arc<V>>>;
 
+/// The counters of one key (its family's rate window and budget lease, its tenant's pool
+/// lease), resolved once and kept with the cached key so the hot path does no map lookups.
+#[derive(Debug, Clone)]
+pub struct Handles {
+    window: Arc<Mutex<WindowState>>,
+    budget: Arc<Lease>,
+    pool: Arc<Lease>,
+}
+
 fn get_or_insert<V: Default>(map: &Map<V>, key: &str) -> Arc<V> {
     if let Some(v) = map.read().unwrap_or_else(|p| p.into_inner()).get(key) {
         return v.clone();
@@ -122,11 +131,16 @@ impl Counters {
         }
     }
 
-    /// Runs `charge` for a key of `family_id` in `tenant_id` at `now_ms`: rate limit, then key
-    /// budget, then tenant credits. Either every counter is charged or none of the money is.
-    ///
-    /// The common case (leases hold enough) completes without awaiting anything; only a lease
-    /// refill goes to the store, in a separately boxed future so the fast path stays small.
+    /// The counters of a key of `family_id` in `tenant_id`.
+    pub fn handles(&self, family_id: &str, tenant_id: &str) -> Handles {
+        Handles {
+            window: get_or_insert(&self.windows, family_id),
+            budget: get_or_insert(&self.budgets, family_id),
+            pool: get_or_insert(&self.pools, tenant_id),
+        }
+    }
+
+    /// [`Counters::meter_with`] after looking the handles up.
     pub async fn meter(
         &self,
         family_id: &str,
@@ -134,11 +148,27 @@ impl Counters {
         charge: &Charge,
         now_ms: i64,
     ) -> Result<Metered, Refused> {
-        let rate = charge.rate_limit.map(|rl| {
-            let w = get_or_insert(&self.windows, family_id);
-            let mut st = lock(&w);
-            st.check(&rl, now_ms, 1)
-        });
+        let h = self.handles(family_id, tenant_id);
+        self.meter_with(&h, family_id, tenant_id, charge, now_ms)
+            .await
+    }
+
+    /// Runs `charge` for a key of `family_id` in `tenant_id` at `now_ms`: rate limit, then key
+    /// budget, then tenant credits. Either every counter is charged or none of the money is.
+    ///
+    /// The common case (leases hold enough) completes without awaiting anything; only a lease
+    /// refill goes to the store, in a separately boxed future so the fast path stays small.
+    pub async fn meter_with(
+        &self,
+        h: &Handles,
+        family_id: &str,
+        tenant_id: &str,
+        charge: &Charge,
+        now_ms: i64,
+    ) -> Result<Metered, Refused> {
+        let rate = charge
+            .rate_limit
+            .map(|rl| lock(&h.window).check(&rl, now_ms, 1));
         if let Some(r) = rate {
             if !r.allowed {
                 return Err(Refused {
@@ -151,32 +181,35 @@ impl Counters {
         if cost == 0 {
             return Ok(Metered {
                 rate,
-                budget_remaining: charge.budget.map(|_| self.budget_hint(family_id)),
+                budget_remaining: charge.budget.map(|_| {
+                    let s = h.budget.snapshot();
+                    s.local + s.store_remaining
+                }),
                 credits_remaining: None,
             });
         }
         // Fast path: both leases already hold enough.
-        let budget_lease = charge
-            .budget
-            .map(|_| get_or_insert(&self.budgets, family_id));
-        let budget_remaining = match &budget_lease {
+        let budget_lease = charge.budget.map(|_| &h.budget);
+        let budget_remaining = match budget_lease {
             None => None,
             Some(l) => match l.try_take(cost) {
                 Some(rem) => Some(rem),
-                None => return Box::pin(self.meter_slow(family_id, tenant_id, charge, rate)).await,
+                None => {
+                    return Box::pin(self.meter_slow(h, family_id, tenant_id, charge, rate)).await
+                }
             },
         };
-        let pool = get_or_insert(&self.pools, tenant_id);
+        let pool = &h.pool;
         let credits_remaining = if pool.unlimited.load(Ordering::Relaxed) {
             None
         } else {
             match pool.try_take(cost) {
                 Some(rem) => Some(rem),
                 None => {
-                    if let Some(l) = &budget_lease {
+                    if let Some(l) = budget_lease {
                         l.give_back(cost);
                     }
-                    return Box::pin(self.meter_slow(family_id, tenant_id, charge, rate)).await;
+                    return Box::pin(self.meter_slow(h, family_id, tenant_id, charge, rate)).await;
                 }
             }
         };
@@ -187,14 +220,10 @@ impl Counters {
         })
     }
 
-    fn budget_hint(&self, family_id: &str) -> u64 {
-        let s = get_or_insert(&self.budgets, family_id).snapshot();
-        s.local + s.store_remaining
-    }
-
     /// The money part of [`Counters::meter`] when a lease must be refilled from the store.
     async fn meter_slow(
         &self,
+        h: &Handles,
         family_id: &str,
         tenant_id: &str,
         charge: &Charge,
@@ -205,11 +234,11 @@ impl Counters {
         let mut budget_remaining = None;
         let mut budget_lease = None;
         if let Some(cap) = charge.budget {
-            let lease = get_or_insert(&self.budgets, family_id);
+            let lease = &h.budget;
             let want = cost.max((cap / 50).min(MAX_LEASE));
             let store = self.store.clone();
             let fam = family_id.to_owned();
-            let got = take(&lease, cost, want, move |w| {
+            let got = take(lease, cost, want, move |w| {
                 let store = store.clone();
                 let fam = fam.clone();
                 async move {
@@ -227,13 +256,13 @@ impl Counters {
             budget_lease = Some(lease);
         }
         let mut credits_remaining = None;
-        let lease = get_or_insert(&self.pools, tenant_id);
+        let lease = &h.pool;
         if !lease.unlimited.load(Ordering::Relaxed) {
             let hint = lease.snapshot().store_remaining;
             let want = cost.max((hint / 50).min(MAX_LEASE));
             let store = self.store.clone();
             let tid = tenant_id.to_owned();
-            let got = take(&lease, cost, want, move |w| {
+            let got = take(lease, cost, want, move |w| {
                 let store = store.clone();
                 let tid = tid.clone();
                 async move {
@@ -338,12 +367,15 @@ impl Counters {
         Ok(())
     }
 
-    /// Drops rate windows that have not been touched for two windows (memory bound).
+    /// Drops rate windows that have not been touched for two windows and that no cached key
+    /// holds any more (memory bound; a held window must stay the family's only one).
     pub fn sweep(&self, now_ms: i64, max_window_ms: i64) {
         self.windows
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, w| lock(w).start_ms + 2 * max_window_ms > now_ms);
+            .retain(|_, w| {
+                Arc::strong_count(w) > 1 || lock(w).start_ms + 2 * max_window_ms > now_ms
+            });
     }
 }
 

@@ -28,11 +28,22 @@ impl RequestId {
     pub fn new() -> Self {
         let prefix = NODE_PREFIX.get_or_init(|| crate::ids::random_base62(8));
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let s = format!("req_{prefix}{n:010}");
-        // The id is ASCII alphanumerics and `_`: always a valid header value.
+        // Built on the stack and copied once: this runs on every request. The counter is
+        // zero-padded to 10 digits so ids sort in issue order within a node.
+        let mut buf = [0u8; 4 + 8 + 20];
+        buf[..4].copy_from_slice(b"req_");
+        let p = &prefix.as_bytes()[..prefix.len().min(8)];
+        buf[4..4 + p.len()].copy_from_slice(p);
+        let mut digits = itoa::Buffer::new();
+        let d = digits.format(n).as_bytes();
+        let start = 4 + p.len();
+        let pad = 10usize.saturating_sub(d.len());
+        buf[start..start + pad].fill(b'0');
+        buf[start + pad..start + pad + d.len()].copy_from_slice(d);
+        let end = start + pad + d.len();
+        // ASCII alphanumerics and `_`: always a valid header value.
         RequestId(
-            HeaderValue::from_maybe_shared(bytes::Bytes::from(s))
-                .unwrap_or(HeaderValue::from_static("req_unknown")),
+            HeaderValue::from_bytes(&buf[..end]).unwrap_or(HeaderValue::from_static("req_unknown")),
         )
     }
 

@@ -31,6 +31,8 @@ pub struct CachedKey {
     pub scopes_header: HeaderValue,
     /// `RateLimit-Policy`, when the key has a rate limit (it never changes for a cached key).
     pub policy_header: Option<HeaderValue>,
+    /// This key's counters, resolved once.
+    pub counters: keygate_counters::Handles,
     /// Last use seen by this node, Unix ms.
     last_used: AtomicI64,
     /// Queued for the next last-used flush.
@@ -204,6 +206,7 @@ impl Inner {
             scopes_header: hv(&record.scopes.to_strings().join(" ")),
             policy_header: rate_limit
                 .map(|r| crate::headers::policy_value(r.limit, r.window_seconds)),
+            counters: self.counters.handles(&record.family_id, &record.tenant_id),
             last_used: AtomicI64::new(record.last_used_at_ms.unwrap_or(0)),
             touch_pending: AtomicBool::new(false),
             policy,
@@ -289,7 +292,8 @@ impl Inner {
         };
         match self
             .counters
-            .meter(
+            .meter_with(
+                &key.counters,
                 &key.record.family_id,
                 &key.record.tenant_id,
                 &charge,

@@ -177,21 +177,32 @@ pub fn forwarded_ip(h: &HeaderMap, peer: Option<IpAddr>) -> Option<IpAddr> {
 
 /// `GET /v1/auth` (any method): the forward-auth decision.
 pub async fn forward_auth(State(state): State<AppState>, req: axum::extract::Request) -> Response {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    serve_forward_auth(&state, req, peer).await
+}
+
+/// The forward-auth decision for `req` from TCP peer `peer`. The server's connection service
+/// calls this directly for `/v1/auth`, without the router (see `startup::Dispatch`).
+pub async fn serve_forward_auth(
+    state: &AppState,
+    req: axum::extract::Request,
+    peer: Option<IpAddr>,
+) -> Response {
     let rid = crate::error::RequestId::new();
-    // Only the head is needed (and `Parts`, unlike the body, may be shared across awaits).
+    // Only the head is needed (and `HeaderMap`, unlike the body, may be shared across awaits).
     let (parts, _body) = req.into_parts();
-    let mut res = rid.clone().scope(decide_forward_auth(&state, &parts)).await;
+    let mut res = rid
+        .clone()
+        .scope(decide_forward_auth(state, &parts.headers, peer))
+        .await;
     res.headers_mut().insert(X_REQUEST_ID, rid.0);
     res
 }
 
-async fn decide_forward_auth(state: &AppState, req: &axum::http::request::Parts) -> Response {
-    // Borrow the request's headers instead of cloning them: this is the hot path.
-    let h = &req.headers;
-    let peer = req
-        .extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip());
+async fn decide_forward_auth(state: &AppState, h: &HeaderMap, peer: Option<IpAddr>) -> Response {
     let method = header(h, &X_ORIGINAL_METHOD)
         .or_else(|| header(h, &X_FORWARDED_METHOD))
         .unwrap_or("GET");
