@@ -296,6 +296,33 @@ impl Counters {
         })
     }
 
+    /// Gives the money of an allowed `charge` back (the request was never served: the
+    /// gateway could not reach the upstream). The rate-limit slot stays used.
+    pub fn refund(&self, h: &Handles, charge: &Charge) {
+        if charge.cost == 0 {
+            return;
+        }
+        if charge.budget.is_some() {
+            h.budget.give_back(charge.cost);
+        }
+        if !h.pool.unlimited.load(Ordering::Relaxed) {
+            h.pool.give_back(charge.cost);
+        }
+    }
+
+    /// Counts one request against a free-standing rate window named `name` (per client IP on
+    /// public routes: `ip:203.0.113.7`).
+    pub fn check_named(
+        &self,
+        name: &str,
+        rl: &keygate_core::RateLimit,
+        now_ms: i64,
+    ) -> RateDecision {
+        let w = get_or_insert(&self.windows, name);
+        let mut st = lock(&w);
+        st.check(rl, now_ms, 1)
+    }
+
     /// Credits of `family_id`'s budget leased to this node and not yet spent.
     pub fn budget_leased(&self, family_id: &str) -> u64 {
         self.budgets

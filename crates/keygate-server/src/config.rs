@@ -30,6 +30,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Key cache.
     pub cache: CacheConfig,
+    /// Reverse-proxy gateway.
+    pub gateway: GatewayConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -105,8 +107,14 @@ pub struct RouteConfig {
 pub struct LimitsConfig {
     /// Largest management request body, bytes.
     pub max_body_bytes: usize,
-    /// Whole-request timeout, seconds.
+    /// Whole-request timeout of management calls, seconds.
     pub request_timeout_seconds: u64,
+    /// A client must send its request head within this many seconds (slow-loris guard).
+    pub header_read_timeout_seconds: u64,
+    /// Largest request head (request line and headers), bytes; at least 8192.
+    pub max_header_bytes: usize,
+    /// Graceful shutdown waits this long for in-flight requests before closing them.
+    pub shutdown_grace_seconds: u64,
 }
 
 impl Default for LimitsConfig {
@@ -114,6 +122,44 @@ impl Default for LimitsConfig {
         Self {
             max_body_bytes: 64 * 1024,
             request_timeout_seconds: 30,
+            header_read_timeout_seconds: 10,
+            max_header_bytes: 64 * 1024,
+            shutdown_grace_seconds: 30,
+        }
+    }
+}
+
+/// `[gateway]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Time to connect to an upstream, milliseconds (then 502).
+    pub connect_timeout_ms: u64,
+    /// Time for an upstream to send its response head, seconds (then 504).
+    pub upstream_timeout_seconds: u64,
+    /// Largest proxied request body, bytes (then 413); streamed, never buffered whole.
+    pub max_body_bytes: u64,
+    /// Rate limit per client IP on `public` routes.
+    pub public_rate_limit: RateLimit,
+    /// Take the client IP from the right-most `X-Forwarded-For` entry (set this when keygate
+    /// runs behind a load balancer); otherwise the TCP peer is the client.
+    pub trust_forwarded_for: bool,
+    /// Idle keep-alive connections kept per upstream host.
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout_ms: 2_000,
+            upstream_timeout_seconds: 30,
+            max_body_bytes: 10 * 1024 * 1024,
+            public_rate_limit: RateLimit {
+                limit: 60,
+                window_seconds: 60,
+            },
+            trust_forwarded_for: false,
+            pool_max_idle_per_host: 256,
         }
     }
 }
@@ -205,6 +251,7 @@ impl Default for Config {
             routes: Vec::new(),
             limits: LimitsConfig::default(),
             cache: CacheConfig::default(),
+            gateway: GatewayConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -258,6 +305,10 @@ impl Config {
             if let Some(s) = &r.scope {
                 keygate_core::Scope::parse(s)
                     .map_err(|e| ConfigError(format!("routes[{i}].scope: {e}")))?;
+            }
+            if let Some(u) = &r.upstream {
+                crate::gateway::Upstream::parse(u)
+                    .map_err(|e| ConfigError(format!("routes[{i}].upstream: {e}")))?;
             }
         }
         for (name, plan) in &self.plans {

@@ -3,11 +3,14 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod cors;
 pub mod error;
+pub mod gateway;
 pub mod headers;
 pub mod ids;
 pub mod issue;
 pub mod routes;
+pub mod server;
 pub mod startup;
 pub mod state;
 pub mod telemetry;

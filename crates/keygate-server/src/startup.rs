@@ -157,8 +157,13 @@ impl Application {
             cache,
             negative,
             touch_tx,
+            gateway: crate::gateway::Gateway::new(&config.gateway),
+            cors: crate::cors::CorsIndex::default(),
             config,
         }));
+        crate::cors::refresh(&state)
+            .await
+            .map_err(|e| StartupError(format!("loading publishable keys' origins: {e}")))?;
         let listener = TcpListener::bind(&state.config.listen)
             .await
             .map_err(|e| StartupError(format!("cannot listen on {}: {e}", state.config.listen)))?;
@@ -210,20 +215,7 @@ impl Application {
                 }
             })
         };
-        let make = {
-            let state = state.clone();
-            move |stream: axum::serve::IncomingStream<'_, TcpListener>| {
-                let dispatch = Dispatch {
-                    router: router.clone(),
-                    state: state.clone(),
-                    peer: *stream.remote_addr(),
-                };
-                std::future::ready(Ok::<_, std::convert::Infallible>(dispatch))
-            }
-        };
-        let served = axum::serve(listener, tower::service_fn(make))
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = crate::server::serve(listener, router, state.clone(), shutdown).await;
         sweeper.abort();
         if let Err(e) = state.counters.flush().await {
             tracing::error!("could not return credit leases on shutdown: {e}");
@@ -232,42 +224,6 @@ impl Application {
         // The router held the last senders; once they are gone the flusher drains and exits.
         let _ = tokio::time::timeout(Duration::from_secs(5), touch_task).await;
         served
-    }
-}
-
-/// The per-connection service. `/v1/auth` — the hot path — goes straight to the decision: no
-/// routing table, no extensions map, no layers. Everything else goes through the axum router,
-/// with the peer address as `ConnectInfo`.
-#[derive(Clone)]
-struct Dispatch {
-    router: Router,
-    state: AppState,
-    peer: SocketAddr,
-}
-
-impl tower::Service<Request> for Dispatch {
-    type Response = Response;
-    type Error = std::convert::Infallible;
-    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Response, Self::Error>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, mut req: Request) -> Self::Future {
-        if req.uri().path() == "/v1/auth" {
-            let state = self.state.clone();
-            let peer = Some(self.peer.ip());
-            Box::pin(async move { Ok(routes::verify::serve_forward_auth(&state, req, peer).await) })
-        } else {
-            req.extensions_mut()
-                .insert(axum::extract::ConnectInfo(self.peer));
-            let router = self.router.clone();
-            Box::pin(tower::ServiceExt::oneshot(router, req))
-        }
     }
 }
 

@@ -48,6 +48,8 @@ pub struct Route {
     pub methods: Vec<String>,
     /// The config entry.
     pub config: RouteConfig,
+    /// The parsed upstream (gateway routes).
+    pub upstream: Option<crate::gateway::Upstream>,
 }
 
 /// Everything a handler needs. Cheap to clone.
@@ -77,6 +79,10 @@ pub struct Inner {
     pub node_id: String,
     /// Last-used write-behind queue.
     pub touch_tx: mpsc::Sender<Arc<CachedKey>>,
+    /// The upstream client of the gateway.
+    pub gateway: crate::gateway::Gateway,
+    /// Origins some active `pk` key allows (CORS preflights).
+    pub cors: crate::cors::CorsIndex,
 }
 
 impl std::ops::Deref for AppState {
@@ -93,6 +99,8 @@ pub struct Allowed {
     pub key: Arc<CachedKey>,
     /// What the counters said.
     pub metered: Metered,
+    /// What was charged (to give back if the request is never served).
+    pub charge: keygate_core::Charge,
 }
 
 /// A refused request.
@@ -303,7 +311,11 @@ impl Inner {
         {
             Ok(metered) => {
                 self.touch(&key, facts.now_ms);
-                Ok(Allowed { key, metered })
+                Ok(Allowed {
+                    key,
+                    metered,
+                    charge,
+                })
             }
             Err(r) => Err(Denied {
                 code: r.code,
@@ -384,6 +396,10 @@ pub fn compile_routes(cfg: &[RouteConfig]) -> Vec<Route> {
             Some(Route {
                 pattern: PathPattern::parse(&r.path).ok()?,
                 methods: r.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+                upstream: r
+                    .upstream
+                    .as_deref()
+                    .and_then(|u| crate::gateway::Upstream::parse(u).ok()),
                 config: r.clone(),
             })
         })

@@ -50,6 +50,7 @@ pub async fn create(
         issue::build_key(&state.issuer(), &*state.store, &tenant, body, now).await?;
     state.store.insert_key(&record).await?;
     state.invalidate(&record.hash);
+    crate::cors::refresh_after_change(&state, record.kind).await;
     tracing::info!(key_id = %record.id, tenant = %record.tenant_id, kind = %record.kind, actor = %caller.key.record.id, "key created");
     let view = KeyView::new(&state, &record, now);
     Ok((
@@ -232,6 +233,7 @@ pub async fn update(
         return Err(ApiError::not_found("key"));
     }
     state.invalidate(&k.hash);
+    crate::cors::refresh_after_change(&state, k.kind).await;
     let fresh = state
         .store
         .get_key(&k.id)
@@ -297,6 +299,7 @@ pub async fn rotate(
     }
     state.invalidate(&old.hash);
     state.invalidate(&successor.hash);
+    crate::cors::refresh_after_change(&state, old.kind).await;
     tracing::info!(key_id = %old.id, successor = %successor.id, grace_seconds = grace, actor = %caller.key.record.id, "key rotated");
     let view = KeyView::new(&state, &successor, now);
     Ok((
@@ -323,6 +326,7 @@ pub async fn revoke(
         .await?
         .ok_or_else(|| ApiError::not_found("key"))?;
     state.invalidate(&k.hash);
+    crate::cors::refresh_after_change(&state, k.kind).await;
     tracing::info!(key_id = %k.id, actor = %caller.key.record.id, "key revoked");
     Ok(axum::Json(KeyView::new(&state, &k, now)))
 }

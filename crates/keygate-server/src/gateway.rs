@@ -1,0 +1,355 @@
+//! The reverse-proxy gateway: requests matching a `[[routes]]` entry with an `upstream` are
+//! decided by the same pipeline as forward-auth and, if allowed, streamed to the upstream
+//! through a pooled keep-alive client.
+//!
+//! Headers (RFC 9110 §7.6.1): hop-by-hop headers and those named in `Connection` are dropped
+//! both ways; `Authorization` and any client-sent `X-Keygate-*` are removed before
+//! forwarding; `X-Keygate-Key-Id`/`-Tenant`/`-User`/`-Scopes` and `X-Forwarded-For`/`-Proto`/
+//! `-Host` are set; `Host` becomes the upstream's.
+//!
+//! Credits: a refused request never reaches the upstream and spends nothing. An allowed
+//! request is charged when the upstream answers — whatever its status, 5xx included, since
+//! keygate cannot tell whether the upstream did the work. When keygate itself has to answer
+//! 502/504 (connection refused, reset or timed out before a response head), the credits are
+//! given back; the rate-limit slot stays used.
+
+use crate::cors;
+use crate::error::{ApiError, RequestId};
+use crate::headers::*;
+use crate::state::{now_ms, AppState, Route};
+use axum::body::Body;
+use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::http::{Request, Response, StatusCode, Uri};
+use axum::response::IntoResponse;
+use http_body_util::{BodyExt, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use keygate_core::{Code, RequestFacts};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+/// An upstream base URL: `http://host:port` with an optional base path.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    authority: String,
+    base_path: String,
+    host_header: HeaderValue,
+}
+
+impl Upstream {
+    /// Parses `http://127.0.0.1:9000` or `http://svc.internal:8080/api`. Only plain HTTP: put
+    /// TLS in front of keygate, and keep upstreams on a private network.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let uri: Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(
+                    "https upstreams are not supported yet; use http on a private network".into(),
+                )
+            }
+            _ => return Err("upstream must be an http:// URL".into()),
+        }
+        let authority = uri.authority().ok_or("upstream needs a host")?.to_string();
+        if authority.contains('@') {
+            return Err("upstream must not contain credentials".into());
+        }
+        if uri.query().is_some() {
+            return Err("upstream must not contain a query string".into());
+        }
+        let base_path = uri.path().trim_end_matches('/').to_owned();
+        let host_header = HeaderValue::from_str(&authority).map_err(|e| e.to_string())?;
+        Ok(Self {
+            authority,
+            base_path,
+            host_header,
+        })
+    }
+
+    fn uri_for(&self, path_and_query: &str) -> Result<Uri, ApiError> {
+        format!(
+            "http://{}{}{}",
+            self.authority, self.base_path, path_and_query
+        )
+        .parse()
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "INVALID_REQUEST",
+                "the request path cannot be forwarded",
+            )
+        })
+    }
+}
+
+/// The pooled upstream client.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    client: Client<HttpConnector, Body>,
+}
+
+impl Gateway {
+    /// A client with the configured connect timeout and pool size.
+    pub fn new(cfg: &crate::config::GatewayConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms.max(1))));
+        connector.set_nodelay(true);
+        connector.enforce_http(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
+            .build(connector);
+        Self { client }
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1, plus the old `Keep-Alive`/`Proxy-Connection`).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including every header the `Connection` header names.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP.iter() {
+        h.remove(n);
+    }
+    h.remove(header::TRANSFER_ENCODING);
+}
+
+/// The client IP the gateway judges: the TCP peer, or the right-most `X-Forwarded-For` entry
+/// when `gateway.trust_forwarded_for` is set.
+fn client_ip(state: &AppState, h: &HeaderMap, peer: SocketAddr) -> IpAddr {
+    if state.config.gateway.trust_forwarded_for {
+        crate::routes::verify::forwarded_ip(h, Some(peer.ip())).unwrap_or(peer.ip())
+    } else {
+        peer.ip()
+    }
+}
+
+fn str_header<'a>(h: &'a HeaderMap, n: &HeaderName) -> Option<&'a str> {
+    h.get(n).and_then(|v| v.to_str().ok())
+}
+
+/// Serves a request that matched `route` (which has an upstream).
+pub async fn handle(
+    state: &AppState,
+    route: &Route,
+    req: Request<Body>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let rid = RequestId::new();
+    let mut res = rid
+        .clone()
+        .scope(handle_inner(state, route, req, peer))
+        .await;
+    res.headers_mut().insert(X_REQUEST_ID, rid.0);
+    res
+}
+
+async fn handle_inner(
+    state: &AppState,
+    route: &Route,
+    req: Request<Body>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let Some(upstream) = &route.upstream else {
+        return ApiError::not_found("route").into_response();
+    };
+    let h = req.headers();
+    let ip = client_ip(state, h, peer);
+    let origin = str_header(h, &header::ORIGIN).map(str::to_owned);
+    let now = now_ms();
+    if route.config.public {
+        let rl = state.config.gateway.public_rate_limit;
+        let d = state.counters.check_named(&format!("ip:{ip}"), &rl, now);
+        if !d.allowed {
+            let mut res = ApiError::decision(Code::RateLimited, Some(d)).into_response();
+            cors::decorate(res.headers_mut(), origin.as_deref(), true);
+            return res;
+        }
+        let mut res = forward(state, upstream, req, peer, None)
+            .await
+            .unwrap_or_else(IntoResponse::into_response);
+        rate_headers(res.headers_mut(), &d, None);
+        cors::decorate(res.headers_mut(), origin.as_deref(), true);
+        return res;
+    }
+    let facts = RequestFacts {
+        method: req.method().as_str(),
+        route_class: route.config.class,
+        scope: route.config.scope.as_deref(),
+        origin: origin.as_deref(),
+        ip: Some(ip),
+        tenant_id: str_header(h, &X_TENANT_ID),
+        cost: route.config.cost,
+        now_ms: now,
+    };
+    let allowed = match state.authorize(crate::state::bearer(h), &facts, None).await {
+        Ok(a) => a,
+        Err(d) => {
+            let origin_ok = d.key.as_ref().is_some_and(|k| {
+                origin
+                    .as_deref()
+                    .is_some_and(|o| k.record.allowed_origins.allows(o))
+            });
+            let mut res = ApiError::decision(d.code, d.rate).into_response();
+            cors::decorate(res.headers_mut(), origin.as_deref(), origin_ok);
+            return res;
+        }
+    };
+    let key = allowed.key.clone();
+    let mut res = match forward(state, upstream, req, peer, Some(&allowed)).await {
+        Ok(r) => r,
+        Err(e) => {
+            // keygate answers for the upstream: the call was not served, give the money back.
+            state.counters.refund(&key.counters, &allowed.charge);
+            e.into_response()
+        }
+    };
+    metered_headers(
+        res.headers_mut(),
+        &allowed.metered,
+        key.policy_header.as_ref(),
+    );
+    let origin_ok = origin
+        .as_deref()
+        .is_some_and(|o| key.record.allowed_origins.allows(o));
+    cors::decorate(res.headers_mut(), origin.as_deref(), origin_ok);
+    res
+}
+
+fn upstream_error(code: &'static str, status: StatusCode, message: &'static str) -> ApiError {
+    ApiError::new(status, code, message)
+}
+
+/// Sends the request upstream and streams the answer back.
+async fn forward(
+    state: &AppState,
+    upstream: &Upstream,
+    req: Request<Body>,
+    peer: SocketAddr,
+    allowed: Option<&crate::state::Allowed>,
+) -> Result<Response<Body>, ApiError> {
+    let (mut parts, body) = req.into_parts();
+    let max = state.config.gateway.max_body_bytes;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            "request body too large",
+        ));
+    }
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let original_host = parts.headers.get(header::HOST).cloned();
+    let h = &mut parts.headers;
+    strip_hop_by_hop(h);
+    h.remove(header::AUTHORIZATION);
+    let spoofed: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| n.as_str().starts_with("x-keygate-"))
+        .cloned()
+        .collect();
+    for n in spoofed {
+        h.remove(n);
+    }
+    if let Some(a) = allowed {
+        h.insert(X_KEYGATE_KEY_ID, a.key.id_header.clone());
+        h.insert(X_KEYGATE_TENANT, a.key.tenant_header.clone());
+        if let Some(u) = &a.key.user_header {
+            h.insert(X_KEYGATE_USER, u.clone());
+        }
+        h.insert(X_KEYGATE_SCOPES, a.key.scopes_header.clone());
+    }
+    let xff = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if state.config.gateway.trust_forwarded_for => format!("{prev}, {}", peer.ip()),
+        _ => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(X_FORWARDED_FOR, v);
+    }
+    h.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("http"),
+    );
+    if let Some(host) = original_host {
+        h.insert(HeaderName::from_static("x-forwarded-host"), host);
+    }
+    h.insert(header::HOST, upstream.host_header.clone());
+    parts.uri = upstream.uri_for(&path_and_query)?;
+    parts.version = axum::http::Version::HTTP_11;
+    let limited = Body::new(Limited::new(
+        body,
+        usize::try_from(max).unwrap_or(usize::MAX),
+    ));
+    let out = Request::from_parts(parts, limited);
+    let timeout = Duration::from_secs(state.config.gateway.upstream_timeout_seconds.max(1));
+    let resp = match tokio::time::timeout(timeout, state.gateway.client.request(out)).await {
+        Err(_) => {
+            return Err(upstream_error(
+                "GATEWAY_TIMEOUT",
+                StatusCode::GATEWAY_TIMEOUT,
+                "the upstream did not answer in time",
+            ))
+        }
+        Ok(Err(e)) => {
+            if is_body_too_large(&e) {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "PAYLOAD_TOO_LARGE",
+                    "request body too large",
+                ));
+            }
+            tracing::warn!(upstream = %upstream.authority, "upstream request failed: {e}");
+            return Err(upstream_error(
+                "BAD_GATEWAY",
+                StatusCode::BAD_GATEWAY,
+                "the upstream could not be reached",
+            ));
+        }
+        Ok(Ok(r)) => r,
+    };
+    let (mut rparts, rbody) = resp.into_parts();
+    strip_hop_by_hop(&mut rparts.headers);
+    Ok(Response::from_parts(
+        rparts,
+        Body::new(rbody.map_err(axum::Error::new)),
+    ))
+}
+
+fn is_body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}

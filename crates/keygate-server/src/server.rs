@@ -1,0 +1,162 @@
+//! The HTTP/1.1 server: the accept loop, per-connection limits, graceful shutdown, and the
+//! dispatch of each request to forward-auth, the gateway or the management router.
+//!
+//! Built on hyper directly (not `axum::serve`) for what axum does not expose: a header read
+//! timeout (slow-loris guard), a cap on the request head size, and a graceful shutdown that
+//! waits for in-flight requests for a bounded time.
+
+use crate::state::AppState;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::{Request, Response};
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Path prefixes keygate itself serves (a gateway route never shadows them).
+const OWN_PATHS: [&str; 5] = [
+    "/v1/status",
+    "/v1/auth",
+    "/v1/keys",
+    "/v1/tenants",
+    "/v1/users",
+];
+
+/// Whether `path` is one of keygate's own endpoints (`/v1/keys` and below, …).
+pub fn is_own_path(path: &str) -> bool {
+    OWN_PATHS.iter().any(|p| {
+        path == *p
+            || (path.len() > p.len() && path.starts_with(p) && path.as_bytes()[p.len()] == b'/')
+    })
+}
+
+/// The per-connection service.
+#[derive(Clone)]
+struct Dispatch {
+    router: Router,
+    state: AppState,
+    peer: SocketAddr,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+impl hyper::service::Service<Request<Incoming>> for Dispatch {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let mut req = req.map(Body::new);
+        let path = req.uri().path();
+        if path == "/v1/auth" {
+            // The hot path: straight to the decision, no router, no extensions.
+            let state = self.state.clone();
+            let peer = Some(self.peer.ip());
+            return Box::pin(async move {
+                Ok(crate::routes::verify::serve_forward_auth(&state, req, peer).await)
+            });
+        }
+        if !is_own_path(path) && !self.state.routes.is_empty() {
+            let state = self.state.clone();
+            let router = self.router.clone();
+            let peer = self.peer;
+            return Box::pin(async move { Ok(gateway_or_router(state, router, req, peer).await) });
+        }
+        req.extensions_mut().insert(ConnectInfo(self.peer));
+        let router = self.router.clone();
+        Box::pin(tower::ServiceExt::oneshot(router, req))
+    }
+}
+
+async fn gateway_or_router(
+    state: AppState,
+    router: Router,
+    mut req: Request<Body>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    if crate::cors::is_preflight(req.method(), req.headers()) {
+        let requested = req
+            .headers()
+            .get(axum::http::header::ACCESS_CONTROL_REQUEST_METHOD)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let route = state
+            .match_route(&requested, &path)
+            .or_else(|| state.routes.iter().find(|r| r.pattern.matches(&path)));
+        if route.is_some_and(|r| r.upstream.is_some()) {
+            return crate::cors::preflight(&state, route, req.headers());
+        }
+    }
+    let method = req.method().as_str().to_owned();
+    match state.match_route(&method, &path) {
+        Some(route) if route.upstream.is_some() => {
+            crate::gateway::handle(&state, route, req, peer).await
+        }
+        _ => {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            match tower::ServiceExt::oneshot(router, req).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            }
+        }
+    }
+}
+
+/// Accepts connections until `shutdown` resolves, then stops accepting and waits up to
+/// `limits.shutdown_grace_seconds` for in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let limits = state.config.limits.clone();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(
+            limits.header_read_timeout_seconds.max(1),
+        ))
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let svc = Dispatch { router: router.clone(), state: state.clone(), peer };
+                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!("connection from {peer} ended: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    let grace = Duration::from_secs(limits.shutdown_grace_seconds);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!("shutdown grace of {}s over; closing connections with requests in flight", grace.as_secs());
+        }
+    }
+    Ok(())
+}
