@@ -48,7 +48,7 @@ impl Lease {
         let mut s = lock(&self.local);
         if s.local >= cost {
             s.local -= cost;
-            Some(s.local + s.store_remaining)
+            Some(s.local.saturating_add(s.store_remaining))
         } else {
             None
         }
@@ -183,7 +183,7 @@ impl Counters {
                 rate,
                 budget_remaining: charge.budget.map(|_| {
                     let s = h.budget.snapshot();
-                    s.local + s.store_remaining
+                    s.local.saturating_add(s.store_remaining)
                 }),
                 credits_remaining: None,
             });
@@ -419,7 +419,7 @@ where
 {
     if cost == 0 {
         let s = lease.snapshot();
-        return Ok(Taken::Yes(s.local + s.store_remaining));
+        return Ok(Taken::Yes(s.local.saturating_add(s.store_remaining)));
     }
     if let Some(rem) = lease.try_take(cost) {
         return Ok(Taken::Yes(rem));
@@ -441,7 +441,7 @@ where
     s.store_empty = granted < want && remaining == 0;
     if s.local >= cost {
         s.local -= cost;
-        Ok(Taken::Yes(s.local + s.store_remaining))
+        Ok(Taken::Yes(s.local.saturating_add(s.store_remaining)))
     } else {
         Ok(Taken::No)
     }

@@ -36,8 +36,8 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-/// `[keys]`
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `[keys]`. `Debug` hides the pepper.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KeysConfig {
     /// Deployment prefix of every key (`kg`).
@@ -47,6 +47,16 @@ pub struct KeysConfig {
     /// Optional server-side pepper: keys are then stored as HMAC-SHA256(pepper, key).
     /// Changing it invalidates every key.
     pub pepper: Option<String>,
+}
+
+impl std::fmt::Debug for KeysConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeysConfig")
+            .field("prefix", &self.prefix)
+            .field("rotation_grace_seconds", &self.rotation_grace_seconds)
+            .field("pepper", &self.pepper.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// `[plans.NAME]`: limits that follow a tenant or user on this plan.

@@ -207,6 +207,34 @@ pub fn check_expiry(
     }
 }
 
+fn plan_allows(allowed: &[String], scopes: &ScopeSet) -> Result<(), ApiError> {
+    let allowed =
+        ScopeSet::parse(allowed).map_err(|e| ApiError::invalid(e.message().to_owned()))?;
+    if scopes.is_subset_of(&allowed) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "scopes exceed what the user's plan allows",
+        ))
+    }
+}
+
+/// Checks that a `ut` key of user `user_id` may hold `scopes` under the user's plan.
+pub async fn check_plan_scopes(
+    config: &Config,
+    store: &dyn Store,
+    user_id: &str,
+    scopes: &ScopeSet,
+) -> Result<(), ApiError> {
+    let Some(user) = store.get_user(user_id).await? else {
+        return Ok(());
+    };
+    match config.plans.get(&user.plan).and_then(|p| p.scopes.as_ref()) {
+        Some(allowed) => plan_allows(allowed, scopes),
+        None => Ok(()),
+    }
+}
+
 /// What issuing needs besides the store.
 #[derive(Debug, Clone)]
 pub struct Issuer<'a> {

@@ -54,7 +54,7 @@ impl hyper::service::Service<Request<Incoming>> for Dispatch {
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let mut req = req.map(Body::new);
         let path = req.uri().path();
-        if path == "/v1/auth" {
+        if path == "/v1/auth" || path.starts_with("/v1/auth/") {
             // The hot path: straight to the decision, no router, no extensions.
             let state = self.state.clone();
             let peer = Some(self.peer.ip());

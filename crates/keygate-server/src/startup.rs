@@ -111,14 +111,22 @@ pub async fn bootstrap(config: &Config, store: &dyn Store) -> Result<Option<Stri
     Ok(Some(plaintext))
 }
 
-/// A built, bound, not yet running keygate.
-#[derive(Debug)]
+/// A built, bound, not yet running keygate. `Debug` hides the root key.
 pub struct Application {
     listener: TcpListener,
     state: AppState,
     router: Router,
     root_key: Option<String>,
     touch_task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("addr", &self.local_addr())
+            .field("root_key", &self.root_key.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Application {
@@ -159,6 +167,7 @@ impl Application {
             touch_tx,
             gateway: crate::gateway::Gateway::new(&config.gateway),
             cors: crate::cors::CorsIndex::default(),
+            cache_gen: std::sync::atomic::AtomicU64::new(0),
             config,
         }));
         crate::cors::refresh(&state)
@@ -283,9 +292,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/users", post(users::create).get(users::list))
         .route("/v1/users/{id}", get(users::get))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            timeout,
+        .layer(axum::middleware::from_fn(
+            move |req: Request, next: Next| async move {
+                match tokio::time::timeout(timeout, next.run(req)).await {
+                    Ok(res) => res,
+                    Err(_) => ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "REQUEST_TIMEOUT",
+                        "the request took too long",
+                    )
+                    .into_response(),
+                }
+            },
         ));
     hot.merge(
         management

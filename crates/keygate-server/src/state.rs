@@ -83,6 +83,9 @@ pub struct Inner {
     pub gateway: crate::gateway::Gateway,
     /// Origins some active `pk` key allows (CORS preflights).
     pub cors: crate::cors::CorsIndex,
+    /// Bumped by every invalidation: a cache fill that read the store before an invalidation
+    /// must not insert what it read after it.
+    pub cache_gen: std::sync::atomic::AtomicU64,
 }
 
 impl std::ops::Deref for AppState {
@@ -232,6 +235,7 @@ impl Inner {
     }
 
     async fn lookup_miss(&self, hash: &KeyHash) -> Result<Option<Arc<CachedKey>>, Code> {
+        let gen = self.cache_gen.load(Ordering::Acquire);
         if self.negative.contains_key(hash) {
             return Ok(None);
         }
@@ -243,7 +247,11 @@ impl Inner {
             }
         };
         let Some(rec) = rec else {
-            self.negative.insert(*hash, ());
+            self.fill(
+                gen,
+                || self.negative.insert(*hash, ()),
+                || self.negative.invalidate(hash),
+            );
             return Ok(None);
         };
         let cached = match self.cached_key(rec).await {
@@ -253,14 +261,45 @@ impl Inner {
                 return Err(Code::Unavailable);
             }
         };
-        self.cache.insert(*hash, cached.clone());
+        self.fill(
+            gen,
+            || self.cache.insert(*hash, cached.clone()),
+            || self.cache.invalidate(hash),
+        );
         Ok(Some(cached))
+    }
+
+    /// Inserts into a cache only if no invalidation happened since `gen` was read, and undoes
+    /// the insert if one raced with it.
+    fn fill(&self, gen: u64, insert: impl FnOnce(), undo: impl FnOnce()) {
+        if self.cache_gen.load(Ordering::Acquire) != gen {
+            return;
+        }
+        insert();
+        if self.cache_gen.load(Ordering::Acquire) != gen {
+            undo();
+        }
     }
 
     /// Drops a key from this node's caches (after any change to it).
     pub fn invalidate(&self, hash: &KeyHash) {
+        self.cache_gen.fetch_add(1, Ordering::AcqRel);
         self.cache.invalidate(hash);
         self.negative.invalidate(hash);
+    }
+
+    /// Drops every cached key of a rotation family (they share one budget).
+    pub fn invalidate_family(&self, family_id: &str) {
+        self.cache_gen.fetch_add(1, Ordering::AcqRel);
+        let hashes: Vec<KeyHash> = self
+            .cache
+            .iter()
+            .filter(|(_, k)| k.record.family_id == family_id)
+            .map(|(h, _)| *h)
+            .collect();
+        for h in hashes {
+            self.cache.invalidate(&h);
+        }
     }
 
     /// The pipeline. `credential` is the bearer token (if any); `visible_tenant`, when set,

@@ -123,14 +123,23 @@ impl KeyView {
     }
 }
 
-/// A newly issued key: the plaintext, once, and the record.
-#[derive(Debug, Serialize)]
+/// A newly issued key: the plaintext, once, and the record. `Debug` hides the plaintext.
+#[derive(Serialize)]
 pub struct IssuedKey {
     /// The plaintext key. Shown only in this response.
     pub key: String,
     /// The record.
     #[serde(flatten)]
     pub record: KeyView,
+}
+
+impl std::fmt::Debug for IssuedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedKey")
+            .field("key", &"<redacted>")
+            .field("record", &self.record)
+            .finish()
+    }
 }
 
 /// A tenant as shown.

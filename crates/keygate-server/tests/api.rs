@@ -1051,3 +1051,253 @@ async fn the_database_never_holds_a_plaintext_key() {
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+#[tokio::test]
+async fn a_key_cannot_grant_or_manage_more_than_it_holds() {
+    let app = TestApp::spawn().await;
+    let (writer, wrec) = app
+        .create_key(json!({"kind": "sk", "name": "writer", "scopes": ["keys:write", "keys:read", "ocr:read"]}))
+        .await;
+    let w = app.as_key(&writer);
+    // No scope list: the new key gets the caller's scopes, not "*".
+    let r = w
+        .post(app.url("/v1/keys"))
+        .json(&json!({"kind": "sk", "name": "child"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let child: Value = r.json().await.expect("json");
+    assert_eq!(
+        child["scopes"],
+        json!(["keys:read", "keys:write", "ocr:read"])
+    );
+    for body in [
+        json!({"kind": "sk", "name": "x", "scopes": ["*"]}),
+        json!({"kind": "sk", "name": "x", "scopes": ["tenants:write"]}),
+        json!({"kind": "pk", "name": "x", "preset": "default"}),
+    ] {
+        let r = w
+            .post(app.url("/v1/keys"))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(error_code(r).await, "FORBIDDEN_SCOPE");
+    }
+    // It cannot widen itself, nor rotate, revoke or change a stronger key.
+    let wid = wrec["id"].as_str().expect("id");
+    let r = app
+        .client
+        .patch(app.url(&format!("/v1/keys/{wid}")))
+        .bearer_auth(&writer)
+        .json(&json!({"scopes": ["*"]}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let root_id = app
+        .get("/v1/keys?limit=500")
+        .await
+        .json::<Value>()
+        .await
+        .expect("json")["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .find(|k| k["name"] == "root")
+        .expect("root key listed")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    for path in [
+        format!("/v1/keys/{root_id}/rotate"),
+        format!("/v1/keys/{root_id}/revoke"),
+    ] {
+        let r = w
+            .post(app.url(&path))
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
+    }
+    assert_eq!(
+        app.auth(Some(&app.root), &[]).await.status(),
+        StatusCode::OK,
+        "root still works"
+    );
+    // Narrowing its own scopes is fine.
+    let r = app
+        .client
+        .patch(app.url(&format!("/v1/keys/{wid}")))
+        .bearer_auth(&writer)
+        .json(&json!({"scopes": ["keys:write", "keys:read"]}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn patch_never_revives_a_revoked_or_rotated_key() {
+    let app = TestApp::spawn().await;
+    let (key, rec) = app
+        .create_key(json!({"kind": "sk", "name": "k", "ttl_seconds": 3600}))
+        .await;
+    let id = rec["id"].as_str().expect("id");
+    let r = app
+        .post(
+            &format!("/v1/keys/{id}/rotate"),
+            json!({"grace_seconds": 60}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = app
+        .patch(&format!("/v1/keys/{id}"), json!({"expires_at": null}))
+        .await;
+    assert_eq!(r.status(), StatusCode::CONFLICT, "grace cannot be extended");
+    let r = app
+        .patch(&format!("/v1/keys/{id}"), json!({"name": "renamed"}))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["status"], "grace", "a PATCH does not change the status");
+    app.post(&format!("/v1/keys/{id}/revoke"), json!({})).await;
+    let r = app
+        .patch(&format!("/v1/keys/{id}"), json!({"name": "back"}))
+        .await;
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    assert_eq!(error_code(app.auth(Some(&key), &[]).await).await, "REVOKED");
+    // A bad id is a JSON error too.
+    let r = app.get("/v1/keys/%FF").await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(r).await, "INVALID_REQUEST");
+}
+
+#[tokio::test]
+async fn forward_auth_refuses_unclean_paths_and_trusts_forwarded_headers_first() {
+    let app = TestApp::spawn_with(|c| {
+        c.routes.push(keygate_server::config::RouteConfig {
+            path: "/api/public/*".into(),
+            methods: vec![],
+            upstream: None,
+            scope: None,
+            cost: 0,
+            public: true,
+            class: Default::default(),
+        });
+        c.routes.push(keygate_server::config::RouteConfig {
+            path: "/api/admin/*".into(),
+            methods: vec![],
+            upstream: None,
+            scope: Some("admin:all".into()),
+            cost: 0,
+            public: false,
+            class: Default::default(),
+        });
+        c.gateway.public_rate_limit = keygate_core::RateLimit {
+            limit: 2,
+            window_seconds: 60,
+        };
+    })
+    .await;
+    for uri in [
+        "/api/public/../admin/users",
+        "/api/public/%2e%2e/admin",
+        "/api//admin/x",
+    ] {
+        let r = app
+            .auth(
+                None,
+                &[("x-original-method", "GET"), ("x-original-uri", uri)],
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{uri}");
+    }
+    // Behind Traefik (which sets X-Forwarded-Uri), a client-sent X-Original-URI is ignored.
+    let r = app
+        .auth(
+            None,
+            &[
+                ("x-original-uri", "/api/public/x"),
+                ("x-forwarded-uri", "/api/admin/users"),
+                ("x-forwarded-method", "GET"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // Envoy's path_prefix form: /v1/auth/<original path>.
+    let r = app
+        .client
+        .get(app.url("/v1/auth/api/public/page"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = app
+        .client
+        .get(app.url("/v1/auth/api/admin/users"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // Public routes are limited per client IP (one call was used above).
+    let r = app.auth(None, &[("x-original-uri", "/api/public/x")]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = app.auth(None, &[("x-original-uri", "/api/public/x")]).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers().contains_key("retry-after"));
+    let r = app
+        .auth(
+            None,
+            &[
+                ("x-original-uri", "/api/public/x"),
+                ("x-forwarded-for", "198.51.100.4"),
+            ],
+        )
+        .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::OK,
+        "another client IP has its own window"
+    );
+}
+
+#[tokio::test]
+async fn top_ups_are_capped() {
+    let app = TestApp::spawn().await;
+    let r = app
+        .post(
+            "/v1/tenants",
+            json!({"name": "Too rich", "credits": 1_000_000_000_000_001u64}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let t: Value = app
+        .post(
+            "/v1/tenants",
+            json!({"name": "Rich", "credits": 999_999_999_999_990u64}),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    let id = t["id"].as_str().expect("id");
+    let r = app
+        .post(&format!("/v1/tenants/{id}/credits"), json!({"amount": 10}))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = app
+        .post(&format!("/v1/tenants/{id}/credits"), json!({"amount": 1}))
+        .await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let t: Value = app
+        .get(&format!("/v1/tenants/{id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(t["credits"], 1_000_000_000_000_000u64);
+}

@@ -106,8 +106,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn get_tenant(&self, id: &str) -> Result<Option<Tenant>>;
     /// Lists tenants, newest first.
     async fn list_tenants(&self, page: &PageRequest) -> Result<Vec<Tenant>>;
-    /// Adds `amount` credits to a tenant's pool (an unlimited pool stays unlimited).
-    /// Returns the tenant after the change, `None` if it does not exist.
+    /// Adds `amount` credits to a tenant's pool (an unlimited pool stays unlimited; a balance
+    /// never exceeds 10^15). Returns the tenant after the change, `None` if it does not exist
+    /// or the balance would exceed the cap.
     async fn add_tenant_credits(&self, id: &str, amount: u64) -> Result<Option<Tenant>>;
 
     /// Inserts a user. `Conflict` if the email is taken in the tenant.
@@ -126,8 +127,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Lists keys matching `filter`, newest first.
     async fn list_keys(&self, filter: &KeyFilter, page: &PageRequest) -> Result<Vec<KeyRecord>>;
     /// Writes a key's mutable fields (name, scopes, IPs, origins, rate, expiry, metadata,
-    /// status, timestamps) and its family's budget cap. `false` if the key does not exist.
-    async fn update_key(&self, k: &KeyRecord) -> Result<bool>;
+    /// `updated_at`) and its family's budget cap — never its status. Optimistic: only if the
+    /// row still has `expected_updated_at` and is active or in grace; `false` otherwise (a
+    /// concurrent change, rotation or revocation won).
+    async fn update_key(&self, k: &KeyRecord, expected_updated_at: i64) -> Result<bool>;
     /// In one transaction: marks `old_id` as in grace until `grace_until_ms` (pointing at the
     /// successor) and inserts `successor` into the same family. `false` if `old_id` is not
     /// active or in grace any more (a concurrent revoke or rotate won).

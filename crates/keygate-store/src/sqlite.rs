@@ -185,7 +185,7 @@ impl Store for SqliteStore {
     async fn add_tenant_credits(&self, id: &str, amount: u64) -> Result<Option<Tenant>> {
         let row = sqlx::query(
             "UPDATE tenants SET credits = CASE WHEN credits IS NULL THEN NULL ELSE credits + ?1 END \
-             WHERE id = ?2 RETURNING *",
+             WHERE id = ?2 AND (credits IS NULL OR credits + ?1 <= 1000000000000000) RETURNING *",
         )
         .bind(to_i64(amount))
         .bind(id)
@@ -292,12 +292,12 @@ impl Store for SqliteStore {
         rows.iter().map(key_from_row).collect()
     }
 
-    async fn update_key(&self, k: &KeyRecord) -> Result<bool> {
+    async fn update_key(&self, k: &KeyRecord, expected_updated_at: i64) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE keys SET name = ?, scopes = ?, allowed_ips = ?, allowed_origins = ?, \
              rate_limit = ?, rate_window = ?, expires_at = ?, rotation_days = ?, metadata = ?, \
-             status = ?, updated_at = ? WHERE id = ?",
+             updated_at = ? WHERE id = ? AND updated_at = ? AND status IN ('active', 'grace')",
         )
         .bind(&k.name)
         .bind(json_list(k.scopes.to_strings()))
@@ -308,13 +308,16 @@ impl Store for SqliteStore {
         .bind(k.expires_at_ms)
         .bind(k.rotation_days.map(i64::from))
         .bind(serde_json::Value::Object(k.metadata.clone()).to_string())
-        .bind(k.status.as_str())
         .bind(k.updated_at_ms)
         .bind(&k.id)
+        .bind(expected_updated_at)
         .execute(&mut *tx)
         .await?
         .rows_affected()
             == 1;
+        if !done {
+            return Ok(false);
+        }
         sqlx::query("UPDATE key_families SET budget = ? WHERE id = ?")
             .bind(k.budget.map(to_i64))
             .bind(&k.family_id)

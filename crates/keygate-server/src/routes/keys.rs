@@ -1,12 +1,12 @@
 //! `/v1/keys…`: create, list, read, update, rotate, revoke.
 
 use super::{next_cursor, Caller, Ctx, PageQuery};
-use crate::error::{ApiError, Json, Query};
+use crate::error::{ApiError, Json, Path, Query};
 use crate::issue::{self, CreateKey, Issuer, RateLimitBody};
 use crate::state::{now_ms, AppState};
 use crate::views::{IssuedKey, KeyView, ListView};
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use keygate_core::{KeyStatus, Kind, RouteClass};
@@ -37,17 +37,33 @@ impl AppState {
     }
 }
 
+/// Runs a store write and its cache invalidation in a task of its own, so that neither a
+/// request timeout nor a client hanging up can stop between the two.
+async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, keygate_store::StoreError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(f)
+        .await
+        .map_err(|e| ApiError::internal("store write task", &e))?
+        .map_err(ApiError::from)
+}
+
 /// `POST /v1/keys`
 pub async fn create(
     State(state): State<AppState>,
     ctx: Ctx,
-    Json(body): Json<CreateKey>,
+    Json(mut body): Json<CreateKey>,
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
     let tenant = caller.act_in(&state, body.tenant_id.as_deref()).await?;
     let now = now_ms();
+    if body.kind == "sk" && body.scopes.is_none() && body.preset.is_none() {
+        // A secret key made without a scope list gets the caller's scopes, never more.
+        body.scopes = Some(caller.key.record.scopes.to_strings());
+    }
     let (plaintext, record) =
         issue::build_key(&state.issuer(), &*state.store, &tenant, body, now).await?;
+    caller.require_covers(&record.scopes)?;
     state.store.insert_key(&record).await?;
     state.invalidate(&record.hash);
     crate::cors::refresh_after_change(&state, record.kind).await;
@@ -175,12 +191,23 @@ pub async fn update(
             "the key is revoked; it cannot be changed",
         ));
     }
+    caller.require_covers(&k.scopes)?;
+    let expected_updated_at = k.updated_at_ms;
+    if k.status == KeyStatus::Grace && body.expires_at.is_some() {
+        return Err(ApiError::conflict(
+            "the key was rotated; its grace period cannot be changed",
+        ));
+    }
     // Validate everything before changing anything.
     if let Some(n) = &body.name {
         k.name = issue::check_name(n)?;
     }
     if let Some(s) = &body.scopes {
         k.scopes = issue::check_scopes(k.kind, s)?;
+        caller.require_covers(&k.scopes)?;
+        if let (Kind::Ut, Some(uid)) = (k.kind, &k.user_id) {
+            issue::check_plan_scopes(&state.config, &*state.store, uid, &k.scopes).await?;
+        }
     }
     if let Some(ips) = &body.allowed_ips {
         k.allowed_ips = issue::check_ips(ips)?;
@@ -221,19 +248,30 @@ pub async fn update(
         k.metadata = issue::check_metadata(body.metadata)?;
     }
     k.updated_at_ms = now;
-    if budget_changed {
-        // Give this node's lease back first, so the new cap applies to what was really spent.
-        state
-            .counters
-            .release_budget(&k.family_id)
-            .await
-            .map_err(ApiError::from)?;
+    // The write and the cache invalidation run to completion even if the client goes away.
+    let st = state.clone();
+    let rec = k.clone();
+    let written = detached(async move {
+        if budget_changed {
+            // Give this node's lease back first, so the new cap applies to what was spent.
+            st.counters.release_budget(&rec.family_id).await?;
+        }
+        let ok = st.store.update_key(&rec, expected_updated_at).await?;
+        if ok {
+            st.invalidate(&rec.hash);
+            if budget_changed {
+                st.invalidate_family(&rec.family_id);
+            }
+            crate::cors::refresh_after_change(&st, rec.kind).await;
+        }
+        Ok(ok)
+    })
+    .await?;
+    if !written {
+        return Err(ApiError::conflict(
+            "the key was changed, rotated or revoked meanwhile; read it again",
+        ));
     }
-    if !state.store.update_key(&k).await? {
-        return Err(ApiError::not_found("key"));
-    }
-    state.invalidate(&k.hash);
-    crate::cors::refresh_after_change(&state, k.kind).await;
     let fresh = state
         .store
         .get_key(&k.id)
@@ -264,9 +302,18 @@ pub async fn rotate(
     State(state): State<AppState>,
     ctx: Ctx,
     Path(id): Path<String>,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
+    let body = axum::body::to_bytes(body, state.config.limits.max_body_bytes)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                "request body too large",
+            )
+        })?;
     let body: RotateKey = optional_json(&body)?;
     let grace = body
         .grace_seconds
@@ -277,6 +324,7 @@ pub async fn rotate(
         ));
     }
     let old = state.visible_key(&caller, &id).await?;
+    caller.require_covers(&old.scopes)?;
     let now = now_ms();
     if old.status == KeyStatus::Revoked
         || old.rotated_to.is_some()
@@ -288,18 +336,23 @@ pub async fn rotate(
     }
     let (plaintext, successor) = issue::successor(&state.issuer(), &old, now);
     let grace_until = now + (grace as i64) * 1000;
-    if !state
-        .store
-        .rotate_key(&old.id, grace_until, &successor)
-        .await?
-    {
+    let st = state.clone();
+    let (old_rec, succ) = (old.clone(), successor.clone());
+    let rotated = detached(async move {
+        let ok = st.store.rotate_key(&old_rec.id, grace_until, &succ).await?;
+        if ok {
+            st.invalidate(&old_rec.hash);
+            st.invalidate(&succ.hash);
+            crate::cors::refresh_after_change(&st, old_rec.kind).await;
+        }
+        Ok(ok)
+    })
+    .await?;
+    if !rotated {
         return Err(ApiError::conflict(
             "the key was rotated or revoked concurrently",
         ));
     }
-    state.invalidate(&old.hash);
-    state.invalidate(&successor.hash);
-    crate::cors::refresh_after_change(&state, old.kind).await;
     tracing::info!(key_id = %old.id, successor = %successor.id, grace_seconds = grace, actor = %caller.key.record.id, "key rotated");
     let view = KeyView::new(&state, &successor, now);
     Ok((
@@ -319,14 +372,20 @@ pub async fn revoke(
 ) -> Result<axum::Json<KeyView>, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
     let k = state.visible_key(&caller, &id).await?;
+    caller.require_covers(&k.scopes)?;
     let now = now_ms();
-    let k = state
-        .store
-        .revoke_key(&k.id, now)
-        .await?
-        .ok_or_else(|| ApiError::not_found("key"))?;
-    state.invalidate(&k.hash);
-    crate::cors::refresh_after_change(&state, k.kind).await;
+    let st = state.clone();
+    let id = k.id.clone();
+    let k = detached(async move {
+        let k = st.store.revoke_key(&id, now).await?;
+        if let Some(k) = &k {
+            st.invalidate(&k.hash);
+            crate::cors::refresh_after_change(&st, k.kind).await;
+        }
+        Ok(k)
+    })
+    .await?
+    .ok_or_else(|| ApiError::not_found("key"))?;
     tracing::info!(key_id = %k.id, actor = %caller.key.record.id, "key revoked");
     Ok(axum::Json(KeyView::new(&state, &k, now)))
 }

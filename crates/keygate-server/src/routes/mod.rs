@@ -67,6 +67,25 @@ impl Caller {
             && self.key.record.scopes.has_all()
     }
 
+    /// Whether the caller's own scopes cover `scopes`: a key may only grant, change, rotate or
+    /// revoke what it could do itself (`*` only if it holds `*`).
+    pub fn covers(&self, scopes: &keygate_core::ScopeSet) -> bool {
+        scopes.is_subset_of(&self.key.record.scopes)
+    }
+
+    /// [`Caller::covers`] as a refusal.
+    pub fn require_covers(&self, scopes: &keygate_core::ScopeSet) -> Result<(), ApiError> {
+        if self.covers(scopes) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "FORBIDDEN_SCOPE",
+                "the calling key cannot grant or manage scopes it does not hold itself",
+            ))
+        }
+    }
+
     /// Whether records of `tenant_id` are visible to the caller.
     pub fn sees(&self, tenant_id: &str) -> bool {
         self.is_operator() || tenant_id == self.tenant()

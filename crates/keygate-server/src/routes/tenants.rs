@@ -1,11 +1,11 @@
 //! `/v1/tenants…`: create (operator only, with an admin key shown once), read, list, top up.
 
 use super::{next_cursor, Ctx, PageQuery};
-use crate::error::{ApiError, Json, Query};
+use crate::error::{ApiError, Json, Path, Query};
 use crate::issue::{self, CreateKey};
 use crate::state::{now_ms, AppState};
 use crate::views::{IssuedKey, KeyView, ListView, TenantView};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use keygate_core::RouteClass;
@@ -68,8 +68,8 @@ pub async fn create(
         )));
     };
     let credits = body.credits.or(plan_cfg.credits);
-    if credits.is_some_and(|c| c > i64::MAX as u64) {
-        return Err(ApiError::invalid("credits is too large"));
+    if credits.is_some_and(|c| c > 1_000_000_000_000_000) {
+        return Err(ApiError::invalid("credits must be at most 10^15"));
     }
     let now = now_ms();
     let tenant = Tenant {
@@ -164,11 +164,12 @@ pub async fn top_up(
             "amount must be between 1 and 1000000000000",
         ));
     }
-    let t = state
-        .store
-        .add_tenant_credits(&id, body.amount)
-        .await?
-        .ok_or_else(|| ApiError::not_found("tenant"))?;
+    let Some(t) = state.store.add_tenant_credits(&id, body.amount).await? else {
+        return Err(match state.store.get_tenant(&id).await? {
+            Some(_) => ApiError::invalid("the balance would exceed 10^15 credits"),
+            None => ApiError::not_found("tenant"),
+        });
+    };
     state.counters.pool_changed(&id);
     tracing::info!(tenant = %id, amount = body.amount, actor = %caller.key.record.id, "credits topped up");
     Ok(axum::Json(TenantView::new(&state, &t)))

@@ -1,10 +1,10 @@
 //! `/v1/users…`: users of a tenant (plan, optional password for OAuth login).
 
 use super::{next_cursor, Ctx, PageQuery};
-use crate::error::{ApiError, Json, Query};
+use crate::error::{ApiError, Json, Path, Query};
 use crate::state::{now_ms, AppState};
 use crate::views::{ListView, UserView};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use keygate_core::RouteClass;
@@ -16,8 +16,8 @@ pub const READ: &str = "users:read";
 /// Scope to create users.
 pub const WRITE: &str = "users:write";
 
-/// `POST /v1/users` body.
-#[derive(Debug, Deserialize)]
+/// `POST /v1/users` body. `Debug` hides the password.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
     email: String,
@@ -25,6 +25,16 @@ pub struct CreateUser {
     name: Option<String>,
     plan: Option<String>,
     tenant_id: Option<String>,
+}
+
+impl std::fmt::Debug for CreateUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateUser")
+            .field("email", &self.email)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("plan", &self.plan)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Hashes a password with Argon2id (default parameters) off the async threads.

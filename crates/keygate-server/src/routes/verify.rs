@@ -19,8 +19,8 @@ pub const VERIFY: &str = "keys:verify";
 /// Cost of a call when neither a route nor the caller names one.
 pub const DEFAULT_COST: u64 = 1;
 
-/// `POST /v1/keys/verify` body.
-#[derive(Debug, Deserialize)]
+/// `POST /v1/keys/verify` body. `Debug` hides the key.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyBody {
     key: String,
@@ -31,6 +31,17 @@ pub struct VerifyBody {
     ip: Option<String>,
     tenant_id: Option<String>,
     cost: Option<u64>,
+}
+
+impl std::fmt::Debug for VerifyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyBody")
+            .field("key", &keygate_core::key::display_prefix(&self.key))
+            .field("scope", &self.scope)
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -194,22 +205,60 @@ pub async fn serve_forward_auth(
     let rid = crate::error::RequestId::new();
     // Only the head is needed (and `HeaderMap`, unlike the body, may be shared across awaits).
     let (parts, _body) = req.into_parts();
+    // Envoy's ext_authz `path_prefix` sends `/v1/auth/<original path>` with the original method.
+    let envoy = parts
+        .uri
+        .path()
+        .strip_prefix("/v1/auth")
+        .filter(|p| p.starts_with('/'))
+        .map(|p| (parts.method.as_str(), p));
     let mut res = rid
         .clone()
-        .scope(decide_forward_auth(state, &parts.headers, peer))
+        .scope(decide_forward_auth(state, &parts.headers, peer, envoy))
         .await;
     res.headers_mut().insert(X_REQUEST_ID, rid.0);
     res
 }
 
-async fn decide_forward_auth(state: &AppState, h: &HeaderMap, peer: Option<IpAddr>) -> Response {
-    let method = header(h, &X_ORIGINAL_METHOD)
-        .or_else(|| header(h, &X_FORWARDED_METHOD))
+async fn decide_forward_auth(
+    state: &AppState,
+    h: &HeaderMap,
+    peer: Option<IpAddr>,
+    envoy: Option<(&str, &str)>,
+) -> Response {
+    // X-Forwarded-Method/-Uri first: Traefik and Caddy always overwrite them, while a client
+    // could smuggle an X-Original-* header through them. nginx must set both (see the docs).
+    let method = header(h, &X_FORWARDED_METHOD)
+        .or_else(|| header(h, &X_ORIGINAL_METHOD))
+        .or(envoy.map(|e| e.0))
         .unwrap_or("GET");
-    let uri = header(h, &X_ORIGINAL_URI).or_else(|| header(h, &X_FORWARDED_URI));
-    let route = uri.and_then(|u| state.match_route(method, strip_query(u)));
+    let uri = header(h, &X_FORWARDED_URI)
+        .or_else(|| header(h, &X_ORIGINAL_URI))
+        .or(envoy.map(|e| e.1));
+    let path = uri.map(strip_query);
+    if path.is_some_and(|p| !keygate_core::route::is_clean(p)) {
+        // `/public/../admin`, `//`, encoded dots or slashes: refuse rather than guess what the
+        // upstream will make of it.
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+            "the request path has dot segments, empty segments or encoded separators",
+        )
+        .into_response();
+    }
+    let route = path.and_then(|p| state.match_route(method, p));
     if route.is_some_and(|r| r.config.public) {
-        return StatusCode::OK.into_response();
+        let ip = forwarded_ip(h, peer).map_or_else(|| "unknown".to_owned(), |i| i.to_string());
+        let rl = state.config.gateway.public_rate_limit;
+        let d = state
+            .counters
+            .check_named(&format!("ip:{ip}"), &rl, now_ms());
+        if !d.allowed {
+            return ApiError::decision(Code::RateLimited, Some(d)).into_response();
+        }
+        let mut res = StatusCode::OK.into_response();
+        rate_headers(res.headers_mut(), &d, None);
+        return res;
     }
     let proxy_cost = match header(h, &X_KEYGATE_COST).map(str::parse::<u64>) {
         None => None,
