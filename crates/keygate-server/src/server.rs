@@ -81,6 +81,14 @@ async fn gateway_or_router(
     peer: SocketAddr,
 ) -> Response<Body> {
     let path = req.uri().path().to_owned();
+    if !keygate_core::route::is_clean(&path) {
+        // Never forward `/public/../admin` and friends: the upstream may resolve them.
+        return axum::response::IntoResponse::into_response(crate::error::ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+            "the request path has dot segments, empty segments or encoded separators",
+        ));
+    }
     if crate::cors::is_preflight(req.method(), req.headers()) {
         let requested = req
             .headers()

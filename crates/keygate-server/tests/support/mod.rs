@@ -205,3 +205,4 @@ where
     }
     panic!("condition not met within 10 s");
 }
+pub mod upstream;
