@@ -3,6 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keygate-target}"
+# nginx, Caddy, Chromium and the browser test's npm packages, if missing.
+bash scripts/deps.sh
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "cargo-nextest is missing; installing it (cargo install cargo-nextest --locked)" >&2
   cargo install cargo-nextest --locked

@@ -191,6 +191,11 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static(self.code),
         );
         h.insert(crate::headers::X_REQUEST_ID, rid);
+        // The message too, for proxies that drop the body (nginx auth_request rebuilds the
+        // JSON from these headers; see docs/nginx.conf).
+        if let Ok(v) = HeaderValue::from_str(&self.message) {
+            h.insert(crate::headers::X_KEYGATE_MESSAGE, v);
+        }
         if let Some(r) = self.rate {
             crate::headers::rate_headers(h, &r, None);
             if !r.allowed {

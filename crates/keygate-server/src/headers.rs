@@ -17,6 +17,7 @@ names! {
     X_KEYGATE_USER = "x-keygate-user";
     X_KEYGATE_SCOPES = "x-keygate-scopes";
     X_KEYGATE_CODE = "x-keygate-code";
+    X_KEYGATE_MESSAGE = "x-keygate-message";
     X_KEYGATE_SCOPE = "x-keygate-scope";
     X_KEYGATE_COST = "x-keygate-cost";
     X_REQUEST_ID = "x-request-id";

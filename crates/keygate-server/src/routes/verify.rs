@@ -292,9 +292,15 @@ async fn decide_forward_auth(
             out.reserve(12);
             out.insert(X_KEYGATE_KEY_ID, a.key.id_header.clone());
             out.insert(X_KEYGATE_TENANT, a.key.tenant_header.clone());
-            if let Some(u) = &a.key.user_header {
-                out.insert(X_KEYGATE_USER, u.clone());
-            }
+            // Always sent, empty without a user: Caddy 2.6's copy_headers would otherwise pass
+            // an unresolved placeholder to the app.
+            out.insert(
+                X_KEYGATE_USER,
+                a.key
+                    .user_header
+                    .clone()
+                    .unwrap_or(HeaderValue::from_static("")),
+            );
             out.insert(X_KEYGATE_SCOPES, a.key.scopes_header.clone());
             out.insert(X_KEYGATE_CODE, HeaderValue::from_static("VALID"));
             metered_headers(out, &a.metered, a.key.policy_header.as_ref());
