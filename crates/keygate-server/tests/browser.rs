@@ -1,0 +1,90 @@
+//! CORS for publishable keys in a real browser: headless Chromium (Debian's, driven by
+//! playwright-core from tests/browser) loads pages from an allowed and a disallowed origin and
+//! calls the gateway with `fetch` and a `pk` key (a JSON POST, so Chromium sends a preflight).
+
+mod support;
+
+use keygate_server::config::RouteConfig;
+use serde_json::{json, Value};
+use std::path::Path;
+use support::{upstream, TestApp};
+
+#[tokio::test]
+async fn a_browser_page_calls_the_gateway_with_a_publishable_key() {
+    let up = upstream::spawn().await;
+    let url = up.url();
+    let app = TestApp::spawn_with(|c| {
+        c.routes.push(RouteConfig {
+            path: "/api/ocr/*".into(),
+            methods: vec!["POST".into()],
+            upstream: Some(url),
+            scope: Some("ocr:read".into()),
+            cost: 1,
+            public: false,
+            class: Default::default(),
+        });
+    })
+    .await;
+    // The pages: a blank document served on 127.0.0.1, reached as two origins.
+    let pages = axum::Router::new().fallback(|| async { axum::response::Html("<!doctype html><title>page</title>") });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, pages).await;
+    });
+    let allowed = format!("http://localhost:{port}");
+    let other = format!("http://127.0.0.1:{port}");
+
+    let (pk, _) = app
+        .create_key(json!({"kind": "pk", "name": "canvas", "preset": "aidemo", "allowed_origins": [allowed]}))
+        .await;
+    let (revoked, rec) = app
+        .create_key(json!({"kind": "pk", "name": "old", "preset": "aidemo", "allowed_origins": [allowed]}))
+        .await;
+    app.post(&format!("/v1/keys/{}/revoke", rec["id"].as_str().expect("id")), json!({})).await;
+
+    let gw = app.url("/api/ocr/scan");
+    let cfg = json!({"cases": [
+        {"name": "allowed", "page": format!("{allowed}/"), "url": gw, "key": pk},
+        {"name": "other_origin", "page": format!("{other}/"), "url": gw, "key": pk},
+        {"name": "revoked", "page": format!("{allowed}/"), "url": gw, "key": revoked},
+    ]});
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/browser");
+    assert!(
+        dir.join("node_modules/playwright-core").exists(),
+        "tests/browser/node_modules is missing: run `bash scripts/deps.sh` (npm ci in tests/browser)"
+    );
+    // Off the test's runtime thread: the servers must keep running while the browser works.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg("fetch.mjs")
+            .arg(cfg.to_string())
+            .current_dir(&dir)
+            .output()
+    })
+    .await
+    .expect("task")
+    .expect("node runs (is Node.js installed?)");
+    assert!(out.status.success(), "browser driver failed: {}", String::from_utf8_lossy(&out.stderr));
+    let res: Value = serde_json::from_slice(&out.stdout).expect("driver prints JSON");
+
+    let ok = &res["allowed"];
+    assert_eq!(ok["fetched"], true, "{ok}");
+    assert_eq!(ok["status"], 200, "{ok}");
+    let body: Value = serde_json::from_str(ok["body"].as_str().expect("body")).expect("upstream JSON");
+    assert_eq!(body["method"], "POST");
+    assert_eq!(body["headers"]["origin"], allowed.as_str());
+    assert!(body["headers"].get("authorization").is_none());
+    assert_eq!(ok["credits"], "1999", "exposed headers are readable from the page");
+    assert!(ok["ratelimit"].as_str().is_some_and(|s| s.starts_with("\"key\";r=59")));
+
+    let blocked = &res["other_origin"];
+    assert_eq!(blocked["fetched"], false, "a page from another origin must not get an answer: {blocked}");
+
+    let gone = &res["revoked"];
+    assert_eq!(gone["fetched"], true, "{gone}");
+    assert_eq!(gone["status"], 401);
+    let body: Value = serde_json::from_str(gone["body"].as_str().expect("body")).expect("JSON refusal");
+    assert_eq!(body["error"]["code"], "REVOKED");
+    assert_eq!(up.hits(), 1, "only the allowed call reached the upstream");
+}
