@@ -262,6 +262,11 @@ async fn forward(
             "request body too large",
         ));
     }
+    // A request without Content-Length or Transfer-Encoding has no body (RFC 9112 §6.3): send
+    // none upstream. Forwarding an "unknown length" body would make the client use chunked
+    // encoding, and an upstream that does not read it must then close the connection.
+    let has_body =
+        parts.headers.contains_key(header::TRANSFER_ENCODING) || declared.is_some_and(|n| n > 0);
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -304,10 +309,14 @@ async fn forward(
     h.insert(header::HOST, upstream.host_header.clone());
     parts.uri = upstream.uri_for(&path_and_query)?;
     parts.version = axum::http::Version::HTTP_11;
-    let limited = Body::new(Limited::new(
-        body,
-        usize::try_from(max).unwrap_or(usize::MAX),
-    ));
+    let limited = if has_body {
+        Body::new(Limited::new(
+            body,
+            usize::try_from(max).unwrap_or(usize::MAX),
+        ))
+    } else {
+        Body::empty()
+    };
     let out = Request::from_parts(parts, limited);
     let timeout = Duration::from_secs(state.config.gateway.upstream_timeout_seconds.max(1));
     let resp = match tokio::time::timeout(timeout, state.gateway.client.request(out)).await {
@@ -337,11 +346,36 @@ async fn forward(
     };
     let (mut rparts, rbody) = resp.into_parts();
     strip_hop_by_hop(&mut rparts.headers);
+    let small = rparts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n <= SMALL_BODY);
+    if small {
+        // A small body of known length is read whole, so the answer leaves in one write
+        // (head and body together) instead of one write per frame: on loopback each write
+        // costs as much as the rest of the request. Larger bodies stream.
+        if let Ok(Ok(collected)) = tokio::time::timeout(timeout, rbody.collect()).await {
+            return Ok(Response::from_parts(
+                rparts,
+                Body::from(collected.to_bytes()),
+            ));
+        }
+        return Err(upstream_error(
+            "BAD_GATEWAY",
+            StatusCode::BAD_GATEWAY,
+            "the upstream's answer was cut short",
+        ));
+    }
     Ok(Response::from_parts(
         rparts,
         Body::new(rbody.map_err(axum::Error::new)),
     ))
 }
+
+/// Upstream answers up to this size (with a Content-Length) are sent on in one piece.
+const SMALL_BODY: u64 = 64 * 1024;
 
 fn is_body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);

@@ -26,8 +26,11 @@ async fn a_browser_page_calls_the_gateway_with_a_publishable_key() {
     })
     .await;
     // The pages: a blank document served on 127.0.0.1, reached as two origins.
-    let pages = axum::Router::new().fallback(|| async { axum::response::Html("<!doctype html><title>page</title>") });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let pages = axum::Router::new()
+        .fallback(|| async { axum::response::Html("<!doctype html><title>page</title>") });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let port = listener.local_addr().expect("addr").port();
     tokio::spawn(async move {
         let _ = axum::serve(listener, pages).await;
@@ -39,9 +42,15 @@ async fn a_browser_page_calls_the_gateway_with_a_publishable_key() {
         .create_key(json!({"kind": "pk", "name": "canvas", "preset": "aidemo", "allowed_origins": [allowed]}))
         .await;
     let (revoked, rec) = app
-        .create_key(json!({"kind": "pk", "name": "old", "preset": "aidemo", "allowed_origins": [allowed]}))
+        .create_key(
+            json!({"kind": "pk", "name": "old", "preset": "aidemo", "allowed_origins": [allowed]}),
+        )
         .await;
-    app.post(&format!("/v1/keys/{}/revoke", rec["id"].as_str().expect("id")), json!({})).await;
+    app.post(
+        &format!("/v1/keys/{}/revoke", rec["id"].as_str().expect("id")),
+        json!({}),
+    )
+    .await;
 
     let gw = app.url("/api/ocr/scan");
     let cfg = json!({"cases": [
@@ -65,26 +74,40 @@ async fn a_browser_page_calls_the_gateway_with_a_publishable_key() {
     .await
     .expect("task")
     .expect("node runs (is Node.js installed?)");
-    assert!(out.status.success(), "browser driver failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "browser driver failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let res: Value = serde_json::from_slice(&out.stdout).expect("driver prints JSON");
 
     let ok = &res["allowed"];
     assert_eq!(ok["fetched"], true, "{ok}");
     assert_eq!(ok["status"], 200, "{ok}");
-    let body: Value = serde_json::from_str(ok["body"].as_str().expect("body")).expect("upstream JSON");
+    let body: Value =
+        serde_json::from_str(ok["body"].as_str().expect("body")).expect("upstream JSON");
     assert_eq!(body["method"], "POST");
     assert_eq!(body["headers"]["origin"], allowed.as_str());
     assert!(body["headers"].get("authorization").is_none());
-    assert_eq!(ok["credits"], "1999", "exposed headers are readable from the page");
-    assert!(ok["ratelimit"].as_str().is_some_and(|s| s.starts_with("\"key\";r=59")));
+    assert_eq!(
+        ok["credits"], "1999",
+        "exposed headers are readable from the page"
+    );
+    assert!(ok["ratelimit"]
+        .as_str()
+        .is_some_and(|s| s.starts_with("\"key\";r=59")));
 
     let blocked = &res["other_origin"];
-    assert_eq!(blocked["fetched"], false, "a page from another origin must not get an answer: {blocked}");
+    assert_eq!(
+        blocked["fetched"], false,
+        "a page from another origin must not get an answer: {blocked}"
+    );
 
     let gone = &res["revoked"];
     assert_eq!(gone["fetched"], true, "{gone}");
     assert_eq!(gone["status"], 401);
-    let body: Value = serde_json::from_str(gone["body"].as_str().expect("body")).expect("JSON refusal");
+    let body: Value =
+        serde_json::from_str(gone["body"].as_str().expect("body")).expect("JSON refusal");
     assert_eq!(body["error"]["code"], "REVOKED");
     assert_eq!(up.hits(), 1, "only the allowed call reached the upstream");
 }
