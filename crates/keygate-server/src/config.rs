@@ -18,6 +18,8 @@ pub struct Config {
     pub database_url: String,
     /// Empty: in-process counters.
     pub redis_url: String,
+    /// Connection pool of the store.
+    pub database: DatabaseConfig,
     /// This node's name in logs and audit events (default: a random id per process).
     pub node_id: Option<String>,
     /// Key format and lifecycle.
@@ -109,6 +111,25 @@ pub struct RouteConfig {
     /// `normal`, or `admin` / `billing` / `webhook` / `token_management` (closed to `pk`).
     #[serde(default)]
     pub class: RouteClass,
+}
+
+/// `[database]`: the store's connection pool (PostgreSQL; SQLite uses a small fixed pool).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Largest number of connections this node opens.
+    pub max_connections: u32,
+    /// How long a request waits for a free connection before the store counts as down.
+    pub acquire_timeout_seconds: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout_seconds: 5,
+        }
+    }
 }
 
 /// `[limits]`
@@ -255,6 +276,7 @@ impl Default for Config {
             listen: "127.0.0.1:8080".into(),
             database_url: "sqlite://keygate.db".into(),
             redis_url: String::new(),
+            database: DatabaseConfig::default(),
             node_id: None,
             keys: KeysConfig::default(),
             plans,

@@ -33,8 +33,9 @@ impl std::fmt::Display for StartupError {
 
 impl std::error::Error for StartupError {}
 
-/// Opens the store named by `database_url` and applies migrations.
-pub async fn open_store(database_url: &str) -> Result<Arc<dyn Store>, StartupError> {
+/// Opens the store named by `config.database_url` and applies migrations.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartupError> {
+    let database_url = config.database_url.as_str();
     if database_url.starts_with("sqlite:") {
         let s = SqliteStore::connect(database_url)
             .await
@@ -43,10 +44,18 @@ pub async fn open_store(database_url: &str) -> Result<Arc<dyn Store>, StartupErr
             .await
             .map_err(|e| StartupError(format!("migrating {database_url}: {}", e.message)))?;
         Ok(Arc::new(s))
-    } else if database_url.starts_with("postgres") {
-        Err(StartupError(
-            "PostgreSQL is not supported by this build yet; use sqlite://".into(),
-        ))
+    } else if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+        let s = keygate_store::PgStore::connect(
+            database_url,
+            config.database.max_connections,
+            Duration::from_secs(config.database.acquire_timeout_seconds.max(1)),
+        )
+        .await
+        .map_err(|e| StartupError(format!("cannot connect to PostgreSQL: {}", e.message)))?;
+        s.migrate()
+            .await
+            .map_err(|e| StartupError(format!("migrating PostgreSQL: {}", e.message)))?;
+        Ok(Arc::new(s))
     } else {
         Err(StartupError(format!(
             "database_url must start with sqlite:// or postgres:// (got {database_url:?})"
@@ -133,7 +142,7 @@ impl Application {
     /// Opens the store, bootstraps, binds `config.listen`.
     pub async fn build(config: Config) -> Result<Self, StartupError> {
         config.validate().map_err(|e| StartupError(e.to_string()))?;
-        let store = open_store(&config.database_url).await?;
+        let store = open_store(&config).await?;
         let root_key = bootstrap(&config, &*store).await?;
         let (format, hasher) = key_tools(&config)?;
         let (touch_tx, touch_rx) = mpsc::channel(65_536);

@@ -1301,3 +1301,66 @@ async fn top_ups_are_capped() {
         .expect("json");
     assert_eq!(t["credits"], 1_000_000_000_000_000u64);
 }
+
+#[tokio::test]
+async fn the_same_api_runs_on_postgresql() {
+    let app = TestApp::spawn_postgres(|_| {}).await;
+    let status: Value = app
+        .client
+        .get(app.url("/v1/status"))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(status["store"], "postgres");
+    let (key, rec) = app
+        .create_key(json!({"kind": "sk", "name": "pg", "scopes": ["ocr:read"], "budget": 5}))
+        .await;
+    let id = rec["id"].as_str().expect("id");
+    let mut tasks = Vec::new();
+    for _ in 0..30 {
+        let client = app.client.clone();
+        let url = app.url("/v1/auth");
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .expect("request")
+                .status()
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.expect("task") == StatusCode::OK {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 5, "exactly the budget on PostgreSQL too");
+    let r = app
+        .post(
+            &format!("/v1/keys/{id}/rotate"),
+            json!({"grace_seconds": 0}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(error_code(app.auth(Some(&key), &[]).await).await, "EXPIRED");
+    let listed: Value = app
+        .get("/v1/keys?name=pg")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(2));
+    let t: Value = app
+        .post("/v1/tenants", json!({"name": "PG", "credits": 2}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(t["credits"], 2);
+}

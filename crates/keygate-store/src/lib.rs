@@ -12,9 +12,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod postgres;
+mod rows;
 mod sqlite;
 mod types;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use types::*;
 

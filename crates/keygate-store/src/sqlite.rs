@@ -1,13 +1,11 @@
 //! The embedded store: one SQLite file in WAL mode.
 
-use crate::{
-    Grant, KeyFilter, KeyRecord, PageRequest, Result, Store, StoreError, Tenant, User, Withdrawal,
-};
+use crate::rows::{json_list, key_from_row, tenant_from_row, to_i64, to_u64, user_from_row};
+use crate::{Grant, KeyFilter, KeyRecord, PageRequest, Result, Store, Tenant, User, Withdrawal};
 use async_trait::async_trait;
-use keygate_core::{IpAllowList, KeyHash, KeyStatus, Kind, OriginList, RateLimit, ScopeSet};
+use keygate_core::KeyHash;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite};
 use std::str::FromStr;
@@ -43,100 +41,6 @@ impl SqliteStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-fn json_list(v: Vec<String>) -> String {
-    serde_json::Value::from(v).to_string()
-}
-
-fn parse_list(s: &str, what: &str) -> Result<Vec<String>> {
-    serde_json::from_str(s).map_err(|e| StoreError::corrupt(format!("{what}: {e}")))
-}
-
-fn tenant_from_row(r: &SqliteRow) -> Result<Tenant> {
-    Ok(Tenant {
-        id: r.try_get("id")?,
-        name: r.try_get("name")?,
-        plan: r.try_get("plan")?,
-        credits: r.try_get::<Option<i64>, _>("credits")?.map(to_u64),
-        created_at_ms: r.try_get("created_at")?,
-    })
-}
-
-fn user_from_row(r: &SqliteRow) -> Result<User> {
-    Ok(User {
-        id: r.try_get("id")?,
-        tenant_id: r.try_get("tenant_id")?,
-        email: r.try_get("email")?,
-        name: r.try_get("name")?,
-        plan: r.try_get("plan")?,
-        password_hash: r.try_get("password_hash")?,
-        created_at_ms: r.try_get("created_at")?,
-    })
-}
-
-fn key_from_row(r: &SqliteRow) -> Result<KeyRecord> {
-    let corrupt =
-        |what: &str, e: &dyn std::fmt::Display| StoreError::corrupt(format!("{what}: {e}"));
-    let kind: String = r.try_get("kind")?;
-    let status: String = r.try_get("status")?;
-    let hash: Vec<u8> = r.try_get("hash")?;
-    let scopes = parse_list(&r.try_get::<String, _>("scopes")?, "scopes")?;
-    let ips = parse_list(&r.try_get::<String, _>("allowed_ips")?, "allowed_ips")?;
-    let origins = parse_list(
-        &r.try_get::<String, _>("allowed_origins")?,
-        "allowed_origins",
-    )?;
-    let metadata: String = r.try_get("metadata")?;
-    let rate_limit = match (
-        r.try_get::<Option<i64>, _>("rate_limit")?,
-        r.try_get::<Option<i64>, _>("rate_window")?,
-    ) {
-        (Some(l), Some(w)) => Some(
-            RateLimit::new(
-                u32::try_from(l).map_err(|e| corrupt("rate_limit", &e))?,
-                u32::try_from(w).map_err(|e| corrupt("rate_window", &e))?,
-            )
-            .map_err(|e| corrupt("rate_limit", &e))?,
-        ),
-        _ => None,
-    };
-    Ok(KeyRecord {
-        id: r.try_get("id")?,
-        family_id: r.try_get("family_id")?,
-        tenant_id: r.try_get("tenant_id")?,
-        user_id: r.try_get("user_id")?,
-        kind: Kind::parse(&kind).map_err(|e| corrupt("kind", &e))?,
-        name: r.try_get("name")?,
-        hash: KeyHash::from_slice(&hash).ok_or_else(|| StoreError::corrupt("hash length"))?,
-        display: r.try_get("display")?,
-        scopes: ScopeSet::parse(&scopes).map_err(|e| corrupt("scopes", &e))?,
-        allowed_ips: IpAllowList::parse(&ips).map_err(|e| corrupt("allowed_ips", &e))?,
-        allowed_origins: OriginList::parse(&origins).map_err(|e| corrupt("allowed_origins", &e))?,
-        rate_limit,
-        budget: r.try_get::<Option<i64>, _>("budget")?.map(to_u64),
-        budget_withdrawn: to_u64(r.try_get("spent")?),
-        expires_at_ms: r.try_get("expires_at")?,
-        rotation_days: r
-            .try_get::<Option<i64>, _>("rotation_days")?
-            .map(|d| u32::try_from(d).unwrap_or(u32::MAX)),
-        metadata: serde_json::from_str(&metadata).map_err(|e| corrupt("metadata", &e))?,
-        status: KeyStatus::parse(&status).ok_or_else(|| StoreError::corrupt("status"))?,
-        rotated_from: r.try_get("rotated_from")?,
-        rotated_to: r.try_get("rotated_to")?,
-        created_at_ms: r.try_get("created_at")?,
-        updated_at_ms: r.try_get("updated_at")?,
-        last_used_at_ms: r.try_get("last_used_at")?,
-        revoked_at_ms: r.try_get("revoked_at")?,
-    })
 }
 
 const KEY_SELECT: &str =

@@ -89,7 +89,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async move {
         match cli.command {
             Command::Serve => serve(config).await,
-            Command::Migrate => startup::open_store(&config.database_url)
+            Command::Migrate => startup::open_store(&config)
                 .await
                 .map(|_| eprintln!("keygate: migrations applied to {}", config.database_url))
                 .map_err(|e| e.to_string()),
@@ -147,7 +147,7 @@ async fn shutdown_signal() {
 }
 
 async fn keys(config: Config, cmd: KeysCommand) -> Result<(), String> {
-    let store = startup::open_store(&config.database_url)
+    let store = startup::open_store(&config)
         .await
         .map_err(|e| e.to_string())?;
     match cmd {

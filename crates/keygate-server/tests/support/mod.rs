@@ -77,6 +77,55 @@ impl TestApp {
         }
     }
 
+    /// The app on a fresh schema of the shared PostgreSQL (127.0.0.1:5432, database `test`, or
+    /// `KEYGATE_TEST_POSTGRES_URL`). Fails loudly when PostgreSQL is not there.
+    pub async fn spawn_postgres(f: impl FnOnce(&mut Config)) -> Self {
+        let base = std::env::var("KEYGATE_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let schema = format!(
+            "kg_api_{}_{}_{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+        );
+        let admin = sqlx::PgPool::connect(&base).await.unwrap_or_else(|e| {
+            panic!("PostgreSQL at {base} is required ({e}); bash scripts/services.sh starts it")
+        });
+        // Schemas of test processes that are gone (nextest runs each test in its own process).
+        let old: Vec<String> = sqlx::query_scalar(
+            "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'kg_api_%'",
+        )
+        .fetch_all(&admin)
+        .await
+        .unwrap_or_default();
+        for name in old {
+            let pid = name.split('_').nth(2).unwrap_or("");
+            if !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                    .execute(&admin)
+                    .await;
+            }
+        }
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(&admin)
+            .await
+            .expect("create schema");
+        admin.close().await;
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut app = Self::spawn_in(dir.path(), move |c| {
+            c.database_url = url;
+            f(c);
+        })
+        .await;
+        app._dir = Some(dir);
+        app
+    }
+
     /// Keeps the root key of an earlier start of the same database.
     pub fn with_root(mut self, root: String) -> Self {
         self.root = root;

@@ -1,0 +1,410 @@
+//! The shared store: PostgreSQL, for many keygate nodes. Same schema shape and statements as
+//! the SQLite store, in PostgreSQL's dialect.
+
+use crate::rows::{json_list, key_from_row, tenant_from_row, to_i64, to_u64, user_from_row};
+use crate::{Grant, KeyFilter, KeyRecord, PageRequest, Result, Store, Tenant, User, Withdrawal};
+use async_trait::async_trait;
+use keygate_core::KeyHash;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Postgres, QueryBuilder, Row};
+use std::time::Duration;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// PostgreSQL implementation of [`Store`].
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user@host:5432/db`) with a pool of `max_connections`;
+    /// a connection is waited for at most `acquire_timeout`.
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        acquire_timeout: Duration,
+    ) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(acquire_timeout)
+            .connect(url)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    /// Builds a store on an existing pool (tests point one at a schema of their own).
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The underlying pool (for tests and tools).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+const KEY_SELECT: &str =
+    "SELECT k.*, f.budget, f.spent FROM keys k JOIN key_families f ON f.id = k.family_id";
+
+#[async_trait]
+impl Store for PgStore {
+    async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn insert_tenant(&self, t: &Tenant) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tenants (id, name, plan, credits, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&t.id)
+        .bind(&t.name)
+        .bind(&t.plan)
+        .bind(t.credits.map(to_i64))
+        .bind(t.created_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_tenant(&self, id: &str) -> Result<Option<Tenant>> {
+        let row = sqlx::query("SELECT * FROM tenants WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(tenant_from_row).transpose()
+    }
+
+    async fn list_tenants(&self, page: &PageRequest) -> Result<Vec<Tenant>> {
+        let rows = sqlx::query(
+            "SELECT * FROM tenants WHERE ($1::text IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
+        )
+        .bind(page.cursor.as_deref())
+        .bind(i64::from(page.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(tenant_from_row).collect()
+    }
+
+    async fn add_tenant_credits(&self, id: &str, amount: u64) -> Result<Option<Tenant>> {
+        let row = sqlx::query(
+            "UPDATE tenants SET credits = CASE WHEN credits IS NULL THEN NULL ELSE credits + $1 END \
+             WHERE id = $2 AND (credits IS NULL OR credits + $1 <= 1000000000000000) RETURNING *",
+        )
+        .bind(to_i64(amount))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(tenant_from_row).transpose()
+    }
+
+    async fn insert_user(&self, u: &User) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO users (id, tenant_id, email, name, plan, password_hash, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&u.id)
+        .bind(&u.tenant_id)
+        .bind(&u.email)
+        .bind(&u.name)
+        .bind(&u.plan)
+        .bind(&u.password_hash)
+        .bind(u.created_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_user(&self, id: &str) -> Result<Option<User>> {
+        let row = sqlx::query("SELECT * FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn list_users(&self, tenant_id: &str, page: &PageRequest) -> Result<Vec<User>> {
+        let rows = sqlx::query(
+            "SELECT * FROM users WHERE tenant_id = $1 AND ($2::text IS NULL OR id < $2) \
+             ORDER BY id DESC LIMIT $3",
+        )
+        .bind(tenant_id)
+        .bind(page.cursor.as_deref())
+        .bind(i64::from(page.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(user_from_row).collect()
+    }
+
+    async fn insert_key(&self, k: &KeyRecord) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        if k.family_id == k.id {
+            sqlx::query("INSERT INTO key_families (id, budget, spent) VALUES ($1, $2, $3)")
+                .bind(&k.family_id)
+                .bind(k.budget.map(to_i64))
+                .bind(to_i64(k.budget_withdrawn))
+                .execute(&mut *tx)
+                .await?;
+        }
+        insert_key_row(&mut tx, k).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_key(&self, id: &str) -> Result<Option<KeyRecord>> {
+        let row = sqlx::query(&format!("{KEY_SELECT} WHERE k.id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn get_key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>> {
+        let row = sqlx::query(&format!("{KEY_SELECT} WHERE k.hash = $1"))
+            .bind(&hash.as_bytes()[..])
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn list_keys(&self, f: &KeyFilter, page: &PageRequest) -> Result<Vec<KeyRecord>> {
+        let mut q: QueryBuilder<Postgres> = QueryBuilder::new(KEY_SELECT);
+        q.push(" WHERE 1 = 1");
+        if let Some(t) = &f.tenant_id {
+            q.push(" AND k.tenant_id = ").push_bind(t.clone());
+        }
+        if let Some(kind) = f.kind {
+            q.push(" AND k.kind = ").push_bind(kind.as_str());
+        }
+        if let Some(s) = f.status {
+            q.push(" AND k.status = ").push_bind(s.as_str());
+        }
+        if let Some(u) = &f.user_id {
+            q.push(" AND k.user_id = ").push_bind(u.clone());
+        }
+        if let Some(n) = &f.name_contains {
+            q.push(" AND strpos(lower(k.name), lower(")
+                .push_bind(n.clone())
+                .push(")) > 0");
+        }
+        if let Some(c) = &page.cursor {
+            q.push(" AND k.id < ").push_bind(c.clone());
+        }
+        q.push(" ORDER BY k.id DESC LIMIT ")
+            .push_bind(i64::from(page.limit));
+        let rows = q.build().fetch_all(&self.pool).await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn update_key(&self, k: &KeyRecord, expected_updated_at: i64) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "UPDATE keys SET name = $1, scopes = $2, allowed_ips = $3, allowed_origins = $4, \
+             rate_limit = $5, rate_window = $6, expires_at = $7, rotation_days = $8, metadata = $9, \
+             updated_at = $10 WHERE id = $11 AND updated_at = $12 AND status IN ('active', 'grace')",
+        )
+        .bind(&k.name)
+        .bind(json_list(k.scopes.to_strings()))
+        .bind(json_list(k.allowed_ips.to_strings()))
+        .bind(json_list(k.allowed_origins.to_strings()))
+        .bind(k.rate_limit.map(|r| i64::from(r.limit)))
+        .bind(k.rate_limit.map(|r| i64::from(r.window_seconds)))
+        .bind(k.expires_at_ms)
+        .bind(k.rotation_days.map(i64::from))
+        .bind(serde_json::Value::Object(k.metadata.clone()).to_string())
+        .bind(k.updated_at_ms)
+        .bind(&k.id)
+        .bind(expected_updated_at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !done {
+            return Ok(false);
+        }
+        sqlx::query("UPDATE key_families SET budget = $1 WHERE id = $2")
+            .bind(k.budget.map(to_i64))
+            .bind(&k.family_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    async fn rotate_key(
+        &self,
+        old_id: &str,
+        grace_until_ms: i64,
+        successor: &KeyRecord,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let changed = sqlx::query(
+            "UPDATE keys SET status = 'grace', rotated_to = $1, updated_at = $2, \
+             expires_at = CASE WHEN expires_at IS NOT NULL AND expires_at < $3 THEN expires_at ELSE $3 END \
+             WHERE id = $4 AND status IN ('active', 'grace') AND rotated_to IS NULL",
+        )
+        .bind(&successor.id)
+        .bind(successor.created_at_ms)
+        .bind(grace_until_ms)
+        .bind(old_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if changed != 1 {
+            return Ok(false);
+        }
+        insert_key_row(&mut tx, successor).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn revoke_key(&self, id: &str, now_ms: i64) -> Result<Option<KeyRecord>> {
+        sqlx::query(
+            "UPDATE keys SET status = 'revoked', revoked_at = COALESCE(revoked_at, $1), updated_at = $1 \
+             WHERE id = $2",
+        )
+        .bind(now_ms)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        self.get_key(id).await
+    }
+
+    async fn touch_keys(&self, used: &[(String, i64)]) -> Result<()> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for (id, at) in used {
+            sqlx::query(
+                "UPDATE keys SET last_used_at = $1 WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $1)",
+            )
+            .bind(at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn count_keys(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM keys")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(to_u64(n))
+    }
+
+    async fn withdraw_budget(&self, family_id: &str, want: u64) -> Result<Grant> {
+        // SET expressions all read the row as it was before the update, so `last_grant`
+        // records exactly what this statement took: one atomic statement, no read-modify-write.
+        let row = sqlx::query(
+            "UPDATE key_families SET \
+               last_grant = CASE WHEN budget IS NULL THEN $1 ELSE LEAST($1, GREATEST(budget - spent, 0)) END, \
+               spent = spent + CASE WHEN budget IS NULL THEN 0 ELSE LEAST($1, GREATEST(budget - spent, 0)) END \
+             WHERE id = $2 RETURNING last_grant, budget - spent AS remaining",
+        )
+        .bind(to_i64(want))
+        .bind(family_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(r) => Ok(Grant {
+                granted: to_u64(r.try_get("last_grant")?),
+                remaining: r
+                    .try_get::<Option<i64>, _>("remaining")?
+                    .map_or(u64::MAX, to_u64),
+            }),
+            None => Ok(Grant {
+                granted: 0,
+                remaining: 0,
+            }),
+        }
+    }
+
+    async fn refund_budget(&self, family_id: &str, amount: u64) -> Result<()> {
+        sqlx::query("UPDATE key_families SET spent = GREATEST(spent - $1, 0) WHERE id = $2")
+            .bind(to_i64(amount))
+            .bind(family_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn withdraw_credits(&self, tenant_id: &str, want: u64) -> Result<Withdrawal> {
+        let row = sqlx::query(
+            "UPDATE tenants SET \
+               last_grant = CASE WHEN credits IS NULL THEN -1 ELSE LEAST($1, GREATEST(credits, 0)) END, \
+               credits = CASE WHEN credits IS NULL THEN NULL ELSE credits - LEAST($1, GREATEST(credits, 0)) END \
+             WHERE id = $2 RETURNING last_grant, credits",
+        )
+        .bind(to_i64(want))
+        .bind(tenant_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            None => Ok(Withdrawal::Granted(Grant {
+                granted: 0,
+                remaining: 0,
+            })),
+            Some(r) => {
+                let g: i64 = r.try_get("last_grant")?;
+                Ok(if g < 0 {
+                    Withdrawal::Unlimited
+                } else {
+                    Withdrawal::Granted(Grant {
+                        granted: to_u64(g),
+                        remaining: to_u64(r.try_get::<Option<i64>, _>("credits")?.unwrap_or(0)),
+                    })
+                })
+            }
+        }
+    }
+
+    async fn refund_credits(&self, tenant_id: &str, amount: u64) -> Result<()> {
+        sqlx::query(
+            "UPDATE tenants SET credits = credits + $1 WHERE id = $2 AND credits IS NOT NULL",
+        )
+        .bind(to_i64(amount))
+        .bind(tenant_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
+
+async fn insert_key_row(tx: &mut sqlx::Transaction<'_, Postgres>, k: &KeyRecord) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO keys (id, family_id, tenant_id, user_id, kind, name, hash, display, scopes, \
+         allowed_ips, allowed_origins, rate_limit, rate_window, expires_at, rotation_days, metadata, \
+         status, rotated_from, rotated_to, created_at, updated_at, last_used_at, revoked_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
+    )
+    .bind(&k.id)
+    .bind(&k.family_id)
+    .bind(&k.tenant_id)
+    .bind(&k.user_id)
+    .bind(k.kind.as_str())
+    .bind(&k.name)
+    .bind(&k.hash.as_bytes()[..])
+    .bind(&k.display)
+    .bind(json_list(k.scopes.to_strings()))
+    .bind(json_list(k.allowed_ips.to_strings()))
+    .bind(json_list(k.allowed_origins.to_strings()))
+    .bind(k.rate_limit.map(|r| i64::from(r.limit)))
+    .bind(k.rate_limit.map(|r| i64::from(r.window_seconds)))
+    .bind(k.expires_at_ms)
+    .bind(k.rotation_days.map(i64::from))
+    .bind(serde_json::Value::Object(k.metadata.clone()).to_string())
+    .bind(k.status.as_str())
+    .bind(&k.rotated_from)
+    .bind(&k.rotated_to)
+    .bind(k.created_at_ms)
+    .bind(k.updated_at_ms)
+    .bind(k.last_used_at_ms)
+    .bind(k.revoked_at_ms)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

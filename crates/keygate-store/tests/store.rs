@@ -1,0 +1,389 @@
+//! The store suite, run against both backends: every test runs once on a fresh SQLite file and
+//! once on a fresh PostgreSQL schema (127.0.0.1:5432, or `KEYGATE_TEST_POSTGRES_URL`).
+//! PostgreSQL is required: without it these tests fail and say so.
+
+use keygate_core::{IpAllowList, KeyHash, KeyStatus, Kind, OriginList, ScopeSet};
+use keygate_store::{
+    KeyFilter, KeyRecord, PageRequest, PgStore, SqliteStore, Store, StoreErrorKind, Tenant, User,
+    Withdrawal,
+};
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+fn pg_url() -> String {
+    std::env::var("KEYGATE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Runs `body` against a fresh SQLite store and a fresh PostgreSQL schema.
+async fn on_both<F, Fut>(body: F)
+where
+    F: Fn(Arc<dyn Store>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sqlite = SqliteStore::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
+        .await
+        .expect("sqlite");
+    sqlite.migrate().await.expect("migrate sqlite");
+    body(Arc::new(sqlite)).await;
+
+    static N: AtomicU64 = AtomicU64::new(0);
+    let schema = format!(
+        "kg_test_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+    );
+    let admin = sqlx::PgPool::connect(&pg_url()).await.unwrap_or_else(|e| {
+        panic!("PostgreSQL at {} is required for the store suite ({e}); bash scripts/services.sh starts it", pg_url())
+    });
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .expect("create schema");
+    let opts = sqlx::postgres::PgConnectOptions::from_str(&pg_url())
+        .expect("url")
+        .options([("search_path", schema.as_str())]);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(opts)
+        .await
+        .expect("pool");
+    let pg = PgStore::from_pool(pool.clone());
+    pg.migrate().await.expect("migrate postgres");
+    body(Arc::new(pg)).await;
+    pool.close().await;
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&admin)
+        .await
+        .expect("drop schema");
+}
+
+fn tenant(id: &str, credits: Option<u64>) -> Tenant {
+    Tenant {
+        id: id.into(),
+        name: id.into(),
+        plan: "free".into(),
+        credits,
+        created_at_ms: 1,
+    }
+}
+
+fn key(id: &str, tenant: &str, kind: Kind, budget: Option<u64>, seed: u8) -> KeyRecord {
+    KeyRecord {
+        id: id.into(),
+        family_id: id.into(),
+        tenant_id: tenant.into(),
+        user_id: None,
+        kind,
+        name: format!("name {id}"),
+        hash: KeyHash([seed; 32]),
+        display: "kg_sk_abcd".into(),
+        scopes: ScopeSet::parse(&["ocr:read", "docs:read"]).expect("scopes"),
+        allowed_ips: IpAllowList::parse(&["10.0.0.0/8", "2001:db8::/32"]).expect("ips"),
+        allowed_origins: OriginList::parse(&["https://*.example.com"]).expect("origins"),
+        rate_limit: Some(keygate_core::RateLimit {
+            limit: 5,
+            window_seconds: 60,
+        }),
+        budget,
+        budget_withdrawn: 0,
+        expires_at_ms: Some(9_000_000_000_000),
+        rotation_days: Some(30),
+        metadata: serde_json::from_str(r#"{"team":"ocr","n":[1,2]}"#).expect("json"),
+        status: KeyStatus::Active,
+        rotated_from: None,
+        rotated_to: None,
+        created_at_ms: 10,
+        updated_at_ms: 10,
+        last_used_at_ms: None,
+        revoked_at_ms: None,
+    }
+}
+
+fn page(limit: u32, cursor: Option<&str>) -> PageRequest {
+    PageRequest {
+        cursor: cursor.map(Into::into),
+        limit,
+    }
+}
+
+#[tokio::test]
+async fn tenants_and_users_round_trip() {
+    on_both(|s| async move {
+        s.insert_tenant(&tenant("t_a", Some(10)))
+            .await
+            .expect("insert");
+        s.insert_tenant(&tenant("t_b", None)).await.expect("insert");
+        let dup = s
+            .insert_tenant(&tenant("t_a", None))
+            .await
+            .expect_err("duplicate");
+        assert_eq!(dup.kind, StoreErrorKind::Conflict);
+        assert_eq!(
+            s.get_tenant("t_a").await.expect("get"),
+            Some(tenant("t_a", Some(10)))
+        );
+        assert_eq!(s.get_tenant("nope").await.expect("get"), None);
+        let first = s.list_tenants(&page(1, None)).await.expect("list");
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].id, "t_b");
+        let rest = s.list_tenants(&page(10, Some("t_b"))).await.expect("list");
+        assert_eq!(
+            rest.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+            vec!["t_a"]
+        );
+        assert_eq!(
+            s.add_tenant_credits("t_a", 5)
+                .await
+                .expect("add")
+                .and_then(|t| t.credits),
+            Some(15)
+        );
+        assert_eq!(
+            s.add_tenant_credits("t_b", 5)
+                .await
+                .expect("add")
+                .map(|t| t.credits),
+            Some(None)
+        );
+        assert!(
+            s.add_tenant_credits("t_a", 1_000_000_000_000_000)
+                .await
+                .expect("add")
+                .is_none(),
+            "cap"
+        );
+
+        let u = User {
+            id: "usr_1".into(),
+            tenant_id: "t_a".into(),
+            email: "a@example.com".into(),
+            name: Some("A".into()),
+            plan: "free".into(),
+            password_hash: Some("$argon2id$…".into()),
+            created_at_ms: 3,
+        };
+        s.insert_user(&u).await.expect("user");
+        let dup = s
+            .insert_user(&User {
+                id: "usr_2".into(),
+                ..u.clone()
+            })
+            .await
+            .expect_err("same email");
+        assert_eq!(dup.kind, StoreErrorKind::Conflict);
+        assert_eq!(s.get_user("usr_1").await.expect("get"), Some(u.clone()));
+        assert_eq!(
+            s.list_users("t_a", &page(10, None)).await.expect("list"),
+            vec![u]
+        );
+        assert!(s
+            .list_users("t_b", &page(10, None))
+            .await
+            .expect("list")
+            .is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn keys_round_trip_filter_and_change_safely() {
+    on_both(|s| async move {
+        s.insert_tenant(&tenant("t_a", None)).await.expect("tenant");
+        s.insert_tenant(&tenant("t_b", None)).await.expect("tenant");
+        let k1 = key("key_1", "t_a", Kind::Sk, Some(50), 1);
+        let k2 = key("key_2", "t_a", Kind::Pk, None, 2);
+        let k3 = key("key_3", "t_b", Kind::Sk, None, 3);
+        for k in [&k1, &k2, &k3] {
+            s.insert_key(k).await.expect("insert");
+        }
+        let dup = s
+            .insert_key(&key("key_4", "t_a", Kind::Sk, None, 1))
+            .await
+            .expect_err("same hash");
+        assert_eq!(dup.kind, StoreErrorKind::Conflict);
+        assert_eq!(s.get_key("key_1").await.expect("get"), Some(k1.clone()));
+        assert_eq!(
+            s.get_key_by_hash(&KeyHash([2; 32])).await.expect("get"),
+            Some(k2.clone())
+        );
+        assert_eq!(
+            s.get_key_by_hash(&KeyHash([9; 32])).await.expect("get"),
+            None
+        );
+        assert_eq!(s.count_keys().await.expect("count"), 3);
+        let f = |t: &str| KeyFilter {
+            tenant_id: Some(t.into()),
+            ..KeyFilter::default()
+        };
+        assert_eq!(
+            s.list_keys(&f("t_a"), &page(10, None))
+                .await
+                .expect("list")
+                .len(),
+            2
+        );
+        let pks = KeyFilter {
+            kind: Some(Kind::Pk),
+            ..f("t_a")
+        };
+        assert_eq!(
+            s.list_keys(&pks, &page(10, None)).await.expect("list"),
+            vec![k2.clone()]
+        );
+        let named = KeyFilter {
+            name_contains: Some("NAME KEY_1".into()),
+            ..f("t_a")
+        };
+        assert_eq!(
+            s.list_keys(&named, &page(10, None))
+                .await
+                .expect("list")
+                .len(),
+            1
+        );
+        let paged = s
+            .list_keys(&f("t_a"), &page(1, Some("key_2")))
+            .await
+            .expect("list");
+        assert_eq!(
+            paged.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(),
+            vec!["key_1"]
+        );
+
+        // Optimistic update: a stale read loses; status is never written by an update.
+        let mut changed = k1.clone();
+        changed.name = "renamed".into();
+        changed.budget = Some(70);
+        changed.updated_at_ms = 20;
+        changed.status = KeyStatus::Revoked;
+        assert!(s.update_key(&changed, 10).await.expect("update"));
+        assert!(!s.update_key(&changed, 10).await.expect("stale update"));
+        let now = s.get_key("key_1").await.expect("get").expect("exists");
+        assert_eq!(now.name, "renamed");
+        assert_eq!(now.budget, Some(70));
+        assert_eq!(now.status, KeyStatus::Active);
+
+        // Rotation: one successor, same family, old key in grace until the given time.
+        let mut succ = key("key_5", "t_a", Kind::Sk, Some(70), 5);
+        succ.family_id = "key_1".into();
+        succ.rotated_from = Some("key_1".into());
+        assert!(s.rotate_key("key_1", 5_000, &succ).await.expect("rotate"));
+        let mut again = key("key_6", "t_a", Kind::Sk, None, 6);
+        again.family_id = "key_1".into();
+        assert!(!s
+            .rotate_key("key_1", 5_000, &again)
+            .await
+            .expect("second rotate"));
+        let old = s.get_key("key_1").await.expect("get").expect("exists");
+        assert_eq!(
+            (old.status, old.expires_at_ms, old.rotated_to.as_deref()),
+            (KeyStatus::Grace, Some(5_000), Some("key_5"))
+        );
+        let new = s.get_key("key_5").await.expect("get").expect("exists");
+        assert_eq!(new.budget, Some(70), "the family shares the budget");
+
+        // Revoke wins over a later update.
+        let revoked = s
+            .revoke_key("key_2", 30)
+            .await
+            .expect("revoke")
+            .expect("exists");
+        assert_eq!(revoked.status, KeyStatus::Revoked);
+        assert_eq!(revoked.revoked_at_ms, Some(30));
+        let mut late = revoked.clone();
+        late.name = "late".into();
+        assert!(!s
+            .update_key(&late, revoked.updated_at_ms)
+            .await
+            .expect("update"));
+        s.touch_keys(&[("key_3".into(), 99), ("key_3".into(), 50)])
+            .await
+            .expect("touch");
+        assert_eq!(
+            s.get_key("key_3")
+                .await
+                .expect("get")
+                .and_then(|k| k.last_used_at_ms),
+            Some(99)
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_withdrawals_never_overspend() {
+    on_both(|s| async move {
+        s.insert_tenant(&tenant("t_pool", Some(100)))
+            .await
+            .expect("tenant");
+        s.insert_tenant(&tenant("t_free", None))
+            .await
+            .expect("tenant");
+        s.insert_key(&key("key_b", "t_pool", Kind::Sk, Some(100), 1))
+            .await
+            .expect("key");
+        s.insert_key(&key("key_u", "t_pool", Kind::Sk, None, 2))
+            .await
+            .expect("key");
+        let mut tasks = Vec::new();
+        for _ in 0..40 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                let b = s
+                    .withdraw_budget("key_b", 3)
+                    .await
+                    .expect("withdraw")
+                    .granted;
+                let c = match s.withdraw_credits("t_pool", 3).await.expect("withdraw") {
+                    Withdrawal::Granted(g) => g.granted,
+                    Withdrawal::Unlimited => panic!("limited pool"),
+                };
+                (b, c)
+            }));
+        }
+        let (mut budget, mut credits) = (0, 0);
+        for t in tasks {
+            let (b, c) = t.await.expect("task");
+            budget += b;
+            credits += c;
+        }
+        assert_eq!(budget, 100, "exactly the budget, never more");
+        assert_eq!(credits, 100, "exactly the pool, never more");
+        assert_eq!(
+            s.withdraw_budget("key_b", 1)
+                .await
+                .expect("withdraw")
+                .granted,
+            0
+        );
+        s.refund_budget("key_b", 4).await.expect("refund");
+        let g = s.withdraw_budget("key_b", 10).await.expect("withdraw");
+        assert_eq!((g.granted, g.remaining), (4, 0));
+        let g = s.withdraw_budget("key_u", 10).await.expect("withdraw");
+        assert_eq!(
+            (g.granted, g.remaining),
+            (10, u64::MAX),
+            "no budget: nothing to count"
+        );
+        assert_eq!(
+            s.withdraw_credits("t_free", 10).await.expect("withdraw"),
+            Withdrawal::Unlimited
+        );
+        s.refund_credits("t_pool", 7).await.expect("refund");
+        assert_eq!(
+            s.get_tenant("t_pool")
+                .await
+                .expect("get")
+                .and_then(|t| t.credits),
+            Some(7)
+        );
+    })
+    .await;
+}
