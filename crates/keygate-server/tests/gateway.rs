@@ -229,6 +229,40 @@ async fn upstream_errors_are_charged_but_gateway_faults_are_refunded() {
         "gave up at the configured timeout"
     );
     assert_eq!(spent().await, 1, "timeout: refunded");
+    // An upstream that reads the request and hangs up without answering: 502, refunded.
+    let reset = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let reset_addr = reset.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for mut stream in reset.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf);
+            drop(stream);
+        }
+    });
+    drop(app);
+    let reset_url = format!("http://{reset_addr}");
+    let app = gateway_app(&up, |c| {
+        c.routes.insert(0, route("/reset/*", &reset_url, None, 1));
+    })
+    .await;
+    let (key, rec) = app
+        .create_key(json!({"kind": "sk", "name": "k2", "budget": 10}))
+        .await;
+    let r = app
+        .client
+        .get(app.url("/reset/x"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    let v: Value = app
+        .get(&format!("/v1/keys/{}", rec["id"].as_str().expect("id")))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["budget"]["spent"], 0, "reset: refunded");
     // The gateway is still up.
     let r = app
         .client
