@@ -78,6 +78,16 @@ pub async fn refresh_after_change(state: &AppState, kind: Kind) {
     }
 }
 
+/// A `pk` key changed here: rebuild this node's index and tell the other nodes to.
+pub async fn pk_changed(state: &AppState, kind: Kind) {
+    if kind == Kind::Pk {
+        refresh_after_change(state, kind).await;
+        if let Err(e) = state.store.publish_change("cors").await {
+            tracing::warn!("could not publish a CORS change: {e}");
+        }
+    }
+}
+
 const EXPOSE: HeaderValue = HeaderValue::from_static(
     "RateLimit, RateLimit-Policy, Retry-After, X-Credits-Remaining, X-Request-Id, X-Keygate-Code",
 );

@@ -223,6 +223,7 @@ impl Application {
             touch_task,
             ..
         } = self;
+        let changes = tokio::spawn(crate::state::run_change_listener(state.clone()));
         let sweeper = {
             let s = state.clone();
             tokio::spawn(async move {
@@ -235,6 +236,7 @@ impl Application {
         };
         let served = crate::server::serve(listener, router, state.clone(), shutdown).await;
         sweeper.abort();
+        changes.abort();
         if let Err(e) = state.counters.flush().await {
             tracing::error!("could not return credit leases on shutdown: {e}");
         }

@@ -288,6 +288,51 @@ impl Inner {
         self.negative.invalidate(hash);
     }
 
+    /// A key changed: drop it here and tell every other node sharing the store.
+    pub async fn key_changed(&self, hash: &KeyHash) {
+        self.invalidate(hash);
+        self.publish(format!("key:{}", hex(hash.as_bytes()))).await;
+    }
+
+    /// A family's budget changed: drop its keys here and on every other node.
+    pub async fn family_changed(&self, family_id: &str) {
+        self.invalidate_family(family_id);
+        self.publish(format!("family:{family_id}")).await;
+    }
+
+    /// A tenant's pool changed (top-up): forget "empty" here and on every other node.
+    pub async fn tenant_changed(&self, tenant_id: &str) {
+        self.counters.pool_changed(tenant_id);
+        self.publish(format!("tenant:{tenant_id}")).await;
+    }
+
+    async fn publish(&self, change: String) {
+        if let Err(e) = self.store.publish_change(&change).await {
+            // Other nodes fall back to the cache TTL for this change.
+            tracing::warn!("could not publish a change to other nodes: {e}");
+        }
+    }
+
+    /// Applies a change another node published (see [`run_change_listener`]).
+    pub fn apply_change(&self, change: &str) {
+        match change.split_once(':') {
+            Some(("key", h)) => match unhex(h) {
+                Some(hash) => self.invalidate(&hash),
+                None => self.invalidate_all(),
+            },
+            Some(("family", f)) => self.invalidate_family(f),
+            Some(("tenant", t)) => self.counters.pool_changed(t),
+            _ => self.invalidate_all(),
+        }
+    }
+
+    /// Drops every cached key (after the change feed was interrupted).
+    pub fn invalidate_all(&self) {
+        self.cache_gen.fetch_add(1, Ordering::AcqRel);
+        self.cache.invalidate_all();
+        self.negative.invalidate_all();
+    }
+
     /// Drops every cached key of a rotation family (they share one budget).
     pub fn invalidate_family(&self, family_id: &str) {
         self.cache_gen.fetch_add(1, Ordering::AcqRel);
@@ -466,5 +511,62 @@ pub fn management_facts<'a>(
             .and_then(|v| v.to_str().ok()),
         cost: 0,
         now_ms: now_ms(),
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<KeyHash> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(KeyHash(out))
+}
+
+/// Follows the store's change feed (PostgreSQL LISTEN/NOTIFY) so that a revoke, rotation,
+/// update or top-up on any node reaches this node's cache at once. When the feed drops, every
+/// cached key is dropped (changes may have been missed) and the CORS index is rebuilt.
+pub async fn run_change_listener(state: AppState) {
+    loop {
+        let mut feed = match state.store.subscribe().await {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(
+                    "change feed unavailable ({e}); retrying, cache entries expire meanwhile"
+                );
+                state.invalidate_all();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            match feed.next().await {
+                Ok(Some(change)) => {
+                    if change == "cors" {
+                        crate::cors::refresh_after_change(&state, Kind::Pk).await;
+                    } else {
+                        state.apply_change(&change);
+                    }
+                }
+                Ok(None) => {
+                    tracing::warn!("change feed reconnected; dropping the key cache");
+                    state.invalidate_all();
+                    crate::cors::refresh_after_change(&state, Kind::Pk).await;
+                }
+                Err(e) => {
+                    tracing::warn!("change feed failed: {e}");
+                    state.invalidate_all();
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    break;
+                }
+            }
+        }
     }
 }

@@ -1364,3 +1364,58 @@ async fn the_same_api_runs_on_postgresql() {
         .expect("json");
     assert_eq!(t["credits"], 2);
 }
+
+#[tokio::test]
+async fn a_revoke_on_one_node_reaches_the_other_at_once() {
+    let a = TestApp::spawn_postgres(|_| {}).await;
+    let b = TestApp::spawn_on(a.db_url(), |_| {})
+        .await
+        .with_root(a.root.clone());
+    let mut lat = Vec::new();
+    for i in 0..100 {
+        let (key, rec) = a
+            .create_key(json!({"kind": "sk", "name": format!("k{i}")}))
+            .await;
+        // B caches the key as valid.
+        assert_eq!(b.auth(Some(&key), &[]).await.status(), StatusCode::OK);
+        let r = a
+            .post(
+                &format!("/v1/keys/{}/revoke", rec["id"].as_str().expect("id")),
+                json!({}),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let start = std::time::Instant::now();
+        loop {
+            let r = b.auth(Some(&key), &[]).await;
+            if r.status() == StatusCode::UNAUTHORIZED {
+                assert_eq!(error_code(r).await, "REVOKED");
+                break;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(5),
+                "revocation never reached node B"
+            );
+        }
+        lat.push(start.elapsed());
+    }
+    lat.sort();
+    println!(
+        "revoke propagation over 100 trials: p50 {:?}, p99 {:?}, max {:?}",
+        lat[49], lat[98], lat[99]
+    );
+    // A rotation and a top-up propagate too.
+    let (key, rec) = a.create_key(json!({"kind": "sk", "name": "rot"})).await;
+    assert_eq!(b.auth(Some(&key), &[]).await.status(), StatusCode::OK);
+    let r = a
+        .post(
+            &format!("/v1/keys/{}/rotate", rec["id"].as_str().expect("id")),
+            json!({"grace_seconds": 0}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    support::eventually(|| async {
+        b.auth(Some(&key), &[]).await.status() == StatusCode::UNAUTHORIZED
+    })
+    .await;
+}

@@ -97,6 +97,14 @@ pub enum Withdrawal {
     Granted(Grant),
 }
 
+/// Changes published by other nodes sharing the store.
+#[async_trait]
+pub trait ChangeFeed: Send {
+    /// The next change message. `Ok(None)` means the feed lost its connection (and has
+    /// reconnected): messages may have been missed, so treat everything as changed.
+    async fn next(&mut self) -> Result<Option<String>>;
+}
+
 /// Persistent state of keygate. Implementations must be safe to call from many tasks.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
@@ -160,4 +168,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn withdraw_credits(&self, tenant_id: &str, want: u64) -> Result<Withdrawal>;
     /// Returns unused leased credits to a tenant's pool.
     async fn refund_credits(&self, tenant_id: &str, amount: u64) -> Result<()>;
+
+    /// Tells every node sharing this store that something changed (`key:<hash hex>`,
+    /// `family:<id>`, `tenant:<id>`, `cors`). A store that only one node uses does nothing.
+    async fn publish_change(&self, _change: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// The feed of changes published by any node, if the store has one.
+    async fn subscribe(&self) -> Result<Option<Box<dyn ChangeFeed>>> {
+        Ok(None)
+    }
 }

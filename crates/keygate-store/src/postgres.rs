@@ -11,6 +11,26 @@ use std::time::Duration;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
+/// The LISTEN/NOTIFY channel that carries cache invalidations between nodes.
+const CHANNEL: &str = "keygate_changes";
+
+/// Changes from other nodes, over PostgreSQL LISTEN/NOTIFY.
+struct PgFeed {
+    listener: sqlx::postgres::PgListener,
+}
+
+#[async_trait]
+impl crate::ChangeFeed for PgFeed {
+    async fn next(&mut self) -> Result<Option<String>> {
+        // `try_recv` answers `None` once when the connection dropped; the next call reconnects.
+        Ok(self
+            .listener
+            .try_recv()
+            .await?
+            .map(|n| n.payload().to_owned()))
+    }
+}
+
 /// PostgreSQL implementation of [`Store`].
 #[derive(Debug, Clone)]
 pub struct PgStore {
@@ -360,6 +380,21 @@ impl Store for PgStore {
                 })
             }
         }
+    }
+
+    async fn publish_change(&self, change: &str) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(change)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn subscribe(&self) -> Result<Option<Box<dyn crate::ChangeFeed>>> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(CHANNEL).await?;
+        Ok(Some(Box::new(PgFeed { listener })))
     }
 
     async fn refund_credits(&self, tenant_id: &str, amount: u64) -> Result<()> {

@@ -65,8 +65,8 @@ pub async fn create(
         issue::build_key(&state.issuer(), &*state.store, &tenant, body, now).await?;
     caller.require_covers(&record.scopes)?;
     state.store.insert_key(&record).await?;
-    state.invalidate(&record.hash);
-    crate::cors::refresh_after_change(&state, record.kind).await;
+    state.key_changed(&record.hash).await;
+    crate::cors::pk_changed(&state, record.kind).await;
     tracing::info!(key_id = %record.id, tenant = %record.tenant_id, kind = %record.kind, actor = %caller.key.record.id, "key created");
     let view = KeyView::new(&state, &record, now);
     Ok((
@@ -258,11 +258,11 @@ pub async fn update(
         }
         let ok = st.store.update_key(&rec, expected_updated_at).await?;
         if ok {
-            st.invalidate(&rec.hash);
+            st.key_changed(&rec.hash).await;
             if budget_changed {
-                st.invalidate_family(&rec.family_id);
+                st.family_changed(&rec.family_id).await;
             }
-            crate::cors::refresh_after_change(&st, rec.kind).await;
+            crate::cors::pk_changed(&st, rec.kind).await;
         }
         Ok(ok)
     })
@@ -341,9 +341,9 @@ pub async fn rotate(
     let rotated = detached(async move {
         let ok = st.store.rotate_key(&old_rec.id, grace_until, &succ).await?;
         if ok {
-            st.invalidate(&old_rec.hash);
-            st.invalidate(&succ.hash);
-            crate::cors::refresh_after_change(&st, old_rec.kind).await;
+            st.key_changed(&old_rec.hash).await;
+            st.key_changed(&succ.hash).await;
+            crate::cors::pk_changed(&st, old_rec.kind).await;
         }
         Ok(ok)
     })
@@ -379,8 +379,8 @@ pub async fn revoke(
     let k = detached(async move {
         let k = st.store.revoke_key(&id, now).await?;
         if let Some(k) = &k {
-            st.invalidate(&k.hash);
-            crate::cors::refresh_after_change(&st, k.kind).await;
+            st.key_changed(&k.hash).await;
+            crate::cors::pk_changed(&st, k.kind).await;
         }
         Ok(k)
     })

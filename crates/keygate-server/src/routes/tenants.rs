@@ -170,7 +170,7 @@ pub async fn top_up(
             None => ApiError::not_found("tenant"),
         });
     };
-    state.counters.pool_changed(&id);
+    state.tenant_changed(&id).await;
     tracing::info!(tenant = %id, amount = body.amount, actor = %caller.key.record.id, "credits topped up");
     Ok(axum::Json(TenantView::new(&state, &t)))
 }

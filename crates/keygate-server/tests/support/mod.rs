@@ -16,6 +16,7 @@ pub struct TestApp {
     pub root: String,
     pub client: Client,
     pub db_path: PathBuf,
+    db_url: String,
     _dir: Option<tempfile::TempDir>,
     stop_tx: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -59,6 +60,7 @@ impl TestApp {
             ..Config::default()
         };
         f(&mut config);
+        let db_url = config.database_url.clone();
         let app = Application::build(config).await.expect("app builds");
         let addr = app.local_addr().expect("bound");
         let root = app.root_key().unwrap_or_default().to_string();
@@ -71,6 +73,7 @@ impl TestApp {
             root,
             client: Client::new(),
             db_path,
+            db_url,
             _dir: None,
             stop_tx: Some(stop_tx),
             handle: Some(handle),
@@ -116,6 +119,11 @@ impl TestApp {
         admin.close().await;
         let sep = if base.contains('?') { '&' } else { '?' };
         let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+        Self::spawn_on(url, f).await
+    }
+
+    /// Another node on the same database URL (see [`TestApp::db_url`]).
+    pub async fn spawn_on(url: String, f: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut app = Self::spawn_in(dir.path(), move |c| {
             c.database_url = url;
@@ -124,6 +132,11 @@ impl TestApp {
         .await;
         app._dir = Some(dir);
         app
+    }
+
+    /// The database URL this node uses.
+    pub fn db_url(&self) -> String {
+        self.db_url.clone()
     }
 
     /// Keeps the root key of an earlier start of the same database.
