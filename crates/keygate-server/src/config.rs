@@ -205,6 +205,12 @@ pub struct CacheConfig {
     pub ttl_seconds: u64,
     /// An unknown (well-formed) key is remembered as unknown this long.
     pub negative_ttl_seconds: u64,
+    /// While the change feed from other nodes is down, a cached key is re-read from the store
+    /// once it is older than this (a revocation elsewhere shows after at most this long).
+    pub unsynced_ttl_seconds: u64,
+    /// If the store cannot be read, a cached key keeps being used until it is this old; after
+    /// that its requests get 503 `UNAVAILABLE`.
+    pub max_stale_seconds: u64,
 }
 
 impl Default for CacheConfig {
@@ -213,6 +219,8 @@ impl Default for CacheConfig {
             max_entries: 100_000,
             ttl_seconds: 300,
             negative_ttl_seconds: 2,
+            unsynced_ttl_seconds: 5,
+            max_stale_seconds: 60,
         }
     }
 }

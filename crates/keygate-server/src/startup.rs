@@ -177,6 +177,7 @@ impl Application {
             gateway: crate::gateway::Gateway::new(&config.gateway),
             cors: crate::cors::CorsIndex::default(),
             cache_gen: std::sync::atomic::AtomicU64::new(0),
+            feed_ok: std::sync::atomic::AtomicBool::new(true),
             config,
         }));
         crate::cors::refresh(&state)

@@ -33,6 +33,8 @@ pub struct CachedKey {
     pub policy_header: Option<HeaderValue>,
     /// This key's counters, resolved once.
     pub counters: keygate_counters::Handles,
+    /// When this entry was read from the store.
+    pub cached_at: std::time::Instant,
     /// Last use seen by this node, Unix ms.
     last_used: AtomicI64,
     /// Queued for the next last-used flush.
@@ -86,6 +88,9 @@ pub struct Inner {
     /// Bumped by every invalidation: a cache fill that read the store before an invalidation
     /// must not insert what it read after it.
     pub cache_gen: std::sync::atomic::AtomicU64,
+    /// Whether changes from other nodes are reaching this node (always true for a store only
+    /// one node uses). While false, cached keys are re-read after `cache.unsynced_ttl_seconds`.
+    pub feed_ok: AtomicBool,
 }
 
 impl std::ops::Deref for AppState {
@@ -218,6 +223,7 @@ impl Inner {
             policy_header: rate_limit
                 .map(|r| crate::headers::policy_value(r.limit, r.window_seconds)),
             counters: self.counters.handles(&record.family_id, &record.tenant_id),
+            cached_at: std::time::Instant::now(),
             last_used: AtomicI64::new(record.last_used_at_ms.unwrap_or(0)),
             touch_pending: AtomicBool::new(false),
             policy,
@@ -228,7 +234,17 @@ impl Inner {
     /// Finds a key by hash: cache, then store.
     async fn lookup(&self, hash: &KeyHash) -> Result<Option<Arc<CachedKey>>, Code> {
         if let Some(k) = self.cache.get(hash) {
-            return Ok(Some(k));
+            let fresh = Duration::from_secs(self.config.cache.unsynced_ttl_seconds);
+            if self.feed_ok.load(Ordering::Relaxed) || k.cached_at.elapsed() < fresh {
+                return Ok(Some(k));
+            }
+            // Changes from other nodes are not arriving: re-read, and if the store is down
+            // too, keep using the entry for a bounded time.
+            let stale = Duration::from_secs(self.config.cache.max_stale_seconds);
+            return match Box::pin(self.lookup_miss(hash)).await {
+                Err(Code::Unavailable) if k.cached_at.elapsed() < stale => Ok(Some(k)),
+                other => other,
+            };
         }
         // The miss path holds store futures; boxing it keeps the hot path's future small.
         Box::pin(self.lookup_miss(hash)).await
@@ -538,17 +554,26 @@ pub async fn run_change_listener(state: AppState) {
             Ok(Some(f)) => f,
             Ok(None) => return,
             Err(e) => {
-                tracing::warn!(
-                    "change feed unavailable ({e}); retrying, cache entries expire meanwhile"
-                );
-                state.invalidate_all();
+                if state.feed_ok.swap(false, Ordering::AcqRel) {
+                    tracing::warn!(
+                        "change feed unavailable ({e}); cached keys are re-read after {}s",
+                        state.config.cache.unsynced_ttl_seconds
+                    );
+                }
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
+        if !state.feed_ok.load(Ordering::Acquire) {
+            resync(&state).await;
+        }
         loop {
             match feed.next().await {
                 Ok(Some(change)) => {
+                    if !state.feed_ok.load(Ordering::Acquire) {
+                        // The feed reconnected by itself after a drop.
+                        resync(&state).await;
+                    }
                     if change == "cors" {
                         crate::cors::refresh_after_change(&state, Kind::Pk).await;
                     } else {
@@ -556,17 +581,24 @@ pub async fn run_change_listener(state: AppState) {
                     }
                 }
                 Ok(None) => {
-                    tracing::warn!("change feed reconnected; dropping the key cache");
-                    state.invalidate_all();
-                    crate::cors::refresh_after_change(&state, Kind::Pk).await;
+                    tracing::warn!("change feed dropped; reconnecting");
+                    state.feed_ok.store(false, Ordering::Release);
                 }
                 Err(e) => {
                     tracing::warn!("change feed failed: {e}");
-                    state.invalidate_all();
+                    state.feed_ok.store(false, Ordering::Release);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     break;
                 }
             }
         }
     }
+}
+
+/// Back after a gap in the feed: whatever changed meanwhile is unknown, so start afresh.
+async fn resync(state: &AppState) {
+    state.invalidate_all();
+    crate::cors::refresh_after_change(state, Kind::Pk).await;
+    state.feed_ok.store(true, Ordering::Release);
+    tracing::info!("change feed restored");
 }
