@@ -14,6 +14,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod shared;
+
+pub use shared::{SharedCounters, SharedError};
+
 use keygate_core::{Charge, Code, RateDecision, WindowState};
 use keygate_store::{Store, StoreError, Withdrawal};
 use std::collections::HashMap;

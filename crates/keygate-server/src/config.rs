@@ -18,6 +18,8 @@ pub struct Config {
     pub database_url: String,
     /// Empty: in-process counters.
     pub redis_url: String,
+    /// Prefix of every Redis key (several deployments can share one Redis).
+    pub redis_prefix: String,
     /// Connection pool of the store.
     pub database: DatabaseConfig,
     /// This node's name in logs and audit events (default: a random id per process).
@@ -284,6 +286,7 @@ impl Default for Config {
             listen: "127.0.0.1:8080".into(),
             database_url: "sqlite://keygate.db".into(),
             redis_url: String::new(),
+            redis_prefix: "kg".into(),
             database: DatabaseConfig::default(),
             node_id: None,
             keys: KeysConfig::default(),

@@ -220,7 +220,17 @@ async fn handle_inner(
         Ok(r) => r,
         Err(e) => {
             // keygate answers for the upstream: the call was not served, give the money back.
-            state.counters.refund(&key.counters, &allowed.charge);
+            match &state.shared {
+                Some(s) => {
+                    s.refund(
+                        &key.record.family_id,
+                        &key.record.tenant_id,
+                        &allowed.charge,
+                    )
+                    .await
+                }
+                None => state.counters.refund(&key.counters, &allowed.charge),
+            }
             e.into_response()
         }
     };

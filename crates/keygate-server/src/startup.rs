@@ -161,8 +161,22 @@ impl Application {
                 config.cache.negative_ttl_seconds.max(1),
             ))
             .build();
+        let shared = if config.redis_url.is_empty() {
+            None
+        } else {
+            Some(
+                keygate_counters::SharedCounters::connect(
+                    &config.redis_url,
+                    &config.redis_prefix,
+                    store.clone(),
+                )
+                .await
+                .map_err(|e| StartupError(format!("cannot connect to Redis: {e}")))?,
+            )
+        };
         let state = AppState(Arc::new(Inner {
             counters: Counters::new(store.clone()),
+            shared,
             routes: compile_routes(&config.routes),
             node_id: config
                 .node_id

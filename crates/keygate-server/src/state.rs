@@ -65,8 +65,10 @@ pub struct Inner {
     pub config: Config,
     /// The store.
     pub store: Arc<dyn Store>,
-    /// Rate limits and credits.
+    /// Rate limits and credits (in process; also the fallback for free calls when Redis is down).
     pub counters: Counters,
+    /// Counters shared by every node (when `redis_url` is set).
+    pub shared: Option<keygate_counters::SharedCounters>,
     /// Key format of this deployment.
     pub format: KeyFormat,
     /// Key hasher (with pepper, if configured).
@@ -319,6 +321,9 @@ impl Inner {
     /// A tenant's pool changed (top-up): forget "empty" here and on every other node.
     pub async fn tenant_changed(&self, tenant_id: &str) {
         self.counters.pool_changed(tenant_id);
+        if let Some(s) = &self.shared {
+            s.pool_changed(tenant_id);
+        }
         self.publish(format!("tenant:{tenant_id}")).await;
     }
 
@@ -337,7 +342,12 @@ impl Inner {
                 None => self.invalidate_all(),
             },
             Some(("family", f)) => self.invalidate_family(f),
-            Some(("tenant", t)) => self.counters.pool_changed(t),
+            Some(("tenant", t)) => {
+                self.counters.pool_changed(t);
+                if let Some(s) = &self.shared {
+                    s.pool_changed(t);
+                }
+            }
             _ => self.invalidate_all(),
         }
     }
@@ -398,6 +408,34 @@ impl Inner {
         let Some(key) = key else {
             return Err(Denied::code(Code::UnknownKey));
         };
+        if let Some(shared) = &self.shared {
+            match shared
+                .meter(
+                    &key.record.family_id,
+                    &key.record.tenant_id,
+                    &charge,
+                    facts.now_ms,
+                )
+                .await
+            {
+                Ok(Some(metered)) => {
+                    self.touch(&key, facts.now_ms);
+                    return Ok(Allowed {
+                        key,
+                        metered,
+                        charge,
+                    });
+                }
+                Ok(None) => {} // Redis is down and the call is free: limit it locally.
+                Err(r) => {
+                    return Err(Denied {
+                        code: r.code,
+                        rate: r.rate,
+                        key: Some(key),
+                    })
+                }
+            }
+        }
         match self
             .counters
             .meter_with(

@@ -255,6 +255,15 @@ pub async fn update(
         if budget_changed {
             // Give this node's lease back first, so the new cap applies to what was spent.
             st.counters.release_budget(&rec.family_id).await?;
+            if let Some(shared) = &st.shared {
+                shared
+                    .release_budget(&rec.family_id, &rec.tenant_id)
+                    .await
+                    .map_err(|e| keygate_store::StoreError {
+                        kind: keygate_store::StoreErrorKind::Unavailable,
+                        message: e.0,
+                    })?;
+            }
         }
         let ok = st.store.update_key(&rec, expected_updated_at).await?;
         if ok {

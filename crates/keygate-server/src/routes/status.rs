@@ -12,6 +12,6 @@ pub async fn status(State(state): State<AppState>) -> Json<Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "node": state.node_id,
         "store": if state.config.database_url.starts_with("postgres") { "postgres" } else { "sqlite" },
-        "counters": "in-process",
+        "counters": if state.shared.is_some() { "redis" } else { "in-process" },
     }))
 }

@@ -17,6 +17,7 @@ pub struct TestApp {
     pub client: Client,
     pub db_path: PathBuf,
     db_url: String,
+    state: keygate_server::state::AppState,
     _dir: Option<tempfile::TempDir>,
     stop_tx: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -64,6 +65,7 @@ impl TestApp {
         let app = Application::build(config).await.expect("app builds");
         let addr = app.local_addr().expect("bound");
         let root = app.root_key().unwrap_or_default().to_string();
+        let state = app.state().clone();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(app.run_until_stopped(async move {
             let _ = stop_rx.await;
@@ -74,6 +76,7 @@ impl TestApp {
             client: Client::new(),
             db_path,
             db_url,
+            state,
             _dir: None,
             stop_tx: Some(stop_tx),
             handle: Some(handle),
@@ -132,6 +135,11 @@ impl TestApp {
         .await;
         app._dir = Some(dir);
         app
+    }
+
+    /// The running node's shared state (to look behind the API in a test).
+    pub fn app_state(&self) -> keygate_server::state::AppState {
+        self.state.clone()
     }
 
     /// The database URL this node uses.
@@ -228,11 +236,20 @@ impl TestApp {
     }
 
     /// Graceful stop: in-flight requests finish, leases go back to the store.
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.stop_tx.take() {
+    pub async fn stop(self) {
+        // Let go of our handle on the state first: the server drains its queues once the last
+        // one is gone.
+        let TestApp {
+            stop_tx,
+            handle,
+            state,
+            ..
+        } = self;
+        drop(state);
+        if let Some(tx) = stop_tx {
             let _ = tx.send(());
         }
-        if let Some(h) = self.handle.take() {
+        if let Some(h) = handle {
             h.await.expect("join").expect("served");
         }
     }

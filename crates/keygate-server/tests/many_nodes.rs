@@ -1,0 +1,160 @@
+//! Several keygate nodes on the shared PostgreSQL and Redis (127.0.0.1:5432 and :6379; a fresh
+//! schema and key prefix per test): budgets, pools and rate limits hold across all of them.
+
+mod support;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::{error_code, TestApp};
+
+fn prefix() -> String {
+    format!(
+        "kgt{}x{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+    )
+}
+
+async fn three_nodes() -> Vec<TestApp> {
+    let p = prefix();
+    let redis =
+        std::env::var("KEYGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let (r1, p1) = (redis.clone(), p.clone());
+    let a = TestApp::spawn_postgres(move |c| {
+        c.redis_url = r1;
+        c.redis_prefix = p1;
+    })
+    .await;
+    let mut nodes = vec![];
+    for _ in 0..2 {
+        let (r, p) = (redis.clone(), p.clone());
+        let n = TestApp::spawn_on(a.db_url(), move |c| {
+            c.redis_url = r;
+            c.redis_prefix = p;
+        })
+        .await
+        .with_root(a.root.clone());
+        nodes.push(n);
+    }
+    nodes.insert(0, a);
+    nodes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_of_1000_grants_exactly_1000_across_three_nodes() {
+    let nodes = three_nodes().await;
+    let status: Value = nodes[1]
+        .client
+        .get(nodes[1].url("/v1/status"))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(status["counters"], "redis");
+    let t: Value = nodes[0]
+        .post("/v1/tenants", json!({"name": "Shared", "credits": 50_000}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let tid = t["id"].as_str().expect("id").to_string();
+    let admin = t["admin_key"]["key"].as_str().expect("key").to_string();
+    let r = nodes[0]
+        .as_key(&admin)
+        .post(nodes[0].url("/v1/keys"))
+        .json(&json!({"kind": "sk", "name": "metered", "scopes": ["ocr:read"], "budget": 1000}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let key = r.json::<Value>().await.expect("json")["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+
+    // 64 concurrent clients, 5,000 requests spread over the three nodes.
+    let urls: Vec<String> = nodes.iter().map(|n| n.url("/v1/auth")).collect();
+    let client = nodes[0].client.clone();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (client, urls, key, next) = (client.clone(), urls.clone(), key.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut refused) = (0u32, 0u32);
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= 5000 {
+                    return (ok, refused);
+                }
+                let r = client
+                    .get(&urls[i % 3])
+                    .bearer_auth(&key)
+                    .send()
+                    .await
+                    .expect("request");
+                match r.status() {
+                    StatusCode::OK => ok += 1,
+                    StatusCode::PAYMENT_REQUIRED => refused += 1,
+                    s => panic!("unexpected {s}: {}", r.text().await.unwrap_or_default()),
+                }
+            }
+        }));
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        let (o, r) = t.await.expect("task");
+        ok += o;
+        refused += r;
+    }
+    assert_eq!(
+        (ok, refused),
+        (1000, 4000),
+        "exactly the budget across all nodes"
+    );
+    let r = nodes[2]
+        .client
+        .get(nodes[2].url("/v1/auth"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(error_code(r).await, "BUDGET_EXHAUSTED");
+    // The pool was drawn by exactly 1,000: what the store holds plus what Redis holds.
+    let state = nodes[0].app_state();
+    let shared = state.shared.as_ref().expect("redis counters");
+    let in_store = state
+        .store
+        .get_tenant(&tid)
+        .await
+        .expect("read")
+        .and_then(|t| t.credits)
+        .expect("limited");
+    let in_redis = shared.credits_leased(&tid).await;
+    assert_eq!(in_store + in_redis, 49_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_holds_across_three_nodes() {
+    let nodes = three_nodes().await;
+    let (key, _) = nodes[0]
+        .create_key(json!({"kind": "sk", "name": "limited", "rate_limit": {"limit": 60, "window_seconds": 60}}))
+        .await;
+    let mut ok = 0;
+    for i in 0..150 {
+        let n = &nodes[i % 3];
+        let r = n.auth(Some(&key), &[]).await;
+        match r.status() {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => assert!(r.headers().contains_key("retry-after")),
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert!(
+        (57..=63).contains(&ok),
+        "granted {ok} of a 60/min limit across three nodes"
+    );
+}
