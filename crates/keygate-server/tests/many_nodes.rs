@@ -158,3 +158,95 @@ async fn a_rate_limit_holds_across_three_nodes() {
         "granted {ok} of a 60/min limit across three nodes"
     );
 }
+
+/// A private redis-server on a free port (the shared one is never stopped).
+struct PrivateRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl PrivateRedis {
+    fn start(port: u16) -> Self {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is required");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        PrivateRedis { child, port }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_never_grows_a_budget_back() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut redis = PrivateRedis::start(port);
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let app = TestApp::spawn_postgres(move |c| c.redis_url = url).await;
+    let (paid, _) = app
+        .create_key(json!({"kind": "sk", "name": "paid", "budget": 100}))
+        .await;
+    let (free, _) = app.create_key(json!({"kind": "sk", "name": "free"})).await;
+    assert_eq!(app.count_ok(&paid, 30).await, 30);
+    assert_eq!(app.auth(Some(&free), &[]).await.status(), StatusCode::OK);
+
+    redis.kill();
+    // Calls that cost credits fail closed; free calls go on with local limits; no crash.
+    let r = app.auth(Some(&paid), &[]).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+    assert_eq!(app.auth(Some(&free), &[]).await.status(), StatusCode::OK);
+
+    let _redis = tokio::task::spawn_blocking(move || PrivateRedis::start(port))
+        .await
+        .expect("task");
+    support::eventually(|| async { app.auth(Some(&free), &[]).await.status() == StatusCode::OK })
+        .await;
+    // Redis came back empty: what it held is lost (at most one lease), nothing is refilled.
+    let mut after = 0;
+    support::eventually(|| async {
+        app.auth(Some(&paid), &[]).await.status() != StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    after += 1;
+    after += app.count_ok(&paid, 200).await;
+    assert!(
+        after <= 70,
+        "the budget grew back: {after} more granted after 30 of 100"
+    );
+    assert!(
+        after >= 66,
+        "lost more than a lease: only {after} more granted"
+    );
+}

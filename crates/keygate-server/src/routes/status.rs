@@ -7,7 +7,12 @@ use serde_json::{json, Value};
 
 /// Health and version; no key needed.
 pub async fn status(State(state): State<AppState>) -> Json<Value> {
+    let redis = match &state.shared {
+        None => Value::Null,
+        Some(s) => Value::from(if s.ping().await { "ok" } else { "down" }),
+    };
     Json(json!({
+        "redis": redis,
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),
         "node": state.node_id,
