@@ -20,6 +20,11 @@ pub struct Config {
     pub redis_url: String,
     /// Prefix of every Redis key (several deployments can share one Redis).
     pub redis_prefix: String,
+    /// What a node does with calls that cost credits while Redis is down: `fail_closed`
+    /// (503 `UNAVAILABLE`) or `local` (this node leases credits from the store on its own:
+    /// still never an over-grant, but budgets are no longer shared exactly, and rate limits
+    /// become per node).
+    pub redis_outage_policy: OutagePolicy,
     /// Connection pool of the store.
     pub database: DatabaseConfig,
     /// This node's name in logs and audit events (default: a random id per process).
@@ -113,6 +118,16 @@ pub struct RouteConfig {
     /// `normal`, or `admin` / `billing` / `webhook` / `token_management` (closed to `pk`).
     #[serde(default)]
     pub class: RouteClass,
+}
+
+/// See [`Config::redis_outage_policy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutagePolicy {
+    /// Refuse calls that cost credits with 503 `UNAVAILABLE`.
+    FailClosed,
+    /// Meter them in process, leasing from the store.
+    Local,
 }
 
 /// `[database]`: the store's connection pool (PostgreSQL; SQLite uses a small fixed pool).
@@ -287,6 +302,7 @@ impl Default for Config {
             database_url: "sqlite://keygate.db".into(),
             redis_url: String::new(),
             redis_prefix: "kg".into(),
+            redis_outage_policy: OutagePolicy::FailClosed,
             database: DatabaseConfig::default(),
             node_id: None,
             keys: KeysConfig::default(),

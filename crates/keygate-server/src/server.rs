@@ -20,8 +20,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// Path prefixes keygate itself serves (a gateway route never shadows them).
-const OWN_PATHS: [&str; 5] = [
+const OWN_PATHS: [&str; 7] = [
     "/v1/status",
+    "/v1/health",
+    "/metrics",
     "/v1/auth",
     "/v1/keys",
     "/v1/tenants",

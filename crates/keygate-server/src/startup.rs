@@ -302,6 +302,8 @@ pub fn router(state: AppState) -> Router {
     // unwrap on input, checked in review and by the fuzzed core).
     let hot = Router::new()
         .route("/v1/status", get(status::status))
+        .route("/v1/health/live", get(status::live))
+        .route("/v1/health/ready", get(status::ready))
         .route("/v1/auth", any(verify::forward_auth));
     let management = Router::new()
         .route("/v1/keys/verify", post(verify::verify))

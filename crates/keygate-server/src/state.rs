@@ -427,6 +427,12 @@ impl Inner {
                     });
                 }
                 Ok(None) => {} // Redis is down and the call is free: limit it locally.
+                Err(r)
+                    if r.code == Code::Unavailable
+                        && self.config.redis_outage_policy == crate::config::OutagePolicy::Local =>
+                {
+                    // Redis is down and the operator chose local metering.
+                }
                 Err(r) => {
                     return Err(Denied {
                         code: r.code,

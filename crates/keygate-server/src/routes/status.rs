@@ -5,6 +5,33 @@ use axum::extract::State;
 use axum::Json;
 use serde_json::{json, Value};
 
+/// `GET /v1/health/live`: the process is up (no dependency checked).
+pub async fn live() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /v1/health/ready`: 200 when the store (and Redis, when configured) answer, else 503
+/// with what is down — for load balancers to take a node out of rotation.
+pub async fn ready(State(state): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let store_ok = state.store.get_tenant(crate::routes::DEFAULT_TENANT).await.is_ok();
+    let redis_ok = match &state.shared {
+        None => true,
+        Some(s) => s.ping().await,
+    };
+    let body = json!({
+        "status": if store_ok && redis_ok { "ready" } else { "unavailable" },
+        "store": if store_ok { "ok" } else { "down" },
+        "redis": state.shared.as_ref().map(|_| if redis_ok { "ok" } else { "down" }),
+    });
+    let code = if store_ok && redis_ok {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
 /// Health and version; no key needed.
 pub async fn status(State(state): State<AppState>) -> Json<Value> {
     let redis = match &state.shared {
