@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod headers;
 pub mod ids;
 pub mod issue;
+pub mod metrics;
 pub mod routes;
 pub mod server;
 pub mod startup;

@@ -177,6 +177,7 @@ impl Application {
         let state = AppState(Arc::new(Inner {
             counters: Counters::new(store.clone()),
             shared,
+            metrics: crate::metrics::Metrics::new(),
             routes: compile_routes(&config.routes),
             node_id: config
                 .node_id
@@ -303,6 +304,7 @@ pub fn router(state: AppState) -> Router {
     let hot = Router::new()
         .route("/v1/status", get(status::status))
         .route("/v1/health/live", get(status::live))
+        .route("/metrics", get(crate::metrics::render))
         .route("/v1/health/ready", get(status::ready))
         .route("/v1/auth", any(verify::forward_auth));
     let management = Router::new()

@@ -69,6 +69,8 @@ pub struct Inner {
     pub counters: Counters,
     /// Counters shared by every node (when `redis_url` is set).
     pub shared: Option<keygate_counters::SharedCounters>,
+    /// Prometheus metrics.
+    pub metrics: crate::metrics::Metrics,
     /// Key format of this deployment.
     pub format: KeyFormat,
     /// Key hasher (with pepper, if configured).
@@ -236,6 +238,7 @@ impl Inner {
     /// Finds a key by hash: cache, then store.
     async fn lookup(&self, hash: &KeyHash) -> Result<Option<Arc<CachedKey>>, Code> {
         if let Some(k) = self.cache.get(hash) {
+            self.metrics.cache_hits.increment(1);
             let fresh = Duration::from_secs(self.config.cache.unsynced_ttl_seconds);
             if self.feed_ok.load(Ordering::Relaxed) || k.cached_at.elapsed() < fresh {
                 return Ok(Some(k));
@@ -249,6 +252,7 @@ impl Inner {
             };
         }
         // The miss path holds store futures; boxing it keeps the hot path's future small.
+        self.metrics.cache_misses.increment(1);
         Box::pin(self.lookup_miss(hash)).await
     }
 
@@ -260,6 +264,7 @@ impl Inner {
         let rec = match self.store.get_key_by_hash(hash).await {
             Ok(r) => r,
             Err(e) => {
+                self.metrics.store_errors.increment(1);
                 tracing::error!("key lookup failed: {e}");
                 return Err(Code::Unavailable);
             }
@@ -375,7 +380,7 @@ impl Inner {
 
     /// The pipeline. `credential` is the bearer token (if any); `visible_tenant`, when set,
     /// makes keys of other tenants look unknown (before anything is charged).
-    pub async fn authorize(
+    async fn authorize_inner(
         &self,
         credential: Result<Option<&str>, Code>,
         facts: &RequestFacts<'_>,
@@ -429,7 +434,8 @@ impl Inner {
                 Ok(None) => {} // Redis is down and the call is free: limit it locally.
                 Err(r)
                     if r.code == Code::Unavailable
-                        && self.config.redis_outage_policy == crate::config::OutagePolicy::Local =>
+                        && self.config.redis_outage_policy
+                            == crate::config::OutagePolicy::Local =>
                 {
                     // Redis is down and the operator chose local metering.
                 }
@@ -467,6 +473,33 @@ impl Inner {
                 key: Some(key),
             }),
         }
+    }
+
+    /// The pipeline. `credential` is the bearer token (if any); `visible_tenant`, when set,
+    /// makes keys of other tenants look unknown (before anything is charged).
+    pub async fn authorize(
+        &self,
+        credential: Result<Option<&str>, Code>,
+        facts: &RequestFacts<'_>,
+        visible_tenant: Option<&str>,
+    ) -> Result<Allowed, Denied> {
+        let started = std::time::Instant::now();
+        let out = self
+            .authorize_inner(credential, facts, visible_tenant)
+            .await;
+        self.metrics
+            .decision_seconds
+            .record(started.elapsed().as_secs_f64());
+        match &out {
+            Ok(_) => self.metrics.decided(Code::Valid),
+            Err(d) => {
+                self.metrics.decided(d.code);
+                if d.code == Code::Unavailable && self.shared.is_some() {
+                    self.metrics.redis_errors.increment(1);
+                }
+            }
+        }
+        out
     }
 
     /// Notes a use of `key`; at most one queue entry per key per flush interval.
@@ -627,10 +660,12 @@ pub async fn run_change_listener(state: AppState) {
                 Ok(None) => {
                     tracing::warn!("change feed dropped; reconnecting");
                     state.feed_ok.store(false, Ordering::Release);
+                    state.metrics.change_feed_up.set(0.0);
                 }
                 Err(e) => {
                     tracing::warn!("change feed failed: {e}");
                     state.feed_ok.store(false, Ordering::Release);
+                    state.metrics.change_feed_up.set(0.0);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     break;
                 }
@@ -644,5 +679,6 @@ async fn resync(state: &AppState) {
     state.invalidate_all();
     crate::cors::refresh_after_change(state, Kind::Pk).await;
     state.feed_ok.store(true, Ordering::Release);
+    state.metrics.change_feed_up.set(1.0);
     tracing::info!("change feed restored");
 }

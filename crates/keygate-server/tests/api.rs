@@ -1419,3 +1419,53 @@ async fn a_revoke_on_one_node_reaches_the_other_at_once() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn metrics_and_health_are_exposed() {
+    let app = TestApp::spawn().await;
+    let (key, _) = app
+        .create_key(json!({"kind": "sk", "name": "m", "scopes": ["a:b"]}))
+        .await;
+    assert_eq!(app.auth(Some(&key), &[]).await.status(), StatusCode::OK);
+    assert_eq!(
+        app.auth(Some(&key), &[("x-keygate-scope", "c:d")])
+            .await
+            .status(),
+        StatusCode::FORBIDDEN
+    );
+    let r = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.expect("body");
+    for needle in [
+        "keygate_decisions_total{code=\"VALID\"}",
+        "keygate_decisions_total{code=\"FORBIDDEN_SCOPE\"}",
+        "keygate_decision_seconds_bucket",
+        "keygate_key_cache_hits_total",
+        "keygate_key_cache_misses_total",
+    ] {
+        assert!(
+            text.contains(needle),
+            "{needle} missing from /metrics:\n{text}"
+        );
+    }
+    let r = app
+        .client
+        .get(app.url("/v1/health/ready"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.expect("json")["store"], "ok");
+    let r = app
+        .client
+        .get(app.url("/v1/health/live"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK);
+}

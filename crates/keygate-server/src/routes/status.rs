@@ -14,11 +14,18 @@ pub async fn live() -> Json<Value> {
 /// with what is down — for load balancers to take a node out of rotation.
 pub async fn ready(State(state): State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let store_ok = state.store.get_tenant(crate::routes::DEFAULT_TENANT).await.is_ok();
+    let store_ok = state
+        .store
+        .get_tenant(crate::routes::DEFAULT_TENANT)
+        .await
+        .is_ok();
     let redis_ok = match &state.shared {
         None => true,
         Some(s) => s.ping().await,
     };
+    if state.shared.is_some() {
+        state.metrics.redis_up.set(if redis_ok { 1.0 } else { 0.0 });
+    }
     let body = json!({
         "status": if store_ok && redis_ok { "ready" } else { "unavailable" },
         "store": if store_ok { "ok" } else { "down" },
