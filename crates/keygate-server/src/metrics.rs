@@ -44,6 +44,7 @@ pub struct Metrics {
     pub redis_up: Gauge,
     /// 1 while the change feed from other nodes is connected.
     pub change_feed_up: Gauge,
+    tick: std::sync::atomic::AtomicU64,
 }
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -82,7 +83,13 @@ impl Metrics {
             redis_errors: metrics::counter!("keygate_redis_errors_total"),
             redis_up: metrics::gauge!("keygate_redis_up"),
             change_feed_up: metrics::gauge!("keygate_change_feed_up"),
+            tick: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Whether this decision's latency is recorded (one in 32).
+    pub fn sample(&self) -> bool {
+        self.tick.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 32 == 0
     }
 
     /// Counts one decision.
