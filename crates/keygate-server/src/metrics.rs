@@ -89,7 +89,9 @@ impl Metrics {
 
     /// Whether this decision's latency is recorded (one in 32).
     pub fn sample(&self) -> bool {
-        self.tick.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 32 == 0
+        self.tick
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(32)
     }
 
     /// Counts one decision.
