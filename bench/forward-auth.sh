@@ -14,6 +14,8 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
 ROUNDS=${ROUNDS:-5}
+# SHARED=1 adds a third server: keygate on the shared PostgreSQL + Redis (127.0.0.1:5432/6379).
+SHARED=${SHARED:-0}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/keygate-target}
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
 cargo build --release -q -p keygate
@@ -35,6 +37,18 @@ KEYGATE_LISTEN=127.0.0.1:$KPORT KEYGATE_DATABASE_URL="sqlite://$WORK/kg.db" KEYG
 wait_http "http://127.0.0.1:$BPORT/"
 wait_http "http://127.0.0.1:$KPORT/v1/status"
 ROOT=$(head -1 "$WORK/root")
+if [ "$SHARED" = 1 ]; then
+  SCHEMA="kgbench_$$"
+  psql -q -h 127.0.0.1 -U postgres test -c "CREATE SCHEMA $SCHEMA" >/dev/null
+  trap 'kill $(jobs -p) 2>/dev/null || true; psql -q -h 127.0.0.1 -U postgres test -c "DROP SCHEMA IF EXISTS '"$SCHEMA"' CASCADE" >/dev/null 2>&1; rm -rf "$WORK"' EXIT
+  SPORT=$(free_port)
+  KEYGATE_LISTEN=127.0.0.1:$SPORT KEYGATE_LOG__LEVEL=warn \
+    KEYGATE_DATABASE_URL="postgres://postgres@127.0.0.1:5432/test?options=-c%20search_path%3D$SCHEMA" \
+    KEYGATE_REDIS_URL=redis://127.0.0.1:6379 KEYGATE_REDIS_PREFIX="kgbench$$" \
+    taskset -c 0 "$BIN/keygate" serve >"$WORK/sroot" 2>"$WORK/slog" &
+  wait_http "http://127.0.0.1:$SPORT/v1/status"
+  SROOT=$(head -1 "$WORK/sroot")
+fi
 
 # A publishable key with every check switched on: origin list, scopes, IP allow-list, a rate
 # limit and a budget (both high enough not to refuse during the run).
@@ -43,6 +57,13 @@ PK=$(curl -fs -X POST "http://127.0.0.1:$KPORT/v1/keys" -H "authorization: Beare
   -d '{"kind":"pk","name":"bench","preset":"aidemo","allowed_ips":["127.0.0.0/8"],
        "rate_limit":{"limit":1000000000,"window_seconds":60},"budget":1000000000000}' |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+if [ "$SHARED" = 1 ]; then
+  SPK=$(curl -fs -X POST "http://127.0.0.1:$SPORT/v1/keys" -H "authorization: Bearer $SROOT" \
+    -H 'content-type: application/json' \
+    -d '{"kind":"pk","name":"bench","preset":"aidemo","allowed_ips":["127.0.0.0/8"],
+         "rate_limit":{"limit":1000000000,"window_seconds":60},"budget":1000000000000}' |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+fi
 
 run() { # name url [headers...]
   local name=$1 url=$2; shift 2
@@ -60,6 +81,7 @@ run() { # name url [headers...]
 # Both servers get the same request headers, so request parsing costs the same.
 HDRS=("Authorization: Bearer $PK" "Origin: https://claude.ai" "X-Keygate-Scope: ocr:read" "X-Forwarded-For: 127.0.0.1")
 : >"$OUT/rounds.txt"
+: >"$OUT/shared-rounds.txt"
 # Warm both up (connections, caches, leases, CPU frequency) before measuring.
 taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d3s "http://127.0.0.1:$BPORT/v1/auth" >/dev/null
 taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d3s -H "Authorization: Bearer $PK" -H "Origin: https://claude.ai" \
@@ -71,6 +93,13 @@ for i in $(seq "$ROUNDS"); do
   read -r _ krps kp50 kp99 knon <<<"$K"
   [ "$knon" = "0" ] || { echo "keygate answered $knon non-2xx responses: the run is invalid" >&2; exit 1; }
   echo "$brps $bp50 $bp99 $krps $kp50 $kp99" >>"$OUT/rounds.txt"
+  if [ "$SHARED" = 1 ]; then
+    S=$(run "keygate-shared-$i" "http://127.0.0.1:$SPORT/v1/auth" "Authorization: Bearer $SPK" \
+      "Origin: https://claude.ai" "X-Keygate-Scope: ocr:read" "X-Forwarded-For: 127.0.0.1")
+    read -r _ srps sp50 sp99 snon <<<"$S"
+    [ "$snon" = "0" ] || { echo "shared keygate answered $snon non-2xx responses" >&2; exit 1; }
+    echo "$krps $srps $sp50 $sp99" >>"$OUT/shared-rounds.txt"
+  fi
 done
 python3 - "$OUT/rounds.txt" "$CONNECTIONS" "$DURATION" <<'PY' | tee "$OUT/forward-auth.md"
 import statistics, sys
@@ -84,3 +113,14 @@ print(f"| keygate `GET /v1/auth`, pk key, all checks | {float(mid[3]):.0f} | {mi
 print()
 print(f"keygate / baseline throughput: **{statistics.median_low(ratios):.2f}** (rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
 PY
+if [ "$SHARED" = 1 ]; then
+python3 - "$OUT/shared-rounds.txt" <<'PY' | tee "$OUT/shared.md"
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+ratios = sorted(float(r[1]) / float(r[0]) for r in rows)
+print(f"shared mode (PostgreSQL + Redis, one Redis round trip per metered decision): "
+      f"{statistics.median(float(r[1]) for r in rows):.0f} req/s, p50 {rows[0][2]}; "
+      f"shared / embedded throughput: **{statistics.median_low(ratios):.2f}** "
+      f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+PY
+fi
