@@ -302,15 +302,17 @@ impl Counters {
 
     /// Gives the money of an allowed `charge` back (the request was never served: the
     /// gateway could not reach the upstream). The rate-limit slot stays used.
-    pub fn refund(&self, h: &Handles, charge: &Charge) {
-        if charge.cost == 0 {
+    /// Only what `metered` says was charged is given back (a budget or pool that was not
+    /// drawn from, e.g. an unlimited pool, is left alone).
+    pub fn refund(&self, h: &Handles, cost: u64, metered: &Metered) {
+        if cost == 0 {
             return;
         }
-        if charge.budget.is_some() {
-            h.budget.give_back(charge.cost);
+        if metered.budget_remaining.is_some() {
+            h.budget.give_back(cost);
         }
-        if !h.pool.unlimited.load(Ordering::Relaxed) {
-            h.pool.give_back(charge.cost);
+        if metered.credits_remaining.is_some() {
+            h.pool.give_back(cost);
         }
     }
 

@@ -278,39 +278,35 @@ impl SharedCounters {
             .arg(amount)
             .query_async(&mut con)
             .await;
-        if r.is_err() {
-            let back = if budget {
-                self.store.refund_budget(owner, amount).await
-            } else {
-                self.store.refund_credits(owner, amount).await
-            };
-            if let Err(e) = back {
-                tracing::error!(
-                    "credits withdrawn but neither leased nor returned ({amount} for {owner}): {e}"
-                );
-            }
+        if let Err(e) = r {
+            // The INCRBY may or may not have been applied (a timeout after Redis did it): giving
+            // the credits back to the store could grant them twice, so they are written off —
+            // an under-grant of at most one lease.
+            let what = if budget { "budget" } else { "pool" };
+            tracing::warn!("lease of {amount} credits for {what} {owner} may be lost: {e}");
             return Err(Code::Unavailable);
         }
         Ok(())
     }
 
     /// Gives an allowed charge's money back (the gateway could not reach the upstream).
-    pub async fn refund(&self, family_id: &str, tenant_id: &str, charge: &Charge) {
-        if charge.cost == 0 {
+    /// Only what `metered` (this meter's own answer) says was charged is given back.
+    pub async fn refund(&self, family_id: &str, tenant_id: &str, cost: u64, metered: &Metered) {
+        if cost == 0 {
             return;
         }
         let [_, bk, pk] = self.keys(family_id, tenant_id);
         let mut con = self.redis.clone();
         let mut pipe = redis::pipe();
-        if charge.budget.is_some() {
-            pipe.cmd("INCRBY").arg(&bk).arg(charge.cost).ignore();
+        if metered.budget_remaining.is_some() {
+            pipe.cmd("INCRBY").arg(&bk).arg(cost).ignore();
         }
-        if !self.pool_unlimited(tenant_id) {
-            pipe.cmd("INCRBY").arg(&pk).arg(charge.cost).ignore();
+        if metered.credits_remaining.is_some() {
+            pipe.cmd("INCRBY").arg(&pk).arg(cost).ignore();
         }
         let r: Result<(), _> = pipe.query_async(&mut con).await;
         if let Err(e) = r {
-            tracing::warn!("could not refund {} credits in redis: {e}", charge.cost);
+            tracing::warn!("could not refund {cost} credits in redis: {e}");
         }
     }
 

@@ -60,10 +60,19 @@ pub async fn refresh(state: &AppState) -> Result<(), keygate_store::StoreError> 
     }
     all.sort();
     all.dedup();
-    match OriginList::parse(&all) {
-        Ok(list) => state.cors.set(list),
-        Err(e) => tracing::error!("stored origin list does not parse: {e}"),
-    }
+    // Entries are parsed one by one: a bad stored entry is skipped, never a reason to keep
+    // an older index (which could still hold a revoked key's origins).
+    let good: Vec<String> = all
+        .into_iter()
+        .filter(|o| match keygate_core::OriginPattern::parse(o) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!("skipping a stored origin that does not parse: {e}");
+                false
+            }
+        })
+        .collect();
+    state.cors.set(OriginList::parse(&good).unwrap_or_default());
     Ok(())
 }
 
@@ -99,9 +108,20 @@ pub fn decorate(h: &mut HeaderMap, origin: Option<&str>, allowed: bool) {
     h.append(header::VARY, HeaderValue::from_static("Origin"));
     if !allowed {
         h.remove(header::ACCESS_CONTROL_ALLOW_ORIGIN);
+        h.remove(header::ACCESS_CONTROL_ALLOW_CREDENTIALS);
         return;
     }
     if let Ok(v) = HeaderValue::from_str(origin) {
+        // keygate answers CORS for its routes: an upstream's own CORS headers (credentials
+        // above all) must not widen what an echoed origin may read.
+        for n in [
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            header::ACCESS_CONTROL_MAX_AGE,
+        ] {
+            h.remove(n);
+        }
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
         h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, EXPOSE);
     }

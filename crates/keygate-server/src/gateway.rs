@@ -187,7 +187,7 @@ async fn handle_inner(
         }
         let mut res = forward(state, upstream, req, peer, None)
             .await
-            .unwrap_or_else(IntoResponse::into_response);
+            .unwrap_or_else(|(e, _)| e.into_response());
         rate_headers(res.headers_mut(), &d, None);
         cors::decorate(res.headers_mut(), origin.as_deref(), true);
         return res;
@@ -218,18 +218,23 @@ async fn handle_inner(
     let key = allowed.key.clone();
     let mut res = match forward(state, upstream, req, peer, Some(&allowed)).await {
         Ok(r) => r,
-        Err(e) => {
-            // keygate answers for the upstream: the call was not served, give the money back.
-            match &state.shared {
-                Some(s) => {
-                    s.refund(
-                        &key.record.family_id,
-                        &key.record.tenant_id,
-                        &allowed.charge,
-                    )
-                    .await
+        Err((e, refundable)) => {
+            // keygate answers for the upstream. If the upstream never answered, the call was
+            // not served: refund the meter that charged it, and only what it charged.
+            if refundable {
+                let cost = allowed.charge.cost;
+                match (&state.shared, allowed.shared_meter) {
+                    (Some(s), true) => {
+                        s.refund(
+                            &key.record.family_id,
+                            &key.record.tenant_id,
+                            cost,
+                            &allowed.metered,
+                        )
+                        .await
+                    }
+                    _ => state.counters.refund(&key.counters, cost, &allowed.metered),
                 }
-                None => state.counters.refund(&key.counters, &allowed.charge),
             }
             e.into_response()
         }
@@ -257,7 +262,8 @@ async fn forward(
     req: Request<Body>,
     peer: SocketAddr,
     allowed: Option<&crate::state::Allowed>,
-) -> Result<Response<Body>, ApiError> {
+) -> Result<Response<Body>, (ApiError, bool)> {
+    // The bool: whether the upstream never answered (so the call may be refunded).
     let (mut parts, body) = req.into_parts();
     let max = state.config.gateway.max_body_bytes;
     let declared = parts
@@ -266,10 +272,13 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max) {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "PAYLOAD_TOO_LARGE",
-            "request body too large",
+        return Err((
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                "request body too large",
+            ),
+            true,
         ));
     }
     // A request without Content-Length or Transfer-Encoding has no body (RFC 9112 §6.3): send
@@ -286,6 +295,10 @@ async fn forward(
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
     h.remove(header::AUTHORIZATION);
+    // Client-supplied claims about who or where it is: the upstream gets keygate's instead.
+    h.remove(header::FORWARDED);
+    h.remove(X_REAL_IP);
+    h.remove(X_TENANT_ID);
     let spoofed: Vec<HeaderName> = h
         .keys()
         .filter(|n| n.as_str().starts_with("x-keygate-"))
@@ -317,7 +330,7 @@ async fn forward(
         h.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
     h.insert(header::HOST, upstream.host_header.clone());
-    parts.uri = upstream.uri_for(&path_and_query)?;
+    parts.uri = upstream.uri_for(&path_and_query).map_err(|e| (e, true))?;
     parts.version = axum::http::Version::HTTP_11;
     let limited = if has_body {
         Body::new(Limited::new(
@@ -331,25 +344,34 @@ async fn forward(
     let timeout = Duration::from_secs(state.config.gateway.upstream_timeout_seconds.max(1));
     let resp = match tokio::time::timeout(timeout, state.gateway.client.request(out)).await {
         Err(_) => {
-            return Err(upstream_error(
-                "GATEWAY_TIMEOUT",
-                StatusCode::GATEWAY_TIMEOUT,
-                "the upstream did not answer in time",
+            return Err((
+                upstream_error(
+                    "GATEWAY_TIMEOUT",
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the upstream did not answer in time",
+                ),
+                true,
             ))
         }
         Ok(Err(e)) => {
             if is_body_too_large(&e) {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "PAYLOAD_TOO_LARGE",
-                    "request body too large",
+                return Err((
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "PAYLOAD_TOO_LARGE",
+                        "request body too large",
+                    ),
+                    true,
                 ));
             }
             tracing::warn!(upstream = %upstream.authority, "upstream request failed: {e}");
-            return Err(upstream_error(
-                "BAD_GATEWAY",
-                StatusCode::BAD_GATEWAY,
-                "the upstream could not be reached",
+            return Err((
+                upstream_error(
+                    "BAD_GATEWAY",
+                    StatusCode::BAD_GATEWAY,
+                    "the upstream could not be reached",
+                ),
+                true,
             ));
         }
         Ok(Ok(r)) => r,
@@ -372,10 +394,13 @@ async fn forward(
                 Body::from(collected.to_bytes()),
             ));
         }
-        return Err(upstream_error(
-            "BAD_GATEWAY",
-            StatusCode::BAD_GATEWAY,
-            "the upstream's answer was cut short",
+        return Err((
+            upstream_error(
+                "BAD_GATEWAY",
+                StatusCode::BAD_GATEWAY,
+                "the upstream's answer was cut short",
+            ),
+            false,
         ));
     }
     Ok(Response::from_parts(

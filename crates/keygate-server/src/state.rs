@@ -113,6 +113,8 @@ pub struct Allowed {
     pub metered: Metered,
     /// What was charged (to give back if the request is never served).
     pub charge: keygate_core::Charge,
+    /// Whether the shared (Redis) counters charged it, rather than this node's.
+    pub shared_meter: bool,
 }
 
 /// A refused request.
@@ -429,6 +431,7 @@ impl Inner {
                         key,
                         metered,
                         charge,
+                        shared_meter: true,
                     });
                 }
                 Ok(None) => {} // Redis is down and the call is free: limit it locally.
@@ -465,6 +468,7 @@ impl Inner {
                     key,
                     metered,
                     charge,
+                    shared_meter: false,
                 })
             }
             Err(r) => Err(Denied {

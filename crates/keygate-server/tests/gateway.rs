@@ -65,6 +65,8 @@ async fn allowed_requests_reach_the_upstream_with_identity_and_without_the_key()
         .header("connection", "x-drop-me")
         .header("x-drop-me", "1")
         .header("x-custom", "kept")
+        .header("forwarded", "for=203.0.113.9")
+        .header("x-real-ip", "203.0.113.9")
         .body("hello")
         .send()
         .await
@@ -95,6 +97,10 @@ async fn allowed_requests_reach_the_upstream_with_identity_and_without_the_key()
     assert_eq!(h["host"], up.addr.to_string());
     assert_eq!(h["x-custom"], "kept");
     assert!(h.get("x-drop-me").is_none());
+    assert!(
+        h.get("forwarded").is_none() && h.get("x-real-ip").is_none(),
+        "client claims about its address are dropped"
+    );
     assert!(!v.to_string().contains(&key));
 }
 
