@@ -250,3 +250,96 @@ async fn a_redis_restart_never_grows_a_budget_back() {
         "lost more than a lease: only {after} more granted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_load_under_three_nodes() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut redis = PrivateRedis::start(port);
+    let url = format!("redis://127.0.0.1:{port}");
+    let u1 = url.clone();
+    let a = TestApp::spawn_postgres(move |c| c.redis_url = u1).await;
+    let mut nodes = vec![];
+    for _ in 0..2 {
+        let u = url.clone();
+        nodes.push(
+            TestApp::spawn_on(a.db_url(), move |c| c.redis_url = u)
+                .await
+                .with_root(a.root.clone()),
+        );
+    }
+    nodes.insert(0, a);
+    let (key, _) = nodes[0]
+        .create_key(json!({"kind": "sk", "name": "load", "budget": 500}))
+        .await;
+    let urls: Vec<String> = nodes.iter().map(|n| n.url("/v1/auth")).collect();
+    let client = nodes[0].client.clone();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (client, urls, key, sent) = (client.clone(), urls.clone(), key.clone(), sent.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut unavailable) = (0u32, 0u32);
+            loop {
+                let i = sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= 1200 {
+                    return (ok, unavailable);
+                }
+                let r = client
+                    .get(&urls[i % 3])
+                    .bearer_auth(&key)
+                    .send()
+                    .await
+                    .expect("a node stopped answering");
+                match r.status() {
+                    StatusCode::OK => ok += 1,
+                    StatusCode::SERVICE_UNAVAILABLE => unavailable += 1,
+                    StatusCode::PAYMENT_REQUIRED => {}
+                    s => panic!("unexpected {s}"),
+                }
+            }
+        }));
+    }
+    // Kill Redis once the load is under way, bring it back (empty) a moment later.
+    support::eventually(|| async { sent.load(std::sync::atomic::Ordering::SeqCst) >= 200 }).await;
+    redis.kill();
+    let seen = sent.load(std::sync::atomic::Ordering::SeqCst);
+    support::eventually(|| async { sent.load(std::sync::atomic::Ordering::SeqCst) >= seen + 100 })
+        .await;
+    let _redis = tokio::task::spawn_blocking(move || PrivateRedis::start(port))
+        .await
+        .expect("task");
+    let (mut ok, mut unavailable) = (0, 0);
+    for t in tasks {
+        let (o, u) = t.await.expect("task");
+        ok += o;
+        unavailable += u;
+    }
+    assert!(unavailable > 0, "the outage was not seen");
+    // Every node is up, and the rest of the budget can be spent, but never more than 500 total.
+    for n in &nodes {
+        let r = n
+            .client
+            .get(n.url("/v1/health/ready"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    let mut more = 0;
+    loop {
+        let r = nodes[(more % 3) as usize].auth(Some(&key), &[]).await;
+        match r.status() {
+            StatusCode::OK => more += 1,
+            StatusCode::PAYMENT_REQUIRED => break,
+            s => panic!("unexpected {s} after recovery"),
+        }
+    }
+    let total = ok + more;
+    println!("granted {ok} during the load ({unavailable} refused as unavailable), {more} after: {total} of 500");
+    assert!(total <= 500, "over-granted: {total} of a budget of 500");
+    assert!(total >= 400, "lost too much: only {total} of 500 granted");
+}
