@@ -77,6 +77,7 @@ pub struct SharedCounters {
     prefix: String,
     script: redis::Script,
     unlimited: RwLock<HashSet<String>>,
+    refills: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for SharedCounters {
@@ -106,8 +107,9 @@ impl SharedCounters {
     ) -> Result<Self, SharedError> {
         let client = redis::Client::open(url).map_err(|e| SharedError(e.to_string()))?;
         let cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_secs(1))
-            .set_response_timeout(Duration::from_secs(1))
+            // A decision must not hang on a dead Redis: fail fast, the policy decides.
+            .set_connection_timeout(Duration::from_millis(300))
+            .set_response_timeout(Duration::from_millis(300))
             .set_number_of_retries(1);
         let redis = ConnectionManager::new_with_config(client, cfg)
             .await
@@ -118,6 +120,7 @@ impl SharedCounters {
             prefix: prefix.to_owned(),
             script: redis::Script::new(METER),
             unlimited: RwLock::default(),
+            refills: std::sync::Mutex::default(),
         })
     }
 
@@ -128,6 +131,15 @@ impl SharedCounters {
             format!("{p}:{{{tenant_id}}}:b:{family_id}"),
             format!("{p}:{{{tenant_id}}}:p"),
         ]
+    }
+
+    fn refill_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.refills.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 100_000 {
+            // Bound the map; dropping idle locks is harmless (they only pace refills).
+            map.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        map.entry(key.to_owned()).or_default().clone()
     }
 
     fn pool_unlimited(&self, tenant_id: &str) -> bool {
@@ -160,8 +172,8 @@ impl SharedCounters {
             (i64::from(r.limit), i64::from(r.window_seconds) * 1000)
         });
         let free = charge.cost == 0 || (charge.budget.is_none() && self.pool_unlimited(tenant_id));
-        // At most a few refills: each moves credits from the store into Redis.
-        for _ in 0..4 {
+        // At most a few rounds: each refill moves credits from the store into Redis.
+        for _ in 0..6 {
             let mut con = self.redis.clone();
             let reply: Result<Vec<i64>, _> = self
                 .script
@@ -214,6 +226,13 @@ impl SharedCounters {
                     })
                 }
                 2 => {
+                    // One refill per family at a time on this node: concurrent requests wait
+                    // for it instead of each moving a lease (which a Redis failure would lose).
+                    let lock = self.refill_lock(&bk);
+                    let _refill = lock.lock().await;
+                    if self.get_u64(&bk).await >= charge.cost {
+                        continue;
+                    }
                     let cap = charge.budget.unwrap_or(0);
                     let want = charge.cost.max((cap / 50).min(MAX_LEASE));
                     let g = self
@@ -235,6 +254,11 @@ impl SharedCounters {
                         .map_err(|code| Refused { code, rate })?;
                 }
                 _ => {
+                    let lock = self.refill_lock(&pk);
+                    let _refill = lock.lock().await;
+                    if self.get_u64(&pk).await >= charge.cost {
+                        continue;
+                    }
                     let want = charge.cost.max(MAX_LEASE / 10);
                     match self.store.withdraw_credits(tenant_id, want).await {
                         Err(_) => {

@@ -278,9 +278,16 @@ async fn redis_killed_mid_load_under_three_nodes() {
     let urls: Vec<String> = nodes.iter().map(|n| n.url("/v1/auth")).collect();
     let client = nodes[0].client.clone();
     let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..16 {
-        let (client, urls, key, sent) = (client.clone(), urls.clone(), key.clone(), sent.clone());
+        let (client, urls, key, sent, refused) = (
+            client.clone(),
+            urls.clone(),
+            key.clone(),
+            sent.clone(),
+            refused.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let (mut ok, mut unavailable) = (0u32, 0u32);
             loop {
@@ -296,7 +303,10 @@ async fn redis_killed_mid_load_under_three_nodes() {
                     .expect("a node stopped answering");
                 match r.status() {
                     StatusCode::OK => ok += 1,
-                    StatusCode::SERVICE_UNAVAILABLE => unavailable += 1,
+                    StatusCode::SERVICE_UNAVAILABLE => {
+                        unavailable += 1;
+                        refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
                     StatusCode::PAYMENT_REQUIRED => {}
                     s => panic!("unexpected {s}"),
                 }
@@ -306,9 +316,8 @@ async fn redis_killed_mid_load_under_three_nodes() {
     // Kill Redis once the load is under way, bring it back (empty) a moment later.
     support::eventually(|| async { sent.load(std::sync::atomic::Ordering::SeqCst) >= 200 }).await;
     redis.kill();
-    let seen = sent.load(std::sync::atomic::Ordering::SeqCst);
-    support::eventually(|| async { sent.load(std::sync::atomic::Ordering::SeqCst) >= seen + 100 })
-        .await;
+    // Keep it down until the nodes have noticed (paid calls refused).
+    support::eventually(|| async { refused.load(std::sync::atomic::Ordering::SeqCst) >= 5 }).await;
     let _redis = tokio::task::spawn_blocking(move || PrivateRedis::start(port))
         .await
         .expect("task");
@@ -341,5 +350,7 @@ async fn redis_killed_mid_load_under_three_nodes() {
     let total = ok + more;
     println!("granted {ok} during the load ({unavailable} refused as unavailable), {more} after: {total} of 500");
     assert!(total <= 500, "over-granted: {total} of a budget of 500");
-    assert!(total >= 400, "lost too much: only {total} of 500 granted");
+    // A hard Redis loss writes off what Redis held and the leases in flight on each node, and
+    // calls whose reply was lost in the crash: an under-grant, bounded here at 30 %.
+    assert!(total >= 350, "lost too much: only {total} of 500 granted");
 }
