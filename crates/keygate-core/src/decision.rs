@@ -151,6 +151,15 @@ impl KeyStatus {
         }
     }
 
+    /// The status as of `now_ms`: an active or grace key past its expiry is `Expired`.
+    pub fn at(self, expires_at_ms: Option<i64>, now_ms: i64) -> KeyStatus {
+        match (self, expires_at_ms) {
+            (KeyStatus::Revoked, _) => KeyStatus::Revoked,
+            (_, Some(exp)) if exp <= now_ms => KeyStatus::Expired,
+            (s, _) => s,
+        }
+    }
+
     /// Parses a stored status.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
@@ -220,13 +229,7 @@ pub struct KeyPolicy {
 impl KeyPolicy {
     /// The status as of `now_ms`: an active or grace key past its expiry is `Expired`.
     pub fn status_at(&self, now_ms: i64) -> KeyStatus {
-        match self.status {
-            KeyStatus::Revoked => KeyStatus::Revoked,
-            s => match self.expires_at_ms {
-                Some(exp) if exp <= now_ms => KeyStatus::Expired,
-                _ => s,
-            },
-        }
+        self.status.at(self.expires_at_ms, now_ms)
     }
 }
 

@@ -144,19 +144,6 @@ impl Counters {
         }
     }
 
-    /// [`Counters::meter_with`] after looking the handles up.
-    pub async fn meter(
-        &self,
-        family_id: &str,
-        tenant_id: &str,
-        charge: &Charge,
-        now_ms: i64,
-    ) -> Result<Metered, Refused> {
-        let h = self.handles(family_id, tenant_id);
-        self.meter_with(&h, family_id, tenant_id, charge, now_ms)
-            .await
-    }
-
     /// Runs `charge` for a key of `family_id` in `tenant_id` at `now_ms`: rate limit, then key
     /// budget, then tenant credits. Either every counter is charged or none of the money is.
     ///

@@ -9,7 +9,7 @@ use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{get, post};
 use axum::Router;
 use keygate_core::{KeyFormat, KeyHasher};
 use keygate_counters::Counters;
@@ -293,20 +293,18 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     .into_response()
 }
 
-/// The whole HTTP surface.
+/// The HTTP surface except `/v1/auth` and gateway routes (see `server::Dispatch`).
 pub fn router(state: AppState) -> Router {
     use routes::{keys, status, tenants, users, verify};
     let body_limit = state.config.limits.max_body_bytes;
     let timeout = Duration::from_secs(state.config.limits.request_timeout_seconds.max(1));
-    // The decision paths carry no body and take no middleware: no per-request timer, no boxed
-    // layers. `/v1/auth` sets its own request id; it is panic-free by construction (no
-    // unwrap on input, checked in review and by the fuzzed core).
+    // Status, health and metrics take no middleware. `/v1/auth` is not routed here at all:
+    // `server::Dispatch` sends it straight to the decision (the hot path).
     let hot = Router::new()
         .route("/v1/status", get(status::status))
         .route("/v1/health/live", get(status::live))
         .route("/metrics", get(crate::metrics::render))
-        .route("/v1/health/ready", get(status::ready))
-        .route("/v1/auth", any(verify::forward_auth));
+        .route("/v1/health/ready", get(status::ready));
     let management = Router::new()
         .route("/v1/keys/verify", post(verify::verify))
         .route("/v1/keys", post(keys::create).get(keys::list))

@@ -92,11 +92,7 @@ impl KeyView {
                 remaining: limit.saturating_sub(spent),
             }
         });
-        let status = match (k.status, k.expires_at_ms) {
-            (keygate_core::KeyStatus::Revoked, _) => "revoked",
-            (_, Some(e)) if e <= now_ms => "expired",
-            (s, _) => s.as_str(),
-        };
+        let status = k.status.at(k.expires_at_ms, now_ms).as_str();
         KeyView {
             id: k.id.clone(),
             name: k.name.clone(),

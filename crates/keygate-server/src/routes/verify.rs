@@ -186,17 +186,9 @@ pub fn forwarded_ip(h: &HeaderMap, peer: Option<IpAddr>) -> Option<IpAddr> {
         .or(peer)
 }
 
-/// `GET /v1/auth` (any method): the forward-auth decision.
-pub async fn forward_auth(State(state): State<AppState>, req: axum::extract::Request) -> Response {
-    let peer = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip());
-    serve_forward_auth(&state, req, peer).await
-}
-
-/// The forward-auth decision for `req` from TCP peer `peer`. The server's connection service
-/// calls this directly for `/v1/auth`, without the router (see `startup::Dispatch`).
+/// `/v1/auth` (any method, also `/v1/auth/<path>` for Envoy): the forward-auth decision for
+/// `req` from TCP peer `peer`. The connection service (`server::Dispatch`) calls this directly,
+/// without the router: it is the hot path.
 pub async fn serve_forward_auth(
     state: &AppState,
     req: axum::extract::Request,
