@@ -27,7 +27,8 @@ pub struct Config {
     pub redis_outage_policy: OutagePolicy,
     /// Connection pool of the store.
     pub database: DatabaseConfig,
-    /// This node's name in logs and audit events (default: a random id per process).
+    /// This node's name in logs and audit events (default: a random id per process). Must be
+    /// unique among the nodes sharing a store: a node ignores changes published under its id.
     pub node_id: Option<String>,
     /// Key format and lifecycle.
     pub keys: KeysConfig,

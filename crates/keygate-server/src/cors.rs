@@ -91,9 +91,7 @@ pub async fn refresh_after_change(state: &AppState, kind: Kind) {
 pub async fn pk_changed(state: &AppState, kind: Kind) {
     if kind == Kind::Pk {
         refresh_after_change(state, kind).await;
-        if let Err(e) = state.store.publish_change("cors").await {
-            tracing::warn!("could not publish a CORS change: {e}");
-        }
+        state.publish("cors".to_owned()).await;
     }
 }
 

@@ -334,8 +334,11 @@ impl Inner {
         self.publish(format!("tenant:{tenant_id}")).await;
     }
 
-    async fn publish(&self, change: String) {
-        if let Err(e) = self.store.publish_change(&change).await {
+    /// Publishes `change` to the other nodes, tagged with this node's id so that this node
+    /// skips its own message when the feed echoes it back (it has applied it already).
+    pub async fn publish(&self, change: String) {
+        let tagged = format!("{}|{change}", self.node_id);
+        if let Err(e) = self.store.publish_change(&tagged).await {
             // Other nodes fall back to the cache TTL for this change.
             tracing::warn!("could not publish a change to other nodes: {e}");
         }
@@ -654,15 +657,19 @@ pub async fn run_change_listener(state: AppState) {
         }
         loop {
             match feed.next().await {
-                Ok(Some(change)) => {
+                Ok(Some(message)) => {
                     if !state.feed_ok.load(Ordering::Acquire) {
                         // The feed reconnected by itself after a drop.
                         resync(&state).await;
                     }
+                    let (from, change) = message.split_once('|').unwrap_or(("", &message));
+                    if from == state.node_id {
+                        continue;
+                    }
                     if change == "cors" {
                         crate::cors::refresh_after_change(&state, Kind::Pk).await;
                     } else {
-                        state.apply_change(&change);
+                        state.apply_change(change);
                     }
                 }
                 Ok(None) => {
