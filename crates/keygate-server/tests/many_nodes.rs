@@ -18,27 +18,31 @@ fn prefix() -> String {
 }
 
 async fn three_nodes() -> Vec<TestApp> {
-    let p = prefix();
     let redis =
         std::env::var("KEYGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let (r1, p1) = (redis.clone(), p.clone());
-    let a = TestApp::spawn_postgres(move |c| {
-        c.redis_url = r1;
-        c.redis_prefix = p1;
+    nodes_on(3, &redis, &prefix()).await
+}
+
+/// `n` nodes on a fresh PostgreSQL schema, sharing the Redis at `redis` under key `prefix`.
+async fn nodes_on(n: usize, redis: &str, prefix: &str) -> Vec<TestApp> {
+    let (r, p) = (redis.to_owned(), prefix.to_owned());
+    let first = TestApp::spawn_postgres(move |c| {
+        c.redis_url = r;
+        c.redis_prefix = p;
     })
     .await;
     let mut nodes = vec![];
-    for _ in 0..2 {
-        let (r, p) = (redis.clone(), p.clone());
-        let n = TestApp::spawn_on(a.db_url(), move |c| {
+    for _ in 1..n {
+        let (r, p) = (redis.to_owned(), prefix.to_owned());
+        let node = TestApp::spawn_on(first.db_url(), move |c| {
             c.redis_url = r;
             c.redis_prefix = p;
         })
         .await
-        .with_root(a.root.clone());
-        nodes.push(n);
+        .with_root(first.root.clone());
+        nodes.push(node);
     }
-    nodes.insert(0, a);
+    nodes.insert(0, first);
     nodes
 }
 
@@ -259,19 +263,7 @@ async fn redis_killed_mid_load_under_three_nodes() {
         .expect("addr")
         .port();
     let mut redis = PrivateRedis::start(port);
-    let url = format!("redis://127.0.0.1:{port}");
-    let u1 = url.clone();
-    let a = TestApp::spawn_postgres(move |c| c.redis_url = u1).await;
-    let mut nodes = vec![];
-    for _ in 0..2 {
-        let u = url.clone();
-        nodes.push(
-            TestApp::spawn_on(a.db_url(), move |c| c.redis_url = u)
-                .await
-                .with_root(a.root.clone()),
-        );
-    }
-    nodes.insert(0, a);
+    let nodes = nodes_on(3, &format!("redis://127.0.0.1:{port}"), &prefix()).await;
     let (key, _) = nodes[0]
         .create_key(json!({"kind": "sk", "name": "load", "budget": 500}))
         .await;
