@@ -118,7 +118,7 @@ python3 - "$OUT/shared-rounds.txt" <<'PY' | tee "$OUT/shared.md"
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 ratios = sorted(float(r[1]) / float(r[0]) for r in rows)
-print(f"shared mode (PostgreSQL + Redis, one Redis round trip per metered decision): "
+print(f"shared mode (PostgreSQL + Redis, metered decisions batched to Redis): "
       f"{statistics.median(float(r[1]) for r in rows):.0f} req/s, p50 {rows[0][2]}; "
       f"shared / embedded throughput: **{statistics.median_low(ratios):.2f}** "
       f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")

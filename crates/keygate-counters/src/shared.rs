@@ -1,9 +1,12 @@
 //! Counters shared by every node, in Redis.
 //!
-//! One Lua script per decision checks and charges, atomically and in one round trip, the key
-//! family's rate window and the credits leased to Redis for the family's budget and the
-//! tenant's pool. All three keys carry the tenant as hash tag (`kg:{tenant}:…`), so the script
-//! runs unchanged on Redis Cluster.
+//! One Lua script checks and charges, atomically, the key family's rate window and the credits
+//! leased to Redis for the family's budget and the tenant's pool. Decisions that wait at the
+//! same time go out together (a batcher task; up to 4 batches in flight per node): one script
+//! call per tenant per batch, which reads each key once and writes it once, so under load one
+//! round trip and one script run serve many decisions, and alone a decision goes out at once.
+//! All keys carry the tenant as hash tag (`kg:{tenant}:…`) and a call never mixes tenants, so
+//! the script runs unchanged on Redis Cluster.
 //!
 //! Money: PostgreSQL stays the source of truth. Credits move from the store into Redis in
 //! leases (the same conditional UPDATE as the in-process counters) and are spent from Redis by
@@ -20,62 +23,106 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Largest lease moved from the store into Redis at once.
 const MAX_LEASE: u64 = 1_000;
 
+/// Most decisions sent to Redis in one script call.
+const MAX_BATCH: usize = 128;
+/// Batches in flight at once per node (each is one Redis round trip).
+const MAX_INFLIGHT: usize = 4;
+
+/// Meters a batch of decisions of one tenant in one call, in order. `KEYS` holds three keys per
+/// decision (rate window, family budget, tenant pool); `ARGV` six numbers per decision (now,
+/// limit, window ms, cost, has budget, pool unlimited). Returns six numbers per decision:
+/// outcome (0 allowed, 1 rate limited, 2 budget lease empty, 3 pool lease empty), the window
+/// (start, previous, current) before this decision, and the budget and pool leases after it.
+///
+/// Each key is read once per batch and written once at the end (a `redis.call` costs more
+/// than the arithmetic around it), so a batch of many decisions of one key costs about what
+/// one decision does. A window's expiry is set when it rolls over: it lives two windows from
+/// its start, as long as it can matter.
 const METER: &str = r#"
-local now = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-local w = tonumber(ARGV[3])
-local cost = tonumber(ARGV[4])
-local has_budget = ARGV[5] == '1'
-local pool_unlimited = ARGV[6] == '1'
-local s, p, c = 0, 0, 0
-if limit > 0 then
-  local st = redis.call('HMGET', KEYS[1], 's', 'p', 'c')
-  s = tonumber(st[1]) or 0
-  p = tonumber(st[2]) or 0
-  c = tonumber(st[3]) or 0
-  local start = now - (now % w)
-  if start ~= s then
-    if start - s == w then p = c else p = 0 end
-    c = 0
-    s = start
+local out, win, left, spent = {}, {}, {}, {}
+local function lease(k)
+  local v = left[k]
+  if v == nil then
+    v = tonumber(redis.call('GET', k) or '0')
+    left[k], spent[k] = v, 0
   end
-  local est = p * ((w - (now - s)) / w) + c
-  if est + 1 > limit then
-    redis.call('HSET', KEYS[1], 's', s, 'p', p, 'c', c)
-    redis.call('PEXPIRE', KEYS[1], 2 * w)
-    return {1, s, p, c, 0, 0}
+  return v
+end
+local n = #ARGV / 6
+for i = 0, n - 1 do
+  local kw, kb, kp = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
+  local now = tonumber(ARGV[6 * i + 1])
+  local limit = tonumber(ARGV[6 * i + 2])
+  local w = tonumber(ARGV[6 * i + 3])
+  local cost = tonumber(ARGV[6 * i + 4])
+  local has_budget = ARGV[6 * i + 5] == '1'
+  local pool_unlimited = ARGV[6 * i + 6] == '1'
+  local r, st = 0, nil
+  local s, p, c, b, q = 0, 0, 0, 0, 0
+  if limit > 0 then
+    st = win[kw]
+    if st == nil then
+      local h = redis.call('HMGET', kw, 's', 'p', 'c')
+      st = {s = tonumber(h[1]) or 0, p = tonumber(h[2]) or 0, c = tonumber(h[3]) or 0}
+      win[kw] = st
+    end
+    local start = now - (now % w)
+    if start ~= st.s then
+      if start - st.s == w then st.p = st.c else st.p = 0 end
+      st.c, st.s, st.dirty, st.ttl = 0, start, true, 2 * w
+    end
+    s, p, c = st.s, st.p, st.c
+    if p * ((w - (now - s)) / w) + c + 1 > limit then r = 1 end
+  end
+  if r == 0 and cost > 0 then
+    if has_budget then
+      b = lease(kb)
+      if b < cost then r = 2 end
+    end
+    if r == 0 and not pool_unlimited then
+      q = lease(kp)
+      if q < cost then r = 3 end
+    end
+    if r == 0 then
+      if has_budget then b = b - cost; left[kb] = b; spent[kb] = spent[kb] + cost end
+      if not pool_unlimited then q = q - cost; left[kp] = q; spent[kp] = spent[kp] + cost end
+    end
+  end
+  if r == 0 and st ~= nil then st.c, st.dirty = st.c + 1, true end
+  local o = 6 * i
+  out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5], out[o + 6] = r, s, p, c, b, q
+end
+for k, st in pairs(win) do
+  if st.dirty then
+    redis.call('HSET', k, 's', st.s, 'p', st.p, 'c', st.c)
+    if st.ttl then redis.call('PEXPIRE', k, st.ttl) end
   end
 end
-local b, q = 0, 0
-if cost > 0 then
-  if has_budget then
-    b = tonumber(redis.call('GET', KEYS[2]) or '0')
-    if b < cost then return {2, s, p, c, b, 0} end
-  end
-  if not pool_unlimited then
-    q = tonumber(redis.call('GET', KEYS[3]) or '0')
-    if q < cost then return {3, s, p, c, b, q} end
-  end
-  if has_budget then b = redis.call('DECRBY', KEYS[2], cost) end
-  if not pool_unlimited then q = redis.call('DECRBY', KEYS[3], cost) end
+for k, d in pairs(spent) do
+  if d > 0 then redis.call('DECRBY', k, d) end
 end
-if limit > 0 then
-  redis.call('HSET', KEYS[1], 's', s, 'p', p, 'c', c + 1)
-  redis.call('PEXPIRE', KEYS[1], 2 * w)
-end
-return {0, s, p, c, b, q}
+return out
 "#;
+
+/// One decision waiting for its batch.
+struct Job {
+    tenant_id: String,
+    keys: [String; 3],
+    args: [i64; 6],
+    reply: oneshot::Sender<Result<[i64; 6], String>>,
+}
 
 /// Counters in Redis, with the store behind them for money.
 pub struct SharedCounters {
     redis: ConnectionManager,
     store: Arc<dyn Store>,
     prefix: String,
-    script: redis::Script,
+    jobs: mpsc::Sender<Job>,
     unlimited: RwLock<HashSet<String>>,
     refills: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -114,11 +161,13 @@ impl SharedCounters {
         let redis = ConnectionManager::new_with_config(client, cfg)
             .await
             .map_err(|e| SharedError(e.to_string()))?;
+        let (jobs, rx) = mpsc::channel(16 * 1024);
+        tokio::spawn(run_batcher(redis.clone(), rx));
         Ok(Self {
             redis,
             store,
             prefix: prefix.to_owned(),
-            script: redis::Script::new(METER),
+            jobs,
             unlimited: RwLock::default(),
             refills: std::sync::Mutex::default(),
         })
@@ -174,26 +223,28 @@ impl SharedCounters {
         let free = charge.cost == 0 || (charge.budget.is_none() && self.pool_unlimited(tenant_id));
         // At most a few rounds: each refill moves credits from the store into Redis.
         for _ in 0..6 {
-            let mut con = self.redis.clone();
-            let reply: Result<Vec<i64>, _> = self
-                .script
-                .key(&wk)
-                .key(&bk)
-                .key(&pk)
-                .arg(now_ms)
-                .arg(limit)
-                .arg(window_ms)
-                .arg(charge.cost)
-                .arg(if charge.budget.is_some() { 1 } else { 0 })
-                .arg(if self.pool_unlimited(tenant_id) { 1 } else { 0 })
-                .invoke_async(&mut con)
-                .await;
-            let v = match reply {
-                Ok(v) if v.len() == 6 => v,
-                Ok(_) | Err(_) => {
-                    if let Err(e) = &reply {
-                        tracing::warn!("redis counters unavailable: {e}");
-                    }
+            let (reply, rx) = oneshot::channel();
+            let job = Job {
+                tenant_id: tenant_id.to_owned(),
+                keys: [wk.clone(), bk.clone(), pk.clone()],
+                args: [
+                    now_ms,
+                    limit,
+                    window_ms,
+                    i64::try_from(charge.cost).unwrap_or(i64::MAX),
+                    i64::from(charge.budget.is_some()),
+                    i64::from(self.pool_unlimited(tenant_id)),
+                ],
+                reply,
+            };
+            let answer = match self.jobs.send(job).await {
+                Ok(()) => rx.await.unwrap_or_else(|_| Err("batch dropped".into())),
+                Err(_) => Err("batcher stopped".into()),
+            };
+            let v = match answer {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!("redis counters unavailable: {e}");
                     return if free {
                         Ok(None)
                     } else {
@@ -384,6 +435,76 @@ impl SharedCounters {
             .query_async::<String>(&mut con)
             .await
             .is_ok()
+    }
+}
+
+/// Sends queued decisions to Redis in batches: every job waiting when a slot frees up goes
+/// out together, one script call per tenant (so each call's keys share a hash slot). Under
+/// load one round trip carries many decisions; alone, a decision goes out at once.
+async fn run_batcher(redis: ConnectionManager, mut rx: mpsc::Receiver<Job>) {
+    let script = Arc::new(redis::Script::new(METER));
+    let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let mut buf: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        if rx.recv_many(&mut buf, MAX_BATCH).await == 0 {
+            return; // every sender is gone
+        }
+        let mut jobs = std::mem::take(&mut buf);
+        // Decisions of one tenant keep their arrival order (a stable sort).
+        if jobs.iter().any(|j| j.tenant_id != jobs[0].tenant_id) {
+            jobs.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+        }
+        let redis = redis.clone();
+        let script = script.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut rest = jobs;
+            while !rest.is_empty() {
+                let split = rest
+                    .iter()
+                    .position(|j| j.tenant_id != rest[0].tenant_id)
+                    .unwrap_or(rest.len());
+                let tail = rest.split_off(split);
+                run_batch(&redis, &script, rest).await;
+                rest = tail;
+            }
+        });
+    }
+}
+
+/// One script call for `jobs` (all of one tenant); every job gets its six numbers or the error.
+async fn run_batch(redis: &ConnectionManager, script: &redis::Script, jobs: Vec<Job>) {
+    let mut inv = script.prepare_invoke();
+    for j in &jobs {
+        for k in &j.keys {
+            inv.key(k.as_str());
+        }
+        for a in j.args {
+            inv.arg(a);
+        }
+    }
+    let mut con = redis.clone();
+    let reply: Result<Vec<i64>, _> = inv.invoke_async(&mut con).await;
+    match reply {
+        Ok(v) if v.len() == 6 * jobs.len() => {
+            for (j, r) in jobs.into_iter().zip(v.chunks_exact(6)) {
+                let mut six = [0; 6];
+                six.copy_from_slice(r);
+                let _ = j.reply.send(Ok(six));
+            }
+        }
+        other => {
+            let e = match other {
+                Err(e) => e.to_string(),
+                Ok(v) => format!("unexpected reply of {} numbers", v.len()),
+            };
+            for j in jobs {
+                let _ = j.reply.send(Err(e.clone()));
+            }
+        }
     }
 }
 

@@ -163,6 +163,85 @@ async fn a_rate_limit_holds_across_three_nodes() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_decisions_of_several_tenants_each_stay_exact() {
+    // Decisions that wait together go to Redis in one batch, one script call per tenant; keys
+    // of three tenants hammered at once must each keep their own budget and limit exactly.
+    let redis =
+        std::env::var("KEYGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let nodes = nodes_on(1, &redis, &prefix()).await;
+    let node = &nodes[0];
+    let mut keys = Vec::new();
+    for (name, body) in [
+        ("A", json!({"kind": "sk", "name": "a", "budget": 100})),
+        ("B", json!({"kind": "sk", "name": "b", "budget": 100})),
+        (
+            "C",
+            json!({"kind": "sk", "name": "c", "rate_limit": {"limit": 30, "window_seconds": 3600}}),
+        ),
+    ] {
+        let t: Value = node
+            .post("/v1/tenants", json!({"name": name, "credits": 10_000}))
+            .await
+            .json()
+            .await
+            .expect("json");
+        let admin = t["admin_key"]["key"].as_str().expect("key").to_string();
+        let r = node
+            .as_key(&admin)
+            .post(node.url("/v1/keys"))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), StatusCode::CREATED);
+        keys.push(
+            r.json::<Value>().await.expect("json")["key"]
+                .as_str()
+                .expect("key")
+                .to_string(),
+        );
+    }
+    let url = node.url("/v1/auth");
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (client, url, keys, next) =
+            (node.client.clone(), url.clone(), keys.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ok = [0u32; 3];
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= 900 {
+                    return ok;
+                }
+                let r = client
+                    .get(&url)
+                    .bearer_auth(&keys[i % 3])
+                    .send()
+                    .await
+                    .expect("request");
+                match r.status() {
+                    StatusCode::OK => ok[i % 3] += 1,
+                    StatusCode::PAYMENT_REQUIRED | StatusCode::TOO_MANY_REQUESTS => {}
+                    s => panic!("unexpected {s}: {}", r.text().await.unwrap_or_default()),
+                }
+            }
+        }));
+    }
+    let mut ok = [0u32; 3];
+    for t in tasks {
+        for (total, o) in ok.iter_mut().zip(t.await.expect("task")) {
+            *total += o;
+        }
+    }
+    assert_eq!(
+        ok,
+        [100, 100, 30],
+        "each tenant's budget and limit, exactly"
+    );
+}
+
 /// A private redis-server on a free port (the shared one is never stopped).
 struct PrivateRedis {
     child: std::process::Child,
