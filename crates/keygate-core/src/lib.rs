@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod base62;
 pub mod decision;
 pub mod ip;
@@ -17,6 +18,7 @@ pub mod ratelimit;
 pub mod route;
 pub mod scope;
 
+pub use audit::{verify_chain, AuditEvent, ChainBreak, ChainProblem};
 pub use decision::{decide, Charge, Code, KeyPolicy, KeyStatus, RequestFacts, RouteClass};
 pub use ip::IpAllowList;
 pub use key::{KeyFormat, KeyHash, KeyHasher, Kind, ParsedKey};

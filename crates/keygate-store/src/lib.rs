@@ -12,11 +12,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod audit;
 mod postgres;
 mod rows;
 mod sqlite;
 mod types;
 
+pub use audit::{granularity_ms, verify_audit, AuditReport};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use types::*;
@@ -168,6 +170,36 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn withdraw_credits(&self, tenant_id: &str, want: u64) -> Result<Withdrawal>;
     /// Returns unused leased credits to a tenant's pool.
     async fn refund_credits(&self, tenant_id: &str, amount: u64) -> Result<()>;
+
+    /// Appends audit events in one transaction: per node, events at or below the node's
+    /// stored head are skipped (a replay after a crash), the rest are inserted, their usage is
+    /// added to the per-minute roll-up and the head moves to the last one.
+    async fn append_audit(&self, events: &[keygate_core::AuditEvent]) -> Result<()>;
+    /// Every node's chain head `(node, seq, hash)`.
+    async fn audit_heads(&self) -> Result<Vec<(String, i64, String)>>;
+    /// Audit events matching `filter`, newest first.
+    async fn list_audit(
+        &self,
+        filter: &AuditFilter,
+        page: &PageRequest,
+    ) -> Result<Vec<keygate_core::AuditEvent>>;
+    /// A node's events after `after_seq`, in chain order (for verification).
+    async fn audit_chain(
+        &self,
+        node: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<keygate_core::AuditEvent>>;
+    /// Requests and credits by bucket of `bucket_ms` and decision code, in `[since, until)`.
+    async fn usage(
+        &self,
+        of: &UsageOf,
+        bucket_ms: i64,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<UsageRow>>;
+    /// Drops usage minutes before `before_ms` (retention). Returns how many rows went.
+    async fn prune_usage(&self, before_ms: i64) -> Result<u64>;
 
     /// Tells every node sharing this store that something changed (`key:<hash hex>`,
     /// `family:<id>`, `tenant:<id>`, `cors`). A store that only one node uses does nothing.

@@ -126,3 +126,34 @@ fn key_from_row(r) -> KeyRecord {
     })
 }
 }
+
+row_fn! {
+/// An audit event row.
+fn audit_from_row(r) -> keygate_core::AuditEvent {
+    Ok(keygate_core::AuditEvent {
+        id: r.try_get("id")?,
+        node: r.try_get("node")?,
+        seq: r.try_get("seq")?,
+        at_ms: r.try_get("at")?,
+        tenant_id: r.try_get("tenant_id")?,
+        actor: r.try_get("actor")?,
+        action: r.try_get("action")?,
+        key_id: r.try_get("key_id")?,
+        user_id: r.try_get("user_id")?,
+        kind: r.try_get("kind")?,
+        code: r.try_get("code")?,
+        status: r.try_get("status")?,
+        method: r.try_get("method")?,
+        path: r.try_get("path")?,
+        scope: r.try_get("scope")?,
+        ip: r.try_get("ip")?,
+        origin: r.try_get("origin")?,
+        credits: r.try_get("credits")?,
+        latency_us: r.try_get("latency_us")?,
+        request_id: r.try_get("request_id")?,
+        detail: r.try_get("detail")?,
+        prev_hash: r.try_get("prev_hash")?,
+        hash: r.try_get("hash")?,
+    })
+}
+}

@@ -16,7 +16,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 /// SQLite implementation of [`Store`].
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
 }
 
 impl SqliteStore {
@@ -268,6 +268,45 @@ impl Store for SqliteStore {
         .execute(&self.pool)
         .await?;
         self.get_key(id).await
+    }
+
+    async fn append_audit(&self, events: &[keygate_core::AuditEvent]) -> Result<()> {
+        self.audit_append(events).await
+    }
+
+    async fn audit_heads(&self) -> Result<Vec<(String, i64, String)>> {
+        self.audit_heads_all().await
+    }
+
+    async fn list_audit(
+        &self,
+        filter: &crate::AuditFilter,
+        page: &PageRequest,
+    ) -> Result<Vec<keygate_core::AuditEvent>> {
+        self.audit_list(filter, page).await
+    }
+
+    async fn audit_chain(
+        &self,
+        node: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<keygate_core::AuditEvent>> {
+        self.audit_chain_page(node, after_seq, limit).await
+    }
+
+    async fn usage(
+        &self,
+        of: &crate::UsageOf,
+        bucket_ms: i64,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<crate::UsageRow>> {
+        self.usage_rows(of, bucket_ms, since_ms, until_ms).await
+    }
+
+    async fn prune_usage(&self, before_ms: i64) -> Result<u64> {
+        self.usage_prune(before_ms).await
     }
 
     async fn touch_keys(&self, used: &[(String, i64)]) -> Result<()> {

@@ -113,3 +113,45 @@ pub struct PageRequest {
     /// Page size.
     pub limit: u32,
 }
+
+/// Filters for listing audit events (all optional; the API always sets `tenant_id` for
+/// tenant-scoped callers).
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Only this tenant's events.
+    pub tenant_id: Option<String>,
+    /// Only events about this key.
+    pub key_id: Option<String>,
+    /// Only events about this user.
+    pub user_id: Option<String>,
+    /// Only this action (`request.decided`, `key.revoked`, …).
+    pub action: Option<String>,
+    /// Only this decision code.
+    pub code: Option<String>,
+    /// At or after this time, Unix ms.
+    pub since_ms: Option<i64>,
+    /// Before this time, Unix ms.
+    pub until_ms: Option<i64>,
+}
+
+/// Whose usage to read.
+#[derive(Debug, Clone)]
+pub enum UsageOf {
+    /// One key.
+    Key(String),
+    /// A whole tenant.
+    Tenant(String),
+}
+
+/// Requests and credits in one time bucket for one decision code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    /// Start of the bucket, Unix ms.
+    pub bucket_ms: i64,
+    /// Decision code.
+    pub code: String,
+    /// Requests decided.
+    pub requests: u64,
+    /// Credits drawn.
+    pub credits: u64,
+}

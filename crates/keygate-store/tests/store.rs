@@ -2,10 +2,12 @@
 //! once on a fresh PostgreSQL schema (127.0.0.1:5432, or `KEYGATE_TEST_POSTGRES_URL`).
 //! PostgreSQL is required: without it these tests fail and say so.
 
-use keygate_core::{IpAllowList, KeyHash, KeyStatus, Kind, OriginList, ScopeSet};
+use keygate_core::{
+    AuditEvent, ChainProblem, IpAllowList, KeyHash, KeyStatus, Kind, OriginList, ScopeSet,
+};
 use keygate_store::{
-    KeyFilter, KeyRecord, PageRequest, PgStore, SqliteStore, Store, StoreErrorKind, Tenant, User,
-    Withdrawal,
+    verify_audit, AuditFilter, KeyFilter, KeyRecord, PageRequest, PgStore, SqliteStore, Store,
+    StoreErrorKind, Tenant, UsageOf, UsageRow, User, Withdrawal,
 };
 use std::future::Future;
 use std::str::FromStr;
@@ -17,10 +19,34 @@ fn pg_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
+/// Direct SQL on the database behind a store (to play the attacker who edits rows).
+#[derive(Clone)]
+enum Raw {
+    Sqlite(sqlx::SqlitePool),
+    Pg(sqlx::PgPool),
+}
+
+impl Raw {
+    async fn exec(&self, sql: &str) -> u64 {
+        match self {
+            Raw::Sqlite(p) => sqlx::query(sql)
+                .execute(p)
+                .await
+                .expect("sql")
+                .rows_affected(),
+            Raw::Pg(p) => sqlx::query(sql)
+                .execute(p)
+                .await
+                .expect("sql")
+                .rows_affected(),
+        }
+    }
+}
+
 /// Runs `body` against a fresh SQLite store and a fresh PostgreSQL schema.
 async fn on_both<F, Fut>(body: F)
 where
-    F: Fn(Arc<dyn Store>) -> Fut,
+    F: Fn(Arc<dyn Store>, Raw) -> Fut,
     Fut: Future<Output = ()>,
 {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -28,7 +54,8 @@ where
         .await
         .expect("sqlite");
     sqlite.migrate().await.expect("migrate sqlite");
-    body(Arc::new(sqlite)).await;
+    let raw = Raw::Sqlite(sqlite.pool().clone());
+    body(Arc::new(sqlite), raw).await;
 
     static N: AtomicU64 = AtomicU64::new(0);
     let schema = format!(
@@ -56,7 +83,7 @@ where
         .expect("pool");
     let pg = PgStore::from_pool(pool.clone());
     pg.migrate().await.expect("migrate postgres");
-    body(Arc::new(pg)).await;
+    body(Arc::new(pg), Raw::Pg(pool.clone())).await;
     pool.close().await;
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(&admin)
@@ -115,7 +142,7 @@ fn page(limit: u32, cursor: Option<&str>) -> PageRequest {
 
 #[tokio::test]
 async fn tenants_and_users_round_trip() {
-    on_both(|s| async move {
+    on_both(|s, _| async move {
         s.insert_tenant(&tenant("t_a", Some(10)))
             .await
             .expect("insert");
@@ -194,7 +221,7 @@ async fn tenants_and_users_round_trip() {
 
 #[tokio::test]
 async fn keys_round_trip_filter_and_change_safely() {
-    on_both(|s| async move {
+    on_both(|s, _| async move {
         s.insert_tenant(&tenant("t_a", None)).await.expect("tenant");
         s.insert_tenant(&tenant("t_b", None)).await.expect("tenant");
         let k1 = key("key_1", "t_a", Kind::Sk, Some(50), 1);
@@ -319,7 +346,7 @@ async fn keys_round_trip_filter_and_change_safely() {
 
 #[tokio::test]
 async fn concurrent_withdrawals_never_overspend() {
-    on_both(|s| async move {
+    on_both(|s, _| async move {
         s.insert_tenant(&tenant("t_pool", Some(100)))
             .await
             .expect("tenant");
@@ -384,6 +411,172 @@ async fn concurrent_withdrawals_never_overspend() {
                 .and_then(|t| t.credits),
             Some(7)
         );
+    })
+    .await;
+}
+
+fn decided(node: &str, seq: i64, prev: &str, key: &str, code: &str, at_ms: i64) -> AuditEvent {
+    let mut e = AuditEvent {
+        id: format!("evt_{at_ms:013}_{node}_{seq}"),
+        node: node.into(),
+        seq,
+        at_ms,
+        tenant_id: Some("t1".into()),
+        actor: key.into(),
+        action: "request.decided".into(),
+        key_id: Some(key.into()),
+        code: Some(code.into()),
+        status: Some(200),
+        credits: Some(if code == "VALID" { 5 } else { 0 }),
+        ..AuditEvent::default()
+    };
+    e.seal(prev);
+    e
+}
+
+fn chain_of(node: &str, n: i64, t0: i64) -> Vec<AuditEvent> {
+    let mut prev = keygate_core::audit::GENESIS.to_owned();
+    (1..=n)
+        .map(|seq| {
+            let code = if seq % 3 == 0 {
+                "RATE_LIMITED"
+            } else {
+                "VALID"
+            };
+            let e = decided(node, seq, &prev, "key_a", code, t0 + seq * 1_000);
+            prev.clone_from(&e.hash);
+            e
+        })
+        .collect()
+}
+
+async fn verify_all(s: &dyn Store, _node: &str) -> Result<u64, keygate_core::ChainBreak> {
+    let r = verify_audit(s).await.expect("verify");
+    match r.broken {
+        Some((_, b)) => Err(b),
+        None => Ok(r.checked),
+    }
+}
+
+#[tokio::test]
+async fn audit_events_append_once_list_and_roll_up_usage() {
+    on_both(|s, _| async move {
+        let t0 = 1_800_000_000_000; // a whole minute
+        let c = chain_of("n1", 9, t0);
+        s.append_audit(&c[..4]).await.expect("append");
+        // A replay after a crash sends events that already arrived: they are skipped.
+        s.append_audit(&c).await.expect("replay");
+        let all = s
+            .list_audit(
+                &AuditFilter::default(),
+                &PageRequest {
+                    cursor: None,
+                    limit: 100,
+                },
+            )
+            .await
+            .expect("list");
+        assert_eq!(all.len(), 9, "each event once");
+        assert_eq!(all[0].seq, 9, "newest first");
+        assert_eq!(all[0], c[8], "every field round-trips");
+        let page = s
+            .list_audit(
+                &AuditFilter::default(),
+                &PageRequest {
+                    cursor: Some(all[3].id.clone()),
+                    limit: 100,
+                },
+            )
+            .await
+            .expect("page");
+        assert_eq!(page.len(), 5);
+        let limited = s
+            .list_audit(
+                &AuditFilter {
+                    code: Some("RATE_LIMITED".into()),
+                    ..AuditFilter::default()
+                },
+                &PageRequest {
+                    cursor: None,
+                    limit: 100,
+                },
+            )
+            .await
+            .expect("filter");
+        assert_eq!(limited.len(), 3);
+        let other = s
+            .list_audit(
+                &AuditFilter {
+                    tenant_id: Some("t2".into()),
+                    ..AuditFilter::default()
+                },
+                &PageRequest {
+                    cursor: None,
+                    limit: 100,
+                },
+            )
+            .await
+            .expect("filter");
+        assert!(other.is_empty());
+        assert_eq!(verify_all(&*s, "n1").await.expect("intact"), 9);
+        // Usage: 9 requests over seconds 1..9 of one minute: 6 VALID × 5 credits, 3 limited.
+        let rows = s
+            .usage(&UsageOf::Key("key_a".into()), 60_000, t0, t0 + 3_600_000)
+            .await
+            .expect("usage");
+        assert_eq!(
+            rows,
+            vec![
+                UsageRow {
+                    bucket_ms: t0,
+                    code: "RATE_LIMITED".into(),
+                    requests: 3,
+                    credits: 0
+                },
+                UsageRow {
+                    bucket_ms: t0,
+                    code: "VALID".into(),
+                    requests: 6,
+                    credits: 30
+                },
+            ]
+        );
+        let by_tenant = s
+            .usage(&UsageOf::Tenant("t1".into()), 86_400_000, 0, i64::MAX)
+            .await
+            .expect("usage");
+        assert_eq!(by_tenant.iter().map(|r| r.requests).sum::<u64>(), 9);
+        assert_eq!(s.prune_usage(t0 + 60_000).await.expect("prune"), 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_edited_or_deleted_audit_row_is_detected() {
+    on_both(|s, raw| async move {
+        let c = chain_of("n1", 6, 1_800_000_000_000);
+        s.append_audit(&c).await.expect("append");
+        assert!(verify_all(&*s, "n1").await.is_ok());
+
+        // Someone turns a refusal into a success.
+        assert_eq!(
+            raw.exec("UPDATE audit_events SET code = 'VALID' WHERE seq = 3")
+                .await,
+            1
+        );
+        let b = verify_all(&*s, "n1").await.expect_err("edited");
+        assert_eq!((b.seq, b.problem), (3, ChainProblem::Changed));
+        raw.exec("UPDATE audit_events SET code = 'RATE_LIMITED' WHERE seq = 3")
+            .await;
+        assert!(verify_all(&*s, "n1").await.is_ok(), "restored");
+
+        // Someone deletes a row in the middle, then the last one.
+        raw.exec("DELETE FROM audit_events WHERE seq = 4").await;
+        let b = verify_all(&*s, "n1").await.expect_err("deleted");
+        assert_eq!((b.seq, b.problem), (4, ChainProblem::Missing));
+        raw.exec("DELETE FROM audit_events WHERE seq >= 4").await;
+        let b = verify_all(&*s, "n1").await.expect_err("tail deleted");
+        assert_eq!((b.seq, b.problem), (4, ChainProblem::Missing));
     })
     .await;
 }
