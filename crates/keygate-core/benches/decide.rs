@@ -48,6 +48,7 @@ fn bench(c: &mut Criterion) {
     let stored = hasher.hash(&key);
     let p = policy();
     let facts = RequestFacts {
+        path: None,
         method: "POST",
         route_class: RouteClass::Normal,
         scope: Some("docs:read"),

@@ -17,6 +17,7 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// One audit event: a decided request (`request.decided`) or a lifecycle change
 /// (`key.created`, `key.rotated`, …). Never holds a plaintext key.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct AuditEvent {
     /// `evt_…`, sortable by time.
     pub id: String,

@@ -238,6 +238,8 @@ impl KeyPolicy {
 pub struct RequestFacts<'a> {
     /// HTTP method (upper case).
     pub method: &'a str,
+    /// Request path, without the query (for the audit log; no rule reads it).
+    pub path: Option<&'a str>,
     /// Kind of endpoint (for `pk` hard blocks).
     pub route_class: RouteClass,
     /// Scope the route needs, if any.
@@ -347,6 +349,7 @@ mod tests {
 
     fn facts() -> RequestFacts<'static> {
         RequestFacts {
+            path: None,
             method: "POST",
             route_class: RouteClass::Normal,
             scope: Some("ocr:read"),

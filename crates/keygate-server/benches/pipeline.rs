@@ -44,6 +44,7 @@ fn bench(c: &mut Criterion) {
         (state, plaintext)
     });
     let facts = |now| RequestFacts {
+        path: None,
         method: "POST",
         route_class: RouteClass::Normal,
         scope: Some("ocr:read"),

@@ -44,6 +44,54 @@ pub struct Config {
     pub gateway: GatewayConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Audit log.
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Record every decision and change (on by default; off only for comparison benchmarks).
+    pub enabled: bool,
+    /// Directory of this node's local segments (and its `node_id` file when `node_id` is not
+    /// configured). Default: beside the SQLite file (`keygate.db.audit`), or `keygate-audit`
+    /// in the working directory with PostgreSQL. One node per directory.
+    pub dir: Option<String>,
+    /// How often segments are shipped to the store, milliseconds.
+    pub ship_interval_ms: u64,
+    /// A segment is closed after this many bytes (and deleted once shipped).
+    pub segment_bytes: u64,
+    /// Per-minute usage older than this is deleted.
+    pub usage_retention_days: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: None,
+            ship_interval_ms: 200,
+            segment_bytes: 16 << 20,
+            usage_retention_days: 90,
+        }
+    }
+}
+
+impl Config {
+    /// The audit directory: `audit.dir`, else beside the SQLite file, else `keygate-audit`.
+    pub fn audit_dir(&self) -> std::path::PathBuf {
+        if let Some(d) = &self.audit.dir {
+            return d.into();
+        }
+        match self.database_url.strip_prefix("sqlite://") {
+            Some(file) => {
+                let file = file.split('?').next().unwrap_or(file);
+                format!("{file}.audit").into()
+            }
+            None => "keygate-audit".into(),
+        }
+    }
 }
 
 /// `[keys]`. `Debug` hides the pepper.
@@ -313,6 +361,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             gateway: GatewayConfig::default(),
             log: LogConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }

@@ -54,6 +54,12 @@ impl RequestId {
             .ok()
     }
 
+    /// Calls `f` with the current request's id (a reference-count bump, no copy).
+    pub fn with_current<R>(f: impl FnOnce(Option<&str>) -> R) -> R {
+        let v = REQUEST_ID.try_with(HeaderValue::clone).ok();
+        f(v.as_ref().and_then(|v| v.to_str().ok()))
+    }
+
     /// The current request's id, or a fresh one when the request runs outside the
     /// request-id middleware (the hot decision path sets its own).
     pub fn current_or_new() -> HeaderValue {

@@ -194,6 +194,7 @@ async fn handle_inner(
     }
     let facts = RequestFacts {
         method: req.method().as_str(),
+        path: Some(req.uri().path()),
         route_class: route.config.class,
         scope: route.config.scope.as_deref(),
         origin: origin.as_deref(),

@@ -129,6 +129,28 @@ pub struct Application {
     touch_task: tokio::task::JoinHandle<()>,
 }
 
+/// Opens the audit log (when enabled) and settles this node's id: the configured one, else the
+/// one remembered in the audit directory, else a random one.
+async fn open_audit(
+    config: &Config,
+    store: &dyn keygate_store::Store,
+) -> Result<(String, Option<Arc<crate::audit::AuditLog>>), StartupError> {
+    if !config.audit.enabled {
+        let id = config
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("node_{}", crate::ids::random_base62(8)));
+        return Ok((id, None));
+    }
+    let dir = config.audit_dir();
+    let node = crate::audit::node_id(config.node_id.as_deref(), &dir)
+        .map_err(|e| StartupError(format!("audit directory {}: {e}", dir.display())))?;
+    let log = crate::audit::AuditLog::open(&dir, &node, store, config.audit.segment_bytes)
+        .await
+        .map_err(StartupError)?;
+    Ok((node, Some(Arc::new(log))))
+}
+
 impl std::fmt::Debug for Application {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Application")
@@ -144,6 +166,7 @@ impl Application {
         config.validate().map_err(|e| StartupError(e.to_string()))?;
         let store = open_store(&config).await?;
         let root_key = bootstrap(&config, &*store).await?;
+        let (node_id, audit) = open_audit(&config, &*store).await?;
         let (format, hasher) = key_tools(&config)?;
         let (touch_tx, touch_rx) = mpsc::channel(65_536);
         let touch_task = tokio::spawn(run_touch_flusher(
@@ -179,10 +202,8 @@ impl Application {
             shared,
             metrics: crate::metrics::Metrics::new(),
             routes: compile_routes(&config.routes),
-            node_id: config
-                .node_id
-                .clone()
-                .unwrap_or_else(|| format!("node_{}", crate::ids::random_base62(8))),
+            node_id,
+            audit,
             store,
             format,
             hasher,
@@ -240,19 +261,41 @@ impl Application {
             ..
         } = self;
         let changes = tokio::spawn(crate::state::run_change_listener(state.clone()));
+        let (stop_audit, audit_stopped) = tokio::sync::watch::channel(false);
+        let shipper = state.audit.clone().map(|log| {
+            tokio::spawn(crate::audit::run_shipper(
+                log,
+                state.store.clone(),
+                Duration::from_millis(state.config.audit.ship_interval_ms.max(10)),
+                audit_stopped,
+            ))
+        });
         let sweeper = {
             let s = state.clone();
             tokio::spawn(async move {
                 let mut t = tokio::time::interval(Duration::from_secs(60));
-                loop {
+                for minute in 0u64.. {
                     t.tick().await;
                     s.counters.sweep(now_ms(), 86_400_000);
+                    if minute % 60 == 0 {
+                        let days = i64::try_from(s.config.audit.usage_retention_days)
+                            .unwrap_or(i64::MAX / 86_400_000 - 1);
+                        let before = now_ms().saturating_sub(days.saturating_mul(86_400_000));
+                        if let Err(e) = s.store.prune_usage(before).await {
+                            tracing::warn!("could not prune old usage: {e}");
+                        }
+                    }
                 }
             })
         };
         let served = crate::server::serve(listener, router, state.clone(), shutdown).await;
         sweeper.abort();
         changes.abort();
+        // Every answered request is in a segment; ship what is left before going away.
+        let _ = stop_audit.send(true);
+        if let Some(s) = shipper {
+            let _ = tokio::time::timeout(Duration::from_secs(10), s).await;
+        }
         if let Err(e) = state.counters.flush().await {
             tracing::error!("could not return credit leases on shutdown: {e}");
         }
@@ -295,7 +338,7 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 
 /// The HTTP surface except `/v1/auth` and gateway routes (see `server::Dispatch`).
 pub fn router(state: AppState) -> Router {
-    use routes::{keys, status, tenants, users, verify};
+    use routes::{audit, keys, status, tenants, users, verify};
     let body_limit = state.config.limits.max_body_bytes;
     let timeout = Duration::from_secs(state.config.limits.request_timeout_seconds.max(1));
     // Status, health and metrics take no middleware. `/v1/auth` is not routed here at all:
@@ -314,6 +357,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/keys/{id}/rotate", post(keys::rotate))
         .route("/v1/keys/{id}/revoke", post(keys::revoke))
+        .route("/v1/keys/{id}/usage", get(audit::key_usage))
+        .route("/v1/audit", get(audit::list))
+        .route("/v1/audit/verify", get(audit::verify))
+        .route("/v1/tenants/{id}/usage", get(audit::tenant_usage))
         .route("/v1/tenants", post(tenants::create).get(tenants::list))
         .route("/v1/tenants/{id}", get(tenants::get))
         .route("/v1/tenants/{id}/credits", post(tenants::top_up))

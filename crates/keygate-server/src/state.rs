@@ -92,6 +92,8 @@ pub struct Inner {
     /// Bumped by every invalidation: a cache fill that read the store before an invalidation
     /// must not insert what it read after it.
     pub cache_gen: std::sync::atomic::AtomicU64,
+    /// This node's audit log (`None` when `audit.enabled = false`).
+    pub audit: Option<Arc<crate::audit::AuditLog>>,
     /// Whether changes from other nodes are reaching this node (always true for a store only
     /// one node uses). While false, cached keys are re-read after `cache.unsynced_ttl_seconds`.
     pub feed_ok: AtomicBool,
@@ -490,16 +492,24 @@ impl Inner {
         facts: &RequestFacts<'_>,
         visible_tenant: Option<&str>,
     ) -> Result<Allowed, Denied> {
-        // Latency is sampled (one decision in 32): the histogram stays representative and
-        // the hot path does not pay two clock reads and a bucket insert every time.
-        let started = self.metrics.sample().then(std::time::Instant::now);
-        let out = self
+        // Latency is sampled for the histogram (one decision in 32), but every audit event
+        // carries its own.
+        let sampled = self.metrics.sample();
+        let started = (sampled || self.audit.is_some()).then(std::time::Instant::now);
+        let mut out = self
             .authorize_inner(credential, facts, visible_tenant)
             .await;
-        if let Some(t) = started {
-            self.metrics
-                .decision_seconds
-                .record(t.elapsed().as_secs_f64());
+        let elapsed = started.map(|t| t.elapsed());
+        if let (true, Some(e)) = (sampled, elapsed) {
+            self.metrics.decision_seconds.record(e.as_secs_f64());
+        }
+        if let Some(log) = &self.audit {
+            let us = elapsed.map_or(0, |e| i64::try_from(e.as_micros()).unwrap_or(i64::MAX));
+            if let Err(e) = self.record_decision(log, facts, &out, us) {
+                // Fail closed: an answer the audit log cannot account for is not given.
+                tracing::error!("audit log write failed, refusing the request: {e}");
+                out = Err(Denied::code(Code::Unavailable));
+            }
         }
         match &out {
             Ok(_) => self.metrics.decided(Code::Valid),
@@ -511,6 +521,74 @@ impl Inner {
             }
         }
         out
+    }
+
+    /// Appends the `request.decided` event of one decision to the audit log.
+    fn record_decision(
+        &self,
+        log: &crate::audit::AuditLog,
+        facts: &RequestFacts<'_>,
+        out: &Result<Allowed, Denied>,
+        latency_us: i64,
+    ) -> std::io::Result<()> {
+        let (key, code, credits) = match out {
+            Ok(a) => (Some(&a.key), Code::Valid, a.charge.cost),
+            Err(d) => (d.key.as_ref(), d.code, 0),
+        };
+        let rec = key.map(|k| &k.record);
+        crate::error::RequestId::with_current(|rid| {
+            log.record(crate::audit::Line {
+                at_ms: facts.now_ms,
+                tenant_id: rec.map(|r| r.tenant_id.as_str()),
+                actor: rec.map_or("anonymous", |r| r.id.as_str()),
+                action: "request.decided",
+                key_id: rec.map(|r| r.id.as_str()),
+                user_id: rec.and_then(|r| r.user_id.as_deref()),
+                kind: rec.map(|r| r.kind.as_str()),
+                code: Some(code.as_str()),
+                status: Some(i64::from(code.status())),
+                method: Some(facts.method),
+                path: facts.path,
+                scope: facts.scope,
+                ip: facts.ip,
+                origin: facts.origin,
+                credits: Some(i64::try_from(credits).unwrap_or(i64::MAX)),
+                latency_us: Some(latency_us),
+                request_id: rid,
+                ..crate::audit::Line::default()
+            })
+        })
+    }
+
+    /// Appends a lifecycle event (`key.created`, …) by `actor` to the audit log. The change
+    /// has happened already, so a failed write is logged, not undone.
+    pub fn record_change(
+        &self,
+        actor: &str,
+        action: &str,
+        tenant_id: &str,
+        key_id: Option<&str>,
+        user_id: Option<&str>,
+        detail: &serde_json::Value,
+    ) {
+        let Some(log) = &self.audit else { return };
+        let detail = detail.to_string();
+        let r = crate::error::RequestId::with_current(|rid| {
+            log.record(crate::audit::Line {
+                at_ms: now_ms(),
+                tenant_id: Some(tenant_id),
+                actor,
+                action,
+                key_id,
+                user_id,
+                request_id: rid,
+                detail: Some(&detail),
+                ..crate::audit::Line::default()
+            })
+        });
+        if let Err(e) = r {
+            tracing::error!("audit log write failed for {action}: {e}");
+        }
     }
 
     /// Notes a use of `key`; at most one queue entry per key per flush interval.
@@ -597,6 +675,7 @@ pub fn compile_routes(cfg: &[RouteConfig]) -> Vec<Route> {
 /// Facts for a management call: the route class and scope it needs, cost 0.
 pub fn management_facts<'a>(
     method: &'a str,
+    path: &'a str,
     headers: &'a HeaderMap,
     ip: Option<std::net::IpAddr>,
     scope: &'a str,
@@ -604,6 +683,7 @@ pub fn management_facts<'a>(
 ) -> RequestFacts<'a> {
     RequestFacts {
         method,
+        path: Some(path),
         route_class: class,
         scope: Some(scope),
         origin: headers

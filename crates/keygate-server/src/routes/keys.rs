@@ -29,7 +29,11 @@ impl AppState {
     }
 
     /// A key visible to `caller`, or 404.
-    async fn visible_key(&self, caller: &Caller, id: &str) -> Result<KeyRecord, ApiError> {
+    pub(crate) async fn visible_key(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<KeyRecord, ApiError> {
         match self.store.get_key(id).await? {
             Some(k) if caller.sees(&k.tenant_id) => Ok(k),
             _ => Err(ApiError::not_found("key")),
@@ -37,12 +41,14 @@ impl AppState {
     }
 }
 
-/// Runs a store write and its cache invalidation in a task of its own, so that neither a
-/// request timeout nor a client hanging up can stop between the two.
+/// Runs a store write, its cache invalidation and its audit event in a task of its own (under
+/// the same request id), so that neither a request timeout nor a client hanging up can stop
+/// between them.
 async fn detached<T: Send + 'static>(
     f: impl std::future::Future<Output = Result<T, keygate_store::StoreError>> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::spawn(f)
+    let rid = crate::error::RequestId(crate::error::RequestId::current_or_new());
+    tokio::spawn(rid.scope(f))
         .await
         .map_err(|e| ApiError::internal("store write task", &e))?
         .map_err(ApiError::from)
@@ -64,9 +70,23 @@ pub async fn create(
     let (plaintext, record) =
         issue::build_key(&state.issuer(), &*state.store, &tenant, body, now).await?;
     caller.require_covers(&record.scopes)?;
-    state.store.insert_key(&record).await?;
-    state.key_changed(&record.hash).await;
-    crate::cors::pk_changed(&state, record.kind).await;
+    let st = state.clone();
+    let (rec, actor) = (record.clone(), caller.key.record.id.clone());
+    detached(async move {
+        st.store.insert_key(&rec).await?;
+        st.record_change(
+            &actor,
+            "key.created",
+            &rec.tenant_id,
+            Some(&rec.id),
+            rec.user_id.as_deref(),
+            &serde_json::json!({"kind": rec.kind.as_str(), "name": rec.name, "scopes": rec.scopes.to_strings()}),
+        );
+        st.key_changed(&rec.hash).await;
+        crate::cors::pk_changed(&st, rec.kind).await;
+        Ok(())
+    })
+    .await?;
     tracing::info!(key_id = %record.id, tenant = %record.tenant_id, kind = %record.kind, actor = %caller.key.record.id, "key created");
     let view = KeyView::new(&state, &record, now);
     Ok((
@@ -251,6 +271,7 @@ pub async fn update(
     // The write and the cache invalidation run to completion even if the client goes away.
     let st = state.clone();
     let rec = k.clone();
+    let actor = caller.key.record.id.clone();
     let written = detached(async move {
         if budget_changed {
             // Give this node's lease back first, so the new cap applies to what was spent.
@@ -267,6 +288,14 @@ pub async fn update(
         }
         let ok = st.store.update_key(&rec, expected_updated_at).await?;
         if ok {
+            st.record_change(
+                &actor,
+                "key.updated",
+                &rec.tenant_id,
+                Some(&rec.id),
+                rec.user_id.as_deref(),
+                &serde_json::json!({"name": rec.name, "scopes": rec.scopes.to_strings(), "budget": rec.budget}),
+            );
             st.key_changed(&rec.hash).await;
             if budget_changed {
                 st.family_changed(&rec.family_id).await;
@@ -347,9 +376,18 @@ pub async fn rotate(
     let grace_until = now + (grace as i64) * 1000;
     let st = state.clone();
     let (old_rec, succ) = (old.clone(), successor.clone());
+    let actor = caller.key.record.id.clone();
     let rotated = detached(async move {
         let ok = st.store.rotate_key(&old_rec.id, grace_until, &succ).await?;
         if ok {
+            st.record_change(
+                &actor,
+                "key.rotated",
+                &old_rec.tenant_id,
+                Some(&old_rec.id),
+                old_rec.user_id.as_deref(),
+                &serde_json::json!({"successor": succ.id, "grace_seconds": grace}),
+            );
             st.key_changed(&old_rec.hash).await;
             st.key_changed(&succ.hash).await;
             crate::cors::pk_changed(&st, old_rec.kind).await;
@@ -385,9 +423,18 @@ pub async fn revoke(
     let now = now_ms();
     let st = state.clone();
     let id = k.id.clone();
+    let actor = caller.key.record.id.clone();
     let k = detached(async move {
         let k = st.store.revoke_key(&id, now).await?;
         if let Some(k) = &k {
+            st.record_change(
+                &actor,
+                "key.revoked",
+                &k.tenant_id,
+                Some(&k.id),
+                k.user_id.as_deref(),
+                &serde_json::json!({}),
+            );
             st.key_changed(&k.hash).await;
             crate::cors::pk_changed(&st, k.kind).await;
         }

@@ -2,6 +2,7 @@
 //! pipeline as every other request (so `pk` keys are refused here by route class, revoked keys
 //! at once, and so on) and checks the scope the endpoint needs.
 
+pub mod audit;
 pub mod keys;
 pub mod status;
 pub mod tenants;
@@ -26,6 +27,8 @@ pub const DEFAULT_TENANT: &str = "default";
 pub struct Ctx {
     /// Method.
     pub method: Method,
+    /// Path (without the query).
+    pub path: String,
     /// Headers.
     pub headers: HeaderMap,
     /// TCP peer address.
@@ -38,6 +41,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Ctx {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         Ok(Ctx {
             method: parts.method.clone(),
+            path: parts.uri.path().to_owned(),
             headers: parts.headers.clone(),
             peer: parts
                 .extensions
@@ -118,7 +122,14 @@ impl Ctx {
         scope: &str,
         class: RouteClass,
     ) -> Result<Caller, ApiError> {
-        let facts = management_facts(self.method.as_str(), &self.headers, self.peer, scope, class);
+        let facts = management_facts(
+            self.method.as_str(),
+            &self.path,
+            &self.headers,
+            self.peer,
+            scope,
+            class,
+        );
         match state.authorize(bearer(&self.headers), &facts, None).await {
             Ok(a) => {
                 if a.key.record.kind == Kind::Pk {

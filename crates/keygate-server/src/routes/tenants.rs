@@ -89,6 +89,19 @@ pub async fn create(
     let (plaintext, record) =
         issue::build_key(&state.issuer(), &*state.store, &tenant.id, key_body, now).await?;
     state.store.insert_key(&record).await?;
+    let actor = &caller.key.record.id;
+    let detail =
+        serde_json::json!({"name": tenant.name, "plan": tenant.plan, "credits": tenant.credits});
+    state.record_change(actor, "tenant.created", &tenant.id, None, None, &detail);
+    let detail = serde_json::json!({"kind": "sk", "name": "admin", "scopes": ["*"]});
+    state.record_change(
+        actor,
+        "key.created",
+        &tenant.id,
+        Some(&record.id),
+        None,
+        &detail,
+    );
     tracing::info!(tenant = %tenant.id, actor = %caller.key.record.id, "tenant created");
     Ok((
         StatusCode::CREATED,
@@ -170,6 +183,14 @@ pub async fn top_up(
             None => ApiError::not_found("tenant"),
         });
     };
+    state.record_change(
+        &caller.key.record.id,
+        "tenant.credits_added",
+        &id,
+        None,
+        None,
+        &serde_json::json!({"amount": body.amount, "balance": t.credits}),
+    );
     state.tenant_changed(&id).await;
     tracing::info!(tenant = %id, amount = body.amount, actor = %caller.key.record.id, "credits topped up");
     Ok(axum::Json(TenantView::new(&state, &t)))

@@ -106,6 +106,14 @@ pub async fn create(
             }
             _ => ApiError::from(e),
         })?;
+    state.record_change(
+        &caller.key.record.id,
+        "user.created",
+        &user.tenant_id,
+        None,
+        Some(&user.id),
+        &serde_json::json!({"plan": user.plan}),
+    );
     Ok((StatusCode::CREATED, axum::Json(UserView::from(&user))))
 }
 

@@ -103,6 +103,7 @@ pub async fn verify(
         .unwrap_or_else(|| route.map_or(DEFAULT_COST, |r| r.config.cost));
     let facts = RequestFacts {
         method: body.method.as_deref().unwrap_or("POST"),
+        path: body.path.as_deref(),
         route_class: route.map_or(RouteClass::Normal, |r| r.config.class),
         scope,
         origin: body.origin.as_deref(),
@@ -266,6 +267,7 @@ async fn decide_forward_auth(
     };
     let facts = RequestFacts {
         method,
+        path,
         route_class: route.map_or(RouteClass::Normal, |r| r.config.class),
         scope: match route {
             Some(r) => r.config.scope.as_deref(),

@@ -60,6 +60,7 @@ impl TestApp {
             database_url: format!("sqlite://{}", db_path.display()),
             ..Config::default()
         };
+        config.audit.dir = Some(dir.join("audit").display().to_string());
         f(&mut config);
         let db_url = config.database_url.clone();
         let app = Application::build(config).await.expect("app builds");

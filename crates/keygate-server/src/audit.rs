@@ -1,0 +1,370 @@
+//! This node's audit log.
+//!
+//! Every decision and every change becomes one line of JSON appended to a local segment file
+//! (`<audit.dir>/<n>.jsonl`) **before** the answer leaves: a `write(2)` into the page cache,
+//! which survives `kill -9` of the process (not a power cut: the segment is not fsynced per
+//! event). A shipper task reads the segments behind the writer, chains the events by hash
+//! (per node: `seq` 1, 2, 3, …, each `hash` over the previous one), and appends them to the
+//! store in batches, in one transaction with the node's chain head and the per-minute usage
+//! roll-up. A segment is deleted once every line of it is in the store. On start the shipper
+//! begins with whatever segments are left, skipping events at or below the stored head, so a
+//! crash between the store's commit and the segment's deletion ships nothing twice.
+//!
+//! Hashing and ids are the shipper's work, not the hot path's: a decision only formats one
+//! line into a reused buffer and writes it.
+
+use keygate_core::audit::GENESIS;
+use keygate_core::AuditEvent;
+use keygate_store::Store;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What a line carries: an [`AuditEvent`] without `id`, `prev_hash` and `hash` (the shipper
+/// adds them). Borrowed, so recording an event allocates nothing.
+#[derive(Debug, Default, Serialize)]
+pub struct Line<'a> {
+    /// The node (so a renamed node still ships its old lines under their old name).
+    pub node: &'a str,
+    /// Filled in by [`AuditLog::record`].
+    pub seq: i64,
+    /// Unix ms.
+    pub at_ms: i64,
+    /// Tenant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<&'a str>,
+    /// Key id, user id or `system`.
+    pub actor: &'a str,
+    /// `request.decided`, `key.created`, …
+    pub action: &'a str,
+    /// Key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<&'a str>,
+    /// User.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<&'a str>,
+    /// Key kind.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'a str>,
+    /// Decision code.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<&'a str>,
+    /// HTTP status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<i64>,
+    /// Method.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<&'a str>,
+    /// Path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<&'a str>,
+    /// Scope.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<&'a str>,
+    /// Client IP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<IpAddr>,
+    /// Origin.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<&'a str>,
+    /// Credits drawn.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<i64>,
+    /// Decision time, µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<i64>,
+    /// `X-Request-Id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<&'a str>,
+    /// Details of a change (JSON text).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<&'a str>,
+}
+
+struct Writer {
+    file: File,
+    segment: u64,
+    len: u64,
+    seq: i64,
+    buf: Vec<u8>,
+}
+
+/// The audit log of one node.
+pub struct AuditLog {
+    node: String,
+    dir: PathBuf,
+    segment_bytes: u64,
+    writer: Mutex<Writer>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("node", &self.node)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn segment_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("{n:020}.jsonl"))
+}
+
+/// The segments in `dir`, oldest first.
+fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        if let Some(n) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".jsonl"))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            out.push(n);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// The events in `bytes` up to its last newline, and how many bytes that was. A line that
+/// does not parse (torn by a crash mid-write, which a single small `write` makes unlikely) is
+/// logged and skipped.
+fn parse_lines(bytes: &[u8]) -> (Vec<AuditEvent>, usize) {
+    let Some(end) = bytes.iter().rposition(|b| *b == b'\n') else {
+        return (Vec::new(), 0);
+    };
+    let mut out = Vec::new();
+    for line in bytes[..end].split(|b| *b == b'\n') {
+        if line.is_empty() {
+            continue;
+        }
+        match serde_json::from_slice::<AuditEvent>(line) {
+            Ok(e) => out.push(e),
+            Err(e) => tracing::error!("skipping an unreadable audit line: {e}"),
+        }
+    }
+    (out, end + 1)
+}
+
+/// The node id: the configured one, else the one this audit directory was first started with
+/// (so a node keeps its chain across restarts), else a new one, written down.
+pub fn node_id(configured: Option<&str>, dir: &Path) -> std::io::Result<String> {
+    if let Some(n) = configured {
+        return Ok(n.to_owned());
+    }
+    std::fs::create_dir_all(dir)?;
+    let file = dir.join("node_id");
+    match std::fs::read_to_string(&file) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
+        _ => {
+            let id = format!("node_{}", crate::ids::random_base62(8));
+            std::fs::write(&file, &id)?;
+            Ok(id)
+        }
+    }
+}
+
+impl AuditLog {
+    /// Opens the log in `dir` for `node`: numbering continues after the last event of this node
+    /// in the store or in segments not shipped yet; writing starts in a new segment.
+    pub async fn open(
+        dir: &Path,
+        node: &str,
+        store: &dyn Store,
+        segment_bytes: u64,
+    ) -> Result<Self, String> {
+        let io = |e: std::io::Error| format!("audit directory {}: {e}", dir.display());
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut seq = store
+            .audit_heads()
+            .await
+            .map_err(|e| format!("reading the audit head: {e}"))?
+            .into_iter()
+            .find(|h| h.0 == node)
+            .map_or(0, |h| h.1);
+        let existing = segments(dir).map_err(io)?;
+        for n in &existing {
+            let bytes = std::fs::read(segment_path(dir, *n)).map_err(io)?;
+            let (events, _) = parse_lines(&bytes);
+            for e in events.iter().filter(|e| e.node == node) {
+                seq = seq.max(e.seq);
+            }
+        }
+        let segment = existing.last().map_or(1, |n| n + 1);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(segment_path(dir, segment))
+            .map_err(io)?;
+        Ok(Self {
+            node: node.to_owned(),
+            dir: dir.to_owned(),
+            segment_bytes: segment_bytes.max(4096),
+            writer: Mutex::new(Writer {
+                file,
+                segment,
+                len: 0,
+                seq,
+                buf: Vec::with_capacity(1024),
+            }),
+        })
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Appends one event (numbering it) to the current segment. `Err` when the line could not
+    /// be written: the caller must not acknowledge what it cannot account for.
+    pub fn record<'a>(&'a self, mut line: Line<'a>) -> std::io::Result<()> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if w.len >= self.segment_bytes {
+            let next = w.segment + 1;
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(segment_path(&self.dir, next))?;
+            (w.file, w.segment, w.len) = (file, next, 0);
+        }
+        line.node = &self.node;
+        line.seq = w.seq + 1;
+        let Writer { buf, file, .. } = &mut *w;
+        buf.clear();
+        serde_json::to_writer(&mut *buf, &line)?;
+        buf.push(b'\n');
+        file.write_all(buf)?;
+        w.len += w.buf.len() as u64;
+        w.seq += 1;
+        Ok(())
+    }
+
+    fn current_segment(&self) -> u64 {
+        self.writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .segment
+    }
+}
+
+/// Where the shipper is: a segment and an offset in it, and each node's chain head.
+#[derive(Debug, Default)]
+pub struct Shipper {
+    segment: u64,
+    offset: u64,
+    heads: HashMap<String, (i64, String)>,
+}
+
+/// The event id: sortable by time, then by the node's sequence.
+fn event_id(e: &AuditEvent) -> String {
+    format!("evt_{:013}{:012}_{}", e.at_ms, e.seq, e.node)
+}
+
+impl Shipper {
+    /// Ships what the segments hold beyond the last call, in batches of at most `batch` events,
+    /// and deletes segments that are wholly in the store. Returns how many events it shipped.
+    pub async fn ship(&mut self, log: &AuditLog, store: &dyn Store) -> Result<usize, String> {
+        let mut shipped = 0;
+        loop {
+            let all = segments(&log.dir).map_err(|e| e.to_string())?;
+            let Some(&seg) = all.iter().find(|n| **n >= self.segment) else {
+                return Ok(shipped);
+            };
+            if seg != self.segment {
+                (self.segment, self.offset) = (seg, 0);
+            }
+            let path = segment_path(&log.dir, seg);
+            let mut f = File::open(&path).map_err(|e| e.to_string())?;
+            f.seek(SeekFrom::Start(self.offset))
+                .map_err(|e| e.to_string())?;
+            let mut bytes = Vec::new();
+            f.take(4 << 20)
+                .read_to_end(&mut bytes)
+                .map_err(|e| e.to_string())?;
+            let (mut events, used) = parse_lines(&bytes);
+            if !events.is_empty() {
+                self.seal(&mut events, store).await?;
+                store
+                    .append_audit(&events)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                for e in &events {
+                    self.heads.insert(e.node.clone(), (e.seq, e.hash.clone()));
+                }
+                shipped += events.len();
+            }
+            self.offset += used as u64;
+            if used < bytes.len() || bytes.len() == 4 << 20 {
+                continue; // more in this segment than one read took
+            }
+            if seg < log.current_segment() {
+                // Every line of a segment the writer has left is in the store.
+                let _ = std::fs::remove_file(&path);
+                (self.segment, self.offset) = (seg + 1, 0);
+                continue;
+            }
+            return Ok(shipped);
+        }
+    }
+
+    /// Drops events already in the store, gives the rest ids and chains them.
+    async fn seal(
+        &mut self,
+        events: &mut Vec<AuditEvent>,
+        store: &dyn Store,
+    ) -> Result<(), String> {
+        for e in events.iter() {
+            if !self.heads.contains_key(&e.node) {
+                let head = store
+                    .audit_heads()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .find(|h| h.0 == e.node)
+                    .map_or((0, GENESIS.to_owned()), |h| (h.1, h.2));
+                self.heads.insert(e.node.clone(), head);
+            }
+        }
+        let mut heads = self.heads.clone();
+        events.retain(|e| heads.get(&e.node).is_some_and(|h| e.seq > h.0));
+        for e in events.iter_mut() {
+            e.id = event_id(e);
+            if let Some(h) = heads.get_mut(&e.node) {
+                e.seal(&h.1);
+                *h = (e.seq, e.hash.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Ships every `every` until `stop` fires, then once more (shutdown flush).
+pub async fn run_shipper(
+    log: Arc<AuditLog>,
+    store: Arc<dyn Store>,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut shipper = Shipper::default();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            _ = stop.changed() => true,
+        };
+        if let Err(e) = shipper.ship(&log, &*store).await {
+            // The segments keep everything; the next tick tries again.
+            tracing::warn!("audit events not shipped yet: {e}");
+        }
+        if stopping {
+            return;
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! `GET /v1/audit` (events, filtered, newest first), `GET /v1/audit/verify` (the hash chains,
+//! operator only), `GET /v1/keys/{id}/usage` and `GET /v1/tenants/{id}/usage`.
+
+use super::{next_cursor, Ctx, PageQuery};
+use crate::error::{ApiError, Query};
+use crate::state::{now_ms, AppState};
+use crate::views::{parse_rfc3339, rfc3339, ListView};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use keygate_core::{AuditEvent, RouteClass};
+use keygate_store::{AuditFilter, UsageOf};
+use serde::{Deserialize, Serialize};
+
+/// Scope to read the audit log and usage.
+pub const READ: &str = "audit:read";
+
+/// `GET /v1/audit` filters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// Page size.
+    pub limit: Option<u32>,
+    /// Cursor (an event id).
+    pub cursor: Option<String>,
+    /// Tenant (operator: any, or all when absent; others: their own).
+    pub tenant_id: Option<String>,
+    /// Key.
+    pub key_id: Option<String>,
+    /// User.
+    pub user_id: Option<String>,
+    /// Action.
+    pub action: Option<String>,
+    /// Decision code.
+    pub code: Option<String>,
+    /// RFC 3339, inclusive.
+    pub since: Option<String>,
+    /// RFC 3339, exclusive.
+    pub until: Option<String>,
+}
+
+/// An audit event as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct AuditView {
+    id: String,
+    at: String,
+    node: String,
+    seq: i64,
+    tenant_id: Option<String>,
+    actor: String,
+    action: String,
+    key_id: Option<String>,
+    user_id: Option<String>,
+    kind: Option<String>,
+    code: Option<String>,
+    status: Option<i64>,
+    method: Option<String>,
+    path: Option<String>,
+    scope: Option<String>,
+    ip: Option<String>,
+    origin: Option<String>,
+    credits: Option<i64>,
+    latency_us: Option<i64>,
+    request_id: Option<String>,
+    detail: Option<serde_json::Value>,
+    prev_hash: String,
+    hash: String,
+}
+
+impl From<AuditEvent> for AuditView {
+    fn from(e: AuditEvent) -> Self {
+        Self {
+            at: rfc3339(e.at_ms),
+            detail: e.detail.and_then(|d| serde_json::from_str(&d).ok()),
+            id: e.id,
+            node: e.node,
+            seq: e.seq,
+            tenant_id: e.tenant_id,
+            actor: e.actor,
+            action: e.action,
+            key_id: e.key_id,
+            user_id: e.user_id,
+            kind: e.kind,
+            code: e.code,
+            status: e.status,
+            method: e.method,
+            path: e.path,
+            scope: e.scope,
+            ip: e.ip,
+            origin: e.origin,
+            credits: e.credits,
+            latency_us: e.latency_us,
+            request_id: e.request_id,
+            prev_hash: e.prev_hash,
+            hash: e.hash,
+        }
+    }
+}
+
+/// A query parameter with a bad value: 400, as on `GET /v1/keys`.
+fn bad(message: impl Into<std::borrow::Cow<'static, str>>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
+}
+
+fn time_param(name: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
+    v.map(|s| {
+        parse_rfc3339(s)
+            .ok_or_else(|| bad(format!("{name} must be an RFC 3339 timestamp")))
+    })
+    .transpose()
+}
+
+/// `GET /v1/audit`
+pub async fn list(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Query(q): Query<AuditQuery>,
+) -> Result<axum::Json<ListView<AuditView>>, ApiError> {
+    let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
+    let page = PageQuery {
+        limit: q.limit,
+        cursor: q.cursor.clone(),
+    }
+    .page()?;
+    let tenant_id = if caller.is_operator() && q.tenant_id.is_none() {
+        None
+    } else {
+        Some(caller.act_in(&state, q.tenant_id.as_deref()).await?)
+    };
+    let filter = AuditFilter {
+        tenant_id,
+        key_id: q.key_id,
+        user_id: q.user_id,
+        action: q.action,
+        code: q.code,
+        since_ms: time_param("since", q.since.as_deref())?,
+        until_ms: time_param("until", q.until.as_deref())?,
+    };
+    let events = state.store.list_audit(&filter, &page).await?;
+    let next = next_cursor(&events, page.limit, |e| &e.id);
+    Ok(axum::Json(ListView {
+        data: events.into_iter().map(AuditView::from).collect(),
+        next_cursor: next,
+    }))
+}
+
+/// `GET /v1/audit/verify` answer.
+#[derive(Debug, Serialize)]
+pub struct VerifyView {
+    /// Every chain intact up to its head.
+    pub ok: bool,
+    /// Events checked.
+    pub checked: u64,
+    /// Chains (nodes) checked.
+    pub nodes: u64,
+    /// The first broken place.
+    pub broken: Option<BrokenView>,
+}
+
+/// Where a chain breaks.
+#[derive(Debug, Serialize)]
+pub struct BrokenView {
+    /// Node.
+    pub node: String,
+    /// Sequence number in the node's chain.
+    pub seq: i64,
+    /// `changed`, `missing` or `inserted`.
+    pub problem: keygate_core::ChainProblem,
+}
+
+impl From<keygate_store::AuditReport> for VerifyView {
+    fn from(r: keygate_store::AuditReport) -> Self {
+        Self {
+            ok: r.broken.is_none(),
+            checked: r.checked,
+            nodes: r.nodes,
+            broken: r.broken.map(|(node, b)| BrokenView {
+                node,
+                seq: b.seq,
+                problem: b.problem,
+            }),
+        }
+    }
+}
+
+/// `GET /v1/audit/verify`: operator only (the chains are per node and span tenants).
+pub async fn verify(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<axum::Json<VerifyView>, ApiError> {
+    let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
+    if !caller.is_operator() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN_SCOPE",
+            "only the operator may verify the audit chains",
+        ));
+    }
+    let report = keygate_store::verify_audit(&*state.store).await?;
+    Ok(axum::Json(report.into()))
+}
+
+/// `?granularity=minute|hour|day&since=&until=`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    /// Bucket width (default `hour`).
+    pub granularity: Option<String>,
+    /// RFC 3339 (default: 60 buckets back).
+    pub since: Option<String>,
+    /// RFC 3339 (default: now).
+    pub until: Option<String>,
+}
+
+/// One bucket of usage.
+#[derive(Debug, Serialize)]
+pub struct UsageBucket {
+    /// Start of the bucket.
+    pub at: String,
+    /// Decision code.
+    pub code: String,
+    /// Requests decided.
+    pub requests: u64,
+    /// Credits drawn.
+    pub credits: u64,
+}
+
+/// A usage answer.
+#[derive(Debug, Serialize)]
+pub struct UsageView {
+    /// `minute`, `hour` or `day`.
+    pub granularity: String,
+    /// Buckets (only those with traffic), oldest first, one per code.
+    pub data: Vec<UsageBucket>,
+}
+
+async fn usage_of(state: &AppState, of: UsageOf, q: UsageQuery) -> Result<UsageView, ApiError> {
+    let granularity = q.granularity.unwrap_or_else(|| "hour".into());
+    let width = keygate_store::granularity_ms(&granularity)
+        .ok_or_else(|| bad("granularity must be minute, hour or day"))?;
+    let until = time_param("until", q.until.as_deref())?.unwrap_or_else(|| now_ms() + 60_000);
+    let since = time_param("since", q.since.as_deref())?.unwrap_or(until - 60 * width);
+    if since >= until {
+        return Err(bad("since must be before until"));
+    }
+    let rows = state.store.usage(&of, width, since, until).await?;
+    Ok(UsageView {
+        granularity,
+        data: rows
+            .into_iter()
+            .map(|r| UsageBucket {
+                at: rfc3339(r.bucket_ms),
+                code: r.code,
+                requests: r.requests,
+                credits: r.credits,
+            })
+            .collect(),
+    })
+}
+
+/// `GET /v1/keys/{id}/usage`
+pub async fn key_usage(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    Query(q): Query<UsageQuery>,
+) -> Result<axum::Json<UsageView>, ApiError> {
+    let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
+    let key = state.visible_key(&caller, &id).await?;
+    Ok(axum::Json(usage_of(&state, UsageOf::Key(key.id), q).await?))
+}
+
+/// `GET /v1/tenants/{id}/usage`
+pub async fn tenant_usage(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    Query(q): Query<UsageQuery>,
+) -> Result<axum::Json<UsageView>, ApiError> {
+    let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
+    let tenant = caller.act_in(&state, Some(&id)).await?;
+    Ok(axum::Json(
+        usage_of(&state, UsageOf::Tenant(tenant), q).await?,
+    ))
+}

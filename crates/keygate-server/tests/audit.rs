@@ -1,0 +1,277 @@
+//! The audit log over real HTTP: every decision and change is an event, tenants see only
+//! their own, the chains verify, usage adds up, and nothing survives that should not.
+
+mod support;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use support::{error_code, eventually, TestApp};
+
+/// All events the caller can see for `query`, every page.
+async fn events(app: &TestApp, key: &str, query: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let sep = if query.is_empty() { "" } else { "&" };
+        let r = app
+            .as_key(key)
+            .get(app.url(&format!("/v1/audit?limit=2{sep}{query}{cursor}")))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), StatusCode::OK);
+        let v: Value = r.json().await.expect("json");
+        out.extend(v["data"].as_array().expect("data").iter().cloned());
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => return out,
+        }
+    }
+}
+
+fn find<'a>(evs: &'a [Value], action: &str, code: Option<&str>) -> Option<&'a Value> {
+    evs.iter()
+        .find(|e| e["action"] == action && code.is_none_or(|c| e["code"] == c))
+}
+
+#[tokio::test]
+async fn every_decision_and_change_is_an_event_and_the_chain_verifies() {
+    let app = TestApp::spawn().await;
+    let (key, rec) = app
+        .create_key(json!({"kind": "sk", "name": "ocr", "scopes": ["ocr:read"], "budget": 100}))
+        .await;
+    let id = rec["id"].as_str().expect("id").to_string();
+    let ok = app
+        .auth(
+            Some(&key),
+            &[
+                ("x-keygate-scope", "ocr:read"),
+                ("x-forwarded-uri", "/v1/ocr/scan?lang=de"),
+                ("x-forwarded-method", "POST"),
+                ("x-forwarded-for", "203.0.113.9"),
+            ],
+        )
+        .await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    let rid = ok.headers()["x-request-id"]
+        .to_str()
+        .expect("id")
+        .to_string();
+    let denied = app
+        .auth(Some(&key), &[("x-keygate-scope", "llm:generate")])
+        .await;
+    assert_eq!(error_code(denied).await, "FORBIDDEN_SCOPE");
+    let r = app.post(&format!("/v1/keys/{id}/revoke"), json!({})).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(error_code(app.auth(Some(&key), &[]).await).await, "REVOKED");
+
+    let mut evs = Vec::new();
+    eventually(|| {
+        let app = &app;
+        let id = id.clone();
+        async move { events(app, &app.root, &format!("key_id={id}")).await.len() >= 5 }
+    })
+    .await;
+    evs.extend(events(&app, &app.root, &format!("key_id={id}")).await);
+    assert_eq!(
+        evs.len(),
+        5,
+        "created, valid, forbidden, revoked, refused: {evs:#?}"
+    );
+    let created = find(&evs, "key.created", None).expect("key.created");
+    assert_eq!(created["detail"]["scopes"], json!(["ocr:read"]));
+    assert!(created["actor"]
+        .as_str()
+        .expect("actor")
+        .starts_with("key_"));
+    let valid = find(&evs, "request.decided", Some("VALID")).expect("valid");
+    assert_eq!(valid["request_id"], rid.as_str());
+    assert_eq!(valid["path"], "/v1/ocr/scan");
+    assert_eq!(valid["method"], "POST");
+    assert_eq!(valid["ip"], "203.0.113.9");
+    assert_eq!(valid["scope"], "ocr:read");
+    assert_eq!(valid["credits"], 1);
+    assert_eq!(valid["status"], 200);
+    assert_eq!(valid["tenant_id"], "default");
+    assert_eq!(valid["kind"], "sk");
+    let forbidden = find(&evs, "request.decided", Some("FORBIDDEN_SCOPE")).expect("forbidden");
+    assert_eq!(
+        (forbidden["status"].clone(), forbidden["credits"].clone()),
+        (json!(403), json!(0))
+    );
+    assert!(find(&evs, "key.revoked", None).is_some());
+    assert_eq!(
+        find(&evs, "request.decided", Some("REVOKED")).expect("revoked")["status"],
+        401
+    );
+    // Newest first, chained: each event names its predecessor's hash on the same node.
+    let all = events(&app, &app.root, "").await;
+    for pair in all.windows(2) {
+        if pair[0]["node"] == pair[1]["node"]
+            && pair[0]["seq"].as_i64() == pair[1]["seq"].as_i64().map(|s| s + 1)
+        {
+            assert_eq!(pair[0]["prev_hash"], pair[1]["hash"]);
+        }
+    }
+    let body = serde_json::to_string(&all).expect("json");
+    assert!(
+        !body.contains(&key),
+        "the plaintext key is never in the audit log"
+    );
+    assert!(!body.contains(&key[6..]));
+
+    // Filters: by code, by action, by time.
+    let codes = events(&app, &app.root, "code=REVOKED").await;
+    assert!(codes.iter().all(|e| e["code"] == "REVOKED") && !codes.is_empty());
+    let actions = events(&app, &app.root, "action=key.revoked").await;
+    assert_eq!(actions.len(), 1);
+    let future = events(&app, &app.root, "since=2999-01-01T00:00:00Z").await;
+    assert!(future.is_empty());
+
+    let v: Value = app
+        .get("/v1/audit/verify")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v["checked"].as_u64().expect("checked") >= 5);
+
+    // Usage of the key: two VALID credits? No: one VALID (1 credit), one FORBIDDEN, one REVOKED.
+    let u: Value = app
+        .get(&format!("/v1/keys/{id}/usage?granularity=minute"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let total = |code: &str, field: &str| -> u64 {
+        u["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .filter(|b| b["code"] == code)
+            .map(|b| b[field].as_u64().unwrap_or(0))
+            .sum()
+    };
+    assert_eq!(total("VALID", "requests"), 1);
+    assert_eq!(total("VALID", "credits"), 1);
+    assert_eq!(total("FORBIDDEN_SCOPE", "requests"), 1);
+    assert_eq!(total("REVOKED", "requests"), 1);
+    let t: Value = app
+        .get("/v1/tenants/default/usage?granularity=day")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert!(t["data"].as_array().expect("data").len() >= 3);
+}
+
+#[tokio::test]
+async fn a_tenant_sees_only_its_own_events_and_cannot_verify() {
+    let app = TestApp::spawn().await;
+    let t: Value = app
+        .post("/v1/tenants", json!({"name": "Acme"}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let tid = t["id"].as_str().expect("id").to_string();
+    let admin = t["admin_key"]["key"].as_str().expect("key").to_string();
+    let (root_key, _) = app.create_key(json!({"kind": "sk", "name": "ops"})).await;
+    app.auth(Some(&root_key), &[]).await;
+    app.auth(Some(&admin), &[]).await;
+    eventually(|| {
+        let (app, admin) = (&app, admin.clone());
+        async move { events(app, &admin, "action=request.decided").await.len() >= 2 }
+    })
+    .await;
+    let mine = events(&app, &admin, "").await;
+    assert!(!mine.is_empty());
+    assert!(
+        mine.iter().all(|e| e["tenant_id"] == tid.as_str()),
+        "{mine:#?}"
+    );
+    assert!(find(&mine, "tenant.created", None).is_some());
+    // Another tenant's events look like a tenant that does not exist.
+    let r = app
+        .as_key(&admin)
+        .get(app.url("/v1/audit?tenant_id=default"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = app
+        .as_key(&admin)
+        .get(app.url("/v1/audit/verify"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // The operator sees both tenants.
+    let all = events(&app, &app.root, "action=request.decided").await;
+    assert!(all.iter().any(|e| e["tenant_id"] == "default"));
+    assert!(all.iter().any(|e| e["tenant_id"] == tid.as_str()));
+}
+
+#[tokio::test]
+async fn bad_audit_queries_get_400_in_the_error_shape() {
+    let app = TestApp::spawn().await;
+    for q in [
+        "/v1/audit?since=yesterday",
+        "/v1/audit?limit=0",
+        "/v1/audit?colour=red",
+        "/v1/tenants/default/usage?granularity=week",
+        "/v1/tenants/default/usage?since=2030-01-01T00:00:00Z&until=2020-01-01T00:00:00Z",
+    ] {
+        let r = app.get(q).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{q}");
+        assert_eq!(error_code(r).await, "INVALID_REQUEST", "{q}");
+    }
+    let r = app.get("/v1/keys/key_nope/usage").await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn the_chain_continues_across_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = TestApp::spawn_in(dir.path(), |_| {}).await;
+    let root = app.root.clone();
+    let (key, _) = app.create_key(json!({"kind": "sk", "name": "k"})).await;
+    for _ in 0..5 {
+        assert_eq!(app.auth(Some(&key), &[]).await.status(), StatusCode::OK);
+    }
+    app.stop().await; // graceful: ships everything
+    let app = TestApp::spawn_in(dir.path(), |_| {})
+        .await
+        .with_root(root.clone());
+    for _ in 0..5 {
+        assert_eq!(app.auth(Some(&key), &[]).await.status(), StatusCode::OK);
+    }
+    let query = "action=request.decided&code=VALID";
+    eventually(|| {
+        let app = &app;
+        async move {
+            events(app, &app.root, query)
+                .await
+                .iter()
+                .filter(|e| e["path"].is_null())
+                .count()
+                >= 10
+        }
+    })
+    .await;
+    let valid = events(&app, &app.root, query).await;
+    // Forward-auth calls (no path given) of the key: five before the restart, five after.
+    let of_key = valid.iter().filter(|e| e["path"].is_null()).count();
+    assert_eq!(of_key, 10, "{valid:#?}");
+    let nodes: std::collections::BTreeSet<&str> =
+        valid.iter().filter_map(|e| e["node"].as_str()).collect();
+    assert_eq!(nodes.len(), 1, "one node id across restarts: {nodes:?}");
+    let v: Value = app
+        .get("/v1/audit/verify")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["ok"], true, "{v}");
+}
