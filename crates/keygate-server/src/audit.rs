@@ -262,7 +262,7 @@ pub struct Shipper {
 }
 
 /// The event id: sortable by time, then by the node's sequence.
-fn event_id(e: &AuditEvent) -> String {
+pub fn event_id(e: &AuditEvent) -> String {
     format!("evt_{:013}{:012}_{}", e.at_ms, e.seq, e.node)
 }
 

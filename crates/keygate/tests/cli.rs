@@ -21,8 +21,13 @@ impl Drop for Server {
 }
 
 fn serve(db: &std::path::Path) -> Server {
+    serve_with(db, &[])
+}
+
+fn serve_with(db: &std::path::Path, env: &[(&str, &str)]) -> Server {
     let mut child = Command::new(BIN)
         .arg("serve")
+        .envs(env.iter().copied())
         .env("KEYGATE_LISTEN", "127.0.0.1:0")
         .env("KEYGATE_DATABASE_URL", format!("sqlite://{}", db.display()))
         .env("RUST_LOG", "warn")
@@ -143,4 +148,186 @@ fn bad_cli_input_fails_with_a_message() {
         .expect("run");
     assert!(help.status.success());
     assert!(String::from_utf8_lossy(&help.stdout).contains("root key"));
+}
+
+/// Every audit event of the database at `db`, via `keygate audit export` (JSON lines).
+fn exported(db: &std::path::Path) -> Vec<serde_json::Value> {
+    let out = Command::new(BIN)
+        .args(["audit", "export", "--format", "jsonl"])
+        .env("KEYGATE_DATABASE_URL", format!("sqlite://{}", db.display()))
+        .output()
+        .expect("run audit export");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answered_request_survives_kill_9_in_the_audit_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("kg.db");
+    // Nothing is shipped before the kill: every event must come back from the segment.
+    let mut server = serve_with(&db, &[("KEYGATE_AUDIT__SHIP_INTERVAL_MS", "600000")]);
+    let root = server.stdout_first_line.clone();
+    let addr = server.addr.clone();
+    // 16 clients hammer forward-auth and note the request id of every answer they get.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (addr, root, stop) = (addr.clone(), root.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut ids = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client
+                    .get(format!("http://{addr}/v1/auth"))
+                    .bearer_auth(&root)
+                    .send()
+                    .await
+                {
+                    Ok(r) => ids.push(
+                        r.headers()["x-request-id"]
+                            .to_str()
+                            .expect("id")
+                            .to_string(),
+                    ),
+                    Err(_) => break, // the server is gone
+                }
+            }
+            ids
+        }));
+    }
+    // Kill it mid-load, once the segment holds a good number of events.
+    let segment_bytes = || {
+        std::fs::read_dir(dir.path().join("kg.db.audit"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum::<u64>()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while segment_bytes() < 200_000 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.child.kill().expect("kill -9"); // SIGKILL: no flush, no shutdown
+    let _ = server.child.wait();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answered = std::collections::HashSet::new();
+    for t in tasks {
+        answered.extend(t.await.expect("task"));
+    }
+    assert!(
+        answered.len() > 200,
+        "only {} answers before the kill",
+        answered.len()
+    );
+    assert_eq!(
+        exported(&db).len(),
+        0,
+        "nothing was shipped before the kill"
+    );
+    eprintln!("{} answers before kill -9", answered.len());
+
+    // The restarted node replays what it had not shipped.
+    let again = serve(&db);
+    let mut missing = answered.len();
+    for _ in 0..100 {
+        let logged: std::collections::HashSet<String> = exported(&db)
+            .iter()
+            .filter_map(|e| e["request_id"].as_str().map(str::to_owned))
+            .collect();
+        missing = answered.iter().filter(|id| !logged.contains(*id)).count();
+        if missing == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        missing, 0,
+        "answered requests missing from the audit log after kill -9"
+    );
+    drop(again);
+    let out = Command::new(BIN)
+        .args(["audit", "verify"])
+        .env("KEYGATE_DATABASE_URL", format!("sqlite://{}", db.display()))
+        .output()
+        .expect("run audit verify");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert!(report["broken"].is_null(), "{report}");
+    assert!(report["checked"].as_u64().expect("checked") >= answered.len() as u64);
+}
+
+#[test]
+fn audit_export_writes_csv_and_verify_finds_an_edited_row() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("kg.db");
+    let url = format!("sqlite://{}", db.display());
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("KEYGATE_DATABASE_URL", &url)
+            .output()
+            .expect("run")
+    };
+    // A database with a default tenant: start once, stop gracefully.
+    let server = serve(&db);
+    drop(server);
+    for name in ["a,b", "plain"] {
+        let out = run(&["keys", "create", "--kind", "sk", "--name", name]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let csv = run(&["audit", "export", "--format", "csv"]);
+    assert!(csv.status.success());
+    let text = String::from_utf8(csv.stdout).expect("utf8");
+    let mut lines = text.lines();
+    assert!(lines.next().expect("header").starts_with("id,at,node,seq,"));
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    assert!(rows.iter().all(|r| r.contains(",key.created,")));
+    // The name with a comma sits inside a quoted JSON detail field.
+    assert!(
+        text.contains(r#""{""kind"":""sk"",""name"":""a,b"""#),
+        "{text}"
+    );
+    assert!(run(&["audit", "verify"]).status.success());
+    assert!(!run(&["audit", "export", "--format", "xml"])
+        .status
+        .success());
+
+    // Someone edits a row: verify names it and fails.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let pool = sqlx::SqlitePool::connect(&url).await.expect("open");
+        let r = sqlx::query("UPDATE audit_events SET actor = 'key_someone_else'")
+            .execute(&pool)
+            .await
+            .expect("edit");
+        assert_eq!(r.rows_affected(), 2);
+        pool.close().await;
+    });
+    let out = run(&["audit", "verify"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("changed"));
 }

@@ -102,11 +102,8 @@ fn bad(message: impl Into<std::borrow::Cow<'static, str>>) -> ApiError {
 }
 
 fn time_param(name: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
-    v.map(|s| {
-        parse_rfc3339(s)
-            .ok_or_else(|| bad(format!("{name} must be an RFC 3339 timestamp")))
-    })
-    .transpose()
+    v.map(|s| parse_rfc3339(s).ok_or_else(|| bad(format!("{name} must be an RFC 3339 timestamp"))))
+        .transpose()
 }
 
 /// `GET /v1/audit`
