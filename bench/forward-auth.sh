@@ -16,6 +16,8 @@ CONNECTIONS=${CONNECTIONS:-32}
 ROUNDS=${ROUNDS:-5}
 # SHARED=1 adds a third server: keygate on the shared PostgreSQL + Redis (127.0.0.1:5432/6379).
 SHARED=${SHARED:-0}
+# AUDIT=1 adds keygate with the audit log switched off, to measure what the audit log costs.
+AUDIT=${AUDIT:-0}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/keygate-target}
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
 cargo build --release -q -p keygate
@@ -37,6 +39,18 @@ KEYGATE_LISTEN=127.0.0.1:$KPORT KEYGATE_DATABASE_URL="sqlite://$WORK/kg.db" KEYG
 wait_http "http://127.0.0.1:$BPORT/"
 wait_http "http://127.0.0.1:$KPORT/v1/status"
 ROOT=$(head -1 "$WORK/root")
+if [ "$AUDIT" = 1 ]; then
+  NPORT=$(free_port)
+  KEYGATE_LISTEN=127.0.0.1:$NPORT KEYGATE_DATABASE_URL="sqlite://$WORK/noaudit.db" KEYGATE_LOG__LEVEL=warn \
+    KEYGATE_AUDIT__ENABLED=false taskset -c 0 "$BIN/keygate" serve >"$WORK/nroot" 2>"$WORK/nlog" &
+  wait_http "http://127.0.0.1:$NPORT/v1/status"
+  NROOT=$(head -1 "$WORK/nroot")
+  NPK=$(curl -fs -X POST "http://127.0.0.1:$NPORT/v1/keys" -H "authorization: Bearer $NROOT" \
+    -H 'content-type: application/json' \
+    -d '{"kind":"pk","name":"bench","preset":"aidemo","allowed_ips":["127.0.0.0/8"],
+         "rate_limit":{"limit":1000000000,"window_seconds":60},"budget":1000000000000}' |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+fi
 if [ "$SHARED" = 1 ]; then
   SCHEMA="kgbench_$$"
   psql -q -h 127.0.0.1 -U postgres test -c "CREATE SCHEMA $SCHEMA" >/dev/null
@@ -44,7 +58,7 @@ if [ "$SHARED" = 1 ]; then
   SPORT=$(free_port)
   KEYGATE_LISTEN=127.0.0.1:$SPORT KEYGATE_LOG__LEVEL=warn \
     KEYGATE_DATABASE_URL="postgres://postgres@127.0.0.1:5432/test?options=-c%20search_path%3D$SCHEMA" \
-    KEYGATE_REDIS_URL=redis://127.0.0.1:6379 KEYGATE_REDIS_PREFIX="kgbench$$" \
+    KEYGATE_REDIS_URL=redis://127.0.0.1:6379 KEYGATE_REDIS_PREFIX="kgbench$$" KEYGATE_AUDIT__DIR="$WORK/saudit" \
     taskset -c 0 "$BIN/keygate" serve >"$WORK/sroot" 2>"$WORK/slog" &
   wait_http "http://127.0.0.1:$SPORT/v1/status"
   SROOT=$(head -1 "$WORK/sroot")
@@ -82,6 +96,7 @@ run() { # name url [headers...]
 HDRS=("Authorization: Bearer $PK" "Origin: https://claude.ai" "X-Keygate-Scope: ocr:read" "X-Forwarded-For: 127.0.0.1")
 : >"$OUT/rounds.txt"
 : >"$OUT/shared-rounds.txt"
+: >"$OUT/audit-rounds.txt"
 # Warm both up (connections, caches, leases, CPU frequency) before measuring.
 taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d3s "http://127.0.0.1:$BPORT/v1/auth" >/dev/null
 taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d3s -H "Authorization: Bearer $PK" -H "Origin: https://claude.ai" \
@@ -99,6 +114,13 @@ for i in $(seq "$ROUNDS"); do
     read -r _ srps sp50 sp99 snon <<<"$S"
     [ "$snon" = "0" ] || { echo "shared keygate answered $snon non-2xx responses" >&2; exit 1; }
     echo "$krps $srps $sp50 $sp99" >>"$OUT/shared-rounds.txt"
+  fi
+  if [ "$AUDIT" = 1 ]; then
+    N=$(run "keygate-noaudit-$i" "http://127.0.0.1:$NPORT/v1/auth" "Authorization: Bearer $NPK" \
+      "Origin: https://claude.ai" "X-Keygate-Scope: ocr:read" "X-Forwarded-For: 127.0.0.1")
+    read -r _ nrps np50 np99 nnon <<<"$N"
+    [ "$nnon" = "0" ] || { echo "keygate without audit answered $nnon non-2xx responses" >&2; exit 1; }
+    echo "$krps $nrps $kp50 $np50 $kp99 $np99" >>"$OUT/audit-rounds.txt"
   fi
 done
 python3 - "$OUT/rounds.txt" "$CONNECTIONS" "$DURATION" <<'PY' | tee "$OUT/forward-auth.md"
@@ -122,5 +144,15 @@ print(f"shared mode (PostgreSQL + Redis, metered decisions batched to Redis): "
       f"{statistics.median(float(r[1]) for r in rows):.0f} req/s, p50 {rows[0][2]}; "
       f"shared / embedded throughput: **{statistics.median_low(ratios):.2f}** "
       f"(rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+PY
+fi
+if [ "$AUDIT" = 1 ]; then
+python3 - "$OUT/audit-rounds.txt" <<'PY' | tee "$OUT/audit.md"
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+ratios = sorted(float(r[0]) / float(r[1]) for r in rows)
+print(f"audit log on / off (keygate `GET /v1/auth`, same rounds): "
+      f"{statistics.median(float(r[0]) for r in rows):.0f} vs {statistics.median(float(r[1]) for r in rows):.0f} req/s; "
+      f"ratio **{statistics.median_low(ratios):.2f}** (rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
 PY
 fi
