@@ -235,11 +235,18 @@ impl AuditLog {
         }
         line.node = &self.node;
         line.seq = w.seq + 1;
-        let Writer { buf, file, .. } = &mut *w;
+        let Writer { buf, file, len, .. } = &mut *w;
         buf.clear();
         serde_json::to_writer(&mut *buf, &line)?;
         buf.push(b'\n');
-        file.write_all(buf)?;
+        if let Err(e) = file.write_all(buf) {
+            // Take back whatever part of the line went out, so the next line starts clean;
+            // if even that fails, the next event opens a new segment.
+            if file.set_len(*len).is_err() {
+                *len = u64::MAX;
+            }
+            return Err(e);
+        }
         w.len += w.buf.len() as u64;
         w.seq += 1;
         Ok(())
@@ -265,6 +272,37 @@ pub struct Shipper {
     heads: HashMap<String, (i64, String)>,
 }
 
+/// NUL characters, which PostgreSQL's TEXT refuses (one such event would stop every batch
+/// after it), become U+FFFD before the event is hashed, so what is stored is what was chained.
+fn scrub(e: &mut AuditEvent) {
+    for f in [
+        &mut e.tenant_id,
+        &mut e.key_id,
+        &mut e.user_id,
+        &mut e.kind,
+        &mut e.code,
+        &mut e.method,
+        &mut e.path,
+        &mut e.scope,
+        &mut e.ip,
+        &mut e.origin,
+        &mut e.request_id,
+        &mut e.detail,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if f.contains('\0') {
+            *f = f.replace('\0', "\u{fffd}");
+        }
+    }
+    for f in [&mut e.actor, &mut e.action, &mut e.node] {
+        if f.contains('\0') {
+            *f = f.replace('\0', "\u{fffd}");
+        }
+    }
+}
+
 /// The event id: sortable by time, then by the node's sequence.
 pub fn event_id(e: &AuditEvent) -> String {
     format!("evt_{:013}{:012}_{}", e.at_ms, e.seq, e.node)
@@ -275,8 +313,13 @@ impl Shipper {
     /// and deletes segments that are wholly in the store. Returns how many events it shipped.
     pub async fn ship(&mut self, log: &AuditLog, store: &dyn Store) -> Result<usize, String> {
         let mut shipped = 0;
+        let mut limit = READ_BYTES;
         loop {
-            let all = segments(&log.dir).map_err(|e| e.to_string())?;
+            // Which segment the writer is in *before* reading: a segment it had already left
+            // then can gain no line after our read, so reading it to the end is all of it.
+            let writer_at = log.current_segment();
+            let dir = log.dir.clone();
+            let all = blocking(move || segments(&dir)).await?;
             let Some(&seg) = all.iter().find(|n| **n >= self.segment) else {
                 return Ok(shipped);
             };
@@ -284,13 +327,15 @@ impl Shipper {
                 (self.segment, self.offset) = (seg, 0);
             }
             let path = segment_path(&log.dir, seg);
-            let mut f = File::open(&path).map_err(|e| e.to_string())?;
-            f.seek(SeekFrom::Start(self.offset))
-                .map_err(|e| e.to_string())?;
-            let mut bytes = Vec::new();
-            f.take(READ_BYTES)
-                .read_to_end(&mut bytes)
-                .map_err(|e| e.to_string())?;
+            let (p, offset) = (path.clone(), self.offset);
+            let bytes = blocking(move || {
+                let mut f = File::open(&p)?;
+                f.seek(SeekFrom::Start(offset))?;
+                let mut bytes = Vec::new();
+                f.take(limit).read_to_end(&mut bytes)?;
+                Ok(bytes)
+            })
+            .await?;
             let (mut events, used) = parse_lines(&bytes);
             if !events.is_empty() {
                 self.seal(&mut events, store).await?;
@@ -304,18 +349,32 @@ impl Shipper {
                 shipped += events.len();
             }
             self.offset += used as u64;
-            if used < bytes.len() || bytes.len() as u64 == READ_BYTES {
-                // More in this segment than one read took: let requests run in between, so
-                // shipping a backlog does not stall them.
-                tokio::task::yield_now().await;
+            if bytes.len() as u64 == limit {
+                // More in this segment than one read took. A single line longer than the read
+                // doubles the read; otherwise let requests run in between, so shipping a
+                // backlog does not stall them.
+                if used == 0 {
+                    limit = limit.saturating_mul(2);
+                } else {
+                    limit = READ_BYTES;
+                    tokio::task::yield_now().await;
+                }
                 continue;
             }
-            if seg < log.current_segment() {
-                // Every line of a segment the writer has left is in the store.
-                let _ = std::fs::remove_file(&path);
+            if seg < writer_at {
+                if used < bytes.len() {
+                    // A line torn by a crash mid-write (it was never acknowledged).
+                    tracing::error!(
+                        "dropping {} bytes of a torn line at the end of audit segment {seg}",
+                        bytes.len() - used
+                    );
+                }
+                let p = path.clone();
+                blocking(move || std::fs::remove_file(&p)).await?;
                 (self.segment, self.offset) = (seg + 1, 0);
                 continue;
             }
+            // Caught up with the writer (a partial line is a write in progress).
             return Ok(shipped);
         }
     }
@@ -341,6 +400,7 @@ impl Shipper {
         let mut heads = self.heads.clone();
         events.retain(|e| heads.get(&e.node).is_some_and(|h| e.seq > h.0));
         for e in events.iter_mut() {
+            scrub(e);
             e.id = event_id(e);
             if let Some(h) = heads.get_mut(&e.node) {
                 e.seal(&h.1);
@@ -349,6 +409,16 @@ impl Shipper {
         }
         Ok(())
     }
+}
+
+/// File work of the shipper, off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }
 
 /// Ships every `every` until `stop` fires, then once more (shutdown flush).
@@ -373,5 +443,117 @@ pub async fn run_shipper(
         if stopping {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keygate_store::{AuditFilter, PageRequest, SqliteStore};
+
+    async fn store(dir: &Path) -> Arc<dyn Store> {
+        let s = SqliteStore::connect(&format!("sqlite://{}", dir.join("t.db").display()))
+            .await
+            .expect("sqlite");
+        s.migrate().await.expect("migrate");
+        Arc::new(s)
+    }
+
+    async fn stored(s: &dyn Store) -> Vec<AuditEvent> {
+        s.list_audit(
+            &AuditFilter::default(),
+            &PageRequest {
+                cursor: None,
+                limit: 500,
+            },
+        )
+        .await
+        .expect("list")
+    }
+
+    fn line<'a>(path: &'a str) -> Line<'a> {
+        Line {
+            at_ms: 1_800_000_000_000,
+            actor: "key_a",
+            action: "request.decided",
+            path: Some(path),
+            ..Line::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn segments_rotate_ship_in_order_and_are_deleted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path()).await;
+        let log = AuditLog::open(&dir.path().join("audit"), "n1", &*s, 4096)
+            .await
+            .expect("open");
+        let mut shipper = Shipper::default();
+        for i in 0..200 {
+            let p = format!("/p/{i}");
+            log.record(line(&p)).expect("record");
+            if i % 37 == 0 {
+                shipper.ship(&log, &*s).await.expect("ship");
+            }
+        }
+        shipper.ship(&log, &*s).await.expect("ship");
+        let evs = stored(&*s).await;
+        assert_eq!(evs.len(), 200, "every event once");
+        let mut seqs: Vec<i64> = evs.iter().map(|e| e.seq).collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+        let left = segments(&dir.path().join("audit")).expect("segments");
+        assert_eq!(
+            left.len(),
+            1,
+            "only the segment being written is kept: {left:?}"
+        );
+        let r = keygate_store::verify_audit(&*s).await.expect("verify");
+        assert!(r.broken.is_none() && r.checked == 200, "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_line_of_an_old_segment_is_dropped_and_the_rest_ships() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path()).await;
+        let adir = dir.path().join("audit");
+        {
+            let log = AuditLog::open(&adir, "n1", &*s, 1 << 20)
+                .await
+                .expect("open");
+            log.record(line("/a")).expect("record");
+            log.record(line("/b")).expect("record");
+        }
+        // A crash in the middle of the third line's write.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(segment_path(&adir, 1))
+            .expect("segment");
+        f.write_all(br#"{"node":"n1","seq":3,"at_ms":1800000000000,"act"#)
+            .expect("torn");
+        // The restarted node writes a new segment; the old one is shipped and removed.
+        let log = AuditLog::open(&adir, "n1", &*s, 1 << 20)
+            .await
+            .expect("reopen");
+        log.record(line("/c")).expect("record");
+        let shipped =
+            tokio::time::timeout(Duration::from_secs(5), Shipper::default().ship(&log, &*s))
+                .await
+                .expect("the shipper does not spin on a torn line")
+                .expect("ship");
+        assert_eq!(shipped, 3);
+        let mut paths: Vec<String> = stored(&*s)
+            .await
+            .into_iter()
+            .filter_map(|e| e.path)
+            .collect();
+        paths.sort();
+        assert_eq!(paths, ["/a", "/b", "/c"]);
+        assert!(!segment_path(&adir, 1).exists());
+        assert!(keygate_store::verify_audit(&*s)
+            .await
+            .expect("verify")
+            .broken
+            .is_none());
     }
 }

@@ -27,8 +27,9 @@ pub struct Config {
     pub redis_outage_policy: OutagePolicy,
     /// Connection pool of the store.
     pub database: DatabaseConfig,
-    /// This node's name in logs and audit events (default: a random id per process). Must be
-    /// unique among the nodes sharing a store: a node ignores changes published under its id.
+    /// This node's name in logs and audit events (default: an id generated once and kept in
+    /// the audit directory). Must be unique among the nodes sharing a store: a node ignores
+    /// changes published under its id, and each node's audit events form one chain.
     pub node_id: Option<String>,
     /// Key format and lifecycle.
     pub keys: KeysConfig,

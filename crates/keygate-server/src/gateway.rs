@@ -223,19 +223,7 @@ async fn handle_inner(
             // keygate answers for the upstream. If the upstream never answered, the call was
             // not served: refund the meter that charged it, and only what it charged.
             if refundable {
-                let cost = allowed.charge.cost;
-                match (&state.shared, allowed.shared_meter) {
-                    (Some(s), true) => {
-                        s.refund(
-                            &key.record.family_id,
-                            &key.record.tenant_id,
-                            cost,
-                            &allowed.metered,
-                        )
-                        .await
-                    }
-                    _ => state.counters.refund(&key.counters, cost, &allowed.metered),
-                }
+                state.refund(&allowed).await;
             }
             e.into_response()
         }

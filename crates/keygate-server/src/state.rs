@@ -506,8 +506,12 @@ impl Inner {
         if let Some(log) = &self.audit {
             let us = elapsed.map_or(0, |e| i64::try_from(e.as_micros()).unwrap_or(i64::MAX));
             if let Err(e) = self.record_decision(log, facts, &out, us) {
-                // Fail closed: an answer the audit log cannot account for is not given.
+                // Fail closed: an answer the audit log cannot account for is not given, and
+                // what it was charged goes back.
                 tracing::error!("audit log write failed, refusing the request: {e}");
+                if let Ok(a) = &out {
+                    self.refund(a).await;
+                }
                 out = Err(Denied::code(Code::Unavailable));
             }
         }
@@ -521,6 +525,24 @@ impl Inner {
             }
         }
         out
+    }
+
+    /// Gives an allowed request's credits back to the meter that charged it, and only what
+    /// that meter drew (the request was never served).
+    pub async fn refund(&self, allowed: &Allowed) {
+        let (key, cost) = (&allowed.key, allowed.charge.cost);
+        match (&self.shared, allowed.shared_meter) {
+            (Some(s), true) => {
+                s.refund(
+                    &key.record.family_id,
+                    &key.record.tenant_id,
+                    cost,
+                    &allowed.metered,
+                )
+                .await
+            }
+            _ => self.counters.refund(&key.counters, cost, &allowed.metered),
+        }
     }
 
     /// Appends the `request.decided` event of one decision to the audit log.

@@ -275,3 +275,52 @@ async fn the_chain_continues_across_a_restart() {
         .expect("json");
     assert_eq!(v["ok"], true, "{v}");
 }
+
+#[tokio::test]
+async fn verify_api_paths_lose_their_query_and_odd_bytes_do_not_stop_shipping_on_postgresql() {
+    let app = TestApp::spawn_postgres(|_| {}).await;
+    let (key, rec) = app
+        .create_key(json!({"kind": "sk", "name": "k", "scopes": ["ocr:read"]}))
+        .await;
+    let id = rec["id"].as_str().expect("id").to_string();
+    for path in ["/v1/ocr/scan?api_key=s3cr3t-in-query", "/v1/ocr/\u{0}nul"] {
+        let r = app
+            .post(
+                "/v1/keys/verify",
+                json!({"key": key, "method": "POST", "path": path, "scope": "ocr:read"}),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    // A later event still arrives: the NUL did not wedge the shipper (PostgreSQL refuses NUL
+    // in TEXT; it is stored as U+FFFD).
+    let (_, later) = app.create_key(json!({"kind": "sk", "name": "later"})).await;
+    let later = later["id"].as_str().expect("id").to_string();
+    eventually(|| {
+        let (app, later) = (&app, later.clone());
+        async move {
+            !events(app, &app.root, &format!("key_id={later}"))
+                .await
+                .is_empty()
+        }
+    })
+    .await;
+    let evs = events(
+        &app,
+        &app.root,
+        &format!("key_id={id}&action=request.decided"),
+    )
+    .await;
+    let paths: Vec<&str> = evs.iter().filter_map(|e| e["path"].as_str()).collect();
+    assert!(paths.contains(&"/v1/ocr/scan"), "{paths:?}");
+    assert!(paths.contains(&"/v1/ocr/\u{fffd}nul"), "{paths:?}");
+    let all = serde_json::to_string(&events(&app, &app.root, "").await).expect("json");
+    assert!(!all.contains("s3cr3t-in-query"));
+    let v: Value = app
+        .get("/v1/audit/verify")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["ok"], true, "{v}");
+}

@@ -275,20 +275,23 @@ pub struct AuditReport {
     pub broken: Option<(String, keygate_core::ChainBreak)>,
 }
 
-/// Walks every node's chain from its first event to its recorded head, in pages, and reports
-/// the first event that was changed, inserted or is missing (a deleted tail shows as missing
-/// against the head, which moves in the same transaction as the events).
+/// Walks every node's chain from its first event to its recorded head (as read when the walk
+/// starts: events shipped meanwhile are left for the next run), in pages, and reports the
+/// first event that was changed, inserted or is missing. The head moves in the same
+/// transaction as the events, so a deleted tail shows as missing against it, and a last event
+/// re-hashed to hide a change no longer matches the head's hash.
 pub async fn verify_audit(store: &dyn crate::Store) -> crate::Result<AuditReport> {
     let mut report = AuditReport {
         checked: 0,
         nodes: 0,
         broken: None,
     };
-    for (node, head_seq, _) in store.audit_heads().await? {
+    for (node, head_seq, head_hash) in store.audit_heads().await? {
         report.nodes += 1;
         let (mut seq, mut hash) = (0, keygate_core::audit::GENESIS.to_owned());
-        loop {
-            let page = store.audit_chain(&node, seq, 1_000).await?;
+        while seq < head_seq {
+            let mut page = store.audit_chain(&node, seq, 1_000).await?;
+            page.retain(|e| e.seq <= head_seq);
             if page.is_empty() {
                 break;
             }
@@ -303,14 +306,15 @@ pub async fn verify_audit(store: &dyn crate::Store) -> crate::Result<AuditReport
                 }
             }
         }
-        if seq < head_seq {
-            report.broken = Some((
-                node,
-                keygate_core::ChainBreak {
-                    seq: seq + 1,
-                    problem: keygate_core::ChainProblem::Missing,
-                },
-            ));
+        let problem = if seq < head_seq {
+            Some((seq + 1, keygate_core::ChainProblem::Missing))
+        } else if hash != head_hash {
+            Some((head_seq, keygate_core::ChainProblem::Changed))
+        } else {
+            None
+        };
+        if let Some((seq, problem)) = problem {
+            report.broken = Some((node, keygate_core::ChainBreak { seq, problem }));
             return Ok(report);
         }
     }

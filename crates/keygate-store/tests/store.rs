@@ -570,6 +570,24 @@ async fn an_edited_or_deleted_audit_row_is_detected() {
             .await;
         assert!(verify_all(&*s, "n1").await.is_ok(), "restored");
 
+        // Someone changes the last event and re-hashes it: the head no longer matches.
+        let mut last = c[5].clone();
+        last.actor = "key_forged".into();
+        last.seal(&c[4].hash);
+        let sql = format!(
+            "UPDATE audit_events SET actor = 'key_forged', hash = '{}' WHERE seq = 6",
+            last.hash
+        );
+        assert_eq!(raw.exec(&sql).await, 1);
+        let b = verify_all(&*s, "n1").await.expect_err("re-hashed");
+        assert_eq!((b.seq, b.problem), (6, ChainProblem::Changed));
+        let sql = format!(
+            "UPDATE audit_events SET actor = '{}', hash = '{}' WHERE seq = 6",
+            c[5].actor, c[5].hash
+        );
+        raw.exec(&sql).await;
+        assert!(verify_all(&*s, "n1").await.is_ok(), "restored");
+
         // Someone deletes a row in the middle, then the last one.
         raw.exec("DELETE FROM audit_events WHERE seq = 4").await;
         let b = verify_all(&*s, "n1").await.expect_err("deleted");

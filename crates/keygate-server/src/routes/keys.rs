@@ -1,6 +1,6 @@
 //! `/v1/keys…`: create, list, read, update, rotate, revoke.
 
-use super::{next_cursor, Caller, Ctx, PageQuery};
+use super::{detached, next_cursor, Caller, Ctx, PageQuery};
 use crate::error::{ApiError, Json, Path, Query};
 use crate::issue::{self, CreateKey, Issuer, RateLimitBody};
 use crate::state::{now_ms, AppState};
@@ -39,19 +39,6 @@ impl AppState {
             _ => Err(ApiError::not_found("key")),
         }
     }
-}
-
-/// Runs a store write, its cache invalidation and its audit event in a task of its own (under
-/// the same request id), so that neither a request timeout nor a client hanging up can stop
-/// between them.
-async fn detached<T: Send + 'static>(
-    f: impl std::future::Future<Output = Result<T, keygate_store::StoreError>> + Send + 'static,
-) -> Result<T, ApiError> {
-    let rid = crate::error::RequestId(crate::error::RequestId::current_or_new());
-    tokio::spawn(rid.scope(f))
-        .await
-        .map_err(|e| ApiError::internal("store write task", &e))?
-        .map_err(ApiError::from)
 }
 
 /// `POST /v1/keys`

@@ -19,6 +19,19 @@ use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+/// Runs a store write, its cache invalidation and its audit event in a task of its own (under
+/// the same request id), so that neither a request timeout nor a client hanging up can stop
+/// between them.
+pub(crate) async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, keygate_store::StoreError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    let rid = crate::error::RequestId(crate::error::RequestId::current_or_new());
+    tokio::spawn(rid.scope(f))
+        .await
+        .map_err(|e| ApiError::internal("store write task", &e))?
+        .map_err(ApiError::from)
+}
+
 /// The operator's tenant.
 pub const DEFAULT_TENANT: &str = "default";
 

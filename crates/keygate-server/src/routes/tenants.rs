@@ -88,20 +88,17 @@ pub async fn create(
     state.store.insert_tenant(&tenant).await?;
     let (plaintext, record) =
         issue::build_key(&state.issuer(), &*state.store, &tenant.id, key_body, now).await?;
-    state.store.insert_key(&record).await?;
-    let actor = &caller.key.record.id;
-    let detail =
-        serde_json::json!({"name": tenant.name, "plan": tenant.plan, "credits": tenant.credits});
-    state.record_change(actor, "tenant.created", &tenant.id, None, None, &detail);
-    let detail = serde_json::json!({"kind": "sk", "name": "admin", "scopes": ["*"]});
-    state.record_change(
-        actor,
-        "key.created",
-        &tenant.id,
-        Some(&record.id),
-        None,
-        &detail,
-    );
+    let (st, t, rec) = (state.clone(), tenant.clone(), record.clone());
+    let actor = caller.key.record.id.clone();
+    super::detached(async move {
+        st.store.insert_key(&rec).await?;
+        let detail = serde_json::json!({"name": t.name, "plan": t.plan, "credits": t.credits});
+        st.record_change(&actor, "tenant.created", &t.id, None, None, &detail);
+        let detail = serde_json::json!({"kind": "sk", "name": "admin", "scopes": ["*"]});
+        st.record_change(&actor, "key.created", &t.id, Some(&rec.id), None, &detail);
+        Ok(())
+    })
+    .await?;
     tracing::info!(tenant = %tenant.id, actor = %caller.key.record.id, "tenant created");
     Ok((
         StatusCode::CREATED,
@@ -177,20 +174,23 @@ pub async fn top_up(
             "amount must be between 1 and 1000000000000",
         ));
     }
-    let Some(t) = state.store.add_tenant_credits(&id, body.amount).await? else {
+    let (st, tid, amount) = (state.clone(), id.clone(), body.amount);
+    let actor = caller.key.record.id.clone();
+    let added = super::detached(async move {
+        let t = st.store.add_tenant_credits(&tid, amount).await?;
+        if let Some(t) = &t {
+            let detail = serde_json::json!({"amount": amount, "balance": t.credits});
+            st.record_change(&actor, "tenant.credits_added", &tid, None, None, &detail);
+        }
+        Ok(t)
+    })
+    .await?;
+    let Some(t) = added else {
         return Err(match state.store.get_tenant(&id).await? {
             Some(_) => ApiError::invalid("the balance would exceed 10^15 credits"),
             None => ApiError::not_found("tenant"),
         });
     };
-    state.record_change(
-        &caller.key.record.id,
-        "tenant.credits_added",
-        &id,
-        None,
-        None,
-        &serde_json::json!({"amount": body.amount, "balance": t.credits}),
-    );
     state.tenant_changed(&id).await;
     tracing::info!(tenant = %id, amount = body.amount, actor = %caller.key.record.id, "credits topped up");
     Ok(axum::Json(TenantView::new(&state, &t)))

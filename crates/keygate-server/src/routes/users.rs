@@ -96,24 +96,33 @@ pub async fn create(
         password_hash,
         created_at_ms: now,
     };
-    state
-        .store
-        .insert_user(&user)
-        .await
-        .map_err(|e| match e.kind {
-            keygate_store::StoreErrorKind::Conflict => {
-                ApiError::conflict("a user with this email exists in the tenant")
+    let (st, u, actor) = (state.clone(), user.clone(), caller.key.record.id.clone());
+    // The write and its audit event run to completion even if the client goes away; a
+    // conflict comes back as a value so that it keeps its own message.
+    let inserted = super::detached(async move {
+        match st.store.insert_user(&u).await {
+            Ok(()) => {
+                let detail = serde_json::json!({"plan": u.plan});
+                st.record_change(
+                    &actor,
+                    "user.created",
+                    &u.tenant_id,
+                    None,
+                    Some(&u.id),
+                    &detail,
+                );
+                Ok(true)
             }
-            _ => ApiError::from(e),
-        })?;
-    state.record_change(
-        &caller.key.record.id,
-        "user.created",
-        &user.tenant_id,
-        None,
-        Some(&user.id),
-        &serde_json::json!({"plan": user.plan}),
-    );
+            Err(e) if e.kind == keygate_store::StoreErrorKind::Conflict => Ok(false),
+            Err(e) => Err(e),
+        }
+    })
+    .await?;
+    if !inserted {
+        return Err(ApiError::conflict(
+            "a user with this email exists in the tenant",
+        ));
+    }
     Ok((StatusCode::CREATED, axum::Json(UserView::from(&user))))
 }
 

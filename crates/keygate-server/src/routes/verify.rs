@@ -103,7 +103,7 @@ pub async fn verify(
         .unwrap_or_else(|| route.map_or(DEFAULT_COST, |r| r.config.cost));
     let facts = RequestFacts {
         method: body.method.as_deref().unwrap_or("POST"),
-        path: body.path.as_deref(),
+        path: body.path.as_deref().map(strip_query),
         route_class: route.map_or(RouteClass::Normal, |r| r.config.class),
         scope,
         origin: body.origin.as_deref(),
