@@ -47,6 +47,32 @@ pub struct Config {
     pub log: LogConfig,
     /// Audit log.
     pub audit: AuditConfig,
+    /// Webhook deliveries.
+    pub webhooks: WebhooksConfig,
+}
+
+/// `[webhooks]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// Waits before each retry, ms; after the last one a delivery is given up.
+    pub retry_backoff_ms: Vec<u64>,
+    /// Time limit of one attempt, ms.
+    pub timeout_ms: u64,
+    /// How often the queue is read for due retries, ms (new events are sent at once).
+    pub poll_ms: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            retry_backoff_ms: vec![
+                5_000, 30_000, 120_000, 600_000, 1_800_000, 3_600_000, 10_800_000,
+            ],
+            timeout_ms: 10_000,
+            poll_ms: 1_000,
+        }
+    }
 }
 
 /// `[audit]`
@@ -363,6 +389,7 @@ impl Default for Config {
             gateway: GatewayConfig::default(),
             log: LogConfig::default(),
             audit: AuditConfig::default(),
+            webhooks: WebhooksConfig::default(),
         }
     }
 }

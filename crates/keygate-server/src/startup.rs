@@ -204,6 +204,7 @@ impl Application {
             routes: compile_routes(&config.routes),
             node_id,
             audit,
+            webhook_wake: tokio::sync::Notify::new(),
             store,
             format,
             hasher,
@@ -262,6 +263,10 @@ impl Application {
         } = self;
         let changes = tokio::spawn(crate::state::run_change_listener(state.clone()));
         let (stop_audit, audit_stopped) = tokio::sync::watch::channel(false);
+        let deliveries = tokio::spawn(crate::webhooks::run_deliveries(
+            state.clone(),
+            audit_stopped.clone(),
+        ));
         let shipper = state.audit.clone().map(|log| {
             tokio::spawn(crate::audit::run_shipper(
                 log,
@@ -293,6 +298,8 @@ impl Application {
         changes.abort();
         // Every answered request is in a segment; ship what is left before going away.
         let _ = stop_audit.send(true);
+        // A delivery in flight is abandoned; its claim runs out and it is sent again later.
+        let _ = tokio::time::timeout(Duration::from_secs(2), deliveries).await;
         if let Some(s) = shipper {
             let _ = tokio::time::timeout(Duration::from_secs(10), s).await;
         }
@@ -338,7 +345,7 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 
 /// The HTTP surface except `/v1/auth` and gateway routes (see `server::Dispatch`).
 pub fn router(state: AppState) -> Router {
-    use routes::{audit, keys, status, tenants, users, verify};
+    use routes::{audit, keys, status, tenants, users, verify, webhooks};
     let body_limit = state.config.limits.max_body_bytes;
     let timeout = Duration::from_secs(state.config.limits.request_timeout_seconds.max(1));
     // Status, health and metrics take no middleware. `/v1/auth` is not routed here at all:
@@ -361,6 +368,15 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(audit::list))
         .route("/v1/audit/verify", get(audit::verify))
         .route("/v1/tenants/{id}/usage", get(audit::tenant_usage))
+        .route("/v1/webhooks", post(webhooks::create).get(webhooks::list))
+        .route(
+            "/v1/webhooks/{id}",
+            get(webhooks::get)
+                .patch(webhooks::update)
+                .delete(webhooks::delete),
+        )
+        .route("/v1/webhooks/{id}/deliveries", get(webhooks::deliveries))
+        .route("/v1/webhooks/{id}/test", post(webhooks::test))
         .route("/v1/tenants", post(tenants::create).get(tenants::list))
         .route("/v1/tenants/{id}", get(tenants::get))
         .route("/v1/tenants/{id}/credits", post(tenants::top_up))

@@ -92,6 +92,8 @@ pub struct Inner {
     /// Bumped by every invalidation: a cache fill that read the store before an invalidation
     /// must not insert what it read after it.
     pub cache_gen: std::sync::atomic::AtomicU64,
+    /// Wakes the webhook sender when deliveries are queued.
+    pub webhook_wake: tokio::sync::Notify,
     /// This node's audit log (`None` when `audit.enabled = false`).
     pub audit: Option<Arc<crate::audit::AuditLog>>,
     /// Whether changes from other nodes are reaching this node (always true for a store only
@@ -582,9 +584,10 @@ impl Inner {
         })
     }
 
-    /// Appends a lifecycle event (`key.created`, …) by `actor` to the audit log. The change
-    /// has happened already, so a failed write is logged, not undone.
-    pub fn record_change(
+    /// Appends a lifecycle event (`key.created`, …) by `actor` to the audit log and, for the
+    /// event types webhooks carry, queues it for the tenant's endpoints. The change has
+    /// happened already, so a failed write is logged, not undone.
+    pub async fn record_change(
         &self,
         actor: &str,
         action: &str,
@@ -593,6 +596,19 @@ impl Inner {
         user_id: Option<&str>,
         detail: &serde_json::Value,
     ) {
+        if crate::webhooks::EVENT_TYPES.contains(&action) {
+            let mut data = serde_json::json!({"tenant_id": tenant_id, "actor": actor});
+            if let Some(k) = key_id {
+                data["key_id"] = k.into();
+            }
+            if let Some(u) = user_id {
+                data["user_id"] = u.into();
+            }
+            data["detail"] = detail.clone();
+            if let Err(e) = self.emit(tenant_id, action, data, None).await {
+                tracing::error!("could not queue webhooks for {action}: {e}");
+            }
+        }
         let Some(log) = &self.audit else { return };
         let detail = detail.to_string();
         let r = crate::error::RequestId::with_current(|rid| {

@@ -17,6 +17,7 @@ mod postgres;
 mod rows;
 mod sqlite;
 mod types;
+mod webhooks;
 
 pub use audit::{granularity_ms, verify_audit, AuditReport};
 pub use postgres::PgStore;
@@ -200,6 +201,42 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<UsageRow>>;
     /// Drops usage minutes before `before_ms` (retention). Returns how many rows went.
     async fn prune_usage(&self, before_ms: i64) -> Result<u64>;
+
+    /// Inserts a webhook endpoint.
+    async fn insert_webhook(&self, w: &WebhookEndpoint) -> Result<()>;
+    /// A tenant's webhook endpoints, newest first.
+    async fn list_webhooks(
+        &self,
+        tenant_id: &str,
+        page: &PageRequest,
+    ) -> Result<Vec<WebhookEndpoint>>;
+    /// One endpoint.
+    async fn get_webhook(&self, id: &str) -> Result<Option<WebhookEndpoint>>;
+    /// Deletes an endpoint (its pending deliveries fail). `false` if it did not exist.
+    async fn delete_webhook(&self, id: &str) -> Result<bool>;
+    /// Enables or disables an endpoint (with a reason when disabled).
+    async fn set_webhook_enabled(
+        &self,
+        id: &str,
+        enabled: bool,
+        reason: Option<&str>,
+    ) -> Result<bool>;
+    /// Queues deliveries.
+    async fn enqueue_deliveries(&self, deliveries: &[Delivery]) -> Result<()>;
+    /// Claims up to `limit` pending deliveries due at `now_ms`: each is moved to
+    /// `lease_until_ms` with a conditional update, so one node sends it (another retries it
+    /// after the lease if that node dies).
+    async fn claim_deliveries(
+        &self,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Delivery>>;
+    /// Writes the outcome of an attempt.
+    async fn finish_delivery(&self, d: &Delivery) -> Result<()>;
+    /// An endpoint's deliveries, newest first.
+    async fn list_deliveries(&self, endpoint_id: &str, page: &PageRequest)
+        -> Result<Vec<Delivery>>;
 
     /// Tells every node sharing this store that something changed (`key:<hash hex>`,
     /// `family:<id>`, `tenant:<id>`, `cors`). A store that only one node uses does nothing.

@@ -309,6 +309,60 @@ impl Store for SqliteStore {
         self.usage_prune(before_ms).await
     }
 
+    async fn insert_webhook(&self, w: &crate::WebhookEndpoint) -> Result<()> {
+        self.wh_insert(w).await
+    }
+
+    async fn list_webhooks(
+        &self,
+        tenant_id: &str,
+        page: &PageRequest,
+    ) -> Result<Vec<crate::WebhookEndpoint>> {
+        self.wh_list(tenant_id, page).await
+    }
+
+    async fn get_webhook(&self, id: &str) -> Result<Option<crate::WebhookEndpoint>> {
+        self.wh_get(id).await
+    }
+
+    async fn delete_webhook(&self, id: &str) -> Result<bool> {
+        self.wh_delete(id).await
+    }
+
+    async fn set_webhook_enabled(
+        &self,
+        id: &str,
+        enabled: bool,
+        reason: Option<&str>,
+    ) -> Result<bool> {
+        self.wh_set_enabled(id, enabled, reason).await
+    }
+
+    async fn enqueue_deliveries(&self, deliveries: &[crate::Delivery]) -> Result<()> {
+        self.wh_enqueue(deliveries).await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<crate::Delivery>> {
+        self.wh_claim(now_ms, lease_until_ms, limit).await
+    }
+
+    async fn finish_delivery(&self, d: &crate::Delivery) -> Result<()> {
+        self.wh_finish(d).await
+    }
+
+    async fn list_deliveries(
+        &self,
+        endpoint_id: &str,
+        page: &PageRequest,
+    ) -> Result<Vec<crate::Delivery>> {
+        self.wh_deliveries(endpoint_id, page).await
+    }
+
     async fn touch_keys(&self, used: &[(String, i64)]) -> Result<()> {
         if used.is_empty() {
             return Ok(());

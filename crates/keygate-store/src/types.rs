@@ -155,3 +155,75 @@ pub struct UsageRow {
     /// Credits drawn.
     pub credits: u64,
 }
+
+/// A webhook endpoint of a tenant.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookEndpoint {
+    /// `whk_…`
+    pub id: String,
+    /// Owner.
+    pub tenant_id: String,
+    /// Where deliveries go.
+    pub url: String,
+    /// Signing secret (`whsec_…`); shown once by the API.
+    pub secret: String,
+    /// Event types it receives (`*` for all).
+    pub events: Vec<String>,
+    /// Deliveries go out only while enabled.
+    pub enabled: bool,
+    /// Why it was disabled (`410 Gone`, …).
+    pub disabled_reason: Option<String>,
+    /// Unix ms.
+    pub created_at_ms: i64,
+}
+
+impl std::fmt::Debug for WebhookEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookEndpoint")
+            .field("id", &self.id)
+            .field("tenant_id", &self.tenant_id)
+            .field("url", &self.url)
+            .field("secret", &"<redacted>")
+            .field("events", &self.events)
+            .field("enabled", &self.enabled)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebhookEndpoint {
+    /// Whether this endpoint wants events of `event_type`.
+    pub fn wants(&self, event_type: &str) -> bool {
+        self.enabled && self.events.iter().any(|e| e == "*" || e == event_type)
+    }
+}
+
+/// One event on its way to one endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// `dlv_…`
+    pub id: String,
+    /// Target endpoint.
+    pub endpoint_id: String,
+    /// The endpoint's tenant.
+    pub tenant_id: String,
+    /// `webhook-id` (`msg_…`): the same for every attempt.
+    pub event_id: String,
+    /// `key.revoked`, …
+    pub event_type: String,
+    /// The JSON body sent.
+    pub payload: String,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// `pending`, `delivered` or `failed`.
+    pub status: String,
+    /// When the next attempt is due (or the claim of a running attempt ends), Unix ms.
+    pub next_at_ms: i64,
+    /// HTTP status of the last attempt.
+    pub last_status: Option<i64>,
+    /// Error of the last attempt.
+    pub last_error: Option<String>,
+    /// Unix ms.
+    pub created_at_ms: i64,
+    /// Unix ms.
+    pub delivered_at_ms: Option<i64>,
+}

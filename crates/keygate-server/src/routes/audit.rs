@@ -2,10 +2,10 @@
 //! operator only), `GET /v1/keys/{id}/usage` and `GET /v1/tenants/{id}/usage`.
 
 use super::{next_cursor, Ctx, PageQuery};
-use crate::error::{ApiError, Query};
+use crate::error::{ApiError, Path, Query};
 use crate::state::{now_ms, AppState};
 use crate::views::{parse_rfc3339, rfc3339, ListView};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use keygate_core::{AuditEvent, RouteClass};
 use keygate_store::{AuditFilter, UsageOf};

@@ -68,7 +68,7 @@ pub async fn create(
             Some(&rec.id),
             rec.user_id.as_deref(),
             &serde_json::json!({"kind": rec.kind.as_str(), "name": rec.name, "scopes": rec.scopes.to_strings()}),
-        );
+        ).await;
         st.key_changed(&rec.hash).await;
         crate::cors::pk_changed(&st, rec.kind).await;
         Ok(())
@@ -282,7 +282,7 @@ pub async fn update(
                 Some(&rec.id),
                 rec.user_id.as_deref(),
                 &serde_json::json!({"name": rec.name, "scopes": rec.scopes.to_strings(), "budget": rec.budget}),
-            );
+            ).await;
             st.key_changed(&rec.hash).await;
             if budget_changed {
                 st.family_changed(&rec.family_id).await;
@@ -374,7 +374,8 @@ pub async fn rotate(
                 Some(&old_rec.id),
                 old_rec.user_id.as_deref(),
                 &serde_json::json!({"successor": succ.id, "grace_seconds": grace}),
-            );
+            )
+            .await;
             st.key_changed(&old_rec.hash).await;
             st.key_changed(&succ.hash).await;
             crate::cors::pk_changed(&st, old_rec.kind).await;
@@ -421,7 +422,8 @@ pub async fn revoke(
                 Some(&k.id),
                 k.user_id.as_deref(),
                 &serde_json::json!({}),
-            );
+            )
+            .await;
             st.key_changed(&k.hash).await;
             crate::cors::pk_changed(&st, k.kind).await;
         }

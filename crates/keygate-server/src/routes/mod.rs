@@ -8,6 +8,7 @@ pub mod status;
 pub mod tenants;
 pub mod users;
 pub mod verify;
+pub mod webhooks;
 
 use crate::error::ApiError;
 use crate::state::{bearer, management_facts, AppState, CachedKey};

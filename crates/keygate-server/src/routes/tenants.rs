@@ -93,9 +93,11 @@ pub async fn create(
     super::detached(async move {
         st.store.insert_key(&rec).await?;
         let detail = serde_json::json!({"name": t.name, "plan": t.plan, "credits": t.credits});
-        st.record_change(&actor, "tenant.created", &t.id, None, None, &detail);
+        st.record_change(&actor, "tenant.created", &t.id, None, None, &detail)
+            .await;
         let detail = serde_json::json!({"kind": "sk", "name": "admin", "scopes": ["*"]});
-        st.record_change(&actor, "key.created", &t.id, Some(&rec.id), None, &detail);
+        st.record_change(&actor, "key.created", &t.id, Some(&rec.id), None, &detail)
+            .await;
         Ok(())
     })
     .await?;
@@ -180,7 +182,8 @@ pub async fn top_up(
         let t = st.store.add_tenant_credits(&tid, amount).await?;
         if let Some(t) = &t {
             let detail = serde_json::json!({"amount": amount, "balance": t.credits});
-            st.record_change(&actor, "tenant.credits_added", &tid, None, None, &detail);
+            st.record_change(&actor, "tenant.credits_added", &tid, None, None, &detail)
+                .await;
         }
         Ok(t)
     })

@@ -110,7 +110,8 @@ pub async fn create(
                     None,
                     Some(&u.id),
                     &detail,
-                );
+                )
+                .await;
                 Ok(true)
             }
             Err(e) if e.kind == keygate_store::StoreErrorKind::Conflict => Ok(false),

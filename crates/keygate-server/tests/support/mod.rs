@@ -184,6 +184,15 @@ impl TestApp {
             .expect("request")
     }
 
+    pub async fn delete(&self, path: &str) -> Response {
+        self.client
+            .delete(self.url(path))
+            .bearer_auth(&self.root)
+            .send()
+            .await
+            .expect("request")
+    }
+
     pub async fn patch(&self, path: &str, body: Value) -> Response {
         self.client
             .patch(self.url(path))

@@ -1,0 +1,299 @@
+//! `/v1/webhooks`: a tenant's endpoints (secret shown once), their delivery log, test-send.
+
+use super::{detached, next_cursor, Caller, Ctx, PageQuery};
+use crate::error::{ApiError, Json, Path, Query};
+use crate::state::{now_ms, AppState};
+use crate::views::{rfc3339, ListView};
+use crate::webhooks::EVENT_TYPES;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use keygate_core::RouteClass;
+use keygate_store::{Delivery, WebhookEndpoint};
+use serde::{Deserialize, Serialize};
+
+/// Scope to read endpoints and deliveries.
+pub const READ: &str = "webhooks:read";
+/// Scope to create, change, delete and test endpoints.
+pub const WRITE: &str = "webhooks:write";
+
+/// An endpoint as the API shows it (the secret only on creation).
+#[derive(Debug, Serialize)]
+pub struct WebhookView {
+    id: String,
+    tenant_id: String,
+    url: String,
+    events: Vec<String>,
+    enabled: bool,
+    disabled_reason: Option<String>,
+    created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<String>,
+}
+
+impl WebhookView {
+    fn new(w: &WebhookEndpoint, with_secret: bool) -> Self {
+        Self {
+            id: w.id.clone(),
+            tenant_id: w.tenant_id.clone(),
+            url: w.url.clone(),
+            events: w.events.clone(),
+            enabled: w.enabled,
+            disabled_reason: w.disabled_reason.clone(),
+            created_at: rfc3339(w.created_at_ms),
+            secret: with_secret.then(|| w.secret.clone()),
+        }
+    }
+}
+
+/// A delivery attempt record.
+#[derive(Debug, Serialize)]
+pub struct DeliveryView {
+    id: String,
+    event_id: String,
+    event_type: String,
+    status: String,
+    attempts: u32,
+    last_status: Option<i64>,
+    last_error: Option<String>,
+    next_attempt_at: Option<String>,
+    created_at: String,
+    delivered_at: Option<String>,
+}
+
+impl From<Delivery> for DeliveryView {
+    fn from(d: Delivery) -> Self {
+        Self {
+            next_attempt_at: (d.status == "pending").then(|| rfc3339(d.next_at_ms)),
+            delivered_at: d.delivered_at_ms.map(rfc3339),
+            created_at: rfc3339(d.created_at_ms),
+            id: d.id,
+            event_id: d.event_id,
+            event_type: d.event_type,
+            status: d.status,
+            attempts: d.attempts,
+            last_status: d.last_status,
+            last_error: d.last_error,
+        }
+    }
+}
+
+/// `POST /v1/webhooks` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWebhook {
+    url: String,
+    events: Option<Vec<String>>,
+    tenant_id: Option<String>,
+}
+
+fn check_url(url: &str) -> Result<(), ApiError> {
+    let bad = || ApiError::invalid("url must be an absolute http:// or https:// URL");
+    if url.len() > 2048 {
+        return Err(ApiError::invalid("url must be at most 2048 characters"));
+    }
+    let uri: axum::http::Uri = url.parse().map_err(|_| bad())?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(h)) if !h.is_empty() => Ok(()),
+        _ => Err(bad()),
+    }
+}
+
+fn check_events(events: Option<Vec<String>>) -> Result<Vec<String>, ApiError> {
+    let events = events.unwrap_or_else(|| vec!["*".into()]);
+    if events.is_empty() {
+        return Err(ApiError::invalid(
+            "events must name at least one event type, or \"*\"",
+        ));
+    }
+    for e in &events {
+        if e != "*" && !EVENT_TYPES.contains(&e.as_str()) {
+            return Err(ApiError::invalid(format!(
+                "unknown event type {e:?}; known: *, {}",
+                EVENT_TYPES.join(", ")
+            )));
+        }
+    }
+    Ok(events)
+}
+
+/// `POST /v1/webhooks`
+pub async fn create(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Json(body): Json<CreateWebhook>,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = ctx.caller(&state, WRITE, RouteClass::Webhook).await?;
+    let tenant = caller.act_in(&state, body.tenant_id.as_deref()).await?;
+    check_url(&body.url)?;
+    let events = check_events(body.events)?;
+    let now = now_ms();
+    let w = WebhookEndpoint {
+        id: crate::ids::new_id("whk", now),
+        tenant_id: tenant,
+        url: body.url,
+        secret: crate::webhooks::new_secret(),
+        events,
+        enabled: true,
+        disabled_reason: None,
+        created_at_ms: now,
+    };
+    let (st, rec, actor) = (state.clone(), w.clone(), caller.key.record.id.clone());
+    detached(async move {
+        st.store.insert_webhook(&rec).await?;
+        let detail =
+            serde_json::json!({"webhook_id": rec.id, "url": rec.url, "events": rec.events});
+        st.record_change(
+            &actor,
+            "webhook.created",
+            &rec.tenant_id,
+            None,
+            None,
+            &detail,
+        )
+        .await;
+        Ok(())
+    })
+    .await?;
+    Ok((StatusCode::CREATED, axum::Json(WebhookView::new(&w, true))))
+}
+
+/// `GET /v1/webhooks` filters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    limit: Option<u32>,
+    cursor: Option<String>,
+    tenant_id: Option<String>,
+}
+
+/// `GET /v1/webhooks`
+pub async fn list(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Query(q): Query<ListQuery>,
+) -> Result<axum::Json<ListView<WebhookView>>, ApiError> {
+    let caller = ctx.caller(&state, READ, RouteClass::Webhook).await?;
+    let page = PageQuery {
+        limit: q.limit,
+        cursor: q.cursor,
+    }
+    .page()?;
+    let tenant = caller.act_in(&state, q.tenant_id.as_deref()).await?;
+    let items = state.store.list_webhooks(&tenant, &page).await?;
+    let next = next_cursor(&items, page.limit, |w| &w.id);
+    Ok(axum::Json(ListView {
+        data: items.iter().map(|w| WebhookView::new(w, false)).collect(),
+        next_cursor: next,
+    }))
+}
+
+async fn visible(state: &AppState, caller: &Caller, id: &str) -> Result<WebhookEndpoint, ApiError> {
+    match state.store.get_webhook(id).await? {
+        Some(w) if caller.sees(&w.tenant_id) => Ok(w),
+        _ => Err(ApiError::not_found("webhook")),
+    }
+}
+
+/// `GET /v1/webhooks/{id}`
+pub async fn get(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<axum::Json<WebhookView>, ApiError> {
+    let caller = ctx.caller(&state, READ, RouteClass::Webhook).await?;
+    let w = visible(&state, &caller, &id).await?;
+    Ok(axum::Json(WebhookView::new(&w, false)))
+}
+
+/// `PATCH /v1/webhooks/{id}` body: switch an endpoint on again (after a 410) or off.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateWebhook {
+    enabled: bool,
+}
+
+/// `PATCH /v1/webhooks/{id}`
+pub async fn update(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    Json(body): Json<UpdateWebhook>,
+) -> Result<axum::Json<WebhookView>, ApiError> {
+    let caller = ctx.caller(&state, WRITE, RouteClass::Webhook).await?;
+    let w = visible(&state, &caller, &id).await?;
+    let (st, actor) = (state.clone(), caller.key.record.id.clone());
+    let (wid, tenant) = (w.id.clone(), w.tenant_id.clone());
+    let enabled = body.enabled;
+    detached(async move {
+        let reason = (!enabled).then_some("disabled by API");
+        st.store.set_webhook_enabled(&wid, enabled, reason).await?;
+        let detail = serde_json::json!({"webhook_id": wid, "enabled": enabled});
+        st.record_change(&actor, "webhook.updated", &tenant, None, None, &detail)
+            .await;
+        Ok(())
+    })
+    .await?;
+    let w = visible(&state, &caller, &id).await?;
+    Ok(axum::Json(WebhookView::new(&w, false)))
+}
+
+/// `DELETE /v1/webhooks/{id}`
+pub async fn delete(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let caller = ctx.caller(&state, WRITE, RouteClass::Webhook).await?;
+    let w = visible(&state, &caller, &id).await?;
+    let (st, actor) = (state.clone(), caller.key.record.id.clone());
+    detached(async move {
+        st.store.delete_webhook(&w.id).await?;
+        let detail = serde_json::json!({"webhook_id": w.id, "url": w.url});
+        st.record_change(&actor, "webhook.deleted", &w.tenant_id, None, None, &detail)
+            .await;
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/webhooks/{id}/deliveries`
+pub async fn deliveries(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Result<axum::Json<ListView<DeliveryView>>, ApiError> {
+    let caller = ctx.caller(&state, READ, RouteClass::Webhook).await?;
+    let w = visible(&state, &caller, &id).await?;
+    let page = q.page()?;
+    let items = state.store.list_deliveries(&w.id, &page).await?;
+    let next = next_cursor(&items, page.limit, |d| &d.id);
+    Ok(axum::Json(ListView {
+        data: items.into_iter().map(DeliveryView::from).collect(),
+        next_cursor: next,
+    }))
+}
+
+/// `POST /v1/webhooks/{id}/test`: queues a `webhook.test` event for this endpoint only.
+pub async fn test(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = ctx.caller(&state, WRITE, RouteClass::Webhook).await?;
+    let w = visible(&state, &caller, &id).await?;
+    let data = serde_json::json!({"webhook_id": w.id, "message": "a test event from keygate"});
+    let queued = state
+        .emit(&w.tenant_id, "webhook.test", data, Some(&w.id))
+        .await?;
+    let d = queued
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::not_found("webhook"))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({"delivery_id": d.id, "event_id": d.event_id})),
+    ))
+}

@@ -1,0 +1,242 @@
+//! Webhooks: events a tenant subscribes to, signed per the Standard Webhooks spec and delivered
+//! from a queue in the store, so a delivery survives restarts and moves to another node if its
+//! node dies mid-send.
+//!
+//! Signature: `webhook-id` (`msg_…`, the same on every attempt), `webhook-timestamp` (Unix
+//! seconds) and `webhook-signature: v1,<base64 HMAC-SHA256(secret, "{id}.{timestamp}.{body}")>`,
+//! where the key is the base64-decoded part of the `whsec_…` secret.
+//!
+//! Retries: a 2xx is delivered; a `410 Gone` disables the endpoint; anything else (another
+//! status, a refused connection, a timeout) is tried again after `webhooks.retry_backoff_ms`
+//! (5 s, 30 s, 2 min, 10 min, 30 min, 1 h, 3 h by default), then given up (`failed`).
+
+use crate::state::{now_ms, AppState, Inner};
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use keygate_store::{Delivery, PageRequest};
+use sha2::Sha256;
+use std::time::Duration;
+
+/// Event types an endpoint can subscribe to (`*` for all).
+pub const EVENT_TYPES: &[&str] = &[
+    "key.created",
+    "key.updated",
+    "key.rotated",
+    "key.revoked",
+    "key.expiring",
+    "key.budget_warning",
+    "key.budget_exhausted",
+    "tenant.credits_low",
+    "alert.unusual_activity",
+    "oauth.refresh_reuse",
+    "webhook.test",
+];
+
+/// A new signing secret: `whsec_` and 24 random bytes in base64.
+pub fn new_secret() -> String {
+    let mut bytes = [0u8; 24];
+    crate::ids::os_fill(&mut bytes);
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// `v1,<signature>` of `body` for `msg_id` at `timestamp` with `secret` (`whsec_…`).
+pub fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &str) -> Option<String> {
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(secret.strip_prefix("whsec_").unwrap_or(secret))
+        .ok()?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key).ok()?;
+    mac.update(msg_id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body.as_bytes());
+    Some(format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    ))
+}
+
+impl Inner {
+    /// Queues `event_type` with `data` for every enabled endpoint of `tenant_id` that wants it
+    /// (or only for `only`, a test-send). Returns the deliveries queued.
+    pub async fn emit(
+        &self,
+        tenant_id: &str,
+        event_type: &str,
+        data: serde_json::Value,
+        only: Option<&str>,
+    ) -> Result<Vec<Delivery>, keygate_store::StoreError> {
+        let mut endpoints = Vec::new();
+        let mut page = PageRequest {
+            cursor: None,
+            limit: 500,
+        };
+        loop {
+            let batch = self.store.list_webhooks(tenant_id, &page).await?;
+            let done = batch.len() < 500;
+            page.cursor = batch.last().map(|w| w.id.clone());
+            endpoints.extend(batch);
+            if done {
+                break;
+            }
+        }
+        let now = now_ms();
+        let event_id = crate::ids::new_id("msg", now);
+        let payload = serde_json::json!({
+            "type": event_type,
+            "id": event_id,
+            "at": crate::views::rfc3339(now),
+            "data": data,
+        })
+        .to_string();
+        let deliveries: Vec<Delivery> = endpoints
+            .iter()
+            .filter(|w| match only {
+                Some(id) => w.id == id,
+                None => w.wants(event_type),
+            })
+            .map(|w| Delivery {
+                id: crate::ids::new_id("dlv", now),
+                endpoint_id: w.id.clone(),
+                tenant_id: tenant_id.to_owned(),
+                event_id: event_id.clone(),
+                event_type: event_type.to_owned(),
+                payload: payload.clone(),
+                attempts: 0,
+                status: "pending".into(),
+                next_at_ms: now,
+                last_status: None,
+                last_error: None,
+                created_at_ms: now,
+                delivered_at_ms: None,
+            })
+            .collect();
+        self.store.enqueue_deliveries(&deliveries).await?;
+        if !deliveries.is_empty() {
+            self.webhook_wake.notify_one();
+        }
+        Ok(deliveries)
+    }
+}
+
+/// Sends due deliveries until `stop` fires: woken by new events, and every second for retries.
+pub async fn run_deliveries(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_millis(
+            state.config.webhooks.timeout_ms.max(100),
+        ))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("webhook deliveries disabled: no HTTP client: {e}");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = state.webhook_wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(state.config.webhooks.poll_ms.max(10))) => {}
+            _ = stop.changed() => return,
+        }
+        loop {
+            let now = now_ms();
+            // A claimed delivery is this node's for a minute; after that another node may
+            // send it again (the receiver dedupes on webhook-id).
+            let claimed = match state.store.claim_deliveries(now, now + 60_000, 32).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("cannot read the webhook queue: {e}");
+                    break;
+                }
+            };
+            if claimed.is_empty() {
+                break;
+            }
+            let mut set = tokio::task::JoinSet::new();
+            for d in claimed {
+                let (state, client) = (state.clone(), client.clone());
+                set.spawn(async move { attempt(&state, &client, d).await });
+            }
+            while set.join_next().await.is_some() {}
+        }
+    }
+}
+
+/// One attempt of `d`, and its outcome written back.
+async fn attempt(state: &AppState, client: &reqwest::Client, mut d: Delivery) {
+    d.attempts += 1;
+    let endpoint = match state.store.get_webhook(&d.endpoint_id).await {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!("webhook delivery {} waits: {e}", d.id);
+            return; // the claim runs out and the delivery is tried again
+        }
+    };
+    let now = now_ms();
+    let outcome: Result<u16, String> = match &endpoint {
+        None => Err("the endpoint was deleted".into()),
+        Some(w) if !w.enabled => Err("the endpoint is disabled".into()),
+        Some(w) => {
+            let ts = now / 1000;
+            match sign(&w.secret, &d.event_id, ts, &d.payload) {
+                None => Err("the endpoint's secret is not valid base64".into()),
+                Some(sig) => client
+                    .post(&w.url)
+                    .header("content-type", "application/json")
+                    .header("user-agent", "keygate-webhooks")
+                    .header("webhook-id", &d.event_id)
+                    .header("webhook-timestamp", ts.to_string())
+                    .header("webhook-signature", sig)
+                    .body(d.payload.clone())
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .map_err(|e| e.without_url().to_string()),
+            }
+        }
+    };
+    let gone = endpoint.is_none() || endpoint.as_ref().is_some_and(|w| !w.enabled);
+    match outcome {
+        Ok(s) if (200..300).contains(&s) => {
+            d.status = "delivered".into();
+            d.delivered_at_ms = Some(now);
+            d.last_status = Some(i64::from(s));
+            d.last_error = None;
+        }
+        Ok(410) => {
+            d.status = "failed".into();
+            d.last_status = Some(410);
+            d.last_error = Some("410 Gone: endpoint disabled".into());
+            if let Err(e) = state
+                .store
+                .set_webhook_enabled(&d.endpoint_id, false, Some("410 Gone"))
+                .await
+            {
+                tracing::warn!("could not disable webhook endpoint {}: {e}", d.endpoint_id);
+            }
+        }
+        other => {
+            let (status, error) = match other {
+                Ok(s) => (Some(i64::from(s)), format!("HTTP {s}")),
+                Err(e) => (None, e),
+            };
+            d.last_status = status;
+            d.last_error = Some(error);
+            let schedule = &state.config.webhooks.retry_backoff_ms;
+            match schedule.get(d.attempts as usize - 1) {
+                Some(wait) if !gone => {
+                    d.next_at_ms = now + i64::try_from(*wait).unwrap_or(i64::MAX / 2);
+                }
+                _ => d.status = "failed".into(),
+            }
+        }
+    }
+    if let Err(e) = state.store.finish_delivery(&d).await {
+        tracing::warn!("could not record webhook delivery {}: {e}", d.id);
+    }
+}
