@@ -270,6 +270,8 @@ pub struct Shipper {
     segment: u64,
     offset: u64,
     heads: HashMap<String, (i64, String)>,
+    /// Gets every batch once it is in the store (the alert rules); a full channel drops it.
+    pub observer: Option<tokio::sync::mpsc::Sender<Vec<AuditEvent>>>,
 }
 
 /// NUL characters, which PostgreSQL's TEXT refuses (one such event would stop every batch
@@ -347,6 +349,9 @@ impl Shipper {
                     self.heads.insert(e.node.clone(), (e.seq, e.hash.clone()));
                 }
                 shipped += events.len();
+                if let Some(tx) = &self.observer {
+                    let _ = tx.try_send(events);
+                }
             }
             self.offset += used as u64;
             if bytes.len() as u64 == limit {
@@ -427,8 +432,12 @@ pub async fn run_shipper(
     store: Arc<dyn Store>,
     every: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    observer: Option<tokio::sync::mpsc::Sender<Vec<AuditEvent>>>,
 ) {
-    let mut shipper = Shipper::default();
+    let mut shipper = Shipper {
+        observer,
+        ..Shipper::default()
+    };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

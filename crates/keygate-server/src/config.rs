@@ -49,6 +49,45 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Webhook deliveries.
     pub webhooks: WebhooksConfig,
+    /// Alert rules.
+    pub alerts: AlertsConfig,
+}
+
+/// `[alerts]`: thresholds of the alert rules (0 switches a rule off).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Warn when a key has drawn this share of its budget.
+    pub budget_warning_percent: u64,
+    /// Warn when a tenant's pool falls below this many credits.
+    pub tenant_credits_low: u64,
+    /// Warn about keys that expire within this many days.
+    pub expiring_within_days: u64,
+    /// Refusals (wrong origin, IP or scope) of one key within a minute that make an incident.
+    pub refusal_burst: u32,
+    /// A minute with this many times the key's average minute of the last hour is a spike …
+    pub spike_factor: f64,
+    /// … once it has at least this many requests.
+    pub spike_min_requests: u32,
+    /// Warn when a key is used from a /24 (IPv4) or /48 (IPv6) it was never used from.
+    pub new_network: bool,
+    /// Warn when a key is used from an `Origin` it was never used from.
+    pub new_origin: bool,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            budget_warning_percent: 80,
+            tenant_credits_low: 1_000,
+            expiring_within_days: 7,
+            refusal_burst: 20,
+            spike_factor: 10.0,
+            spike_min_requests: 100,
+            new_network: true,
+            new_origin: true,
+        }
+    }
 }
 
 /// `[webhooks]`
@@ -390,6 +429,7 @@ impl Default for Config {
             log: LogConfig::default(),
             audit: AuditConfig::default(),
             webhooks: WebhooksConfig::default(),
+            alerts: AlertsConfig::default(),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! routes, and the pipeline they share. Only this crate knows HTTP.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod audit;
 pub mod config;
 pub mod cors;

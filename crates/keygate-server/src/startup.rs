@@ -267,12 +267,19 @@ impl Application {
             state.clone(),
             audit_stopped.clone(),
         ));
+        let (alert_tx, alert_rx) = mpsc::channel(64);
+        let alerts = tokio::spawn(crate::alerts::run_alerts(
+            state.clone(),
+            alert_rx,
+            audit_stopped.clone(),
+        ));
         let shipper = state.audit.clone().map(|log| {
             tokio::spawn(crate::audit::run_shipper(
                 log,
                 state.store.clone(),
                 Duration::from_millis(state.config.audit.ship_interval_ms.max(10)),
                 audit_stopped,
+                Some(alert_tx),
             ))
         });
         let sweeper = {
@@ -303,6 +310,7 @@ impl Application {
         if let Some(s) = shipper {
             let _ = tokio::time::timeout(Duration::from_secs(10), s).await;
         }
+        alerts.abort();
         if let Err(e) = state.counters.flush().await {
             tracing::error!("could not return credit leases on shutdown: {e}");
         }
@@ -368,6 +376,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/audit", get(audit::list))
         .route("/v1/audit/verify", get(audit::verify))
         .route("/v1/tenants/{id}/usage", get(audit::tenant_usage))
+        .route("/v1/alerts", get(audit::alerts))
         .route("/v1/webhooks", post(webhooks::create).get(webhooks::list))
         .route(
             "/v1/webhooks/{id}",

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod alerts;
 mod audit;
 mod postgres;
 mod rows;
@@ -237,6 +238,23 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// An endpoint's deliveries, newest first.
     async fn list_deliveries(&self, endpoint_id: &str, page: &PageRequest)
         -> Result<Vec<Delivery>>;
+
+    /// Records an alert unless one with the same `dedupe` exists. `true` if it is new.
+    async fn insert_alert(&self, a: &Alert) -> Result<bool>;
+    /// Alerts, newest first (one tenant's, or all).
+    async fn list_alerts(&self, tenant_id: Option<&str>, page: &PageRequest) -> Result<Vec<Alert>>;
+    /// Notes that `key_id` was used from `value` (a network or an origin; `kind` says which).
+    /// `None` if it was seen there before; `Some(true)` if this is a new place for a key
+    /// already seen elsewhere; `Some(false)` for the key's first place of that kind.
+    async fn note_sighting(
+        &self,
+        key_id: &str,
+        kind: &str,
+        value: &str,
+        at_ms: i64,
+    ) -> Result<Option<bool>>;
+    /// Active keys expiring in `[from_ms, until_ms)`.
+    async fn keys_expiring(&self, from_ms: i64, until_ms: i64) -> Result<Vec<KeyRecord>>;
 
     /// Tells every node sharing this store that something changed (`key:<hash hex>`,
     /// `family:<id>`, `tenant:<id>`, `cors`). A store that only one node uses does nothing.

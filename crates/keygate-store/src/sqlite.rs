@@ -363,6 +363,32 @@ impl Store for SqliteStore {
         self.wh_deliveries(endpoint_id, page).await
     }
 
+    async fn insert_alert(&self, a: &crate::Alert) -> Result<bool> {
+        self.al_insert(a).await
+    }
+
+    async fn list_alerts(
+        &self,
+        tenant_id: Option<&str>,
+        page: &PageRequest,
+    ) -> Result<Vec<crate::Alert>> {
+        self.al_list(tenant_id, page).await
+    }
+
+    async fn note_sighting(
+        &self,
+        key_id: &str,
+        kind: &str,
+        value: &str,
+        at_ms: i64,
+    ) -> Result<Option<bool>> {
+        self.al_sighting(key_id, kind, value, at_ms).await
+    }
+
+    async fn keys_expiring(&self, from_ms: i64, until_ms: i64) -> Result<Vec<KeyRecord>> {
+        self.al_expiring(from_ms, until_ms).await
+    }
+
     async fn touch_keys(&self, used: &[(String, i64)]) -> Result<()> {
         if used.is_empty() {
             return Ok(());

@@ -227,3 +227,24 @@ pub struct Delivery {
     /// Unix ms.
     pub delivered_at_ms: Option<i64>,
 }
+
+/// One incident worth a warning (budget, credits, expiry, unusual activity).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alert {
+    /// `alr_…`
+    pub id: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Key, when it concerns one.
+    pub key_id: Option<String>,
+    /// The event type (`key.budget_warning`, `alert.unusual_activity`, …).
+    pub kind: String,
+    /// One incident, one alert: a second alert with the same value is not recorded.
+    pub dedupe: String,
+    /// For people.
+    pub message: String,
+    /// Details (JSON text).
+    pub data: String,
+    /// Unix ms.
+    pub at_ms: i64,
+}

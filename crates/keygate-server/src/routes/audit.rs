@@ -279,3 +279,60 @@ pub async fn tenant_usage(
         usage_of(&state, UsageOf::Tenant(tenant), q).await?,
     ))
 }
+
+/// An alert as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct AlertView {
+    id: String,
+    at: String,
+    tenant_id: String,
+    key_id: Option<String>,
+    kind: String,
+    message: String,
+    data: serde_json::Value,
+}
+
+/// `GET /v1/alerts` filters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertQuery {
+    limit: Option<u32>,
+    cursor: Option<String>,
+    tenant_id: Option<String>,
+}
+
+/// `GET /v1/alerts`: newest first; the operator sees every tenant's unless it names one.
+pub async fn alerts(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Query(q): Query<AlertQuery>,
+) -> Result<axum::Json<ListView<AlertView>>, ApiError> {
+    let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
+    let page = PageQuery {
+        limit: q.limit,
+        cursor: q.cursor,
+    }
+    .page()?;
+    let tenant = if caller.is_operator() && q.tenant_id.is_none() {
+        None
+    } else {
+        Some(caller.act_in(&state, q.tenant_id.as_deref()).await?)
+    };
+    let items = state.store.list_alerts(tenant.as_deref(), &page).await?;
+    let next = next_cursor(&items, page.limit, |a| &a.id);
+    Ok(axum::Json(ListView {
+        data: items
+            .into_iter()
+            .map(|a| AlertView {
+                at: rfc3339(a.at_ms),
+                data: serde_json::from_str(&a.data).unwrap_or(serde_json::Value::Null),
+                id: a.id,
+                tenant_id: a.tenant_id,
+                key_id: a.key_id,
+                kind: a.kind,
+                message: a.message,
+            })
+            .collect(),
+        next_cursor: next,
+    }))
+}

@@ -1,0 +1,297 @@
+//! Alerts: budget at 80 % and 100 %, tenant credits low, keys about to expire, and unusual
+//! activity (a burst of refusals for one key, a request rate far above the key's own last hour,
+//! first use from a new network or origin). Each alert is a row in `alerts` (one per incident:
+//! its `dedupe` value is unique across nodes), an audit event and a webhook.
+//!
+//! The rules read the audit events as the shipper moves them to the store, so they cost the
+//! hot path nothing; a node judges the events it served (refusal bursts and rate spikes are
+//! per node), while budgets, credits and sightings are read from the shared store.
+
+use crate::state::{now_ms, AppState};
+use keygate_core::AuditEvent;
+use keygate_store::{Alert, UsageOf};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Refusal codes that point at someone probing a key.
+const PROBING: &[&str] = &["ORIGIN_NOT_ALLOWED", "IP_NOT_ALLOWED", "FORBIDDEN_SCOPE"];
+
+#[derive(Default)]
+struct Rules {
+    /// Refusals per (key, minute).
+    refusals: HashMap<(String, i64), u32>,
+    /// Decisions per (key, minute), for rate spikes.
+    requests: HashMap<(String, i64), u32>,
+    /// (key, kind, place) already noted in the store.
+    seen: HashSet<(String, &'static str, String)>,
+}
+
+/// The /24 (IPv4) or /48 (IPv6) of an address.
+fn network(ip: &str) -> Option<String> {
+    match ip.parse::<std::net::IpAddr>().ok()? {
+        std::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            Some(format!("{}.{}.{}.0/24", o[0], o[1], o[2]))
+        }
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            Some(format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2]))
+        }
+    }
+}
+
+/// Records an alert unless the incident has one already; a new one becomes an audit event and
+/// a webhook.
+pub async fn raise(
+    state: &AppState,
+    kind: &str,
+    tenant_id: &str,
+    key_id: Option<&str>,
+    dedupe: String,
+    message: String,
+    mut data: serde_json::Value,
+) {
+    let now = now_ms();
+    data["message"] = message.clone().into();
+    let alert = Alert {
+        id: crate::ids::new_id("alr", now),
+        tenant_id: tenant_id.to_owned(),
+        key_id: key_id.map(str::to_owned),
+        kind: kind.to_owned(),
+        dedupe,
+        message,
+        data: data.to_string(),
+        at_ms: now,
+    };
+    match state.store.insert_alert(&alert).await {
+        Ok(true) => {
+            data["alert_id"] = alert.id.clone().into();
+            state
+                .record_change("system", kind, tenant_id, key_id, None, &data)
+                .await;
+        }
+        Ok(false) => {}
+        Err(e) => tracing::warn!("could not record an alert ({kind}): {e}"),
+    }
+}
+
+impl Rules {
+    async fn observe(&mut self, state: &AppState, events: &[AuditEvent]) {
+        let cfg = &state.config.alerts;
+        let mut budget_keys: HashSet<String> = HashSet::new();
+        let mut tenants: HashSet<String> = HashSet::new();
+        let mut spikes: Vec<(String, String, i64, u32)> = Vec::new();
+        for e in events.iter().filter(|e| e.action == "request.decided") {
+            let (Some(key), Some(tenant), Some(code)) = (&e.key_id, &e.tenant_id, &e.code) else {
+                continue;
+            };
+            let minute = e.at_ms - e.at_ms.rem_euclid(60_000);
+            if PROBING.contains(&code.as_str()) && cfg.refusal_burst > 0 {
+                let n = self.refusals.entry((key.clone(), minute)).or_default();
+                *n += 1;
+                if *n == cfg.refusal_burst {
+                    raise(
+                        state,
+                        "alert.unusual_activity",
+                        tenant,
+                        Some(key),
+                        format!("refusals:{key}:{}", minute / 3_600_000),
+                        format!("{n} refused requests (wrong origin, IP or scope) for {key} within a minute"),
+                        serde_json::json!({"rule": "refusal_burst", "key_id": key, "refusals": n, "last_code": code}),
+                    )
+                    .await;
+                }
+            }
+            if code == "BUDGET_EXHAUSTED" {
+                raise(
+                    state,
+                    "key.budget_exhausted",
+                    tenant,
+                    Some(key),
+                    format!("budget100:{key}"),
+                    format!("the budget of {key} is spent"),
+                    serde_json::json!({"key_id": key, "percent": 100}),
+                )
+                .await;
+            }
+            if code == "INSUFFICIENT_CREDITS" {
+                tenants.insert(tenant.clone());
+            }
+            if code != "VALID" {
+                continue;
+            }
+            if e.credits.unwrap_or(0) > 0 {
+                budget_keys.insert(key.clone());
+                tenants.insert(tenant.clone());
+            }
+            let n = self.requests.entry((key.clone(), minute)).or_default();
+            *n += 1;
+            // Look at the rate when a minute's count reaches the floor, and at each doubling.
+            if cfg.spike_min_requests > 0
+                && *n >= cfg.spike_min_requests
+                && (*n / cfg.spike_min_requests).is_power_of_two()
+                && n.is_multiple_of(cfg.spike_min_requests)
+            {
+                spikes.push((key.clone(), tenant.clone(), minute, *n));
+            }
+            let places = [
+                (
+                    "network",
+                    e.ip.as_deref().and_then(network),
+                    cfg.new_network,
+                ),
+                ("origin", e.origin.clone(), cfg.new_origin),
+            ];
+            for (kind, place, on) in places {
+                let Some(place) = place.filter(|_| on) else {
+                    continue;
+                };
+                if self.seen.len() > 100_000 {
+                    self.seen.clear();
+                }
+                if !self.seen.insert((key.clone(), kind, place.clone())) {
+                    continue;
+                }
+                match state.store.note_sighting(key, kind, &place, e.at_ms).await {
+                    Ok(Some(true)) => {
+                        raise(
+                            state,
+                            "alert.unusual_activity",
+                            tenant,
+                            Some(key),
+                            format!("new_{kind}:{key}:{place}"),
+                            format!("{key} was used from a new {kind}: {place}"),
+                            serde_json::json!({"rule": format!("new_{kind}"), "key_id": key, kind: place}),
+                        )
+                        .await;
+                    }
+                    Ok(_) => {}
+                    Err(err) => tracing::warn!("could not note where a key was used: {err}"),
+                }
+            }
+        }
+        for (key, tenant, minute, n) in spikes {
+            let before = state
+                .store
+                .usage(
+                    &UsageOf::Key(key.clone()),
+                    60_000,
+                    minute - 3_600_000,
+                    minute,
+                )
+                .await
+                .map(|rows| rows.iter().map(|r| r.requests).sum::<u64>())
+                .unwrap_or(u64::MAX);
+            let per_minute = before as f64 / 60.0;
+            if f64::from(n) > cfg.spike_factor * per_minute.max(1.0) {
+                raise(
+                    state,
+                    "alert.unusual_activity",
+                    &tenant,
+                    Some(&key),
+                    format!("spike:{key}:{}", minute / 3_600_000),
+                    format!("{key} made {n} requests in a minute; its last hour averaged {per_minute:.1} a minute"),
+                    serde_json::json!({"rule": "rate_spike", "key_id": key, "requests": n, "baseline_per_minute": per_minute}),
+                )
+                .await;
+            }
+        }
+        for key in budget_keys {
+            let Ok(Some(k)) = state.store.get_key(&key).await else {
+                continue;
+            };
+            let Some(budget) = k.budget.filter(|b| *b > 0) else {
+                continue;
+            };
+            let pct = u128::from(k.budget_withdrawn) * 100 / u128::from(budget);
+            if pct >= u128::from(cfg.budget_warning_percent) && pct < 100 {
+                raise(
+                    state,
+                    "key.budget_warning",
+                    &k.tenant_id,
+                    Some(&k.id),
+                    format!("budget{}:{}", cfg.budget_warning_percent, k.family_id),
+                    format!(
+                        "{} has drawn {pct} % of its budget of {budget} credits",
+                        k.id
+                    ),
+                    serde_json::json!({"key_id": k.id, "percent": pct as u64, "budget": budget}),
+                )
+                .await;
+            }
+        }
+        if cfg.tenant_credits_low > 0 {
+            for t in tenants {
+                let Ok(Some(tenant)) = state.store.get_tenant(&t).await else {
+                    continue;
+                };
+                if let Some(c) = tenant.credits.filter(|c| *c < cfg.tenant_credits_low) {
+                    raise(
+                        state,
+                        "tenant.credits_low",
+                        &t,
+                        None,
+                        format!("credits_low:{t}:{}", now_ms() / 86_400_000),
+                        format!("tenant {t} has {c} credits left"),
+                        serde_json::json!({"credits": c, "threshold": cfg.tenant_credits_low}),
+                    )
+                    .await;
+                }
+            }
+        }
+        let horizon = now_ms() - 120_000;
+        self.refusals.retain(|(_, m), _| *m >= horizon);
+        self.requests.retain(|(_, m), _| *m >= horizon);
+    }
+}
+
+/// Warns about keys that expire within `alerts.expiring_within_days` (once per key and expiry).
+pub async fn check_expiring(state: &AppState) {
+    let days = state.config.alerts.expiring_within_days;
+    if days == 0 {
+        return;
+    }
+    let now = now_ms();
+    let until = now.saturating_add(i64::try_from(days).unwrap_or(3650) * 86_400_000);
+    let keys = match state.store.keys_expiring(now, until).await {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!("could not look for expiring keys: {e}");
+            return;
+        }
+    };
+    for k in keys {
+        let Some(at) = k.expires_at_ms else { continue };
+        raise(
+            state,
+            "key.expiring",
+            &k.tenant_id,
+            Some(&k.id),
+            format!("expiring:{}:{at}", k.id),
+            format!("{} expires at {}", k.id, crate::views::rfc3339(at)),
+            serde_json::json!({"key_id": k.id, "expires_at": crate::views::rfc3339(at)}),
+        )
+        .await;
+    }
+}
+
+/// Judges shipped audit events as they come, and looks for expiring keys every hour.
+pub async fn run_alerts(
+    state: AppState,
+    mut events: mpsc::Receiver<Vec<AuditEvent>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut rules = Rules::default();
+    let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            batch = events.recv() => match batch {
+                Some(b) => rules.observe(&state, &b).await,
+                None => return,
+            },
+            _ = hourly.tick() => check_expiring(&state).await,
+            _ = stop.changed() => return,
+        }
+    }
+}
