@@ -51,6 +51,22 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     /// Alert rules.
     pub alerts: AlertsConfig,
+    /// Automatic rotation.
+    pub rotation: RotationConfig,
+}
+
+/// `[rotation]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RotationConfig {
+    /// How often the lease holder looks for keys due for rotation, seconds.
+    pub check_seconds: u64,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        Self { check_seconds: 60 }
+    }
 }
 
 /// `[alerts]`: thresholds of the alert rules (0 switches a rule off).
@@ -430,6 +446,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             webhooks: WebhooksConfig::default(),
             alerts: AlertsConfig::default(),
+            rotation: RotationConfig::default(),
         }
     }
 }

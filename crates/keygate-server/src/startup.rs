@@ -267,6 +267,10 @@ impl Application {
             state.clone(),
             audit_stopped.clone(),
         ));
+        let rotation = tokio::spawn(crate::rotation::run_rotation(
+            state.clone(),
+            audit_stopped.clone(),
+        ));
         let (alert_tx, alert_rx) = mpsc::channel(64);
         let alerts = tokio::spawn(crate::alerts::run_alerts(
             state.clone(),
@@ -310,7 +314,9 @@ impl Application {
         if let Some(s) = shipper {
             let _ = tokio::time::timeout(Duration::from_secs(10), s).await;
         }
-        alerts.abort();
+        // Both stop at the signal; a rotation under way finishes its writes first.
+        let _ = tokio::time::timeout(Duration::from_secs(5), rotation).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), alerts).await;
         if let Err(e) = state.counters.flush().await {
             tracing::error!("could not return credit leases on shutdown: {e}");
         }

@@ -609,6 +609,19 @@ impl Inner {
                 tracing::error!("could not queue webhooks for {action}: {e}");
             }
         }
+        self.audit_change(actor, action, tenant_id, key_id, user_id, detail);
+    }
+
+    /// Appends a lifecycle event to the audit log only (no webhook).
+    pub fn audit_change(
+        &self,
+        actor: &str,
+        action: &str,
+        tenant_id: &str,
+        key_id: Option<&str>,
+        user_id: Option<&str>,
+        detail: &serde_json::Value,
+    ) {
         let Some(log) = &self.audit else { return };
         let detail = detail.to_string();
         let r = crate::error::RequestId::with_current(|rid| {

@@ -124,13 +124,7 @@ impl Inner {
 
 /// Sends due deliveries until `stop` fires: woken by new events, and every second for retries.
 pub async fn run_deliveries(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_millis(
-            state.config.webhooks.timeout_ms.max(100),
-        ))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-    {
+    let client = match client(&state) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("webhook deliveries disabled: no HTTP client: {e}");
@@ -167,6 +161,42 @@ pub async fn run_deliveries(state: AppState, mut stop: tokio::sync::watch::Recei
     }
 }
 
+/// Posts `payload` to `w`, signed, as message `msg_id`: the HTTP status, or why there is none.
+pub async fn send_signed(
+    client: &reqwest::Client,
+    w: &keygate_store::WebhookEndpoint,
+    msg_id: &str,
+    payload: &str,
+    now_ms: i64,
+) -> Result<u16, String> {
+    let ts = now_ms / 1000;
+    let Some(sig) = sign(&w.secret, msg_id, ts, payload) else {
+        return Err("the endpoint's secret is not valid base64".into());
+    };
+    client
+        .post(&w.url)
+        .header("content-type", "application/json")
+        .header("user-agent", "keygate-webhooks")
+        .header("webhook-id", msg_id)
+        .header("webhook-timestamp", ts.to_string())
+        .header("webhook-signature", sig)
+        .body(payload.to_owned())
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .map_err(|e| e.without_url().to_string())
+}
+
+/// The client deliveries use: a time limit per attempt, no redirects.
+pub fn client(state: &Inner) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_millis(
+            state.config.webhooks.timeout_ms.max(100),
+        ))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
+
 /// One attempt of `d`, and its outcome written back.
 async fn attempt(state: &AppState, client: &reqwest::Client, mut d: Delivery) {
     d.attempts += 1;
@@ -181,24 +211,7 @@ async fn attempt(state: &AppState, client: &reqwest::Client, mut d: Delivery) {
     let outcome: Result<u16, String> = match &endpoint {
         None => Err("the endpoint was deleted".into()),
         Some(w) if !w.enabled => Err("the endpoint is disabled".into()),
-        Some(w) => {
-            let ts = now / 1000;
-            match sign(&w.secret, &d.event_id, ts, &d.payload) {
-                None => Err("the endpoint's secret is not valid base64".into()),
-                Some(sig) => client
-                    .post(&w.url)
-                    .header("content-type", "application/json")
-                    .header("user-agent", "keygate-webhooks")
-                    .header("webhook-id", &d.event_id)
-                    .header("webhook-timestamp", ts.to_string())
-                    .header("webhook-signature", sig)
-                    .body(d.payload.clone())
-                    .send()
-                    .await
-                    .map(|r| r.status().as_u16())
-                    .map_err(|e| e.without_url().to_string()),
-            }
-        }
+        Some(w) => send_signed(client, w, &d.event_id, &d.payload, now).await,
     };
     let gone = endpoint.is_none() || endpoint.as_ref().is_some_and(|w| !w.enabled);
     match outcome {

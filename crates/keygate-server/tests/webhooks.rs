@@ -338,3 +338,97 @@ async fn bad_webhook_input_is_refused_and_other_tenants_endpoints_are_invisible(
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_due_key_rotates_once_its_successor_is_delivered_and_the_plaintext_is_stored_nowhere() {
+    let rx = Receiver::start().await;
+    let app = TestApp::spawn_with(|c| {
+        fast_retries(c);
+        c.rotation.check_seconds = 1;
+    })
+    .await;
+    let (old_key, rec) = app
+        .create_key(json!({"kind": "sk", "name": "rotating", "rotation_days": 1}))
+        .await;
+    let old_id = rec["id"].as_str().expect("id").to_string();
+    // Two days pass (for this key).
+    let url = format!("sqlite://{}", app.db_path.display());
+    let pool = sqlx::SqlitePool::connect(&url).await.expect("open");
+    let two_days_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+        - 2 * 86_400_000;
+    sqlx::query("UPDATE keys SET created_at = ? WHERE id = ?")
+        .bind(two_days_ago)
+        .bind(&old_id)
+        .execute(&pool)
+        .await
+        .expect("age the key");
+    // Nobody to deliver the successor to: nothing rotates, an alert says why.
+    eventually(|| async {
+        let v: Value = app.get("/v1/alerts").await.json().await.expect("json");
+        v["data"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["data"]["rule"] == "rotation_blocked"))
+    })
+    .await;
+    let v: Value = app
+        .get(&format!("/v1/keys/{old_id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["status"], "active");
+
+    let (wid, secret) = endpoint(&app, &rx.url, json!(["key.rotated"])).await;
+    *rx.secret.lock().expect("lock") = secret;
+    eventually(|| async { !rx.seen().is_empty() }).await;
+    let (_, ok, body) = rx.seen()[0].clone();
+    assert!(ok, "signed");
+    assert_eq!(body["type"], "key.rotated");
+    assert_eq!(body["data"]["key_id"], old_id.as_str());
+    assert_eq!(body["data"]["automatic"], true);
+    let new_key = body["data"]["key"]
+        .as_str()
+        .expect("the new key")
+        .to_string();
+    assert!(new_key.starts_with("kg_sk_"));
+    // The successor works; the old key works through its grace period.
+    eventually(|| async { app.auth(Some(&new_key), &[]).await.status() == StatusCode::OK }).await;
+    assert_eq!(app.auth(Some(&old_key), &[]).await.status(), StatusCode::OK);
+    let v: Value = app
+        .get(&format!("/v1/keys/{old_id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["status"], "grace");
+    assert_eq!(v["rotated_to"], body["data"]["successor_id"]);
+    // Exactly one rotation, logged without the key.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(rx.seen().len(), 1);
+    let ds = deliveries(&app, &wid).await;
+    assert_eq!(ds.len(), 1);
+    assert_eq!(ds[0]["status"], "delivered");
+    let rows: Vec<(String,)> = sqlx::query_as("SELECT payload FROM webhook_deliveries")
+        .fetch_all(&pool)
+        .await
+        .expect("deliveries");
+    assert!(rows.iter().all(|(p,)| !p.contains(&new_key[6..])));
+    pool.close().await;
+    // Not in the database files, not in the audit log.
+    let mut bytes = Vec::new();
+    for suffix in ["", "-wal"] {
+        if let Ok(b) = std::fs::read(format!("{}{suffix}", app.db_path.display())) {
+            bytes.extend(b);
+        }
+    }
+    let audit: Value = app
+        .get("/v1/audit?limit=500")
+        .await
+        .json()
+        .await
+        .expect("json");
+    bytes.extend(audit.to_string().into_bytes());
+    assert!(!bytes.windows(32).any(|w| w == &new_key.as_bytes()[6..38]));
+}

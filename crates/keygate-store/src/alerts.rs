@@ -92,6 +92,45 @@ macro_rules! alert_methods {
                 Ok(inserted.then_some(before > 0))
             }
 
+            pub(crate) async fn lease_acquire(
+                &self,
+                name: &str,
+                holder: &str,
+                now_ms: i64,
+                until_ms: i64,
+            ) -> crate::Result<bool> {
+                let mut q = sqlx::QueryBuilder::<$db>::new("INSERT INTO leases (name, holder, until) ");
+                q.push_values([()], |mut b, ()| {
+                    b.push_bind(name.to_owned())
+                        .push_bind(holder.to_owned())
+                        .push_bind(until_ms);
+                });
+                q.push(" ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until WHERE leases.until < ")
+                    .push_bind(now_ms)
+                    .push(" OR leases.holder = ")
+                    .push_bind(holder.to_owned());
+                Ok(q.build().execute(&self.pool).await?.rows_affected() == 1)
+            }
+
+            pub(crate) async fn al_due_rotation(
+                &self,
+                now_ms: i64,
+                limit: u32,
+            ) -> crate::Result<Vec<KeyRecord>> {
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT k.*, f.budget, f.spent FROM keys k JOIN key_families f ON f.id = k.family_id \
+                     WHERE k.status = 'active' AND k.rotated_to IS NULL AND k.rotation_days IS NOT NULL \
+                     AND k.created_at + k.rotation_days * 86400000 <= ",
+                );
+                q.push_bind(now_ms)
+                    .push(" AND (k.expires_at IS NULL OR k.expires_at > ")
+                    .push_bind(now_ms)
+                    .push(") ORDER BY k.created_at LIMIT ")
+                    .push_bind(i64::from(limit));
+                let rows = q.build().fetch_all(&self.pool).await?;
+                rows.iter().map(crate::rows::key_from_row).collect()
+            }
+
             pub(crate) async fn al_expiring(
                 &self,
                 from_ms: i64,

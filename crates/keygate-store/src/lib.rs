@@ -256,6 +256,18 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Active keys expiring in `[from_ms, until_ms)`.
     async fn keys_expiring(&self, from_ms: i64, until_ms: i64) -> Result<Vec<KeyRecord>>;
 
+    /// Takes or renews the lease `name` for `holder` until `until_ms`, if it is free, expired
+    /// or already `holder`'s. `true` if `holder` holds it now.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool>;
+    /// Active, not yet rotated keys with `rotation_days` whose period has run out.
+    async fn keys_due_for_rotation(&self, now_ms: i64, limit: u32) -> Result<Vec<KeyRecord>>;
+
     /// Tells every node sharing this store that something changed (`key:<hash hex>`,
     /// `family:<id>`, `tenant:<id>`, `cors`). A store that only one node uses does nothing.
     async fn publish_change(&self, _change: &str) -> Result<()> {

@@ -389,6 +389,20 @@ impl Store for SqliteStore {
         self.al_expiring(from_ms, until_ms).await
     }
 
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool> {
+        self.lease_acquire(name, holder, now_ms, until_ms).await
+    }
+
+    async fn keys_due_for_rotation(&self, now_ms: i64, limit: u32) -> Result<Vec<KeyRecord>> {
+        self.al_due_rotation(now_ms, limit).await
+    }
+
     async fn touch_keys(&self, used: &[(String, i64)]) -> Result<()> {
         if used.is_empty() {
             return Ok(());

@@ -598,3 +598,34 @@ async fn an_edited_or_deleted_audit_row_is_detected() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn one_node_holds_a_lease_until_it_lapses() {
+    on_both(|s, _| async move {
+        assert!(s
+            .acquire_lease("rotation", "a", 1_000, 2_000)
+            .await
+            .expect("a"));
+        assert!(!s
+            .acquire_lease("rotation", "b", 1_500, 2_500)
+            .await
+            .expect("b"));
+        assert!(s
+            .acquire_lease("rotation", "a", 1_900, 3_000)
+            .await
+            .expect("renew"));
+        assert!(!s
+            .acquire_lease("rotation", "b", 2_999, 4_000)
+            .await
+            .expect("still a's"));
+        assert!(s
+            .acquire_lease("rotation", "b", 3_001, 4_000)
+            .await
+            .expect("lapsed"));
+        assert!(!s
+            .acquire_lease("rotation", "a", 3_500, 5_000)
+            .await
+            .expect("b's now"));
+    })
+    .await;
+}

@@ -322,6 +322,36 @@ fn optional_json<T: serde::de::DeserializeOwned + Default>(bytes: &Bytes) -> Res
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))
 }
 
+/// Writes a rotation (`old` into grace until `grace_until`, `succ` active), records it, and
+/// drops both keys from every node's cache. `webhook`: whether the `key.rotated` event goes
+/// to the webhook queue too (automatic rotation delivers its own, with the new key).
+/// `false` if a concurrent rotate or revoke won.
+pub(crate) async fn commit_rotation(
+    st: &AppState,
+    old: &KeyRecord,
+    succ: &KeyRecord,
+    grace_until: i64,
+    actor: &str,
+    webhook: bool,
+) -> Result<bool, keygate_store::StoreError> {
+    let ok = st.store.rotate_key(&old.id, grace_until, succ).await?;
+    if ok {
+        let grace = (grace_until - succ.created_at_ms).max(0) / 1000;
+        let detail = serde_json::json!({"successor": succ.id, "grace_seconds": grace, "automatic": !webhook});
+        let (tenant, user) = (&old.tenant_id, old.user_id.as_deref());
+        if webhook {
+            st.record_change(actor, "key.rotated", tenant, Some(&old.id), user, &detail)
+                .await;
+        } else {
+            st.audit_change(actor, "key.rotated", tenant, Some(&old.id), user, &detail);
+        }
+        st.key_changed(&old.hash).await;
+        st.key_changed(&succ.hash).await;
+        crate::cors::pk_changed(st, old.kind).await;
+    }
+    Ok(ok)
+}
+
 /// `POST /v1/keys/{id}/rotate`
 pub async fn rotate(
     State(state): State<AppState>,
@@ -364,25 +394,11 @@ pub async fn rotate(
     let st = state.clone();
     let (old_rec, succ) = (old.clone(), successor.clone());
     let actor = caller.key.record.id.clone();
-    let rotated = detached(async move {
-        let ok = st.store.rotate_key(&old_rec.id, grace_until, &succ).await?;
-        if ok {
-            st.record_change(
-                &actor,
-                "key.rotated",
-                &old_rec.tenant_id,
-                Some(&old_rec.id),
-                old_rec.user_id.as_deref(),
-                &serde_json::json!({"successor": succ.id, "grace_seconds": grace}),
-            )
-            .await;
-            st.key_changed(&old_rec.hash).await;
-            st.key_changed(&succ.hash).await;
-            crate::cors::pk_changed(&st, old_rec.kind).await;
-        }
-        Ok(ok)
-    })
-    .await?;
+    let rotated =
+        detached(
+            async move { commit_rotation(&st, &old_rec, &succ, grace_until, &actor, true).await },
+        )
+        .await?;
     if !rotated {
         return Err(ApiError::conflict(
             "the key was rotated or revoked concurrently",
