@@ -32,61 +32,47 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() { for _ in $(seq 100); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; exit 1; }
 
+# keygate on core 0 with extra environment: start_keygate NAME PORT [VAR=value …]; its stdout
+# (the root key) goes to $WORK/NAME.root.
+start_keygate() {
+  local name=$1 port=$2; shift 2
+  env KEYGATE_LISTEN="127.0.0.1:$port" KEYGATE_LOG__LEVEL=warn KEYGATE_AUDIT__DIR="$WORK/$name.audit" "$@" \
+    taskset -c 0 "$BIN/keygate" serve >"$WORK/$name.root" 2>"$WORK/$name.log" &
+  wait_http "http://127.0.0.1:$port/v1/status"
+}
+# A publishable key with every check switched on: origin list, scopes, IP allow-list, a rate
+# limit and a budget (both high enough not to refuse during the run). bench_pk NAME PORT
+bench_pk() {
+  curl -fs -X POST "http://127.0.0.1:$2/v1/keys" -H "authorization: Bearer $(head -1 "$WORK/$1.root")" \
+    -H 'content-type: application/json' \
+    -d '{"kind":"pk","name":"bench","preset":"aidemo","allowed_ips":["127.0.0.0/8"],
+         "rate_limit":{"limit":1000000000,"window_seconds":60},"budget":1000000000000}' |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])'
+}
+
 BPORT=$(free_port)
 taskset -c 0 "$BIN/examples/baseline" "127.0.0.1:$BPORT" 2>/dev/null &
-KPORT=$(free_port)
-KEYGATE_LISTEN=127.0.0.1:$KPORT KEYGATE_DATABASE_URL="sqlite://$WORK/kg.db" KEYGATE_LOG__LEVEL=warn \
-  taskset -c 0 "$BIN/keygate" serve >"$WORK/root" 2>"$WORK/log" &
 wait_http "http://127.0.0.1:$BPORT/"
-wait_http "http://127.0.0.1:$KPORT/v1/status"
-ROOT=$(head -1 "$WORK/root")
+KPORT=$(free_port)
+start_keygate embedded "$KPORT" KEYGATE_DATABASE_URL="sqlite://$WORK/kg.db"
+PK=$(bench_pk embedded "$KPORT")
 if [ "$AUDIT" = 1 ]; then
   NPORT=$(free_port)
-  KEYGATE_LISTEN=127.0.0.1:$NPORT KEYGATE_DATABASE_URL="sqlite://$WORK/noaudit.db" KEYGATE_LOG__LEVEL=warn \
-    KEYGATE_AUDIT__ENABLED=false taskset -c 0 "$BIN/keygate" serve >"$WORK/nroot" 2>"$WORK/nlog" &
-  wait_http "http://127.0.0.1:$NPORT/v1/status"
-  NROOT=$(head -1 "$WORK/nroot")
-  NPK=$(curl -fs -X POST "http://127.0.0.1:$NPORT/v1/keys" -H "authorization: Bearer $NROOT" \
-    -H 'content-type: application/json' \
-    -d '{"kind":"pk","name":"bench","preset":"aidemo","allowed_ips":["127.0.0.0/8"],
-         "rate_limit":{"limit":1000000000,"window_seconds":60},"budget":1000000000000}' |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')  DPORT=$(free_port)
-  KEYGATE_LISTEN=127.0.0.1:$DPORT KEYGATE_DATABASE_URL="sqlite://$WORK/deferred.db" KEYGATE_LOG__LEVEL=warn \
-    KEYGATE_AUDIT__SHIP_INTERVAL_MS=600000 taskset -c 0 "$BIN/keygate" serve >"$WORK/droot" 2>"$WORK/dlog" &
-  wait_http "http://127.0.0.1:$DPORT/v1/status"
-  DROOT=$(head -1 "$WORK/droot")
-  DPK=$(curl -fs -X POST "http://127.0.0.1:$DPORT/v1/keys" -H "authorization: Bearer $DROOT" \
-    -H 'content-type: application/json' \
-    -d '{"kind":"pk","name":"bench","preset":"aidemo","allowed_ips":["127.0.0.0/8"],
-         "rate_limit":{"limit":1000000000,"window_seconds":60},"budget":1000000000000}' |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+  start_keygate noaudit "$NPORT" KEYGATE_DATABASE_URL="sqlite://$WORK/noaudit.db" KEYGATE_AUDIT__ENABLED=false
+  NPK=$(bench_pk noaudit "$NPORT")
+  DPORT=$(free_port)
+  start_keygate deferred "$DPORT" KEYGATE_DATABASE_URL="sqlite://$WORK/deferred.db" KEYGATE_AUDIT__SHIP_INTERVAL_MS=600000
+  DPK=$(bench_pk deferred "$DPORT")
 fi
 if [ "$SHARED" = 1 ]; then
   SCHEMA="kgbench_$$"
   psql -q -h 127.0.0.1 -U postgres test -c "CREATE SCHEMA $SCHEMA" >/dev/null
   trap 'kill $(jobs -p) 2>/dev/null || true; psql -q -h 127.0.0.1 -U postgres test -c "DROP SCHEMA IF EXISTS '"$SCHEMA"' CASCADE" >/dev/null 2>&1; rm -rf "$WORK"' EXIT
   SPORT=$(free_port)
-  KEYGATE_LISTEN=127.0.0.1:$SPORT KEYGATE_LOG__LEVEL=warn \
+  start_keygate shared "$SPORT" \
     KEYGATE_DATABASE_URL="postgres://postgres@127.0.0.1:5432/test?options=-c%20search_path%3D$SCHEMA" \
-    KEYGATE_REDIS_URL=redis://127.0.0.1:6379 KEYGATE_REDIS_PREFIX="kgbench$$" KEYGATE_AUDIT__DIR="$WORK/saudit" \
-    taskset -c 0 "$BIN/keygate" serve >"$WORK/sroot" 2>"$WORK/slog" &
-  wait_http "http://127.0.0.1:$SPORT/v1/status"
-  SROOT=$(head -1 "$WORK/sroot")
-fi
-
-# A publishable key with every check switched on: origin list, scopes, IP allow-list, a rate
-# limit and a budget (both high enough not to refuse during the run).
-PK=$(curl -fs -X POST "http://127.0.0.1:$KPORT/v1/keys" -H "authorization: Bearer $ROOT" \
-  -H 'content-type: application/json' \
-  -d '{"kind":"pk","name":"bench","preset":"aidemo","allowed_ips":["127.0.0.0/8"],
-       "rate_limit":{"limit":1000000000,"window_seconds":60},"budget":1000000000000}' |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
-if [ "$SHARED" = 1 ]; then
-  SPK=$(curl -fs -X POST "http://127.0.0.1:$SPORT/v1/keys" -H "authorization: Bearer $SROOT" \
-    -H 'content-type: application/json' \
-    -d '{"kind":"pk","name":"bench","preset":"aidemo","allowed_ips":["127.0.0.0/8"],
-         "rate_limit":{"limit":1000000000,"window_seconds":60},"budget":1000000000000}' |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+    KEYGATE_REDIS_URL=redis://127.0.0.1:6379 KEYGATE_REDIS_PREFIX="kgbench$$"
+  SPK=$(bench_pk shared "$SPORT")
 fi
 
 run() { # name url [headers...]

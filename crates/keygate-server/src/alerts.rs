@@ -121,7 +121,7 @@ impl Rules {
             if code != "VALID" {
                 continue;
             }
-            if e.credits.unwrap_or(0) > 0 {
+            if e.credits.unwrap_or(0) > 0 && cfg.budget_warning_percent > 0 {
                 budget_keys.insert(key.clone());
                 tenants.insert(tenant.clone());
             }
@@ -129,19 +129,27 @@ impl Rules {
             *n += 1;
             // Look at the rate when a minute's count reaches the floor, and at each doubling.
             if cfg.spike_min_requests > 0
+                && cfg.spike_factor > 0.0
                 && *n >= cfg.spike_min_requests
                 && (*n / cfg.spike_min_requests).is_power_of_two()
                 && n.is_multiple_of(cfg.spike_min_requests)
             {
                 spikes.push((key.clone(), tenant.clone(), minute, *n));
             }
+            // Publishable keys live in browsers, on every network and (within their list) origin:
+            // a new place is no news for them, and anyone could flood the rule with one.
+            let server_key = e.kind.as_deref() != Some("pk");
             let places = [
                 (
                     "network",
                     e.ip.as_deref().and_then(network),
-                    cfg.new_network,
+                    cfg.new_network && server_key,
                 ),
-                ("origin", e.origin.clone(), cfg.new_origin),
+                (
+                    "origin",
+                    e.origin.clone().filter(|o| o.len() <= 255),
+                    cfg.new_origin && server_key,
+                ),
             ];
             for (kind, place, on) in places {
                 let Some(place) = place.filter(|_| on) else {
@@ -284,11 +292,12 @@ pub async fn run_alerts(
 ) {
     let mut rules = Rules::default();
     let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+    let mut open = true; // without an audit log there are no batches, only the hourly check
     loop {
         tokio::select! {
-            batch = events.recv() => match batch {
+            batch = events.recv(), if open => match batch {
                 Some(b) => rules.observe(&state, &b).await,
-                None => return,
+                None => open = false,
             },
             _ = hourly.tick() => check_expiring(&state).await,
             _ = stop.changed() => return,

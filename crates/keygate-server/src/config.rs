@@ -116,6 +116,9 @@ pub struct WebhooksConfig {
     pub timeout_ms: u64,
     /// How often the queue is read for due retries, ms (new events are sent at once).
     pub poll_ms: u64,
+    /// Let endpoints be `http://` and inside the network (loopback, private ranges). Off by
+    /// default: a tenant admin must not be able to make keygate call internal services.
+    pub allow_private_networks: bool,
 }
 
 impl Default for WebhooksConfig {
@@ -126,6 +129,7 @@ impl Default for WebhooksConfig {
             ],
             timeout_ms: 10_000,
             poll_ms: 1_000,
+            allow_private_networks: false,
         }
     }
 }

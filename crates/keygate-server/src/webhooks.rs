@@ -17,7 +17,11 @@ use keygate_store::{Delivery, PageRequest};
 use sha2::Sha256;
 use std::time::Duration;
 
-/// Event types an endpoint can subscribe to (`*` for all).
+/// The subscription that receives the plaintext of automatically rotated keys. `*` does not
+/// include it: it must be named, by a caller holding `*`, on an `https://` endpoint.
+pub const SUCCESSOR_EVENT: &str = "key.rotated.successor";
+
+/// Event types an endpoint can subscribe to (`*` for all but [`SUCCESSOR_EVENT`]).
 pub const EVENT_TYPES: &[&str] = &[
     "key.created",
     "key.updated",
@@ -31,6 +35,59 @@ pub const EVENT_TYPES: &[&str] = &[
     "oauth.refresh_reuse",
     "webhook.test",
 ];
+
+/// Whether deliveries may go to `ip`: not loopback, private, link-local, unique-local,
+/// shared (CGNAT), documentation, multicast or unspecified — unless
+/// `webhooks.allow_private_networks` says so.
+pub fn is_public(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || v4.is_multicast()
+                || o[0] == 0
+                || (o[0] == 100 && (64..128).contains(&o[1])))
+        }
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => is_public(v4.into()),
+            None => {
+                let s = v6.segments()[0];
+                !(v6.is_loopback()
+                    || v6.is_unspecified()
+                    || v6.is_multicast()
+                    || (s & 0xfe00) == 0xfc00
+                    || (s & 0xffc0) == 0xfe80
+                    || s == 0x2001 && v6.segments()[1] == 0xdb8)
+            }
+        },
+    }
+}
+
+/// Resolves webhook hosts to public addresses only (checked on every connection, so a name
+/// that later points inside the network is refused too).
+#[derive(Debug)]
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| is_public(a.ip()))
+                .collect();
+            if addrs.is_empty() {
+                return Err("the webhook host has no public address".into());
+            }
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
 
 /// A new signing secret: `whsec_` and 24 random bytes in base64.
 pub fn new_secret() -> String {
@@ -164,11 +221,15 @@ pub async fn run_deliveries(state: AppState, mut stop: tokio::sync::watch::Recei
 /// Posts `payload` to `w`, signed, as message `msg_id`: the HTTP status, or why there is none.
 pub async fn send_signed(
     client: &reqwest::Client,
+    allow_private: bool,
     w: &keygate_store::WebhookEndpoint,
     msg_id: &str,
     payload: &str,
     now_ms: i64,
 ) -> Result<u16, String> {
+    if let Some(why) = url_problem(&w.url, allow_private) {
+        return Err(why.into());
+    }
     let ts = now_ms / 1000;
     let Some(sig) = sign(&w.secret, msg_id, ts, payload) else {
         return Err("the endpoint's secret is not valid base64".into());
@@ -189,16 +250,53 @@ pub async fn send_signed(
 
 /// The client deliveries use: a time limit per attempt, no redirects.
 pub fn client(state: &Inner) -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
+    let mut b = reqwest::Client::builder()
+        // Below the one-minute claim of a delivery, so no other node sends it meanwhile.
         .timeout(Duration::from_millis(
-            state.config.webhooks.timeout_ms.max(100),
+            state.config.webhooks.timeout_ms.clamp(100, 50_000),
         ))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
+        .redirect(reqwest::redirect::Policy::none());
+    if !state.config.webhooks.allow_private_networks {
+        b = b.dns_resolver(std::sync::Arc::new(PublicOnly));
+    }
+    b.build()
+}
+
+/// Why `url` may not receive webhooks, if it may not: not absolute http(s), credentials in
+/// it, or (unless private networks are allowed) plain http or a host that is an address
+/// inside the network.
+pub fn url_problem(url: &str, allow_private: bool) -> Option<&'static str> {
+    let Ok(uri) = url.parse::<axum::http::Uri>() else {
+        return Some("url must be an absolute http:// or https:// URL");
+    };
+    let Some(host) = uri.host().filter(|h| !h.is_empty()) else {
+        return Some("url must be an absolute http:// or https:// URL");
+    };
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Some("url must not carry credentials");
+    }
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some("http") if allow_private => {}
+        Some("http") => return Some("url must be https://"),
+        _ => return Some("url must be an absolute http:// or https:// URL"),
+    }
+    if !allow_private {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let private = match bare.parse::<std::net::IpAddr>() {
+            Ok(ip) => !is_public(ip),
+            Err(_) => bare.eq_ignore_ascii_case("localhost") || bare.ends_with(".localhost"),
+        };
+        if private {
+            return Some("url must point at a public address");
+        }
+    }
+    None
 }
 
 /// One attempt of `d`, and its outcome written back.
 async fn attempt(state: &AppState, client: &reqwest::Client, mut d: Delivery) {
+    let claimed_until = d.next_at_ms;
     d.attempts += 1;
     let endpoint = match state.store.get_webhook(&d.endpoint_id).await {
         Ok(e) => e,
@@ -211,7 +309,10 @@ async fn attempt(state: &AppState, client: &reqwest::Client, mut d: Delivery) {
     let outcome: Result<u16, String> = match &endpoint {
         None => Err("the endpoint was deleted".into()),
         Some(w) if !w.enabled => Err("the endpoint is disabled".into()),
-        Some(w) => send_signed(client, w, &d.event_id, &d.payload, now).await,
+        Some(w) => {
+            let private = state.config.webhooks.allow_private_networks;
+            send_signed(client, private, w, &d.event_id, &d.payload, now).await
+        }
     };
     let gone = endpoint.is_none() || endpoint.as_ref().is_some_and(|w| !w.enabled);
     match outcome {
@@ -249,7 +350,7 @@ async fn attempt(state: &AppState, client: &reqwest::Client, mut d: Delivery) {
             }
         }
     }
-    if let Err(e) = state.store.finish_delivery(&d).await {
+    if let Err(e) = state.store.finish_delivery(&d, claimed_until).await {
         tracing::warn!("could not record webhook delivery {}: {e}", d.id);
     }
 }

@@ -113,9 +113,11 @@ impl Receiver {
     }
 }
 
+/// The receivers listen on 127.0.0.1, which a production keygate refuses to call.
 fn fast_retries(c: &mut keygate_server::Config) {
     c.webhooks.retry_backoff_ms = vec![50, 50, 50];
     c.webhooks.poll_ms = 20;
+    c.webhooks.allow_private_networks = true;
 }
 
 async fn endpoint(app: &TestApp, url: &str, events: Value) -> (String, String) {
@@ -240,6 +242,7 @@ async fn a_delivery_waits_out_a_restart_and_arrives_afterwards() {
     let slow = |c: &mut keygate_server::Config| {
         c.webhooks.retry_backoff_ms = vec![300, 300, 300, 300, 300, 300, 300, 300];
         c.webhooks.poll_ms = 20;
+        c.webhooks.allow_private_networks = true;
     };
     let app = TestApp::spawn_in(dir.path(), slow).await;
     let root = app.root.clone();
@@ -278,6 +281,15 @@ async fn bad_webhook_input_is_refused_and_other_tenants_endpoints_are_invisible(
         json!({"url": "not a url"}),
         json!({"url": "https://example.com/hook", "events": ["key.exploded"]}),
         json!({"url": "https://example.com/hook", "events": []}),
+        // Without webhooks.allow_private_networks: TLS only, no internal addresses, no
+        // credentials in the URL.
+        json!({"url": "http://example.com/hook"}),
+        json!({"url": "https://127.0.0.1/hook"}),
+        json!({"url": "https://10.1.2.3/hook"}),
+        json!({"url": "https://[::1]/hook"}),
+        json!({"url": "https://169.254.169.254/latest"}),
+        json!({"url": "https://localhost/hook"}),
+        json!({"url": "https://user:pw@example.com/hook"}),
     ] {
         let r = app.post("/v1/webhooks", body.clone()).await;
         assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{body}");
@@ -380,7 +392,23 @@ async fn a_due_key_rotates_once_its_successor_is_delivered_and_the_plaintext_is_
         .expect("json");
     assert_eq!(v["status"], "active");
 
-    let (wid, secret) = endpoint(&app, &rx.url, json!(["key.rotated"])).await;
+    // The new plaintext goes only to endpoints that name key.rotated.successor, set up by a
+    // key holding every scope; `*` subscribers do not get it.
+    let (limited, _) = app
+        .create_key(json!({"kind": "sk", "name": "hooks", "scopes": ["webhooks:write"]}))
+        .await;
+    let r = app
+        .as_key(&limited)
+        .post(app.url("/v1/webhooks"))
+        .json(&json!({"url": rx.url, "events": ["key.rotated.successor"]}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let everything = Receiver::start().await;
+    let (_, all_secret) = endpoint(&app, &everything.url, json!(["*"])).await;
+    *everything.secret.lock().expect("lock") = all_secret;
+    let (wid, secret) = endpoint(&app, &rx.url, json!(["key.rotated.successor"])).await;
     *rx.secret.lock().expect("lock") = secret;
     eventually(|| async { !rx.seen().is_empty() }).await;
     let (_, ok, body) = rx.seen()[0].clone();
@@ -407,6 +435,13 @@ async fn a_due_key_rotates_once_its_successor_is_delivered_and_the_plaintext_is_
     // Exactly one rotation, logged without the key.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     assert_eq!(rx.seen().len(), 1);
+    assert!(
+        everything
+            .seen()
+            .iter()
+            .all(|(_, _, b)| b["data"].get("key").is_none()),
+        "a * subscriber never gets a plaintext key"
+    );
     let ds = deliveries(&app, &wid).await;
     assert_eq!(ds.len(), 1);
     assert_eq!(ds[0]["status"], "delivered");

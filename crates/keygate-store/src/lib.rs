@@ -233,8 +233,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         lease_until_ms: i64,
         limit: u32,
     ) -> Result<Vec<Delivery>>;
-    /// Writes the outcome of an attempt.
-    async fn finish_delivery(&self, d: &Delivery) -> Result<()>;
+    /// Writes the outcome of an attempt, if the delivery is still under the claim that ends at
+    /// `claimed_until_ms` (else another node took it over: `false`, nothing written).
+    async fn finish_delivery(&self, d: &Delivery, claimed_until_ms: i64) -> Result<bool>;
     /// An endpoint's deliveries, newest first.
     async fn list_deliveries(&self, endpoint_id: &str, page: &PageRequest)
         -> Result<Vec<Delivery>>;

@@ -351,8 +351,8 @@ impl Store for SqliteStore {
         self.wh_claim(now_ms, lease_until_ms, limit).await
     }
 
-    async fn finish_delivery(&self, d: &crate::Delivery) -> Result<()> {
-        self.wh_finish(d).await
+    async fn finish_delivery(&self, d: &crate::Delivery, claimed_until_ms: i64) -> Result<bool> {
+        self.wh_finish(d, claimed_until_ms).await
     }
 
     async fn list_deliveries(

@@ -193,7 +193,12 @@ impl std::fmt::Debug for WebhookEndpoint {
 impl WebhookEndpoint {
     /// Whether this endpoint wants events of `event_type`.
     pub fn wants(&self, event_type: &str) -> bool {
-        self.enabled && self.events.iter().any(|e| e == "*" || e == event_type)
+        // `*` never includes the events that carry new plaintext keys: those are named.
+        self.enabled
+            && self
+                .events
+                .iter()
+                .any(|e| e == event_type || (e == "*" && event_type != "key.rotated.successor"))
     }
 }
 

@@ -197,8 +197,12 @@ macro_rules! webhook_methods {
                 Ok(out)
             }
 
-            pub(crate) async fn wh_finish(&self, d: &Delivery) -> crate::Result<()> {
-                sqlx::QueryBuilder::<$db>::new("UPDATE webhook_deliveries SET attempts = ")
+            pub(crate) async fn wh_finish(
+                &self,
+                d: &Delivery,
+                claimed_until_ms: i64,
+            ) -> crate::Result<bool> {
+                let r = sqlx::QueryBuilder::<$db>::new("UPDATE webhook_deliveries SET attempts = ")
                     .push_bind(i64::from(d.attempts))
                     .push(", status = ")
                     .push_bind(d.status.clone())
@@ -212,10 +216,12 @@ macro_rules! webhook_methods {
                     .push_bind(d.delivered_at_ms)
                     .push(" WHERE id = ")
                     .push_bind(d.id.clone())
+                    .push(" AND status = 'pending' AND next_at = ")
+                    .push_bind(claimed_until_ms)
                     .build()
                     .execute(&self.pool)
                     .await?;
-                Ok(())
+                Ok(r.rows_affected() == 1)
             }
 
             pub(crate) async fn wh_deliveries(

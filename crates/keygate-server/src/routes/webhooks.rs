@@ -4,7 +4,7 @@ use super::{detached, next_cursor, Caller, Ctx, PageQuery};
 use crate::error::{ApiError, Json, Path, Query};
 use crate::state::{now_ms, AppState};
 use crate::views::{rfc3339, ListView};
-use crate::webhooks::EVENT_TYPES;
+use crate::webhooks::{EVENT_TYPES, SUCCESSOR_EVENT};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -87,15 +87,13 @@ pub struct CreateWebhook {
     tenant_id: Option<String>,
 }
 
-fn check_url(url: &str) -> Result<(), ApiError> {
-    let bad = || ApiError::invalid("url must be an absolute http:// or https:// URL");
+fn check_url(state: &AppState, url: &str) -> Result<(), ApiError> {
     if url.len() > 2048 {
         return Err(ApiError::invalid("url must be at most 2048 characters"));
     }
-    let uri: axum::http::Uri = url.parse().map_err(|_| bad())?;
-    match (uri.scheme_str(), uri.host()) {
-        (Some("http" | "https"), Some(h)) if !h.is_empty() => Ok(()),
-        _ => Err(bad()),
+    match crate::webhooks::url_problem(url, state.config.webhooks.allow_private_networks) {
+        Some(why) => Err(ApiError::invalid(why)),
+        None => Ok(()),
     }
 }
 
@@ -107,9 +105,9 @@ fn check_events(events: Option<Vec<String>>) -> Result<Vec<String>, ApiError> {
         ));
     }
     for e in &events {
-        if e != "*" && !EVENT_TYPES.contains(&e.as_str()) {
+        if e != "*" && e != SUCCESSOR_EVENT && !EVENT_TYPES.contains(&e.as_str()) {
             return Err(ApiError::invalid(format!(
-                "unknown event type {e:?}; known: *, {}",
+                "unknown event type {e:?}; known: *, {SUCCESSOR_EVENT}, {}",
                 EVENT_TYPES.join(", ")
             )));
         }
@@ -125,8 +123,24 @@ pub async fn create(
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Webhook).await?;
     let tenant = caller.act_in(&state, body.tenant_id.as_deref()).await?;
-    check_url(&body.url)?;
+    check_url(&state, &body.url)?;
     let events = check_events(body.events)?;
+    if events.iter().any(|e| e == SUCCESSOR_EVENT) {
+        // It receives new plaintext keys of any scope: only a key that holds every scope may
+        // set it up, and only over TLS.
+        if !caller.key.record.scopes.has_all() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "FORBIDDEN_SCOPE",
+                "subscribing to key.rotated.successor needs a key with scope *",
+            ));
+        }
+        if !body.url.starts_with("https://") && !state.config.webhooks.allow_private_networks {
+            return Err(ApiError::invalid(
+                "key.rotated.successor needs an https:// url",
+            ));
+        }
+    }
     let now = now_ms();
     let w = WebhookEndpoint {
         id: crate::ids::new_id("whk", now),
