@@ -20,11 +20,20 @@ const PROBING: &[&str] = &["ORIGIN_NOT_ALLOWED", "IP_NOT_ALLOWED", "FORBIDDEN_SC
 #[derive(Default)]
 struct Rules {
     /// Refusals per (key, minute).
-    refusals: HashMap<(String, i64), u32>,
+    refusals: HashMap<(u64, i64), u32>,
     /// Decisions per (key, minute), for rate spikes.
-    requests: HashMap<(String, i64), u32>,
+    requests: HashMap<(u64, i64), u32>,
     /// (key, kind, place) already noted in the store.
-    seen: HashSet<(String, &'static str, String)>,
+    seen: HashSet<u64>,
+}
+
+/// A hash standing for a key (and a place): the rules run over every shipped event, so they
+/// count by hash instead of copying strings (a collision would only merge two counts).
+fn slot(parts: impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parts.hash(&mut h);
+    h.finish()
 }
 
 /// The /24 (IPv4) or /48 (IPv6) of an address.
@@ -88,7 +97,7 @@ impl Rules {
             };
             let minute = e.at_ms - e.at_ms.rem_euclid(60_000);
             if PROBING.contains(&code.as_str()) && cfg.refusal_burst > 0 {
-                let n = self.refusals.entry((key.clone(), minute)).or_default();
+                let n = self.refusals.entry((slot(key), minute)).or_default();
                 *n += 1;
                 if *n == cfg.refusal_burst {
                     raise(
@@ -115,17 +124,21 @@ impl Rules {
                 )
                 .await;
             }
-            if code == "INSUFFICIENT_CREDITS" {
+            if code == "INSUFFICIENT_CREDITS" && !tenants.contains(tenant) {
                 tenants.insert(tenant.clone());
             }
             if code != "VALID" {
                 continue;
             }
-            if e.credits.unwrap_or(0) > 0 && cfg.budget_warning_percent > 0 {
-                budget_keys.insert(key.clone());
-                tenants.insert(tenant.clone());
+            if e.credits.unwrap_or(0) > 0 {
+                if cfg.budget_warning_percent > 0 && !budget_keys.contains(key) {
+                    budget_keys.insert(key.clone());
+                }
+                if !tenants.contains(tenant) {
+                    tenants.insert(tenant.clone());
+                }
             }
-            let n = self.requests.entry((key.clone(), minute)).or_default();
+            let n = self.requests.entry((slot(key), minute)).or_default();
             *n += 1;
             // Look at the rate when a minute's count reaches the floor, and at each doubling.
             if cfg.spike_min_requests > 0
@@ -158,7 +171,7 @@ impl Rules {
                 if self.seen.len() > 100_000 {
                     self.seen.clear();
                 }
-                if !self.seen.insert((key.clone(), kind, place.clone())) {
+                if !self.seen.insert(slot((key, kind, &place))) {
                     continue;
                 }
                 match state.store.note_sighting(key, kind, &place, e.at_ms).await {
