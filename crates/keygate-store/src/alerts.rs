@@ -24,8 +24,9 @@ where
 
 macro_rules! alert_methods {
     ($store:ty, $db:ty) => {
-        impl $store {
-            pub(crate) async fn al_insert(&self, a: &Alert) -> crate::Result<bool> {
+        #[async_trait::async_trait]
+        impl crate::AlertStore for $store {
+            async fn insert_alert(&self, a: &Alert) -> crate::Result<bool> {
                 let mut q = sqlx::QueryBuilder::<$db>::new(
                     "INSERT INTO alerts (id, tenant_id, key_id, kind, dedupe, message, data, at) ",
                 );
@@ -43,7 +44,7 @@ macro_rules! alert_methods {
                 Ok(q.build().execute(&self.pool).await?.rows_affected() == 1)
             }
 
-            pub(crate) async fn al_list(
+            async fn list_alerts(
                 &self,
                 tenant_id: Option<&str>,
                 page: &PageRequest,
@@ -60,7 +61,7 @@ macro_rules! alert_methods {
                 rows.iter().map(alert_from).collect()
             }
 
-            pub(crate) async fn al_sighting(
+            async fn note_sighting(
                 &self,
                 key_id: &str,
                 kind: &str,
@@ -92,7 +93,7 @@ macro_rules! alert_methods {
                 Ok(inserted.then_some(before > 0))
             }
 
-            pub(crate) async fn lease_acquire(
+            async fn acquire_lease(
                 &self,
                 name: &str,
                 holder: &str,
@@ -112,7 +113,7 @@ macro_rules! alert_methods {
                 Ok(q.build().execute(&self.pool).await?.rows_affected() == 1)
             }
 
-            pub(crate) async fn al_due_rotation(
+            async fn keys_due_for_rotation(
                 &self,
                 now_ms: i64,
                 limit: u32,
@@ -131,7 +132,7 @@ macro_rules! alert_methods {
                 rows.iter().map(crate::rows::key_from_row).collect()
             }
 
-            pub(crate) async fn al_expiring(
+            async fn keys_expiring(
                 &self,
                 from_ms: i64,
                 until_ms: i64,

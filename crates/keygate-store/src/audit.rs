@@ -89,8 +89,9 @@ macro_rules! push_filter {
 /// The audit methods of a store over `$pool` (a sqlx pool of database `$db`).
 macro_rules! audit_methods {
     ($store:ty, $db:ty) => {
-        impl $store {
-            pub(crate) async fn audit_append(&self, events: &[AuditEvent]) -> crate::Result<()> {
+        #[async_trait::async_trait]
+        impl crate::AuditStore for $store {
+            async fn append_audit(&self, events: &[AuditEvent]) -> crate::Result<()> {
                 if events.is_empty() {
                     return Ok(());
                 }
@@ -180,13 +181,13 @@ macro_rules! audit_methods {
                 Ok(())
             }
 
-            pub(crate) async fn audit_heads_all(&self) -> crate::Result<Vec<(String, i64, String)>> {
+            async fn audit_heads(&self) -> crate::Result<Vec<(String, i64, String)>> {
                 Ok(sqlx::query_as("SELECT node, seq, hash FROM audit_heads ORDER BY node")
                     .fetch_all(&self.pool)
                     .await?)
             }
 
-            pub(crate) async fn audit_list(
+            async fn list_audit(
                 &self,
                 f: &AuditFilter,
                 page: &PageRequest,
@@ -200,7 +201,7 @@ macro_rules! audit_methods {
                 rows.iter().map(crate::rows::audit_from_row).collect()
             }
 
-            pub(crate) async fn audit_chain_page(
+            async fn audit_chain(
                 &self,
                 node: &str,
                 after_seq: i64,
@@ -219,7 +220,7 @@ macro_rules! audit_methods {
                 rows.iter().map(crate::rows::audit_from_row).collect()
             }
 
-            pub(crate) async fn usage_rows(
+            async fn usage(
                 &self,
                 of: &UsageOf,
                 bucket_ms: i64,
@@ -249,7 +250,7 @@ macro_rules! audit_methods {
                 Ok(page_usage(rows))
             }
 
-            pub(crate) async fn usage_prune(&self, before_ms: i64) -> crate::Result<u64> {
+            async fn prune_usage(&self, before_ms: i64) -> crate::Result<u64> {
                 let r = sqlx::QueryBuilder::<$db>::new("DELETE FROM usage_minutes WHERE minute < ")
                     .push_bind(before_ms)
                     .build()

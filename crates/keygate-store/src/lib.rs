@@ -109,9 +109,119 @@ pub trait ChangeFeed: Send {
     async fn next(&mut self) -> Result<Option<String>>;
 }
 
+/// The audit log's tables: events, chain heads, usage.
+#[async_trait]
+pub trait AuditStore {
+    /// Appends audit events in one transaction: per node, events at or below the node's
+    /// stored head are skipped (a replay after a crash), the rest are inserted, their usage is
+    /// added to the per-minute roll-up and the head moves to the last one.
+    async fn append_audit(&self, events: &[keygate_core::AuditEvent]) -> Result<()>;
+    /// Every node's chain head `(node, seq, hash)`.
+    async fn audit_heads(&self) -> Result<Vec<(String, i64, String)>>;
+    /// Audit events matching `filter`, newest first.
+    async fn list_audit(
+        &self,
+        filter: &AuditFilter,
+        page: &PageRequest,
+    ) -> Result<Vec<keygate_core::AuditEvent>>;
+    /// A node's events after `after_seq`, in chain order (for verification).
+    async fn audit_chain(
+        &self,
+        node: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> Result<Vec<keygate_core::AuditEvent>>;
+    /// Requests and credits by bucket of `bucket_ms` and decision code, in `[since, until)`.
+    async fn usage(
+        &self,
+        of: &UsageOf,
+        bucket_ms: i64,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<UsageRow>>;
+    /// Drops usage minutes before `before_ms` (retention). Returns how many rows went.
+    async fn prune_usage(&self, before_ms: i64) -> Result<u64>;
+}
+
+/// Webhook endpoints and the delivery queue.
+#[async_trait]
+pub trait WebhookStore {
+    /// Inserts a webhook endpoint.
+    async fn insert_webhook(&self, w: &WebhookEndpoint) -> Result<()>;
+    /// A tenant's webhook endpoints, newest first.
+    async fn list_webhooks(
+        &self,
+        tenant_id: &str,
+        page: &PageRequest,
+    ) -> Result<Vec<WebhookEndpoint>>;
+    /// One endpoint.
+    async fn get_webhook(&self, id: &str) -> Result<Option<WebhookEndpoint>>;
+    /// Deletes an endpoint (its pending deliveries fail). `false` if it did not exist.
+    async fn delete_webhook(&self, id: &str) -> Result<bool>;
+    /// Enables or disables an endpoint (with a reason when disabled).
+    async fn set_webhook_enabled(
+        &self,
+        id: &str,
+        enabled: bool,
+        reason: Option<&str>,
+    ) -> Result<bool>;
+    /// Queues deliveries.
+    async fn enqueue_deliveries(&self, deliveries: &[Delivery]) -> Result<()>;
+    /// Claims up to `limit` pending deliveries due at `now_ms`: each is moved to
+    /// `lease_until_ms` with a conditional update, so one node sends it (another retries it
+    /// after the lease if that node dies).
+    async fn claim_deliveries(
+        &self,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Delivery>>;
+    /// Writes the outcome of an attempt, if the delivery is still under the claim that ends at
+    /// `claimed_until_ms` (else another node took it over: `false`, nothing written).
+    async fn finish_delivery(&self, d: &Delivery, claimed_until_ms: i64) -> Result<bool>;
+    /// An endpoint's deliveries, newest first.
+    async fn list_deliveries(&self, endpoint_id: &str, page: &PageRequest)
+        -> Result<Vec<Delivery>>;
+}
+
+/// Alerts, key sightings, leases and the keys background jobs look for.
+#[async_trait]
+pub trait AlertStore {
+    /// Records an alert unless one with the same `dedupe` exists. `true` if it is new.
+    async fn insert_alert(&self, a: &Alert) -> Result<bool>;
+    /// Alerts, newest first (one tenant's, or all).
+    async fn list_alerts(&self, tenant_id: Option<&str>, page: &PageRequest) -> Result<Vec<Alert>>;
+    /// Notes that `key_id` was used from `value` (a network or an origin; `kind` says which).
+    /// `None` if it was seen there before; `Some(true)` if this is a new place for a key
+    /// already seen elsewhere; `Some(false)` for the key's first place of that kind.
+    async fn note_sighting(
+        &self,
+        key_id: &str,
+        kind: &str,
+        value: &str,
+        at_ms: i64,
+    ) -> Result<Option<bool>>;
+    /// Active keys expiring in `[from_ms, until_ms)`.
+    async fn keys_expiring(&self, from_ms: i64, until_ms: i64) -> Result<Vec<KeyRecord>>;
+
+    /// Takes or renews the lease `name` for `holder` until `until_ms`, if it is free, expired
+    /// or already `holder`'s. `true` if `holder` holds it now.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool>;
+    /// Active, not yet rotated keys with `rotation_days` whose period has run out.
+    async fn keys_due_for_rotation(&self, now_ms: i64, limit: u32) -> Result<Vec<KeyRecord>>;
+}
+
 /// Persistent state of keygate. Implementations must be safe to call from many tasks.
 #[async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+pub trait Store:
+    AuditStore + WebhookStore + AlertStore + Send + Sync + std::fmt::Debug + 'static
+{
     /// Applies pending schema migrations.
     async fn migrate(&self) -> Result<()>;
 
@@ -172,102 +282,6 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn withdraw_credits(&self, tenant_id: &str, want: u64) -> Result<Withdrawal>;
     /// Returns unused leased credits to a tenant's pool.
     async fn refund_credits(&self, tenant_id: &str, amount: u64) -> Result<()>;
-
-    /// Appends audit events in one transaction: per node, events at or below the node's
-    /// stored head are skipped (a replay after a crash), the rest are inserted, their usage is
-    /// added to the per-minute roll-up and the head moves to the last one.
-    async fn append_audit(&self, events: &[keygate_core::AuditEvent]) -> Result<()>;
-    /// Every node's chain head `(node, seq, hash)`.
-    async fn audit_heads(&self) -> Result<Vec<(String, i64, String)>>;
-    /// Audit events matching `filter`, newest first.
-    async fn list_audit(
-        &self,
-        filter: &AuditFilter,
-        page: &PageRequest,
-    ) -> Result<Vec<keygate_core::AuditEvent>>;
-    /// A node's events after `after_seq`, in chain order (for verification).
-    async fn audit_chain(
-        &self,
-        node: &str,
-        after_seq: i64,
-        limit: u32,
-    ) -> Result<Vec<keygate_core::AuditEvent>>;
-    /// Requests and credits by bucket of `bucket_ms` and decision code, in `[since, until)`.
-    async fn usage(
-        &self,
-        of: &UsageOf,
-        bucket_ms: i64,
-        since_ms: i64,
-        until_ms: i64,
-    ) -> Result<Vec<UsageRow>>;
-    /// Drops usage minutes before `before_ms` (retention). Returns how many rows went.
-    async fn prune_usage(&self, before_ms: i64) -> Result<u64>;
-
-    /// Inserts a webhook endpoint.
-    async fn insert_webhook(&self, w: &WebhookEndpoint) -> Result<()>;
-    /// A tenant's webhook endpoints, newest first.
-    async fn list_webhooks(
-        &self,
-        tenant_id: &str,
-        page: &PageRequest,
-    ) -> Result<Vec<WebhookEndpoint>>;
-    /// One endpoint.
-    async fn get_webhook(&self, id: &str) -> Result<Option<WebhookEndpoint>>;
-    /// Deletes an endpoint (its pending deliveries fail). `false` if it did not exist.
-    async fn delete_webhook(&self, id: &str) -> Result<bool>;
-    /// Enables or disables an endpoint (with a reason when disabled).
-    async fn set_webhook_enabled(
-        &self,
-        id: &str,
-        enabled: bool,
-        reason: Option<&str>,
-    ) -> Result<bool>;
-    /// Queues deliveries.
-    async fn enqueue_deliveries(&self, deliveries: &[Delivery]) -> Result<()>;
-    /// Claims up to `limit` pending deliveries due at `now_ms`: each is moved to
-    /// `lease_until_ms` with a conditional update, so one node sends it (another retries it
-    /// after the lease if that node dies).
-    async fn claim_deliveries(
-        &self,
-        now_ms: i64,
-        lease_until_ms: i64,
-        limit: u32,
-    ) -> Result<Vec<Delivery>>;
-    /// Writes the outcome of an attempt, if the delivery is still under the claim that ends at
-    /// `claimed_until_ms` (else another node took it over: `false`, nothing written).
-    async fn finish_delivery(&self, d: &Delivery, claimed_until_ms: i64) -> Result<bool>;
-    /// An endpoint's deliveries, newest first.
-    async fn list_deliveries(&self, endpoint_id: &str, page: &PageRequest)
-        -> Result<Vec<Delivery>>;
-
-    /// Records an alert unless one with the same `dedupe` exists. `true` if it is new.
-    async fn insert_alert(&self, a: &Alert) -> Result<bool>;
-    /// Alerts, newest first (one tenant's, or all).
-    async fn list_alerts(&self, tenant_id: Option<&str>, page: &PageRequest) -> Result<Vec<Alert>>;
-    /// Notes that `key_id` was used from `value` (a network or an origin; `kind` says which).
-    /// `None` if it was seen there before; `Some(true)` if this is a new place for a key
-    /// already seen elsewhere; `Some(false)` for the key's first place of that kind.
-    async fn note_sighting(
-        &self,
-        key_id: &str,
-        kind: &str,
-        value: &str,
-        at_ms: i64,
-    ) -> Result<Option<bool>>;
-    /// Active keys expiring in `[from_ms, until_ms)`.
-    async fn keys_expiring(&self, from_ms: i64, until_ms: i64) -> Result<Vec<KeyRecord>>;
-
-    /// Takes or renews the lease `name` for `holder` until `until_ms`, if it is free, expired
-    /// or already `holder`'s. `true` if `holder` holds it now.
-    async fn acquire_lease(
-        &self,
-        name: &str,
-        holder: &str,
-        now_ms: i64,
-        until_ms: i64,
-    ) -> Result<bool>;
-    /// Active, not yet rotated keys with `rotation_days` whose period has run out.
-    async fn keys_due_for_rotation(&self, now_ms: i64, limit: u32) -> Result<Vec<KeyRecord>>;
 
     /// Tells every node sharing this store that something changed (`key:<hash hex>`,
     /// `family:<id>`, `tenant:<id>`, `cors`). A store that only one node uses does nothing.

@@ -55,8 +55,9 @@ where
 
 macro_rules! webhook_methods {
     ($store:ty, $db:ty) => {
-        impl $store {
-            pub(crate) async fn wh_insert(&self, w: &WebhookEndpoint) -> crate::Result<()> {
+        #[async_trait::async_trait]
+        impl crate::WebhookStore for $store {
+            async fn insert_webhook(&self, w: &WebhookEndpoint) -> crate::Result<()> {
                 let mut q = sqlx::QueryBuilder::<$db>::new(
                     "INSERT INTO webhook_endpoints (id, tenant_id, url, secret, events, enabled, \
                      disabled_reason, created_at) ",
@@ -75,7 +76,7 @@ macro_rules! webhook_methods {
                 Ok(())
             }
 
-            pub(crate) async fn wh_list(
+            async fn list_webhooks(
                 &self,
                 tenant_id: &str,
                 page: &PageRequest,
@@ -91,7 +92,7 @@ macro_rules! webhook_methods {
                 rows.iter().map(endpoint_from).collect()
             }
 
-            pub(crate) async fn wh_get(&self, id: &str) -> crate::Result<Option<WebhookEndpoint>> {
+            async fn get_webhook(&self, id: &str) -> crate::Result<Option<WebhookEndpoint>> {
                 let row = sqlx::QueryBuilder::<$db>::new("SELECT * FROM webhook_endpoints WHERE id = ")
                     .push_bind(id.to_owned())
                     .build()
@@ -100,7 +101,7 @@ macro_rules! webhook_methods {
                 row.as_ref().map(endpoint_from).transpose()
             }
 
-            pub(crate) async fn wh_delete(&self, id: &str) -> crate::Result<bool> {
+            async fn delete_webhook(&self, id: &str) -> crate::Result<bool> {
                 let mut tx = self.pool.begin().await?;
                 sqlx::QueryBuilder::<$db>::new(
                     "UPDATE webhook_deliveries SET status = 'failed', last_error = 'endpoint deleted' \
@@ -119,7 +120,7 @@ macro_rules! webhook_methods {
                 Ok(r.rows_affected() == 1)
             }
 
-            pub(crate) async fn wh_set_enabled(
+            async fn set_webhook_enabled(
                 &self,
                 id: &str,
                 enabled: bool,
@@ -137,7 +138,7 @@ macro_rules! webhook_methods {
                 Ok(r.rows_affected() == 1)
             }
 
-            pub(crate) async fn wh_enqueue(&self, ds: &[Delivery]) -> crate::Result<()> {
+            async fn enqueue_deliveries(&self, ds: &[Delivery]) -> crate::Result<()> {
                 if ds.is_empty() {
                     return Ok(());
                 }
@@ -163,7 +164,7 @@ macro_rules! webhook_methods {
                 Ok(())
             }
 
-            pub(crate) async fn wh_claim(
+            async fn claim_deliveries(
                 &self,
                 now_ms: i64,
                 lease_until_ms: i64,
@@ -197,7 +198,7 @@ macro_rules! webhook_methods {
                 Ok(out)
             }
 
-            pub(crate) async fn wh_finish(
+            async fn finish_delivery(
                 &self,
                 d: &Delivery,
                 claimed_until_ms: i64,
@@ -224,7 +225,7 @@ macro_rules! webhook_methods {
                 Ok(r.rows_affected() == 1)
             }
 
-            pub(crate) async fn wh_deliveries(
+            async fn list_deliveries(
                 &self,
                 endpoint_id: &str,
                 page: &PageRequest,
