@@ -118,11 +118,7 @@ pub async fn list(
         cursor: q.cursor.clone(),
     }
     .page()?;
-    let tenant_id = if caller.is_operator() && q.tenant_id.is_none() {
-        None
-    } else {
-        Some(caller.act_in(&state, q.tenant_id.as_deref()).await?)
-    };
+    let tenant_id = caller.scope(&state, q.tenant_id.as_deref()).await?;
     let filter = AuditFilter {
         tenant_id,
         key_id: q.key_id,
@@ -313,11 +309,7 @@ pub async fn alerts(
         cursor: q.cursor,
     }
     .page()?;
-    let tenant = if caller.is_operator() && q.tenant_id.is_none() {
-        None
-    } else {
-        Some(caller.act_in(&state, q.tenant_id.as_deref()).await?)
-    };
+    let tenant = caller.scope(&state, q.tenant_id.as_deref()).await?;
     let items = state.store.list_alerts(tenant.as_deref(), &page).await?;
     let next = next_cursor(&items, page.limit, |a| &a.id);
     Ok(axum::Json(ListView {

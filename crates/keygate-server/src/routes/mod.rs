@@ -109,6 +109,19 @@ impl Caller {
         self.is_operator() || tenant_id == self.tenant()
     }
 
+    /// The tenant a listing is limited to: none for the operator naming none (every tenant),
+    /// else [`Caller::act_in`].
+    pub async fn scope(
+        &self,
+        state: &AppState,
+        requested: Option<&str>,
+    ) -> Result<Option<String>, ApiError> {
+        if self.is_operator() && requested.is_none() {
+            return Ok(None);
+        }
+        self.act_in(state, requested).await.map(Some)
+    }
+
     /// The tenant to act in: `requested` if the caller may (else 404, as if it did not exist),
     /// or the caller's own.
     pub async fn act_in(
