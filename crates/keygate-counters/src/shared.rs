@@ -221,8 +221,13 @@ impl SharedCounters {
             (i64::from(r.limit), i64::from(r.window_seconds) * 1000)
         });
         let free = charge.cost == 0 || (charge.budget.is_none() && self.pool_unlimited(tenant_id));
-        // At most a few rounds: each refill moves credits from the store into Redis.
-        for _ in 0..6 {
+        // Each round either decides, or moves credits from the store into Redis (a refill, by
+        // this request or by one it waited for). Under contention a small lease (a budget of 100
+        // is leased 2 credits at a time) can be drained by other requests before this one gets
+        // its turn, so rounds are not capped at a small number: they stop when the store says
+        // the money is gone, or after a deadline (then 503, as for a slow Redis).
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while std::time::Instant::now() < deadline {
             let (reply, rx) = oneshot::channel();
             let job = Job {
                 tenant_id: tenant_id.to_owned(),
