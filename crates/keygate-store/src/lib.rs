@@ -14,6 +14,7 @@
 
 mod alerts;
 mod audit;
+mod oauth;
 mod postgres;
 mod rows;
 mod sqlite;
@@ -217,10 +218,75 @@ pub trait AlertStore {
     async fn keys_due_for_rotation(&self, now_ms: i64, limit: u32) -> Result<Vec<KeyRecord>>;
 }
 
+/// The OAuth authorization server's tables.
+#[async_trait]
+pub trait OAuthStore {
+    /// Registers a client.
+    async fn insert_client(&self, c: &OAuthClient) -> Result<()>;
+    /// A client by id.
+    async fn get_client(&self, id: &str) -> Result<Option<OAuthClient>>;
+    /// Clients, newest first (of one tenant, or all).
+    async fn list_clients(
+        &self,
+        tenant_id: Option<&str>,
+        page: &PageRequest,
+    ) -> Result<Vec<OAuthClient>>;
+    /// Deletes a client and revokes its grants; answers the client id followed by the ids of
+    /// the grants it revoked, or nothing if there was no such client.
+    async fn delete_client(&self, id: &str, now_ms: i64) -> Result<Vec<String>>;
+    /// A user of a tenant by (lower-case) email.
+    async fn get_user_by_email(&self, tenant_id: &str, email: &str) -> Result<Option<User>>;
+    /// Stores an authorization code.
+    async fn insert_code(&self, c: &AuthCode) -> Result<()>;
+    /// Consumes a code (single use across every node), naming the grant it starts.
+    async fn use_code(&self, hash: &str, grant_id: &str, now_ms: i64) -> Result<CodeUse>;
+    /// Stores a grant with its first refresh token, in one transaction.
+    async fn insert_grant(&self, g: &OAuthGrant, refresh: Option<&RefreshToken>) -> Result<()>;
+    /// A grant by id.
+    async fn get_grant(&self, id: &str) -> Result<Option<OAuthGrant>>;
+    /// Revokes a grant (every token of the family); false if it was already revoked.
+    async fn revoke_grant(&self, id: &str, now_ms: i64, reason: &str) -> Result<bool>;
+    /// Consumes a refresh token and stores its successor (in the same family) in one
+    /// transaction; a token used before is answered as `Reused` and nothing is stored.
+    async fn use_refresh(
+        &self,
+        hash: &str,
+        successor: &RefreshToken,
+        now_ms: i64,
+    ) -> Result<RefreshUse>;
+    /// A refresh token by hash.
+    async fn get_refresh(&self, hash: &str) -> Result<Option<RefreshToken>>;
+    /// Revokes one access token by `jti`.
+    async fn revoke_access_token(
+        &self,
+        jti: &str,
+        grant_id: &str,
+        expires_at_ms: i64,
+    ) -> Result<()>;
+    /// Whether an access token was revoked.
+    async fn access_token_revoked(&self, jti: &str) -> Result<bool>;
+    /// Whether the user consented to this client and scope set.
+    async fn has_consent(&self, user_id: &str, client_id: &str, scope: &str) -> Result<bool>;
+    /// Remembers a consent.
+    async fn insert_consent(
+        &self,
+        user_id: &str,
+        client_id: &str,
+        scope: &str,
+        now_ms: i64,
+    ) -> Result<()>;
+    /// Every signing key, newest first.
+    async fn signing_keys(&self) -> Result<Vec<SigningKey>>;
+    /// Adds a signing key and retires the active keys created before `retire_before_ms`.
+    async fn add_signing_key(&self, k: &SigningKey, retire_before_ms: i64) -> Result<()>;
+    /// A secret shared by every node: the stored value, or `candidate` if none was stored.
+    async fn shared_secret(&self, name: &str, candidate: &str, now_ms: i64) -> Result<String>;
+}
+
 /// Persistent state of keygate. Implementations must be safe to call from many tasks.
 #[async_trait]
 pub trait Store:
-    AuditStore + WebhookStore + AlertStore + Send + Sync + std::fmt::Debug + 'static
+    AuditStore + WebhookStore + AlertStore + OAuthStore + Send + Sync + std::fmt::Debug + 'static
 {
     /// Applies pending schema migrations.
     async fn migrate(&self) -> Result<()>;

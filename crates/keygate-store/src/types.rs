@@ -253,3 +253,137 @@ pub struct Alert {
     /// Unix ms.
     pub at_ms: i64,
 }
+
+/// An OAuth client registered in a tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthClient {
+    /// `cli_…` (the `client_id`).
+    pub id: String,
+    /// Owner.
+    pub tenant_id: String,
+    /// Display name (shown on the consent page).
+    pub name: String,
+    /// `public` (no secret, PKCE required) or `confidential`.
+    pub client_type: String,
+    /// SHA-256 (hex) of the client secret; `None` for public clients.
+    pub secret_hash: Option<String>,
+    /// Exact redirect URIs.
+    pub redirect_uris: Vec<String>,
+    /// Scopes the client may ask for.
+    pub scopes: Vec<String>,
+    /// Unix ms.
+    pub created_at_ms: i64,
+}
+
+/// An authorization code, stored by its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthCode {
+    /// SHA-256 (hex) of the code.
+    pub hash: String,
+    /// The client it was issued to.
+    pub client_id: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// The user who approved it.
+    pub user_id: String,
+    /// The redirect URI of the authorization request.
+    pub redirect_uri: String,
+    /// The S256 code challenge.
+    pub challenge: String,
+    /// Granted scope (space separated).
+    pub scope: String,
+    /// Unix ms.
+    pub created_at_ms: i64,
+    /// Unix ms.
+    pub expires_at_ms: i64,
+    /// When it was exchanged.
+    pub used_at_ms: Option<i64>,
+    /// The grant its exchange started.
+    pub grant_id: Option<String>,
+}
+
+/// What became of a code presented at the token endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CodeUse {
+    /// This call consumed it.
+    Fresh(AuthCode),
+    /// It had been used before (its `grant_id` is the grant to revoke).
+    Reused(AuthCode),
+    /// No such code.
+    Unknown,
+}
+
+/// A grant: one token family (every token issued from one code or one client-credentials call).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthGrant {
+    /// `grt_…`
+    pub id: String,
+    /// Client.
+    pub client_id: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// The user, for the authorization-code grant.
+    pub user_id: Option<String>,
+    /// Scope (space separated).
+    pub scope: String,
+    /// Unix ms.
+    pub created_at_ms: i64,
+    /// The refresh tokens' absolute end, Unix ms.
+    pub expires_at_ms: i64,
+    /// Unix ms.
+    pub revoked_at_ms: Option<i64>,
+    /// Why (`revoked`, `refresh_reuse`, `code_reuse`).
+    pub revoked_reason: Option<String>,
+}
+
+/// A refresh token, stored by its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshToken {
+    /// SHA-256 (hex) of the token.
+    pub hash: String,
+    /// Its grant.
+    pub grant_id: String,
+    /// Unix ms.
+    pub created_at_ms: i64,
+    /// When it was exchanged for its successor.
+    pub used_at_ms: Option<i64>,
+}
+
+/// What became of a refresh token presented at the token endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshUse {
+    /// This call consumed it.
+    Fresh(RefreshToken),
+    /// It had been used before: the family must be revoked.
+    Reused(RefreshToken),
+    /// No such token.
+    Unknown,
+}
+
+/// A JWT signing key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SigningKey {
+    /// Key id (`kid`).
+    pub kid: String,
+    /// JOSE algorithm (`EdDSA`).
+    pub alg: String,
+    /// PKCS#8 private key, base64.
+    pub private_key: String,
+    /// The public key (JWK `x`, base64url).
+    pub public_x: String,
+    /// Unix ms.
+    pub created_at_ms: i64,
+    /// When it stopped signing, Unix ms.
+    pub retired_at_ms: Option<i64>,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .field("private_key", &"<redacted>")
+            .field("retired_at_ms", &self.retired_at_ms)
+            .finish_non_exhaustive()
+    }
+}

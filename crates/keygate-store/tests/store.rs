@@ -629,3 +629,240 @@ async fn one_node_holds_a_lease_until_it_lapses() {
     })
     .await;
 }
+
+fn refresh(hash: &str, grant: &str) -> keygate_store::RefreshToken {
+    keygate_store::RefreshToken {
+        hash: hash.into(),
+        grant_id: grant.into(),
+        created_at_ms: 1,
+        used_at_ms: None,
+    }
+}
+
+#[tokio::test]
+async fn oauth_codes_and_refresh_tokens_are_single_use_across_racers() {
+    use keygate_store::{AuthCode, CodeUse, OAuthGrant, RefreshUse};
+    on_both(|s, _| async move {
+        let code = AuthCode {
+            hash: "c1".into(),
+            client_id: "cli_1".into(),
+            tenant_id: "default".into(),
+            user_id: "usr_1".into(),
+            redirect_uri: "https://a.example/cb".into(),
+            challenge: "ch".into(),
+            scope: "docs:read".into(),
+            created_at_ms: 1,
+            expires_at_ms: 60_001,
+            used_at_ms: None,
+            grant_id: None,
+        };
+        s.insert_code(&code).await.expect("insert code");
+        // Eight exchanges at once: exactly one wins; the others see a reuse naming the grant.
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.use_code("c1", &format!("grt_{i}"), 5).await.expect("use")
+            }));
+        }
+        let mut fresh = Vec::new();
+        let mut reused = 0;
+        for t in tasks {
+            match t.await.expect("join") {
+                CodeUse::Fresh(c) => fresh.push(c),
+                CodeUse::Reused(c) => {
+                    assert!(c.grant_id.is_some());
+                    reused += 1;
+                }
+                CodeUse::Unknown => panic!("the code exists"),
+            }
+        }
+        assert_eq!((fresh.len(), reused), (1, 7));
+        let winner = fresh.pop().expect("winner");
+        assert_eq!(winner.used_at_ms, Some(5));
+        assert_eq!(
+            s.use_code("nope", "g", 5).await.expect("use"),
+            CodeUse::Unknown
+        );
+
+        let grant = OAuthGrant {
+            id: "grt_a".into(),
+            client_id: "cli_1".into(),
+            tenant_id: "default".into(),
+            user_id: Some("usr_1".into()),
+            scope: "docs:read".into(),
+            created_at_ms: 1,
+            expires_at_ms: 1_000_000,
+            revoked_at_ms: None,
+            revoked_reason: None,
+        };
+        s.insert_grant(&grant, Some(&refresh("r0", "grt_a")))
+            .await
+            .expect("grant");
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                s.use_refresh("r0", &refresh(&format!("r1_{i}"), "ignored"), 7)
+                    .await
+                    .expect("use")
+            }));
+        }
+        let mut fresh = 0;
+        for t in tasks {
+            match t.await.expect("join") {
+                RefreshUse::Fresh(rt) => {
+                    assert_eq!(rt.grant_id, "grt_a");
+                    fresh += 1;
+                }
+                RefreshUse::Reused(_) => {}
+                RefreshUse::Unknown => panic!("the token exists"),
+            }
+        }
+        assert_eq!(fresh, 1, "one successor only");
+        // Exactly one successor was stored, in the same family, unused.
+        let mut successors = Vec::new();
+        for i in 0..8 {
+            if let Some(rt) = s.get_refresh(&format!("r1_{i}")).await.expect("get") {
+                successors.push(rt);
+            }
+        }
+        assert_eq!(successors.len(), 1);
+        assert_eq!(successors[0].grant_id, "grt_a");
+        assert_eq!(successors[0].used_at_ms, None);
+
+        assert!(s
+            .revoke_grant("grt_a", 9, "refresh_reuse")
+            .await
+            .expect("revoke"));
+        assert!(!s.revoke_grant("grt_a", 10, "again").await.expect("revoke"));
+        let g = s.get_grant("grt_a").await.expect("get").expect("grant");
+        assert_eq!(
+            (g.revoked_at_ms, g.revoked_reason.as_deref()),
+            (Some(9), Some("refresh_reuse"))
+        );
+
+        assert!(!s.access_token_revoked("at_1").await.expect("read"));
+        s.revoke_access_token("at_1", "grt_a", 99)
+            .await
+            .expect("revoke");
+        s.revoke_access_token("at_1", "grt_a", 99)
+            .await
+            .expect("twice is fine");
+        assert!(s.access_token_revoked("at_1").await.expect("read"));
+
+        assert!(!s
+            .has_consent("usr_1", "cli_1", "docs:read")
+            .await
+            .expect("read"));
+        s.insert_consent("usr_1", "cli_1", "docs:read", 1)
+            .await
+            .expect("consent");
+        s.insert_consent("usr_1", "cli_1", "docs:read", 2)
+            .await
+            .expect("again");
+        assert!(s
+            .has_consent("usr_1", "cli_1", "docs:read")
+            .await
+            .expect("read"));
+        assert!(!s
+            .has_consent("usr_1", "cli_1", "docs:read ocr:read")
+            .await
+            .expect("read"));
+
+        // The first stored secret wins; later candidates are ignored.
+        assert_eq!(
+            s.shared_secret("x", "first", 1).await.expect("secret"),
+            "first"
+        );
+        assert_eq!(
+            s.shared_secret("x", "second", 2).await.expect("secret"),
+            "first"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn oauth_clients_and_signing_keys_round_trip() {
+    use keygate_store::{OAuthClient, SigningKey};
+    on_both(|s, _| async move {
+        let c = OAuthClient {
+            id: "cli_1".into(),
+            tenant_id: "default".into(),
+            name: "Portal".into(),
+            client_type: "public".into(),
+            secret_hash: None,
+            redirect_uris: vec!["https://a.example/cb".into()],
+            scopes: vec!["docs:read".into()],
+            created_at_ms: 1,
+        };
+        s.insert_tenant(&tenant("default", None))
+            .await
+            .expect("tenant");
+        s.insert_client(&c).await.expect("insert");
+        assert_eq!(s.get_client("cli_1").await.expect("get"), Some(c.clone()));
+        assert_eq!(
+            s.list_clients(Some("default"), &page(10, None))
+                .await
+                .expect("list"),
+            vec![c.clone()]
+        );
+        assert!(s
+            .list_clients(Some("other"), &page(10, None))
+            .await
+            .expect("list")
+            .is_empty());
+        let grant = keygate_store::OAuthGrant {
+            id: "grt_1".into(),
+            client_id: "cli_1".into(),
+            tenant_id: "default".into(),
+            user_id: None,
+            scope: "docs:read".into(),
+            created_at_ms: 1,
+            expires_at_ms: 2,
+            revoked_at_ms: None,
+            revoked_reason: None,
+        };
+        s.insert_grant(&grant, None).await.expect("grant");
+        assert_eq!(
+            s.delete_client("cli_1", 5).await.expect("delete"),
+            vec!["cli_1".to_owned(), "grt_1".to_owned()]
+        );
+        assert_eq!(
+            s.get_grant("grt_1")
+                .await
+                .expect("get")
+                .and_then(|g| g.revoked_at_ms),
+            Some(5)
+        );
+        assert!(s
+            .delete_client("cli_1", 6)
+            .await
+            .expect("delete")
+            .is_empty());
+
+        let key = |kid: &str, at: i64| SigningKey {
+            kid: kid.into(),
+            alg: "EdDSA".into(),
+            private_key: "cHJpdg==".into(),
+            public_x: "x".into(),
+            created_at_ms: at,
+            retired_at_ms: None,
+        };
+        s.add_signing_key(&key("k1", 10), 10).await.expect("add");
+        s.add_signing_key(&key("k2", 20), 20).await.expect("add");
+        let keys = s.signing_keys().await.expect("keys");
+        assert_eq!(
+            keys.iter().map(|k| k.kid.as_str()).collect::<Vec<_>>(),
+            vec!["k2", "k1"]
+        );
+        assert_eq!(keys[0].retired_at_ms, None);
+        assert_eq!(
+            keys[1].retired_at_ms,
+            Some(20),
+            "the older key is retired by the newer"
+        );
+    })
+    .await;
+}

@@ -1,0 +1,490 @@
+//! The OAuth tables: one implementation for both backends (see `audit.rs` for the pattern).
+//!
+//! Single use is enforced by the database: a code or refresh token is consumed by a conditional
+//! `UPDATE … WHERE used_at IS NULL`, so of two nodes racing with the same token exactly one wins
+//! and the other sees a reuse.
+
+use crate::rows::{json_list, parse_list, user_from_row};
+use crate::{
+    AuthCode, CodeUse, OAuthClient, OAuthGrant, PageRequest, RefreshToken, RefreshUse, SigningKey,
+    User,
+};
+use sqlx::Row;
+
+macro_rules! decoder {
+    (fn $name:ident($r:ident) -> $out:ty $body:block) => {
+        fn $name<R: Row>($r: &R) -> crate::Result<$out>
+        where
+            for<'a> &'a str: sqlx::ColumnIndex<R>,
+            for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+            for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+            for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+            for<'a> Option<i64>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+        $body
+    };
+}
+
+decoder!(fn client_from(r) -> OAuthClient {
+    let uris: String = r.try_get("redirect_uris")?;
+    let scopes: String = r.try_get("scopes")?;
+    Ok(OAuthClient {
+        id: r.try_get("id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        name: r.try_get("name")?,
+        client_type: r.try_get("client_type")?,
+        secret_hash: r.try_get("secret_hash")?,
+        redirect_uris: parse_list(&uris, "client redirect_uris")?,
+        scopes: parse_list(&scopes, "client scopes")?,
+        created_at_ms: r.try_get("created_at")?,
+    })
+});
+
+decoder!(fn code_from(r) -> AuthCode {
+    Ok(AuthCode {
+        hash: r.try_get("hash")?,
+        client_id: r.try_get("client_id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        user_id: r.try_get("user_id")?,
+        redirect_uri: r.try_get("redirect_uri")?,
+        challenge: r.try_get("challenge")?,
+        scope: r.try_get("scope")?,
+        created_at_ms: r.try_get("created_at")?,
+        expires_at_ms: r.try_get("expires_at")?,
+        used_at_ms: r.try_get("used_at")?,
+        grant_id: r.try_get("grant_id")?,
+    })
+});
+
+decoder!(fn grant_from(r) -> OAuthGrant {
+    Ok(OAuthGrant {
+        id: r.try_get("id")?,
+        client_id: r.try_get("client_id")?,
+        tenant_id: r.try_get("tenant_id")?,
+        user_id: r.try_get("user_id")?,
+        scope: r.try_get("scope")?,
+        created_at_ms: r.try_get("created_at")?,
+        expires_at_ms: r.try_get("expires_at")?,
+        revoked_at_ms: r.try_get("revoked_at")?,
+        revoked_reason: r.try_get("revoked_reason")?,
+    })
+});
+
+decoder!(fn refresh_from(r) -> RefreshToken {
+    Ok(RefreshToken {
+        hash: r.try_get("hash")?,
+        grant_id: r.try_get("grant_id")?,
+        created_at_ms: r.try_get("created_at")?,
+        used_at_ms: r.try_get("used_at")?,
+    })
+});
+
+decoder!(fn signing_key_from(r) -> SigningKey {
+    Ok(SigningKey {
+        kid: r.try_get("kid")?,
+        alg: r.try_get("alg")?,
+        private_key: r.try_get("private_key")?,
+        public_x: r.try_get("public_x")?,
+        created_at_ms: r.try_get("created_at")?,
+        retired_at_ms: r.try_get("retired_at")?,
+    })
+});
+
+macro_rules! oauth_methods {
+    ($store:ty, $db:ty) => {
+        #[async_trait::async_trait]
+        impl crate::OAuthStore for $store {
+            async fn insert_client(&self, c: &OAuthClient) -> crate::Result<()> {
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO oauth_clients (id, tenant_id, name, client_type, secret_hash, \
+                     redirect_uris, scopes, created_at) ",
+                );
+                q.push_values([()], |mut b, ()| {
+                    b.push_bind(c.id.clone())
+                        .push_bind(c.tenant_id.clone())
+                        .push_bind(c.name.clone())
+                        .push_bind(c.client_type.clone())
+                        .push_bind(c.secret_hash.clone())
+                        .push_bind(json_list(c.redirect_uris.clone()))
+                        .push_bind(json_list(c.scopes.clone()))
+                        .push_bind(c.created_at_ms);
+                });
+                q.build().execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn get_client(&self, id: &str) -> crate::Result<Option<OAuthClient>> {
+                let row = sqlx::QueryBuilder::<$db>::new("SELECT * FROM oauth_clients WHERE id = ")
+                    .push_bind(id.to_owned())
+                    .build()
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref().map(client_from).transpose()
+            }
+
+            async fn list_clients(
+                &self,
+                tenant_id: Option<&str>,
+                page: &PageRequest,
+            ) -> crate::Result<Vec<OAuthClient>> {
+                let mut q = sqlx::QueryBuilder::<$db>::new("SELECT * FROM oauth_clients WHERE 1 = 1");
+                if let Some(t) = tenant_id {
+                    q.push(" AND tenant_id = ").push_bind(t.to_owned());
+                }
+                if let Some(c) = &page.cursor {
+                    q.push(" AND id < ").push_bind(c.clone());
+                }
+                q.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(page.limit));
+                let rows = q.build().fetch_all(&self.pool).await?;
+                rows.iter().map(client_from).collect()
+            }
+
+            async fn delete_client(&self, id: &str, now_ms: i64) -> crate::Result<Vec<String>> {
+                let mut tx = self.pool.begin().await?;
+                let grants: Vec<String> = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT id FROM oauth_grants WHERE revoked_at IS NULL AND client_id = ",
+                )
+                .push_bind(id.to_owned())
+                .build()
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>("id"))
+                .collect::<Result<_, _>>()?;
+                sqlx::QueryBuilder::<$db>::new("UPDATE oauth_grants SET revoked_at = ")
+                    .push_bind(now_ms)
+                    .push(", revoked_reason = 'client_deleted' WHERE revoked_at IS NULL AND client_id = ")
+                    .push_bind(id.to_owned())
+                    .build()
+                    .execute(&mut *tx)
+                    .await?;
+                let r = sqlx::QueryBuilder::<$db>::new("DELETE FROM oauth_clients WHERE id = ")
+                    .push_bind(id.to_owned())
+                    .build()
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                if r.rows_affected() == 0 {
+                    return Ok(Vec::new());
+                }
+                let mut out = grants;
+                out.insert(0, id.to_owned());
+                Ok(out)
+            }
+
+            async fn get_user_by_email(
+                &self,
+                tenant_id: &str,
+                email: &str,
+            ) -> crate::Result<Option<User>> {
+                let row = sqlx::QueryBuilder::<$db>::new("SELECT * FROM users WHERE tenant_id = ")
+                    .push_bind(tenant_id.to_owned())
+                    .push(" AND email = ")
+                    .push_bind(email.to_owned())
+                    .build()
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref().map(user_from_row).transpose()
+            }
+
+            async fn insert_code(&self, c: &AuthCode) -> crate::Result<()> {
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO oauth_codes (hash, client_id, tenant_id, user_id, redirect_uri, \
+                     challenge, scope, created_at, expires_at, used_at, grant_id) ",
+                );
+                q.push_values([()], |mut b, ()| {
+                    b.push_bind(c.hash.clone())
+                        .push_bind(c.client_id.clone())
+                        .push_bind(c.tenant_id.clone())
+                        .push_bind(c.user_id.clone())
+                        .push_bind(c.redirect_uri.clone())
+                        .push_bind(c.challenge.clone())
+                        .push_bind(c.scope.clone())
+                        .push_bind(c.created_at_ms)
+                        .push_bind(c.expires_at_ms)
+                        .push_bind(c.used_at_ms)
+                        .push_bind(c.grant_id.clone());
+                });
+                q.build().execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn use_code(
+                &self,
+                hash: &str,
+                grant_id: &str,
+                now_ms: i64,
+            ) -> crate::Result<CodeUse> {
+                let won = sqlx::QueryBuilder::<$db>::new("UPDATE oauth_codes SET used_at = ")
+                    .push_bind(now_ms)
+                    .push(", grant_id = ")
+                    .push_bind(grant_id.to_owned())
+                    .push(" WHERE used_at IS NULL AND hash = ")
+                    .push_bind(hash.to_owned())
+                    .build()
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected()
+                    == 1;
+                let row = sqlx::QueryBuilder::<$db>::new("SELECT * FROM oauth_codes WHERE hash = ")
+                    .push_bind(hash.to_owned())
+                    .build()
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(match row.as_ref().map(code_from).transpose()? {
+                    Some(c) if won => CodeUse::Fresh(c),
+                    Some(c) => CodeUse::Reused(c),
+                    None => CodeUse::Unknown,
+                })
+            }
+
+            async fn insert_grant(
+                &self,
+                g: &OAuthGrant,
+                refresh: Option<&RefreshToken>,
+            ) -> crate::Result<()> {
+                let mut tx = self.pool.begin().await?;
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO oauth_grants (id, client_id, tenant_id, user_id, scope, \
+                     created_at, expires_at, revoked_at, revoked_reason) ",
+                );
+                q.push_values([()], |mut b, ()| {
+                    b.push_bind(g.id.clone())
+                        .push_bind(g.client_id.clone())
+                        .push_bind(g.tenant_id.clone())
+                        .push_bind(g.user_id.clone())
+                        .push_bind(g.scope.clone())
+                        .push_bind(g.created_at_ms)
+                        .push_bind(g.expires_at_ms)
+                        .push_bind(g.revoked_at_ms)
+                        .push_bind(g.revoked_reason.clone());
+                });
+                q.build().execute(&mut *tx).await?;
+                if let Some(rt) = refresh {
+                    insert_refresh_in!($db, &mut *tx, rt);
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn get_grant(&self, id: &str) -> crate::Result<Option<OAuthGrant>> {
+                let row = sqlx::QueryBuilder::<$db>::new("SELECT * FROM oauth_grants WHERE id = ")
+                    .push_bind(id.to_owned())
+                    .build()
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref().map(grant_from).transpose()
+            }
+
+            async fn revoke_grant(&self, id: &str, now_ms: i64, reason: &str) -> crate::Result<bool> {
+                let r = sqlx::QueryBuilder::<$db>::new("UPDATE oauth_grants SET revoked_at = ")
+                    .push_bind(now_ms)
+                    .push(", revoked_reason = ")
+                    .push_bind(reason.to_owned())
+                    .push(" WHERE revoked_at IS NULL AND id = ")
+                    .push_bind(id.to_owned())
+                    .build()
+                    .execute(&self.pool)
+                    .await?;
+                Ok(r.rows_affected() == 1)
+            }
+
+            async fn use_refresh(
+                &self,
+                hash: &str,
+                successor: &RefreshToken,
+                now_ms: i64,
+            ) -> crate::Result<RefreshUse> {
+                let mut tx = self.pool.begin().await?;
+                let won = sqlx::QueryBuilder::<$db>::new("UPDATE oauth_refresh_tokens SET used_at = ")
+                    .push_bind(now_ms)
+                    .push(" WHERE used_at IS NULL AND hash = ")
+                    .push_bind(hash.to_owned())
+                    .build()
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                    == 1;
+                let row = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT * FROM oauth_refresh_tokens WHERE hash = ",
+                )
+                .push_bind(hash.to_owned())
+                .build()
+                .fetch_optional(&mut *tx)
+                .await?;
+                let out = match row.as_ref().map(refresh_from).transpose()? {
+                    Some(rt) if won => {
+                        // The successor belongs to the same family.
+                        let next = RefreshToken { grant_id: rt.grant_id.clone(), ..successor.clone() };
+                        insert_refresh_in!($db, &mut *tx, &next);
+                        RefreshUse::Fresh(rt)
+                    }
+                    Some(rt) => RefreshUse::Reused(rt),
+                    None => RefreshUse::Unknown,
+                };
+                tx.commit().await?;
+                Ok(out)
+            }
+
+            async fn get_refresh(&self, hash: &str) -> crate::Result<Option<RefreshToken>> {
+                let row = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT * FROM oauth_refresh_tokens WHERE hash = ",
+                )
+                .push_bind(hash.to_owned())
+                .build()
+                .fetch_optional(&self.pool)
+                .await?;
+                row.as_ref().map(refresh_from).transpose()
+            }
+
+            async fn revoke_access_token(
+                &self,
+                jti: &str,
+                grant_id: &str,
+                expires_at_ms: i64,
+            ) -> crate::Result<()> {
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO oauth_revoked_tokens (jti, grant_id, expires_at) ",
+                );
+                q.push_values([()], |mut b, ()| {
+                    b.push_bind(jti.to_owned())
+                        .push_bind(grant_id.to_owned())
+                        .push_bind(expires_at_ms);
+                });
+                q.push(" ON CONFLICT (jti) DO NOTHING");
+                q.build().execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn access_token_revoked(&self, jti: &str) -> crate::Result<bool> {
+                let row = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT jti FROM oauth_revoked_tokens WHERE jti = ",
+                )
+                .push_bind(jti.to_owned())
+                .build()
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.is_some())
+            }
+
+            async fn has_consent(
+                &self,
+                user_id: &str,
+                client_id: &str,
+                scope: &str,
+            ) -> crate::Result<bool> {
+                let row = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT created_at FROM oauth_consents WHERE user_id = ",
+                )
+                .push_bind(user_id.to_owned())
+                .push(" AND client_id = ")
+                .push_bind(client_id.to_owned())
+                .push(" AND scope = ")
+                .push_bind(scope.to_owned())
+                .build()
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.is_some())
+            }
+
+            async fn insert_consent(
+                &self,
+                user_id: &str,
+                client_id: &str,
+                scope: &str,
+                now_ms: i64,
+            ) -> crate::Result<()> {
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO oauth_consents (user_id, client_id, scope, created_at) ",
+                );
+                q.push_values([()], |mut b, ()| {
+                    b.push_bind(user_id.to_owned())
+                        .push_bind(client_id.to_owned())
+                        .push_bind(scope.to_owned())
+                        .push_bind(now_ms);
+                });
+                q.push(" ON CONFLICT (user_id, client_id, scope) DO NOTHING");
+                q.build().execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn signing_keys(&self) -> crate::Result<Vec<SigningKey>> {
+                let rows = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT * FROM oauth_signing_keys ORDER BY created_at DESC, kid DESC",
+                )
+                .build()
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(signing_key_from).collect()
+            }
+
+            async fn add_signing_key(&self, k: &SigningKey, retire_before_ms: i64) -> crate::Result<()> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::QueryBuilder::<$db>::new("UPDATE oauth_signing_keys SET retired_at = ")
+                    .push_bind(k.created_at_ms)
+                    .push(" WHERE retired_at IS NULL AND created_at < ")
+                    .push_bind(retire_before_ms)
+                    .build()
+                    .execute(&mut *tx)
+                    .await?;
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO oauth_signing_keys (kid, alg, private_key, public_x, created_at, \
+                     retired_at) ",
+                );
+                q.push_values([()], |mut b, ()| {
+                    b.push_bind(k.kid.clone())
+                        .push_bind(k.alg.clone())
+                        .push_bind(k.private_key.clone())
+                        .push_bind(k.public_x.clone())
+                        .push_bind(k.created_at_ms)
+                        .push_bind(k.retired_at_ms);
+                });
+                q.build().execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn shared_secret(
+                &self,
+                name: &str,
+                candidate: &str,
+                now_ms: i64,
+            ) -> crate::Result<String> {
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO server_secrets (name, value, created_at) ",
+                );
+                q.push_values([()], |mut b, ()| {
+                    b.push_bind(name.to_owned())
+                        .push_bind(candidate.to_owned())
+                        .push_bind(now_ms);
+                });
+                q.push(" ON CONFLICT (name) DO NOTHING");
+                q.build().execute(&self.pool).await?;
+                let row = sqlx::QueryBuilder::<$db>::new("SELECT value FROM server_secrets WHERE name = ")
+                    .push_bind(name.to_owned())
+                    .build()
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(row.try_get("value")?)
+            }
+        }
+    };
+}
+
+macro_rules! insert_refresh_in {
+    ($db:ty, $exec:expr, $rt:expr) => {{
+        let rt: &RefreshToken = $rt;
+        let mut q = sqlx::QueryBuilder::<$db>::new(
+            "INSERT INTO oauth_refresh_tokens (hash, grant_id, created_at, used_at) ",
+        );
+        q.push_values([()], |mut b, ()| {
+            b.push_bind(rt.hash.clone())
+                .push_bind(rt.grant_id.clone())
+                .push_bind(rt.created_at_ms)
+                .push_bind(rt.used_at_ms);
+        });
+        q.build().execute($exec).await?;
+    }};
+}
+
+oauth_methods!(crate::SqliteStore, sqlx::Sqlite);
+oauth_methods!(crate::PgStore, sqlx::Postgres);
