@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real programs the tests drive, when they are missing: nginx and Caddy (the
-# forward-auth tests), Chromium (the browser test), wrk (the load test), and the browser test's
-# npm packages. Needs root for apt-get (as on CI); elsewhere prints what to install.
+# forward-auth tests), Chromium (the browser test), wrk (the load test), the browser test's
+# npm packages, and Python's authlib (the OAuth client the OAuth flow test drives). Needs root for apt-get (as on CI); elsewhere prints what to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
@@ -20,4 +20,12 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 if [ -f tests/browser/package.json ] && [ ! -d tests/browser/node_modules/playwright-core ]; then
   (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+fi
+if ! python3 -c 'import authlib, requests' 2>/dev/null; then
+  if command -v python3 >/dev/null; then
+    python3 -m pip install -q --disable-pip-version-check authlib requests \
+      || echo "could not install authlib (pip install authlib requests)" >&2
+  else
+    echo "missing python3 (with authlib and requests) for the OAuth flow test" >&2
+  fi
 fi

@@ -53,6 +53,45 @@ pub struct Config {
     pub alerts: AlertsConfig,
     /// Automatic rotation.
     pub rotation: RotationConfig,
+    /// OAuth 2.0 authorization server.
+    pub oauth: OAuthConfig,
+}
+
+/// `[oauth]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OAuthConfig {
+    /// The issuer URL (`iss` of tokens, base of the metadata). Empty: `http://` and the
+    /// address the node listens on, which is right for one node on a laptop only: behind a
+    /// proxy or with several nodes, set the public URL.
+    pub issuer: String,
+    /// `aud` of access tokens (the API they are for). Empty: the issuer.
+    pub audience: String,
+    /// Access token lifetime, seconds.
+    pub access_token_ttl_seconds: u64,
+    /// Absolute lifetime of a grant's refresh tokens (rotation does not extend it), seconds.
+    pub refresh_token_ttl_seconds: u64,
+    /// Authorization code lifetime, seconds.
+    pub code_ttl_seconds: u64,
+    /// How long a login on the authorization page is remembered, seconds.
+    pub session_ttl_seconds: u64,
+    /// A new signing key is made after this many days (0: never); the old public key stays
+    /// in the JWKS until the tokens it signed have expired.
+    pub signing_key_rotation_days: u64,
+}
+
+impl Default for OAuthConfig {
+    fn default() -> Self {
+        Self {
+            issuer: String::new(),
+            audience: String::new(),
+            access_token_ttl_seconds: 3600,
+            refresh_token_ttl_seconds: 30 * 86_400,
+            code_ttl_seconds: 60,
+            session_ttl_seconds: 12 * 3600,
+            signing_key_rotation_days: 30,
+        }
+    }
 }
 
 /// `[rotation]`
@@ -451,6 +490,7 @@ impl Default for Config {
             webhooks: WebhooksConfig::default(),
             alerts: AlertsConfig::default(),
             rotation: RotationConfig::default(),
+            oauth: OAuthConfig::default(),
         }
     }
 }
@@ -508,6 +548,25 @@ impl Config {
                 crate::gateway::Upstream::parse(u)
                     .map_err(|e| ConfigError(format!("routes[{i}].upstream: {e}")))?;
             }
+        }
+        let o = &self.oauth;
+        let issuer_ok = (o.issuer.starts_with("https://") || o.issuer.starts_with("http://"))
+            && !o.issuer.ends_with('/')
+            && !o.issuer.contains(['?', '#']);
+        if !o.issuer.is_empty() && !issuer_ok {
+            return Err(ConfigError(
+                "oauth.issuer must be an http(s) URL without a trailing slash, query or fragment"
+                    .into(),
+            ));
+        }
+        if o.access_token_ttl_seconds == 0
+            || o.refresh_token_ttl_seconds == 0
+            || o.code_ttl_seconds == 0
+            || o.session_ttl_seconds == 0
+        {
+            return Err(ConfigError(
+                "oauth lifetimes must be at least 1 second".into(),
+            ));
         }
         for (name, plan) in &self.plans {
             if let Some(s) = &plan.scopes {

@@ -12,6 +12,7 @@ pub mod headers;
 pub mod ids;
 pub mod issue;
 pub mod metrics;
+pub mod oauth;
 pub mod rotation;
 pub mod routes;
 pub mod server;

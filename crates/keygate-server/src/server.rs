@@ -20,7 +20,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// Path prefixes keygate itself serves (a gateway route never shadows them).
-const OWN_PATHS: [&str; 7] = [
+const OWN_PATHS: &[&str] = &[
     "/v1/status",
     "/v1/health",
     "/metrics",
@@ -28,6 +28,13 @@ const OWN_PATHS: [&str; 7] = [
     "/v1/keys",
     "/v1/tenants",
     "/v1/users",
+    "/v1/audit",
+    "/v1/alerts",
+    "/v1/webhooks",
+    "/v1/oauth",
+    "/oauth",
+    "/.well-known/oauth-authorization-server",
+    "/.well-known/jwks.json",
 ];
 
 /// Whether `path` is one of keygate's own endpoints (`/v1/keys` and below, …).

@@ -197,7 +197,17 @@ impl Application {
                 .map_err(|e| StartupError(format!("cannot connect to Redis: {e}")))?,
             )
         };
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|e| StartupError(format!("cannot listen on {}: {e}", config.listen)))?;
+        let bound = listener
+            .local_addr()
+            .map_or_else(|_| config.listen.clone(), |a| a.to_string());
+        let oauth = crate::oauth::OAuth::open(&config, &*store, &bound)
+            .await
+            .map_err(StartupError)?;
         let state = AppState(Arc::new(Inner {
+            oauth,
             counters: Counters::new(store.clone()),
             shared,
             metrics: crate::metrics::Metrics::new(),
@@ -220,9 +230,6 @@ impl Application {
         crate::cors::refresh(&state)
             .await
             .map_err(|e| StartupError(format!("loading publishable keys' origins: {e}")))?;
-        let listener = TcpListener::bind(&state.config.listen)
-            .await
-            .map_err(|e| StartupError(format!("cannot listen on {}: {e}", state.config.listen)))?;
         let router = router(state.clone());
         Ok(Self {
             listener,
@@ -264,6 +271,10 @@ impl Application {
         let changes = tokio::spawn(crate::state::run_change_listener(state.clone()));
         let (stop_audit, audit_stopped) = tokio::sync::watch::channel(false);
         let deliveries = tokio::spawn(crate::webhooks::run_deliveries(
+            state.clone(),
+            audit_stopped.clone(),
+        ));
+        let signing_keys = tokio::spawn(crate::oauth::run_signing_keys(
             state.clone(),
             audit_stopped.clone(),
         ));
@@ -317,6 +328,7 @@ impl Application {
         // Both stop at the signal; a rotation under way finishes its writes first.
         let _ = tokio::time::timeout(Duration::from_secs(5), rotation).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), alerts).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), signing_keys).await;
         if let Err(e) = state.counters.flush().await {
             tracing::error!("could not return credit leases on shutdown: {e}");
         }
@@ -359,7 +371,7 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 
 /// The HTTP surface except `/v1/auth` and gateway routes (see `server::Dispatch`).
 pub fn router(state: AppState) -> Router {
-    use routes::{audit, keys, status, tenants, users, verify, webhooks};
+    use routes::{audit, keys, oauth, oauth_clients, status, tenants, users, verify, webhooks};
     let body_limit = state.config.limits.max_body_bytes;
     let timeout = Duration::from_secs(state.config.limits.request_timeout_seconds.max(1));
     // Status, health and metrics take no middleware. `/v1/auth` is not routed here at all:
@@ -397,6 +409,30 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tenants/{id}/credits", post(tenants::top_up))
         .route("/v1/users", post(users::create).get(users::list))
         .route("/v1/users/{id}", get(users::get))
+        .route(
+            "/v1/oauth/clients",
+            post(oauth_clients::create).get(oauth_clients::list),
+        )
+        .route(
+            "/v1/oauth/clients/{id}",
+            get(oauth_clients::get).delete(oauth_clients::delete),
+        )
+        .route(
+            "/v1/oauth/signing-keys/rotate",
+            post(oauth_clients::rotate_signing_key),
+        )
+        .route(
+            "/oauth/authorize",
+            get(oauth::authorize).post(oauth::authorize_submit),
+        )
+        .route("/oauth/token", post(oauth::token))
+        .route("/oauth/revoke", post(oauth::revoke))
+        .route("/oauth/introspect", post(oauth::introspect))
+        .route(
+            "/.well-known/oauth-authorization-server",
+            get(oauth::metadata),
+        )
+        .route("/.well-known/jwks.json", get(oauth::jwks))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(
             move |req: Request, next: Next| async move {

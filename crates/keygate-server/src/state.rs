@@ -39,6 +39,9 @@ pub struct CachedKey {
     last_used: AtomicI64,
     /// Queued for the next last-used flush.
     touch_pending: AtomicBool,
+    /// An OAuth access token (its record is built from the token and its grant; there is no
+    /// key row to keep a last-used time on).
+    pub token: bool,
 }
 
 /// A compiled `[[routes]]` entry.
@@ -96,6 +99,8 @@ pub struct Inner {
     pub webhook_wake: tokio::sync::Notify,
     /// This node's audit log (`None` when `audit.enabled = false`).
     pub audit: Option<Arc<crate::audit::AuditLog>>,
+    /// The OAuth authorization server (signing keys, sealing secret).
+    pub oauth: crate::oauth::OAuth,
     /// Whether changes from other nodes are reaching this node (always true for a store only
     /// one node uses). While false, cached keys are re-read after `cache.unsynced_ttl_seconds`.
     pub feed_ok: AtomicBool,
@@ -236,6 +241,7 @@ impl Inner {
             cached_at: std::time::Instant::now(),
             last_used: AtomicI64::new(record.last_used_at_ms.unwrap_or(0)),
             touch_pending: AtomicBool::new(false),
+            token: false,
             policy,
             record,
         })
@@ -300,7 +306,7 @@ impl Inner {
 
     /// Inserts into a cache only if no invalidation happened since `gen` was read, and undoes
     /// the insert if one raced with it.
-    fn fill(&self, gen: u64, insert: impl FnOnce(), undo: impl FnOnce()) {
+    pub(crate) fn fill(&self, gen: u64, insert: impl FnOnce(), undo: impl FnOnce()) {
         if self.cache_gen.load(Ordering::Acquire) != gen {
             return;
         }
@@ -398,16 +404,23 @@ impl Inner {
         let token = credential
             .map_err(Denied::code)?
             .ok_or(Denied::code(Code::MissingKey))?;
-        let parsed = self
-            .format
-            .parse(token)
-            .map_err(|_| Denied::code(Code::MalformedKey))?;
-        let hash = self.hasher.hash(parsed.expose_secret());
-        let key = self.lookup(&hash).await.map_err(Denied::code)?;
-        let key = key.filter(|k| {
-            // The index lookup matched; confirm in constant time, and hide other tenants' keys.
-            k.record.hash.ct_eq(&hash) && visible_tenant.is_none_or(|t| t == k.record.tenant_id)
-        });
+        let key = match self.format.parse(token) {
+            Ok(parsed) => {
+                let hash = self.hasher.hash(parsed.expose_secret());
+                let key = self.lookup(&hash).await.map_err(Denied::code)?;
+                // The index lookup matched; confirm in constant time.
+                key.filter(|k| k.record.hash.ct_eq(&hash))
+            }
+            // An OAuth access token: judged from here on exactly like a key.
+            Err(_) if keygate_oauth::jwt::looks_like_jwt(token) => {
+                Box::pin(self.lookup_token(token))
+                    .await
+                    .map_err(Denied::code)?
+            }
+            Err(_) => return Err(Denied::code(Code::MalformedKey)),
+        };
+        // Other tenants' keys look unknown.
+        let key = key.filter(|k| visible_tenant.is_none_or(|t| t == k.record.tenant_id));
         let charge = match decide(key.as_ref().map(|k| &k.policy), facts) {
             Ok(c) => c,
             Err(code) => {
@@ -644,6 +657,9 @@ impl Inner {
 
     /// Notes a use of `key`; at most one queue entry per key per flush interval.
     fn touch(&self, key: &Arc<CachedKey>, now_ms: i64) {
+        if key.token {
+            return;
+        }
         key.last_used.fetch_max(now_ms, Ordering::Relaxed);
         if !key.touch_pending.swap(true, Ordering::AcqRel)
             && self.touch_tx.try_send(key.clone()).is_err()

@@ -4,6 +4,8 @@
 
 pub mod audit;
 pub mod keys;
+pub mod oauth;
+pub mod oauth_clients;
 pub mod status;
 pub mod tenants;
 pub mod users;

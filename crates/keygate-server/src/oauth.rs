@@ -1,0 +1,374 @@
+//! The OAuth authorization server's runtime: signing keys (loaded from the store, rotated by
+//! the holder of a lease), sealed values for the login and consent pages, token minting, and
+//! the step of the request pipeline that turns a JWT access token into a [`CachedKey`] so
+//! that the gateway, `/v1/auth` and `/v1/keys/verify` judge it exactly like a key.
+
+use crate::config::Config;
+use crate::state::{now_ms, CachedKey, Inner};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use keygate_core::{Code, IpAllowList, KeyStatus, Kind, OriginList, ScopeSet};
+use keygate_oauth::jwt::{AccessClaims, KeyMaterial, Keyring, VerifyError};
+use keygate_store::{KeyRecord, OAuthGrant, SigningKey, Store};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sha2::Sha256;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// How long a retired signing key stays published beyond the access-token lifetime (covers a
+/// node that kept signing with it until its next reload).
+const RETIRED_GRACE_MS: i64 = 10 * 60_000;
+/// How often every node re-reads the signing keys (another node may have rotated them).
+pub const RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The authorization server's shared parts.
+pub struct OAuth {
+    /// `iss`.
+    pub issuer: String,
+    /// `aud`.
+    pub audience: String,
+    keyring: RwLock<Arc<Keyring>>,
+    last_reload_ms: AtomicI64,
+    seal_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for OAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuth")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .finish_non_exhaustive()
+    }
+}
+
+fn material(k: &SigningKey) -> KeyMaterial {
+    KeyMaterial {
+        kid: k.kid.clone(),
+        pkcs8: k.private_key.clone(),
+        x: k.public_x.clone(),
+        active: k.retired_at_ms.is_none(),
+    }
+}
+
+impl OAuth {
+    /// Loads (or makes, on the first start) the signing keys and the sealing secret.
+    pub async fn open(config: &Config, store: &dyn Store, listen: &str) -> Result<Self, String> {
+        let issuer = if config.oauth.issuer.is_empty() {
+            format!("http://{listen}")
+        } else {
+            config.oauth.issuer.clone()
+        };
+        let audience = if config.oauth.audience.is_empty() {
+            issuer.clone()
+        } else {
+            config.oauth.audience.clone()
+        };
+        let candidate = crate::ids::random_base62(43);
+        let seal_key = store
+            .shared_secret("oauth.seal", &candidate, now_ms())
+            .await
+            .map_err(|e| format!("reading the OAuth secret: {e}"))?
+            .into_bytes();
+        let keys = store
+            .signing_keys()
+            .await
+            .map_err(|e| format!("reading signing keys: {e}"))?;
+        if !keys.iter().any(|k| k.retired_at_ms.is_none()) {
+            add_signing_key(store).await?;
+        }
+        let oauth = Self {
+            issuer,
+            audience,
+            keyring: RwLock::new(Arc::new(
+                Keyring::new(&[]).map_err(|e| format!("signing keys: {e}"))?,
+            )),
+            last_reload_ms: AtomicI64::new(0),
+            seal_key,
+        };
+        oauth.reload(config, store).await?;
+        Ok(oauth)
+    }
+
+    /// The signing key and every published public key.
+    pub fn keyring(&self) -> Arc<Keyring> {
+        match self.keyring.read() {
+            Ok(k) => k.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Re-reads the signing keys: the newest active key signs; retired keys stay published
+    /// until the tokens they signed have expired.
+    pub async fn reload(&self, config: &Config, store: &dyn Store) -> Result<(), String> {
+        let now = now_ms();
+        self.last_reload_ms.store(now, Ordering::Relaxed);
+        let ttl_ms = i64::try_from(config.oauth.access_token_ttl_seconds)
+            .unwrap_or(i64::MAX / 1000)
+            .saturating_mul(1000);
+        let keys = store
+            .signing_keys()
+            .await
+            .map_err(|e| format!("reading signing keys: {e}"))?;
+        let published: Vec<KeyMaterial> = keys
+            .iter()
+            .filter(|k| {
+                k.retired_at_ms
+                    .is_none_or(|r| r.saturating_add(ttl_ms).saturating_add(RETIRED_GRACE_MS) > now)
+            })
+            .map(material)
+            .collect();
+        let ring = Keyring::new(&published)?;
+        match self.keyring.write() {
+            Ok(mut k) => *k = Arc::new(ring),
+            Err(p) => *p.into_inner() = Arc::new(ring),
+        }
+        Ok(())
+    }
+
+    /// Seals `value` for `purpose` until `exp_ms`: base64url JSON and an HMAC over purpose,
+    /// expiry and JSON. Used for the authorization request carried by the login and consent
+    /// forms and for the login session cookie, so neither needs server-side state.
+    pub fn seal<T: Serialize>(&self, purpose: &str, value: &T, exp_ms: i64) -> String {
+        let body = serde_json::to_vec(value).unwrap_or_default();
+        let body = URL_SAFE_NO_PAD.encode(body);
+        let mac = self.mac(purpose, exp_ms, &body);
+        format!("{body}.{exp_ms}.{mac}")
+    }
+
+    /// Opens a sealed value: `None` if it was altered, is for another purpose or has expired.
+    pub fn unseal<T: DeserializeOwned>(&self, purpose: &str, sealed: &str) -> Option<T> {
+        let mut parts = sealed.splitn(3, '.');
+        let (body, exp, mac) = (parts.next()?, parts.next()?, parts.next()?);
+        let exp_ms: i64 = exp.parse().ok()?;
+        if !keygate_oauth::ct_eq(&self.mac(purpose, exp_ms, body), mac) || exp_ms <= now_ms() {
+            return None;
+        }
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(body).ok()?).ok()
+    }
+
+    fn mac(&self, purpose: &str, exp_ms: i64, body: &str) -> String {
+        // HMAC accepts keys of any length.
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.seal_key)
+            .unwrap_or_else(|_| unreachable_hmac());
+        m.update(purpose.as_bytes());
+        m.update(b".");
+        m.update(exp_ms.to_string().as_bytes());
+        m.update(b".");
+        m.update(body.as_bytes());
+        URL_SAFE_NO_PAD.encode(m.finalize().into_bytes())
+    }
+
+    /// Signs an access token for `grant` with `scope`; answers the token and its lifetime.
+    pub fn mint_access(
+        &self,
+        config: &Config,
+        grant: &OAuthGrant,
+        scope: &str,
+        now_ms: i64,
+    ) -> Result<(String, u64), String> {
+        let ttl = config.oauth.access_token_ttl_seconds;
+        let iat = now_ms / 1000;
+        let claims = AccessClaims {
+            iss: self.issuer.clone(),
+            sub: grant
+                .user_id
+                .clone()
+                .unwrap_or_else(|| grant.client_id.clone()),
+            aud: self.audience.clone(),
+            exp: iat.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX / 2)),
+            iat,
+            jti: format!("at_{}", crate::ids::random_base62(22)),
+            client_id: grant.client_id.clone(),
+            scope: scope.to_owned(),
+            tenant_id: grant.tenant_id.clone(),
+            grant_id: grant.id.clone(),
+        };
+        Ok((self.keyring().sign(&claims)?, ttl))
+    }
+
+    /// Verifies an access token, re-reading the signing keys once if it names a key this node
+    /// does not know yet (another node rotated), at most every 5 seconds.
+    pub async fn verify(
+        &self,
+        config: &Config,
+        store: &dyn Store,
+        token: &str,
+    ) -> Result<AccessClaims, VerifyError> {
+        match self.keyring().verify(token, &self.issuer, &self.audience) {
+            Err(VerifyError::Invalid)
+                if now_ms() - self.last_reload_ms.load(Ordering::Relaxed) > 5_000 =>
+            {
+                if let Err(e) = self.reload(config, store).await {
+                    tracing::warn!("could not re-read signing keys: {e}");
+                }
+                self.keyring().verify(token, &self.issuer, &self.audience)
+            }
+            other => other,
+        }
+    }
+}
+
+// `Hmac::new_from_slice` only fails for fixed-length MACs; HMAC takes any key length.
+#[allow(clippy::panic)]
+fn unreachable_hmac() -> Hmac<Sha256> {
+    panic!("HMAC-SHA256 accepts keys of any length")
+}
+
+/// Makes a new Ed25519 signing key and retires the active keys made before it.
+pub async fn add_signing_key(store: &dyn Store) -> Result<String, String> {
+    let (pkcs8, x) = keygate_oauth::jwt::generate_ed25519()?;
+    let now = now_ms();
+    let kid = crate::ids::new_id("sig", now);
+    let key = SigningKey {
+        kid: kid.clone(),
+        alg: "EdDSA".into(),
+        private_key: pkcs8,
+        public_x: x,
+        created_at_ms: now,
+        retired_at_ms: None,
+    };
+    store
+        .add_signing_key(&key, now)
+        .await
+        .map_err(|e| format!("storing a signing key: {e}"))?;
+    Ok(kid)
+}
+
+/// Re-reads the signing keys every [`RELOAD_INTERVAL`] and, on the node holding the
+/// `signing-key` lease, makes a new one when the active key is older than
+/// `oauth.signing_key_rotation_days`.
+pub async fn run_signing_keys(
+    state: crate::state::AppState,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(RELOAD_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let days = state.config.oauth.signing_key_rotation_days;
+        if days > 0 {
+            let now = now_ms();
+            let max_age = i64::try_from(days).unwrap_or(i64::MAX / 86_400_000) * 86_400_000;
+            let due = match state.store.signing_keys().await {
+                Ok(keys) => keys
+                    .iter()
+                    .filter(|k| k.retired_at_ms.is_none())
+                    .all(|k| now - k.created_at_ms > max_age),
+                Err(e) => {
+                    tracing::warn!("could not read signing keys: {e}");
+                    false
+                }
+            };
+            if due {
+                let leased = state
+                    .store
+                    .acquire_lease("signing-key", &state.node_id, now, now + 60_000)
+                    .await
+                    .unwrap_or(false);
+                if leased {
+                    match add_signing_key(&*state.store).await {
+                        Ok(kid) => tracing::info!(kid, "rotated the OAuth signing key"),
+                        Err(e) => tracing::error!("could not rotate the signing key: {e}"),
+                    }
+                }
+            }
+        }
+        if let Err(e) = state.oauth.reload(&state.config, &*state.store).await {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+impl Inner {
+    /// The pipeline's step for a JWT access token: a cached entry (by the token's hash, so a
+    /// token is verified once per node, not once per request), else signature, issuer,
+    /// audience and expiry, then its grant and revocation from the store. Revocations reach
+    /// the cache through the change feed like a key's.
+    pub(crate) async fn lookup_token(&self, token: &str) -> Result<Option<Arc<CachedKey>>, Code> {
+        let hash = self.hasher.hash(token);
+        if let Some(k) = self.cache.get(&hash) {
+            let fresh = std::time::Duration::from_secs(self.config.cache.unsynced_ttl_seconds);
+            if self.feed_ok.load(Ordering::Relaxed) || k.cached_at.elapsed() < fresh {
+                return Ok(Some(k));
+            }
+        }
+        let gen = self.cache_gen.load(Ordering::Acquire);
+        let claims = match self.oauth.verify(&self.config, &*self.store, token).await {
+            Ok(c) => c,
+            Err(VerifyError::Expired) => return Err(Code::Expired),
+            Err(VerifyError::Malformed) => return Err(Code::MalformedKey),
+            Err(VerifyError::Invalid) => return Ok(None),
+        };
+        let unavailable = |e: keygate_store::StoreError| {
+            tracing::error!("token lookup failed: {e}");
+            Code::Unavailable
+        };
+        let Some(grant) = self
+            .store
+            .get_grant(&claims.grant_id)
+            .await
+            .map_err(unavailable)?
+        else {
+            return Ok(None);
+        };
+        let revoked = grant.revoked_at_ms.is_some()
+            || self
+                .store
+                .access_token_revoked(&claims.jti)
+                .await
+                .map_err(unavailable)?;
+        let scopes: Vec<&str> = claims.scope.split(' ').filter(|s| !s.is_empty()).collect();
+        let Ok(scopes) = ScopeSet::parse(&scopes) else {
+            return Ok(None);
+        };
+        let now = now_ms();
+        let record = KeyRecord {
+            id: grant.id.clone(),
+            family_id: grant.id.clone(),
+            tenant_id: grant.tenant_id.clone(),
+            user_id: grant.user_id.clone(),
+            kind: if grant.user_id.is_some() {
+                Kind::Ut
+            } else {
+                Kind::Sk
+            },
+            name: grant.client_id.clone(),
+            hash,
+            display: "oauth".into(),
+            scopes,
+            allowed_ips: IpAllowList::default(),
+            allowed_origins: OriginList::default(),
+            rate_limit: None,
+            budget: None,
+            budget_withdrawn: 0,
+            expires_at_ms: Some(claims.exp.saturating_mul(1000)),
+            rotation_days: None,
+            metadata: serde_json::Map::new(),
+            status: if revoked {
+                KeyStatus::Revoked
+            } else {
+                KeyStatus::Active
+            },
+            rotated_from: None,
+            rotated_to: None,
+            created_at_ms: claims.iat.saturating_mul(1000),
+            updated_at_ms: now,
+            last_used_at_ms: None,
+            revoked_at_ms: grant.revoked_at_ms,
+        };
+        let mut cached = self.cached_key(record).await.map_err(unavailable)?;
+        cached.token = true;
+        let cached = Arc::new(cached);
+        self.fill(
+            gen,
+            || self.cache.insert(hash, cached.clone()),
+            || self.cache.invalidate(&hash),
+        );
+        Ok(Some(cached))
+    }
+}

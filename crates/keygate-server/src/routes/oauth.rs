@@ -1,0 +1,1359 @@
+//! The OAuth 2.0 authorization server's endpoints: `/oauth/authorize` (login and consent
+//! pages), `/oauth/token`, `/oauth/revoke` (RFC 7009), `/oauth/introspect` (RFC 7662), the
+//! RFC 8414 metadata and the JWKS.
+//!
+//! Errors follow the RFCs, not keygate's JSON error shape: `{"error", "error_description"}`
+//! from the token, revocation and introspection endpoints, and from the authorization
+//! endpoint a redirect back to the client with `error` — except when the client or its
+//! redirect URI cannot be trusted, which gets an error page and never a redirect.
+
+use super::{detached, Ctx};
+use crate::state::{now_ms, AppState};
+use axum::body::Bytes;
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use keygate_core::RouteClass;
+use keygate_oauth::{ct_eq, pkce, redirect, scope, token_hash, ErrorCode};
+use keygate_store::{
+    AuthCode, CodeUse, OAuthClient, OAuthGrant, RefreshToken, RefreshUse, StoreError, User,
+};
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+/// The scope an `sk` key needs to call the introspection endpoint.
+pub const INTROSPECT: &str = "oauth:introspect";
+const SESSION_COOKIE: &str = "kg_oauth_session";
+const CSRF_COOKIE: &str = "kg_oauth_csrf";
+/// How long the login and consent forms stay valid, ms.
+const FORM_TTL_MS: i64 = 10 * 60_000;
+
+// ---------------------------------------------------------------------------------------
+// Errors of the token, revocation and introspection endpoints (RFC 6749 §5.2).
+
+/// An error answer of the token, revocation or introspection endpoint.
+#[derive(Debug)]
+pub struct OAuthError {
+    code: ErrorCode,
+    description: Cow<'static, str>,
+    /// The client tried HTTP Basic: a 401 names the scheme (RFC 6749 §5.2).
+    basic: bool,
+}
+
+impl OAuthError {
+    fn new(code: ErrorCode, description: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            code,
+            description: description.into(),
+            basic: false,
+        }
+    }
+
+    fn request(description: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorCode::InvalidRequest, description)
+    }
+
+    fn grant(description: impl Into<Cow<'static, str>>) -> Self {
+        Self::new(ErrorCode::InvalidGrant, description)
+    }
+
+    fn client(basic: bool) -> Self {
+        Self {
+            code: ErrorCode::InvalidClient,
+            description: "client authentication failed".into(),
+            basic,
+        }
+    }
+}
+
+impl From<StoreError> for OAuthError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!("oauth store error: {e}");
+        Self::new(
+            ErrorCode::TemporarilyUnavailable,
+            "the authorization server cannot answer now",
+        )
+    }
+}
+
+impl IntoResponse for OAuthError {
+    fn into_response(self) -> Response {
+        let status = match self.code {
+            ErrorCode::InvalidClient => StatusCode::UNAUTHORIZED,
+            ErrorCode::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::TemporarilyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        let body = serde_json::json!({
+            "error": self.code.as_str(),
+            "error_description": self.description,
+        });
+        let mut res = (status, no_store(), axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            let scheme = if self.basic {
+                "Basic realm=\"keygate\""
+            } else {
+                "Bearer realm=\"keygate\""
+            };
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(scheme));
+        }
+        res
+    }
+}
+
+fn no_store() -> [(header::HeaderName, HeaderValue); 2] {
+    [
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        (header::PRAGMA, HeaderValue::from_static("no-cache")),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------
+// Parameters.
+
+/// Form or query parameters; a parameter sent twice is an error (RFC 6749 §3.1, §3.2).
+#[derive(Debug, Default)]
+struct Params(HashMap<String, String>);
+
+impl Params {
+    fn parse(raw: &str) -> Result<Self, String> {
+        let pairs: Vec<(String, String)> =
+            serde_urlencoded::from_str(raw).map_err(|_| "the parameters are not URL-encoded")?;
+        let mut map = HashMap::new();
+        for (k, v) in pairs {
+            if map.contains_key(&k) {
+                return Err(format!("parameter {k} was sent more than once"));
+            }
+            map.insert(k, v);
+        }
+        Ok(Self(map))
+    }
+
+    /// A parameter; an empty value counts as absent (RFC 6749 §3.1).
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str).filter(|v| !v.is_empty())
+    }
+
+    fn require(&self, k: &'static str) -> Result<&str, OAuthError> {
+        self.get(k)
+            .ok_or_else(|| OAuthError::request(format!("{k} is required")))
+    }
+}
+
+fn form_body(headers: &HeaderMap, body: &Bytes) -> Result<Params, OAuthError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct.split(';').next().is_some_and(|m| {
+        m.trim()
+            .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+    }) {
+        return Err(OAuthError::request(
+            "the body must be application/x-www-form-urlencoded",
+        ));
+    }
+    let text =
+        std::str::from_utf8(body).map_err(|_| OAuthError::request("the body is not UTF-8"))?;
+    Params::parse(text).map_err(OAuthError::request)
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+// ---------------------------------------------------------------------------------------
+// Client authentication (RFC 6749 §2.3.1): HTTP Basic, or client_id (+ client_secret) in the
+// body. Public clients send their id only.
+
+async fn authenticate_client(
+    state: &AppState,
+    headers: &HeaderMap,
+    p: &Params,
+) -> Result<OAuthClient, OAuthError> {
+    let basic = match headers.get(header::AUTHORIZATION) {
+        None => None,
+        Some(v) => {
+            let v = v.to_str().map_err(|_| OAuthError::client(true))?;
+            match v.split_once(' ') {
+                Some((s, cred)) if s.eq_ignore_ascii_case("basic") => {
+                    Some(decode_basic(cred.trim()).ok_or_else(|| OAuthError::client(true))?)
+                }
+                _ => return Err(OAuthError::client(false)),
+            }
+        }
+    };
+    let (id, secret, used_basic) = match (basic, p.get("client_id"), p.get("client_secret")) {
+        (Some(_), _, Some(_)) => {
+            return Err(OAuthError::request(
+                "use one client authentication method, not two",
+            ))
+        }
+        (Some((bid, _)), Some(pid), _) if bid != pid => {
+            return Err(OAuthError::request(
+                "client_id differs from the authenticated client",
+            ))
+        }
+        (Some((id, secret)), _, _) => (id, Some(secret), true),
+        (None, Some(id), secret) => (id.to_owned(), secret.map(str::to_owned), false),
+        (None, None, _) => return Err(OAuthError::client(false)),
+    };
+    let Some(client) = state.store.get_client(&id).await? else {
+        return Err(OAuthError::client(used_basic));
+    };
+    let ok = match (&client.secret_hash, secret) {
+        (Some(h), Some(s)) => ct_eq(&token_hash(&s), h),
+        (None, None) => true,
+        _ => false,
+    };
+    if !ok {
+        return Err(OAuthError::client(used_basic));
+    }
+    Ok(client)
+}
+
+fn decode_basic(cred: &str) -> Option<(String, String)> {
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(cred)
+        .ok()?;
+    let raw = String::from_utf8(raw).ok()?;
+    let (id, secret) = raw.split_once(':')?;
+    // Both halves are form-urlencoded (RFC 6749 §2.3.1).
+    let dec = |s: &str| -> Option<String> {
+        let v: Vec<(String, String)> = serde_urlencoded::from_str(&format!("v={s}")).ok()?;
+        v.into_iter().next().map(|(_, v)| v)
+    };
+    Some((dec(id)?, dec(secret)?))
+}
+
+// ---------------------------------------------------------------------------------------
+// The authorization endpoint.
+
+/// A validated authorization request, sealed into the login and consent forms.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AuthRequest {
+    client_id: String,
+    redirect_uri: String,
+    scope: Vec<String>,
+    state: Option<String>,
+    challenge: String,
+    csrf: String,
+}
+
+/// A login on the authorization pages, sealed into a cookie.
+#[derive(Debug, Serialize, Deserialize)]
+struct Session {
+    user_id: String,
+    tenant_id: String,
+}
+
+/// What the authorization endpoint answers before it can trust the redirect URI.
+fn error_page(status: StatusCode, message: &str) -> Response {
+    page(
+        status,
+        "Authorization error",
+        &format!(
+            "<h1>This request cannot be completed</h1><p role=\"alert\">{}</p>",
+            esc(message)
+        ),
+        None,
+    )
+}
+
+/// Redirects to the client with `params` (and `state` and `iss`, RFC 9207).
+fn back_to_client(state: &AppState, req: &AuthRequest, params: &[(&str, &str)]) -> Response {
+    let mut pairs: Vec<(&str, &str)> = params.to_vec();
+    if let Some(s) = &req.state {
+        pairs.push(("state", s));
+    }
+    pairs.push(("iss", &state.oauth.issuer));
+    let query = serde_urlencoded::to_string(&pairs).unwrap_or_default();
+    let sep = if req.redirect_uri.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    let location = format!("{}{sep}{query}", req.redirect_uri);
+    match HeaderValue::from_str(&location) {
+        Ok(v) => (
+            StatusCode::SEE_OTHER,
+            [
+                (header::LOCATION, v),
+                (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            ],
+        )
+            .into_response(),
+        Err(_) => error_page(StatusCode::BAD_REQUEST, "the redirect URI is not valid"),
+    }
+}
+
+fn redirect_error(state: &AppState, req: &AuthRequest, code: ErrorCode, why: &str) -> Response {
+    back_to_client(
+        state,
+        req,
+        &[("error", code.as_str()), ("error_description", why)],
+    )
+}
+
+/// Checks an authorization request: `Err` is the response (an error page or a redirect).
+#[allow(clippy::result_large_err)] // the error is the response, returned at once
+async fn check_request(
+    state: &AppState,
+    p: &Params,
+) -> Result<(OAuthClient, AuthRequest), Response> {
+    let (Some(client_id), Some(redirect_uri)) = (p.get("client_id"), p.get("redirect_uri")) else {
+        return Err(error_page(
+            StatusCode::BAD_REQUEST,
+            "client_id and redirect_uri are required.",
+        ));
+    };
+    let client = match state.store.get_client(client_id).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return Err(error_page(StatusCode::BAD_REQUEST, "Unknown client.")),
+        Err(e) => {
+            tracing::error!("oauth store error: {e}");
+            return Err(error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The authorization server cannot answer now. Try again later.",
+            ));
+        }
+    };
+    if !client
+        .redirect_uris
+        .iter()
+        .any(|r| redirect::matches(r, redirect_uri))
+    {
+        return Err(error_page(
+            StatusCode::BAD_REQUEST,
+            "The redirect URI is not registered for this client.",
+        ));
+    }
+    let mut req = AuthRequest {
+        client_id: client.id.clone(),
+        redirect_uri: redirect_uri.to_owned(),
+        scope: Vec::new(),
+        state: p.0.get("state").cloned(),
+        challenge: String::new(),
+        csrf: crate::ids::random_base62(32),
+    };
+    let fail = |req: &AuthRequest, code, why: &str| Err(redirect_error(state, req, code, why));
+    if req.state.as_ref().is_some_and(|s| s.len() > 2048) {
+        req.state = None;
+        return fail(
+            &req,
+            ErrorCode::InvalidRequest,
+            "state is longer than 2048 characters",
+        );
+    }
+    match p.get("response_type") {
+        None => return fail(&req, ErrorCode::InvalidRequest, "response_type is required"),
+        Some("code") => {}
+        Some(_) => {
+            return fail(
+                &req,
+                ErrorCode::UnsupportedResponseType,
+                "only response_type=code is supported",
+            )
+        }
+    }
+    match (p.get("code_challenge"), p.get("code_challenge_method")) {
+        (None, _) => {
+            return fail(
+                &req,
+                ErrorCode::InvalidRequest,
+                "code_challenge is required (PKCE with S256)",
+            )
+        }
+        (Some(_), m) if m != Some("S256") => {
+            return fail(
+                &req,
+                ErrorCode::InvalidRequest,
+                "code_challenge_method must be S256 (plain is not accepted)",
+            )
+        }
+        (Some(c), _) if !pkce::valid_challenge(c) => {
+            return fail(
+                &req,
+                ErrorCode::InvalidRequest,
+                "code_challenge must be a base64url SHA-256 (43 characters)",
+            )
+        }
+        (Some(c), _) => req.challenge = c.to_owned(),
+    }
+    let Some(asked) = scope::parse(p.get("scope").unwrap_or("")) else {
+        return fail(&req, ErrorCode::InvalidScope, "scope is malformed");
+    };
+    if asked.iter().any(|s| !client.scopes.contains(s)) {
+        return fail(
+            &req,
+            ErrorCode::InvalidScope,
+            "scope asks for more than this client may have",
+        );
+    }
+    req.scope = if asked.is_empty() {
+        client.scopes.clone()
+    } else {
+        asked
+    };
+    Ok((client, req))
+}
+
+/// `GET /oauth/authorize`
+pub async fn authorize(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let p = match Params::parse(query.as_deref().unwrap_or("")) {
+        Ok(p) => p,
+        Err(why) => return error_page(StatusCode::BAD_REQUEST, &why),
+    };
+    let (client, req) = match check_request(&state, &p).await {
+        Ok(r) => r,
+        Err(res) => return res,
+    };
+    match session_user(&state, &headers, &client).await {
+        Ok(Some(user)) => proceed(&state, &client, req, &user, None).await,
+        Ok(None) => login_page(&state, &client, &req, StatusCode::OK, None),
+        Err(res) => res,
+    }
+}
+
+#[allow(clippy::result_large_err)] // the error is the response, returned at once
+async fn session_user(
+    state: &AppState,
+    headers: &HeaderMap,
+    client: &OAuthClient,
+) -> Result<Option<User>, Response> {
+    let Some(s) =
+        cookie(headers, SESSION_COOKIE).and_then(|c| state.oauth.unseal::<Session>("session", c))
+    else {
+        return Ok(None);
+    };
+    if s.tenant_id != client.tenant_id {
+        return Ok(None);
+    }
+    match state.store.get_user(&s.user_id).await {
+        Ok(u) => Ok(u.filter(|u| u.tenant_id == client.tenant_id)),
+        Err(e) => {
+            tracing::error!("oauth store error: {e}");
+            Err(error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The authorization server cannot answer now. Try again later.",
+            ))
+        }
+    }
+}
+
+/// The user is known: limit the scope to the user's plan, then ask for consent unless it was
+/// given before for this client and scope set.
+async fn proceed(
+    state: &AppState,
+    client: &OAuthClient,
+    mut req: AuthRequest,
+    user: &User,
+    set_session: Option<HeaderValue>,
+) -> Response {
+    if let Some(allowed) = &state.plan(&user.plan).scopes {
+        req.scope.retain(|s| allowed.contains(s));
+    }
+    if req.scope.is_empty() {
+        return redirect_error(
+            state,
+            &req,
+            ErrorCode::InvalidScope,
+            "the user's plan allows none of the requested scopes",
+        );
+    }
+    let joined = scope::join(&req.scope);
+    let mut res = match state.store.has_consent(&user.id, &client.id, &joined).await {
+        Ok(true) => issue_code(state, client, &req, user).await,
+        Ok(false) => consent_page(state, client, &req, user),
+        Err(e) => {
+            tracing::error!("oauth store error: {e}");
+            redirect_error(
+                state,
+                &req,
+                ErrorCode::TemporarilyUnavailable,
+                "the authorization server cannot answer now",
+            )
+        }
+    };
+    if let Some(c) = set_session {
+        res.headers_mut().append(header::SET_COOKIE, c);
+    }
+    res
+}
+
+async fn issue_code(
+    state: &AppState,
+    client: &OAuthClient,
+    req: &AuthRequest,
+    user: &User,
+) -> Response {
+    let code = crate::ids::random_base62(43);
+    let now = now_ms();
+    let ttl = i64::try_from(state.config.oauth.code_ttl_seconds).unwrap_or(60);
+    let row = AuthCode {
+        hash: token_hash(&code),
+        client_id: client.id.clone(),
+        tenant_id: client.tenant_id.clone(),
+        user_id: user.id.clone(),
+        redirect_uri: req.redirect_uri.clone(),
+        challenge: req.challenge.clone(),
+        scope: scope::join(&req.scope),
+        created_at_ms: now,
+        expires_at_ms: now.saturating_add(ttl.saturating_mul(1000)),
+        used_at_ms: None,
+        grant_id: None,
+    };
+    if let Err(e) = state.store.insert_code(&row).await {
+        tracing::error!("oauth store error: {e}");
+        return redirect_error(
+            state,
+            req,
+            ErrorCode::TemporarilyUnavailable,
+            "the authorization server cannot answer now",
+        );
+    }
+    back_to_client(state, req, &[("code", &code)])
+}
+
+fn cookie_header(state: &AppState, name: &str, value: &str, max_age_s: i64) -> HeaderValue {
+    let secure = if state.oauth.issuer.starts_with("https://") {
+        "; Secure"
+    } else {
+        ""
+    };
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/oauth; HttpOnly; SameSite=Lax; Max-Age={max_age_s}{secure}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("kg_oauth_invalid=1"))
+}
+
+fn hidden_fields(state: &AppState, req: &AuthRequest) -> String {
+    let sealed = state.oauth.seal("request", req, now_ms() + FORM_TTL_MS);
+    format!(
+        "<input type=\"hidden\" name=\"request\" value=\"{}\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{}\">",
+        esc(&sealed),
+        esc(&req.csrf)
+    )
+}
+
+fn login_page(
+    state: &AppState,
+    client: &OAuthClient,
+    req: &AuthRequest,
+    status: StatusCode,
+    error: Option<&str>,
+) -> Response {
+    let error = error.map_or_else(String::new, |e| {
+        format!("<p class=\"error\" role=\"alert\">{}</p>", esc(e))
+    });
+    let body = format!(
+        "<h1>Sign in</h1>\
+         <p><strong>{client}</strong> wants to access your account.</p>{error}\
+         <form method=\"post\" action=\"/oauth/authorize\">{hidden}\
+         <input type=\"hidden\" name=\"action\" value=\"login\">\
+         <label for=\"email\">Email</label>\
+         <input id=\"email\" name=\"email\" type=\"email\" autocomplete=\"username\" required autofocus>\
+         <label for=\"password\">Password</label>\
+         <input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\" required>\
+         <button type=\"submit\">Sign in</button></form>",
+        client = esc(&client.name),
+        hidden = hidden_fields(state, req),
+    );
+    page(
+        status,
+        "Sign in",
+        &body,
+        Some(cookie_header(
+            state,
+            CSRF_COOKIE,
+            &req.csrf,
+            FORM_TTL_MS / 1000,
+        )),
+    )
+}
+
+fn consent_page(
+    state: &AppState,
+    client: &OAuthClient,
+    req: &AuthRequest,
+    user: &User,
+) -> Response {
+    let scopes: String = req
+        .scope
+        .iter()
+        .map(|s| format!("<li><code>{}</code></li>", esc(s)))
+        .collect();
+    let body = format!(
+        "<h1>Allow access?</h1>\
+         <p>Signed in as <strong>{email}</strong>.</p>\
+         <p><strong>{client}</strong> asks for:</p><ul>{scopes}</ul>\
+         <form method=\"post\" action=\"/oauth/authorize\">{hidden}\
+         <input type=\"hidden\" name=\"action\" value=\"consent\">\
+         <button type=\"submit\" name=\"decision\" value=\"allow\">Allow</button> \
+         <button type=\"submit\" name=\"decision\" value=\"deny\" class=\"secondary\">Deny</button>\
+         </form>",
+        email = esc(&user.email),
+        client = esc(&client.name),
+        hidden = hidden_fields(state, req),
+    );
+    page(
+        StatusCode::OK,
+        "Allow access",
+        &body,
+        Some(cookie_header(
+            state,
+            CSRF_COOKIE,
+            &req.csrf,
+            FORM_TTL_MS / 1000,
+        )),
+    )
+}
+
+/// `POST /oauth/authorize`: the login and consent forms.
+pub async fn authorize_submit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let p = match form_body(&headers, &body) {
+        Ok(p) => p,
+        Err(e) => return error_page(StatusCode::BAD_REQUEST, &e.description),
+    };
+    // CSRF: the form's token must equal the cookie set with the form and the one sealed in the
+    // request (double submit, bound to this authorization request).
+    let expired = || {
+        error_page(
+            StatusCode::FORBIDDEN,
+            "This form has expired or did not come from this site. Go back to the application and start again.",
+        )
+    };
+    let Some(mut req) = p
+        .get("request")
+        .and_then(|r| state.oauth.unseal::<AuthRequest>("request", r))
+    else {
+        return expired();
+    };
+    let (Some(form_csrf), Some(cookie_csrf)) = (p.get("csrf"), cookie(&headers, CSRF_COOKIE))
+    else {
+        return expired();
+    };
+    if !(ct_eq(form_csrf, &req.csrf) && ct_eq(cookie_csrf, &req.csrf)) {
+        return expired();
+    }
+    let client = match state.store.get_client(&req.client_id).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return error_page(StatusCode::BAD_REQUEST, "Unknown client."),
+        Err(e) => {
+            tracing::error!("oauth store error: {e}");
+            return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again later.");
+        }
+    };
+    // A fresh token for the next form.
+    req.csrf = crate::ids::random_base62(32);
+    match p.get("action") {
+        Some("login") => {
+            let (Some(email), Some(password)) = (p.get("email"), p.get("password")) else {
+                return login_page(
+                    &state,
+                    &client,
+                    &req,
+                    StatusCode::BAD_REQUEST,
+                    Some("Enter your email and password."),
+                );
+            };
+            let user = match check_password(&state, &client, email, password).await {
+                Ok(Some(u)) => u,
+                Ok(None) => {
+                    return login_page(
+                        &state,
+                        &client,
+                        &req,
+                        StatusCode::UNAUTHORIZED,
+                        Some("Wrong email or password."),
+                    )
+                }
+                Err(res) => return res,
+            };
+            let ttl = i64::try_from(state.config.oauth.session_ttl_seconds).unwrap_or(3600);
+            let session = Session {
+                user_id: user.id.clone(),
+                tenant_id: user.tenant_id.clone(),
+            };
+            let sealed = state
+                .oauth
+                .seal("session", &session, now_ms().saturating_add(ttl * 1000));
+            let set = cookie_header(&state, SESSION_COOKIE, &sealed, ttl);
+            proceed(&state, &client, req, &user, Some(set)).await
+        }
+        Some("consent") => {
+            let user = match session_user(&state, &headers, &client).await {
+                Ok(Some(u)) => u,
+                Ok(None) => return login_page(&state, &client, &req, StatusCode::OK, None),
+                Err(res) => return res,
+            };
+            match p.get("decision") {
+                Some("allow") => {
+                    if let Some(allowed) = &state.plan(&user.plan).scopes {
+                        req.scope.retain(|s| allowed.contains(s));
+                    }
+                    if req.scope.is_empty() {
+                        return redirect_error(
+                            &state,
+                            &req,
+                            ErrorCode::InvalidScope,
+                            "no scope left to grant",
+                        );
+                    }
+                    if let Err(e) = state
+                        .store
+                        .insert_consent(&user.id, &client.id, &scope::join(&req.scope), now_ms())
+                        .await
+                    {
+                        tracing::error!("oauth store error: {e}");
+                        return redirect_error(
+                            &state,
+                            &req,
+                            ErrorCode::TemporarilyUnavailable,
+                            "try again later",
+                        );
+                    }
+                    issue_code(&state, &client, &req, &user).await
+                }
+                _ => redirect_error(
+                    &state,
+                    &req,
+                    ErrorCode::AccessDenied,
+                    "the user denied the request",
+                ),
+            }
+        }
+        _ => error_page(StatusCode::BAD_REQUEST, "Unknown form action."),
+    }
+}
+
+/// Checks a user's password with Argon2id off the async threads. An unknown email costs the
+/// same work as a wrong password, so the answer time does not tell which it was.
+#[allow(clippy::result_large_err)] // the error is the response, returned at once
+async fn check_password(
+    state: &AppState,
+    client: &OAuthClient,
+    email: &str,
+    password: &str,
+) -> Result<Option<User>, Response> {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let email = email.trim().to_ascii_lowercase();
+    let user = match state
+        .store
+        .get_user_by_email(&client.tenant_id, &email)
+        .await
+    {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!("oauth store error: {e}");
+            return Err(error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Try again later.",
+            ));
+        }
+    };
+    let hash = user.as_ref().and_then(|u| u.password_hash.clone());
+    let password = password.to_owned();
+    let ok = tokio::task::spawn_blocking(move || {
+        use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+        let a = argon2::Argon2::default();
+        let dummy = DUMMY.get_or_init(|| {
+            let salt = SaltString::encode_b64(b"keygate-dummy-salt").map_err(|e| e.to_string());
+            salt.and_then(|s| {
+                a.hash_password(b"not a password", &s)
+                    .map(|h| h.to_string())
+                    .map_err(|e| e.to_string())
+            })
+            .unwrap_or_default()
+        });
+        let (phc, real) = match &hash {
+            Some(h) => (h.as_str(), true),
+            None => (dummy.as_str(), false),
+        };
+        let verified = PasswordHash::new(phc)
+            .map(|h| a.verify_password(password.as_bytes(), &h).is_ok())
+            .unwrap_or(false);
+        real && verified
+    })
+    .await
+    .unwrap_or(false);
+    Ok(if ok { user } else { None })
+}
+
+// ---------------------------------------------------------------------------------------
+// The token endpoint.
+
+#[derive(Debug, Serialize)]
+struct TokenResponse {
+    access_token: String,
+    token_type: &'static str,
+    expires_in: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<String>,
+    scope: String,
+}
+
+fn new_refresh(state: &AppState, grant_id: &str, now: i64) -> (String, RefreshToken) {
+    let token = format!(
+        "{}_rt_{}",
+        state.config.keys.prefix,
+        crate::ids::random_base62(43)
+    );
+    let row = RefreshToken {
+        hash: token_hash(&token),
+        grant_id: grant_id.to_owned(),
+        created_at_ms: now,
+        used_at_ms: None,
+    };
+    (token, row)
+}
+
+/// `POST /oauth/token`
+pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let st = state.clone();
+    // Store writes and their audit events finish even if the client hangs up.
+    let r = detached(async move { Ok(token_inner(&st, &headers, &body).await) }).await;
+    match r {
+        Ok(Ok(t)) => (StatusCode::OK, no_store(), axum::Json(t)).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn token_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<TokenResponse, OAuthError> {
+    let p = form_body(headers, body)?;
+    let grant_type = p.require("grant_type")?.to_owned();
+    let client = authenticate_client(state, headers, &p).await?;
+    match grant_type.as_str() {
+        "authorization_code" => exchange_code(state, &client, &p).await,
+        "refresh_token" => refresh(state, &client, &p).await,
+        "client_credentials" => client_credentials(state, &client, &p).await,
+        _ => Err(OAuthError::new(
+            ErrorCode::UnsupportedGrantType,
+            "grant_type must be authorization_code, refresh_token or client_credentials",
+        )),
+    }
+}
+
+fn mint(
+    state: &AppState,
+    grant: &OAuthGrant,
+    scope: &str,
+    now: i64,
+) -> Result<(String, u64), OAuthError> {
+    state
+        .oauth
+        .mint_access(&state.config, grant, scope, now)
+        .map_err(|e| {
+            tracing::error!("signing an access token: {e}");
+            OAuthError::new(ErrorCode::ServerError, "could not sign the token")
+        })
+}
+
+async fn revoke_family(state: &AppState, grant_id: &str, reason: &str) -> Result<bool, StoreError> {
+    let revoked = state.store.revoke_grant(grant_id, now_ms(), reason).await?;
+    state.family_changed(grant_id).await;
+    Ok(revoked)
+}
+
+async fn exchange_code(
+    state: &AppState,
+    client: &OAuthClient,
+    p: &Params,
+) -> Result<TokenResponse, OAuthError> {
+    let code = p.require("code")?;
+    let redirect_uri = p.require("redirect_uri")?;
+    let verifier = p.require("code_verifier")?;
+    let now = now_ms();
+    let grant_id = crate::ids::new_id("grt", now);
+    let code = match state
+        .store
+        .use_code(&token_hash(code), &grant_id, now)
+        .await?
+    {
+        CodeUse::Fresh(c) => c,
+        CodeUse::Unknown => return Err(OAuthError::grant("the code is not valid")),
+        CodeUse::Reused(c) => {
+            // A code seen twice was stolen or replayed: every token issued from it goes.
+            if let Some(g) = &c.grant_id {
+                revoke_family(state, g, "code_reuse").await?;
+                let detail = serde_json::json!({"client_id": c.client_id, "grant_id": g});
+                state
+                    .record_change(
+                        "system",
+                        "oauth.code_reuse",
+                        &c.tenant_id,
+                        Some(g),
+                        Some(&c.user_id),
+                        &detail,
+                    )
+                    .await;
+            }
+            return Err(OAuthError::grant(
+                "the code was used already; its tokens are revoked",
+            ));
+        }
+    };
+    if code.client_id != client.id {
+        return Err(OAuthError::grant("the code was issued to another client"));
+    }
+    if code.expires_at_ms <= now {
+        return Err(OAuthError::grant("the code has expired"));
+    }
+    if code.redirect_uri != redirect_uri {
+        return Err(OAuthError::grant(
+            "redirect_uri differs from the authorization request",
+        ));
+    }
+    if !pkce::verify_s256(verifier, &code.challenge) {
+        return Err(OAuthError::grant(
+            "code_verifier does not match the code_challenge",
+        ));
+    }
+    let refresh_ttl =
+        i64::try_from(state.config.oauth.refresh_token_ttl_seconds).unwrap_or(i64::MAX / 2000);
+    let grant = OAuthGrant {
+        id: grant_id,
+        client_id: client.id.clone(),
+        tenant_id: code.tenant_id.clone(),
+        user_id: Some(code.user_id.clone()),
+        scope: code.scope.clone(),
+        created_at_ms: now,
+        expires_at_ms: now.saturating_add(refresh_ttl.saturating_mul(1000)),
+        revoked_at_ms: None,
+        revoked_reason: None,
+    };
+    let (refresh_token, rt) = new_refresh(state, &grant.id, now);
+    state.store.insert_grant(&grant, Some(&rt)).await?;
+    let (access, ttl) = mint(state, &grant, &grant.scope, now)?;
+    let detail =
+        serde_json::json!({"client_id": client.id, "grant_id": grant.id, "scope": grant.scope});
+    state
+        .record_change(
+            "system",
+            "oauth.authorized",
+            &grant.tenant_id,
+            Some(&grant.id),
+            grant.user_id.as_deref(),
+            &detail,
+        )
+        .await;
+    Ok(TokenResponse {
+        access_token: access,
+        token_type: "Bearer",
+        expires_in: ttl,
+        refresh_token: Some(refresh_token),
+        scope: grant.scope,
+    })
+}
+
+async fn refresh(
+    state: &AppState,
+    client: &OAuthClient,
+    p: &Params,
+) -> Result<TokenResponse, OAuthError> {
+    let presented = token_hash(p.require("refresh_token")?);
+    let invalid = || OAuthError::grant("the refresh token is not valid");
+    // Checked before it is consumed, so another client cannot burn this client's token.
+    let Some(rt) = state.store.get_refresh(&presented).await? else {
+        return Err(invalid());
+    };
+    let Some(grant) = state.store.get_grant(&rt.grant_id).await? else {
+        return Err(invalid());
+    };
+    if grant.client_id != client.id {
+        return Err(invalid());
+    }
+    let now = now_ms();
+    if grant.revoked_at_ms.is_some() {
+        return Err(OAuthError::grant("the grant was revoked"));
+    }
+    if grant.expires_at_ms <= now {
+        return Err(OAuthError::grant("the refresh token has expired"));
+    }
+    let scope = match p.get("scope") {
+        None => grant.scope.clone(),
+        Some(s) => {
+            let held: Vec<&str> = grant.scope.split(' ').collect();
+            match scope::parse(s) {
+                Some(asked)
+                    if !asked.is_empty() && asked.iter().all(|a| held.contains(&a.as_str())) =>
+                {
+                    scope::join(&asked)
+                }
+                _ => {
+                    return Err(OAuthError::new(
+                        ErrorCode::InvalidScope,
+                        "scope must be a subset of the grant's scope",
+                    ))
+                }
+            }
+        }
+    };
+    let (refresh_token, successor) = new_refresh(state, &grant.id, now);
+    match state.store.use_refresh(&presented, &successor, now).await? {
+        RefreshUse::Fresh(_) => {}
+        RefreshUse::Unknown => return Err(invalid()),
+        RefreshUse::Reused(_) => {
+            // RFC 9700 §4.14.2: a refresh token used twice means one copy was stolen; the
+            // whole family goes, and the tenant hears of it.
+            revoke_family(state, &grant.id, "refresh_reuse").await?;
+            crate::alerts::raise(
+                state,
+                "oauth.refresh_reuse",
+                &grant.tenant_id,
+                Some(&grant.id),
+                format!("refresh_reuse:{}", grant.id),
+                format!(
+                    "a refresh token of client {} was used twice; every token of the grant is revoked",
+                    client.id
+                ),
+                serde_json::json!({"client_id": client.id, "grant_id": grant.id, "user_id": grant.user_id}),
+            )
+            .await;
+            return Err(OAuthError::grant(
+                "the refresh token was used already; the grant is revoked",
+            ));
+        }
+    }
+    let (access, ttl) = mint(state, &grant, &scope, now)?;
+    Ok(TokenResponse {
+        access_token: access,
+        token_type: "Bearer",
+        expires_in: ttl,
+        refresh_token: Some(refresh_token),
+        scope,
+    })
+}
+
+async fn client_credentials(
+    state: &AppState,
+    client: &OAuthClient,
+    p: &Params,
+) -> Result<TokenResponse, OAuthError> {
+    if client.secret_hash.is_none() {
+        return Err(OAuthError::new(
+            ErrorCode::UnauthorizedClient,
+            "client_credentials is for confidential clients",
+        ));
+    }
+    let scope = match p.get("scope").map(scope::parse) {
+        None => client.scopes.clone(),
+        Some(Some(asked)) if asked.iter().all(|s| client.scopes.contains(s)) => asked,
+        Some(_) => {
+            return Err(OAuthError::new(
+                ErrorCode::InvalidScope,
+                "scope asks for more than this client may have",
+            ))
+        }
+    };
+    let now = now_ms();
+    let ttl = i64::try_from(state.config.oauth.access_token_ttl_seconds).unwrap_or(3600);
+    let grant = OAuthGrant {
+        id: crate::ids::new_id("grt", now),
+        client_id: client.id.clone(),
+        tenant_id: client.tenant_id.clone(),
+        user_id: None,
+        scope: scope::join(&scope),
+        created_at_ms: now,
+        expires_at_ms: now.saturating_add(ttl.saturating_mul(1000)),
+        revoked_at_ms: None,
+        revoked_reason: None,
+    };
+    state.store.insert_grant(&grant, None).await?;
+    let (access, ttl) = mint(state, &grant, &grant.scope, now)?;
+    Ok(TokenResponse {
+        access_token: access,
+        token_type: "Bearer",
+        expires_in: ttl,
+        refresh_token: None,
+        scope: grant.scope,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Revocation (RFC 7009) and introspection (RFC 7662).
+
+/// What a presented token is.
+enum Found {
+    Refresh(RefreshToken, OAuthGrant),
+    Access(keygate_oauth::jwt::AccessClaims, OAuthGrant),
+    Nothing,
+}
+
+async fn find_token(
+    state: &AppState,
+    token: &str,
+    allow_expired: bool,
+) -> Result<Found, StoreError> {
+    if keygate_oauth::jwt::looks_like_jwt(token) {
+        let claims = match state
+            .oauth
+            .verify(&state.config, &*state.store, token)
+            .await
+        {
+            Ok(c) => c,
+            Err(keygate_oauth::jwt::VerifyError::Expired) if allow_expired => {
+                // Revoking an expired token is a no-op; answer as for an unknown one.
+                return Ok(Found::Nothing);
+            }
+            Err(_) => return Ok(Found::Nothing),
+        };
+        return Ok(match state.store.get_grant(&claims.grant_id).await? {
+            Some(g) => Found::Access(claims, g),
+            None => Found::Nothing,
+        });
+    }
+    let Some(rt) = state.store.get_refresh(&token_hash(token)).await? else {
+        return Ok(Found::Nothing);
+    };
+    Ok(match state.store.get_grant(&rt.grant_id).await? {
+        Some(g) => Found::Refresh(rt, g),
+        None => Found::Nothing,
+    })
+}
+
+/// `POST /oauth/revoke`: always 200 for a token the client may not touch or that is unknown
+/// (RFC 7009 §2.2), so the answer tells nothing about other clients' tokens.
+pub async fn revoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let st = state.clone();
+    let r = detached(async move { Ok(revoke_inner(&st, &headers, &body).await) }).await;
+    match r {
+        Ok(Ok(())) => (StatusCode::OK, no_store()).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn revoke_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(), OAuthError> {
+    let p = form_body(headers, body)?;
+    let client = authenticate_client(state, headers, &p).await?;
+    let token = p.require("token")?;
+    match find_token(state, token, true).await? {
+        Found::Refresh(_, g) if g.client_id == client.id => {
+            // Revoking a refresh token ends the grant and every access token of it.
+            let revoked = revoke_family(state, &g.id, "revoked").await?;
+            if revoked {
+                let detail = serde_json::json!({"client_id": client.id, "grant_id": g.id, "token_type": "refresh_token"});
+                state
+                    .record_change(
+                        "system",
+                        "oauth.revoked",
+                        &g.tenant_id,
+                        Some(&g.id),
+                        g.user_id.as_deref(),
+                        &detail,
+                    )
+                    .await;
+            }
+        }
+        Found::Access(c, g) if g.client_id == client.id => {
+            state
+                .store
+                .revoke_access_token(&c.jti, &g.id, c.exp.saturating_mul(1000))
+                .await?;
+            state.family_changed(&g.id).await;
+            let detail = serde_json::json!({"client_id": client.id, "grant_id": g.id, "jti": c.jti, "token_type": "access_token"});
+            state
+                .record_change(
+                    "system",
+                    "oauth.revoked",
+                    &g.tenant_id,
+                    Some(&g.id),
+                    g.user_id.as_deref(),
+                    &detail,
+                )
+                .await;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `POST /oauth/introspect`: for confidential clients (their tenant's tokens) and `sk` keys
+/// with scope `oauth:introspect` (their tenant's; the operator's, every tenant's).
+pub async fn introspect(State(state): State<AppState>, ctx: Ctx, body: Bytes) -> Response {
+    match introspect_inner(&state, &ctx, &body).await {
+        Ok(v) => (StatusCode::OK, no_store(), axum::Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn introspect_inner(
+    state: &AppState,
+    ctx: &Ctx,
+    body: &Bytes,
+) -> Result<serde_json::Value, OAuthError> {
+    let p = form_body(&ctx.headers, body)?;
+    let bearer = crate::state::bearer(&ctx.headers).ok().flatten().is_some();
+    // Which tenants' tokens the caller may see (`None`: every tenant).
+    let sees: Option<String> = if bearer {
+        let caller = ctx
+            .caller(state, INTROSPECT, RouteClass::TokenManagement)
+            .await
+            .map_err(|_| OAuthError::client(false))?;
+        if caller.key.record.kind != keygate_core::Kind::Sk {
+            return Err(OAuthError::client(false));
+        }
+        (!caller.is_operator()).then(|| caller.tenant().to_owned())
+    } else {
+        let client = authenticate_client(state, &ctx.headers, &p).await?;
+        if client.secret_hash.is_none() {
+            return Err(OAuthError::client(false));
+        }
+        Some(client.tenant_id)
+    };
+    let token = p.require("token")?;
+    let inactive = serde_json::json!({"active": false});
+    let visible = |g: &OAuthGrant| sees.as_deref().is_none_or(|t| t == g.tenant_id);
+    let now = now_ms();
+    Ok(match find_token(state, token, false).await? {
+        Found::Access(c, g) if visible(&g) => {
+            let revoked =
+                g.revoked_at_ms.is_some() || state.store.access_token_revoked(&c.jti).await?;
+            if revoked {
+                inactive
+            } else {
+                serde_json::json!({
+                    "active": true, "token_type": "access_token", "scope": c.scope,
+                    "client_id": c.client_id, "sub": c.sub, "exp": c.exp, "iat": c.iat,
+                    "iss": c.iss, "aud": c.aud, "jti": c.jti, "tenant_id": c.tenant_id,
+                    "grant_id": c.grant_id,
+                })
+            }
+        }
+        Found::Refresh(rt, g) if visible(&g) => {
+            if rt.used_at_ms.is_some() || g.revoked_at_ms.is_some() || g.expires_at_ms <= now {
+                inactive
+            } else {
+                serde_json::json!({
+                    "active": true, "token_type": "refresh_token", "scope": g.scope,
+                    "client_id": g.client_id,
+                    "sub": g.user_id.clone().unwrap_or_else(|| g.client_id.clone()),
+                    "exp": g.expires_at_ms / 1000, "iat": rt.created_at_ms / 1000,
+                    "iss": state.oauth.issuer, "tenant_id": g.tenant_id, "grant_id": g.id,
+                })
+            }
+        }
+        _ => inactive,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Discovery.
+
+/// `GET /.well-known/oauth-authorization-server` (RFC 8414).
+pub async fn metadata(State(state): State<AppState>) -> Response {
+    let iss = &state.oauth.issuer;
+    let auth_methods = ["client_secret_basic", "client_secret_post", "none"];
+    axum::Json(serde_json::json!({
+        "issuer": iss,
+        "authorization_endpoint": format!("{iss}/oauth/authorize"),
+        "token_endpoint": format!("{iss}/oauth/token"),
+        "jwks_uri": format!("{iss}/.well-known/jwks.json"),
+        "revocation_endpoint": format!("{iss}/oauth/revoke"),
+        "introspection_endpoint": format!("{iss}/oauth/introspect"),
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+        "code_challenge_methods_supported": ["S256"],
+        "token_endpoint_auth_methods_supported": auth_methods,
+        "revocation_endpoint_auth_methods_supported": auth_methods,
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "bearer"],
+        "authorization_response_iss_parameter_supported": true,
+    }))
+    .into_response()
+}
+
+/// `GET /.well-known/jwks.json`
+pub async fn jwks(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("max-age=300"),
+        )],
+        axum::Json(state.oauth.keyring().jwks().clone()),
+    )
+        .into_response()
+}
+
+// ---------------------------------------------------------------------------------------
+// Pages. Why by hand rather than a template engine: two small forms; every value goes
+// through `esc`.
+
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn page(status: StatusCode, title: &str, body: &str, cookie: Option<HeaderValue>) -> Response {
+    let html = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{title} · keygate</title><style>\
+         body{{font:16px/1.5 system-ui,sans-serif;max-width:26rem;margin:3rem auto;padding:0 1rem;color:#111}}\
+         label{{display:block;margin-top:1rem;font-weight:600}}\
+         input{{width:100%;box-sizing:border-box;padding:.5rem;font:inherit}}\
+         button{{margin-top:1.25rem;padding:.5rem 1.25rem;font:inherit;background:#1d4ed8;color:#fff;border:0;border-radius:4px}}\
+         button.secondary{{background:#e5e7eb;color:#111}}\
+         button:focus,input:focus{{outline:3px solid #f59e0b}}\
+         .error{{color:#b91c1c;font-weight:600}}</style></head>\
+         <body><main>{body}</main></body></html>",
+        title = esc(title),
+    );
+    let mut res = (status, axum::response::Html(html)).into_response();
+    let h = res.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    if let Some(c) = cookie {
+        h.append(header::SET_COOKIE, c);
+    }
+    res
+}

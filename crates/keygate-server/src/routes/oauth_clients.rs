@@ -1,0 +1,279 @@
+//! `/v1/oauth/clients`: OAuth clients of a tenant (the confidential client's secret is shown
+//! once) and `/v1/oauth/signing-keys/rotate`.
+
+use super::{detached, next_cursor, Ctx, PageQuery};
+use crate::error::{ApiError, Json, Path, Query};
+use crate::state::{now_ms, AppState};
+use crate::views::{rfc3339, ListView};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use keygate_core::{RouteClass, ScopeSet};
+use keygate_store::OAuthClient;
+use serde::{Deserialize, Serialize};
+
+/// Scope to read clients.
+pub const READ: &str = "oauth:read";
+/// Scope to register and delete clients.
+pub const WRITE: &str = "oauth:write";
+
+/// A client as the API shows it (the secret only on creation).
+#[derive(Debug, Serialize)]
+pub struct ClientView {
+    client_id: String,
+    name: String,
+    #[serde(rename = "type")]
+    client_type: String,
+    redirect_uris: Vec<String>,
+    scopes: Vec<String>,
+    tenant_id: String,
+    created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_secret: Option<String>,
+}
+
+impl ClientView {
+    fn new(c: &OAuthClient, secret: Option<String>) -> Self {
+        Self {
+            client_id: c.id.clone(),
+            name: c.name.clone(),
+            client_type: c.client_type.clone(),
+            redirect_uris: c.redirect_uris.clone(),
+            scopes: c.scopes.clone(),
+            tenant_id: c.tenant_id.clone(),
+            created_at: rfc3339(c.created_at_ms),
+            client_secret: secret,
+        }
+    }
+}
+
+/// `POST /v1/oauth/clients` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateClient {
+    name: String,
+    #[serde(rename = "type")]
+    client_type: String,
+    #[serde(default)]
+    redirect_uris: Vec<String>,
+    scopes: Vec<String>,
+    tenant_id: Option<String>,
+}
+
+/// `POST /v1/oauth/clients`
+pub async fn create(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Json(body): Json<CreateClient>,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = ctx
+        .caller(&state, WRITE, RouteClass::TokenManagement)
+        .await?;
+    let tenant = caller.act_in(&state, body.tenant_id.as_deref()).await?;
+    let name = crate::issue::check_name(&body.name)?;
+    let public = match body.client_type.as_str() {
+        "public" => true,
+        "confidential" => false,
+        _ => {
+            return Err(ApiError::invalid(
+                "type must be \"public\" or \"confidential\"",
+            ))
+        }
+    };
+    if body.redirect_uris.len() > 20 {
+        return Err(ApiError::invalid("at most 20 redirect_uris"));
+    }
+    if public && body.redirect_uris.is_empty() {
+        return Err(ApiError::invalid(
+            "a public client needs at least one redirect URI",
+        ));
+    }
+    for u in &body.redirect_uris {
+        if let Some(why) = keygate_oauth::redirect::problem(u) {
+            return Err(ApiError::invalid(format!("redirect_uris: {why}")));
+        }
+    }
+    let scopes = ScopeSet::parse(&body.scopes).map_err(|e| ApiError::invalid(e.to_string()))?;
+    if scopes.is_empty() {
+        return Err(ApiError::invalid("scopes must name at least one scope"));
+    }
+    if scopes.has_all() {
+        return Err(ApiError::invalid(
+            "an OAuth client cannot hold scope \"*\"; name the scopes its tokens may carry",
+        ));
+    }
+    // A key may only hand out what it could do itself.
+    caller.require_covers(&scopes)?;
+    let secret = (!public).then(|| {
+        format!(
+            "{}_cs_{}",
+            state.config.keys.prefix,
+            crate::ids::random_base62(40)
+        )
+    });
+    let now = now_ms();
+    let client = OAuthClient {
+        id: crate::ids::new_id("cli", now),
+        tenant_id: tenant,
+        name,
+        client_type: body.client_type,
+        secret_hash: secret.as_deref().map(keygate_oauth::token_hash),
+        redirect_uris: body.redirect_uris,
+        scopes: scopes.to_strings(),
+        created_at_ms: now,
+    };
+    let (st, rec, actor) = (state.clone(), client.clone(), caller.key.record.id.clone());
+    detached(async move {
+        st.store.insert_client(&rec).await?;
+        let detail = serde_json::json!({
+            "client_id": rec.id, "type": rec.client_type,
+            "redirect_uris": rec.redirect_uris, "scopes": rec.scopes,
+        });
+        st.record_change(
+            &actor,
+            "oauth.client_created",
+            &rec.tenant_id,
+            None,
+            None,
+            &detail,
+        )
+        .await;
+        Ok(())
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(ClientView::new(&client, secret)),
+    ))
+}
+
+/// `GET /v1/oauth/clients` filters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    limit: Option<u32>,
+    cursor: Option<String>,
+    tenant_id: Option<String>,
+}
+
+/// `GET /v1/oauth/clients`
+pub async fn list(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Query(q): Query<ListQuery>,
+) -> Result<axum::Json<ListView<ClientView>>, ApiError> {
+    let caller = ctx
+        .caller(&state, READ, RouteClass::TokenManagement)
+        .await?;
+    let page = PageQuery {
+        limit: q.limit,
+        cursor: q.cursor,
+    }
+    .page()?;
+    let tenant = caller.scope(&state, q.tenant_id.as_deref()).await?;
+    let items = state.store.list_clients(tenant.as_deref(), &page).await?;
+    let next = next_cursor(&items, page.limit, |c| &c.id);
+    Ok(axum::Json(ListView {
+        data: items.iter().map(|c| ClientView::new(c, None)).collect(),
+        next_cursor: next,
+    }))
+}
+
+async fn visible(
+    state: &AppState,
+    caller: &super::Caller,
+    id: &str,
+) -> Result<OAuthClient, ApiError> {
+    match state.store.get_client(id).await? {
+        Some(c) if caller.sees(&c.tenant_id) => Ok(c),
+        _ => Err(ApiError::not_found("client")),
+    }
+}
+
+/// `GET /v1/oauth/clients/{id}`
+pub async fn get(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<axum::Json<ClientView>, ApiError> {
+    let caller = ctx
+        .caller(&state, READ, RouteClass::TokenManagement)
+        .await?;
+    let c = visible(&state, &caller, &id).await?;
+    Ok(axum::Json(ClientView::new(&c, None)))
+}
+
+/// `DELETE /v1/oauth/clients/{id}`: the client goes, and every grant it holds is revoked.
+pub async fn delete(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let caller = ctx
+        .caller(&state, WRITE, RouteClass::TokenManagement)
+        .await?;
+    let c = visible(&state, &caller, &id).await?;
+    let (st, actor) = (state.clone(), caller.key.record.id.clone());
+    detached(async move {
+        let gone = st.store.delete_client(&c.id, now_ms()).await?;
+        for grant in gone.iter().skip(1) {
+            st.family_changed(grant).await;
+        }
+        if !gone.is_empty() {
+            let detail = serde_json::json!({"client_id": c.id, "grants_revoked": gone.len() - 1});
+            st.record_change(
+                &actor,
+                "oauth.client_deleted",
+                &c.tenant_id,
+                None,
+                None,
+                &detail,
+            )
+            .await;
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /v1/oauth/signing-keys/rotate` (operator only): a new signing key signs from now on;
+/// the old public key stays in the JWKS until the tokens it signed have expired.
+pub async fn rotate_signing_key(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = ctx.caller(&state, "*", RouteClass::Admin).await?;
+    if !caller.is_operator() {
+        return Err(ApiError::not_found("route"));
+    }
+    let st = state.clone();
+    let actor = caller.key.record.id.clone();
+    let kid = detached(async move {
+        let kid = crate::oauth::add_signing_key(&*st.store)
+            .await
+            .map_err(|e| keygate_store::StoreError {
+                kind: keygate_store::StoreErrorKind::Unavailable,
+                message: e,
+            })?;
+        if let Err(e) = st.oauth.reload(&st.config, &*st.store).await {
+            tracing::warn!("{e}");
+        }
+        let detail = serde_json::json!({"kid": kid});
+        st.record_change(
+            &actor,
+            "oauth.signing_key_rotated",
+            super::DEFAULT_TENANT,
+            None,
+            None,
+            &detail,
+        )
+        .await;
+        Ok(kid)
+    })
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(serde_json::json!({ "kid": kid })),
+    ))
+}
