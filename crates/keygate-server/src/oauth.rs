@@ -32,7 +32,14 @@ pub struct OAuth {
     keyring: RwLock<Arc<Keyring>>,
     last_reload_ms: AtomicI64,
     seal_key: Vec<u8>,
+    /// Failed sign-ins per account in the last 15 minutes (this node's count).
+    login_failures: moka::sync::Cache<String, Arc<std::sync::atomic::AtomicU32>>,
 }
+
+/// Failed sign-ins of one account, within [`LOGIN_WINDOW`], after which it is locked.
+pub const LOGIN_MAX_FAILURES: u32 = 10;
+/// The window of [`LOGIN_MAX_FAILURES`] (from the first failure).
+pub const LOGIN_WINDOW: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 impl std::fmt::Debug for OAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -86,6 +93,10 @@ impl OAuth {
             )),
             last_reload_ms: AtomicI64::new(0),
             seal_key,
+            login_failures: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(LOGIN_WINDOW)
+                .build(),
         };
         oauth.reload(config, store).await?;
         Ok(oauth)
@@ -158,6 +169,22 @@ impl OAuth {
         m.update(b".");
         m.update(body.as_bytes());
         URL_SAFE_NO_PAD.encode(m.finalize().into_bytes())
+    }
+
+    /// Whether an account (`tenant/email`) has used up its failed sign-ins.
+    pub fn login_locked(&self, account: &str) -> bool {
+        self.login_failures
+            .get(account)
+            .is_some_and(|n| n.load(Ordering::Relaxed) >= LOGIN_MAX_FAILURES)
+    }
+
+    /// Counts a failed sign-in of an account.
+    pub fn login_failed(&self, account: &str) {
+        self.login_failures
+            .get_with(account.to_owned(), || {
+                Arc::new(std::sync::atomic::AtomicU32::new(0))
+            })
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Signs an access token for `grant` with `scope`; answers the token and its lifetime.

@@ -545,6 +545,25 @@ async fn token_endpoint_follows_the_bcp() {
     .await;
     assert_eq!(v["error"], "invalid_grant");
 
+    // A refresh token past its grant's absolute lifetime.
+    let c = code(code_for(&fx, &mut b, PUBLIC_REDIRECT).await);
+    let (_, t) = exchange(&fx, &c, VERIFIER).await;
+    sqlx::query("UPDATE oauth_grants SET expires_at = 0")
+        .execute(&pool)
+        .await
+        .expect("age the grants");
+    let (_, v) = token_call(
+        app,
+        &[
+            ("grant_type", "refresh_token"),
+            ("client_id", &fx.public_id),
+            ("refresh_token", t["refresh_token"].as_str().expect("rt")),
+        ],
+    )
+    .await;
+    assert_eq!(v["error"], "invalid_grant");
+    assert_eq!(v["error_description"], "the refresh token has expired");
+
     // Client authentication and parameter errors.
     let r = app
         .client
@@ -963,4 +982,109 @@ async fn client_registration_checks_its_input() {
             .await
             .expect("row");
     assert_eq!(stored, Some(keygate_oauth::token_hash(&fx.conf_secret)));
+}
+
+#[tokio::test]
+async fn sign_in_is_locked_after_ten_failures() {
+    let fx = setup(|_| {}).await;
+    let mut b = Browser::new(&fx.app);
+    let (_, _, mut page) = b
+        .get(&authz_path(&fx.public_id, PUBLIC_REDIRECT, &[]))
+        .await;
+    for i in 0..10 {
+        let (s, _, next) = b
+            .post(&with(
+                hidden(&page),
+                &[("email", EMAIL), ("password", &format!("guess {i}"))],
+            ))
+            .await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "attempt {i}");
+        page = next;
+    }
+    // The right password no longer helps, for this account only.
+    let (s, _, next) = b
+        .post(&with(
+            hidden(&page),
+            &[("email", EMAIL), ("password", PASSWORD)],
+        ))
+        .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert!(next.contains("Too many failed sign-ins"));
+    assert!(!b.cookies.contains_key("kg_oauth_session"));
+    let (s, _, _) = b
+        .post(&with(
+            hidden(&next),
+            &[
+                ("email", "someone@example.com"),
+                ("password", "whatever it is"),
+            ],
+        ))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "another account is not locked");
+}
+
+#[tokio::test]
+async fn tokens_issued_on_one_node_work_and_die_on_every_node() {
+    // Several nodes must share one issuer (the default is each node's own address).
+    let issuer = "https://auth.keygate.test";
+    let a = TestApp::spawn_postgres(|c| c.oauth.issuer = issuer.into()).await;
+    let b = TestApp::spawn_on(a.db_url(), |c| c.oauth.issuer = issuer.into())
+        .await
+        .with_root(a.root.clone());
+    let r = a
+        .post(
+            "/v1/oauth/clients",
+            json!({"name": "Backend", "type": "confidential", "scopes": ["docs:read"]}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let client: Value = r.json().await.expect("json");
+    let (id, secret) = (
+        client["client_id"].as_str().expect("id"),
+        client["client_secret"].as_str().expect("secret"),
+    );
+    let (s, t) = token_call(
+        &a,
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", id),
+            ("client_secret", secret),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{t}");
+    let token = t["access_token"].as_str().expect("token");
+    // Both nodes publish the same keys and accept the token.
+    let ja: Value = a
+        .get("/.well-known/jwks.json")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let jb: Value = b
+        .get("/.well-known/jwks.json")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(ja, jb);
+    assert_eq!(auth_status(&b, token, "docs:read").await.0, StatusCode::OK);
+    // Revoked on A: refused on B at once (the change feed, not the cache TTL).
+    let r = a
+        .client
+        .post(a.url("/oauth/revoke"))
+        .basic_auth(id, Some(secret))
+        .form(&[("token", token)])
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(r.status(), StatusCode::OK);
+    eventually(|| async {
+        auth_status(&b, token, "docs:read").await == (StatusCode::UNAUTHORIZED, "REVOKED".into())
+    })
+    .await;
+    assert_eq!(
+        auth_status(&a, token, "docs:read").await,
+        (StatusCode::UNAUTHORIZED, "REVOKED".into())
+    );
 }

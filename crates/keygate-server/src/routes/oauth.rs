@@ -676,16 +676,27 @@ pub async fn authorize_submit(
                     Some("Enter your email and password."),
                 );
             };
+            let account = format!("{}/{}", client.tenant_id, email.trim().to_ascii_lowercase());
+            if state.oauth.login_locked(&account) {
+                return login_page(
+                    &state,
+                    &client,
+                    &req,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Some("Too many failed sign-ins for this account. Try again in 15 minutes."),
+                );
+            }
             let user = match check_password(&state, &client, email, password).await {
                 Ok(Some(u)) => u,
                 Ok(None) => {
+                    state.oauth.login_failed(&account);
                     return login_page(
                         &state,
                         &client,
                         &req,
                         StatusCode::UNAUTHORIZED,
                         Some("Wrong email or password."),
-                    )
+                    );
                 }
                 Err(res) => return res,
             };
