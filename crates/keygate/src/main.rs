@@ -1,10 +1,15 @@
 //! The `keygate` binary: a thin clap front over `keygate-server`.
 #![forbid(unsafe_code)]
 
-use clap::{Parser, Subcommand};
+mod remote;
+mod scan;
+
+use clap::{CommandFactory, Parser, Subcommand};
 use keygate_server::config::Config;
 use keygate_server::issue::{self, CreateKey, Issuer};
 use keygate_server::startup::{self, Application};
+use remote::{cell, query, table, Remote};
+use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -15,6 +20,15 @@ struct Cli {
     /// Config file (TOML). Without it: defaults and KEYGATE_* environment variables.
     #[arg(long, short, global = true, env = "KEYGATE_CONFIG")]
     config: Option<PathBuf>,
+    /// A running node (`http://127.0.0.1:8080`): management commands go there over HTTP.
+    #[arg(long, global = true, env = "KEYGATE_URL")]
+    url: Option<String>,
+    /// The key to call the node with (an `sk` key with the scopes the command needs).
+    #[arg(long, global = true, env = "KEYGATE_KEY", hide_env_values = true)]
+    key: Option<String>,
+    /// Print the node's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -28,15 +42,75 @@ enum Command {
     /// Manage keys directly in the database (no running server needed).
     #[command(subcommand)]
     Keys(Box<KeysCommand>),
-    /// Read and check the audit log directly in the database.
+    /// Read and check the audit log (verify and export read the database; tail asks a node).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Tenants of a running node (needs --url and the operator's key).
+    #[command(subcommand)]
+    Tenants(TenantsCommand),
+    /// Find keys of this deployment's format in files (prefix + checksum) and say whether each
+    /// is active, revoked, expired or unknown, without printing them. Exits 1 if a key that
+    /// still works is found. Looks keys up in the database, or with --url through the verify
+    /// API (cost 0; scope keys:verify).
+    Scan {
+        /// Files or directories (.git, node_modules and target are skipped).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Print a shell completion script: `keygate completions bash > /etc/bash_completion.d/keygate`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantsCommand {
+    /// List tenants.
+    List,
+    /// Show one tenant.
+    Show {
+        /// `tnt_…` or `default`.
+        id: String,
+    },
+    /// Create a tenant; prints its admin key once.
+    Create {
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// Plan (free, pro, enterprise or one of the config's).
+        #[arg(long)]
+        plan: Option<String>,
+        /// Starting credits (default: the plan's grant).
+        #[arg(long)]
+        credits: Option<u64>,
+    },
+    /// Add credits to a tenant's pool.
+    Credits {
+        /// Tenant id.
+        id: String,
+        /// Credits to add.
+        #[arg(long)]
+        amount: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Check every node's hash chain; prints a JSON report, exits 1 if a chain is broken.
     Verify,
+    /// The newest events from a running node (needs --url); --follow keeps printing new ones.
+    Tail {
+        /// How many events to show first.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Keep polling for new events (every second) until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Only this action (`request.decided`, `key.revoked`, …).
+        #[arg(long)]
+        action: Option<String>,
+    },
     /// Write audit events to stdout, newest first (progress on stderr).
     Export {
         /// jsonl or csv.
@@ -56,7 +130,44 @@ enum AuditCommand {
 
 #[derive(Debug, Subcommand)]
 enum KeysCommand {
-    /// Create a key; prints the plaintext once, then the record as JSON on stderr.
+    /// List keys (needs --url).
+    List {
+        /// sk, ut or pk.
+        #[arg(long)]
+        kind: Option<String>,
+        /// active, grace, revoked or expired.
+        #[arg(long)]
+        status: Option<String>,
+        /// Name contains this text.
+        #[arg(long)]
+        name: Option<String>,
+        /// Another tenant's keys (operator only).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Page size (1-500).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show one key (needs --url).
+    Show {
+        /// `key_…`
+        id: String,
+    },
+    /// Rotate a key: prints the successor once; the old key works for the grace period
+    /// (needs --url).
+    Rotate {
+        /// `key_…`
+        id: String,
+        /// Grace period of the old key, seconds (default: the node's).
+        #[arg(long)]
+        grace_seconds: Option<u64>,
+    },
+    /// Revoke a key now, on every node (needs --url).
+    Revoke {
+        /// `key_…`
+        id: String,
+    },
+    /// Create a key; prints the plaintext once (to a node with --url, else in the database).
     Create {
         /// sk, ut or pk.
         #[arg(long)]
@@ -110,6 +221,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let remote = match cli.url.as_deref().map(|u| Remote::new(u, cli.key.clone())) {
+        None => None,
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => {
+            eprintln!("keygate: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = rt.block_on(async move {
         match cli.command {
             Command::Serve => serve(config).await,
@@ -117,8 +236,22 @@ fn main() -> ExitCode {
                 .await
                 .map(|_| eprintln!("keygate: migrations applied to {}", config.database_url))
                 .map_err(|e| e.to_string()),
-            Command::Keys(k) => keys(config, *k).await,
-            Command::Audit(a) => audit(config, a).await,
+            Command::Keys(k) => keys(config, remote, cli.json, *k).await,
+            Command::Audit(a) => audit(config, remote, cli.json, a).await,
+            Command::Tenants(t) => match remote {
+                Some(r) => tenants(&r, cli.json, t).await,
+                None => Err("tenants commands talk to a node: give --url and --key".into()),
+            },
+            Command::Scan { paths } => scan_paths(config, remote, &paths).await,
+            Command::Completions { shell } => {
+                clap_complete::generate(
+                    shell,
+                    &mut Cli::command(),
+                    "keygate",
+                    &mut std::io::stdout(),
+                );
+                Ok(())
+            }
         }
     });
     match result {
@@ -171,7 +304,164 @@ async fn shutdown_signal() {
     eprintln!("keygate: shutting down, finishing in-flight requests");
 }
 
-async fn keys(config: Config, cmd: KeysCommand) -> Result<(), String> {
+fn need(remote: Option<Remote>, what: &str) -> Result<Remote, String> {
+    remote.ok_or_else(|| format!("{what} talks to a running node: give --url and --key"))
+}
+
+fn print_json(v: &Value) -> Result<(), String> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
+fn key_rows(items: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|k| {
+            vec![
+                cell(&k["id"]),
+                cell(&k["name"]),
+                cell(&k["kind"]),
+                cell(&k["status"]),
+                format!("{}…", cell(&k["display"])),
+                cell(&k["scopes"]),
+                cell(&k["last_used_at"]),
+            ]
+        })
+        .collect();
+    table(
+        &["ID", "NAME", "KIND", "STATUS", "KEY", "SCOPES", "LAST USED"],
+        &rows,
+    )
+}
+
+/// Prints a key's plaintext (the one time it is shown) on stdout, the rest on stderr.
+fn print_issued(v: &Value, json_out: bool, what: &str) -> Result<(), String> {
+    if json_out {
+        return print_json(v);
+    }
+    println!("{}", cell(&v["key"]));
+    eprintln!(
+        "keygate: {what} {} ({} key {}…) in tenant {}; the key above is shown once",
+        cell(&v["id"]),
+        cell(&v["kind"]),
+        cell(&v["display"]),
+        cell(&v["tenant_id"])
+    );
+    Ok(())
+}
+
+async fn keys(
+    config: Config,
+    remote: Option<Remote>,
+    json_out: bool,
+    cmd: KeysCommand,
+) -> Result<(), String> {
+    match cmd {
+        KeysCommand::List {
+            kind,
+            status,
+            name,
+            tenant,
+            limit,
+        } => {
+            let r = need(remote, "keys list")?;
+            let q = query(&[
+                ("kind", kind),
+                ("status", status),
+                ("name", name),
+                ("tenant_id", tenant),
+                ("limit", Some(limit.to_string())),
+            ]);
+            let v = r.call("GET", &format!("/v1/keys{q}"), None).await?;
+            if json_out {
+                return print_json(&v);
+            }
+            let items = v["data"].as_array().cloned().unwrap_or_default();
+            print!("{}", key_rows(&items));
+            if let Some(c) = v["next_cursor"].as_str() {
+                eprintln!("keygate: more keys follow (cursor {c})");
+            }
+            return Ok(());
+        }
+        KeysCommand::Show { id } => {
+            let r = need(remote, "keys show")?;
+            let v = r.call("GET", &format!("/v1/keys/{id}"), None).await?;
+            if json_out {
+                return print_json(&v);
+            }
+            let mut rows = Vec::new();
+            if let Some(o) = v.as_object() {
+                for (k, val) in o {
+                    rows.push(vec![k.clone(), cell(val)]);
+                }
+            }
+            print!("{}", table(&["FIELD", "VALUE"], &rows));
+            return Ok(());
+        }
+        KeysCommand::Rotate { id, grace_seconds } => {
+            let r = need(remote, "keys rotate")?;
+            let body = match grace_seconds {
+                Some(g) => json!({ "grace_seconds": g }),
+                None => json!({}),
+            };
+            let v = r
+                .call("POST", &format!("/v1/keys/{id}/rotate"), Some(body))
+                .await?;
+            return print_issued(&v, json_out, "rotated into");
+        }
+        KeysCommand::Revoke { id } => {
+            let r = need(remote, "keys revoke")?;
+            let v = r
+                .call("POST", &format!("/v1/keys/{id}/revoke"), Some(json!({})))
+                .await?;
+            if json_out {
+                return print_json(&v);
+            }
+            eprintln!(
+                "keygate: revoked {id}; the next request with it gets 401 REVOKED on every node"
+            );
+            return Ok(());
+        }
+        KeysCommand::Create { .. } => {}
+    }
+    if let (
+        Some(r),
+        KeysCommand::Create {
+            kind,
+            name,
+            tenant,
+            user,
+            preset,
+            scopes,
+            origins,
+            ips,
+            budget,
+            ttl_seconds,
+        },
+    ) = (&remote, &cmd)
+    {
+        let mut body = json!({"kind": kind, "name": name});
+        let fields = [
+            ("tenant_id", (tenant != "default").then(|| json!(tenant))),
+            ("user_id", user.as_ref().map(|u| json!(u))),
+            ("preset", preset.as_ref().map(|p| json!(p))),
+            ("scopes", scopes.as_ref().map(|s| json!(s))),
+            ("allowed_origins", origins.as_ref().map(|o| json!(o))),
+            ("allowed_ips", ips.as_ref().map(|i| json!(i))),
+            ("budget", budget.map(|b| json!(b))),
+            ("ttl_seconds", ttl_seconds.map(|t| json!(t))),
+        ];
+        for (k, v) in fields {
+            if let Some(v) = v {
+                body[k] = v;
+            }
+        }
+        let v = r.call("POST", "/v1/keys", Some(body)).await?;
+        return print_issued(&v, json_out, "created");
+    }
     let store = startup::open_store(&config)
         .await
         .map_err(|e| e.to_string())?;
@@ -250,7 +540,244 @@ async fn keys(config: Config, cmd: KeysCommand) -> Result<(), String> {
             );
             Ok(())
         }
+        _ => Err("handled above".into()),
     }
+}
+
+async fn tenants(r: &Remote, json_out: bool, cmd: TenantsCommand) -> Result<(), String> {
+    let rows = |items: &[Value]| {
+        let rows: Vec<Vec<String>> = items
+            .iter()
+            .map(|t| {
+                vec![
+                    cell(&t["id"]),
+                    cell(&t["name"]),
+                    cell(&t["plan"]),
+                    match &t["credits"] {
+                        Value::Null => "unlimited".into(),
+                        c => cell(c),
+                    },
+                    cell(&t["created_at"]),
+                ]
+            })
+            .collect();
+        table(&["ID", "NAME", "PLAN", "CREDITS", "CREATED"], &rows)
+    };
+    let v = match cmd {
+        TenantsCommand::List => r.call("GET", "/v1/tenants?limit=500", None).await?,
+        TenantsCommand::Show { id } => r.call("GET", &format!("/v1/tenants/{id}"), None).await?,
+        TenantsCommand::Create {
+            name,
+            plan,
+            credits,
+        } => {
+            let mut body = json!({ "name": name });
+            if let Some(p) = plan {
+                body["plan"] = json!(p);
+            }
+            if let Some(c) = credits {
+                body["credits"] = json!(c);
+            }
+            let v = r.call("POST", "/v1/tenants", Some(body)).await?;
+            if json_out {
+                return print_json(&v);
+            }
+            print!("{}", rows(std::slice::from_ref(&v["tenant"])));
+            return print_issued(&v["admin_key"], false, "its admin key");
+        }
+        TenantsCommand::Credits { id, amount } => {
+            r.call(
+                "POST",
+                &format!("/v1/tenants/{id}/credits"),
+                Some(json!({ "amount": amount })),
+            )
+            .await?
+        }
+    };
+    if json_out {
+        return print_json(&v);
+    }
+    let items = match v["data"].as_array() {
+        Some(a) => a.clone(),
+        None => vec![v.get("tenant").cloned().unwrap_or(v)],
+    };
+    print!("{}", rows(&items));
+    Ok(())
+}
+
+fn audit_rows(events: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                cell(&e["at"]),
+                cell(&e["action"]),
+                cell(&e["actor"]),
+                cell(&e["key_id"]),
+                cell(&e["code"]),
+                cell(&e["status"]),
+                format!("{} {}", cell(&e["method"]), cell(&e["path"])),
+            ]
+        })
+        .collect();
+    table(
+        &["AT", "ACTION", "ACTOR", "KEY", "CODE", "STATUS", "REQUEST"],
+        &rows,
+    )
+}
+
+async fn tail(
+    r: &Remote,
+    json_out: bool,
+    limit: u32,
+    follow: bool,
+    action: Option<String>,
+) -> Result<(), String> {
+    let v = r
+        .call(
+            "GET",
+            &format!(
+                "/v1/audit{}",
+                query(&[
+                    ("limit", Some(limit.to_string())),
+                    ("action", action.clone())
+                ])
+            ),
+            None,
+        )
+        .await?;
+    // Newest first from the API; a tail reads oldest first.
+    let mut events = v["data"].as_array().cloned().unwrap_or_default();
+    events.reverse();
+    let show = |events: &[Value], header: bool| -> Result<(), String> {
+        if json_out {
+            for e in events {
+                println!("{e}");
+            }
+        } else if !events.is_empty() {
+            let t = audit_rows(events);
+            let body = if header {
+                t.as_str()
+            } else {
+                t.split_once('\n').map_or("", |(_, rest)| rest)
+            };
+            print!("{body}");
+        }
+        Ok(())
+    };
+    show(&events, true)?;
+    if !follow {
+        return Ok(());
+    }
+    let mut seen: std::collections::HashSet<String> = events
+        .iter()
+        .filter_map(|e| e["id"].as_str().map(str::to_owned))
+        .collect();
+    let mut since = events.last().map(|e| cell(&e["at"]));
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let v = r
+            .call(
+                "GET",
+                &format!(
+                    "/v1/audit{}",
+                    query(&[
+                        ("limit", Some("500".into())),
+                        ("action", action.clone()),
+                        ("since", since.clone())
+                    ])
+                ),
+                None,
+            )
+            .await?;
+        let mut fresh: Vec<Value> = v["data"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e["id"].as_str().is_some_and(|id| !seen.contains(id)))
+            .collect();
+        fresh.reverse();
+        for e in &fresh {
+            if let Some(id) = e["id"].as_str() {
+                seen.insert(id.to_owned());
+            }
+        }
+        if let Some(last) = fresh.last() {
+            since = Some(cell(&last["at"]));
+        }
+        show(&fresh, seen.len() == fresh.len())?;
+    }
+}
+
+async fn scan_paths(
+    config: Config,
+    remote: Option<Remote>,
+    paths: &[PathBuf],
+) -> Result<(), String> {
+    let (format, hasher) = startup::key_tools(&config).map_err(|e| e.to_string())?;
+    let found = scan::scan(&format, paths, |n| eprint!("\rkeygate: scanned {n} files"))?;
+    eprintln!();
+    let store = match &remote {
+        Some(_) => None,
+        None => Some(
+            startup::open_store(&config)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+    };
+    let now = keygate_server::state::now_ms();
+    let mut working = 0;
+    for f in &found {
+        let display: String = f.key.chars().take(10).collect();
+        let (id, status) = match (&store, &remote) {
+            (Some(s), _) => match s
+                .get_key_by_hash(&hasher.hash(&f.key))
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                None => ("-".to_owned(), "unknown"),
+                Some(k) => {
+                    let status = match k.status {
+                        keygate_core::KeyStatus::Revoked => "revoked",
+                        _ if k.expires_at_ms.is_some_and(|e| e <= now) => "expired",
+                        keygate_core::KeyStatus::Grace => "grace",
+                        _ => "active",
+                    };
+                    (k.id, status)
+                }
+            },
+            (None, Some(r)) => {
+                let v = r
+                    .call(
+                        "POST",
+                        "/v1/keys/verify",
+                        Some(json!({"key": f.key, "cost": 0})),
+                    )
+                    .await?;
+                let status = match v["code"].as_str().unwrap_or("") {
+                    "UNKNOWN_KEY" | "MALFORMED_KEY" => "unknown",
+                    "REVOKED" => "revoked",
+                    "EXPIRED" => "expired",
+                    _ => "active",
+                };
+                (cell(&v["key_id"]), status)
+            }
+            (None, None) => ("-".to_owned(), "unknown"),
+        };
+        if matches!(status, "active" | "grace") {
+            working += 1;
+        }
+        println!("{}:{}: {display}… {id} {status}", f.path.display(), f.line);
+    }
+    if working > 0 {
+        return Err(format!(
+            "{working} of {} keys found still work: revoke or rotate them",
+            found.len()
+        ));
+    }
+    eprintln!("keygate: {} keys found, none of them works", found.len());
+    Ok(())
 }
 
 /// One CSV field, quoted when it holds a comma, quote or line break (RFC 4180). Written by
@@ -268,8 +795,22 @@ fn csv_field(v: &serde_json::Value) -> String {
     }
 }
 
-async fn audit(config: Config, cmd: AuditCommand) -> Result<(), String> {
+async fn audit(
+    config: Config,
+    remote: Option<Remote>,
+    json_out: bool,
+    cmd: AuditCommand,
+) -> Result<(), String> {
     use std::io::Write;
+    if let AuditCommand::Tail {
+        limit,
+        follow,
+        action,
+    } = cmd
+    {
+        let r = need(remote, "audit tail")?;
+        return tail(&r, json_out, limit, follow, action).await;
+    }
     let store = startup::open_store(&config)
         .await
         .map_err(|e| e.to_string())?;
@@ -383,5 +924,6 @@ async fn audit(config: Config, cmd: AuditCommand) -> Result<(), String> {
             eprintln!();
             Ok(())
         }
+        AuditCommand::Tail { .. } => Err("handled above".into()),
     }
 }

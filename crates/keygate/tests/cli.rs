@@ -331,3 +331,216 @@ fn audit_export_writes_csv_and_verify_finds_an_edited_row() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("changed"));
 }
+
+/// Runs the CLI against a node (`--url`/`--key` through the environment); (exit ok, stdout,
+/// stderr).
+fn cli(
+    url: Option<&str>,
+    key: &str,
+    db: &std::path::Path,
+    args: &[&str],
+) -> (bool, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env("KEYGATE_DATABASE_URL", format!("sqlite://{}", db.display()))
+        .env("KEYGATE_KEY", key)
+        .env_remove("KEYGATE_URL");
+    if let Some(u) = url {
+        cmd.env("KEYGATE_URL", u);
+    }
+    let out = cmd.output().expect("run keygate");
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).expect("utf8"),
+        String::from_utf8(out.stderr).expect("utf8"),
+    )
+}
+
+#[tokio::test]
+async fn the_cli_manages_keys_tenants_and_the_audit_log_over_http() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("kg.db");
+    let server = serve(&db);
+    let root = server.stdout_first_line.clone();
+    let url = format!("http://{}", server.addr);
+    let run = |args: &[&str]| cli(Some(&url), &root, &db, args);
+
+    let (ok, out, err) = run(&[
+        "keys",
+        "create",
+        "--kind",
+        "sk",
+        "--name",
+        "ci",
+        "--scopes",
+        "docs:read",
+    ]);
+    assert!(ok, "{err}");
+    let key = out.trim().to_owned();
+    assert!(
+        key.starts_with("kg_sk_") && err.contains("shown once"),
+        "{out} {err}"
+    );
+    assert_eq!(auth(&server.addr, &key).await, 200);
+
+    // A human table, and the node's JSON with --json; never the plaintext.
+    let (ok, table, _) = run(&["keys", "list", "--name", "ci"]);
+    assert!(ok);
+    assert!(
+        table.starts_with("ID ") && table.contains(" ci ") && table.contains("active"),
+        "{table}"
+    );
+    assert!(!table.contains(&key));
+    let (_, json, _) = run(&["keys", "list", "--json", "--kind", "sk", "--name", "ci"]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let id = v["data"][0]["id"].as_str().expect("id").to_owned();
+    let (ok, shown, _) = run(&["keys", "show", &id]);
+    assert!(
+        ok && shown.contains("status") && shown.contains("active"),
+        "{shown}"
+    );
+
+    // Rotate without grace: the old key stops, the successor works; then revoke it.
+    let (ok, out, err) = run(&["keys", "rotate", &id, "--grace-seconds", "0"]);
+    assert!(ok, "{err}");
+    let successor = out.trim().to_owned();
+    assert_eq!(auth(&server.addr, &key).await, 401);
+    assert_eq!(auth(&server.addr, &successor).await, 200);
+    let (_, json, _) = run(&[
+        "keys", "list", "--json", "--status", "active", "--name", "ci",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let successor_id = v["data"][0]["id"].as_str().expect("id").to_owned();
+    let (ok, _, err) = run(&["keys", "revoke", &successor_id]);
+    assert!(ok && err.contains("revoked"), "{err}");
+    assert_eq!(auth(&server.addr, &successor).await, 401);
+
+    // Tenants: the admin key is printed once, on the last line.
+    let (ok, out, err) = run(&["tenants", "create", "--name", "acme", "--plan", "pro"]);
+    assert!(ok, "{err}");
+    let admin = out.lines().last().expect("admin key").trim().to_owned();
+    assert!(admin.starts_with("kg_sk_"), "{out}");
+    assert_eq!(auth(&server.addr, &admin).await, 200);
+    let (_, list, _) = run(&["tenants", "list"]);
+    assert!(
+        list.contains("acme") && list.contains("default") && list.contains("unlimited"),
+        "{list}"
+    );
+
+    // The audit log: the revocation shows up (shipping runs every 200 ms).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, tail, err) = run(&["audit", "tail", "--limit", "100"]);
+        assert!(ok, "{err}");
+        if tail.contains("key.revoked") && tail.contains("tenant.created") {
+            assert!(tail.starts_with("AT "), "{tail}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no key.revoked in:\n{tail}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Errors: a refusal is named; management commands without a node say what is missing.
+    let (ok, _, err) = cli(Some(&url), "kg_sk_nope", &db, &["keys", "list"]);
+    assert!(!ok && err.contains("401 MALFORMED_KEY"), "{err}");
+    let (ok, _, err) = cli(None, &root, &db, &["keys", "list"]);
+    assert!(!ok && err.contains("--url"), "{err}");
+    let (ok, out, _) = cli(None, &root, &db, &["completions", "bash"]);
+    assert!(
+        ok && out.contains("_keygate") && out.contains("scan"),
+        "completions"
+    );
+}
+
+#[tokio::test]
+async fn scan_finds_keys_and_says_which_still_work_without_printing_them() {
+    use keygate_core::{KeyFormat, Kind};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("kg.db");
+    let server = serve(&db);
+    let root = server.stdout_first_line.clone();
+    let url = format!("http://{}", server.addr);
+    let create = |name: &str| {
+        let (ok, out, err) = cli(
+            Some(&url),
+            &root,
+            &db,
+            &["keys", "create", "--kind", "sk", "--name", name],
+        );
+        assert!(ok, "{err}");
+        out.trim().to_owned()
+    };
+    let active = create("active");
+    let revoked = create("revoked");
+    let (_, json, _) = cli(
+        Some(&url),
+        &root,
+        &db,
+        &["keys", "list", "--json", "--name", "revoked"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    let (ok, _, _) = cli(
+        Some(&url),
+        &root,
+        &db,
+        &["keys", "revoke", v["data"][0]["id"].as_str().expect("id")],
+    );
+    assert!(ok);
+    let unknown = KeyFormat::new("kg")
+        .expect("format")
+        .generate(Kind::Pk, |b| b.fill(42));
+    let mut fake = active.clone();
+    fake.pop();
+    fake.push(if active.ends_with('Z') { 'Y' } else { 'Z' });
+
+    let tree = dir.path().join("repo");
+    std::fs::create_dir_all(tree.join("src")).expect("mkdir");
+    std::fs::create_dir_all(tree.join("node_modules/x")).expect("mkdir");
+    std::fs::write(tree.join(".env"), format!("# keys\nAPI_KEY={active}\n")).expect("write");
+    std::fs::write(
+        tree.join("src/app.js"),
+        format!("const a = '{revoked}';\n\nconst b = \"{unknown}\"; // {fake}\n"),
+    )
+    .expect("write");
+    std::fs::write(tree.join("node_modules/x/i.js"), &active).expect("write");
+    let tree_s = tree.display().to_string();
+
+    let check = |ok: bool, out: &str, err: &str| {
+        assert!(!ok, "an active key makes scan fail: {out}");
+        assert!(err.contains("1 of 3 keys found still work"), "{err}");
+        assert!(
+            out.contains(".env:2: kg_sk_") && out.contains(" active"),
+            "{out}"
+        );
+        assert!(
+            out.contains("app.js:1: kg_sk_") && out.contains(" revoked"),
+            "{out}"
+        );
+        assert!(
+            out.contains("app.js:3: kg_pk_") && out.contains(" unknown"),
+            "{out}"
+        );
+        assert!(!out.contains("node_modules"), "{out}");
+        for k in [&active, &revoked, &unknown] {
+            assert!(
+                !out.contains(k.as_str()) && !err.contains(k.as_str()),
+                "a key was printed"
+            );
+        }
+    };
+    // Through a running node's verify API…
+    let (ok, out, err) = cli(Some(&url), &root, &db, &["scan", &tree_s]);
+    check(ok, &out, &err);
+    assert!(out.contains("key_"), "{out}");
+    drop(server);
+    // … and offline, in the database.
+    let (ok, out, err) = cli(None, &root, &db, &["scan", &tree_s]);
+    check(ok, &out, &err);
+    // Nothing that works: exit 0.
+    std::fs::remove_file(tree.join(".env")).expect("rm");
+    let (ok, _, err) = cli(None, &root, &db, &["scan", &tree_s]);
+    assert!(ok && err.contains("none of them works"), "{err}");
+}
