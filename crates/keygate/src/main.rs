@@ -325,7 +325,7 @@ fn key_rows(items: &[Value]) -> String {
                 cell(&k["name"]),
                 cell(&k["kind"]),
                 cell(&k["status"]),
-                format!("{}…", cell(&k["display"])),
+                format!("{}…", cell(&k["start"])),
                 cell(&k["scopes"]),
                 cell(&k["last_used_at"]),
             ]
@@ -347,7 +347,7 @@ fn print_issued(v: &Value, json_out: bool, what: &str) -> Result<(), String> {
         "keygate: {what} {} ({} key {}…) in tenant {}; the key above is shown once",
         cell(&v["id"]),
         cell(&v["kind"]),
-        cell(&v["display"]),
+        cell(&v["start"]),
         cell(&v["tenant_id"])
     );
     Ok(())
