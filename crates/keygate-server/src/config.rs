@@ -544,6 +544,12 @@ impl Config {
                 keygate_core::Scope::parse(s)
                     .map_err(|e| ConfigError(format!("routes[{i}].scope: {e}")))?;
             }
+            if r.cost > crate::routes::verify::MAX_COST {
+                return Err(ConfigError(format!(
+                    "routes[{i}].cost must be at most {}",
+                    crate::routes::verify::MAX_COST
+                )));
+            }
             if let Some(u) = &r.upstream {
                 crate::gateway::Upstream::parse(u)
                     .map_err(|e| ConfigError(format!("routes[{i}].upstream: {e}")))?;

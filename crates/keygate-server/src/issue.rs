@@ -23,7 +23,7 @@ pub const DEFAULT_PK_ORIGINS: [&str; 4] = [
 const MAX_TTL_SECONDS: u64 = 10 * 365 * 86_400;
 
 /// `rate_limit` in a request body.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitBody {
     /// Requests per window.
@@ -41,7 +41,7 @@ impl RateLimitBody {
 }
 
 /// `POST /v1/keys` body.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     /// `sk`, `ut` or `pk`.
@@ -71,6 +71,7 @@ pub struct CreateKey {
     /// Automatic rotation period.
     pub rotation_days: Option<u32>,
     /// Free-form JSON object.
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
 

@@ -13,6 +13,7 @@ pub mod ids;
 pub mod issue;
 pub mod metrics;
 pub mod oauth;
+pub mod openapi;
 pub mod rotation;
 pub mod routes;
 pub mod server;

@@ -35,6 +35,9 @@ const OWN_PATHS: &[&str] = &[
     "/oauth",
     "/.well-known/oauth-authorization-server",
     "/.well-known/jwks.json",
+    "/openapi.json",
+    "/docs",
+    "/llms.txt",
 ];
 
 /// Whether `path` is one of keygate's own endpoints (`/v1/keys` and below, …).

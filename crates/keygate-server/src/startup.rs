@@ -380,6 +380,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/status", get(status::status))
         .route("/v1/health/live", get(status::live))
         .route("/metrics", get(crate::metrics::render))
+        .route("/openapi.json", get(crate::openapi::openapi_json))
+        .route("/docs", get(crate::openapi::docs))
+        .route("/llms.txt", get(crate::openapi::llms_txt))
         .route("/v1/health/ready", get(status::ready));
     let management = Router::new()
         .route("/v1/keys/verify", post(verify::verify))

@@ -22,7 +22,7 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
 }
 
 /// A key's budget as shown.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct BudgetView {
     /// The cap.
     pub limit: u64,
@@ -33,7 +33,7 @@ pub struct BudgetView {
 }
 
 /// A key as shown by the management API (never the plaintext).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct KeyView {
     /// `key_…`
     pub id: String,
@@ -54,6 +54,7 @@ pub struct KeyView {
     /// Origin allow-list.
     pub allowed_origins: Vec<String>,
     /// The key's own rate limit.
+    #[schema(value_type = Option<crate::issue::RateLimitBody>)]
     pub rate_limit: Option<RateLimit>,
     /// Budget.
     pub budget: Option<BudgetView>,
@@ -62,6 +63,7 @@ pub struct KeyView {
     /// Automatic rotation period.
     pub rotation_days: Option<u32>,
     /// Metadata.
+    #[schema(value_type = Object)]
     pub metadata: serde_json::Map<String, serde_json::Value>,
     /// `active`, `grace`, `revoked`, `expired`.
     pub status: &'static str,
@@ -120,7 +122,7 @@ impl KeyView {
 }
 
 /// A newly issued key: the plaintext, once, and the record. `Debug` hides the plaintext.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct IssuedKey {
     /// The plaintext key. Shown only in this response.
     pub key: String,
@@ -139,7 +141,7 @@ impl std::fmt::Debug for IssuedKey {
 }
 
 /// A tenant as shown.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TenantView {
     /// `tnt_…` or `default`.
     pub id: String,
@@ -167,7 +169,7 @@ impl TenantView {
 }
 
 /// A user as shown (never the password hash).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UserView {
     /// `usr_…`
     pub id: String,
@@ -197,7 +199,7 @@ impl From<&User> for UserView {
 }
 
 /// A page of a list.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ListView<T> {
     /// Items, newest first.
     pub data: Vec<T>,

@@ -30,7 +30,8 @@ pub(crate) fn usage_of(
             .entry((k.clone(), minute, c.clone()))
             .or_insert_with(|| (t.clone(), 0, 0));
         slot.1 += 1;
-        slot.2 += e.credits.unwrap_or(0);
+        // Saturating: a sum of credits must never wrap, however large one event claims to be.
+        slot.2 = slot.2.saturating_add(e.credits.unwrap_or(0).max(0));
     }
     out
 }

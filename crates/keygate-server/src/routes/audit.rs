@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 pub const READ: &str = "audit:read";
 
 /// `GET /v1/audit` filters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// Page size.
@@ -39,7 +40,7 @@ pub struct AuditQuery {
 }
 
 /// An audit event as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AuditView {
     id: String,
     at: String,
@@ -107,6 +108,17 @@ fn time_param(name: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
 }
 
 /// `GET /v1/audit`
+#[utoipa::path(
+    operation_id = "audit_list",
+    get,
+    path = "/v1/audit",
+    tag = "audit",
+    summary = "Audit events, newest first",
+    description = "Needs scope `audit:read`.",
+    params(AuditQuery),
+    responses((status = 200, body = ListView<AuditView>), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn list(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -137,7 +149,7 @@ pub async fn list(
 }
 
 /// `GET /v1/audit/verify` answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct VerifyView {
     /// Every chain intact up to its head.
     pub ok: bool,
@@ -150,13 +162,14 @@ pub struct VerifyView {
 }
 
 /// Where a chain breaks.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct BrokenView {
     /// Node.
     pub node: String,
     /// Sequence number in the node's chain.
     pub seq: i64,
     /// `changed`, `missing` or `inserted`.
+    #[schema(value_type = String)]
     pub problem: keygate_core::ChainProblem,
 }
 
@@ -176,6 +189,16 @@ impl From<keygate_store::AuditReport> for VerifyView {
 }
 
 /// `GET /v1/audit/verify`: operator only (the chains are per node and span tenants).
+#[utoipa::path(
+    operation_id = "audit_verify",
+    get,
+    path = "/v1/audit/verify",
+    tag = "audit",
+    summary = "Check every node's hash chain (operator only)",
+    description = "Needs scope `audit:read`.",
+    responses((status = 200, body = VerifyView), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn verify(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -193,7 +216,8 @@ pub async fn verify(
 }
 
 /// `?granularity=minute|hour|day&since=&until=`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UsageQuery {
     /// Bucket width (default `hour`).
@@ -205,7 +229,7 @@ pub struct UsageQuery {
 }
 
 /// One bucket of usage.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UsageBucket {
     /// Start of the bucket.
     pub at: String,
@@ -218,7 +242,7 @@ pub struct UsageBucket {
 }
 
 /// A usage answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UsageView {
     /// `minute`, `hour` or `day`.
     pub granularity: String,
@@ -251,6 +275,17 @@ async fn usage_of(state: &AppState, of: UsageOf, q: UsageQuery) -> Result<UsageV
 }
 
 /// `GET /v1/keys/{id}/usage`
+#[utoipa::path(
+    operation_id = "audit_key_usage",
+    get,
+    path = "/v1/keys/{id}/usage",
+    tag = "audit",
+    summary = "A key's requests and credits by time and decision code",
+    description = "Needs scope `audit:read`.",
+    params(("id" = String, Path, description = "Key id"), UsageQuery),
+    responses((status = 200, body = UsageView), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn key_usage(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -263,6 +298,17 @@ pub async fn key_usage(
 }
 
 /// `GET /v1/tenants/{id}/usage`
+#[utoipa::path(
+    operation_id = "audit_tenant_usage",
+    get,
+    path = "/v1/tenants/{id}/usage",
+    tag = "audit",
+    summary = "A tenant's requests and credits by time and decision code",
+    description = "Needs scope `audit:read`.",
+    params(("id" = String, Path, description = "Tenant id"), UsageQuery),
+    responses((status = 200, body = UsageView), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn tenant_usage(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -277,7 +323,7 @@ pub async fn tenant_usage(
 }
 
 /// An alert as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AlertView {
     id: String,
     at: String,
@@ -285,11 +331,13 @@ pub struct AlertView {
     key_id: Option<String>,
     kind: String,
     message: String,
+    #[schema(value_type = Object)]
     data: serde_json::Value,
 }
 
 /// `GET /v1/alerts` filters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AlertQuery {
     limit: Option<u32>,
@@ -298,6 +346,17 @@ pub struct AlertQuery {
 }
 
 /// `GET /v1/alerts`: newest first; the operator sees every tenant's unless it names one.
+#[utoipa::path(
+    operation_id = "audit_alerts",
+    get,
+    path = "/v1/alerts",
+    tag = "audit",
+    summary = "Alerts, newest first",
+    description = "Needs scope `audit:read`.",
+    params(AlertQuery),
+    responses((status = 200, body = ListView<AlertView>), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn alerts(
     State(state): State<AppState>,
     ctx: Ctx,

@@ -42,6 +42,17 @@ impl AppState {
 }
 
 /// `POST /v1/keys`
+#[utoipa::path(
+    operation_id = "keys_create",
+    post,
+    path = "/v1/keys",
+    tag = "keys",
+    summary = "Create a key (plaintext shown once)",
+    description = "Needs scope `keys:write`.",
+    request_body = crate::issue::CreateKey,
+    responses((status = 201, description = "The key, once, and its record", body = crate::views::IssuedKey), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn create(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -86,7 +97,8 @@ pub async fn create(
 }
 
 /// `GET /v1/keys` filters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Page size.
@@ -106,6 +118,17 @@ pub struct ListQuery {
 }
 
 /// `GET /v1/keys`
+#[utoipa::path(
+    operation_id = "keys_list",
+    get,
+    path = "/v1/keys",
+    tag = "keys",
+    summary = "List keys",
+    description = "Needs scope `keys:read`.",
+    params(ListQuery),
+    responses((status = 200, body = ListView<KeyView>), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn list(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -147,6 +170,17 @@ pub async fn list(
 }
 
 /// `GET /v1/keys/{id}`
+#[utoipa::path(
+    operation_id = "keys_get",
+    get,
+    path = "/v1/keys/{id}",
+    tag = "keys",
+    summary = "Read a key",
+    description = "Needs scope `keys:read`.",
+    params(("id" = String, Path, description = "Key id")),
+    responses((status = 200, body = KeyView), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn get(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -165,7 +199,7 @@ fn nullable<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
 }
 
 /// `PATCH /v1/keys/{id}` body: only the fields given change; `null` clears.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateKey {
     name: Option<String>,
@@ -173,17 +207,34 @@ pub struct UpdateKey {
     allowed_ips: Option<Vec<String>>,
     allowed_origins: Option<Vec<String>>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<RateLimitBody>, nullable)]
     rate_limit: Option<Option<RateLimitBody>>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<u64>, nullable)]
     budget: Option<Option<u64>>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<String>, nullable)]
     expires_at: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
+    #[schema(value_type = Option<u32>, nullable)]
     rotation_days: Option<Option<u32>>,
+    #[schema(value_type = Option<Object>)]
     metadata: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// `PATCH /v1/keys/{id}`
+#[utoipa::path(
+    operation_id = "keys_update",
+    patch,
+    path = "/v1/keys/{id}",
+    tag = "keys",
+    summary = "Change a key (null clears a field)",
+    description = "Needs scope `keys:write`.",
+    params(("id" = String, Path, description = "Key id")),
+    request_body = UpdateKey,
+    responses((status = 200, body = KeyView), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn update(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -306,7 +357,7 @@ pub async fn update(
 }
 
 /// `POST /v1/keys/{id}/rotate` body.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateKey {
     /// How long the old key keeps working (default from config; 0 allowed; max 30 days).
@@ -353,6 +404,18 @@ pub(crate) async fn commit_rotation(
 }
 
 /// `POST /v1/keys/{id}/rotate`
+#[utoipa::path(
+    operation_id = "keys_rotate",
+    post,
+    path = "/v1/keys/{id}/rotate",
+    tag = "keys",
+    summary = "Rotate a key: a successor (plaintext once); the old key works for the grace period",
+    description = "Needs scope `keys:write`.",
+    params(("id" = String, Path, description = "Key id")),
+    request_body = Option<RotateKey>,
+    responses((status = 201, body = crate::views::IssuedKey), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn rotate(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -416,6 +479,17 @@ pub async fn rotate(
 }
 
 /// `POST /v1/keys/{id}/revoke` and `DELETE /v1/keys/{id}`
+#[utoipa::path(
+    operation_id = "keys_revoke",
+    post,
+    path = "/v1/keys/{id}/revoke",
+    tag = "keys",
+    summary = "Revoke a key now, on every node",
+    description = "Needs scope `keys:write`.",
+    params(("id" = String, Path, description = "Key id")),
+    responses((status = 200, body = KeyView), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn revoke(
     State(state): State<AppState>,
     ctx: Ctx,

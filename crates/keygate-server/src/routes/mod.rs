@@ -176,7 +176,8 @@ impl Ctx {
 }
 
 /// `?limit=&cursor=`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// Page size (default 50, max 500).
     pub limit: Option<u32>,

@@ -409,6 +409,15 @@ async fn check_request(
 }
 
 /// `GET /oauth/authorize`
+#[utoipa::path(
+    operation_id = "oauth_authorize",
+    get,
+    path = "/oauth/authorize",
+    tag = "oauth",
+    summary = "Authorization endpoint (RFC 6749 §4.1.1, PKCE S256 required): sign-in and consent pages",
+    params(crate::openapi::AuthorizeParams),
+    responses((status = 200, description = "Sign-in or consent page", content_type = "text/html", body = String), (status = 303, description = "Back to the client with `code` or `error`, `state` and `iss`"), (status = 400, description = "Unknown client or redirect URI: an error page", content_type = "text/html", body = String))
+)]
 pub async fn authorize(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -625,6 +634,15 @@ fn consent_page(
 }
 
 /// `POST /oauth/authorize`: the login and consent forms.
+#[utoipa::path(
+    operation_id = "oauth_authorize_submit",
+    post,
+    path = "/oauth/authorize",
+    tag = "oauth",
+    summary = "The sign-in and consent forms",
+    request_body(content = crate::openapi::AuthorizeForm, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, content_type = "text/html", body = String), (status = 303, description = "Back to the client"), (status = 400, content_type = "text/html", body = String), (status = 401, description = "Wrong email or password", content_type = "text/html", body = String), (status = 403, description = "CSRF check failed", content_type = "text/html", body = String), (status = 429, description = "Too many failed sign-ins", content_type = "text/html", body = String))
+)]
 pub async fn authorize_submit(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -813,7 +831,7 @@ async fn check_password(
 // ---------------------------------------------------------------------------------------
 // The token endpoint.
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct TokenResponse {
     access_token: String,
     token_type: &'static str,
@@ -839,6 +857,16 @@ fn new_refresh(state: &AppState, grant_id: &str, now: i64) -> (String, RefreshTo
 }
 
 /// `POST /oauth/token`
+#[utoipa::path(
+    operation_id = "oauth_token",
+    post,
+    path = "/oauth/token",
+    tag = "oauth",
+    summary = "Token endpoint: authorization_code (PKCE), refresh_token (rotating), client_credentials",
+    request_body(content = crate::openapi::TokenForm, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, body = TokenResponse), (status = 400, body = crate::openapi::OAuthErrorBody), (status = 401, body = crate::openapi::OAuthErrorBody), (status = 503, body = crate::openapi::OAuthErrorBody)),
+    security((), ("client" = []))
+)]
 pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let st = state.clone();
     // Store writes and their audit events finish even if the client hangs up.
@@ -1149,6 +1177,16 @@ async fn find_token(
 
 /// `POST /oauth/revoke`: always 200 for a token the client may not touch or that is unknown
 /// (RFC 7009 §2.2), so the answer tells nothing about other clients' tokens.
+#[utoipa::path(
+    operation_id = "oauth_revoke",
+    post,
+    path = "/oauth/revoke",
+    tag = "oauth",
+    summary = "Token revocation (RFC 7009)",
+    request_body(content = crate::openapi::RevokeForm, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, description = "Revoked, or unknown"), (status = 400, body = crate::openapi::OAuthErrorBody), (status = 401, body = crate::openapi::OAuthErrorBody), (status = 503, body = crate::openapi::OAuthErrorBody)),
+    security((), ("client" = []))
+)]
 pub async fn revoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let st = state.clone();
     let r = detached(async move { Ok(revoke_inner(&st, &headers, &body).await) }).await;
@@ -1210,6 +1248,16 @@ async fn revoke_inner(
 
 /// `POST /oauth/introspect`: for confidential clients (their tenant's tokens) and `sk` keys
 /// with scope `oauth:introspect` (their tenant's; the operator's, every tenant's).
+#[utoipa::path(
+    operation_id = "oauth_introspect",
+    post,
+    path = "/oauth/introspect",
+    tag = "oauth",
+    summary = "Token introspection (RFC 7662): confidential clients, or sk keys with oauth:introspect",
+    request_body(content = crate::openapi::RevokeForm, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 200, body = crate::openapi::Introspection), (status = 400, body = crate::openapi::OAuthErrorBody), (status = 401, body = crate::openapi::OAuthErrorBody), (status = 503, body = crate::openapi::OAuthErrorBody)),
+    security(("client" = []), ("bearer" = []))
+)]
 pub async fn introspect(State(state): State<AppState>, ctx: Ctx, body: Bytes) -> Response {
     match introspect_inner(&state, &ctx, &body).await {
         Ok(v) => (StatusCode::OK, no_store(), axum::Json(v)).into_response(),
@@ -1281,6 +1329,14 @@ async fn introspect_inner(
 // Discovery.
 
 /// `GET /.well-known/oauth-authorization-server` (RFC 8414).
+#[utoipa::path(
+    operation_id = "oauth_metadata",
+    get,
+    path = "/.well-known/oauth-authorization-server",
+    tag = "oauth",
+    summary = "Authorization server metadata (RFC 8414)",
+    responses((status = 200, body = Object))
+)]
 pub async fn metadata(State(state): State<AppState>) -> Response {
     let iss = &state.oauth.issuer;
     let auth_methods = ["client_secret_basic", "client_secret_post", "none"];
@@ -1304,6 +1360,14 @@ pub async fn metadata(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /.well-known/jwks.json`
+#[utoipa::path(
+    operation_id = "oauth_jwks",
+    get,
+    path = "/.well-known/jwks.json",
+    tag = "oauth",
+    summary = "Public keys of the access-token signatures (JWKS)",
+    responses((status = 200, body = Object))
+)]
 pub async fn jwks(State(state): State<AppState>) -> Response {
     (
         [(

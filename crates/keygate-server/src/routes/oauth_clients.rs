@@ -18,7 +18,7 @@ pub const READ: &str = "oauth:read";
 pub const WRITE: &str = "oauth:write";
 
 /// A client as the API shows it (the secret only on creation).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ClientView {
     client_id: String,
     name: String,
@@ -48,7 +48,7 @@ impl ClientView {
 }
 
 /// `POST /v1/oauth/clients` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateClient {
     name: String,
@@ -61,6 +61,17 @@ pub struct CreateClient {
 }
 
 /// `POST /v1/oauth/clients`
+#[utoipa::path(
+    operation_id = "oauth_clients_create",
+    post,
+    path = "/v1/oauth/clients",
+    tag = "oauth",
+    summary = "Register an OAuth client (secret shown once for confidential clients)",
+    description = "Needs scope `oauth:write`.",
+    request_body = CreateClient,
+    responses((status = 201, body = ClientView), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn create(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -148,7 +159,8 @@ pub async fn create(
 }
 
 /// `GET /v1/oauth/clients` filters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     limit: Option<u32>,
@@ -157,6 +169,17 @@ pub struct ListQuery {
 }
 
 /// `GET /v1/oauth/clients`
+#[utoipa::path(
+    operation_id = "oauth_clients_list",
+    get,
+    path = "/v1/oauth/clients",
+    tag = "oauth",
+    summary = "List OAuth clients",
+    description = "Needs scope `oauth:read`.",
+    params(ListQuery),
+    responses((status = 200, body = ListView<ClientView>), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn list(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -191,6 +214,17 @@ async fn visible(
 }
 
 /// `GET /v1/oauth/clients/{id}`
+#[utoipa::path(
+    operation_id = "oauth_clients_get",
+    get,
+    path = "/v1/oauth/clients/{id}",
+    tag = "oauth",
+    summary = "Read an OAuth client",
+    description = "Needs scope `oauth:read`.",
+    params(("id" = String, Path, description = "Client id")),
+    responses((status = 200, body = ClientView), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn get(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -204,6 +238,17 @@ pub async fn get(
 }
 
 /// `DELETE /v1/oauth/clients/{id}`: the client goes, and every grant it holds is revoked.
+#[utoipa::path(
+    operation_id = "oauth_clients_delete",
+    delete,
+    path = "/v1/oauth/clients/{id}",
+    tag = "oauth",
+    summary = "Delete a client and revoke its grants",
+    description = "Needs scope `oauth:write`.",
+    params(("id" = String, Path, description = "Client id")),
+    responses((status = 204, description = "Deleted"), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn delete(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -239,6 +284,16 @@ pub async fn delete(
 
 /// `POST /v1/oauth/signing-keys/rotate` (operator only): a new signing key signs from now on;
 /// the old public key stays in the JWKS until the tokens it signed have expired.
+#[utoipa::path(
+    operation_id = "oauth_clients_rotate_signing_key",
+    post,
+    path = "/v1/oauth/signing-keys/rotate",
+    tag = "oauth",
+    summary = "Make a new JWT signing key (operator only)",
+    description = "Needs scope `*`.",
+    responses((status = 201, body = Object, description = "`{kid}`"), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn rotate_signing_key(
     State(state): State<AppState>,
     ctx: Ctx,

@@ -6,12 +6,28 @@ use axum::Json;
 use serde_json::{json, Value};
 
 /// `GET /v1/health/live`: the process is up (no dependency checked).
+#[utoipa::path(
+    operation_id = "status_live",
+    get,
+    path = "/v1/health/live",
+    tag = "status",
+    summary = "Liveness",
+    responses((status = 200, body = Object))
+)]
 pub async fn live() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// `GET /v1/health/ready`: 200 when the store (and Redis, when configured) answer, else 503
 /// with what is down — for load balancers to take a node out of rotation.
+#[utoipa::path(
+    operation_id = "status_ready",
+    get,
+    path = "/v1/health/ready",
+    tag = "status",
+    summary = "Readiness: 503 while a backing store is down",
+    responses((status = 200, body = Object), (status = 503, body = Object))
+)]
 pub async fn ready(State(state): State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
     let store_ok = state
@@ -40,6 +56,14 @@ pub async fn ready(State(state): State<AppState>) -> axum::response::Response {
 }
 
 /// Health and version; no key needed.
+#[utoipa::path(
+    operation_id = "status_status",
+    get,
+    path = "/v1/status",
+    tag = "status",
+    summary = "Health and version (no key)",
+    responses((status = 200, body = Object))
+)]
 pub async fn status(State(state): State<AppState>) -> Json<Value> {
     let redis = match &state.shared {
         None => Value::Null,

@@ -18,7 +18,7 @@ pub const READ: &str = "tenants:read";
 pub const WRITE: &str = "tenants:write";
 
 /// `POST /v1/tenants` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTenant {
     name: String,
@@ -27,7 +27,7 @@ pub struct CreateTenant {
 }
 
 /// `POST /v1/tenants` answer.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CreatedTenant {
     #[serde(flatten)]
     tenant: TenantView,
@@ -44,6 +44,17 @@ fn operator_only() -> ApiError {
 }
 
 /// `POST /v1/tenants`
+#[utoipa::path(
+    operation_id = "tenants_create",
+    post,
+    path = "/v1/tenants",
+    tag = "tenants",
+    summary = "Create a tenant and its admin key (operator only)",
+    description = "Needs scope `tenants:write`.",
+    request_body = CreateTenant,
+    responses((status = 201, body = CreatedTenant), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn create(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -115,6 +126,17 @@ pub async fn create(
 }
 
 /// `GET /v1/tenants`: the operator sees all, everyone else their own.
+#[utoipa::path(
+    operation_id = "tenants_list",
+    get,
+    path = "/v1/tenants",
+    tag = "tenants",
+    summary = "List tenants",
+    description = "Needs scope `tenants:read`.",
+    params(PageQuery),
+    responses((status = 200, body = ListView<TenantView>), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn list(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -138,6 +160,17 @@ pub async fn list(
 }
 
 /// `GET /v1/tenants/{id}`
+#[utoipa::path(
+    operation_id = "tenants_get",
+    get,
+    path = "/v1/tenants/{id}",
+    tag = "tenants",
+    summary = "Read a tenant",
+    description = "Needs scope `tenants:read`.",
+    params(("id" = String, Path, description = "Tenant id")),
+    responses((status = 200, body = TenantView), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn get(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -151,13 +184,25 @@ pub async fn get(
 }
 
 /// `POST /v1/tenants/{id}/credits` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TopUp {
     amount: u64,
 }
 
 /// `POST /v1/tenants/{id}/credits`: operator only (a tenant must not mint its own credits).
+#[utoipa::path(
+    operation_id = "tenants_top_up",
+    post,
+    path = "/v1/tenants/{id}/credits",
+    tag = "tenants",
+    summary = "Add credits to a tenant's pool (operator only)",
+    description = "Needs scope `tenants:write`.",
+    params(("id" = String, Path, description = "Tenant id")),
+    request_body = TopUp,
+    responses((status = 200, body = TenantView), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn top_up(
     State(state): State<AppState>,
     ctx: Ctx,

@@ -17,7 +17,7 @@ pub const READ: &str = "users:read";
 pub const WRITE: &str = "users:write";
 
 /// `POST /v1/users` body. `Debug` hides the password.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
     email: String,
@@ -55,6 +55,17 @@ pub async fn hash_password(password: String) -> Result<String, ApiError> {
 }
 
 /// `POST /v1/users`
+#[utoipa::path(
+    operation_id = "users_create",
+    post,
+    path = "/v1/users",
+    tag = "users",
+    summary = "Create a user",
+    description = "Needs scope `users:write`.",
+    request_body = CreateUser,
+    responses((status = 201, body = UserView), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn create(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -128,7 +139,8 @@ pub async fn create(
 }
 
 /// `GET /v1/users`
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListUsers {
     limit: Option<u32>,
@@ -137,6 +149,17 @@ pub struct ListUsers {
 }
 
 /// `GET /v1/users`
+#[utoipa::path(
+    operation_id = "users_list",
+    get,
+    path = "/v1/users",
+    tag = "users",
+    summary = "List users",
+    description = "Needs scope `users:read`.",
+    params(ListUsers),
+    responses((status = 200, body = ListView<UserView>), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn list(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -158,6 +181,17 @@ pub async fn list(
 }
 
 /// `GET /v1/users/{id}`
+#[utoipa::path(
+    operation_id = "users_get",
+    get,
+    path = "/v1/users/{id}",
+    tag = "users",
+    summary = "Read a user",
+    description = "Needs scope `users:read`.",
+    params(("id" = String, Path, description = "User id")),
+    responses((status = 200, body = UserView), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn get(
     State(state): State<AppState>,
     ctx: Ctx,

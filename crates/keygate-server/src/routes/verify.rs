@@ -19,8 +19,12 @@ pub const VERIFY: &str = "keys:verify";
 /// Cost of a call when neither a route nor the caller names one.
 pub const DEFAULT_COST: u64 = 1;
 
+/// The largest cost one call may name (`cost`, `X-Keygate-Cost`): far above any real price,
+/// far below where sums of credits could overflow.
+pub const MAX_COST: u64 = 1_000_000_000;
+
 /// `POST /v1/keys/verify` body. `Debug` hides the key.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VerifyBody {
     key: String,
@@ -30,6 +34,8 @@ pub struct VerifyBody {
     origin: Option<String>,
     ip: Option<String>,
     tenant_id: Option<String>,
+    /// Credits this call costs (at most 1,000,000,000).
+    #[schema(maximum = 1_000_000_000)]
     cost: Option<u64>,
 }
 
@@ -44,7 +50,7 @@ impl std::fmt::Debug for VerifyBody {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct RateView {
     limit: u32,
     remaining: u32,
@@ -52,13 +58,13 @@ struct RateView {
     window_seconds: u32,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct BudgetLeft {
     limit: u64,
     remaining: Option<u64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 struct VerifyAnswer {
     valid: bool,
     code: &'static str,
@@ -75,6 +81,17 @@ struct VerifyAnswer {
 
 /// `POST /v1/keys/verify`: always 200 with `valid` and `code`, unless the caller itself is
 /// refused.
+#[utoipa::path(
+    operation_id = "verify_verify",
+    post,
+    path = "/v1/keys/verify",
+    tag = "verify",
+    summary = "Judge a key (or OAuth access token) for a scope or a route",
+    description = "Needs scope `keys:verify`.",
+    request_body = VerifyBody,
+    responses((status = 200, description = "Always 200 with `valid` and `code` for the key in the body", body = VerifyAnswer), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn verify(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -98,6 +115,11 @@ pub async fn verify(
         .scope
         .as_deref()
         .or_else(|| route.and_then(|r| r.config.scope.as_deref()));
+    if body.cost.is_some_and(|c| c > MAX_COST) {
+        return Err(ApiError::invalid(format!(
+            "cost must be at most {MAX_COST}"
+        )));
+    }
     let cost = body
         .cost
         .unwrap_or_else(|| route.map_or(DEFAULT_COST, |r| r.config.cost));
@@ -255,12 +277,12 @@ async fn decide_forward_auth(
     }
     let proxy_cost = match header(h, &X_KEYGATE_COST).map(str::parse::<u64>) {
         None => None,
-        Some(Ok(c)) => Some(c),
-        Some(Err(_)) => {
+        Some(Ok(c)) if c <= MAX_COST => Some(c),
+        Some(_) => {
             return ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "INVALID_REQUEST",
-                "X-Keygate-Cost must be a whole number",
+                "X-Keygate-Cost must be a whole number of at most 1000000000",
             )
             .into_response()
         }

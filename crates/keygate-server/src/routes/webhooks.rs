@@ -18,7 +18,7 @@ pub const READ: &str = "webhooks:read";
 pub const WRITE: &str = "webhooks:write";
 
 /// An endpoint as the API shows it (the secret only on creation).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct WebhookView {
     id: String,
     tenant_id: String,
@@ -47,7 +47,7 @@ impl WebhookView {
 }
 
 /// A delivery attempt record.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DeliveryView {
     id: String,
     event_id: String,
@@ -79,7 +79,7 @@ impl From<Delivery> for DeliveryView {
 }
 
 /// `POST /v1/webhooks` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWebhook {
     url: String,
@@ -116,6 +116,17 @@ fn check_events(events: Option<Vec<String>>) -> Result<Vec<String>, ApiError> {
 }
 
 /// `POST /v1/webhooks`
+#[utoipa::path(
+    operation_id = "webhooks_create",
+    post,
+    path = "/v1/webhooks",
+    tag = "webhooks",
+    summary = "Create a webhook endpoint (secret shown once)",
+    description = "Needs scope `webhooks:write`.",
+    request_body = CreateWebhook,
+    responses((status = 201, body = WebhookView), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn create(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -173,7 +184,8 @@ pub async fn create(
 }
 
 /// `GET /v1/webhooks` filters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     limit: Option<u32>,
@@ -182,6 +194,17 @@ pub struct ListQuery {
 }
 
 /// `GET /v1/webhooks`
+#[utoipa::path(
+    operation_id = "webhooks_list",
+    get,
+    path = "/v1/webhooks",
+    tag = "webhooks",
+    summary = "List webhook endpoints",
+    description = "Needs scope `webhooks:read`.",
+    params(ListQuery),
+    responses((status = 200, body = ListView<WebhookView>), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn list(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -210,6 +233,17 @@ async fn visible(state: &AppState, caller: &Caller, id: &str) -> Result<WebhookE
 }
 
 /// `GET /v1/webhooks/{id}`
+#[utoipa::path(
+    operation_id = "webhooks_get",
+    get,
+    path = "/v1/webhooks/{id}",
+    tag = "webhooks",
+    summary = "Read a webhook endpoint",
+    description = "Needs scope `webhooks:read`.",
+    params(("id" = String, Path, description = "Endpoint id")),
+    responses((status = 200, body = WebhookView), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn get(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -221,13 +255,25 @@ pub async fn get(
 }
 
 /// `PATCH /v1/webhooks/{id}` body: switch an endpoint on again (after a 410) or off.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateWebhook {
     enabled: bool,
 }
 
 /// `PATCH /v1/webhooks/{id}`
+#[utoipa::path(
+    operation_id = "webhooks_update",
+    patch,
+    path = "/v1/webhooks/{id}",
+    tag = "webhooks",
+    summary = "Switch an endpoint on or off",
+    description = "Needs scope `webhooks:write`.",
+    params(("id" = String, Path, description = "Endpoint id")),
+    request_body = UpdateWebhook,
+    responses((status = 200, body = WebhookView), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn update(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -253,6 +299,17 @@ pub async fn update(
 }
 
 /// `DELETE /v1/webhooks/{id}`
+#[utoipa::path(
+    operation_id = "webhooks_delete",
+    delete,
+    path = "/v1/webhooks/{id}",
+    tag = "webhooks",
+    summary = "Delete an endpoint (its pending deliveries fail)",
+    description = "Needs scope `webhooks:write`.",
+    params(("id" = String, Path, description = "Endpoint id")),
+    responses((status = 204, description = "Deleted"), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn delete(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -273,6 +330,17 @@ pub async fn delete(
 }
 
 /// `GET /v1/webhooks/{id}/deliveries`
+#[utoipa::path(
+    operation_id = "webhooks_deliveries",
+    get,
+    path = "/v1/webhooks/{id}/deliveries",
+    tag = "webhooks",
+    summary = "An endpoint's delivery log",
+    description = "Needs scope `webhooks:read`.",
+    params(("id" = String, Path, description = "Endpoint id"), PageQuery),
+    responses((status = 200, body = ListView<DeliveryView>), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn deliveries(
     State(state): State<AppState>,
     ctx: Ctx,
@@ -291,6 +359,17 @@ pub async fn deliveries(
 }
 
 /// `POST /v1/webhooks/{id}/test`: queues a `webhook.test` event for this endpoint only.
+#[utoipa::path(
+    operation_id = "webhooks_test",
+    post,
+    path = "/v1/webhooks/{id}/test",
+    tag = "webhooks",
+    summary = "Queue a webhook.test event for one endpoint",
+    description = "Needs scope `webhooks:write`.",
+    params(("id" = String, Path, description = "Endpoint id")),
+    responses((status = 202, body = Object, description = "`{delivery_id, event_id}`"), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
 pub async fn test(
     State(state): State<AppState>,
     ctx: Ctx,
