@@ -583,3 +583,68 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod reference {
+    //! The README's configuration block is the configuration reference: every key in it must
+    //! be one the config knows (and parse with the value shown), and every key the config
+    //! knows must be in it, so the two cannot drift apart.
+    use super::*;
+    use serde_json::Value;
+    use std::collections::BTreeSet;
+
+    fn readme_block() -> String {
+        let readme = include_str!("../../../README.md");
+        let section = &readme[readme.find("## Configuration").unwrap_or(0)..];
+        let start = section.find("```toml\n").map_or(0, |i| i + 8);
+        let end = start + section[start..].find("```").unwrap_or(0);
+        // Commented-out examples (`# pepper = "…"`) are documented keys too.
+        section[start..end]
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.split_once(" = ").is_some_and(|(k, _)| {
+                        k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    }) =>
+                {
+                    rest.to_owned()
+                }
+                _ => l.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn keys(v: &Value) -> BTreeSet<String> {
+        v.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_readme_documents_every_key_and_only_known_ones() {
+        let block = readme_block();
+        let cfg: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(&block))
+            .extract()
+            .unwrap_or_else(|e| panic!("the README's config block does not load: {e}"));
+        cfg.validate().expect("the README's config block is valid");
+        let doc: Value = Figment::from(Toml::string(&block))
+            .extract()
+            .expect("README block as JSON");
+        let known = serde_json::to_value(Config::default()).expect("json");
+        assert_eq!(keys(&doc), keys(&known), "top-level keys");
+        for (section, v) in known.as_object().into_iter().flatten() {
+            if v.is_object() && section != "plans" {
+                assert_eq!(keys(&doc[section]), keys(v), "keys of [{section}]");
+            }
+        }
+        assert_eq!(
+            keys(&doc["plans"]["free"]),
+            keys(&known["plans"]["free"]),
+            "keys of a plan"
+        );
+        let route = serde_json::to_value(&cfg.routes[0]).expect("json");
+        assert_eq!(keys(&doc["routes"][0]), keys(&route), "keys of a route");
+    }
+}

@@ -91,7 +91,7 @@ pub async fn bootstrap(config: &Config, store: &dyn Store) -> Result<Option<Stri
     } else {
         "free"
     };
-    store
+    let created = store
         .insert_tenant(&Tenant {
             id: DEFAULT_TENANT.into(),
             name: DEFAULT_TENANT.into(),
@@ -99,8 +99,13 @@ pub async fn bootstrap(config: &Config, store: &dyn Store) -> Result<Option<Stri
             credits: None,
             created_at_ms: now,
         })
-        .await
-        .map_err(|e| fail(&e))?;
+        .await;
+    match created {
+        Ok(()) => {}
+        // Nodes started together on an empty database: another one bootstraps.
+        Err(e) if e.kind == keygate_store::StoreErrorKind::Conflict => return Ok(None),
+        Err(e) => return Err(fail(&e)),
+    }
     let (format, hasher) = key_tools(config)?;
     let issuer = issue::Issuer {
         config,

@@ -425,3 +425,27 @@ async fn redis_killed_mid_load_under_three_nodes() {
     // calls whose reply was lost in the crash: an under-grant, bounded here at 30 %.
     assert!(total >= 350, "lost too much: only {total} of 500 granted");
 }
+
+#[tokio::test]
+async fn nodes_started_together_on_an_empty_database_bootstrap_once() {
+    // The migrations serialize the starts (an advisory lock), so this mostly checks the
+    // outcome; a node that loses the race to create the default tenant takes the other's.
+    let url = TestApp::fresh_postgres_url().await;
+    let (a, b, c) = tokio::join!(
+        TestApp::spawn_on(url.clone(), |_| {}),
+        TestApp::spawn_on(url.clone(), |_| {}),
+        TestApp::spawn_on(url.clone(), |_| {}),
+    );
+    let roots: Vec<String> = [&a, &b, &c]
+        .iter()
+        .map(|n| n.root.clone())
+        .filter(|r| !r.is_empty())
+        .collect();
+    assert_eq!(roots.len(), 1, "exactly one node makes the root key");
+    for node in [&a, &b, &c] {
+        assert_eq!(
+            node.auth(Some(&roots[0]), &[]).await.status(),
+            StatusCode::OK
+        );
+    }
+}

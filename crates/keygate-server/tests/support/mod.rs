@@ -87,6 +87,12 @@ impl TestApp {
     /// The app on a fresh schema of the shared PostgreSQL (127.0.0.1:5432, database `test`, or
     /// `KEYGATE_TEST_POSTGRES_URL`). Fails loudly when PostgreSQL is not there.
     pub async fn spawn_postgres(f: impl FnOnce(&mut Config)) -> Self {
+        let url = Self::fresh_postgres_url().await;
+        Self::spawn_on(url, f).await
+    }
+
+    /// A database URL on a fresh, empty schema of the shared PostgreSQL.
+    pub async fn fresh_postgres_url() -> String {
         let base = std::env::var("KEYGATE_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
         static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -122,8 +128,7 @@ impl TestApp {
             .expect("create schema");
         admin.close().await;
         let sep = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
-        Self::spawn_on(url, f).await
+        format!("{base}{sep}options=-c%20search_path%3D{schema}")
     }
 
     /// Another node on the same database URL (see [`TestApp::db_url`]).
