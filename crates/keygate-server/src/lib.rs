@@ -6,6 +6,7 @@ pub mod alerts;
 pub mod audit;
 pub mod config;
 pub mod cors;
+pub mod dashboard;
 pub mod error;
 pub mod gateway;
 pub mod headers;

@@ -159,6 +159,21 @@ impl OAuth {
         serde_json::from_slice(&URL_SAFE_NO_PAD.decode(body).ok()?).ok()
     }
 
+    /// HMAC-SHA256 of `data` under this deployment's shared secret, for `purpose`.
+    pub fn mac_bytes(&self, purpose: &str, data: &[u8]) -> [u8; 32] {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.seal_key)
+            .unwrap_or_else(|_| unreachable_hmac());
+        m.update(purpose.as_bytes());
+        m.update(b"\0");
+        m.update(data);
+        m.finalize().into_bytes().into()
+    }
+
+    /// A 256-bit key for `purpose`, derived from the shared secret (the same on every node).
+    pub fn derive_key(&self, purpose: &str) -> [u8; 32] {
+        self.mac_bytes("derive", purpose.as_bytes())
+    }
+
     fn mac(&self, purpose: &str, exp_ms: i64, body: &str) -> String {
         // HMAC accepts keys of any length.
         let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.seal_key)

@@ -38,6 +38,7 @@ const OWN_PATHS: &[&str] = &[
     "/openapi.json",
     "/docs",
     "/llms.txt",
+    "/dashboard",
 ];
 
 /// Whether `path` is one of keygate's own endpoints (`/v1/keys` and below, …).

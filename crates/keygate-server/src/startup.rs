@@ -376,6 +376,7 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 
 /// The HTTP surface except `/v1/auth` and gateway routes (see `server::Dispatch`).
 pub fn router(state: AppState) -> Router {
+    use crate::dashboard;
     use routes::{audit, keys, oauth, oauth_clients, status, tenants, users, verify, webhooks};
     let body_limit = state.config.limits.max_body_bytes;
     let timeout = Duration::from_secs(state.config.limits.request_timeout_seconds.max(1));
@@ -441,6 +442,32 @@ pub fn router(state: AppState) -> Router {
             get(oauth::metadata),
         )
         .route("/.well-known/jwks.json", get(oauth::jwks))
+        .route("/dashboard", get(dashboard::home))
+        .route(
+            "/dashboard/login",
+            get(dashboard::home).post(dashboard::login),
+        )
+        .route("/dashboard/logout", post(dashboard::logout))
+        .route("/dashboard/app.js", get(dashboard::app_js))
+        .route(
+            "/dashboard/keys",
+            get(dashboard::keys).post(dashboard::create_key),
+        )
+        .route("/dashboard/keys/{id}", get(dashboard::key))
+        .route("/dashboard/keys/{id}/{action}", post(dashboard::key_action))
+        .route("/dashboard/audit", get(dashboard::audit))
+        .route("/dashboard/alerts", get(dashboard::alerts))
+        .route(
+            "/dashboard/webhooks",
+            get(dashboard::webhooks).post(dashboard::webhooks_add),
+        )
+        .route("/dashboard/webhooks/test", post(dashboard::webhooks_test))
+        .route("/dashboard/webhooks/{id}", get(dashboard::deliveries))
+        .route(
+            "/dashboard/oauth",
+            get(dashboard::oauth).post(dashboard::oauth_create),
+        )
+        .route("/dashboard/tenant", get(dashboard::tenant))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(
             move |req: Request, next: Next| async move {

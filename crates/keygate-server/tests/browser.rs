@@ -111,3 +111,97 @@ async fn a_browser_page_calls_the_gateway_with_a_publishable_key() {
     assert_eq!(body["error"]["code"], "REVOKED");
     assert_eq!(up.hits(), 1, "only the allowed call reached the upstream");
 }
+
+#[tokio::test]
+async fn the_dashboard_creates_shows_once_and_revokes_a_key_in_chromium() {
+    let up = upstream::spawn().await;
+    let url = up.url();
+    let app = TestApp::spawn_with(|c| {
+        c.routes.push(RouteConfig {
+            path: "/api/ocr/*".into(),
+            methods: vec!["POST".into()],
+            upstream: Some(url),
+            scope: Some("ocr:read".into()),
+            cost: 1,
+            public: false,
+            class: Default::default(),
+        });
+    })
+    .await;
+    // Screenshots are test artifacts: target/tmp/dashboard/*.png.
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let cfg = json!({
+        "base": app.url("").trim_end_matches('/'),
+        "root": app.root,
+        "gateway": app.url("/api/ocr/scan"),
+        "shots": shots.display().to_string(),
+    });
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/browser");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg("dashboard.mjs")
+            .arg(cfg.to_string())
+            .current_dir(&dir)
+            .output()
+    })
+    .await
+    .expect("task")
+    .expect("node runs (is Node.js installed?)");
+    assert!(
+        out.status.success(),
+        "browser driver failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let res: Value = serde_json::from_slice(&out.stdout).expect("driver prints JSON");
+    assert!(res.get("error").is_none(), "{}", res["error"]);
+    assert_eq!(
+        res["steps"],
+        json!(["signed in", "created", "revoked", "signed out"])
+    );
+    // The session cookie cannot be read by page scripts and is not sent cross-site.
+    assert_eq!(res["cookie"]["httpOnly"], true, "{}", res["cookie"]);
+    assert_eq!(res["cookie"]["sameSite"], "Lax");
+    // Shown once, with the warning, and the key worked until it was revoked.
+    let created = res["createdText"].as_str().unwrap_or("");
+    assert!(created.contains("You will not see it again"), "{created}");
+    assert!(res["keyPrefix"]
+        .as_str()
+        .is_some_and(|p| p.starts_with("kg_pk_")));
+    assert_eq!(res["before"]["status"], 200, "{}", res["before"]);
+    assert_eq!(res["after"]["status"], 401, "{}", res["after"]);
+    assert_eq!(res["after"]["code"], "REVOKED");
+    assert_eq!(up.hits(), 1);
+    let before = res["keyPageBefore"].as_str().unwrap_or("");
+    assert!(
+        before.contains("Budget: 1 of 2000 credits spent"),
+        "{before}"
+    );
+    assert!(before.contains("allowed (1)"), "the usage chart: {before}");
+    // Both decisions and the revocation in the audit view.
+    let audit = res["audit"].as_str().unwrap_or("");
+    for needle in ["key.created", "key.revoked", "VALID", "REVOKED"] {
+        assert!(
+            audit.contains(needle),
+            "{needle} missing from the audit view:\n{audit}"
+        );
+    }
+    // The plaintext appears on the "created" page only.
+    assert_eq!(res["leaks"], 0, "the key was shown again");
+    assert_eq!(res["forgedStatus"], 403, "a form without the CSRF token");
+    assert!(
+        res["narrowOverflow"].as_i64().is_some_and(|o| o <= 0),
+        "{}",
+        res["narrowOverflow"]
+    );
+    assert!(res["afterLogout"].is_null(), "{}", res["afterLogout"]);
+    for name in [
+        "01-sign-in",
+        "02-key-created",
+        "03-key-page",
+        "04-audit",
+        "10-keys-narrow",
+    ] {
+        assert!(shots.join(format!("{name}.png")).exists(), "{name}.png");
+    }
+}

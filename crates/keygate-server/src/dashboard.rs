@@ -1,0 +1,1392 @@
+//! The web dashboard (`/dashboard`): server-rendered pages (askama templates in
+//! `templates/dashboard/`) over keygate's own management API.
+//!
+//! The dashboard is a client of the API: every page calls the API routes in process with the
+//! signed-in key, so scopes, tenant isolation, audit events and validation are exactly the
+//! API's, and nothing here decides who may do what.
+//!
+//! Session: the `sk` key the user signed in with, encrypted (ChaCha20-Poly1305, a key derived
+//! from the store's shared secret, so any node can read it) in an `HttpOnly`, `SameSite=Lax`
+//! cookie (`Secure` when the issuer is https), for 12 hours. Every form carries a CSRF token:
+//! an HMAC of the session's random id; the sign-in form uses a double-submit cookie.
+
+use crate::state::{now_ms, AppState};
+use askama::Template;
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use http_body_util::BodyExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+const SESSION_COOKIE: &str = "kg_dash";
+const LOGIN_CSRF_COOKIE: &str = "kg_dash_csrf";
+const SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
+
+#[derive(Serialize, Deserialize)]
+struct Session {
+    key: String,
+    sid: String,
+    exp: i64,
+}
+
+/// The signed-in user of a request.
+struct Signed {
+    session: Session,
+    csrf: String,
+    peer: Option<SocketAddr>,
+}
+
+fn aead_key(state: &AppState) -> Option<ring::aead::LessSafeKey> {
+    let k = state.oauth.derive_key("dashboard.session");
+    ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &k)
+        .ok()
+        .map(ring::aead::LessSafeKey::new)
+}
+
+fn seal_session(state: &AppState, s: &Session) -> Option<String> {
+    let key = aead_key(state)?;
+    let mut nonce = [0u8; 12];
+    crate::ids::os_fill(&mut nonce);
+    let mut buf = serde_json::to_vec(s).ok()?;
+    key.seal_in_place_append_tag(
+        ring::aead::Nonce::assume_unique_for_key(nonce),
+        ring::aead::Aad::from(b"kg-dash"),
+        &mut buf,
+    )
+    .ok()?;
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&buf);
+    Some(URL_SAFE_NO_PAD.encode(out))
+}
+
+fn open_session(state: &AppState, cookie: &str) -> Option<Session> {
+    let raw = URL_SAFE_NO_PAD.decode(cookie).ok()?;
+    if raw.len() < 12 + 16 {
+        return None;
+    }
+    let (nonce, ct) = raw.split_at(12);
+    let mut buf = ct.to_vec();
+    let nonce = ring::aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
+    let plain = aead_key(state)?
+        .open_in_place(nonce, ring::aead::Aad::from(b"kg-dash"), &mut buf)
+        .ok()?;
+    let s: Session = serde_json::from_slice(plain).ok()?;
+    (s.exp > now_ms()).then_some(s)
+}
+
+fn csrf_for(state: &AppState, sid: &str) -> String {
+    URL_SAFE_NO_PAD.encode(state.oauth.mac_bytes("dashboard.csrf", sid.as_bytes()))
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+fn set_cookie(state: &AppState, name: &str, value: &str, max_age_s: i64) -> HeaderValue {
+    let secure = if state.oauth.issuer.starts_with("https://") {
+        "; Secure"
+    } else {
+        ""
+    };
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/dashboard; HttpOnly; SameSite=Lax; Max-Age={max_age_s}{secure}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("kg_dash_invalid=1"))
+}
+
+fn signed(state: &AppState, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<Signed> {
+    let session = open_session(state, cookie(headers, SESSION_COOKIE)?)?;
+    let csrf = csrf_for(state, &session.sid);
+    Some(Signed {
+        session,
+        csrf,
+        peer,
+    })
+}
+
+/// An HTML page with the dashboard's security headers.
+fn html(status: StatusCode, body: String) -> Response {
+    let mut res = (status, axum::response::Html(body)).into_response();
+    let h = res.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; \
+             img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
+        ),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    res
+}
+
+fn render(t: &impl Template) -> Response {
+    match t.render() {
+        Ok(s) => html(StatusCode::OK, s),
+        Err(e) => {
+            tracing::error!("dashboard template: {e}");
+            html(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
+        }
+    }
+}
+
+fn to_login() -> Response {
+    Redirect::to("/dashboard/login").into_response()
+}
+
+/// Calls the management API in process as the signed-in key.
+async fn api(
+    state: &AppState,
+    who: &Signed,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::AUTHORIZATION, format!("Bearer {}", who.session.key));
+    let body = match body {
+        Some(b) => {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+            Body::from(b.to_string())
+        }
+        None => Body::empty(),
+    };
+    let Ok(mut req) = req.body(body) else {
+        return (StatusCode::BAD_REQUEST, json!({}));
+    };
+    if let Some(p) = who.peer {
+        req.extensions_mut().insert(ConnectInfo(p));
+    }
+    let router = crate::startup::router(state.clone());
+    let res = match tower::ServiceExt::oneshot(router, req).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    };
+    let status = res.status();
+    let bytes = res
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn api_error(v: &Value) -> String {
+    format!(
+        "{}: {}",
+        v["error"]["code"].as_str().unwrap_or("ERROR"),
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("the request was refused")
+    )
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        Value::Array(a) => a.iter().map(text).collect::<Vec<_>>().join(" "),
+        other => other.to_string(),
+    }
+}
+
+fn form(body: &Bytes) -> HashMap<String, String> {
+    serde_urlencoded::from_bytes::<Vec<(String, String)>>(body)
+        .unwrap_or_default()
+        .into_iter()
+        .collect()
+}
+
+fn query(raw: Option<&str>) -> HashMap<String, String> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(raw.unwrap_or(""))
+        .unwrap_or_default()
+        .into_iter()
+        .collect()
+}
+
+fn qs(pairs: &[(&str, &str)]) -> String {
+    let set: Vec<(&str, &str)> = pairs
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .copied()
+        .collect();
+    serde_urlencoded::to_string(set).unwrap_or_default()
+}
+
+#[derive(Template)]
+#[template(path = "dashboard/error.html")]
+struct ErrorPage<'a> {
+    csrf: &'a str,
+    message: String,
+    back: String,
+}
+
+fn error_page(who: &Signed, status: StatusCode, message: String, back: &str) -> Response {
+    let mut r = render(&ErrorPage {
+        csrf: &who.csrf,
+        message,
+        back: back.to_owned(),
+    });
+    *r.status_mut() = status;
+    r
+}
+
+/// Checks a form's CSRF token against the session's.
+fn csrf_ok(who: &Signed, f: &HashMap<String, String>) -> bool {
+    f.get("csrf")
+        .is_some_and(|t| keygate_oauth::ct_eq(t, &who.csrf))
+}
+
+// ---------------------------------------------------------------------------------------
+// Sign in and out.
+
+#[derive(Template)]
+#[template(path = "dashboard/login.html")]
+struct LoginPage {
+    csrf: String,
+    error: Option<String>,
+}
+
+fn login_page(state: &AppState, error: Option<String>, status: StatusCode) -> Response {
+    let csrf = crate::ids::random_base62(32);
+    let mut r = render(&LoginPage {
+        csrf: csrf.clone(),
+        error,
+    });
+    *r.status_mut() = status;
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(state, LOGIN_CSRF_COOKIE, &csrf, 3600),
+    );
+    r
+}
+
+/// `GET /dashboard` and `GET /dashboard/login`
+pub async fn home(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    match signed(&state, &headers, Some(peer)) {
+        Some(_) => Redirect::to("/dashboard/keys").into_response(),
+        None => login_page(&state, None, StatusCode::OK),
+    }
+}
+
+/// `POST /dashboard/login`
+pub async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
+    let f = form(&body);
+    let csrf_ok = match (f.get("csrf"), cookie(&headers, LOGIN_CSRF_COOKIE)) {
+        (Some(a), Some(b)) => keygate_oauth::ct_eq(a, b),
+        _ => false,
+    };
+    if !csrf_ok {
+        return login_page(
+            &state,
+            Some("The form expired; sign in again.".into()),
+            StatusCode::FORBIDDEN,
+        );
+    }
+    let key = f
+        .get("key")
+        .map(|k| k.trim().to_owned())
+        .unwrap_or_default();
+    match state.format.parse(&key) {
+        Ok(p) if p.kind() == keygate_core::Kind::Sk => {}
+        _ => {
+            return login_page(
+                &state,
+                Some("Sign in with a secret key of this deployment (…_sk_…).".into()),
+                StatusCode::UNAUTHORIZED,
+            )
+        }
+    }
+    let session = Session {
+        key,
+        sid: crate::ids::random_base62(24),
+        exp: now_ms() + SESSION_TTL_MS,
+    };
+    let who = Signed {
+        csrf: String::new(),
+        session,
+        peer: Some(peer),
+    };
+    // The key must work for at least reading its own tenant's keys.
+    let (status, v) = api(&state, &who, Method::GET, "/v1/keys?limit=1", None).await;
+    if status != StatusCode::OK {
+        return login_page(
+            &state,
+            Some(format!("That key was refused: {}", api_error(&v))),
+            StatusCode::UNAUTHORIZED,
+        );
+    }
+    let Some(sealed) = seal_session(&state, &who.session) else {
+        return login_page(
+            &state,
+            Some("Try again.".into()),
+            StatusCode::SERVICE_UNAVAILABLE,
+        );
+    };
+    let mut r = Redirect::to("/dashboard/keys").into_response();
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(&state, SESSION_COOKIE, &sealed, SESSION_TTL_MS / 1000),
+    );
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(&state, LOGIN_CSRF_COOKIE, "", 0),
+    );
+    r
+}
+
+/// `POST /dashboard/logout`
+pub async fn logout(State(state): State<AppState>) -> Response {
+    let mut r = Redirect::to("/dashboard/login").into_response();
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(&state, SESSION_COOKIE, "", 0),
+    );
+    r
+}
+
+/// `GET /dashboard/app.js`: the one script (copy to clipboard), served from here so the
+/// pages' Content-Security-Policy allows no inline script.
+pub async fn app_js() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=300"),
+        ],
+        "document.querySelectorAll('button[data-copy]').forEach((b) => {\n\
+         b.addEventListener('click', async () => {\n\
+         const text = document.getElementById(b.dataset.copy).textContent.trim();\n\
+         const out = document.getElementById(b.dataset.copy + '-status');\n\
+         try { await navigator.clipboard.writeText(text); out.textContent = 'Copied.'; }\n\
+         catch (e) { out.textContent = 'Select the key and copy it by hand.'; }\n\
+         });\n});\n",
+    )
+        .into_response()
+}
+
+// ---------------------------------------------------------------------------------------
+// Keys.
+
+struct KeyRow {
+    id: String,
+    name: String,
+    kind: String,
+    status: String,
+    start: String,
+    scopes: String,
+    last_used: String,
+}
+
+struct Opt {
+    value: &'static str,
+    selected: bool,
+}
+
+fn options(values: &[&'static str], chosen: &str) -> Vec<Opt> {
+    values
+        .iter()
+        .map(|v| Opt {
+            value: v,
+            selected: *v == chosen,
+        })
+        .collect()
+}
+
+#[derive(Template)]
+#[template(path = "dashboard/keys.html")]
+struct KeysPage {
+    csrf: String,
+    keys: Vec<KeyRow>,
+    kinds: Vec<Opt>,
+    statuses: Vec<Opt>,
+    filter_name: String,
+    next: Option<String>,
+}
+
+/// `GET /dashboard/keys`
+pub async fn keys(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let Some(who) = signed(&state, &headers, Some(peer)) else {
+        return to_login();
+    };
+    let q = query(raw.as_deref());
+    let get = |k: &str| q.get(k).cloned().unwrap_or_default();
+    let (kind, status, name, cursor) = (get("kind"), get("status"), get("name"), get("cursor"));
+    let path = format!(
+        "/v1/keys?{}",
+        qs(&[
+            ("limit", "25"),
+            ("kind", &kind),
+            ("status", &status),
+            ("name", &name),
+            ("cursor", &cursor)
+        ])
+    );
+    let (st, v) = api(&state, &who, Method::GET, &path, None).await;
+    if st != StatusCode::OK {
+        return error_page(&who, st, api_error(&v), "/dashboard/keys");
+    }
+    let keys = v["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|k| KeyRow {
+            id: text(&k["id"]),
+            name: text(&k["name"]),
+            kind: text(&k["kind"]),
+            status: text(&k["status"]),
+            start: text(&k["start"]),
+            scopes: text(&k["scopes"]),
+            last_used: match text(&k["last_used_at"]) {
+                s if s.is_empty() => "never".into(),
+                s => s,
+            },
+        })
+        .collect();
+    let next = v["next_cursor"].as_str().map(|c| {
+        format!(
+            "/dashboard/keys?{}",
+            qs(&[
+                ("kind", &kind),
+                ("status", &status),
+                ("name", &name),
+                ("cursor", c)
+            ])
+        )
+    });
+    render(&KeysPage {
+        csrf: who.csrf,
+        keys,
+        kinds: options(&["sk", "ut", "pk"], &kind),
+        statuses: options(&["active", "grace", "revoked", "expired"], &status),
+        filter_name: name,
+        next,
+    })
+}
+
+#[derive(Template)]
+#[template(path = "dashboard/created.html")]
+struct CreatedPage {
+    csrf: String,
+    name: String,
+    id: String,
+    key: String,
+}
+
+fn words(s: Option<&String>) -> Option<Vec<String>> {
+    let v: Vec<String> = s?.split_whitespace().map(str::to_owned).collect();
+    (!v.is_empty()).then_some(v)
+}
+
+fn number(s: Option<&String>) -> Result<Option<u64>, String> {
+    match s.map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(n) => n
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{n:?} is not a whole number")),
+    }
+}
+
+fn created(who: Signed, v: &Value) -> Response {
+    let mut r = render(&CreatedPage {
+        csrf: who.csrf,
+        name: text(&v["name"]),
+        id: text(&v["id"]),
+        key: text(&v["key"]),
+    });
+    // The plaintext is in this page only: never cached, never stored.
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// `POST /dashboard/keys`: a preset (one click) or the custom form.
+pub async fn create_key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
+    let Some(who) = signed(&state, &headers, Some(peer)) else {
+        return to_login();
+    };
+    let f = form(&body);
+    if !csrf_ok(&who, &f) {
+        return error_page(
+            &who,
+            StatusCode::FORBIDDEN,
+            "The form expired; try again.".into(),
+            "/dashboard/keys",
+        );
+    }
+    let mut b = json!({
+        "kind": f.get("kind").cloned().unwrap_or_else(|| "pk".into()),
+        "name": f.get("name").cloned().unwrap_or_default(),
+    });
+    for (field, name) in [("preset", "preset"), ("user_id", "user_id")] {
+        if let Some(v) = f.get(name).filter(|v| !v.is_empty()) {
+            b[field] = json!(v);
+        }
+    }
+    for field in ["scopes", "allowed_origins", "allowed_ips"] {
+        if let Some(v) = words(f.get(field)) {
+            b[field] = json!(v);
+        }
+    }
+    let parsed = (|| -> Result<(), String> {
+        if let Some(r) = number(f.get("rate_per_minute"))? {
+            b["rate_limit"] = json!({"limit": r, "window_seconds": 60});
+        }
+        if let Some(n) = number(f.get("budget"))? {
+            b["budget"] = json!(n);
+        }
+        if let Some(d) = number(f.get("ttl_days"))? {
+            b["ttl_seconds"] = json!(d.saturating_mul(86_400));
+        }
+        Ok(())
+    })();
+    if let Err(e) = parsed {
+        return error_page(&who, StatusCode::UNPROCESSABLE_ENTITY, e, "/dashboard/keys");
+    }
+    let (st, v) = api(&state, &who, Method::POST, "/v1/keys", Some(b)).await;
+    if st != StatusCode::CREATED {
+        return error_page(&who, st, api_error(&v), "/dashboard/keys");
+    }
+    created(who, &v)
+}
+
+struct BudgetBar {
+    limit: u64,
+    spent: u64,
+    remaining: u64,
+}
+
+struct KeyDetail {
+    id: String,
+    name: String,
+    kind: String,
+    status: String,
+    scopes: String,
+    origins: String,
+    ips: String,
+    rate_per_minute: String,
+    budget: String,
+    expires_at: String,
+}
+
+struct EventRow {
+    at: String,
+    action: String,
+    actor: String,
+    key_id: String,
+    code: String,
+    request: String,
+    origin: String,
+}
+
+fn event_rows(v: &Value) -> Vec<EventRow> {
+    v["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| EventRow {
+            at: text(&e["at"]),
+            action: text(&e["action"]),
+            actor: text(&e["actor"]),
+            key_id: text(&e["key_id"]),
+            code: text(&e["code"]),
+            request: format!("{} {}", text(&e["method"]), text(&e["path"]))
+                .trim()
+                .to_owned(),
+            origin: [text(&e["origin"]), text(&e["ip"])]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join(" "),
+        })
+        .collect()
+}
+
+#[derive(Template)]
+#[template(path = "dashboard/key.html")]
+struct KeyPage {
+    csrf: String,
+    k: KeyDetail,
+    settings: Vec<(String, String)>,
+    budget: Option<BudgetBar>,
+    chart: String,
+    events: Vec<EventRow>,
+}
+
+/// `GET /dashboard/keys/{id}`
+pub async fn key(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+) -> Response {
+    let Some(who) = signed(&state, &headers, Some(peer)) else {
+        return to_login();
+    };
+    let id: String = id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    let (st, k) = api(&state, &who, Method::GET, &format!("/v1/keys/{id}"), None).await;
+    if st != StatusCode::OK {
+        return error_page(&who, st, api_error(&k), "/dashboard/keys");
+    }
+    let since = crate::views::rfc3339(now_ms() - 24 * 3_600_000);
+    let (_, usage) = api(
+        &state,
+        &who,
+        Method::GET,
+        &format!(
+            "/v1/keys/{id}/usage?{}",
+            qs(&[("granularity", "hour"), ("since", &since)])
+        ),
+        None,
+    )
+    .await;
+    let (_, events) = api(
+        &state,
+        &who,
+        Method::GET,
+        &format!("/v1/audit?{}", qs(&[("key_id", &id), ("limit", "20")])),
+        None,
+    )
+    .await;
+    let rate = &k["rate_limit"];
+    let settings = vec![
+        ("Id".to_owned(), text(&k["id"])),
+        ("Key".to_owned(), format!("{}…", text(&k["start"]))),
+        ("Tenant".to_owned(), text(&k["tenant_id"])),
+        ("User".to_owned(), text(&k["user_id"])),
+        ("Scopes".to_owned(), text(&k["scopes"])),
+        ("Allowed origins".to_owned(), text(&k["allowed_origins"])),
+        ("Allowed IPs".to_owned(), text(&k["allowed_ips"])),
+        (
+            "Rate limit".to_owned(),
+            if rate.is_null() {
+                "none".into()
+            } else {
+                format!(
+                    "{} per {} s",
+                    text(&rate["limit"]),
+                    text(&rate["window_seconds"])
+                )
+            },
+        ),
+        ("Expires".to_owned(), text(&k["expires_at"])),
+        ("Created".to_owned(), text(&k["created_at"])),
+        ("Last used".to_owned(), text(&k["last_used_at"])),
+        ("Rotated from".to_owned(), text(&k["rotated_from"])),
+        ("Rotated to".to_owned(), text(&k["rotated_to"])),
+    ];
+    let budget = k["budget"].as_object().map(|b| BudgetBar {
+        limit: b.get("limit").and_then(Value::as_u64).unwrap_or(0),
+        spent: b.get("spent").and_then(Value::as_u64).unwrap_or(0),
+        remaining: b.get("remaining").and_then(Value::as_u64).unwrap_or(0),
+    });
+    let per_minute = match (rate["limit"].as_u64(), rate["window_seconds"].as_u64()) {
+        (Some(l), Some(60)) => l.to_string(),
+        _ => String::new(),
+    };
+    let detail = KeyDetail {
+        id: text(&k["id"]),
+        name: text(&k["name"]),
+        kind: text(&k["kind"]),
+        status: text(&k["status"]),
+        scopes: text(&k["scopes"]),
+        origins: text(&k["allowed_origins"]),
+        ips: text(&k["allowed_ips"]),
+        rate_per_minute: per_minute,
+        budget: k["budget"]["limit"]
+            .as_u64()
+            .map(|b| b.to_string())
+            .unwrap_or_default(),
+        expires_at: text(&k["expires_at"]),
+    };
+    render(&KeyPage {
+        csrf: who.csrf,
+        k: detail,
+        settings,
+        budget,
+        chart: usage_chart(&usage, now_ms()),
+        events: event_rows(&events),
+    })
+}
+
+/// An SVG bar chart of the last 24 hours of usage: allowed calls in green, refusals in red,
+/// stacked per hour, each bar titled with its numbers.
+pub fn usage_chart(usage: &Value, now: i64) -> String {
+    const HOUR: i64 = 3_600_000;
+    let end = now - now.rem_euclid(HOUR) + HOUR;
+    let start = end - 24 * HOUR;
+    let mut ok = [0u64; 24];
+    let mut refused = [0u64; 24];
+    for b in usage["data"].as_array().into_iter().flatten() {
+        let Some(at) = b["at"].as_str().and_then(crate::views::parse_rfc3339) else {
+            continue;
+        };
+        let Ok(slot) = usize::try_from((at - start) / HOUR) else {
+            continue;
+        };
+        if slot >= 24 {
+            continue;
+        }
+        let n = b["requests"].as_u64().unwrap_or(0);
+        if b["code"] == "VALID" {
+            ok[slot] += n;
+        } else {
+            refused[slot] += n;
+        }
+    }
+    let max = (0..24)
+        .map(|i| ok[i] + refused[i])
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let total_ok: u64 = ok.iter().sum();
+    let total_refused: u64 = refused.iter().sum();
+    let (w, h, bar) = (720u64, 160u64, 30u64);
+    let mut bars = String::new();
+    for i in 0..24 {
+        let x = i as u64 * bar;
+        let ho = ok[i] * (h - 20) / max;
+        let hr = refused[i] * (h - 20) / max;
+        let label = crate::views::rfc3339(start + i as i64 * HOUR);
+        bars.push_str(&format!(
+            "<g><title>{label}: {} allowed, {} refused</title>\
+             <rect x=\"{x}\" y=\"{}\" width=\"{}\" height=\"{ho}\" fill=\"#15803d\"/>\
+             <rect x=\"{x}\" y=\"{}\" width=\"{}\" height=\"{hr}\" fill=\"#b91c1c\"/></g>",
+            ok[i],
+            refused[i],
+            h - 20 - ho,
+            bar - 4,
+            h - 20 - ho - hr,
+            bar - 4,
+        ));
+    }
+    format!(
+        "<svg role=\"img\" aria-label=\"Requests per hour over the last 24 hours: {total_ok} allowed, \
+         {total_refused} refused\" viewBox=\"0 0 {w} {h}\" width=\"100%\" preserveAspectRatio=\"none\" \
+         style=\"max-height:12rem;background:#fff\">{bars}\
+         <text x=\"0\" y=\"{}\" font-size=\"11\">24 h ago</text>\
+         <text x=\"{}\" y=\"{}\" font-size=\"11\" text-anchor=\"end\">now</text></svg>\
+         <p class=\"muted\"><span style=\"color:#15803d\">■</span> allowed ({total_ok}) \
+         <span style=\"color:#b91c1c\">■</span> refused ({total_refused}); the busiest hour had {max}.</p>",
+        h - 4,
+        w,
+        h - 4,
+    )
+}
+
+/// `POST /dashboard/keys/{id}/revoke|rotate|edit`
+pub async fn key_action(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((id, action)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let Some(who) = signed(&state, &headers, Some(peer)) else {
+        return to_login();
+    };
+    let id: String = id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    let back = format!("/dashboard/keys/{id}");
+    let f = form(&body);
+    if !csrf_ok(&who, &f) {
+        return error_page(
+            &who,
+            StatusCode::FORBIDDEN,
+            "The form expired; try again.".into(),
+            &back,
+        );
+    }
+    match action.as_str() {
+        "revoke" => {
+            if f.get("confirm").map(String::as_str) != Some("yes") {
+                return error_page(
+                    &who,
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Tick the box to confirm the revocation.".into(),
+                    &back,
+                );
+            }
+            let (st, v) = api(
+                &state,
+                &who,
+                Method::POST,
+                &format!("/v1/keys/{id}/revoke"),
+                Some(json!({})),
+            )
+            .await;
+            if st != StatusCode::OK {
+                return error_page(&who, st, api_error(&v), &back);
+            }
+            Redirect::to(&back).into_response()
+        }
+        "rotate" => {
+            let grace = match number(f.get("grace_seconds")) {
+                Ok(g) => g,
+                Err(e) => return error_page(&who, StatusCode::UNPROCESSABLE_ENTITY, e, &back),
+            };
+            let body = grace.map_or_else(|| json!({}), |g| json!({"grace_seconds": g}));
+            let (st, v) = api(
+                &state,
+                &who,
+                Method::POST,
+                &format!("/v1/keys/{id}/rotate"),
+                Some(body),
+            )
+            .await;
+            if st != StatusCode::CREATED {
+                return error_page(&who, st, api_error(&v), &back);
+            }
+            created(who, &v)
+        }
+        "edit" => {
+            let mut b = json!({});
+            if let Some(n) = f.get("name").filter(|n| !n.trim().is_empty()) {
+                b["name"] = json!(n.trim());
+            }
+            for field in ["scopes", "allowed_origins", "allowed_ips"] {
+                if let Some(v) = f.get(field) {
+                    b[field] = json!(v.split_whitespace().collect::<Vec<_>>());
+                }
+            }
+            let parsed = (|| -> Result<(), String> {
+                b["rate_limit"] = match number(f.get("rate_per_minute"))? {
+                    Some(r) => json!({"limit": r, "window_seconds": 60}),
+                    None => Value::Null,
+                };
+                b["budget"] = number(f.get("budget"))?.map_or(Value::Null, |n| json!(n));
+                b["expires_at"] = match f.get("expires_at").map(|s| s.trim()) {
+                    Some(s) if !s.is_empty() => json!(s),
+                    _ => Value::Null,
+                };
+                Ok(())
+            })();
+            if let Err(e) = parsed {
+                return error_page(&who, StatusCode::UNPROCESSABLE_ENTITY, e, &back);
+            }
+            let (st, v) = api(
+                &state,
+                &who,
+                Method::PATCH,
+                &format!("/v1/keys/{id}"),
+                Some(b),
+            )
+            .await;
+            if st != StatusCode::OK {
+                return error_page(&who, st, api_error(&v), &back);
+            }
+            Redirect::to(&back).into_response()
+        }
+        _ => error_page(&who, StatusCode::NOT_FOUND, "No such action.".into(), &back),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Audit log, alerts, webhooks, OAuth clients, credits.
+
+#[derive(Template)]
+#[template(path = "dashboard/audit.html")]
+struct AuditPage {
+    csrf: String,
+    events: Vec<EventRow>,
+    f_action: String,
+    f_key: String,
+    f_code: String,
+    next: Option<String>,
+}
+
+/// `GET /dashboard/audit`
+pub async fn audit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let Some(who) = signed(&state, &headers, Some(peer)) else {
+        return to_login();
+    };
+    let q = query(raw.as_deref());
+    let get = |k: &str| q.get(k).cloned().unwrap_or_default();
+    let (action, key, code, cursor) = (get("action"), get("key_id"), get("code"), get("cursor"));
+    let path = format!(
+        "/v1/audit?{}",
+        qs(&[
+            ("limit", "50"),
+            ("action", &action),
+            ("key_id", &key),
+            ("code", &code),
+            ("cursor", &cursor)
+        ])
+    );
+    let (st, v) = api(&state, &who, Method::GET, &path, None).await;
+    if st != StatusCode::OK {
+        return error_page(&who, st, api_error(&v), "/dashboard/keys");
+    }
+    let next = v["next_cursor"].as_str().map(|c| {
+        format!(
+            "/dashboard/audit?{}",
+            qs(&[
+                ("action", &action),
+                ("key_id", &key),
+                ("code", &code),
+                ("cursor", c)
+            ])
+        )
+    });
+    render(&AuditPage {
+        csrf: who.csrf,
+        events: event_rows(&v),
+        f_action: action,
+        f_key: key,
+        f_code: code,
+        next,
+    })
+}
+
+/// A table cell, linked when `href` is set.
+struct Cell {
+    text: String,
+    href: Option<String>,
+}
+
+impl From<String> for Cell {
+    fn from(text: String) -> Self {
+        Self { text, href: None }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "dashboard/list.html")]
+struct ListPage {
+    csrf: String,
+    title: String,
+    notice: Option<String>,
+    form: String,
+    headers: Vec<&'static str>,
+    rows: Vec<Vec<Cell>>,
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// What a list page shows: a title, the API path it lists, the columns, an optional form
+/// above the table and an optional notice.
+struct Listing<'a> {
+    title: &'a str,
+    path: &'a str,
+    headers: Vec<&'static str>,
+    form: String,
+    notice: Option<String>,
+}
+
+async fn list_page(
+    state: &AppState,
+    who: Signed,
+    l: Listing<'_>,
+    row: impl Fn(&Value) -> Vec<Cell>,
+) -> Response {
+    let (st, v) = api(state, &who, Method::GET, l.path, None).await;
+    if st != StatusCode::OK {
+        return error_page(&who, st, api_error(&v), "/dashboard/keys");
+    }
+    let rows = v["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(row)
+        .collect();
+    render(&ListPage {
+        csrf: who.csrf,
+        title: l.title.into(),
+        notice: l.notice,
+        form: l.form,
+        headers: l.headers,
+        rows,
+    })
+}
+
+/// `GET /dashboard/alerts`
+pub async fn alerts(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    let Some(who) = signed(&state, &headers, Some(peer)) else {
+        return to_login();
+    };
+    list_page(
+        &state,
+        who,
+        Listing {
+            title: "Alerts",
+            path: "/v1/alerts?limit=100",
+            headers: vec!["At", "Kind", "Key", "Message"],
+            form: String::new(),
+            notice: None,
+        },
+        |a| {
+            vec![
+                text(&a["at"]).into(),
+                text(&a["kind"]).into(),
+                Cell {
+                    text: text(&a["key_id"]),
+                    href: a["key_id"].as_str().map(|k| format!("/dashboard/keys/{k}")),
+                },
+                text(&a["message"]).into(),
+            ]
+        },
+    )
+    .await
+}
+
+fn webhook_form(csrf: &str) -> String {
+    format!(
+        "<form method=\"post\" action=\"/dashboard/webhooks\" class=\"card\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+         <label for=\"w-url\">Endpoint URL (https)</label><input id=\"w-url\" name=\"url\" type=\"url\" required size=\"50\">\
+         <label for=\"w-events\">Events (space separated; * for all)</label><input id=\"w-events\" name=\"events\" value=\"*\" size=\"50\">\
+         <button type=\"submit\">Add endpoint</button></form>",
+        esc(csrf)
+    )
+}
+
+async fn webhooks_page(state: &AppState, who: Signed, notice: Option<String>) -> Response {
+    let csrf = who.csrf.clone();
+    list_page(
+        state,
+        who,
+        Listing {
+            title: "Webhooks",
+            path: "/v1/webhooks?limit=100",
+            headers: vec!["Id", "URL", "Events", "Enabled", "Deliveries"],
+            form: format!(
+            "{}<form method=\"post\" action=\"/dashboard/webhooks/test\" class=\"row\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+             <div><label for=\"t-id\">Send a test event to endpoint</label><input id=\"t-id\" name=\"id\" required></div>\
+             <div><button type=\"submit\" class=\"secondary\">Send test</button></div></form>",
+            webhook_form(&csrf),
+            esc(&csrf)
+        ),
+            notice,
+        },
+        |w| {
+            vec![
+                text(&w["id"]).into(),
+                text(&w["url"]).into(),
+                text(&w["events"]).into(),
+                text(&w["enabled"]).into(),
+                Cell {
+                    text: "delivery log".into(),
+                    href: Some(format!("/dashboard/webhooks/{}", text(&w["id"]))),
+                },
+            ]
+        },
+    )
+    .await
+}
+
+/// `GET /dashboard/webhooks`
+pub async fn webhooks(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    let Some(who) = signed(&state, &headers, Some(peer)) else {
+        return to_login();
+    };
+    webhooks_page(&state, who, None).await
+}
+
+/// `POST /dashboard/webhooks`: add an endpoint.
+pub async fn webhooks_add(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
+    webhook_submit(state, headers, peer, "add", body).await
+}
+
+/// `POST /dashboard/webhooks/test`: send a test event.
+pub async fn webhooks_test(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
+    webhook_submit(state, headers, peer, "test", body).await
+}
+
+async fn webhook_submit(
+    state: AppState,
+    headers: HeaderMap,
+    peer: SocketAddr,
+    what: &str,
+    body: Bytes,
+) -> Response {
+    let Some(who) = signed(&state, &headers, Some(peer)) else {
+        return to_login();
+    };
+    let f = form(&body);
+    if !csrf_ok(&who, &f) {
+        return error_page(
+            &who,
+            StatusCode::FORBIDDEN,
+            "The form expired; try again.".into(),
+            "/dashboard/webhooks",
+        );
+    }
+    let (st, v, want) = if what == "test" {
+        let id: String = f
+            .get("id")
+            .map(|s| {
+                s.chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (st, v) = api(
+            &state,
+            &who,
+            Method::POST,
+            &format!("/v1/webhooks/{id}/test"),
+            None,
+        )
+        .await;
+        (st, v, StatusCode::ACCEPTED)
+    } else {
+        let events = words(f.get("events")).unwrap_or_else(|| vec!["*".into()]);
+        let b = json!({"url": f.get("url").cloned().unwrap_or_default(), "events": events});
+        let (st, v) = api(&state, &who, Method::POST, "/v1/webhooks", Some(b)).await;
+        (st, v, StatusCode::CREATED)
+    };
+    if st != want {
+        return error_page(&who, st, api_error(&v), "/dashboard/webhooks");
+    }
+    let notice = if what == "test" {
+        format!("Test event queued ({}).", text(&v["event_id"]))
+    } else {
+        format!(
+            "Endpoint {} added. Its signing secret, shown once: {}",
+            text(&v["id"]),
+            text(&v["secret"])
+        )
+    };
+    webhooks_page(&state, who, Some(notice)).await
+}
+
+/// `GET /dashboard/webhooks/{id}`: the delivery log.
+pub async fn deliveries(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(id): Path<String>,
+) -> Response {
+    let Some(who) = signed(&state, &headers, Some(peer)) else {
+        return to_login();
+    };
+    let id: String = id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    list_page(
+        &state,
+        who,
+        Listing {
+            title: &format!("Deliveries of {id}"),
+            path: &format!("/v1/webhooks/{id}/deliveries?limit=100"),
+            headers: vec![
+                "Created",
+                "Event",
+                "Status",
+                "Attempts",
+                "Last HTTP status",
+                "Last error",
+            ],
+            form: String::new(),
+            notice: None,
+        },
+        |d| {
+            [
+                "created_at",
+                "event_type",
+                "status",
+                "attempts",
+                "last_status",
+                "last_error",
+            ]
+            .iter()
+            .map(|f| Cell::from(text(&d[*f])))
+            .collect()
+        },
+    )
+    .await
+}
+
+async fn oauth_page(state: &AppState, who: Signed, notice: Option<String>) -> Response {
+    let form = format!(
+        "<form method=\"post\" action=\"/dashboard/oauth\" class=\"card\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+         <label for=\"o-name\">Name</label><input id=\"o-name\" name=\"name\" required>\
+         <label for=\"o-type\">Type</label><select id=\"o-type\" name=\"type\">\
+         <option value=\"public\">public (PKCE, no secret)</option><option value=\"confidential\">confidential</option></select>\
+         <label for=\"o-uris\">Redirect URIs (space separated)</label><input id=\"o-uris\" name=\"redirect_uris\" size=\"50\">\
+         <label for=\"o-scopes\">Scopes (space separated)</label><input id=\"o-scopes\" name=\"scopes\" required size=\"50\">\
+         <button type=\"submit\">Register client</button></form>",
+        esc(&who.csrf)
+    );
+    list_page(
+        state,
+        who,
+        Listing {
+            title: "OAuth clients",
+            path: "/v1/oauth/clients?limit=100",
+            headers: vec!["Client id", "Name", "Type", "Redirect URIs", "Scopes"],
+            form,
+            notice,
+        },
+        |c| {
+            ["client_id", "name", "type", "redirect_uris", "scopes"]
+                .iter()
+                .map(|f| Cell::from(text(&c[*f])))
+                .collect()
+        },
+    )
+    .await
+}
+
+/// `GET /dashboard/oauth`
+pub async fn oauth(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    let Some(who) = signed(&state, &headers, Some(peer)) else {
+        return to_login();
+    };
+    oauth_page(&state, who, None).await
+}
+
+/// `POST /dashboard/oauth`
+pub async fn oauth_create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
+    let Some(who) = signed(&state, &headers, Some(peer)) else {
+        return to_login();
+    };
+    let f = form(&body);
+    if !csrf_ok(&who, &f) {
+        return error_page(
+            &who,
+            StatusCode::FORBIDDEN,
+            "The form expired; try again.".into(),
+            "/dashboard/oauth",
+        );
+    }
+    let b = json!({
+        "name": f.get("name").cloned().unwrap_or_default(),
+        "type": f.get("type").cloned().unwrap_or_default(),
+        "redirect_uris": words(f.get("redirect_uris")).unwrap_or_default(),
+        "scopes": words(f.get("scopes")).unwrap_or_default(),
+    });
+    let (st, v) = api(&state, &who, Method::POST, "/v1/oauth/clients", Some(b)).await;
+    if st != StatusCode::CREATED {
+        return error_page(&who, st, api_error(&v), "/dashboard/oauth");
+    }
+    let notice = match v["client_secret"].as_str() {
+        Some(s) => format!(
+            "Client {} registered. Its secret, shown once: {s}",
+            text(&v["client_id"])
+        ),
+        None => format!("Client {} registered.", text(&v["client_id"])),
+    };
+    oauth_page(&state, who, Some(notice)).await
+}
+
+/// `GET /dashboard/tenant`: credits of the tenants the key sees.
+pub async fn tenant(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    let Some(who) = signed(&state, &headers, Some(peer)) else {
+        return to_login();
+    };
+    list_page(
+        &state,
+        who,
+        Listing {
+            title: "Credits",
+            path: "/v1/tenants?limit=100",
+            headers: vec!["Tenant", "Name", "Plan", "Credits"],
+            form: String::new(),
+            notice: None,
+        },
+        |t| {
+            vec![
+                text(&t["id"]).into(),
+                text(&t["name"]).into(),
+                text(&t["plan"]).into(),
+                Cell::from(match &t["credits"] {
+                    Value::Null => "unlimited".to_owned(),
+                    c => text(c),
+                }),
+            ]
+        },
+    )
+    .await
+}
