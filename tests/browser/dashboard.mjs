@@ -52,6 +52,12 @@ try {
     await page.reload();
   }
   await shot(page, '03-key-page');
+  // Edit the name only: the rest (rate limit, budget, expiry) stays as it was.
+  await page.getByText('Edit', { exact: true }).click();
+  await page.getByLabel('Name', { exact: true }).fill('canvas demo (edited)');
+  await page.getByRole('button', { name: 'Save' }).click();
+  await page.getByRole('heading', { level: 1, name: /edited/ }).waitFor();
+  out.keyPageEdited = await page.locator('main').innerText();
   await page.getByLabel('Yes, revoke this key now').check();
   await page.getByRole('button', { name: 'Revoke' }).click();
   await page.getByRole('heading', { level: 1, name: /revoked/ }).waitFor();
@@ -91,6 +97,16 @@ try {
     form: { name: 'forged', kind: 'pk', preset: 'aidemo', csrf: 'nope' },
   });
   out.forgedStatus = forged.status();
+  // Renaming a key whose rate window the form cannot show keeps that rate limit.
+  await page.goto(`${cfg.base}/dashboard/keys/${cfg.hourly}`);
+  await page.getByText('Edit', { exact: true }).click();
+  await page.getByLabel('Name', { exact: true }).fill('hourly (renamed)');
+  await page.getByRole('button', { name: 'Save' }).click();
+  await page.getByRole('heading', { level: 1, name: /renamed/ }).waitFor();
+  out.hourlyEdited = await page.locator('main').innerText();
+  // A sign-out posted from elsewhere (no CSRF token) does not sign the user out.
+  await page.request.post(`${cfg.base}/dashboard/logout`, { form: {}, maxRedirects: 0 });
+  out.afterForgedLogout = !!(await context.cookies()).find((c) => c.name === 'kg_dash' && c.value);
   // Signing out drops the session.
   await page.getByRole('button', { name: 'Sign out' }).click();
   await page.waitForURL('**/dashboard/login');

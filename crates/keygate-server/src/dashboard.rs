@@ -367,8 +367,19 @@ pub async fn login(
     r
 }
 
-/// `POST /dashboard/logout`
-pub async fn logout(State(state): State<AppState>) -> Response {
+/// `POST /dashboard/logout` (with the session's CSRF token, so another site cannot sign the
+/// user out).
+pub async fn logout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
+    if let Some(who) = signed(&state, &headers, Some(peer)) {
+        if !csrf_ok(&who, &form(&body)) {
+            return Redirect::to("/dashboard/keys").into_response();
+        }
+    }
     let mut r = Redirect::to("/dashboard/login").into_response();
     r.headers_mut().append(
         header::SET_COOKIE,
@@ -607,6 +618,8 @@ struct KeyDetail {
     origins: String,
     ips: String,
     rate_per_minute: String,
+    /// A rate limit whose window is not a minute, as text (the form cannot show it).
+    rate_other: String,
     budget: String,
     expires_at: String,
 }
@@ -725,9 +738,10 @@ pub async fn key(
         spent: b.get("spent").and_then(Value::as_u64).unwrap_or(0),
         remaining: b.get("remaining").and_then(Value::as_u64).unwrap_or(0),
     });
-    let per_minute = match (rate["limit"].as_u64(), rate["window_seconds"].as_u64()) {
-        (Some(l), Some(60)) => l.to_string(),
-        _ => String::new(),
+    let (per_minute, rate_other) = match (rate["limit"].as_u64(), rate["window_seconds"].as_u64()) {
+        (Some(l), Some(60)) => (l.to_string(), String::new()),
+        (Some(l), Some(w)) => (String::new(), format!("{l} per {w} s")),
+        _ => (String::new(), String::new()),
     };
     let detail = KeyDetail {
         id: text(&k["id"]),
@@ -738,6 +752,7 @@ pub async fn key(
         origins: text(&k["allowed_origins"]),
         ips: text(&k["allowed_ips"]),
         rate_per_minute: per_minute,
+        rate_other,
         budget: k["budget"]["limit"]
             .as_u64()
             .map(|b| b.to_string())
@@ -887,25 +902,35 @@ pub async fn key_action(
             created(who, &v)
         }
         "edit" => {
+            // Only what the user changed is sent (the form carries the values it showed), so
+            // a limit the form cannot show exactly (a rate per hour) is never cleared by a save.
+            let changed = |field: &str| {
+                let now = f.get(field).map_or("", |v| v.trim());
+                let was = f.get(&format!("orig_{field}")).map_or("", |v| v.trim());
+                (now != was).then_some(now)
+            };
             let mut b = json!({});
-            if let Some(n) = f.get("name").filter(|n| !n.trim().is_empty()) {
-                b["name"] = json!(n.trim());
+            if let Some(n) = changed("name").filter(|n| !n.is_empty()) {
+                b["name"] = json!(n);
             }
             for field in ["scopes", "allowed_origins", "allowed_ips"] {
-                if let Some(v) = f.get(field) {
+                if let Some(v) = changed(field) {
                     b[field] = json!(v.split_whitespace().collect::<Vec<_>>());
                 }
             }
             let parsed = (|| -> Result<(), String> {
-                b["rate_limit"] = match number(f.get("rate_per_minute"))? {
-                    Some(r) => json!({"limit": r, "window_seconds": 60}),
-                    None => Value::Null,
-                };
-                b["budget"] = number(f.get("budget"))?.map_or(Value::Null, |n| json!(n));
-                b["expires_at"] = match f.get("expires_at").map(|s| s.trim()) {
-                    Some(s) if !s.is_empty() => json!(s),
-                    _ => Value::Null,
-                };
+                if let Some(r) = changed("rate_per_minute") {
+                    b["rate_limit"] = match number(Some(&r.to_owned()))? {
+                        Some(r) => json!({"limit": r, "window_seconds": 60}),
+                        None => Value::Null,
+                    };
+                }
+                if let Some(n) = changed("budget") {
+                    b["budget"] = number(Some(&n.to_owned()))?.map_or(Value::Null, |n| json!(n));
+                }
+                if let Some(e) = changed("expires_at") {
+                    b["expires_at"] = if e.is_empty() { Value::Null } else { json!(e) };
+                }
                 Ok(())
             })();
             if let Err(e) = parsed {

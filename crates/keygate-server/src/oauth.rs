@@ -295,7 +295,9 @@ pub async fn run_signing_keys(
         let days = state.config.oauth.signing_key_rotation_days;
         if days > 0 {
             let now = now_ms();
-            let max_age = i64::try_from(days).unwrap_or(i64::MAX / 86_400_000) * 86_400_000;
+            let max_age = i64::try_from(days)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(86_400_000);
             let due = match state.store.signing_keys().await {
                 Ok(keys) => keys
                     .iter()

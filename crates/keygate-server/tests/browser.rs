@@ -131,11 +131,19 @@ async fn the_dashboard_creates_shows_once_and_revokes_a_key_in_chromium() {
     // Screenshots are test artifacts: target/tmp/dashboard/*.png.
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
     std::fs::create_dir_all(&shots).expect("screenshot dir");
+    // A key whose rate window the edit form cannot show (per hour): an edit must keep it.
+    let (_, hourly) = app
+        .create_key(
+            json!({"kind": "sk", "name": "hourly", "scopes": ["ocr:read"],
+                           "rate_limit": {"limit": 1000, "window_seconds": 3600}}),
+        )
+        .await;
     let cfg = json!({
         "base": app.url("").trim_end_matches('/'),
         "root": app.root,
         "gateway": app.url("/api/ocr/scan"),
         "shots": shots.display().to_string(),
+        "hourly": hourly["id"],
     });
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/browser");
     let out = tokio::task::spawn_blocking(move || {
@@ -189,6 +197,22 @@ async fn the_dashboard_creates_shows_once_and_revokes_a_key_in_chromium() {
     // The plaintext appears on the "created" page only.
     assert_eq!(res["leaks"], 0, "the key was shown again");
     assert_eq!(res["forgedStatus"], 403, "a form without the CSRF token");
+    assert_eq!(
+        res["afterForgedLogout"], true,
+        "a forged sign-out is ignored"
+    );
+    let hourly = res["hourlyEdited"].as_str().unwrap_or("");
+    assert!(
+        hourly.contains("hourly (renamed)") && hourly.contains("1000 per 3600 s"),
+        "{hourly}"
+    );
+    let edited = res["keyPageEdited"].as_str().unwrap_or("");
+    assert!(
+        edited.contains("canvas demo (edited)")
+            && edited.contains("60 per 60 s")
+            && edited.contains("Budget: 1 of 2000"),
+        "{edited}"
+    );
     assert!(
         res["narrowOverflow"].as_i64().is_some_and(|o| o <= 0),
         "{}",

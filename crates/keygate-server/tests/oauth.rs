@@ -458,13 +458,16 @@ async fn token_endpoint_follows_the_bcp() {
     let mut b = Browser::new(app);
     let code = |loc: String| param(&loc, "code").expect("code");
 
-    // Wrong verifier.
+    // Wrong verifier: refused, and the code is not burnt for the real client (whoever only
+    // intercepted the code cannot deny the user their login).
     let c = code(code_for(&fx, &mut b, PUBLIC_REDIRECT).await);
     let (s, v) = exchange(&fx, &c, &"a".repeat(43)).await;
     assert_eq!(
         (s, v["error"].as_str()),
         (StatusCode::BAD_REQUEST, Some("invalid_grant"))
     );
+    let (s, v) = exchange(&fx, &c, VERIFIER).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
     // PKCE downgrade: no verifier for a code issued with a challenge.
     let c = code(code_for(&fx, &mut b, PUBLIC_REDIRECT).await);
     let (s, v) = token_call(
@@ -505,6 +508,12 @@ async fn token_endpoint_follows_the_bcp() {
         .expect("token");
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["error"], "invalid_grant");
+    let (s, v) = exchange(&fx, &c, VERIFIER).await;
+    assert_eq!(
+        s,
+        StatusCode::OK,
+        "the real client still gets its tokens: {v}"
+    );
     // An expired code.
     let c = code(code_for(&fx, &mut b, PUBLIC_REDIRECT).await);
     let pool = sqlx::SqlitePool::connect(&app.db_url()).await.expect("db");
@@ -795,6 +804,36 @@ async fn access_tokens_are_judged_like_keys() {
         .await
         .expect("introspect");
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    // A token is for the resource API: management routes refuse it, whatever its scopes
+    // (it must not mint keys that outlive it).
+    let r = app
+        .post(
+            "/v1/oauth/clients",
+            json!({"name": "Reader", "type": "confidential", "scopes": ["keys:read"]}),
+        )
+        .await;
+    let reader: Value = r.json().await.expect("json");
+    let (_, rt) = token_call(
+        app,
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", reader["client_id"].as_str().expect("id")),
+            (
+                "client_secret",
+                reader["client_secret"].as_str().expect("secret"),
+            ),
+        ],
+    )
+    .await;
+    let r = app
+        .as_key(rt["access_token"].as_str().expect("token"))
+        .get(app.url("/v1/keys"))
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_eq!(support::error_code(r).await, "BLOCKED_FOR_KEY_TYPE");
 
     // Deleting the client revokes its grants at once.
     assert_eq!(

@@ -238,8 +238,17 @@ pub trait OAuthStore {
     async fn get_user_by_email(&self, tenant_id: &str, email: &str) -> Result<Option<User>>;
     /// Stores an authorization code.
     async fn insert_code(&self, c: &AuthCode) -> Result<()>;
-    /// Consumes a code (single use across every node), naming the grant it starts.
-    async fn use_code(&self, hash: &str, grant_id: &str, now_ms: i64) -> Result<CodeUse>;
+    /// A code by hash (not consumed).
+    async fn get_code(&self, hash: &str) -> Result<Option<AuthCode>>;
+    /// Consumes a code (single use across every node) and, if this call won, stores the grant
+    /// it starts and its first refresh token, in one transaction.
+    async fn use_code(
+        &self,
+        hash: &str,
+        grant: &OAuthGrant,
+        refresh: &RefreshToken,
+        now_ms: i64,
+    ) -> Result<CodeUse>;
     /// Stores a grant with its first refresh token, in one transaction.
     async fn insert_grant(&self, g: &OAuthGrant, refresh: Option<&RefreshToken>) -> Result<()>;
     /// A grant by id.

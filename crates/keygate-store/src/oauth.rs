@@ -208,33 +208,52 @@ macro_rules! oauth_methods {
                 Ok(())
             }
 
+            async fn get_code(&self, hash: &str) -> crate::Result<Option<AuthCode>> {
+                let row = sqlx::QueryBuilder::<$db>::new("SELECT * FROM oauth_codes WHERE hash = ")
+                    .push_bind(hash.to_owned())
+                    .build()
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref().map(code_from).transpose()
+            }
+
             async fn use_code(
                 &self,
                 hash: &str,
-                grant_id: &str,
+                grant: &OAuthGrant,
+                refresh: &RefreshToken,
                 now_ms: i64,
             ) -> crate::Result<CodeUse> {
+                // One transaction: a reuse that races this exchange waits for it and then
+                // finds the grant stored, so revoking it cannot miss.
+                let mut tx = self.pool.begin().await?;
                 let won = sqlx::QueryBuilder::<$db>::new("UPDATE oauth_codes SET used_at = ")
                     .push_bind(now_ms)
                     .push(", grant_id = ")
-                    .push_bind(grant_id.to_owned())
+                    .push_bind(grant.id.clone())
                     .push(" WHERE used_at IS NULL AND hash = ")
                     .push_bind(hash.to_owned())
                     .build()
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await?
                     .rows_affected()
                     == 1;
                 let row = sqlx::QueryBuilder::<$db>::new("SELECT * FROM oauth_codes WHERE hash = ")
                     .push_bind(hash.to_owned())
                     .build()
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&mut *tx)
                     .await?;
-                Ok(match row.as_ref().map(code_from).transpose()? {
-                    Some(c) if won => CodeUse::Fresh(c),
+                let out = match row.as_ref().map(code_from).transpose()? {
+                    Some(c) if won => {
+                        insert_grant_in!($db, &mut *tx, grant);
+                        insert_refresh_in!($db, &mut *tx, refresh);
+                        CodeUse::Fresh(c)
+                    }
                     Some(c) => CodeUse::Reused(c),
                     None => CodeUse::Unknown,
-                })
+                };
+                tx.commit().await?;
+                Ok(out)
             }
 
             async fn insert_grant(
@@ -243,22 +262,7 @@ macro_rules! oauth_methods {
                 refresh: Option<&RefreshToken>,
             ) -> crate::Result<()> {
                 let mut tx = self.pool.begin().await?;
-                let mut q = sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO oauth_grants (id, client_id, tenant_id, user_id, scope, \
-                     created_at, expires_at, revoked_at, revoked_reason) ",
-                );
-                q.push_values([()], |mut b, ()| {
-                    b.push_bind(g.id.clone())
-                        .push_bind(g.client_id.clone())
-                        .push_bind(g.tenant_id.clone())
-                        .push_bind(g.user_id.clone())
-                        .push_bind(g.scope.clone())
-                        .push_bind(g.created_at_ms)
-                        .push_bind(g.expires_at_ms)
-                        .push_bind(g.revoked_at_ms)
-                        .push_bind(g.revoked_reason.clone());
-                });
-                q.build().execute(&mut *tx).await?;
+                insert_grant_in!($db, &mut *tx, g);
                 if let Some(rt) = refresh {
                     insert_refresh_in!($db, &mut *tx, rt);
                 }
@@ -468,6 +472,28 @@ macro_rules! oauth_methods {
             }
         }
     };
+}
+
+macro_rules! insert_grant_in {
+    ($db:ty, $exec:expr, $g:expr) => {{
+        let g: &OAuthGrant = $g;
+        let mut q = sqlx::QueryBuilder::<$db>::new(
+            "INSERT INTO oauth_grants (id, client_id, tenant_id, user_id, scope, \
+             created_at, expires_at, revoked_at, revoked_reason) ",
+        );
+        q.push_values([()], |mut b, ()| {
+            b.push_bind(g.id.clone())
+                .push_bind(g.client_id.clone())
+                .push_bind(g.tenant_id.clone())
+                .push_bind(g.user_id.clone())
+                .push_bind(g.scope.clone())
+                .push_bind(g.created_at_ms)
+                .push_bind(g.expires_at_ms)
+                .push_bind(g.revoked_at_ms)
+                .push_bind(g.revoked_reason.clone());
+        });
+        q.build().execute($exec).await?;
+    }};
 }
 
 macro_rules! insert_refresh_in {

@@ -657,12 +657,28 @@ async fn oauth_codes_and_refresh_tokens_are_single_use_across_racers() {
             grant_id: None,
         };
         s.insert_code(&code).await.expect("insert code");
-        // Eight exchanges at once: exactly one wins; the others see a reuse naming the grant.
+        assert_eq!(s.get_code("c1").await.expect("get"), Some(code.clone()));
+        let grant_n = |i: usize| OAuthGrant {
+            id: format!("grt_{i}"),
+            client_id: "cli_1".into(),
+            tenant_id: "default".into(),
+            user_id: Some("usr_1".into()),
+            scope: "docs:read".into(),
+            created_at_ms: 1,
+            expires_at_ms: 1_000_000,
+            revoked_at_ms: None,
+            revoked_reason: None,
+        };
+        // Eight exchanges at once: exactly one wins and stores its grant; the others see a
+        // reuse naming that grant.
         let mut tasks = Vec::new();
         for i in 0..8 {
             let s = s.clone();
+            let g = grant_n(i);
             tasks.push(tokio::spawn(async move {
-                s.use_code("c1", &format!("grt_{i}"), 5).await.expect("use")
+                s.use_code("c1", &g, &refresh(&format!("rc_{i}"), &g.id), 5)
+                    .await
+                    .expect("use")
             }));
         }
         let mut fresh = Vec::new();
@@ -680,10 +696,32 @@ async fn oauth_codes_and_refresh_tokens_are_single_use_across_racers() {
         assert_eq!((fresh.len(), reused), (1, 7));
         let winner = fresh.pop().expect("winner");
         assert_eq!(winner.used_at_ms, Some(5));
+        // Only the winner's grant and refresh token exist, and the code names that grant.
+        let mut stored = Vec::new();
+        for i in 0..8 {
+            if s.get_grant(&format!("grt_{i}"))
+                .await
+                .expect("get")
+                .is_some()
+            {
+                stored.push(i);
+                assert!(s
+                    .get_refresh(&format!("rc_{i}"))
+                    .await
+                    .expect("get")
+                    .is_some());
+            }
+        }
+        assert_eq!(stored.len(), 1);
+        let used = s.get_code("c1").await.expect("get").expect("code");
+        assert_eq!(used.grant_id, Some(format!("grt_{}", stored[0])));
         assert_eq!(
-            s.use_code("nope", "g", 5).await.expect("use"),
+            s.use_code("nope", &grant_n(99), &refresh("rc_99", "grt_99"), 5)
+                .await
+                .expect("use"),
             CodeUse::Unknown
         );
+        assert!(s.get_grant("grt_99").await.expect("get").is_none());
 
         let grant = OAuthGrant {
             id: "grt_a".into(),

@@ -161,7 +161,9 @@ impl Ctx {
         );
         match state.authorize(bearer(&self.headers), &facts, None).await {
             Ok(a) => {
-                if a.key.record.kind == Kind::Pk {
+                // An OAuth access token is for the resource API, not for managing keygate:
+                // it must not mint keys that outlive it.
+                if a.key.record.kind == Kind::Pk || a.key.token {
                     // decide() already refuses pk on every non-normal class; keep it explicit.
                     return Err(ApiError::decision(
                         keygate_core::Code::BlockedForKeyType,

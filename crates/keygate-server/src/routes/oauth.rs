@@ -512,7 +512,7 @@ async fn issue_code(
 ) -> Response {
     let code = crate::ids::random_base62(43);
     let now = now_ms();
-    let ttl = i64::try_from(state.config.oauth.code_ttl_seconds).unwrap_or(60);
+    let ttl = i64::try_from(state.config.oauth.code_ttl_seconds).unwrap_or(i64::MAX / 2000);
     let row = AuthCode {
         hash: token_hash(&code),
         client_id: client.id.clone(),
@@ -681,6 +681,17 @@ pub async fn authorize_submit(
             return error_page(StatusCode::SERVICE_UNAVAILABLE, "Try again later.");
         }
     };
+    // The client may have changed since the page was made.
+    if !client
+        .redirect_uris
+        .iter()
+        .any(|r| redirect::matches(r, &req.redirect_uri))
+    {
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "The redirect URI is not registered for this client.",
+        );
+    }
     // A fresh token for the next form.
     req.csrf = crate::ids::random_base62(32);
     match p.get("action") {
@@ -718,14 +729,17 @@ pub async fn authorize_submit(
                 }
                 Err(res) => return res,
             };
-            let ttl = i64::try_from(state.config.oauth.session_ttl_seconds).unwrap_or(3600);
+            let ttl =
+                i64::try_from(state.config.oauth.session_ttl_seconds).unwrap_or(i64::MAX / 2000);
             let session = Session {
                 user_id: user.id.clone(),
                 tenant_id: user.tenant_id.clone(),
             };
-            let sealed = state
-                .oauth
-                .seal("session", &session, now_ms().saturating_add(ttl * 1000));
+            let sealed = state.oauth.seal(
+                "session",
+                &session,
+                now_ms().saturating_add(ttl.saturating_mul(1000)),
+            );
             let set = cookie_header(&state, SESSION_COOKIE, &sealed, ttl);
             proceed(&state, &client, req, &user, Some(set)).await
         }
@@ -802,6 +816,12 @@ async fn check_password(
     };
     let hash = user.as_ref().and_then(|u| u.password_hash.clone());
     let password = password.to_owned();
+    let Some(_turn) = super::users::argon2_turn().await else {
+        return Err(error_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The sign-in service is busy. Try again in a moment.",
+        ));
+    };
     let ok = tokio::task::spawn_blocking(move || {
         use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
         let a = argon2::Argon2::default();
@@ -918,44 +938,44 @@ async fn revoke_family(state: &AppState, grant_id: &str, reason: &str) -> Result
     Ok(revoked)
 }
 
+/// A code presented twice was stolen or replayed: every token issued from it goes.
+async fn code_reused(state: &AppState, c: &AuthCode) -> Result<OAuthError, OAuthError> {
+    if let Some(g) = &c.grant_id {
+        revoke_family(state, g, "code_reuse").await?;
+        let detail = serde_json::json!({"client_id": c.client_id, "grant_id": g});
+        state
+            .record_change(
+                "system",
+                "oauth.code_reuse",
+                &c.tenant_id,
+                Some(g),
+                Some(&c.user_id),
+                &detail,
+            )
+            .await;
+    }
+    Ok(OAuthError::grant(
+        "the code was used already; its tokens are revoked",
+    ))
+}
+
 async fn exchange_code(
     state: &AppState,
     client: &OAuthClient,
     p: &Params,
 ) -> Result<TokenResponse, OAuthError> {
-    let code = p.require("code")?;
+    let presented = token_hash(p.require("code")?);
     let redirect_uri = p.require("redirect_uri")?;
     let verifier = p.require("code_verifier")?;
     let now = now_ms();
-    let grant_id = crate::ids::new_id("grt", now);
-    let code = match state
-        .store
-        .use_code(&token_hash(code), &grant_id, now)
-        .await?
-    {
-        CodeUse::Fresh(c) => c,
-        CodeUse::Unknown => return Err(OAuthError::grant("the code is not valid")),
-        CodeUse::Reused(c) => {
-            // A code seen twice was stolen or replayed: every token issued from it goes.
-            if let Some(g) = &c.grant_id {
-                revoke_family(state, g, "code_reuse").await?;
-                let detail = serde_json::json!({"client_id": c.client_id, "grant_id": g});
-                state
-                    .record_change(
-                        "system",
-                        "oauth.code_reuse",
-                        &c.tenant_id,
-                        Some(g),
-                        Some(&c.user_id),
-                        &detail,
-                    )
-                    .await;
-            }
-            return Err(OAuthError::grant(
-                "the code was used already; its tokens are revoked",
-            ));
-        }
+    // Every binding is checked before the code is consumed, so a party that only intercepted
+    // the code (no verifier, another client) cannot burn it for the real client.
+    let Some(code) = state.store.get_code(&presented).await? else {
+        return Err(OAuthError::grant("the code is not valid"));
     };
+    if code.used_at_ms.is_some() {
+        return Err(code_reused(state, &code).await?);
+    }
     if code.client_id != client.id {
         return Err(OAuthError::grant("the code was issued to another client"));
     }
@@ -975,7 +995,7 @@ async fn exchange_code(
     let refresh_ttl =
         i64::try_from(state.config.oauth.refresh_token_ttl_seconds).unwrap_or(i64::MAX / 2000);
     let grant = OAuthGrant {
-        id: grant_id,
+        id: crate::ids::new_id("grt", now),
         client_id: client.id.clone(),
         tenant_id: code.tenant_id.clone(),
         user_id: Some(code.user_id.clone()),
@@ -986,7 +1006,12 @@ async fn exchange_code(
         revoked_reason: None,
     };
     let (refresh_token, rt) = new_refresh(state, &grant.id, now);
-    state.store.insert_grant(&grant, Some(&rt)).await?;
+    match state.store.use_code(&presented, &grant, &rt, now).await? {
+        CodeUse::Fresh(_) => {}
+        CodeUse::Unknown => return Err(OAuthError::grant("the code is not valid")),
+        // Another exchange of the same code won the race: the code was used twice.
+        CodeUse::Reused(c) => return Err(code_reused(state, &c).await?),
+    }
     let (access, ttl) = mint(state, &grant, &grant.scope, now)?;
     let detail =
         serde_json::json!({"client_id": client.id, "grant_id": grant.id, "scope": grant.scope});
@@ -1110,7 +1135,7 @@ async fn client_credentials(
         }
     };
     let now = now_ms();
-    let ttl = i64::try_from(state.config.oauth.access_token_ttl_seconds).unwrap_or(3600);
+    let ttl = i64::try_from(state.config.oauth.access_token_ttl_seconds).unwrap_or(i64::MAX / 2000);
     let grant = OAuthGrant {
         id: crate::ids::new_id("grt", now),
         client_id: client.id.clone(),

@@ -37,8 +37,28 @@ impl std::fmt::Debug for CreateUser {
     }
 }
 
+/// A turn at Argon2 (19 MiB and tens of ms each): at most one per core runs at a time, so a
+/// flood of sign-ins cannot exhaust memory or the blocking pool; `None` after waiting 5 s.
+pub async fn argon2_turn() -> Option<tokio::sync::SemaphorePermit<'static>> {
+    static TURNS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    let turns = TURNS.get_or_init(|| {
+        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    });
+    tokio::time::timeout(std::time::Duration::from_secs(5), turns.acquire())
+        .await
+        .ok()?
+        .ok()
+}
+
 /// Hashes a password with Argon2id (default parameters) off the async threads.
 pub async fn hash_password(password: String) -> Result<String, ApiError> {
+    let _turn = argon2_turn().await.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            "too many password operations at once; try again shortly",
+        )
+    })?;
     tokio::task::spawn_blocking(move || {
         use argon2::password_hash::{PasswordHasher, SaltString};
         let mut salt = [0u8; 16];
