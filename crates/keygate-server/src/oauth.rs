@@ -63,6 +63,16 @@ impl OAuth {
     /// Loads (or makes, on the first start) the signing keys and the sealing secret.
     pub async fn open(config: &Config, store: &dyn Store, listen: &str) -> Result<Self, String> {
         let issuer = if config.oauth.issuer.is_empty() {
+            let loopback = listen
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| a.ip().is_loopback());
+            if !loopback {
+                tracing::warn!(
+                    "oauth.issuer is not set: tokens name http://{listen} as their issuer and \
+                     the dashboard and sign-in cookies are not marked Secure; set oauth.issuer \
+                     to this deployment's public https URL"
+                );
+            }
             format!("http://{listen}")
         } else {
             config.oauth.issuer.clone()
