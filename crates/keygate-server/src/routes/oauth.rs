@@ -789,8 +789,6 @@ pub async fn authorize_submit(
     }
 }
 
-/// Checks a user's password with Argon2id off the async threads. An unknown email costs the
-/// same work as a wrong password, so the answer time does not tell which it was.
 #[allow(clippy::result_large_err)] // the error is the response, returned at once
 async fn check_password(
     state: &AppState,
@@ -798,54 +796,19 @@ async fn check_password(
     email: &str,
     password: &str,
 ) -> Result<Option<User>, Response> {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let email = email.trim().to_ascii_lowercase();
-    let user = match state
-        .store
-        .get_user_by_email(&client.tenant_id, &email)
-        .await
-    {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::error!("oauth store error: {e}");
-            return Err(error_page(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Try again later.",
-            ));
-        }
-    };
-    let hash = user.as_ref().and_then(|u| u.password_hash.clone());
-    let password = password.to_owned();
-    let Some(_turn) = super::users::argon2_turn().await else {
-        return Err(error_page(
+    use super::users::PasswordCheck;
+    match super::users::check_password(state, &client.tenant_id, email, password).await {
+        PasswordCheck::Valid(u) => Ok(Some(*u)),
+        PasswordCheck::Invalid => Ok(None),
+        PasswordCheck::Busy => Err(error_page(
             StatusCode::SERVICE_UNAVAILABLE,
             "The sign-in service is busy. Try again in a moment.",
-        ));
-    };
-    let ok = tokio::task::spawn_blocking(move || {
-        use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-        let a = argon2::Argon2::default();
-        let dummy = DUMMY.get_or_init(|| {
-            let salt = SaltString::encode_b64(b"keygate-dummy-salt").map_err(|e| e.to_string());
-            salt.and_then(|s| {
-                a.hash_password(b"not a password", &s)
-                    .map(|h| h.to_string())
-                    .map_err(|e| e.to_string())
-            })
-            .unwrap_or_default()
-        });
-        let (phc, real) = match &hash {
-            Some(h) => (h.as_str(), true),
-            None => (dummy.as_str(), false),
-        };
-        let verified = PasswordHash::new(phc)
-            .map(|h| a.verify_password(password.as_bytes(), &h).is_ok())
-            .unwrap_or(false);
-        real && verified
-    })
-    .await
-    .unwrap_or(false);
-    Ok(if ok { user } else { None })
+        )),
+        PasswordCheck::Unavailable => Err(error_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Try again later.",
+        )),
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -50,6 +50,70 @@ pub async fn argon2_turn() -> Option<tokio::sync::SemaphorePermit<'static>> {
         .ok()
 }
 
+/// The outcome of a password check.
+#[derive(Debug)]
+pub enum PasswordCheck {
+    /// The user, whose password it is.
+    Valid(Box<User>),
+    /// Wrong email or password (which of the two is not told).
+    Invalid,
+    /// No turn at Argon2 within 5 s.
+    Busy,
+    /// The store could not be read.
+    Unavailable,
+}
+
+/// Checks a user's password with Argon2id off the async threads. An unknown email costs the
+/// same work as a wrong password, so the answer time does not tell which it was.
+pub async fn check_password(
+    state: &AppState,
+    tenant_id: &str,
+    email: &str,
+    password: &str,
+) -> PasswordCheck {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let email = email.trim().to_ascii_lowercase();
+    let user = match state.store.get_user_by_email(tenant_id, &email).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!("password check: {e}");
+            return PasswordCheck::Unavailable;
+        }
+    };
+    let hash = user.as_ref().and_then(|u| u.password_hash.clone());
+    let password = password.to_owned();
+    let Some(_turn) = argon2_turn().await else {
+        return PasswordCheck::Busy;
+    };
+    let ok = tokio::task::spawn_blocking(move || {
+        use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+        let a = argon2::Argon2::default();
+        let dummy = DUMMY.get_or_init(|| {
+            let salt = SaltString::encode_b64(b"keygate-dummy-salt").map_err(|e| e.to_string());
+            salt.and_then(|s| {
+                a.hash_password(b"not a password", &s)
+                    .map(|h| h.to_string())
+                    .map_err(|e| e.to_string())
+            })
+            .unwrap_or_default()
+        });
+        let (phc, real) = match &hash {
+            Some(h) => (h.as_str(), true),
+            None => (dummy.as_str(), false),
+        };
+        let verified = PasswordHash::new(phc)
+            .map(|h| a.verify_password(password.as_bytes(), &h).is_ok())
+            .unwrap_or(false);
+        real && verified
+    })
+    .await
+    .unwrap_or(false);
+    match user {
+        Some(u) if ok => PasswordCheck::Valid(Box::new(u)),
+        _ => PasswordCheck::Invalid,
+    }
+}
+
 /// Hashes a password with Argon2id (default parameters) off the async threads.
 pub async fn hash_password(password: String) -> Result<String, ApiError> {
     let _turn = argon2_turn().await.ok_or_else(|| {
