@@ -19,7 +19,7 @@ try {
   await page.goto(cfg.base + '/dashboard');
   await shot(page, '01-sign-in');
   await page.getByLabel('Secret key (sk)').fill(cfg.root);
-  await page.getByRole('button', { name: 'Sign in' }).click();
+  await page.getByRole('button', { name: 'Sign in', exact: true }).click();
   await page.waitForURL('**/dashboard/keys');
   step('signed in');
   out.cookie = (await context.cookies()).find((c) => c.name === 'kg_dash');
