@@ -455,6 +455,34 @@ pub async fn run_shipper(
     }
 }
 
+/// [`run_shipper`], restarted after a panic (logged as an error): a bug met in one batch must
+/// not end shipping for good. A restarted shipper starts from the stored heads, so nothing is
+/// shipped twice.
+pub async fn run_shipper_supervised(
+    log: Arc<AuditLog>,
+    store: Arc<dyn Store>,
+    every: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+    observer: Option<tokio::sync::mpsc::Sender<Vec<AuditEvent>>>,
+) {
+    loop {
+        let run = tokio::spawn(run_shipper(
+            log.clone(),
+            store.clone(),
+            every,
+            stop.clone(),
+            observer.clone(),
+        ));
+        match run.await {
+            Err(e) if e.is_panic() && !*stop.borrow() => {
+                tracing::error!("the audit shipper panicked; restarting it in 1 s: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            _ => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

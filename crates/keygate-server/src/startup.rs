@@ -294,7 +294,7 @@ impl Application {
             audit_stopped.clone(),
         ));
         let shipper = state.audit.clone().map(|log| {
-            tokio::spawn(crate::audit::run_shipper(
+            tokio::spawn(crate::audit::run_shipper_supervised(
                 log,
                 state.store.clone(),
                 Duration::from_millis(state.config.audit.ship_interval_ms.max(10)),
