@@ -31,6 +31,7 @@ fn policy() -> KeyPolicy {
         budget: Some(2_000),
         expires_at_ms: Some(i64::MAX),
         api_access: true,
+        resource_only: false,
     }
 }
 

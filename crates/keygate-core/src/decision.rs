@@ -224,6 +224,9 @@ pub struct KeyPolicy {
     pub expires_at_ms: Option<i64>,
     /// Whether the key's plan allows API access at all.
     pub api_access: bool,
+    /// For the resource API only (an OAuth access token): refused on every route class but
+    /// `Normal`, like a publishable key, so it cannot manage keygate itself.
+    pub resource_only: bool,
 }
 
 impl KeyPolicy {
@@ -305,6 +308,9 @@ pub fn decide(key: Option<&KeyPolicy>, req: &RequestFacts<'_>) -> Result<Charge,
     {
         return Err(Code::BlockedForKeyType);
     }
+    if key.resource_only && req.route_class != RouteClass::Normal {
+        return Err(Code::BlockedForKeyType);
+    }
     if !key.api_access {
         return Err(Code::PlanFeature);
     }
@@ -344,6 +350,7 @@ mod tests {
             budget: Some(10),
             expires_at_ms: Some(2_000),
             api_access: true,
+            resource_only: false,
         }
     }
 

@@ -196,20 +196,25 @@ impl OAuth {
         URL_SAFE_NO_PAD.encode(m.finalize().into_bytes())
     }
 
-    /// Whether an account (`tenant/email`) has used up its failed sign-ins.
-    pub fn login_locked(&self, account: &str) -> bool {
-        self.login_failures
-            .get(account)
-            .is_some_and(|n| n.load(Ordering::Relaxed) >= LOGIN_MAX_FAILURES)
+    /// Starts a sign-in attempt of an account (`tenant/email`): it counts as failed until
+    /// [`OAuth::login_succeeded`] says otherwise, so concurrent guesses cannot all pass the
+    /// check before any is counted. `false` when the account has used up its attempts.
+    pub fn login_attempt(&self, account: &str) -> bool {
+        let n = self.login_failures.get_with(account.to_owned(), || {
+            Arc::new(std::sync::atomic::AtomicU32::new(0))
+        });
+        if n.fetch_add(1, Ordering::AcqRel) >= LOGIN_MAX_FAILURES {
+            n.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
     }
 
-    /// Counts a failed sign-in of an account.
-    pub fn login_failed(&self, account: &str) {
-        self.login_failures
-            .get_with(account.to_owned(), || {
-                Arc::new(std::sync::atomic::AtomicU32::new(0))
-            })
-            .fetch_add(1, Ordering::Relaxed);
+    /// The attempt started by [`OAuth::login_attempt`] succeeded: it does not count.
+    pub fn login_succeeded(&self, account: &str) {
+        if let Some(n) = self.login_failures.get(account) {
+            let _ = n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
+        }
     }
 
     /// Signs an access token for `grant` with `scope`; answers the token and its lifetime.
@@ -417,6 +422,7 @@ impl Inner {
         };
         let mut cached = self.cached_key(record).await.map_err(unavailable)?;
         cached.token = true;
+        cached.policy.resource_only = true;
         let cached = Arc::new(cached);
         self.fill(
             gen,

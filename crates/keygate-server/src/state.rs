@@ -227,6 +227,7 @@ impl Inner {
             budget: record.budget,
             expires_at_ms: record.expires_at_ms,
             api_access: plan.api_access,
+            resource_only: false,
         };
         let hv =
             |s: &str| HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""));

@@ -537,6 +537,32 @@ async fn token_endpoint_follows_the_bcp() {
         auth_status(app, access, "docs:read").await.0,
         StatusCode::OK
     );
+    // The used code alone (seen in a log, presented by another client or without the
+    // verifier) revokes nothing.
+    let r = app
+        .client
+        .post(app.url("/oauth/token"))
+        .basic_auth(&fx.conf_id, Some(&fx.conf_secret))
+        .form(&[
+            ("grant_type", "authorization_code"),
+            ("code", c.as_str()),
+            ("redirect_uri", PUBLIC_REDIRECT),
+            ("code_verifier", VERIFIER),
+        ])
+        .send()
+        .await
+        .expect("token");
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["error"],
+        "invalid_grant"
+    );
+    let (_, v) = exchange(&fx, &c, &"b".repeat(43)).await;
+    assert_eq!(v["error"], "invalid_grant");
+    assert_eq!(
+        auth_status(app, access, "docs:read").await.0,
+        StatusCode::OK
+    );
+    // Presented again with its verifier: the replay revokes what the code issued.
     let (_, v) = exchange(&fx, &c, VERIFIER).await;
     assert_eq!(v["error"], "invalid_grant");
     assert_eq!(
@@ -834,6 +860,23 @@ async fn access_tokens_are_judged_like_keys() {
         .expect("list");
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     assert_eq!(support::error_code(r).await, "BLOCKED_FOR_KEY_TYPE");
+    // … and the audit log says so (the decision itself refused it).
+    eventually(|| async {
+        let v: Value = app
+            .get("/v1/audit?code=BLOCKED_FOR_KEY_TYPE&action=request.decided")
+            .await
+            .json()
+            .await
+            .expect("json");
+        v["data"].as_array().is_some_and(|a| {
+            a.iter().any(|e| {
+                e["path"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("/v1/keys"))
+            })
+        })
+    })
+    .await;
 
     // Deleting the client revokes its grants at once.
     assert_eq!(

@@ -706,7 +706,7 @@ pub async fn authorize_submit(
                 );
             };
             let account = format!("{}/{}", client.tenant_id, email.trim().to_ascii_lowercase());
-            if state.oauth.login_locked(&account) {
+            if !state.oauth.login_attempt(&account) {
                 return login_page(
                     &state,
                     &client,
@@ -718,7 +718,6 @@ pub async fn authorize_submit(
             let user = match check_password(&state, &client, email, password).await {
                 Ok(Some(u)) => u,
                 Ok(None) => {
-                    state.oauth.login_failed(&account);
                     return login_page(
                         &state,
                         &client,
@@ -727,8 +726,13 @@ pub async fn authorize_submit(
                         Some("Wrong email or password."),
                     );
                 }
-                Err(res) => return res,
+                Err(res) => {
+                    // Not the user's failure: the attempt does not count.
+                    state.oauth.login_succeeded(&account);
+                    return res;
+                }
             };
+            state.oauth.login_succeeded(&account);
             let ttl =
                 i64::try_from(state.config.oauth.session_ttl_seconds).unwrap_or(i64::MAX / 2000);
             let session = Session {
@@ -936,14 +940,8 @@ async fn exchange_code(
     let Some(code) = state.store.get_code(&presented).await? else {
         return Err(OAuthError::grant("the code is not valid"));
     };
-    if code.used_at_ms.is_some() {
-        return Err(code_reused(state, &code).await?);
-    }
     if code.client_id != client.id {
         return Err(OAuthError::grant("the code was issued to another client"));
-    }
-    if code.expires_at_ms <= now {
-        return Err(OAuthError::grant("the code has expired"));
     }
     if code.redirect_uri != redirect_uri {
         return Err(OAuthError::grant(
@@ -954,6 +952,14 @@ async fn exchange_code(
         return Err(OAuthError::grant(
             "code_verifier does not match the code_challenge",
         ));
+    }
+    // Presented again with everything the first exchange needed: revoke what it issued. A
+    // used code alone (from a log or a browser history) revokes nothing.
+    if code.used_at_ms.is_some() {
+        return Err(code_reused(state, &code).await?);
+    }
+    if code.expires_at_ms <= now {
+        return Err(OAuthError::grant("the code has expired"));
     }
     let refresh_ttl =
         i64::try_from(state.config.oauth.refresh_token_ttl_seconds).unwrap_or(i64::MAX / 2000);

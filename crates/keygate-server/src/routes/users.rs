@@ -82,10 +82,13 @@ pub async fn check_password(
     };
     let hash = user.as_ref().and_then(|u| u.password_hash.clone());
     let password = password.to_owned();
-    let Some(_turn) = argon2_turn().await else {
+    let Some(turn) = argon2_turn().await else {
         return PasswordCheck::Busy;
     };
+    // The turn is held by the work itself: a client that hangs up does not free it while
+    // Argon2 still runs.
     let ok = tokio::task::spawn_blocking(move || {
+        let _turn = turn;
         use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
         let a = argon2::Argon2::default();
         let dummy = DUMMY.get_or_init(|| {
@@ -116,7 +119,7 @@ pub async fn check_password(
 
 /// Hashes a password with Argon2id (default parameters) off the async threads.
 pub async fn hash_password(password: String) -> Result<String, ApiError> {
-    let _turn = argon2_turn().await.ok_or_else(|| {
+    let turn = argon2_turn().await.ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "UNAVAILABLE",
@@ -124,6 +127,7 @@ pub async fn hash_password(password: String) -> Result<String, ApiError> {
         )
     })?;
     tokio::task::spawn_blocking(move || {
+        let _turn = turn;
         use argon2::password_hash::{PasswordHasher, SaltString};
         let mut salt = [0u8; 16];
         crate::ids::os_fill(&mut salt);
