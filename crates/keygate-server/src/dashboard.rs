@@ -451,6 +451,46 @@ struct KeysPage {
     next: Option<String>,
 }
 
+/// One page of a filtered API listing: the filters `names` are read from the page's query and
+/// passed on with the cursor; answers the filter values, the API's answer and the link to the
+/// next page (`Err` is the error page).
+async fn filtered(
+    state: &AppState,
+    who: &Signed,
+    raw: Option<&str>,
+    api_path: &str,
+    page_path: &str,
+    limit: &str,
+    names: &[&'static str],
+) -> Result<(HashMap<&'static str, String>, Value, Option<String>), Response> {
+    let q = query(raw);
+    let values: HashMap<&'static str, String> = names
+        .iter()
+        .map(|n| (*n, q.get(*n).cloned().unwrap_or_default()))
+        .collect();
+    let cursor = q.get("cursor").cloned().unwrap_or_default();
+    let mut pairs: Vec<(&str, &str)> = names.iter().map(|n| (*n, values[n].as_str())).collect();
+    pairs.push(("cursor", &cursor));
+    pairs.push(("limit", limit));
+    let (st, v) = api(
+        state,
+        who,
+        Method::GET,
+        &format!("{api_path}?{}", qs(&pairs)),
+        None,
+    )
+    .await;
+    if st != StatusCode::OK {
+        return Err(error_page(who, st, api_error(&v), "/dashboard/keys"));
+    }
+    let next = v["next_cursor"].as_str().map(|c| {
+        let mut pairs: Vec<(&str, &str)> = names.iter().map(|n| (*n, values[n].as_str())).collect();
+        pairs.push(("cursor", c));
+        format!("{page_path}?{}", qs(&pairs))
+    });
+    Ok((values, v, next))
+}
+
 /// `GET /dashboard/keys`
 pub async fn keys(
     State(state): State<AppState>,
@@ -461,23 +501,20 @@ pub async fn keys(
     let Some(who) = signed(&state, &headers, Some(peer)) else {
         return to_login();
     };
-    let q = query(raw.as_deref());
-    let get = |k: &str| q.get(k).cloned().unwrap_or_default();
-    let (kind, status, name, cursor) = (get("kind"), get("status"), get("name"), get("cursor"));
-    let path = format!(
-        "/v1/keys?{}",
-        qs(&[
-            ("limit", "25"),
-            ("kind", &kind),
-            ("status", &status),
-            ("name", &name),
-            ("cursor", &cursor)
-        ])
-    );
-    let (st, v) = api(&state, &who, Method::GET, &path, None).await;
-    if st != StatusCode::OK {
-        return error_page(&who, st, api_error(&v), "/dashboard/keys");
-    }
+    let (f, v, next) = match filtered(
+        &state,
+        &who,
+        raw.as_deref(),
+        "/v1/keys",
+        "/dashboard/keys",
+        "25",
+        &["kind", "status", "name"],
+    )
+    .await
+    {
+        Ok(x) => x,
+        Err(page) => return page,
+    };
     let keys = v["data"]
         .as_array()
         .into_iter()
@@ -495,23 +532,12 @@ pub async fn keys(
             },
         })
         .collect();
-    let next = v["next_cursor"].as_str().map(|c| {
-        format!(
-            "/dashboard/keys?{}",
-            qs(&[
-                ("kind", &kind),
-                ("status", &status),
-                ("name", &name),
-                ("cursor", c)
-            ])
-        )
-    });
     render(&KeysPage {
         csrf: who.csrf,
         keys,
-        kinds: options(&["sk", "ut", "pk"], &kind),
-        statuses: options(&["active", "grace", "revoked", "expired"], &status),
-        filter_name: name,
+        kinds: options(&["sk", "ut", "pk"], &f["kind"]),
+        statuses: options(&["active", "grace", "revoked", "expired"], &f["status"]),
+        filter_name: f["name"].clone(),
         next,
     })
 }
@@ -982,40 +1008,26 @@ pub async fn audit(
     let Some(who) = signed(&state, &headers, Some(peer)) else {
         return to_login();
     };
-    let q = query(raw.as_deref());
-    let get = |k: &str| q.get(k).cloned().unwrap_or_default();
-    let (action, key, code, cursor) = (get("action"), get("key_id"), get("code"), get("cursor"));
-    let path = format!(
-        "/v1/audit?{}",
-        qs(&[
-            ("limit", "50"),
-            ("action", &action),
-            ("key_id", &key),
-            ("code", &code),
-            ("cursor", &cursor)
-        ])
-    );
-    let (st, v) = api(&state, &who, Method::GET, &path, None).await;
-    if st != StatusCode::OK {
-        return error_page(&who, st, api_error(&v), "/dashboard/keys");
-    }
-    let next = v["next_cursor"].as_str().map(|c| {
-        format!(
-            "/dashboard/audit?{}",
-            qs(&[
-                ("action", &action),
-                ("key_id", &key),
-                ("code", &code),
-                ("cursor", c)
-            ])
-        )
-    });
+    let (f, v, next) = match filtered(
+        &state,
+        &who,
+        raw.as_deref(),
+        "/v1/audit",
+        "/dashboard/audit",
+        "50",
+        &["action", "key_id", "code"],
+    )
+    .await
+    {
+        Ok(x) => x,
+        Err(page) => return page,
+    };
     render(&AuditPage {
         csrf: who.csrf,
         events: event_rows(&v),
-        f_action: action,
-        f_key: key,
-        f_code: code,
+        f_action: f["action"].clone(),
+        f_key: f["key_id"].clone(),
+        f_code: f["code"].clone(),
         next,
     })
 }

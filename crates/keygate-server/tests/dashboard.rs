@@ -109,3 +109,47 @@ async fn the_dashboard_refuses_keys_it_should_not_take() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_key_list_filters_and_pages() {
+    let app = TestApp::spawn().await;
+    for i in 0..27 {
+        app.create_key(json!({"kind": "sk", "name": format!("batch {i:02}")}))
+            .await;
+    }
+    app.create_key(json!({"kind": "pk", "name": "lonely pk", "preset": "aidemo"}))
+        .await;
+    let mut s = Session::new();
+    let (_, _, page) = s.send(s.http.get(app.url("/dashboard/login"))).await;
+    let req = s.http.post(app.url("/dashboard/login")).form(&[
+        ("csrf", csrf_of(&page).as_str()),
+        ("key", app.root.as_str()),
+    ]);
+    let (st, _, _) = s.send(req).await;
+    assert_eq!(st, StatusCode::SEE_OTHER);
+    // Filtered by name: 25 on the first page, the rest behind "Next page", filter kept.
+    let (st, _, first) = s
+        .send(s.http.get(app.url("/dashboard/keys?name=batch")))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(first.matches(">batch ").count(), 25, "{first}");
+    let next = first
+        .split("<a href=\"")
+        .find(|p| p.contains(">Next page<"))
+        .and_then(|p| p.split('"').next())
+        .expect("a next-page link")
+        .replace("&amp;", "&");
+    assert!(
+        next.contains("name=batch") && next.contains("cursor="),
+        "{next}"
+    );
+    let (_, _, second) = s.send(s.http.get(app.url(&next))).await;
+    assert_eq!(second.matches(">batch ").count(), 2, "{second}");
+    assert!(!second.contains("Next page"));
+    // Filtered by kind.
+    let (_, _, pks) = s.send(s.http.get(app.url("/dashboard/keys?kind=pk"))).await;
+    assert!(
+        pks.contains("lonely pk") && !pks.contains(">batch "),
+        "{pks}"
+    );
+}
