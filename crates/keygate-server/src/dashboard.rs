@@ -33,7 +33,16 @@ struct Session {
     key: String,
     sid: String,
     exp: i64,
+    /// A password sign-in's own session key (a `ut` key of the user), ended at sign-out.
+    #[serde(default)]
+    session_key_id: Option<String>,
 }
+
+/// What a user signed in with a password does in the dashboard: the user's own keys (a `ut`
+/// key sees and manages only its user's keys, and makes no `sk` keys). The session key also
+/// holds the presets' scopes, so the user can make preset keys; a plan with a `scopes` list
+/// narrows all of this.
+const USER_SESSION_SCOPES: &[&str] = &["keys:read", "keys:write"];
 
 /// The signed-in user of a request.
 struct Signed {
@@ -315,6 +324,15 @@ pub async fn login(
             StatusCode::FORBIDDEN,
         );
     }
+    // A new sign-in replaces the session this browser had: its session key ends now.
+    if let Some(old) = signed(&state, &headers, Some(peer)) {
+        if let Some(id) = &old.session.session_key_id {
+            end_session_key(&state, id).await;
+        }
+    }
+    if f.get("method").map(String::as_str) == Some("password") {
+        return password_login(&state, &f, peer).await;
+    }
     let key = f
         .get("key")
         .map(|k| k.trim().to_owned())
@@ -333,6 +351,7 @@ pub async fn login(
         key,
         sid: crate::ids::random_base62(24),
         exp: now_ms() + SESSION_TTL_MS,
+        session_key_id: None,
     };
     start_session(&state, session, peer).await
 }
@@ -372,6 +391,168 @@ async fn start_session(state: &AppState, session: Session, peer: SocketAddr) -> 
     r
 }
 
+/// Ends a password session's key at once, through the store (not through the key itself,
+/// whose scopes may not allow it), with its audit event.
+async fn end_session_key(state: &AppState, id: &str) {
+    let (st, key_id) = (state.clone(), id.to_owned());
+    let ended = crate::routes::detached(async move {
+        if let Some(rec) = st.store.revoke_key(&key_id, now_ms()).await? {
+            st.key_changed(&rec.hash).await;
+            let detail = json!({"via": "dashboard sign-out"});
+            let actor = rec.user_id.clone().unwrap_or_else(|| "system".into());
+            st.record_change(
+                &actor,
+                "key.revoked",
+                &rec.tenant_id,
+                Some(&rec.id),
+                rec.user_id.as_deref(),
+                &detail,
+            )
+            .await;
+        }
+        Ok(())
+    })
+    .await;
+    if let Err(e) = ended {
+        tracing::error!("could not end dashboard session key {id}: {e:?}");
+    }
+}
+
+/// A sign-in with a user's email and password: a `ut` key of the user, valid for the session
+/// only, is made for the dashboard to call the API with (so every action is the user's in the
+/// audit log, and the user sees and manages only their own keys); it ends at sign-out.
+async fn password_login(
+    state: &AppState,
+    f: &HashMap<String, String>,
+    peer: SocketAddr,
+) -> Response {
+    use crate::routes::users::PasswordCheck;
+    let tenant = f
+        .get("tenant")
+        .map(|t| t.trim())
+        .filter(|t| !t.is_empty())
+        .unwrap_or(crate::routes::DEFAULT_TENANT)
+        .to_owned();
+    let email = f
+        .get("email")
+        .map(|e| e.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let password = f.get("password").cloned().unwrap_or_default();
+    let account = format!("{tenant}/{email}");
+    if !state.oauth.login_attempt(&account) {
+        return login_page(
+            state,
+            Some("Too many failed sign-ins for this account. Try again in 15 minutes.".into()),
+            StatusCode::TOO_MANY_REQUESTS,
+        );
+    }
+    let user = match crate::routes::users::check_password(state, &tenant, &email, &password).await {
+        PasswordCheck::Valid(u) => u,
+        PasswordCheck::Invalid => {
+            return login_page(
+                state,
+                Some("Wrong organisation, email or password.".into()),
+                StatusCode::UNAUTHORIZED,
+            );
+        }
+        PasswordCheck::Busy | PasswordCheck::Unavailable => {
+            state.oauth.login_succeeded(&account);
+            return login_page(
+                state,
+                Some("Try again in a moment.".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+            );
+        }
+    };
+    state.oauth.login_succeeded(&account);
+    let mut scopes: Vec<String> = USER_SESSION_SCOPES
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    for p in ["default", "aidemo", "widget"] {
+        for s in crate::issue::preset(p)
+            .map(|p| p.scopes)
+            .unwrap_or_default()
+        {
+            if !scopes.iter().any(|x| x == s) {
+                scopes.push((*s).to_owned());
+            }
+        }
+    }
+    if let Some(allowed) = &state.plan(&user.plan).scopes {
+        scopes.retain(|s| allowed.contains(s));
+    }
+    let issuer = crate::issue::Issuer {
+        config: &state.config,
+        format: &state.format,
+        hasher: &state.hasher,
+    };
+    let now = now_ms();
+    let body = crate::issue::CreateKey {
+        kind: "ut".into(),
+        name: format!("dashboard session of {}", user.email),
+        user_id: Some(user.id.clone()),
+        scopes: Some(scopes),
+        // Page views are API calls: the user's plan's rate limit is for their own keys.
+        rate_limit: Some(crate::issue::RateLimitBody {
+            limit: 1_000,
+            window_seconds: 60,
+        }),
+        ttl_seconds: Some(u64::try_from(SESSION_TTL_MS / 1000).unwrap_or(43_200)),
+        ..crate::issue::CreateKey::default()
+    };
+    let (plaintext, record) =
+        match crate::issue::build_key(&issuer, &*state.store, &tenant, body, now).await {
+            Ok(m) => m,
+            Err(e) => {
+                return login_page(
+                    state,
+                    Some(format!(
+                        "Your plan does not allow the dashboard: {}",
+                        e.message
+                    )),
+                    StatusCode::FORBIDDEN,
+                )
+            }
+        };
+    let (st, rec) = (state.clone(), record.clone());
+    let stored = crate::routes::detached(async move {
+        st.store.insert_key(&rec).await?;
+        let detail = json!({"kind": "ut", "name": rec.name, "via": "dashboard sign-in"});
+        let actor = rec.user_id.clone().unwrap_or_default();
+        st.record_change(
+            &actor,
+            "key.created",
+            &rec.tenant_id,
+            Some(&rec.id),
+            rec.user_id.as_deref(),
+            &detail,
+        )
+        .await;
+        Ok(())
+    })
+    .await;
+    if stored.is_err() {
+        return login_page(
+            state,
+            Some("Try again in a moment.".into()),
+            StatusCode::SERVICE_UNAVAILABLE,
+        );
+    }
+    let session = Session {
+        key: plaintext,
+        sid: crate::ids::random_base62(24),
+        exp: now + SESSION_TTL_MS,
+        session_key_id: Some(record.id.clone()),
+    };
+    let res = start_session(state, session, peer).await;
+    if !res.status().is_redirection() {
+        // The key was refused (the plan has no API access, …): it must not outlive this page.
+        end_session_key(state, &record.id).await;
+    }
+    res
+}
+
 /// `POST /dashboard/logout` (with the session's CSRF token, so another site cannot sign the
 /// user out).
 pub async fn logout(
@@ -383,6 +564,10 @@ pub async fn logout(
     if let Some(who) = signed(&state, &headers, Some(peer)) {
         if !csrf_ok(&who, &form(&body)) {
             return Redirect::to("/dashboard/keys").into_response();
+        }
+        // A password session's own key ends with it.
+        if let Some(id) = &who.session.session_key_id {
+            end_session_key(&state, id).await;
         }
     }
     let mut r = Redirect::to("/dashboard/login").into_response();

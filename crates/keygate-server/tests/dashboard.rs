@@ -1,10 +1,11 @@
-//! The dashboard's sign-in over plain HTTP (the browser flow is in tests/browser.rs): keys it
-//! must not take are refused, and every page needs a session.
+//! The dashboard's sign-in over plain HTTP (the browser flow is in tests/browser.rs): a user's
+//! password sign-in gets a key of the user for the session, limited to the user's own keys and
+//! ended at sign-out; keys it must not take are refused, and every page needs a session.
 
 mod support;
 
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::collections::HashMap;
 use support::TestApp;
 
@@ -64,6 +65,139 @@ fn csrf_of(html: &str) -> String {
         .and_then(|s| s.split('"').next())
         .expect("csrf field")
         .to_owned()
+}
+
+#[tokio::test]
+async fn a_user_signs_in_with_a_password_and_the_session_key_ends_with_the_session() {
+    let app = TestApp::spawn().await;
+    let r = app
+        .post(
+            "/v1/users",
+            json!({"email": "ada@example.com", "password": "correct horse battery"}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let mut s = Session::new();
+    let (_, _, page) = s.send(s.http.get(app.url("/dashboard/login"))).await;
+    let csrf = csrf_of(&page);
+    let http = s.http.clone();
+    let login = |password: &'static str, csrf: String| {
+        http.post(app.url("/dashboard/login")).form(&[
+            ("csrf", csrf.as_str()),
+            ("method", "password"),
+            ("tenant", "default"),
+            ("email", "Ada@Example.com"),
+            ("password", password),
+        ])
+    };
+    let req = login("wrong password", csrf.clone());
+    let (st, _, body) = s.send(req).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert!(body.contains("Wrong organisation, email or password"));
+    assert!(!s.cookies.contains_key("kg_dash"));
+
+    let csrf = csrf_of(&body);
+    let req = login("correct horse battery", csrf);
+    let (st, loc, _) = s.send(req).await;
+    assert_eq!(
+        (st, loc.as_str()),
+        (StatusCode::SEE_OTHER, "/dashboard/keys")
+    );
+    assert!(s.cookies.contains_key("kg_dash"));
+
+    // The session's key is a ut key of the user, listed like any key.
+    let (st, _, keys) = s.send(s.http.get(app.url("/dashboard/keys"))).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(
+        keys.contains("dashboard session of ada@example.com"),
+        "{keys}"
+    );
+    let list: Value = app
+        .get("/v1/keys?name=dashboard%20session")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let key = &list["data"][0];
+    assert_eq!(key["kind"], "ut");
+    assert_eq!(key["status"], "active");
+    assert!(key["user_id"]
+        .as_str()
+        .is_some_and(|u| u.starts_with("usr_")));
+    let id = key["id"].as_str().expect("id").to_owned();
+
+    // Their own keys only: the operator's root key is not listed.
+    assert!(!keys.contains(">root<"), "{keys}");
+    let root_id = app
+        .get("/v1/keys?name=root")
+        .await
+        .json::<Value>()
+        .await
+        .expect("json")["data"][0]["id"]
+        .as_str()
+        .expect("root id")
+        .to_owned();
+    let (st, _, _) = s
+        .send(s.http.get(app.url(&format!("/dashboard/keys/{root_id}"))))
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "another's key looks missing");
+    // No secret keys, and the session key cannot rotate or extend itself.
+    let csrf = csrf_of(&keys);
+    let req = s.http.post(app.url("/dashboard/keys")).form(&[
+        ("csrf", csrf.as_str()),
+        ("name", "escalate"),
+        ("kind", "sk"),
+        ("scopes", "keys:write"),
+    ]);
+    let (st, _, body) = s.send(req).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("FORBIDDEN_SCOPE"), "{body}");
+    let req = s
+        .http
+        .post(app.url(&format!("/dashboard/keys/{id}/rotate")))
+        .form(&[("csrf", csrf.as_str()), ("grace_seconds", "0")]);
+    let (st, _, body) = s.send(req).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{body}");
+    // The user can make a key from a preset; it is theirs.
+    let csrf = csrf_of(&keys);
+    let req = s.http.post(app.url("/dashboard/keys")).form(&[
+        ("csrf", csrf.as_str()),
+        ("name", "from ada"),
+        ("kind", "pk"),
+        ("preset", "aidemo"),
+    ]);
+    let (st, _, created) = s.send(req).await;
+    assert_eq!(st, StatusCode::OK, "{created}");
+    assert!(created.contains("You will not see it again"));
+    let mine: Value = app
+        .get("/v1/keys?name=from%20ada")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(mine["data"][0]["user_id"], key["user_id"]);
+
+    // A sign-out without the CSRF token is ignored; with it, the session key is revoked.
+    let req = s
+        .http
+        .post(app.url("/dashboard/logout"))
+        .form(&[("csrf", "forged")]);
+    let (_, loc, _) = s.send(req).await;
+    assert_eq!(loc, "/dashboard/keys");
+    let req = s
+        .http
+        .post(app.url("/dashboard/logout"))
+        .form(&[("csrf", csrf.as_str())]);
+    let (_, loc, _) = s.send(req).await;
+    assert_eq!(loc, "/dashboard/login");
+    assert!(!s.cookies.contains_key("kg_dash"));
+    let v: Value = app
+        .get(&format!("/v1/keys/{id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["status"], "revoked", "{v}");
 }
 
 #[tokio::test]

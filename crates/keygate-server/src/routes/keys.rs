@@ -35,7 +35,14 @@ impl AppState {
         id: &str,
     ) -> Result<KeyRecord, ApiError> {
         match self.store.get_key(id).await? {
-            Some(k) if caller.sees(&k.tenant_id) => Ok(k),
+            Some(k)
+                if caller.sees(&k.tenant_id)
+                    && caller
+                        .own_user()
+                        .is_none_or(|u| k.user_id.as_deref() == Some(u)) =>
+            {
+                Ok(k)
+            }
             _ => Err(ApiError::not_found("key")),
         }
     }
@@ -60,6 +67,20 @@ pub async fn create(
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
     let tenant = caller.act_in(&state, body.tenant_id.as_deref()).await?;
+    if let Some(own) = caller.own_user() {
+        // A user token makes keys for its own user only, and never a secret key.
+        if body.kind == "sk" {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "FORBIDDEN_SCOPE",
+                "a user token makes pk and ut keys for its own user, not sk keys",
+            ));
+        }
+        if body.user_id.as_deref().is_some_and(|u| u != own) {
+            return Err(ApiError::not_found("user"));
+        }
+        body.user_id = Some(own.to_owned());
+    }
     let now = now_ms();
     if body.kind == "sk" && body.scopes.is_none() && body.preset.is_none() {
         // A secret key made without a scope list gets the caller's scopes, never more.
@@ -157,7 +178,11 @@ pub async fn list(
             .map(|s| s.ok_or(()))
             .transpose()
             .map_err(|_| bad("status must be active, grace or revoked"))?,
-        user_id: q.user_id.clone(),
+        // A user token lists its own user's keys only.
+        user_id: match caller.own_user() {
+            Some(own) => Some(own.to_owned()),
+            None => q.user_id.clone(),
+        },
         name_contains: q.name.clone(),
     };
     let keys = state.store.list_keys(&filter, &page).await?;
@@ -243,6 +268,15 @@ pub async fn update(
 ) -> Result<axum::Json<KeyView>, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
     let mut k = state.visible_key(&caller, &id).await?;
+    if caller.own_user().is_some() && caller.key.record.family_id == k.family_id {
+        // A user token cannot extend or re-issue itself (a session key must end with its
+        // session); another key of the user can.
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN_SCOPE",
+            "a user token cannot change or rotate itself",
+        ));
+    }
     let now = now_ms();
     if k.status == KeyStatus::Revoked {
         return Err(ApiError::conflict(
@@ -442,6 +476,15 @@ pub async fn rotate(
         ));
     }
     let old = state.visible_key(&caller, &id).await?;
+    if caller.own_user().is_some() && caller.key.record.family_id == old.family_id {
+        // A user token cannot extend or re-issue itself (a session key must end with its
+        // session); another key of the user can.
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN_SCOPE",
+            "a user token cannot change or rotate itself",
+        ));
+    }
     caller.require_covers(&old.scopes)?;
     let now = now_ms();
     if old.status == KeyStatus::Revoked

@@ -80,6 +80,15 @@ impl Caller {
         &self.key.record.tenant_id
     }
 
+    /// The user a `ut` key acts for: on the key routes it sees and manages only that user's
+    /// keys (a user has a plan, not a tenant's management rights).
+    pub fn own_user(&self) -> Option<&str> {
+        match self.key.record.kind {
+            Kind::Ut => self.key.record.user_id.as_deref(),
+            _ => None,
+        }
+    }
+
     /// The operator: a `sk` key with `*` in the `default` tenant; may act in any tenant.
     pub fn is_operator(&self) -> bool {
         self.key.record.tenant_id == DEFAULT_TENANT
