@@ -38,11 +38,11 @@ struct Session {
     session_key_id: Option<String>,
 }
 
-/// What a user signed in with a password does in the dashboard: the user's own keys (a `ut`
-/// key sees and manages only its user's keys, and makes no `sk` keys). The session key also
-/// holds the presets' scopes, so the user can make preset keys; a plan with a `scopes` list
-/// narrows all of this.
-const USER_SESSION_SCOPES: &[&str] = &["keys:read", "keys:write"];
+/// What a user signed in with a password does in the dashboard: see their own keys (a `ut`
+/// key sees only its user's keys), their budgets, usage and settings. Making and changing
+/// keys needs an `sk` key: keygate has no finer rights for users yet, and a user allowed to
+/// write keys could mint keys beyond what an admin gave them.
+const USER_SESSION_SCOPES: &[&str] = &["keys:read"];
 
 /// The signed-in user of a request.
 struct Signed {
@@ -465,23 +465,10 @@ async fn password_login(
         }
     };
     state.oauth.login_succeeded(&account);
-    let mut scopes: Vec<String> = USER_SESSION_SCOPES
+    let scopes: Vec<String> = USER_SESSION_SCOPES
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
-    for p in ["default", "aidemo", "widget"] {
-        for s in crate::issue::preset(p)
-            .map(|p| p.scopes)
-            .unwrap_or_default()
-        {
-            if !scopes.iter().any(|x| x == s) {
-                scopes.push((*s).to_owned());
-            }
-        }
-    }
-    if let Some(allowed) = &state.plan(&user.plan).scopes {
-        scopes.retain(|s| allowed.contains(s));
-    }
     let issuer = crate::issue::Issuer {
         config: &state.config,
         format: &state.format,
