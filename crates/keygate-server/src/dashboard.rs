@@ -10,6 +10,7 @@
 //! cookie (`Secure` when the issuer is https), for 12 hours. Every form carries a CSRF token:
 //! an HMAC of the session's random id; the sign-in form uses a double-submit cookie.
 
+use crate::headers::{cookie, esc};
 use crate::state::{now_ms, AppState};
 use askama::Template;
 use axum::body::{Body, Bytes};
@@ -93,27 +94,8 @@ fn csrf_for(state: &AppState, sid: &str) -> String {
     URL_SAFE_NO_PAD.encode(state.oauth.mac_bytes("dashboard.csrf", sid.as_bytes()))
 }
 
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
-}
-
 fn set_cookie(state: &AppState, name: &str, value: &str, max_age_s: i64) -> HeaderValue {
-    let secure = if state.oauth.issuer.starts_with("https://") {
-        "; Secure"
-    } else {
-        ""
-    };
-    HeaderValue::from_str(&format!(
-        "{name}={value}; Path=/dashboard; HttpOnly; SameSite=Lax; Max-Age={max_age_s}{secure}"
-    ))
-    .unwrap_or_else(|_| HeaderValue::from_static("kg_dash_invalid=1"))
+    crate::headers::set_cookie(&state.oauth.issuer, "/dashboard", name, value, max_age_s)
 }
 
 fn signed(state: &AppState, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<Signed> {
@@ -1225,13 +1207,6 @@ struct ListPage {
     form: String,
     headers: Vec<&'static str>,
     rows: Vec<Vec<Cell>>,
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 /// What a list page shows: a title, the API path it lists, the columns, an optional form

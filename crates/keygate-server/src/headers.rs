@@ -69,3 +69,51 @@ pub fn metered_headers(h: &mut HeaderMap, m: &Metered, policy: Option<&HeaderVal
         h.insert(X_CREDITS_REMAINING, HeaderValue::from(c));
     }
 }
+
+/// The value of cookie `name` in a request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// A `Set-Cookie` value for keygate's own pages: `HttpOnly`, `SameSite=Lax`, limited to
+/// `path`, and `Secure` when the deployment is served over TLS (its issuer is https).
+pub fn set_cookie(
+    issuer: &str,
+    path: &str,
+    name: &str,
+    value: &str,
+    max_age_s: i64,
+) -> HeaderValue {
+    let secure = if issuer.starts_with("https://") {
+        "; Secure"
+    } else {
+        ""
+    };
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path={path}; HttpOnly; SameSite=Lax; Max-Age={max_age_s}{secure}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("kg_invalid=1"))
+}
+
+/// Escapes text for HTML content and attribute values (keygate's hand-built pages).
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}

@@ -6,6 +6,7 @@
 //! a route cannot be added without it.
 #![allow(missing_docs)] // the schema types below are documented by their OpenAPI text
 
+use crate::headers::esc;
 use crate::state::AppState;
 use axum::extract::State;
 use axum::http::{header, HeaderValue};
@@ -338,13 +339,6 @@ pub async fn openapi_json() -> Response {
         document(),
     )
         .into_response()
-}
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 /// `GET /docs`: the description as one page, rendered here (no script, nothing fetched from

@@ -8,6 +8,7 @@
 //! redirect URI cannot be trusted, which gets an error page and never a redirect.
 
 use super::{detached, Ctx};
+use crate::headers::{cookie, esc};
 use crate::state::{now_ms, AppState};
 use axum::body::Bytes;
 use axum::extract::{RawQuery, State};
@@ -158,17 +159,6 @@ fn form_body(headers: &HeaderMap, body: &Bytes) -> Result<Params, OAuthError> {
     let text =
         std::str::from_utf8(body).map_err(|_| OAuthError::request("the body is not UTF-8"))?;
     Params::parse(text).map_err(OAuthError::request)
-}
-
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -539,15 +529,7 @@ async fn issue_code(
 }
 
 fn cookie_header(state: &AppState, name: &str, value: &str, max_age_s: i64) -> HeaderValue {
-    let secure = if state.oauth.issuer.starts_with("https://") {
-        "; Secure"
-    } else {
-        ""
-    };
-    HeaderValue::from_str(&format!(
-        "{name}={value}; Path=/oauth; HttpOnly; SameSite=Lax; Max-Age={max_age_s}{secure}"
-    ))
-    .unwrap_or_else(|_| HeaderValue::from_static("kg_oauth_invalid=1"))
+    crate::headers::set_cookie(&state.oauth.issuer, "/oauth", name, value, max_age_s)
 }
 
 fn hidden_fields(state: &AppState, req: &AuthRequest) -> String {
@@ -1375,22 +1357,7 @@ pub async fn jwks(State(state): State<AppState>) -> Response {
 
 // ---------------------------------------------------------------------------------------
 // Pages. Why by hand rather than a template engine: two small forms; every value goes
-// through `esc`.
-
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+// through `headers::esc`.
 
 fn page(status: StatusCode, title: &str, body: &str, cookie: Option<HeaderValue>) -> Response {
     let html = format!(
