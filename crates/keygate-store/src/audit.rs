@@ -1,34 +1,39 @@
 //! Audit events, chain heads and usage roll-ups: one implementation for both backends.
 //!
+//! Events are stored in blocks, one row per node per shipped batch (JSON lines), with a
+//! reference row for each tenant, key, user, lifecycle action and refusal code a block
+//! mentions. One insert per batch instead of one per event is what keeps shipping cheap next
+//! to the requests it records (see the README's audit figures). A listing walks the blocks
+//! newest first, through the references when it is filtered, and reads each block whole; the
+//! chain check reads a node's blocks in `seq` order.
+//!
 //! The statements are built with [`sqlx::QueryBuilder`], which writes each backend's own
 //! placeholders, so the SQL exists once; `audit_methods!` stamps the methods out for the
 //! SQLite and the PostgreSQL pool types.
 
 use crate::{AuditFilter, PageRequest, UsageOf, UsageRow};
 use keygate_core::AuditEvent;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-/// Columns of `audit_events`, in insert order.
+/// Columns of `audit_events`, where earlier versions stored one event per row.
 pub(crate) const COLUMNS: &str = "node, seq, id, at, tenant_id, actor, action, key_id, user_id, \
     kind, code, status, method, path, scope, ip, origin, credits, latency_us, request_id, \
     detail, prev_hash, hash";
 
 /// Per-minute usage of a batch: `(key, minute, code) → (tenant, requests, credits)`.
-pub(crate) fn usage_of(
-    events: &[&AuditEvent],
-) -> BTreeMap<(String, i64, String), (String, i64, i64)> {
-    let mut out: BTreeMap<(String, i64, String), (String, i64, i64)> = BTreeMap::new();
+pub(crate) fn usage_of<'a>(
+    events: &[&'a AuditEvent],
+) -> BTreeMap<(&'a str, i64, &'a str), (&'a str, i64, i64)> {
+    let mut out: BTreeMap<(&str, i64, &str), (&str, i64, i64)> = BTreeMap::new();
     for e in events {
-        if e.action != "request.decided" {
+        if e.action != DECIDED {
             continue;
         }
         let (Some(k), Some(t), Some(c)) = (&e.key_id, &e.tenant_id, &e.code) else {
             continue;
         };
         let minute = e.at_ms - e.at_ms.rem_euclid(60_000);
-        let slot = out
-            .entry((k.clone(), minute, c.clone()))
-            .or_insert_with(|| (t.clone(), 0, 0));
+        let slot = out.entry((k, minute, c)).or_insert((t, 0, 0));
         slot.1 += 1;
         // Saturating: a sum of credits must never wrap, however large one event claims to be.
         slot.2 = slot.2.saturating_add(e.credits.unwrap_or(0).max(0));
@@ -57,39 +62,254 @@ pub(crate) fn page_usage(rows: Vec<(i64, String, i64, i64)>) -> Vec<UsageRow> {
         .collect()
 }
 
-/// Appends the WHERE clauses of `f` (and the cursor) to `q`.
-macro_rules! push_filter {
-    ($q:expr, $f:expr, $page:expr) => {{
-        $q.push(" WHERE 1 = 1");
-        let eq: [(&str, &Option<String>); 5] = [
-            ("tenant_id", &$f.tenant_id),
-            ("key_id", &$f.key_id),
-            ("user_id", &$f.user_id),
-            ("action", &$f.action),
-            ("code", &$f.code),
-        ];
-        for (col, v) in eq {
-            if let Some(v) = v {
-                $q.push(format_args!(" AND {col} = ")).push_bind(v.clone());
+/// `action` of a decided request, the one action that is not a lifecycle change.
+const DECIDED: &str = "request.decided";
+
+/// Blocks fetched per query round.
+const BLOCK_PAGE: i64 = 8;
+
+/// One node's shipped batch as it is stored: its events as JSON lines, the range of their
+/// `seq` and `id`, and what it mentions (see [`refs_of`]).
+pub(crate) struct Block {
+    pub(crate) first_seq: i64,
+    pub(crate) last_seq: i64,
+    pub(crate) min_id: String,
+    pub(crate) max_id: String,
+    pub(crate) events: Vec<u8>,
+    pub(crate) refs: Vec<String>,
+}
+
+/// The references a block gets for an event, so that a filtered query reads only the blocks
+/// that can hold a match: its tenant, key and user, and, where they are not the common case,
+/// its lifecycle action and refusal code.
+fn refs_of(e: &AuditEvent, mut add: impl FnMut(&str, &str)) {
+    if let Some(k) = &e.key_id {
+        add("k:", k);
+    }
+    if e.action != DECIDED {
+        add("a:", &e.action);
+    }
+    if let Some(c) = e.code.as_deref().filter(|c| *c != "VALID") {
+        add("c:", c);
+    }
+    if let Some(u) = &e.user_id {
+        add("u:", u);
+    }
+    if let Some(t) = &e.tenant_id {
+        add("t:", t);
+    }
+}
+
+/// The references a block must have to hold an event matching `f`, most selective first.
+pub(crate) fn refs_for(f: &AuditFilter) -> Vec<String> {
+    let e = AuditEvent {
+        key_id: f.key_id.clone(),
+        action: f.action.clone().unwrap_or_else(|| DECIDED.to_owned()),
+        code: f.code.clone(),
+        user_id: f.user_id.clone(),
+        tenant_id: f.tenant_id.clone(),
+        ..AuditEvent::default()
+    };
+    let mut out = Vec::new();
+    refs_of(&e, |p, v| out.push(format!("{p}{v}")));
+    out
+}
+
+/// The block of `events` (one node's, in `seq` order; at least one).
+pub(crate) fn block_of(events: &[&AuditEvent]) -> crate::Result<Block> {
+    let (Some(first), Some(last)) = (events.first(), events.last()) else {
+        return Err(crate::StoreError::corrupt("an empty audit block"));
+    };
+    let mut body = Vec::with_capacity(events.len() * 512);
+    let mut refs: BTreeSet<String> = BTreeSet::new();
+    let mut buf = String::new();
+    let (mut min_id, mut max_id) = (first.id.as_str(), first.id.as_str());
+    for e in events {
+        serde_json::to_writer(&mut body, e)
+            .map_err(|err| crate::StoreError::corrupt(format!("encoding an audit event: {err}")))?;
+        body.push(b'\n');
+        min_id = min_id.min(e.id.as_str());
+        max_id = max_id.max(e.id.as_str());
+        refs_of(e, |p, v| {
+            buf.clear();
+            buf.push_str(p);
+            buf.push_str(v);
+            if !refs.contains(&buf) {
+                refs.insert(buf.clone());
+            }
+        });
+    }
+    Ok(Block {
+        first_seq: first.seq,
+        last_seq: last.seq,
+        min_id: min_id.to_owned(),
+        max_id: max_id.to_owned(),
+        events: stored_block(&body),
+        refs: refs.into_iter().collect(),
+    })
+}
+
+/// The largest block body accepted when reading: a size prefix edited in the database must
+/// not make the reader allocate gigabytes.
+const MAX_BLOCK_BYTES: usize = 256 << 20;
+
+/// A stored block's JSON lines: the body is LZ4-compressed with its size in front (JSON lines
+/// of audit events shrink about sixfold). `None` when it does not decompress.
+pub fn block_text(stored: &[u8]) -> Option<Vec<u8>> {
+    let size = stored.get(..4)?;
+    let size = u32::from_le_bytes([size[0], size[1], size[2], size[3]]);
+    if usize::try_from(size).ok()? > MAX_BLOCK_BYTES {
+        return None;
+    }
+    lz4_flex::decompress_size_prepended(stored).ok()
+}
+
+/// A block body as stored, from its JSON lines (for tools and tests that play the attacker).
+pub fn stored_block(text: &[u8]) -> Vec<u8> {
+    lz4_flex::compress_prepend_size(text)
+}
+
+/// The events of a stored block. A line that no longer parses (edited in the database) comes
+/// back as an event with that place's `seq` and no hash, which the chain check reports as
+/// changed and listings skip; a body that does not decompress, as one such event.
+pub(crate) fn decode_block(node: &str, first_seq: i64, stored: &[u8]) -> Vec<AuditEvent> {
+    let mut out = Vec::new();
+    let mut next = first_seq;
+    let Some(body) = block_text(stored) else {
+        out.push(AuditEvent {
+            node: node.to_owned(),
+            seq: next,
+            ..AuditEvent::default()
+        });
+        return out;
+    };
+    for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        match serde_json::from_slice::<AuditEvent>(line) {
+            Ok(e) => {
+                next = e.seq.saturating_add(1);
+                out.push(e);
+            }
+            Err(_) => {
+                out.push(AuditEvent {
+                    node: node.to_owned(),
+                    seq: next,
+                    ..AuditEvent::default()
+                });
+                next = next.saturating_add(1);
             }
         }
-        if let Some(t) = $f.since_ms {
-            $q.push(" AND at >= ").push_bind(t);
-        }
-        if let Some(t) = $f.until_ms {
-            $q.push(" AND at < ").push_bind(t);
-        }
-        if let Some(c) = &$page.cursor {
-            $q.push(" AND id < ").push_bind(c.clone());
-        }
-        $q.push(" ORDER BY id DESC LIMIT ")
-            .push_bind(i64::from($page.limit));
-    }};
+    }
+    out
+}
+
+/// Whether `e` matches `f` and lies in `[lo, hi)` of ids.
+fn matches(f: &AuditFilter, lo: Option<&str>, hi: Option<&str>, e: &AuditEvent) -> bool {
+    fn eq(want: &Option<String>, have: Option<&str>) -> bool {
+        want.as_deref().is_none_or(|w| have == Some(w))
+    }
+    !e.hash.is_empty()
+        && eq(&f.tenant_id, e.tenant_id.as_deref())
+        && eq(&f.key_id, e.key_id.as_deref())
+        && eq(&f.user_id, e.user_id.as_deref())
+        && eq(&f.action, Some(e.action.as_str()))
+        && eq(&f.code, e.code.as_deref())
+        && lo.is_none_or(|lo| e.id.as_str() >= lo)
+        && hi.is_none_or(|hi| e.id.as_str() < hi)
+}
+
+/// The smallest id of an event at or after `ms` (ids begin with the 13-digit time).
+fn id_at(ms: i64) -> String {
+    format!("evt_{:013}", ms.max(0))
 }
 
 /// The audit methods of a store over `$pool` (a sqlx pool of database `$db`).
 macro_rules! audit_methods {
     ($store:ty, $db:ty) => {
+        impl $store {
+            /// Writes one block and its references. `replay` tolerates a block that is
+            /// there already (two nodes converting the same old rows at once).
+            async fn insert_block(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                node: &str,
+                b: &Block,
+                replay: bool,
+            ) -> crate::Result<()> {
+                let conflict = if replay { " ON CONFLICT DO NOTHING" } else { "" };
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO audit_blocks (node, first_seq, last_seq, min_id, max_id, events) ",
+                );
+                q.push_values([()], |mut v, ()| {
+                    v.push_bind(node)
+                        .push_bind(b.first_seq)
+                        .push_bind(b.last_seq)
+                        .push_bind(b.min_id.as_str())
+                        .push_bind(b.max_id.as_str())
+                        .push_bind(b.events.as_slice());
+                });
+                q.push(conflict);
+                q.build().execute(&mut *conn).await?;
+                for chunk in b.refs.chunks(500) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO audit_block_refs (ref, max_id, node, first_seq, min_id) ",
+                    );
+                    q.push_values(chunk.iter(), |mut v, r| {
+                        v.push_bind(r.as_str())
+                            .push_bind(b.max_id.as_str())
+                            .push_bind(node)
+                            .push_bind(b.first_seq)
+                            .push_bind(b.min_id.as_str());
+                    });
+                    q.push(conflict);
+                    q.build().execute(&mut *conn).await?;
+                }
+                Ok(())
+            }
+
+            /// Moves the rows of `audit_events` (where earlier versions stored one event per
+            /// row) into blocks of up to 1,000, each batch in one transaction with its
+            /// deletion, so a crash midway loses and repeats nothing. Returns how many moved.
+            pub(crate) async fn convert_row_audit(&self) -> crate::Result<u64> {
+                let mut moved = 0;
+                loop {
+                    let mut tx = self.pool.begin().await?;
+                    let rows = sqlx::QueryBuilder::<$db>::new(format!(
+                        "SELECT {} FROM audit_events ORDER BY node, seq LIMIT 1000",
+                        COLUMNS
+                    ))
+                    .build()
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    if rows.is_empty() {
+                        tx.commit().await?;
+                        return Ok(moved);
+                    }
+                    let events = rows
+                        .iter()
+                        .map(crate::rows::audit_from_row)
+                        .collect::<crate::Result<Vec<AuditEvent>>>()?;
+                    let mut by_node: BTreeMap<&str, Vec<&AuditEvent>> = BTreeMap::new();
+                    for e in &events {
+                        by_node.entry(e.node.as_str()).or_default().push(e);
+                    }
+                    for (node, evs) in by_node {
+                        let b = block_of(&evs)?;
+                        Self::insert_block(&mut *tx, node, &b, true).await?;
+                        sqlx::QueryBuilder::<$db>::new("DELETE FROM audit_events WHERE node = ")
+                            .push_bind(node)
+                            .push(" AND seq >= ")
+                            .push_bind(b.first_seq)
+                            .push(" AND seq <= ")
+                            .push_bind(b.last_seq)
+                            .build()
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    tx.commit().await?;
+                    moved += events.len() as u64;
+                }
+            }
+        }
+
         #[async_trait::async_trait]
         impl crate::AuditStore for $store {
             async fn append_audit(&self, events: &[AuditEvent]) -> crate::Result<()> {
@@ -114,49 +334,17 @@ macro_rules! audit_methods {
                         .filter(|e| e.seq > head.unwrap_or(0))
                         .collect();
                     let Some(last) = fresh.last() else { continue };
-                    for chunk in fresh.chunks(500) {
-                        let mut q = sqlx::QueryBuilder::<$db>::new(format!(
-                            "INSERT INTO audit_events ({}) ",
-                            COLUMNS
-                        ));
-                        // Borrowed binds: a batch is ~1,000 events of 23 columns, and copying
-                        // every string would be most of the shipper's allocations.
-                        q.push_values(chunk.iter(), |mut b, e| {
-                            b.push_bind(e.node.as_str())
-                                .push_bind(e.seq)
-                                .push_bind(e.id.as_str())
-                                .push_bind(e.at_ms)
-                                .push_bind(e.tenant_id.as_deref())
-                                .push_bind(e.actor.as_str())
-                                .push_bind(e.action.as_str())
-                                .push_bind(e.key_id.as_deref())
-                                .push_bind(e.user_id.as_deref())
-                                .push_bind(e.kind.as_deref())
-                                .push_bind(e.code.as_deref())
-                                .push_bind(e.status)
-                                .push_bind(e.method.as_deref())
-                                .push_bind(e.path.as_deref())
-                                .push_bind(e.scope.as_deref())
-                                .push_bind(e.ip.as_deref())
-                                .push_bind(e.origin.as_deref())
-                                .push_bind(e.credits)
-                                .push_bind(e.latency_us)
-                                .push_bind(e.request_id.as_deref())
-                                .push_bind(e.detail.as_deref())
-                                .push_bind(e.prev_hash.as_str())
-                                .push_bind(e.hash.as_str());
-                        });
-                        q.build().execute(&mut *tx).await?;
-                    }
+                    let block = block_of(&fresh)?;
+                    Self::insert_block(&mut *tx, node, &block, false).await?;
                     for ((key, minute, code), (tenant, n, credits)) in usage_of(&fresh) {
                         let mut q = sqlx::QueryBuilder::<$db>::new(
                             "INSERT INTO usage_minutes (key_id, tenant_id, minute, code, requests, credits) ",
                         );
                         q.push_values([()], |mut b, ()| {
-                            b.push_bind(key.clone())
-                                .push_bind(tenant.clone())
+                            b.push_bind(key)
+                                .push_bind(tenant)
                                 .push_bind(minute)
-                                .push_bind(code.clone())
+                                .push_bind(code)
                                 .push_bind(n)
                                 .push_bind(credits);
                         });
@@ -171,9 +359,9 @@ macro_rules! audit_methods {
                         "INSERT INTO audit_heads (node, seq, hash) ",
                     );
                     q.push_values([()], |mut b, ()| {
-                        b.push_bind(node.to_owned())
+                        b.push_bind(node)
                             .push_bind(last.seq)
-                            .push_bind(last.hash.clone());
+                            .push_bind(last.hash.as_str());
                     });
                     q.push(
                         " ON CONFLICT (node) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
@@ -195,13 +383,78 @@ macro_rules! audit_methods {
                 f: &AuditFilter,
                 page: &PageRequest,
             ) -> crate::Result<Vec<AuditEvent>> {
-                let mut q = sqlx::QueryBuilder::<$db>::new(format!(
-                    "SELECT {} FROM audit_events",
-                    COLUMNS
-                ));
-                push_filter!(q, f, page);
-                let rows = q.build().fetch_all(&self.pool).await?;
-                rows.iter().map(crate::rows::audit_from_row).collect()
+                let limit = page.limit as usize;
+                if limit == 0 {
+                    return Ok(Vec::new());
+                }
+                let lo = f.since_ms.map(id_at);
+                let hi = match (f.until_ms.map(id_at), page.cursor.clone()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let refs = refs_for(f);
+                // Blocks newest first (by their newest event); a block is read whole, and
+                // the walk stops once `limit` events are in hand that are all newer than
+                // anything the next block holds.
+                let mut out: Vec<AuditEvent> = Vec::new();
+                let mut below: Option<String> = None;
+                loop {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT b.node, b.first_seq, b.max_id, b.events FROM ",
+                    );
+                    let t = match refs.split_first() {
+                        Some((first, rest)) => {
+                            q.push(
+                                "audit_block_refs r JOIN audit_blocks b \
+                                 ON b.node = r.node AND b.first_seq = r.first_seq WHERE r.ref = ",
+                            )
+                            .push_bind(first.as_str());
+                            for r in rest {
+                                q.push(
+                                    " AND EXISTS (SELECT 1 FROM audit_block_refs x WHERE \
+                                     x.node = b.node AND x.first_seq = b.first_seq AND x.ref = ",
+                                )
+                                .push_bind(r.as_str())
+                                .push(")");
+                            }
+                            "r"
+                        }
+                        None => {
+                            q.push("audit_blocks b WHERE 1 = 1");
+                            "b"
+                        }
+                    };
+                    if let Some(x) = &below {
+                        q.push(format_args!(" AND {t}.max_id < ")).push_bind(x.as_str());
+                    }
+                    if let Some(lo) = &lo {
+                        q.push(format_args!(" AND {t}.max_id >= ")).push_bind(lo.as_str());
+                    }
+                    if let Some(hi) = &hi {
+                        q.push(format_args!(" AND {t}.min_id < ")).push_bind(hi.as_str());
+                    }
+                    q.push(format_args!(" ORDER BY {t}.max_id DESC LIMIT "))
+                        .push_bind(BLOCK_PAGE);
+                    let rows: Vec<(String, i64, String, Vec<u8>)> =
+                        q.build_query_as().fetch_all(&self.pool).await?;
+                    let fetched = rows.len();
+                    for (node, first_seq, max_id, body) in rows {
+                        if out.len() >= limit && out[limit - 1].id > max_id {
+                            return Ok(out);
+                        }
+                        out.extend(
+                            decode_block(&node, first_seq, &body)
+                                .into_iter()
+                                .filter(|e| matches(f, lo.as_deref(), hi.as_deref(), e)),
+                        );
+                        out.sort_unstable_by(|a, b| b.id.cmp(&a.id));
+                        out.truncate(limit);
+                        below = Some(max_id);
+                    }
+                    if fetched < BLOCK_PAGE as usize {
+                        return Ok(out);
+                    }
+                }
             }
 
             async fn audit_chain(
@@ -210,17 +463,36 @@ macro_rules! audit_methods {
                 after_seq: i64,
                 limit: u32,
             ) -> crate::Result<Vec<AuditEvent>> {
-                let mut q = sqlx::QueryBuilder::<$db>::new(format!(
-                    "SELECT {} FROM audit_events WHERE node = ",
-                    COLUMNS
-                ));
-                q.push_bind(node.to_owned())
-                    .push(" AND seq > ")
-                    .push_bind(after_seq)
-                    .push(" ORDER BY seq LIMIT ")
-                    .push_bind(i64::from(limit));
-                let rows = q.build().fetch_all(&self.pool).await?;
-                rows.iter().map(crate::rows::audit_from_row).collect()
+                let limit = limit as usize;
+                let mut out = Vec::new();
+                let mut past: Option<i64> = None;
+                loop {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT first_seq, events FROM audit_blocks WHERE node = ",
+                    );
+                    q.push_bind(node).push(" AND last_seq > ").push_bind(after_seq);
+                    if let Some(p) = past {
+                        q.push(" AND first_seq > ").push_bind(p);
+                    }
+                    q.push(" ORDER BY first_seq LIMIT ").push_bind(BLOCK_PAGE);
+                    let rows: Vec<(i64, Vec<u8>)> = q.build_query_as().fetch_all(&self.pool).await?;
+                    let fetched = rows.len();
+                    for (first_seq, body) in rows {
+                        out.extend(
+                            decode_block(node, first_seq, &body)
+                                .into_iter()
+                                .filter(|e| e.seq > after_seq),
+                        );
+                        if out.len() >= limit {
+                            out.truncate(limit);
+                            return Ok(out);
+                        }
+                        past = Some(first_seq);
+                    }
+                    if fetched < BLOCK_PAGE as usize {
+                        return Ok(out);
+                    }
+                }
             }
 
             async fn usage(

@@ -21,7 +21,7 @@ mod sqlite;
 mod types;
 mod webhooks;
 
-pub use audit::{granularity_ms, verify_audit, AuditReport};
+pub use audit::{block_text, granularity_ms, stored_block, verify_audit, AuditReport};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use types::*;

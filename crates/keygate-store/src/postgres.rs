@@ -71,6 +71,10 @@ const KEY_SELECT: &str =
 impl Store for PgStore {
     async fn migrate(&self) -> Result<()> {
         MIGRATOR.run(&self.pool).await?;
+        let moved = self.convert_row_audit().await?;
+        if moved > 0 {
+            tracing::info!("moved {moved} audit events from rows into blocks");
+        }
         Ok(())
     }
 

@@ -27,6 +27,44 @@ enum Raw {
 }
 
 impl Raw {
+    /// The events of node `n1`'s block that starts at `first_seq`, as text.
+    async fn block(&self, first_seq: i64) -> String {
+        let sql = "SELECT events FROM audit_blocks WHERE node = 'n1' AND first_seq = ";
+        let bytes: Vec<u8> = match self {
+            Raw::Sqlite(p) => sqlx::query_scalar(&format!("{sql}{first_seq}"))
+                .fetch_one(p)
+                .await
+                .expect("block"),
+            Raw::Pg(p) => sqlx::query_scalar(&format!("{sql}{first_seq}"))
+                .fetch_one(p)
+                .await
+                .expect("block"),
+        };
+        String::from_utf8(keygate_store::block_text(&bytes).expect("lz4")).expect("utf8")
+    }
+
+    /// Overwrites that block's events.
+    async fn set_block(&self, first_seq: i64, text: &str) -> u64 {
+        let sql = "UPDATE audit_blocks SET events = $1 WHERE node = 'n1' AND first_seq = $2";
+        let bytes = keygate_store::stored_block(text.as_bytes());
+        match self {
+            Raw::Sqlite(p) => sqlx::query(sql)
+                .bind(bytes)
+                .bind(first_seq)
+                .execute(p)
+                .await
+                .expect("sql")
+                .rows_affected(),
+            Raw::Pg(p) => sqlx::query(sql)
+                .bind(bytes)
+                .bind(first_seq)
+                .execute(p)
+                .await
+                .expect("sql")
+                .rows_affected(),
+        }
+    }
+
     async fn exec(&self, sql: &str) -> u64 {
         match self {
             Raw::Sqlite(p) => sqlx::query(sql)
@@ -552,49 +590,242 @@ async fn audit_events_append_once_list_and_roll_up_usage() {
 }
 
 #[tokio::test]
-async fn an_edited_or_deleted_audit_row_is_detected() {
+async fn an_edited_or_deleted_audit_event_or_block_is_detected() {
     on_both(|s, raw| async move {
         let c = chain_of("n1", 6, 1_800_000_000_000);
-        s.append_audit(&c).await.expect("append");
+        // Two batches: blocks [1, 3] and [4, 6].
+        s.append_audit(&c[..3]).await.expect("append");
+        s.append_audit(&c[3..]).await.expect("append");
         assert!(verify_all(&*s, "n1").await.is_ok());
+        let (first, second) = (raw.block(1).await, raw.block(4).await);
 
-        // Someone turns a refusal into a success.
-        assert_eq!(
-            raw.exec("UPDATE audit_events SET code = 'VALID' WHERE seq = 3")
-                .await,
-            1
-        );
+        // Someone turns a refusal into a success (event 3 is the first block's only refusal).
+        let edited = first.replace(r#""code":"RATE_LIMITED""#, r#""code":"VALID""#);
+        assert_ne!(edited, first);
+        assert_eq!(raw.set_block(1, &edited).await, 1);
         let b = verify_all(&*s, "n1").await.expect_err("edited");
         assert_eq!((b.seq, b.problem), (3, ChainProblem::Changed));
-        raw.exec("UPDATE audit_events SET code = 'RATE_LIMITED' WHERE seq = 3")
-            .await;
+        raw.set_block(1, &first).await;
         assert!(verify_all(&*s, "n1").await.is_ok(), "restored");
+
+        // Someone mangles an event so that it no longer parses.
+        let mangled = first.replacen(r#""actor":"#, r#""actor":{"#, 2);
+        raw.set_block(1, &mangled).await;
+        let b = verify_all(&*s, "n1").await.expect_err("mangled");
+        assert_eq!((b.seq, b.problem), (1, ChainProblem::Changed));
+        raw.set_block(1, &first).await;
 
         // Someone changes the last event and re-hashes it: the head no longer matches.
         let mut last = c[5].clone();
         last.actor = "key_forged".into();
         last.seal(&c[4].hash);
-        let sql = format!(
-            "UPDATE audit_events SET actor = 'key_forged', hash = '{}' WHERE seq = 6",
-            last.hash
-        );
-        assert_eq!(raw.exec(&sql).await, 1);
+        let mut lines: Vec<String> = second.lines().map(str::to_owned).collect();
+        lines[2] = serde_json::to_string(&last).expect("json");
+        raw.set_block(4, &(lines.join("\n") + "\n")).await;
         let b = verify_all(&*s, "n1").await.expect_err("re-hashed");
         assert_eq!((b.seq, b.problem), (6, ChainProblem::Changed));
-        let sql = format!(
-            "UPDATE audit_events SET actor = '{}', hash = '{}' WHERE seq = 6",
-            c[5].actor, c[5].hash
-        );
-        raw.exec(&sql).await;
+        raw.set_block(4, &second).await;
         assert!(verify_all(&*s, "n1").await.is_ok(), "restored");
 
-        // Someone deletes a row in the middle, then the last one.
-        raw.exec("DELETE FROM audit_events WHERE seq = 4").await;
+        // Someone deletes an event in the middle, then a whole block (the chain's tail).
+        let without_4: String = second.lines().skip(1).map(|l| format!("{l}\n")).collect();
+        raw.set_block(4, &without_4).await;
         let b = verify_all(&*s, "n1").await.expect_err("deleted");
         assert_eq!((b.seq, b.problem), (4, ChainProblem::Missing));
-        raw.exec("DELETE FROM audit_events WHERE seq >= 4").await;
+        raw.set_block(4, &second).await;
+        raw.exec("DELETE FROM audit_blocks WHERE first_seq = 4")
+            .await;
         let b = verify_all(&*s, "n1").await.expect_err("tail deleted");
         assert_eq!((b.seq, b.problem), (4, ChainProblem::Missing));
+        // And the first block: the chain starts with a gap.
+        raw.exec("DELETE FROM audit_blocks WHERE first_seq = 1")
+            .await;
+        let b = verify_all(&*s, "n1").await.expect_err("head deleted");
+        assert_eq!((b.seq, b.problem), (1, ChainProblem::Missing));
+    })
+    .await;
+}
+
+/// Many small blocks from three nodes whose times interleave: every filter, paged with the
+/// cursor at several page sizes, gives exactly what filtering all events would.
+#[tokio::test]
+async fn audit_listings_over_many_blocks_match_a_plain_filter() {
+    on_both(|s, _| async move {
+        let t0 = 1_800_000_000_000;
+        let mut all: Vec<AuditEvent> = Vec::new();
+        for (n, node) in ["n1", "n2", "n3"].into_iter().enumerate() {
+            let mut prev = keygate_core::audit::GENESIS.to_owned();
+            let mut chain = Vec::new();
+            for seq in 1..=60_i64 {
+                let i = seq + n as i64;
+                let code = ["VALID", "VALID", "REVOKED", "RATE_LIMITED"][(i % 4) as usize];
+                let key = format!("key_{}", i % 5);
+                // Times interleave between nodes and go back a little within one.
+                let at = t0 + seq * 1_000 + (n as i64) * 333 - (seq % 3) * 1_500;
+                let mut e = decided(node, seq, &prev, &key, code, at);
+                e.id = format!("evt_{at:013}{seq:012}_{node}");
+                e.tenant_id = Some(format!("t{}", i % 2));
+                if seq % 10 == 0 {
+                    e.action = "key.updated".into();
+                    e.code = None;
+                    e.user_id = Some("usr_1".into());
+                }
+                e.seal(&prev);
+                prev.clone_from(&e.hash);
+                chain.push(e);
+            }
+            // Batches of 1 to 7 events.
+            let mut rest = &chain[..];
+            let mut k = 0;
+            while !rest.is_empty() {
+                let take = (k % 7 + 1).min(rest.len());
+                s.append_audit(&rest[..take]).await.expect("append");
+                rest = &rest[take..];
+                k += 1;
+            }
+            all.extend(chain);
+        }
+        all.sort_by(|a, b| b.id.cmp(&a.id));
+        let filters = [
+            AuditFilter::default(),
+            AuditFilter {
+                tenant_id: Some("t1".into()),
+                ..AuditFilter::default()
+            },
+            AuditFilter {
+                key_id: Some("key_3".into()),
+                code: Some("REVOKED".into()),
+                ..AuditFilter::default()
+            },
+            AuditFilter {
+                tenant_id: Some("t0".into()),
+                code: Some("VALID".into()),
+                since_ms: Some(t0 + 20_000),
+                until_ms: Some(t0 + 45_000),
+                ..AuditFilter::default()
+            },
+            AuditFilter {
+                action: Some("key.updated".into()),
+                user_id: Some("usr_1".into()),
+                ..AuditFilter::default()
+            },
+            AuditFilter {
+                tenant_id: Some("t9".into()),
+                ..AuditFilter::default()
+            },
+        ];
+        for f in &filters {
+            let want: Vec<&str> = all
+                .iter()
+                .filter(|e| {
+                    f.tenant_id
+                        .as_ref()
+                        .is_none_or(|t| e.tenant_id.as_ref() == Some(t))
+                        && f.key_id
+                            .as_ref()
+                            .is_none_or(|k| e.key_id.as_ref() == Some(k))
+                        && f.user_id
+                            .as_ref()
+                            .is_none_or(|u| e.user_id.as_ref() == Some(u))
+                        && f.action.as_ref().is_none_or(|a| &e.action == a)
+                        && f.code.as_ref().is_none_or(|c| e.code.as_ref() == Some(c))
+                        && f.since_ms.is_none_or(|t| e.at_ms >= t)
+                        && f.until_ms.is_none_or(|t| e.at_ms < t)
+                })
+                .map(|e| e.id.as_str())
+                .collect();
+            for limit in [1, 7, 50, 500] {
+                let mut got: Vec<String> = Vec::new();
+                let mut cursor = None;
+                loop {
+                    let page = s
+                        .list_audit(f, &PageRequest { cursor, limit })
+                        .await
+                        .expect("list");
+                    assert!(page.len() <= limit as usize);
+                    got.extend(page.iter().map(|e| e.id.clone()));
+                    if page.len() < limit as usize {
+                        break;
+                    }
+                    cursor = page.last().map(|e| e.id.clone());
+                }
+                assert_eq!(got, want, "filter {f:?}, pages of {limit}");
+            }
+        }
+        assert_eq!(verify_audit(&*s).await.expect("verify").checked, 180);
+    })
+    .await;
+}
+
+/// Events stored one per row by an earlier version move into blocks when the store starts,
+/// keeping their ids, hashes and order.
+#[tokio::test]
+async fn row_audit_events_of_an_earlier_version_move_into_blocks() {
+    on_both(|s, raw| async move {
+        let c = chain_of("n1", 1_203, 1_800_000_000_000);
+        s.append_audit(&c).await.expect("append");
+        let expected = s
+            .list_audit(
+                &AuditFilter::default(),
+                &PageRequest {
+                    cursor: None,
+                    limit: 2_000,
+                },
+            )
+            .await
+            .expect("list");
+        // Put them back as rows, the way the earlier version stored them.
+        for e in &c {
+            let sql = format!(
+                "INSERT INTO audit_events (node, seq, id, at, tenant_id, actor, action, key_id, \
+                 code, status, credits, prev_hash, hash) VALUES ('{}', {}, '{}', {}, '{}', '{}', \
+                 '{}', '{}', '{}', {}, {}, '{}', '{}')",
+                e.node,
+                e.seq,
+                e.id,
+                e.at_ms,
+                e.tenant_id.as_deref().unwrap_or(""),
+                e.actor,
+                e.action,
+                e.key_id.as_deref().unwrap_or(""),
+                e.code.as_deref().unwrap_or(""),
+                e.status.unwrap_or(0),
+                e.credits.unwrap_or(0),
+                e.prev_hash,
+                e.hash
+            );
+            assert_eq!(raw.exec(&sql).await, 1);
+        }
+        raw.exec("DELETE FROM audit_block_refs").await;
+        raw.exec("DELETE FROM audit_blocks").await;
+        s.migrate().await.expect("migrate again");
+        assert_eq!(raw.exec("DELETE FROM audit_events").await, 0, "all moved");
+        let got = s
+            .list_audit(
+                &AuditFilter::default(),
+                &PageRequest {
+                    cursor: None,
+                    limit: 2_000,
+                },
+            )
+            .await
+            .expect("list");
+        assert_eq!(got, expected);
+        assert_eq!(verify_all(&*s, "n1").await.expect("intact"), 1_203);
+        let limited = s
+            .list_audit(
+                &AuditFilter {
+                    code: Some("RATE_LIMITED".into()),
+                    ..AuditFilter::default()
+                },
+                &PageRequest {
+                    cursor: None,
+                    limit: 2_000,
+                },
+            )
+            .await
+            .expect("filter");
+        assert_eq!(limited.len(), 401);
     })
     .await;
 }

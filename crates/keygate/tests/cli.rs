@@ -320,11 +320,25 @@ fn audit_export_writes_csv_and_verify_finds_an_edited_row() {
         .expect("runtime");
     rt.block_on(async {
         let pool = sqlx::SqlitePool::connect(&url).await.expect("open");
-        let r = sqlx::query("UPDATE audit_events SET actor = 'key_someone_else'")
-            .execute(&pool)
-            .await
-            .expect("edit");
-        assert_eq!(r.rows_affected(), 2);
+        let blocks: Vec<(String, i64, Vec<u8>)> =
+            sqlx::query_as("SELECT node, first_seq, events FROM audit_blocks")
+                .fetch_all(&pool)
+                .await
+                .expect("blocks");
+        assert!(!blocks.is_empty());
+        for (node, first_seq, stored) in blocks {
+            let text = keygate_store::block_text(&stored).expect("block");
+            let edited = String::from_utf8(text)
+                .expect("utf8")
+                .replace(r#""actor":""#, r#""actor":"someone_else_"#);
+            sqlx::query("UPDATE audit_blocks SET events = ? WHERE node = ? AND first_seq = ?")
+                .bind(keygate_store::stored_block(edited.as_bytes()))
+                .bind(node)
+                .bind(first_seq)
+                .execute(&pool)
+                .await
+                .expect("edit");
+        }
         pool.close().await;
     });
     let out = run(&["audit", "verify"]);
