@@ -521,7 +521,7 @@ impl Inner {
         }
         if let Some(log) = &self.audit {
             let us = elapsed.map_or(0, |e| i64::try_from(e.as_micros()).unwrap_or(i64::MAX));
-            if let Err(e) = self.record_decision(log, facts, &out, us) {
+            if let Err(e) = self.record_decision(log, facts, &out, us).await {
                 // Fail closed: an answer the audit log cannot account for is not given, and
                 // what it was charged goes back.
                 tracing::error!("audit log write failed, refusing the request: {e}");
@@ -561,8 +561,9 @@ impl Inner {
         }
     }
 
-    /// Appends the `request.decided` event of one decision to the audit log.
-    fn record_decision(
+    /// Appends the `request.decided` event of one decision to the audit log, in a group with
+    /// the other requests ready at the same time (see [`crate::audit::AuditLog::append`]).
+    async fn record_decision(
         &self,
         log: &crate::audit::AuditLog,
         facts: &RequestFacts<'_>,
@@ -574,8 +575,8 @@ impl Inner {
             Err(d) => (d.key.as_ref(), d.code, 0),
         };
         let rec = key.map(|k| &k.record);
-        crate::error::RequestId::with_current(|rid| {
-            log.record(crate::audit::Line {
+        let group = crate::error::RequestId::with_current(|rid| {
+            log.append(crate::audit::Line {
                 at_ms: facts.now_ms,
                 tenant_id: rec.map(|r| r.tenant_id.as_str()),
                 actor: rec.map_or("anonymous", |r| r.id.as_str()),
@@ -595,7 +596,9 @@ impl Inner {
                 request_id: rid,
                 ..crate::audit::Line::default()
             })
-        })
+        })?;
+        tokio::task::yield_now().await;
+        log.flush(group)
     }
 
     /// Appends a lifecycle event (`key.created`, …) by `actor` to the audit log and, for the
