@@ -151,21 +151,25 @@ impl Rules {
             }
             // Publishable keys live in browsers, on every network and (within their list) origin:
             // a new place is no news for them, and anyone could flood the rule with one.
-            let server_key = e.kind.as_deref() != Some("pk");
+            if e.kind.as_deref() == Some("pk") {
+                continue;
+            }
             let places = [
                 (
                     "network",
-                    e.ip.as_deref().and_then(network),
-                    cfg.new_network && server_key,
+                    cfg.new_network
+                        .then(|| e.ip.as_deref().and_then(network))
+                        .flatten(),
                 ),
                 (
                     "origin",
-                    e.origin.clone().filter(|o| o.len() <= 255),
-                    cfg.new_origin && server_key,
+                    cfg.new_origin
+                        .then(|| e.origin.clone().filter(|o| o.len() <= 255))
+                        .flatten(),
                 ),
             ];
-            for (kind, place, on) in places {
-                let Some(place) = place.filter(|_| on) else {
+            for (kind, place) in places {
+                let Some(place) = place else {
                     continue;
                 };
                 if self.seen.len() > 100_000 {
