@@ -103,6 +103,12 @@ struct Writer {
     done: u64,
     /// Recent groups whose write failed.
     failed: std::collections::VecDeque<u64>,
+    /// Groups below this one may have failed without being remembered.
+    forgotten_below: u64,
+    /// Makes the next group write fail before anything is written (a full disk that a
+    /// truncate can still recover from), for the tests.
+    #[cfg(test)]
+    fail_next: bool,
 }
 
 /// The audit log of one node.
@@ -227,6 +233,9 @@ impl AuditLog {
                 group_start: seq,
                 done: 0,
                 failed: std::collections::VecDeque::new(),
+                forgotten_below: 0,
+                #[cfg(test)]
+                fail_next: false,
             }),
         })
     }
@@ -274,10 +283,18 @@ impl AuditLog {
                 let g = w.group;
                 w.failed.push_back(g);
                 if w.failed.len() > 64 {
-                    w.failed.pop_front();
+                    if let Some(f) = w.failed.pop_front() {
+                        w.forgotten_below = f + 1;
+                    }
                 }
-                // The group's lines are gone; their numbers go back, so the chain has no gap.
-                w.seq = w.group_start;
+                if w.len != u64::MAX {
+                    // Nothing of the group stayed in the file (and the shipper reads only
+                    // finished groups): its numbers go back, so the chain has no gap.
+                    w.seq = w.group_start;
+                }
+                // Otherwise part of it may have stayed in the segment, which will ship: those
+                // numbers are taken.
+                w.group_start = w.seq;
                 w.pending.clear();
                 w.done = w.group;
                 w.group += 1;
@@ -288,7 +305,8 @@ impl AuditLog {
             w.group += 1;
             w.group_start = w.seq;
         }
-        if w.failed.contains(&group) {
+        // A group older than the failures remembered is refused: fail closed.
+        if group < w.forgotten_below || w.failed.contains(&group) {
             return Err(std::io::Error::other("the audit segment write failed"));
         }
         Ok(())
@@ -302,6 +320,10 @@ impl AuditLog {
                 .append(true)
                 .open(segment_path(&self.dir, next))?;
             (w.file, w.segment, w.len) = (file, next, 0);
+        }
+        #[cfg(test)]
+        if std::mem::take(&mut w.fail_next) {
+            return Err(std::io::Error::other("no space left (test)"));
         }
         let Writer {
             file, pending, len, ..
@@ -318,11 +340,10 @@ impl AuditLog {
         Ok(())
     }
 
-    fn current_segment(&self) -> u64 {
-        self.writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .segment
+    /// The segment being written and how many bytes of it hold whole, written groups.
+    fn position(&self) -> (u64, u64) {
+        let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        (w.segment, w.len)
     }
 }
 
@@ -384,9 +405,11 @@ impl Shipper {
         let mut shipped = 0;
         let mut limit = READ_BYTES;
         loop {
-            // Which segment the writer is in *before* reading: a segment it had already left
-            // then can gain no line after our read, so reading it to the end is all of it.
-            let writer_at = log.current_segment();
+            // Where the writer is *before* reading: a segment it had already left then can
+            // gain no line after our read, so reading it to the end is all of it; of the
+            // segment it is in, only the groups it has finished writing are read (a group
+            // whose write fails is taken back and must not ship).
+            let (writer_at, committed) = log.position();
             let dir = log.dir.clone();
             let all = blocking(move || segments(&dir)).await?;
             let Some(&seg) = all.iter().find(|n| **n >= self.segment) else {
@@ -395,13 +418,21 @@ impl Shipper {
             if seg != self.segment {
                 (self.segment, self.offset) = (seg, 0);
             }
+            let mut want = limit;
+            if seg == writer_at {
+                let ready = committed.saturating_sub(self.offset);
+                if ready == 0 {
+                    return Ok(shipped);
+                }
+                want = want.min(ready);
+            }
             let path = segment_path(&log.dir, seg);
             let (p, offset) = (path.clone(), self.offset);
             let bytes = blocking(move || {
                 let mut f = File::open(&p)?;
                 f.seek(SeekFrom::Start(offset))?;
                 let mut bytes = Vec::new();
-                f.take(limit).read_to_end(&mut bytes)?;
+                f.take(want).read_to_end(&mut bytes)?;
                 Ok(bytes)
             })
             .await?;
@@ -419,7 +450,7 @@ impl Shipper {
                 }
             }
             self.offset += used as u64;
-            if bytes.len() as u64 == limit {
+            if bytes.len() as u64 == limit && want == limit {
                 // More in this segment than one read took. A single line longer than the read
                 // doubles the read; otherwise let requests run in between, so shipping a
                 // backlog does not stall them.
@@ -444,7 +475,7 @@ impl Shipper {
                 (self.segment, self.offset) = (seg + 1, 0);
                 continue;
             }
-            // Caught up with the writer (a partial line is a write in progress).
+            // Caught up with the writer.
             return Ok(shipped);
         }
     }
@@ -705,14 +736,9 @@ mod tests {
         let g1 = log.append(line("/b")).expect("b");
         let g2 = log.append(line("/c")).expect("c");
         assert_eq!(g1, g2, "one group");
-        // The disk is full when the group is written.
-        log.writer.lock().expect("lock").file = OpenOptions::new()
-            .append(true)
-            .open("/dev/full")
-            .expect("/dev/full");
+        log.writer.lock().expect("lock").fail_next = true;
         assert!(log.flush(g1).is_err());
         assert!(log.flush(g2).is_err(), "every line of the group is refused");
-        // The next line goes to a fresh segment and takes the next number after `/a`.
         log.record(line("/d")).expect("d");
         Shipper::default().ship(&log, &*s).await.expect("ship");
         let mut got: Vec<(i64, String)> = stored(&*s)
@@ -727,5 +753,38 @@ mod tests {
             .expect("verify")
             .broken
             .is_none());
+    }
+
+    /// When even taking the failed group back fails (the segment may keep part of it), its
+    /// numbers stay taken and writing moves to a new segment: no later, answered line can
+    /// reuse a number and be dropped as already shipped.
+    #[tokio::test]
+    async fn a_group_that_cannot_be_taken_back_keeps_its_numbers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path()).await;
+        let log = AuditLog::open(&dir.path().join("audit"), "n1", &*s, 1 << 20)
+            .await
+            .expect("open");
+        log.record(line("/a")).expect("a");
+        let g = log.append(line("/b")).expect("b");
+        // The disk is full and the file cannot be truncated.
+        log.writer.lock().expect("lock").file = OpenOptions::new()
+            .append(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        assert!(log.flush(g).is_err());
+        log.record(line("/c")).expect("c");
+        Shipper::default().ship(&log, &*s).await.expect("ship");
+        let mut got: Vec<(i64, String)> = stored(&*s)
+            .await
+            .into_iter()
+            .map(|e| (e.seq, e.path.unwrap_or_default()))
+            .collect();
+        got.sort();
+        assert_eq!(got, [(1, "/a".to_owned()), (3, "/c".to_owned())]);
+        assert_eq!(
+            segments(&dir.path().join("audit")).expect("segments").len(),
+            1
+        );
     }
 }

@@ -163,9 +163,12 @@ pub(crate) fn block_of(events: &[&AuditEvent]) -> crate::Result<Block> {
     })
 }
 
-/// The largest block body accepted when reading: a size prefix edited in the database must
-/// not make the reader allocate gigabytes.
-const MAX_BLOCK_BYTES: usize = 256 << 20;
+/// The largest block body and event count accepted when reading. Blocks are written with at
+/// most a few thousand events (a 64 KB ship batch, or 1,000 converted rows); an edited body
+/// that decompresses to more must not make a reader allocate gigabytes (LZ4 expands repeated
+/// text up to 255-fold).
+const MAX_BLOCK_BYTES: usize = 16 << 20;
+const MAX_BLOCK_EVENTS: usize = 20_000;
 
 /// A stored block's JSON lines: the body is LZ4-compressed with its size in front (JSON lines
 /// of audit events shrink about sixfold). `None` when it does not decompress.
@@ -183,41 +186,39 @@ pub fn stored_block(text: &[u8]) -> Vec<u8> {
     lz4_flex::compress_prepend_size(text)
 }
 
-/// The events of a stored block. A line that no longer parses (edited in the database) comes
-/// back as an event with that place's `seq` and no hash, which the chain check reports as
-/// changed and listings skip; a body that does not decompress, as one such event.
+/// The events of a stored block. The first line that no longer parses (edited in the
+/// database) ends the block with an event at that place's `seq` and no hash, which the chain
+/// check reports as changed and listings skip; so does a body that does not decompress, or
+/// one with more events than any block is written with.
 pub(crate) fn decode_block(node: &str, first_seq: i64, stored: &[u8]) -> Vec<AuditEvent> {
     let mut out = Vec::new();
     let mut next = first_seq;
+    let unreadable = |seq| AuditEvent {
+        node: node.to_owned(),
+        seq,
+        ..AuditEvent::default()
+    };
     let Some(body) = block_text(stored) else {
-        out.push(AuditEvent {
-            node: node.to_owned(),
-            seq: next,
-            ..AuditEvent::default()
-        });
+        out.push(unreadable(next));
         return out;
     };
     for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
         match serde_json::from_slice::<AuditEvent>(line) {
-            Ok(e) => {
+            Ok(e) if out.len() < MAX_BLOCK_EVENTS => {
                 next = e.seq.saturating_add(1);
                 out.push(e);
             }
-            Err(_) => {
-                out.push(AuditEvent {
-                    node: node.to_owned(),
-                    seq: next,
-                    ..AuditEvent::default()
-                });
-                next = next.saturating_add(1);
+            _ => {
+                out.push(unreadable(next));
+                break;
             }
         }
     }
     out
 }
 
-/// Whether `e` matches `f` and lies in `[lo, hi)` of ids.
-fn matches(f: &AuditFilter, lo: Option<&str>, hi: Option<&str>, e: &AuditEvent) -> bool {
+/// Whether `e` matches `f` and lies before the cursor (an event id).
+fn matches(f: &AuditFilter, cursor: Option<&str>, e: &AuditEvent) -> bool {
     fn eq(want: &Option<String>, have: Option<&str>) -> bool {
         want.as_deref().is_none_or(|w| have == Some(w))
     }
@@ -227,8 +228,9 @@ fn matches(f: &AuditFilter, lo: Option<&str>, hi: Option<&str>, e: &AuditEvent) 
         && eq(&f.user_id, e.user_id.as_deref())
         && eq(&f.action, Some(e.action.as_str()))
         && eq(&f.code, e.code.as_deref())
-        && lo.is_none_or(|lo| e.id.as_str() >= lo)
-        && hi.is_none_or(|hi| e.id.as_str() < hi)
+        && f.since_ms.is_none_or(|t| e.at_ms >= t)
+        && f.until_ms.is_none_or(|t| e.at_ms < t)
+        && cursor.is_none_or(|c| e.id.as_str() < c)
 }
 
 /// The smallest id of an event at or after `ms` (ids begin with the 13-digit time).
@@ -241,13 +243,14 @@ macro_rules! audit_methods {
     ($store:ty, $db:ty) => {
         impl $store {
             /// Writes one block and its references. `replay` tolerates a block that is
-            /// there already (two nodes converting the same old rows at once).
+            /// there already (two nodes converting the same old rows at once): then nothing is
+            /// written and the answer is `false`.
             async fn insert_block(
                 conn: &mut <$db as sqlx::Database>::Connection,
                 node: &str,
                 b: &Block,
                 replay: bool,
-            ) -> crate::Result<()> {
+            ) -> crate::Result<bool> {
                 let conflict = if replay { " ON CONFLICT DO NOTHING" } else { "" };
                 let mut q = sqlx::QueryBuilder::<$db>::new(
                     "INSERT INTO audit_blocks (node, first_seq, last_seq, min_id, max_id, events) ",
@@ -261,7 +264,9 @@ macro_rules! audit_methods {
                         .push_bind(b.events.as_slice());
                 });
                 q.push(conflict);
-                q.build().execute(&mut *conn).await?;
+                if q.build().execute(&mut *conn).await?.rows_affected() == 0 {
+                    return Ok(false);
+                }
                 for chunk in b.refs.chunks(500) {
                     let mut q = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO audit_block_refs (ref, max_id, node, first_seq, min_id) ",
@@ -276,7 +281,7 @@ macro_rules! audit_methods {
                     q.push(conflict);
                     q.build().execute(&mut *conn).await?;
                 }
-                Ok(())
+                Ok(true)
             }
 
             /// Moves the rows of `audit_events` (where earlier versions stored one event per
@@ -307,13 +312,27 @@ macro_rules! audit_methods {
                     }
                     for (node, evs) in by_node {
                         let b = block_of(&evs)?;
-                        Self::insert_block(&mut *tx, node, &b, true).await?;
+                        // Another node may have moved (some of) these rows first: then delete
+                        // only what its block holds, and take the rest in the next round.
+                        let last_seq = if Self::insert_block(&mut *tx, node, &b, true).await? {
+                            b.last_seq
+                        } else {
+                            sqlx::QueryBuilder::<$db>::new(
+                                "SELECT last_seq FROM audit_blocks WHERE node = ",
+                            )
+                            .push_bind(node)
+                            .push(" AND first_seq = ")
+                            .push_bind(b.first_seq)
+                            .build_query_scalar()
+                            .fetch_one(&mut *tx)
+                            .await?
+                        };
                         sqlx::QueryBuilder::<$db>::new("DELETE FROM audit_events WHERE node = ")
                             .push_bind(node)
                             .push(" AND seq >= ")
                             .push_bind(b.first_seq)
                             .push(" AND seq <= ")
-                            .push_bind(b.last_seq)
+                            .push_bind(last_seq)
                             .build()
                             .execute(&mut *tx)
                             .await?;
@@ -459,7 +478,7 @@ macro_rules! audit_methods {
                         out.extend(
                             decode_block(&node, first_seq, &body)
                                 .into_iter()
-                                .filter(|e| matches(f, lo.as_deref(), hi.as_deref(), e)),
+                                .filter(|e| matches(f, page.cursor.as_deref(), e)),
                         );
                         out.sort_unstable_by(|a, b| b.id.cmp(&a.id));
                         out.truncate(limit);

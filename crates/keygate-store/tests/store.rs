@@ -615,6 +615,24 @@ async fn an_edited_or_deleted_audit_event_or_block_is_detected() {
         assert_eq!((b.seq, b.problem), (1, ChainProblem::Changed));
         raw.set_block(1, &first).await;
 
+        // Someone writes a block that decompresses to a flood of empty events: it is
+        // reported, not read without end.
+        raw.set_block(1, &"{}\n".repeat(300_000)).await;
+        let b = verify_all(&*s, "n1").await.expect_err("flood");
+        assert_eq!(b.problem, ChainProblem::Changed);
+        let listed = s
+            .list_audit(
+                &AuditFilter::default(),
+                &PageRequest {
+                    cursor: None,
+                    limit: 100,
+                },
+            )
+            .await
+            .expect("list");
+        assert_eq!(listed.len(), 3, "only the intact block's events are listed");
+        raw.set_block(1, &first).await;
+
         // Someone changes the last event and re-hashes it: the head no longer matches.
         let mut last = c[5].clone();
         last.actor = "key_forged".into();

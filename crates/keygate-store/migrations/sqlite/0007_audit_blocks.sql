@@ -13,7 +13,8 @@ CREATE TABLE audit_blocks (
     events     BLOB NOT NULL,
     PRIMARY KEY (node, first_seq)
 );
-CREATE INDEX audit_blocks_max_id ON audit_blocks (max_id);
+-- Covering min_id too, so a page deep in the log skips newer blocks without reading them.
+CREATE INDEX audit_blocks_max_id ON audit_blocks (max_id, min_id);
 
 CREATE TABLE audit_block_refs (
     ref        TEXT NOT NULL,
@@ -21,6 +22,6 @@ CREATE TABLE audit_block_refs (
     node       TEXT NOT NULL,
     first_seq  BIGINT NOT NULL,
     min_id     TEXT NOT NULL,
-    PRIMARY KEY (ref, max_id, node, first_seq)
+    PRIMARY KEY (ref, max_id, min_id, node, first_seq)
 );
 CREATE INDEX audit_block_refs_block ON audit_block_refs (node, first_seq, ref);
