@@ -775,6 +775,70 @@ async fn audit_listings_over_many_blocks_match_a_plain_filter() {
     .await;
 }
 
+/// Stores `events` as rows of `audit_events` (how versions before audit blocks kept them)
+/// instead of blocks.
+async fn put_back_as_rows(raw: &Raw, events: &[AuditEvent]) {
+    for e in events {
+        let sql = format!(
+            "INSERT INTO audit_events (node, seq, id, at, tenant_id, actor, action, key_id, \
+             code, status, credits, prev_hash, hash) VALUES ('{}', {}, '{}', {}, '{}', '{}', \
+             '{}', '{}', '{}', {}, {}, '{}', '{}')",
+            e.node,
+            e.seq,
+            e.id,
+            e.at_ms,
+            e.tenant_id.as_deref().unwrap_or(""),
+            e.actor,
+            e.action,
+            e.key_id.as_deref().unwrap_or(""),
+            e.code.as_deref().unwrap_or(""),
+            e.status.unwrap_or(0),
+            e.credits.unwrap_or(0),
+            e.prev_hash,
+            e.hash
+        );
+        assert_eq!(raw.exec(&sql).await, 1);
+    }
+    raw.exec("DELETE FROM audit_block_refs").await;
+    raw.exec("DELETE FROM audit_blocks").await;
+}
+
+/// Two nodes of a shared store that start together both move the old rows: every event ends
+/// up in exactly one block.
+#[tokio::test]
+async fn two_nodes_moving_old_rows_at_once_keep_every_event_once() {
+    on_both(|s, raw| async move {
+        // SQLite is one node's store.
+        let Raw::Pg(pool) = &raw else { return };
+        let c = chain_of("n1", 2_400, 1_800_000_000_000);
+        s.append_audit(&c).await.expect("append");
+        put_back_as_rows(&raw, &c).await;
+        let (a, b) = (
+            PgStore::from_pool(pool.clone()),
+            PgStore::from_pool(pool.clone()),
+        );
+        let (x, y) = tokio::join!(a.migrate(), b.migrate());
+        x.expect("node a");
+        y.expect("node b");
+        let all = s
+            .list_audit(
+                &AuditFilter::default(),
+                &PageRequest {
+                    cursor: None,
+                    limit: 5_000,
+                },
+            )
+            .await
+            .expect("list");
+        let mut ids: Vec<&str> = all.iter().map(|e| e.id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!((all.len(), ids.len()), (2_400, 2_400));
+        assert_eq!(verify_all(&*s, "n1").await.expect("intact"), 2_400);
+    })
+    .await;
+}
+
 /// Events stored one per row by an earlier version move into blocks when the store starts,
 /// keeping their ids, hashes and order.
 #[tokio::test]
@@ -793,29 +857,7 @@ async fn row_audit_events_of_an_earlier_version_move_into_blocks() {
             .await
             .expect("list");
         // Put them back as rows, the way the earlier version stored them.
-        for e in &c {
-            let sql = format!(
-                "INSERT INTO audit_events (node, seq, id, at, tenant_id, actor, action, key_id, \
-                 code, status, credits, prev_hash, hash) VALUES ('{}', {}, '{}', {}, '{}', '{}', \
-                 '{}', '{}', '{}', {}, {}, '{}', '{}')",
-                e.node,
-                e.seq,
-                e.id,
-                e.at_ms,
-                e.tenant_id.as_deref().unwrap_or(""),
-                e.actor,
-                e.action,
-                e.key_id.as_deref().unwrap_or(""),
-                e.code.as_deref().unwrap_or(""),
-                e.status.unwrap_or(0),
-                e.credits.unwrap_or(0),
-                e.prev_hash,
-                e.hash
-            );
-            assert_eq!(raw.exec(&sql).await, 1);
-        }
-        raw.exec("DELETE FROM audit_block_refs").await;
-        raw.exec("DELETE FROM audit_blocks").await;
+        put_back_as_rows(&raw, &c).await;
         s.migrate().await.expect("migrate again");
         assert_eq!(raw.exec("DELETE FROM audit_events").await, 0, "all moved");
         let got = s
