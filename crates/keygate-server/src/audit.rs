@@ -287,13 +287,18 @@ impl AuditLog {
                         w.forgotten_below = f + 1;
                     }
                 }
-                if w.len != u64::MAX {
-                    // Nothing of the group stayed in the file (and the shipper reads only
-                    // finished groups): its numbers go back, so the chain has no gap.
-                    w.seq = w.group_start;
-                }
-                // Otherwise part of it may have stayed in the segment, which will ship: those
-                // numbers are taken.
+                // Nothing of the group stayed in the file (and the shipper reads only finished
+                // groups): its numbers go back, so the chain has no gap. If the file could not
+                // be cut back, its whole lines will ship: their numbers stay taken, the rest
+                // go back (and if even reading it fails, all stay taken).
+                w.seq = if w.len == u64::MAX {
+                    match self.last_whole_seq(w.segment) {
+                        Ok(last) => last.max(w.group_start),
+                        Err(_) => w.seq,
+                    }
+                } else {
+                    w.group_start
+                };
                 w.group_start = w.seq;
                 w.pending.clear();
                 w.done = w.group;
@@ -310,6 +315,18 @@ impl AuditLog {
             return Err(std::io::Error::other("the audit segment write failed"));
         }
         Ok(())
+    }
+
+    /// The `seq` of this node's last whole line in `segment` (0 if none).
+    fn last_whole_seq(&self, segment: u64) -> std::io::Result<i64> {
+        let bytes = std::fs::read(segment_path(&self.dir, segment))?;
+        let (events, _) = parse_lines(&bytes);
+        Ok(events
+            .iter()
+            .filter(|e| e.node == self.node)
+            .map(|e| e.seq)
+            .max()
+            .unwrap_or(0))
     }
 
     fn write_group(&self, w: &mut Writer) -> std::io::Result<()> {
@@ -755,11 +772,11 @@ mod tests {
             .is_none());
     }
 
-    /// When even taking the failed group back fails (the segment may keep part of it), its
-    /// numbers stay taken and writing moves to a new segment: no later, answered line can
-    /// reuse a number and be dropped as already shipped.
+    /// When even taking the failed group back fails, the segment may keep whole lines of it,
+    /// which will ship: their numbers stay taken, the others go back, and writing moves to a
+    /// new segment. No answered line reuses a shipped number, and the chain has no gap.
     #[tokio::test]
-    async fn a_group_that_cannot_be_taken_back_keeps_its_numbers() {
+    async fn a_group_that_cannot_be_taken_back_keeps_the_numbers_of_its_whole_lines() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = store(dir.path()).await;
         let log = AuditLog::open(&dir.path().join("audit"), "n1", &*s, 1 << 20)
@@ -767,13 +784,26 @@ mod tests {
             .expect("open");
         log.record(line("/a")).expect("a");
         let g = log.append(line("/b")).expect("b");
-        // The disk is full and the file cannot be truncated.
+        log.append(line("/c")).expect("c");
+        // The disk fills up midway through the group: `/b` is written whole, `/c` torn, and
+        // the file cannot be truncated.
+        let torn = {
+            let w = log.writer.lock().expect("lock");
+            let text = String::from_utf8(w.pending.clone()).expect("utf8");
+            let b_len = text.find('\n').expect("two lines") + 1;
+            text[..b_len + 20].to_owned()
+        };
+        OpenOptions::new()
+            .append(true)
+            .open(segment_path(&dir.path().join("audit"), 1))
+            .and_then(|mut f| f.write_all(torn.as_bytes()))
+            .expect("partial write");
         log.writer.lock().expect("lock").file = OpenOptions::new()
             .append(true)
             .open("/dev/full")
             .expect("/dev/full");
         assert!(log.flush(g).is_err());
-        log.record(line("/c")).expect("c");
+        log.record(line("/d")).expect("d");
         Shipper::default().ship(&log, &*s).await.expect("ship");
         let mut got: Vec<(i64, String)> = stored(&*s)
             .await
@@ -781,10 +811,24 @@ mod tests {
             .map(|e| (e.seq, e.path.unwrap_or_default()))
             .collect();
         got.sort();
-        assert_eq!(got, [(1, "/a".to_owned()), (3, "/c".to_owned())]);
+        // `/b` was written whole and ships (its request was refused, but the line is there);
+        // `/c` is gone and its number went to `/d`.
+        assert_eq!(
+            got,
+            [
+                (1, "/a".to_owned()),
+                (2, "/b".to_owned()),
+                (3, "/d".to_owned())
+            ]
+        );
         assert_eq!(
             segments(&dir.path().join("audit")).expect("segments").len(),
             1
         );
+        assert!(keygate_store::verify_audit(&*s)
+            .await
+            .expect("verify")
+            .broken
+            .is_none());
     }
 }

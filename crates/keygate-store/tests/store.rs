@@ -472,6 +472,19 @@ fn decided(node: &str, seq: i64, prev: &str, key: &str, code: &str, at_ms: i64) 
     e
 }
 
+/// The first `limit` events matching `f`, newest first.
+async fn newest(s: &dyn Store, f: &AuditFilter, limit: u32) -> Vec<AuditEvent> {
+    s.list_audit(
+        f,
+        &PageRequest {
+            cursor: None,
+            limit,
+        },
+    )
+    .await
+    .expect("list audit")
+}
+
 fn chain_of(node: &str, n: i64, t0: i64) -> Vec<AuditEvent> {
     let mut prev = keygate_core::audit::GENESIS.to_owned();
     (1..=n)
@@ -504,16 +517,7 @@ async fn audit_events_append_once_list_and_roll_up_usage() {
         s.append_audit(&c[..4]).await.expect("append");
         // A replay after a crash sends events that already arrived: they are skipped.
         s.append_audit(&c).await.expect("replay");
-        let all = s
-            .list_audit(
-                &AuditFilter::default(),
-                &PageRequest {
-                    cursor: None,
-                    limit: 100,
-                },
-            )
-            .await
-            .expect("list");
+        let all = newest(s.as_ref(), &AuditFilter::default(), 100).await;
         assert_eq!(all.len(), 9, "each event once");
         assert_eq!(all[0].seq, 9, "newest first");
         assert_eq!(all[0], c[8], "every field round-trips");
@@ -528,33 +532,25 @@ async fn audit_events_append_once_list_and_roll_up_usage() {
             .await
             .expect("page");
         assert_eq!(page.len(), 5);
-        let limited = s
-            .list_audit(
-                &AuditFilter {
-                    code: Some("RATE_LIMITED".into()),
-                    ..AuditFilter::default()
-                },
-                &PageRequest {
-                    cursor: None,
-                    limit: 100,
-                },
-            )
-            .await
-            .expect("filter");
+        let limited = newest(
+            s.as_ref(),
+            &AuditFilter {
+                code: Some("RATE_LIMITED".into()),
+                ..AuditFilter::default()
+            },
+            100,
+        )
+        .await;
         assert_eq!(limited.len(), 3);
-        let other = s
-            .list_audit(
-                &AuditFilter {
-                    tenant_id: Some("t2".into()),
-                    ..AuditFilter::default()
-                },
-                &PageRequest {
-                    cursor: None,
-                    limit: 100,
-                },
-            )
-            .await
-            .expect("filter");
+        let other = newest(
+            s.as_ref(),
+            &AuditFilter {
+                tenant_id: Some("t2".into()),
+                ..AuditFilter::default()
+            },
+            100,
+        )
+        .await;
         assert!(other.is_empty());
         assert_eq!(verify_all(&*s, "n1").await.expect("intact"), 9);
         // Usage: 9 requests over seconds 1..9 of one minute: 6 VALID × 5 credits, 3 limited.
@@ -620,16 +616,7 @@ async fn an_edited_or_deleted_audit_event_or_block_is_detected() {
         raw.set_block(1, &"{}\n".repeat(300_000)).await;
         let b = verify_all(&*s, "n1").await.expect_err("flood");
         assert_eq!(b.problem, ChainProblem::Changed);
-        let listed = s
-            .list_audit(
-                &AuditFilter::default(),
-                &PageRequest {
-                    cursor: None,
-                    limit: 100,
-                },
-            )
-            .await
-            .expect("list");
+        let listed = newest(s.as_ref(), &AuditFilter::default(), 100).await;
         assert_eq!(listed.len(), 3, "only the intact block's events are listed");
         raw.set_block(1, &first).await;
 
@@ -820,16 +807,7 @@ async fn two_nodes_moving_old_rows_at_once_keep_every_event_once() {
         let (x, y) = tokio::join!(a.migrate(), b.migrate());
         x.expect("node a");
         y.expect("node b");
-        let all = s
-            .list_audit(
-                &AuditFilter::default(),
-                &PageRequest {
-                    cursor: None,
-                    limit: 5_000,
-                },
-            )
-            .await
-            .expect("list");
+        let all = newest(s.as_ref(), &AuditFilter::default(), 5_000).await;
         let mut ids: Vec<&str> = all.iter().map(|e| e.id.as_str()).collect();
         ids.sort_unstable();
         ids.dedup();
@@ -846,45 +824,23 @@ async fn row_audit_events_of_an_earlier_version_move_into_blocks() {
     on_both(|s, raw| async move {
         let c = chain_of("n1", 1_203, 1_800_000_000_000);
         s.append_audit(&c).await.expect("append");
-        let expected = s
-            .list_audit(
-                &AuditFilter::default(),
-                &PageRequest {
-                    cursor: None,
-                    limit: 2_000,
-                },
-            )
-            .await
-            .expect("list");
+        let expected = newest(s.as_ref(), &AuditFilter::default(), 2_000).await;
         // Put them back as rows, the way the earlier version stored them.
         put_back_as_rows(&raw, &c).await;
         s.migrate().await.expect("migrate again");
         assert_eq!(raw.exec("DELETE FROM audit_events").await, 0, "all moved");
-        let got = s
-            .list_audit(
-                &AuditFilter::default(),
-                &PageRequest {
-                    cursor: None,
-                    limit: 2_000,
-                },
-            )
-            .await
-            .expect("list");
+        let got = newest(s.as_ref(), &AuditFilter::default(), 2_000).await;
         assert_eq!(got, expected);
         assert_eq!(verify_all(&*s, "n1").await.expect("intact"), 1_203);
-        let limited = s
-            .list_audit(
-                &AuditFilter {
-                    code: Some("RATE_LIMITED".into()),
-                    ..AuditFilter::default()
-                },
-                &PageRequest {
-                    cursor: None,
-                    limit: 2_000,
-                },
-            )
-            .await
-            .expect("filter");
+        let limited = newest(
+            s.as_ref(),
+            &AuditFilter {
+                code: Some("RATE_LIMITED".into()),
+                ..AuditFilter::default()
+            },
+            2_000,
+        )
+        .await;
         assert_eq!(limited.len(), 401);
     })
     .await;
