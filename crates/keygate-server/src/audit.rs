@@ -99,8 +99,6 @@ struct Writer {
     group: u64,
     /// `seq` before the group's first line (a failed group gives its numbers back).
     group_start: i64,
-    /// The last group written or failed.
-    done: u64,
     /// Recent groups whose write failed.
     failed: std::collections::VecDeque<u64>,
     /// Groups below this one may have failed without being remembered.
@@ -231,7 +229,6 @@ impl AuditLog {
                 pending: Vec::with_capacity(64 << 10),
                 group: 1,
                 group_start: seq,
-                done: 0,
                 failed: std::collections::VecDeque::new(),
                 forgotten_below: 0,
                 #[cfg(test)]
@@ -277,7 +274,8 @@ impl AuditLog {
     pub fn flush(&self, group: u64) -> std::io::Result<()> {
         let mut guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let w = &mut *guard;
-        if w.done < group {
+        // Groups before the one being filled are written (or failed).
+        if group == w.group {
             let result = self.write_group(w);
             if let Err(e) = result {
                 let g = w.group;
@@ -301,12 +299,10 @@ impl AuditLog {
                 };
                 w.group_start = w.seq;
                 w.pending.clear();
-                w.done = w.group;
                 w.group += 1;
                 return Err(e);
             }
             w.pending.clear();
-            w.done = w.group;
             w.group += 1;
             w.group_start = w.seq;
         }
@@ -732,7 +728,7 @@ mod tests {
         for t in tasks {
             t.await.expect("task");
         }
-        let groups = log.writer.lock().expect("lock").done;
+        let groups = log.writer.lock().expect("lock").group - 1;
         assert!(groups < 10, "50 lines took {groups} writes");
         Shipper::default().ship(&log, &*s).await.expect("ship");
         let mut seqs: Vec<i64> = stored(&*s).await.iter().map(|e| e.seq).collect();
