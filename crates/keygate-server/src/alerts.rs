@@ -3,19 +3,113 @@
 //! first use from a new network or origin). Each alert is a row in `alerts` (one per incident:
 //! its `dedupe` value is unique across nodes), an audit event and a webhook.
 //!
-//! The rules read the audit events as the shipper moves them to the store, so they cost the
-//! hot path nothing; a node judges the events it served (refusal bursts and rate spikes are
+//! The rules read a summary of each batch of audit events the shipper moves to the store (its
+//! decided requests counted by key, minute, code and place), so they cost the hot path
+//! nothing and the shipper one pass over fields it reads anyway; a node judges the events it
+//! served (refusal bursts and rate spikes are
 //! per node), while budgets, credits and sightings are read from the shared store.
 
 use crate::state::{now_ms, AppState};
-use keygate_core::AuditEvent;
-use keygate_store::{Alert, UsageOf};
+use keygate_store::{Alert, RawEvent, UsageOf};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Refusal codes that point at someone probing a key.
 const PROBING: &[&str] = &["ORIGIN_NOT_ALLOWED", "IP_NOT_ALLOWED", "FORBIDDEN_SCOPE"];
+
+/// Decided requests of one batch with the same key, tenant, code, minute and place: what the
+/// rules need of the events, counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// Key.
+    pub key: String,
+    /// Its tenant.
+    pub tenant: String,
+    /// Decision code.
+    pub code: String,
+    /// The minute (Unix ms) they fall in.
+    pub minute: i64,
+    /// The last one's time (Unix ms).
+    pub at_ms: i64,
+    /// How many.
+    pub requests: u32,
+    /// Credits they drew.
+    pub credits: i64,
+    /// Client IP, for keys that are not publishable (publishable keys live in browsers, on
+    /// every network and, within their list, origin: a new place is no news for them, and
+    /// anyone could flood the rule with one).
+    pub ip: Option<String>,
+    /// `Origin`, likewise (up to 255 bytes).
+    pub origin: Option<String>,
+}
+
+/// The batch's decided requests, counted (in the order their groups first appear).
+pub fn summarize(events: &[RawEvent<'_>]) -> Vec<Seen> {
+    type Group<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        i64,
+        Option<&'a str>,
+        Option<&'a str>,
+    );
+    let mut index: HashMap<Group<'_>, usize> = HashMap::new();
+    let mut out: Vec<Seen> = Vec::new();
+    for e in events {
+        let h = &e.head;
+        if h.action != "request.decided" {
+            continue;
+        }
+        let (Some(key), Some(tenant), Some(code)) = (&h.key_id, &h.tenant_id, &h.code) else {
+            continue;
+        };
+        let minute = h.at_ms - h.at_ms.rem_euclid(60_000);
+        let (ip, origin) = if h.kind.as_deref() == Some("pk") {
+            (None, None)
+        } else {
+            (
+                h.ip.as_deref(),
+                h.origin.as_deref().filter(|o| o.len() <= 255),
+            )
+        };
+        let group = (&**key, &**tenant, &**code, minute, ip, origin);
+        let i = *index.entry(group).or_insert_with(|| {
+            out.push(Seen {
+                key: key.to_string(),
+                tenant: tenant.to_string(),
+                code: code.to_string(),
+                minute,
+                at_ms: h.at_ms,
+                requests: 0,
+                credits: 0,
+                ip: ip.map(str::to_owned),
+                origin: origin.map(str::to_owned),
+            });
+            out.len() - 1
+        });
+        let s = &mut out[i];
+        s.requests = s.requests.saturating_add(1);
+        s.credits = s.credits.saturating_add(h.credits.unwrap_or(0).max(0));
+        s.at_ms = s.at_ms.max(h.at_ms);
+    }
+    out
+}
+
+/// Whether a count going from `before` to `after` reaches `floor` or one of its doublings.
+fn crosses(before: u32, after: u32, floor: u32) -> bool {
+    let mut m = floor;
+    while m <= after {
+        if m > before {
+            return true;
+        }
+        match m.checked_mul(2) {
+            Some(next) => m = next,
+            None => return false,
+        }
+    }
+    false
+}
 
 #[derive(Default)]
 struct Rules {
@@ -86,20 +180,18 @@ pub async fn raise(
 }
 
 impl Rules {
-    async fn observe(&mut self, state: &AppState, events: &[AuditEvent]) {
+    async fn observe(&mut self, state: &AppState, seen: &[Seen]) {
         let cfg = &state.config.alerts;
-        let mut budget_keys: HashSet<String> = HashSet::new();
-        let mut tenants: HashSet<String> = HashSet::new();
-        let mut spikes: Vec<(String, String, i64, u32)> = Vec::new();
-        for e in events.iter().filter(|e| e.action == "request.decided") {
-            let (Some(key), Some(tenant), Some(code)) = (&e.key_id, &e.tenant_id, &e.code) else {
-                continue;
-            };
-            let minute = e.at_ms - e.at_ms.rem_euclid(60_000);
-            if PROBING.contains(&code.as_str()) && cfg.refusal_burst > 0 {
+        let mut budget_keys: HashSet<&str> = HashSet::new();
+        let mut tenants: HashSet<&str> = HashSet::new();
+        let mut spikes: Vec<(&str, &str, i64, u32)> = Vec::new();
+        for s in seen {
+            let (key, tenant, code, minute) = (&*s.key, &*s.tenant, &*s.code, s.minute);
+            if PROBING.contains(&code) && cfg.refusal_burst > 0 {
                 let n = self.refusals.entry((slot(key), minute)).or_default();
-                *n += 1;
-                if *n == cfg.refusal_burst {
+                let before = *n;
+                *n = n.saturating_add(s.requests);
+                if before < cfg.refusal_burst && *n >= cfg.refusal_burst {
                     raise(
                         state,
                         "alert.unusual_activity",
@@ -124,49 +216,36 @@ impl Rules {
                 )
                 .await;
             }
-            if code == "INSUFFICIENT_CREDITS" && !tenants.contains(tenant) {
-                tenants.insert(tenant.clone());
+            if code == "INSUFFICIENT_CREDITS" {
+                tenants.insert(tenant);
             }
             if code != "VALID" {
                 continue;
             }
-            if e.credits.unwrap_or(0) > 0 {
-                if cfg.budget_warning_percent > 0 && !budget_keys.contains(key) {
-                    budget_keys.insert(key.clone());
+            if s.credits > 0 {
+                if cfg.budget_warning_percent > 0 {
+                    budget_keys.insert(key);
                 }
-                if !tenants.contains(tenant) {
-                    tenants.insert(tenant.clone());
-                }
+                tenants.insert(tenant);
             }
             let n = self.requests.entry((slot(key), minute)).or_default();
-            *n += 1;
+            let before = *n;
+            *n = n.saturating_add(s.requests);
             // Look at the rate when a minute's count reaches the floor, and at each doubling.
             if cfg.spike_min_requests > 0
                 && cfg.spike_factor > 0.0
-                && *n >= cfg.spike_min_requests
-                && (*n / cfg.spike_min_requests).is_power_of_two()
-                && n.is_multiple_of(cfg.spike_min_requests)
+                && crosses(before, *n, cfg.spike_min_requests)
             {
-                spikes.push((key.clone(), tenant.clone(), minute, *n));
-            }
-            // Publishable keys live in browsers, on every network and (within their list) origin:
-            // a new place is no news for them, and anyone could flood the rule with one.
-            if e.kind.as_deref() == Some("pk") {
-                continue;
+                spikes.push((key, tenant, minute, *n));
             }
             let places = [
                 (
                     "network",
                     cfg.new_network
-                        .then(|| e.ip.as_deref().and_then(network))
+                        .then(|| s.ip.as_deref().and_then(network))
                         .flatten(),
                 ),
-                (
-                    "origin",
-                    cfg.new_origin
-                        .then(|| e.origin.clone().filter(|o| o.len() <= 255))
-                        .flatten(),
-                ),
+                ("origin", cfg.new_origin.then(|| s.origin.clone()).flatten()),
             ];
             for (kind, place) in places {
                 let Some(place) = place else {
@@ -178,7 +257,7 @@ impl Rules {
                 if !self.seen.insert(slot((key, kind, &place))) {
                     continue;
                 }
-                match state.store.note_sighting(key, kind, &place, e.at_ms).await {
+                match state.store.note_sighting(key, kind, &place, s.at_ms).await {
                     Ok(Some(true)) => {
                         raise(
                             state,
@@ -200,7 +279,7 @@ impl Rules {
             let before = state
                 .store
                 .usage(
-                    &UsageOf::Key(key.clone()),
+                    &UsageOf::Key(key.to_owned()),
                     60_000,
                     minute - 3_600_000,
                     minute,
@@ -213,8 +292,8 @@ impl Rules {
                 raise(
                     state,
                     "alert.unusual_activity",
-                    &tenant,
-                    Some(&key),
+                    tenant,
+                    Some(key),
                     format!("spike:{key}:{}", minute / 3_600_000),
                     format!("{key} made {n} requests in a minute; its last hour averaged {per_minute:.1} a minute"),
                     serde_json::json!({"rule": "rate_spike", "key_id": key, "requests": n, "baseline_per_minute": per_minute}),
@@ -223,7 +302,7 @@ impl Rules {
             }
         }
         for key in budget_keys {
-            let Ok(Some(k)) = state.store.get_key(&key).await else {
+            let Ok(Some(k)) = state.store.get_key(key).await else {
                 continue;
             };
             let Some(budget) = k.budget.filter(|b| *b > 0) else {
@@ -248,14 +327,14 @@ impl Rules {
         }
         if cfg.tenant_credits_low > 0 {
             for t in tenants {
-                let Ok(Some(tenant)) = state.store.get_tenant(&t).await else {
+                let Ok(Some(tenant)) = state.store.get_tenant(t).await else {
                     continue;
                 };
                 if let Some(c) = tenant.credits.filter(|c| *c < cfg.tenant_credits_low) {
                     raise(
                         state,
                         "tenant.credits_low",
-                        &t,
+                        t,
                         None,
                         format!("credits_low:{t}:{}", now_ms() / 86_400_000),
                         format!("tenant {t} has {c} credits left"),
@@ -304,7 +383,7 @@ pub async fn check_expiring(state: &AppState) {
 /// Judges shipped audit events as they come, and looks for expiring keys every hour.
 pub async fn run_alerts(
     state: AppState,
-    mut events: mpsc::Receiver<Vec<AuditEvent>>,
+    mut events: mpsc::Receiver<Vec<Seen>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut rules = Rules::default();

@@ -3,21 +3,23 @@
 //! Every decision and every change becomes one line of JSON appended to a local segment file
 //! (`<audit.dir>/<n>.jsonl`) **before** the answer leaves: a `write(2)` into the page cache,
 //! which survives `kill -9` of the process (not a power cut: the segment is not fsynced per
-//! event). A shipper task reads the segments behind the writer, chains the events by hash
-//! (per node: `seq` 1, 2, 3, …, each `hash` over the previous one), and appends them to the
-//! store in batches, in one transaction with the node's chain head and the per-minute usage
-//! roll-up. A segment is deleted once every line of it is in the store. On start the shipper
+//! event). A shipper task reads the segments behind the writer and hands the lines, as
+//! written, to the store in batches; the store chains them by hash (per node: `seq` 1, 2, 3,
+//! …, each `hash` over the previous one and the line's bytes) and stores them in one
+//! transaction with the node's chain head and the per-minute usage roll-up. The shipper reads
+//! only the fields it needs from each line (borrowed, not copied), and hands the alert rules
+//! a summary of the batch instead of the events. A segment is deleted once every line of it is in the store. On start the shipper
 //! begins with whatever segments are left, skipping events at or below the stored head, so a
 //! crash between the store's commit and the segment's deletion ships nothing twice.
 //!
-//! Hashing and ids are the shipper's work, not the hot path's: a decision only formats one
-//! line into a reused buffer and writes it.
+//! Hashing and ids are the shipper's and the store's work, not the hot path's: a decision
+//! only formats one line into a reused buffer and writes it.
 
-use keygate_core::audit::GENESIS;
+use keygate_core::audit::LineHead;
 use keygate_core::AuditEvent;
-use keygate_store::Store;
+use keygate_store::{RawEvent, Store};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::IpAddr;
@@ -147,24 +149,66 @@ fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
     Ok(out)
 }
 
-/// The events in `bytes` up to its last newline, and how many bytes that was. A line that
-/// does not parse (torn by a crash mid-write, which a single small `write` makes unlikely) is
-/// logged and skipped.
-fn parse_lines(bytes: &[u8]) -> (Vec<AuditEvent>, usize) {
+/// Makes NUL characters U+FFFD in a line just written by `serde_json`, which escapes NUL as
+/// `\u0000`: the escape of U+FFFD, `\ufffd`, has the same length, so it is swapped in place.
+/// (PostgreSQL refuses NUL in text, and a stored event must read back as it was chained.) A
+/// line without a backslash, the usual one, is only scanned once.
+fn scrub_nul(line: &mut [u8]) {
+    let mut from = 0;
+    while let Some(at) = line[from..].iter().position(|b| *b == b'\\') {
+        let at = from + at;
+        // `at` starts an escape (an escaped backslash is skipped whole below).
+        if line[at..].starts_with(b"\\u0000") {
+            line[at..at + 6].copy_from_slice(b"\\ufffd");
+        }
+        from = at + 2;
+        if from >= line.len() {
+            break;
+        }
+    }
+}
+
+/// The lines in `bytes` up to its last newline, each with the fields the store needs, and
+/// how many bytes that was. A line that does not parse (torn by a crash mid-write, which a
+/// single small `write` makes unlikely) is logged and skipped.
+fn read_lines(bytes: &[u8]) -> (Vec<RawEvent<'_>>, usize) {
     let Some(end) = bytes.iter().rposition(|b| *b == b'\n') else {
         return (Vec::new(), 0);
     };
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(end / 256);
     for line in bytes[..end].split(|b| *b == b'\n') {
         if line.is_empty() {
             continue;
         }
-        match serde_json::from_slice::<AuditEvent>(line) {
-            Ok(e) => out.push(e),
+        match LineHead::scan(line).map_or_else(|| serde_json::from_slice::<LineHead<'_>>(line), Ok)
+        {
+            Ok(mut head) => {
+                scrub(&mut head);
+                out.push(RawEvent { line, head });
+            }
             Err(e) => tracing::error!("skipping an unreadable audit line: {e}"),
         }
     }
     (out, end + 1)
+}
+
+/// NUL characters, which PostgreSQL's TEXT refuses (one would stop every batch after it),
+/// become U+FFFD in the fields the store keeps in columns (node, usage and references). The
+/// line itself, which is chained and stored as bytes, keeps them.
+fn scrub(h: &mut LineHead<'_>) {
+    fn fix(f: &mut Cow<'_, str>) {
+        if f.contains('\0') {
+            *f = Cow::Owned(f.replace('\0', "\u{fffd}"));
+        }
+    }
+    fix(&mut h.node);
+    fix(&mut h.action);
+    for f in [&mut h.tenant_id, &mut h.key_id, &mut h.user_id, &mut h.code]
+        .into_iter()
+        .flatten()
+    {
+        fix(f);
+    }
 }
 
 /// The node id: the configured one, else the one this audit directory was first started with
@@ -206,9 +250,9 @@ impl AuditLog {
         let existing = segments(dir).map_err(io)?;
         for n in &existing {
             let bytes = std::fs::read(segment_path(dir, *n)).map_err(io)?;
-            let (events, _) = parse_lines(&bytes);
-            for e in events.iter().filter(|e| e.node == node) {
-                seq = seq.max(e.seq);
+            let (events, _) = read_lines(&bytes);
+            for e in events.iter().filter(|e| e.head.node == node) {
+                seq = seq.max(e.head.seq);
             }
         }
         let segment = existing.last().map_or(1, |n| n + 1);
@@ -265,6 +309,7 @@ impl AuditLog {
             w.pending.truncate(start);
             return Err(e.into());
         }
+        scrub_nul(&mut w.pending[start..]);
         w.pending.push(b'\n');
         w.seq += 1;
         Ok(w.group)
@@ -316,11 +361,11 @@ impl AuditLog {
     /// The `seq` of this node's last whole line in `segment` (0 if none).
     fn last_whole_seq(&self, segment: u64) -> std::io::Result<i64> {
         let bytes = std::fs::read(segment_path(&self.dir, segment))?;
-        let (events, _) = parse_lines(&bytes);
+        let (events, _) = read_lines(&bytes);
         Ok(events
             .iter()
-            .filter(|e| e.node == self.node)
-            .map(|e| e.seq)
+            .filter(|e| e.head.node == self.node)
+            .map(|e| e.head.seq)
             .max()
             .unwrap_or(0))
     }
@@ -360,55 +405,52 @@ impl AuditLog {
     }
 }
 
-/// Bytes read from a segment per batch (about 170 events, one block): the shipper yields to
-/// requests between batches, so a batch is as long as a request may wait behind it (under a
-/// millisecond on one core; 256 KB batches gave a p99 of 10 ms under full load).
-const READ_BYTES: u64 = 64 << 10;
+/// Bytes read from a segment per batch (about 3,000 events): one transaction in the store.
+/// Each statement is a round trip to the database's thread (for SQLite, two context
+/// switches), so a batch per 64 KB cost a tenth of a loaded core in switching alone.
+const READ_BYTES: u64 = 1 << 20;
 
-/// Where the shipper is: a segment and an offset in it, and each node's chain head.
+/// Bytes of a batch parsed at a time (about 170 lines, a tenth of a millisecond): the
+/// shipper yields to requests between them, so that is as long as a request waits behind it.
+const PARSE_BYTES: usize = 64 << 10;
+
+/// [`read_lines`] in pieces of about [`PARSE_BYTES`], letting other tasks run in between.
+async fn read_lines_yielding(bytes: &[u8]) -> (Vec<RawEvent<'_>>, usize) {
+    let mut out = Vec::new();
+    let mut used = 0;
+    while used < bytes.len() {
+        let end = (used + PARSE_BYTES).min(bytes.len());
+        // Whole lines: up to the last newline of the piece, or of the rest if it has none.
+        let cut = match bytes[used..end].iter().rposition(|b| *b == b'\n') {
+            Some(i) => used + i + 1,
+            None => bytes.len(),
+        };
+        let (events, n) = read_lines(&bytes[used..cut]);
+        out.extend(events);
+        if n == 0 {
+            break;
+        }
+        used += n;
+        if used < bytes.len() {
+            tokio::task::yield_now().await;
+        }
+    }
+    (out, used)
+}
+
+/// Where the shipper is: a segment and an offset in it.
 #[derive(Debug, Default)]
 pub struct Shipper {
     segment: u64,
     offset: u64,
-    heads: HashMap<String, (i64, String)>,
-    /// Gets every batch once it is in the store (the alert rules); a full channel drops it.
-    pub observer: Option<tokio::sync::mpsc::Sender<Vec<AuditEvent>>>,
+    /// Gets a summary of every batch once it is in the store (the alert rules); a full
+    /// channel drops it.
+    pub observer: Option<tokio::sync::mpsc::Sender<Vec<crate::alerts::Seen>>>,
 }
 
-/// NUL characters, which PostgreSQL's TEXT refuses (one such event would stop every batch
-/// after it), become U+FFFD before the event is hashed, so what is stored is what was chained.
-fn scrub(e: &mut AuditEvent) {
-    for f in [
-        &mut e.tenant_id,
-        &mut e.key_id,
-        &mut e.user_id,
-        &mut e.kind,
-        &mut e.code,
-        &mut e.method,
-        &mut e.path,
-        &mut e.scope,
-        &mut e.ip,
-        &mut e.origin,
-        &mut e.request_id,
-        &mut e.detail,
-    ]
-    .into_iter()
-    .flatten()
-    {
-        if f.contains('\0') {
-            *f = f.replace('\0', "\u{fffd}");
-        }
-    }
-    for f in [&mut e.actor, &mut e.action, &mut e.node] {
-        if f.contains('\0') {
-            *f = f.replace('\0', "\u{fffd}");
-        }
-    }
-}
-
-/// The event id: sortable by time, then by the node's sequence.
+/// An event's id (see [`keygate_core::audit::event_id`]).
 pub fn event_id(e: &AuditEvent) -> String {
-    format!("evt_{:013}{:012}_{}", e.at_ms, e.seq, e.node)
+    keygate_core::audit::event_id(e.at_ms, e.seq, &e.node)
 }
 
 impl Shipper {
@@ -449,17 +491,15 @@ impl Shipper {
                 Ok(bytes)
             })
             .await?;
-            let (mut events, used) = parse_lines(&bytes);
+            let (events, used) = read_lines_yielding(&bytes).await;
             if !events.is_empty() {
-                let heads = self.seal(&mut events, store).await?;
                 store
-                    .append_audit(&events)
+                    .append_audit_lines(&events)
                     .await
                     .map_err(|e| e.to_string())?;
-                self.heads = heads;
                 shipped += events.len();
                 if let Some(tx) = &self.observer {
-                    let _ = tx.try_send(events);
+                    let _ = tx.try_send(crate::alerts::summarize(&events));
                 }
             }
             self.offset += used as u64;
@@ -492,39 +532,6 @@ impl Shipper {
             return Ok(shipped);
         }
     }
-
-    /// Drops events already in the store, gives the rest ids and chains them. Returns the
-    /// heads after them, to keep once they are stored.
-    async fn seal(
-        &mut self,
-        events: &mut Vec<AuditEvent>,
-        store: &dyn Store,
-    ) -> Result<HashMap<String, (i64, String)>, String> {
-        for e in events.iter() {
-            if !self.heads.contains_key(&e.node) {
-                let head = store
-                    .audit_heads()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .find(|h| h.0 == e.node)
-                    .map_or((0, GENESIS.to_owned()), |h| (h.1, h.2));
-                self.heads.insert(e.node.clone(), head);
-            }
-        }
-        let mut heads = self.heads.clone();
-        events.retain(|e| heads.get(&e.node).is_some_and(|h| e.seq > h.0));
-        for e in events.iter_mut() {
-            scrub(e);
-            e.id = event_id(e);
-            if let Some(h) = heads.get_mut(&e.node) {
-                e.seal(&h.1);
-                h.0 = e.seq;
-                h.1.clone_from(&e.hash);
-            }
-        }
-        Ok(heads)
-    }
 }
 
 /// File work of the shipper, off the async threads.
@@ -543,7 +550,7 @@ pub async fn run_shipper(
     store: Arc<dyn Store>,
     every: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
-    observer: Option<tokio::sync::mpsc::Sender<Vec<AuditEvent>>>,
+    observer: Option<tokio::sync::mpsc::Sender<Vec<crate::alerts::Seen>>>,
 ) {
     let mut shipper = Shipper {
         observer,
@@ -574,7 +581,7 @@ pub async fn run_shipper_supervised(
     store: Arc<dyn Store>,
     every: Duration,
     stop: tokio::sync::watch::Receiver<bool>,
-    observer: Option<tokio::sync::mpsc::Sender<Vec<AuditEvent>>>,
+    observer: Option<tokio::sync::mpsc::Sender<Vec<crate::alerts::Seen>>>,
 ) {
     loop {
         let run = tokio::spawn(run_shipper(
@@ -704,6 +711,35 @@ mod tests {
             .broken
             .is_none());
     }
+    /// A NUL becomes U+FFFD in the line (so the event reads back as chained, on PostgreSQL
+    /// too); the text `\u0000` typed by someone stays as it is.
+    #[tokio::test]
+    async fn a_nul_in_a_field_is_written_as_u_fffd_and_the_text_of_its_escape_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path()).await;
+        let log = AuditLog::open(&dir.path().join("audit"), "n1", &*s, 1 << 20)
+            .await
+            .expect("open");
+        for p in ["/a\0b\0", "/typed/\\u0000", "/both/\\\0", "/plain"] {
+            log.record(line(p)).expect("record");
+        }
+        Shipper::default().ship(&log, &*s).await.expect("ship");
+        let mut evs = stored(&*s).await;
+        evs.sort_by_key(|e| e.seq);
+        let paths: Vec<&str> = evs.iter().filter_map(|e| e.path.as_deref()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/a\u{fffd}b\u{fffd}",
+                "/typed/\\u0000",
+                "/both/\\\u{fffd}",
+                "/plain"
+            ]
+        );
+        let report = keygate_store::verify_audit(&*s).await.expect("verify");
+        assert_eq!((report.checked, report.broken), (4, None));
+    }
+
     /// Requests ready at the same time share one write, and each still gets its own line.
     #[tokio::test]
     async fn concurrent_requests_share_a_write() {

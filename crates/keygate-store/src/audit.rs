@@ -12,8 +12,19 @@
 //! SQLite and the PostgreSQL pool types.
 
 use crate::{AuditFilter, PageRequest, UsageOf, UsageRow};
+use keygate_core::audit::{event_id, hex, line_hash, LineHead};
 use keygate_core::AuditEvent;
 use std::collections::{BTreeMap, BTreeSet};
+
+/// One line of a node's audit segment, as the shipper hands it to the store: the bytes as
+/// written (without the newline) and the fields read from them.
+#[derive(Debug, Clone)]
+pub struct RawEvent<'a> {
+    /// The line.
+    pub line: &'a [u8],
+    /// Its fields that the store needs.
+    pub head: LineHead<'a>,
+}
 
 /// Columns of `audit_events`, where earlier versions stored one event per row.
 pub(crate) const COLUMNS: &str = "node, seq, id, at, tenant_id, actor, action, key_id, user_id, \
@@ -21,22 +32,61 @@ pub(crate) const COLUMNS: &str = "node, seq, id, at, tenant_id, actor, action, k
     detail, prev_hash, hash";
 
 /// Per-minute usage of a batch: `(key, minute, code) → (tenant, requests, credits)`.
-pub(crate) fn usage_of<'a>(
-    events: &[&'a AuditEvent],
-) -> BTreeMap<(&'a str, i64, &'a str), (&'a str, i64, i64)> {
-    let mut out: BTreeMap<(&str, i64, &str), (&str, i64, i64)> = BTreeMap::new();
+type Usage<'a> = BTreeMap<(&'a str, i64, &'a str), (&'a str, i64, i64)>;
+
+/// Counts one event into `out` if it is a decided request of a known key.
+#[allow(clippy::too_many_arguments)]
+fn count_usage<'a>(
+    out: &mut Usage<'a>,
+    action: &str,
+    key: Option<&'a str>,
+    tenant: Option<&'a str>,
+    code: Option<&'a str>,
+    at_ms: i64,
+    credits: Option<i64>,
+) {
+    if action != DECIDED {
+        return;
+    }
+    let (Some(k), Some(t), Some(c)) = (key, tenant, code) else {
+        return;
+    };
+    let minute = at_ms - at_ms.rem_euclid(60_000);
+    let slot = out.entry((k, minute, c)).or_insert((t, 0, 0));
+    slot.1 += 1;
+    // Saturating: a sum of credits must never wrap, however large one event claims to be.
+    slot.2 = slot.2.saturating_add(credits.unwrap_or(0).max(0));
+}
+
+pub(crate) fn usage_of<'a>(events: &[&'a AuditEvent]) -> Usage<'a> {
+    let mut out = Usage::new();
     for e in events {
-        if e.action != DECIDED {
-            continue;
-        }
-        let (Some(k), Some(t), Some(c)) = (&e.key_id, &e.tenant_id, &e.code) else {
-            continue;
-        };
-        let minute = e.at_ms - e.at_ms.rem_euclid(60_000);
-        let slot = out.entry((k, minute, c)).or_insert((t, 0, 0));
-        slot.1 += 1;
-        // Saturating: a sum of credits must never wrap, however large one event claims to be.
-        slot.2 = slot.2.saturating_add(e.credits.unwrap_or(0).max(0));
+        count_usage(
+            &mut out,
+            &e.action,
+            e.key_id.as_deref(),
+            e.tenant_id.as_deref(),
+            e.code.as_deref(),
+            e.at_ms,
+            e.credits,
+        );
+    }
+    out
+}
+
+fn usage_of_lines<'a>(events: &[&'a RawEvent<'a>]) -> Usage<'a> {
+    let mut out = Usage::new();
+    for e in events {
+        let h = &e.head;
+        count_usage(
+            &mut out,
+            &h.action,
+            h.key_id.as_deref(),
+            h.tenant_id.as_deref(),
+            h.code.as_deref(),
+            h.at_ms,
+            h.credits,
+        );
     }
     out
 }
@@ -65,39 +115,102 @@ pub(crate) fn page_usage(rows: Vec<(i64, String, i64, i64)>) -> Vec<UsageRow> {
 /// `action` of a decided request, the one action that is not a lifecycle change.
 const DECIDED: &str = "request.decided";
 
+/// Events per block of lines: a listing reads a block whole, and building one (hashing and
+/// compressing its lines, about 0.3 ms) runs between requests.
+const LINE_BLOCK_EVENTS: usize = 512;
+
 /// Blocks fetched per query round.
 const BLOCK_PAGE: i64 = 8;
 
 /// One node's shipped batch as it is stored: its events as JSON lines, the range of their
-/// `seq` and `id`, and what it mentions (see [`refs_of`]).
+/// `seq` and `id`, and what it mentions (see [`refs_of`]). Events chained over their lines
+/// (see [`keygate_core::audit`]) are stored as those lines, with `chain`: the hash before
+/// the first event, then each event's, 32 bytes each. Without `chain` (blocks of earlier
+/// versions, and converted rows) each line is a whole [`AuditEvent`] with its hashes.
 pub(crate) struct Block {
     pub(crate) first_seq: i64,
     pub(crate) last_seq: i64,
     pub(crate) min_id: String,
     pub(crate) max_id: String,
     pub(crate) events: Vec<u8>,
+    pub(crate) chain: Option<Vec<u8>>,
     pub(crate) refs: Vec<String>,
 }
 
 /// The references a block gets for an event, so that a filtered query reads only the blocks
 /// that can hold a match: its tenant, key and user, and, where they are not the common case,
 /// its lifecycle action and refusal code.
-fn refs_of(e: &AuditEvent, mut add: impl FnMut(&str, &str)) {
-    if let Some(k) = &e.key_id {
+fn refs_of(e: Mentions<'_>, mut add: impl FnMut(&str, &str)) {
+    if let Some(k) = e.key {
         add("k:", k);
     }
     if e.action != DECIDED {
-        add("a:", &e.action);
+        add("a:", e.action);
     }
-    if let Some(c) = e.code.as_deref().filter(|c| *c != "VALID") {
+    if let Some(c) = e.code.filter(|c| *c != "VALID") {
         add("c:", c);
     }
-    if let Some(u) = &e.user_id {
+    if let Some(u) = e.user {
         add("u:", u);
     }
-    if let Some(t) = &e.tenant_id {
+    if let Some(t) = e.tenant {
         add("t:", t);
     }
+}
+
+/// What an event mentions that a block is referenced by.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Mentions<'a> {
+    key: Option<&'a str>,
+    action: &'a str,
+    code: Option<&'a str>,
+    user: Option<&'a str>,
+    tenant: Option<&'a str>,
+}
+
+impl<'a> Mentions<'a> {
+    fn of(e: &'a AuditEvent) -> Self {
+        Mentions {
+            key: e.key_id.as_deref(),
+            action: &e.action,
+            code: e.code.as_deref(),
+            user: e.user_id.as_deref(),
+            tenant: e.tenant_id.as_deref(),
+        }
+    }
+
+    fn of_line(h: &'a LineHead<'a>) -> Self {
+        Mentions {
+            key: h.key_id.as_deref(),
+            action: &h.action,
+            code: h.code.as_deref(),
+            user: h.user_id.as_deref(),
+            tenant: h.tenant_id.as_deref(),
+        }
+    }
+}
+
+/// The distinct references of a block's events. Most events repeat the one before them (one
+/// key's traffic): those are skipped without building a reference.
+fn block_refs<'a>(events: impl Iterator<Item = Mentions<'a>>) -> Vec<String> {
+    let mut refs: BTreeSet<String> = BTreeSet::new();
+    let mut buf = String::new();
+    let mut prev: Option<Mentions<'a>> = None;
+    for m in events {
+        if prev.replace(m) == Some(m) {
+            continue;
+        }
+        refs_of(m, |p, v| {
+            buf.clear();
+            buf.push_str(p);
+            // PostgreSQL's TEXT refuses NUL.
+            buf.extend(v.chars().map(|c| if c == '\0' { '\u{fffd}' } else { c }));
+            if !refs.contains(&buf) {
+                refs.insert(buf.clone());
+            }
+        });
+    }
+    refs.into_iter().collect()
 }
 
 /// The references a block must have to hold an event matching `f`, most selective first.
@@ -111,7 +224,9 @@ pub(crate) fn refs_for(f: &AuditFilter) -> Vec<String> {
         ..AuditEvent::default()
     };
     let mut out = Vec::new();
-    refs_of(&e, |p, v| out.push(format!("{p}{v}")));
+    refs_of(Mentions::of(&e), |p, v| {
+        out.push(format!("{p}{v}").replace('\0', "\u{fffd}"))
+    });
     out
 }
 
@@ -121,37 +236,13 @@ pub(crate) fn block_of(events: &[&AuditEvent]) -> crate::Result<Block> {
         return Err(crate::StoreError::corrupt("an empty audit block"));
     };
     let mut body = Vec::with_capacity(events.len() * 512);
-    let mut refs: BTreeSet<String> = BTreeSet::new();
-    let mut buf = String::new();
     let (mut min_id, mut max_id) = (first.id.as_str(), first.id.as_str());
-    let mut prev: Option<&AuditEvent> = None;
     for e in events {
         serde_json::to_writer(&mut body, e)
             .map_err(|err| crate::StoreError::corrupt(format!("encoding an audit event: {err}")))?;
         body.push(b'\n');
         min_id = min_id.min(e.id.as_str());
         max_id = max_id.max(e.id.as_str());
-        // Most events repeat the one before them (one key's traffic): nothing new to refer to.
-        if let Some(prev) = prev.replace(e) {
-            if (
-                &prev.key_id,
-                &prev.action,
-                &prev.code,
-                &prev.user_id,
-                &prev.tenant_id,
-            ) == (&e.key_id, &e.action, &e.code, &e.user_id, &e.tenant_id)
-            {
-                continue;
-            }
-        }
-        refs_of(e, |p, v| {
-            buf.clear();
-            buf.push_str(p);
-            buf.push_str(v);
-            if !refs.contains(&buf) {
-                refs.insert(buf.clone());
-            }
-        });
     }
     Ok(Block {
         first_seq: first.seq,
@@ -159,8 +250,48 @@ pub(crate) fn block_of(events: &[&AuditEvent]) -> crate::Result<Block> {
         min_id: min_id.to_owned(),
         max_id: max_id.to_owned(),
         events: stored_block(&body),
-        refs: refs.into_iter().collect(),
+        chain: None,
+        refs: block_refs(events.iter().map(|e| Mentions::of(e))),
     })
+}
+
+/// The block of one node's lines (in `seq` order; at least one), chained after `prev`, and
+/// the hash of its last event. The lines are stored as they are: hashing them is the only
+/// work per event besides compression.
+fn line_block(
+    node: &str,
+    prev: [u8; 32],
+    events: &[&RawEvent<'_>],
+) -> crate::Result<(Block, [u8; 32])> {
+    let (Some(first), Some(last)) = (events.first(), events.last()) else {
+        return Err(crate::StoreError::corrupt("an empty audit block"));
+    };
+    let mut body = Vec::with_capacity(events.iter().map(|e| e.line.len() + 1).sum());
+    let mut chain = Vec::with_capacity(32 * (events.len() + 1));
+    chain.extend_from_slice(&prev);
+    let mut hash = prev;
+    let (mut lo, mut hi) = (
+        (first.head.at_ms, first.head.seq),
+        (first.head.at_ms, first.head.seq),
+    );
+    for e in events {
+        body.extend_from_slice(e.line);
+        body.push(b'\n');
+        hash = line_hash(&hash, e.line);
+        chain.extend_from_slice(&hash);
+        lo = lo.min((e.head.at_ms, e.head.seq));
+        hi = hi.max((e.head.at_ms, e.head.seq));
+    }
+    let block = Block {
+        first_seq: first.head.seq,
+        last_seq: last.head.seq,
+        min_id: event_id(lo.0, lo.1, node),
+        max_id: event_id(hi.0, hi.1, node),
+        events: stored_block(&body),
+        chain: Some(chain),
+        refs: block_refs(events.iter().map(|e| Mentions::of_line(&e.head))),
+    };
+    Ok((block, hash))
 }
 
 /// The largest block body and event count accepted when reading. Blocks are written with at
@@ -189,8 +320,14 @@ pub fn stored_block(text: &[u8]) -> Vec<u8> {
 /// The events of a stored block. The first line that no longer parses (edited in the
 /// database) ends the block with an event at that place's `seq` and no hash, which the chain
 /// check reports as changed and listings skip; so does a body that does not decompress, or
-/// one with more events than any block is written with.
-pub(crate) fn decode_block(node: &str, first_seq: i64, stored: &[u8]) -> Vec<AuditEvent> {
+/// one with more events than any block is written with. A line-chained block's events get
+/// their ids and hashes from their place and `chain`, and keep their line for the check.
+pub(crate) fn decode_block(
+    node: &str,
+    first_seq: i64,
+    stored: &[u8],
+    chain: Option<&[u8]>,
+) -> Vec<AuditEvent> {
     let mut out = Vec::new();
     let mut next = first_seq;
     let unreadable = |seq| AuditEvent {
@@ -202,8 +339,23 @@ pub(crate) fn decode_block(node: &str, first_seq: i64, stored: &[u8]) -> Vec<Aud
         out.push(unreadable(next));
         return out;
     };
+    let hash_at = |i: usize| -> Option<String> {
+        let h: &[u8; 32] = chain?.get(32 * i..32 * (i + 1))?.try_into().ok()?;
+        Some(hex(h))
+    };
     for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-        match serde_json::from_slice::<AuditEvent>(line) {
+        let event = serde_json::from_slice::<AuditEvent>(line).map(|mut e| {
+            if chain.is_some() {
+                let i = out.len();
+                e.id = event_id(e.at_ms, e.seq, &e.node);
+                e.prev_hash = hash_at(i).unwrap_or_default();
+                e.hash = hash_at(i + 1).unwrap_or_default();
+                // The line parsed as JSON, so it is UTF-8.
+                e.line = Some(String::from_utf8_lossy(line).into_owned());
+            }
+            e
+        });
+        match event {
             Ok(e) if out.len() < MAX_BLOCK_EVENTS => {
                 next = e.seq.saturating_add(1);
                 out.push(e);
@@ -253,7 +405,7 @@ macro_rules! audit_methods {
             ) -> crate::Result<bool> {
                 let conflict = if replay { " ON CONFLICT DO NOTHING" } else { "" };
                 let mut q = sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO audit_blocks (node, first_seq, last_seq, min_id, max_id, events) ",
+                    "INSERT INTO audit_blocks (node, first_seq, last_seq, min_id, max_id, events, chain) ",
                 );
                 q.push_values([()], |mut v, ()| {
                     v.push_bind(node)
@@ -261,7 +413,8 @@ macro_rules! audit_methods {
                         .push_bind(b.last_seq)
                         .push_bind(b.min_id.as_str())
                         .push_bind(b.max_id.as_str())
-                        .push_bind(b.events.as_slice());
+                        .push_bind(b.events.as_slice())
+                        .push_bind(b.chain.as_deref());
                 });
                 q.push(conflict);
                 if q.build().execute(&mut *conn).await?.rows_affected() == 0 {
@@ -282,6 +435,52 @@ macro_rules! audit_methods {
                     q.build().execute(&mut *conn).await?;
                 }
                 Ok(true)
+            }
+
+            /// Adds a batch's per-minute usage to the roll-up, in one statement (the keys of
+            /// `usage` are distinct, as one upsert statement needs).
+            async fn add_usage(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                usage: Usage<'_>,
+            ) -> crate::Result<()> {
+                let rows: Vec<_> = usage.into_iter().collect();
+                for chunk in rows.chunks(500) {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO usage_minutes (key_id, tenant_id, minute, code, requests, credits) ",
+                    );
+                    q.push_values(chunk, |mut b, ((key, minute, code), (tenant, n, credits))| {
+                        b.push_bind(*key)
+                            .push_bind(*tenant)
+                            .push_bind(*minute)
+                            .push_bind(*code)
+                            .push_bind(*n)
+                            .push_bind(*credits);
+                    });
+                    q.push(
+                        " ON CONFLICT (key_id, minute, code) DO UPDATE SET \
+                         requests = usage_minutes.requests + excluded.requests, \
+                         credits = usage_minutes.credits + excluded.credits",
+                    );
+                    q.build().execute(&mut *conn).await?;
+                }
+                Ok(())
+            }
+
+            /// Moves a node's chain head.
+            async fn set_head(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                node: &str,
+                seq: i64,
+                hash: &str,
+            ) -> crate::Result<()> {
+                let mut q =
+                    sqlx::QueryBuilder::<$db>::new("INSERT INTO audit_heads (node, seq, hash) ");
+                q.push_values([()], |mut b, ()| {
+                    b.push_bind(node).push_bind(seq).push_bind(hash);
+                });
+                q.push(" ON CONFLICT (node) DO UPDATE SET seq = excluded.seq, hash = excluded.hash");
+                q.build().execute(&mut *conn).await?;
+                Ok(())
             }
 
             /// Moves the rows of `audit_events` (where earlier versions stored one event per
@@ -369,37 +568,48 @@ macro_rules! audit_methods {
                     let Some(last) = fresh.last() else { continue };
                     let block = block_of(&fresh)?;
                     Self::insert_block(&mut *tx, node, &block, false).await?;
-                    for ((key, minute, code), (tenant, n, credits)) in usage_of(&fresh) {
-                        let mut q = sqlx::QueryBuilder::<$db>::new(
-                            "INSERT INTO usage_minutes (key_id, tenant_id, minute, code, requests, credits) ",
-                        );
-                        q.push_values([()], |mut b, ()| {
-                            b.push_bind(key)
-                                .push_bind(tenant)
-                                .push_bind(minute)
-                                .push_bind(code)
-                                .push_bind(n)
-                                .push_bind(credits);
-                        });
-                        q.push(
-                            " ON CONFLICT (key_id, minute, code) DO UPDATE SET \
-                             requests = usage_minutes.requests + excluded.requests, \
-                             credits = usage_minutes.credits + excluded.credits",
-                        );
-                        q.build().execute(&mut *tx).await?;
+                    Self::add_usage(&mut *tx, usage_of(&fresh)).await?;
+                    Self::set_head(&mut *tx, node, last.seq, &last.hash).await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn append_audit_lines(&self, events: &[RawEvent<'_>]) -> crate::Result<()> {
+                if events.is_empty() {
+                    return Ok(());
+                }
+                let mut tx = self.pool.begin().await?;
+                let mut by_node: BTreeMap<&str, Vec<&RawEvent<'_>>> = BTreeMap::new();
+                for e in events {
+                    by_node.entry(&e.head.node).or_default().push(e);
+                }
+                for (node, evs) in by_node {
+                    let head: Option<(i64, String)> = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT seq, hash FROM audit_heads WHERE node = ",
+                    )
+                    .push_bind(node.to_owned())
+                    .build_query_as()
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let (head_seq, head_hash) =
+                        head.unwrap_or_else(|| (0, keygate_core::audit::GENESIS.to_owned()));
+                    let prev = keygate_core::audit::unhex(&head_hash).ok_or_else(|| {
+                        crate::StoreError::corrupt(format!("the audit head of {node} is not a hash"))
+                    })?;
+                    // Replayed after a crash: what reached the store already is skipped.
+                    let fresh: Vec<&RawEvent<'_>> =
+                        evs.into_iter().filter(|e| e.head.seq > head_seq).collect();
+                    let Some(last) = fresh.last() else { continue };
+                    let mut hash = prev;
+                    for part in fresh.chunks(LINE_BLOCK_EVENTS) {
+                        // Each insert's await lets requests run between blocks.
+                        let block;
+                        (block, hash) = line_block(node, hash, part)?;
+                        Self::insert_block(&mut *tx, node, &block, false).await?;
                     }
-                    let mut q = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO audit_heads (node, seq, hash) ",
-                    );
-                    q.push_values([()], |mut b, ()| {
-                        b.push_bind(node)
-                            .push_bind(last.seq)
-                            .push_bind(last.hash.as_str());
-                    });
-                    q.push(
-                        " ON CONFLICT (node) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
-                    );
-                    q.build().execute(&mut *tx).await?;
+                    Self::add_usage(&mut *tx, usage_of_lines(&fresh)).await?;
+                    Self::set_head(&mut *tx, node, last.head.seq, &hex(&hash)).await?;
                 }
                 tx.commit().await?;
                 Ok(())
@@ -433,7 +643,7 @@ macro_rules! audit_methods {
                 let mut below: Option<String> = None;
                 loop {
                     let mut q = sqlx::QueryBuilder::<$db>::new(
-                        "SELECT b.node, b.first_seq, b.max_id, b.events FROM ",
+                        "SELECT b.node, b.first_seq, b.max_id, b.events, b.chain FROM ",
                     );
                     let t = match refs.split_first() {
                         Some((first, rest)) => {
@@ -468,15 +678,15 @@ macro_rules! audit_methods {
                     }
                     q.push(format_args!(" ORDER BY {t}.max_id DESC LIMIT "))
                         .push_bind(BLOCK_PAGE);
-                    let rows: Vec<(String, i64, String, Vec<u8>)> =
+                    let rows: Vec<(String, i64, String, Vec<u8>, Option<Vec<u8>>)> =
                         q.build_query_as().fetch_all(&self.pool).await?;
                     let fetched = rows.len();
-                    for (node, first_seq, max_id, body) in rows {
+                    for (node, first_seq, max_id, body, chain) in rows {
                         if out.len() >= limit && out[limit - 1].id > max_id {
                             return Ok(out);
                         }
                         out.extend(
-                            decode_block(&node, first_seq, &body)
+                            decode_block(&node, first_seq, &body, chain.as_deref())
                                 .into_iter()
                                 .filter(|e| matches(f, page.cursor.as_deref(), e)),
                         );
@@ -501,18 +711,19 @@ macro_rules! audit_methods {
                 let mut past: Option<i64> = None;
                 loop {
                     let mut q = sqlx::QueryBuilder::<$db>::new(
-                        "SELECT first_seq, events FROM audit_blocks WHERE node = ",
+                        "SELECT first_seq, events, chain FROM audit_blocks WHERE node = ",
                     );
                     q.push_bind(node).push(" AND last_seq > ").push_bind(after_seq);
                     if let Some(p) = past {
                         q.push(" AND first_seq > ").push_bind(p);
                     }
                     q.push(" ORDER BY first_seq LIMIT ").push_bind(BLOCK_PAGE);
-                    let rows: Vec<(i64, Vec<u8>)> = q.build_query_as().fetch_all(&self.pool).await?;
+                    let rows: Vec<(i64, Vec<u8>, Option<Vec<u8>>)> =
+                        q.build_query_as().fetch_all(&self.pool).await?;
                     let fetched = rows.len();
-                    for (first_seq, body) in rows {
+                    for (first_seq, body, chain) in rows {
                         out.extend(
-                            decode_block(node, first_seq, &body)
+                            decode_block(node, first_seq, &body, chain.as_deref())
                                 .into_iter()
                                 .filter(|e| e.seq > after_seq),
                         );

@@ -21,7 +21,7 @@ mod sqlite;
 mod types;
 mod webhooks;
 
-pub use audit::{block_text, granularity_ms, stored_block, verify_audit, AuditReport};
+pub use audit::{block_text, granularity_ms, stored_block, verify_audit, AuditReport, RawEvent};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use types::*;
@@ -116,7 +116,16 @@ pub trait AuditStore {
     /// Appends audit events in one transaction: per node, events at or below the node's
     /// stored head are skipped (a replay after a crash), the rest are inserted, their usage is
     /// added to the per-minute roll-up and the head moves to the last one.
+    ///
+    /// These events come sealed (chained over their fields, as earlier versions shipped them,
+    /// and as the CLI records its one event); a node's shipper uses
+    /// [`append_audit_lines`](Self::append_audit_lines).
     async fn append_audit(&self, events: &[keygate_core::AuditEvent]) -> Result<()>;
+    /// Appends lines of nodes' audit segments in one transaction: per node, lines at or below
+    /// the stored head are skipped (a replay after a crash), the rest are chained over their
+    /// bytes after the head (see [`keygate_core::audit`]) and stored as written, their usage
+    /// is added to the per-minute roll-up and the head moves to the last one.
+    async fn append_audit_lines(&self, events: &[RawEvent<'_>]) -> Result<()>;
     /// Every node's chain head `(node, seq, hash)`.
     async fn audit_heads(&self) -> Result<Vec<(String, i64, String)>>;
     /// Audit events matching `filter`, newest first.

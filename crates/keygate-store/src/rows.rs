@@ -154,6 +154,7 @@ fn audit_from_row(r) -> keygate_core::AuditEvent {
         detail: r.try_get("detail")?,
         prev_hash: r.try_get("prev_hash")?,
         hash: r.try_get("hash")?,
+        line: None,
     })
 }
 }

@@ -32,6 +32,9 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
+            // A file on this machine, not a server that may have hung up: checking each
+            // connection before use only costs a round trip to its thread.
+            .test_before_acquire(false)
             .connect_with(opts)
             .await?;
         Ok(Self { pool })

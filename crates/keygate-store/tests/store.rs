@@ -2,12 +2,13 @@
 //! once on a fresh PostgreSQL schema (127.0.0.1:5432, or `KEYGATE_TEST_POSTGRES_URL`).
 //! PostgreSQL is required: without it these tests fail and say so.
 
+use keygate_core::audit::{event_id, hex, line_hash, unhex, GENESIS};
 use keygate_core::{
     AuditEvent, ChainProblem, IpAllowList, KeyHash, KeyStatus, Kind, OriginList, ScopeSet,
 };
 use keygate_store::{
-    verify_audit, AuditFilter, KeyFilter, KeyRecord, PageRequest, PgStore, SqliteStore, Store,
-    StoreErrorKind, Tenant, UsageOf, UsageRow, User, Withdrawal,
+    verify_audit, AuditFilter, KeyFilter, KeyRecord, PageRequest, PgStore, RawEvent, SqliteStore,
+    Store, StoreErrorKind, Tenant, UsageOf, UsageRow, User, Withdrawal,
 };
 use std::future::Future;
 use std::str::FromStr;
@@ -63,6 +64,43 @@ impl Raw {
                 .expect("sql")
                 .rows_affected(),
         }
+    }
+
+    /// The `chain` column of node `n1`'s block that starts at `first_seq`.
+    async fn chain(&self, first_seq: i64) -> Vec<u8> {
+        let sql = "SELECT chain FROM audit_blocks WHERE node = 'n1' AND first_seq = ";
+        match self {
+            Raw::Sqlite(p) => sqlx::query_scalar(&format!("{sql}{first_seq}"))
+                .fetch_one(p)
+                .await
+                .expect("chain"),
+            Raw::Pg(p) => sqlx::query_scalar(&format!("{sql}{first_seq}"))
+                .fetch_one(p)
+                .await
+                .expect("chain"),
+        }
+    }
+
+    /// Overwrites that block's `chain`.
+    async fn set_chain(&self, first_seq: i64, chain: &[u8]) {
+        let sql = "UPDATE audit_blocks SET chain = $1 WHERE node = 'n1' AND first_seq = $2";
+        let n = match self {
+            Raw::Sqlite(p) => sqlx::query(sql)
+                .bind(chain)
+                .bind(first_seq)
+                .execute(p)
+                .await
+                .expect("sql")
+                .rows_affected(),
+            Raw::Pg(p) => sqlx::query(sql)
+                .bind(chain)
+                .bind(first_seq)
+                .execute(p)
+                .await
+                .expect("sql")
+                .rows_affected(),
+        };
+        assert_eq!(n, 1);
     }
 
     async fn exec(&self, sql: &str) -> u64 {
@@ -472,6 +510,49 @@ fn decided(node: &str, seq: i64, prev: &str, key: &str, code: &str, at_ms: i64) 
     e
 }
 
+/// `e` as a node's segment holds it: one line of JSON with every field but the id and hashes.
+fn line_of(e: &AuditEvent) -> String {
+    let mut v = serde_json::to_value(e).expect("json");
+    let o = v.as_object_mut().expect("object");
+    for k in ["id", "prev_hash", "hash"] {
+        o.remove(k);
+    }
+    o.retain(|_, v| !v.is_null());
+    v.to_string()
+}
+
+/// Appends `events` as segment lines, the shipper's way.
+async fn append_lines(s: &dyn Store, events: &[AuditEvent]) {
+    let lines: Vec<String> = events.iter().map(line_of).collect();
+    let raw: Vec<RawEvent<'_>> = lines
+        .iter()
+        .map(|l| RawEvent {
+            line: l.as_bytes(),
+            head: serde_json::from_str(l).expect("head"),
+        })
+        .collect();
+    s.append_audit_lines(&raw).await.expect("append lines");
+}
+
+/// `events` as the store lists them once appended as lines after the event hashed `prev`:
+/// ids from their time and place, hashes chained over the lines.
+fn as_listed(events: &[AuditEvent], prev: &str) -> Vec<AuditEvent> {
+    let mut prev = unhex(prev).expect("a hash");
+    events
+        .iter()
+        .map(|e| {
+            let line = line_of(e);
+            let hash = line_hash(&prev, line.as_bytes());
+            let mut out: AuditEvent = serde_json::from_str(&line).expect("line");
+            out.id = event_id(e.at_ms, e.seq, &e.node);
+            (out.prev_hash, out.hash) = (hex(&prev), hex(&hash));
+            out.line = Some(line);
+            prev = hash;
+            out
+        })
+        .collect()
+}
+
 /// The first `limit` events matching `f`, newest first.
 async fn newest(s: &dyn Store, f: &AuditFilter, limit: u32) -> Vec<AuditEvent> {
     s.list_audit(
@@ -651,6 +732,127 @@ async fn an_edited_or_deleted_audit_event_or_block_is_detected() {
     .await;
 }
 
+/// A node's chain goes on from events of the earlier format (sealed over their fields) to
+/// lines; a replayed batch, whole or overlapping, is stored once.
+#[tokio::test]
+async fn line_chained_events_list_verify_count_and_replay_once() {
+    on_both(|s, _| async move {
+        let t0 = 1_800_000_000_000;
+        let c = chain_of("n1", 9, t0);
+        s.append_audit(&c[..4]).await.expect("sealed");
+        append_lines(&*s, &c[4..7]).await;
+        append_lines(&*s, &c[4..]).await;
+        append_lines(&*s, &c[2..]).await;
+        let mut want: Vec<AuditEvent> = c[..4].to_vec();
+        want.extend(as_listed(&c[4..], &c[3].hash));
+        want.reverse();
+        assert_eq!(newest(s.as_ref(), &AuditFilter::default(), 100).await, want);
+        assert_eq!(verify_all(&*s, "n1").await.expect("intact"), 9);
+        let heads = s.audit_heads().await.expect("heads");
+        assert_eq!(heads, vec![("n1".into(), 9, want[0].hash.clone())]);
+        let rows = s
+            .usage(&UsageOf::Key("key_a".into()), 3_600_000, 0, i64::MAX)
+            .await
+            .expect("usage");
+        let counts: Vec<(&str, u64, u64)> = rows
+            .iter()
+            .map(|r| (r.code.as_str(), r.requests, r.credits))
+            .collect();
+        assert_eq!(counts, [("RATE_LIMITED", 3, 0), ("VALID", 6, 30)]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_edited_or_deleted_line_or_hash_is_detected() {
+    on_both(|s, raw| async move {
+        let c = chain_of("n1", 6, 1_800_000_000_000);
+        append_lines(&*s, &c[..3]).await;
+        append_lines(&*s, &c[3..]).await;
+        assert_eq!(verify_all(&*s, "n1").await.expect("intact"), 6);
+        let (first, second) = (raw.block(1).await, raw.block(4).await);
+        let chain = raw.chain(4).await;
+        assert_eq!(
+            chain.len(),
+            32 * 4,
+            "the hash before the block, then one per event"
+        );
+
+        // A refusal turned into a success.
+        let edited = first.replace(r#""code":"RATE_LIMITED""#, r#""code":"VALID""#);
+        assert_ne!(edited, first);
+        raw.set_block(1, &edited).await;
+        let b = verify_all(&*s, "n1").await.expect_err("edited");
+        assert_eq!((b.seq, b.problem), (3, ChainProblem::Changed));
+        let listed = newest(s.as_ref(), &AuditFilter::default(), 100).await;
+        assert_eq!(
+            listed.len(),
+            6,
+            "an edited line still lists; verify is what flags it"
+        );
+        raw.set_block(1, &first).await;
+
+        // A line that no longer parses.
+        raw.set_block(1, &first.replacen(r#""actor":"#, r#""actor":{"#, 1))
+            .await;
+        let b = verify_all(&*s, "n1").await.expect_err("mangled");
+        assert_eq!((b.seq, b.problem), (1, ChainProblem::Changed));
+        raw.set_block(1, &first).await;
+
+        // Event 5 edited and its hash in the chain recomputed: event 6 no longer follows.
+        let lines: Vec<&str> = second.lines().collect();
+        let forged = lines[1].replace(r#""actor":"key_a""#, r#""actor":"key_forged""#);
+        assert_ne!(forged, lines[1]);
+        let prev: [u8; 32] = chain[32..64].try_into().expect("32 bytes");
+        let mut rehashed = chain.clone();
+        rehashed[64..96].copy_from_slice(&line_hash(&prev, forged.as_bytes()));
+        raw.set_block(4, &format!("{}\n{forged}\n{}\n", lines[0], lines[2]))
+            .await;
+        raw.set_chain(4, &rehashed).await;
+        let b = verify_all(&*s, "n1").await.expect_err("re-hashed");
+        assert_eq!((b.seq, b.problem), (6, ChainProblem::Changed));
+        // The same done to the last event: the head no longer matches.
+        let forged = lines[2].replace(r#""actor":"key_a""#, r#""actor":"key_forged""#);
+        let prev: [u8; 32] = chain[64..96].try_into().expect("32 bytes");
+        let mut rehashed = chain.clone();
+        rehashed[96..].copy_from_slice(&line_hash(&prev, forged.as_bytes()));
+        raw.set_block(4, &format!("{}\n{}\n{forged}\n", lines[0], lines[1]))
+            .await;
+        raw.set_chain(4, &rehashed).await;
+        let b = verify_all(&*s, "n1").await.expect_err("last re-hashed");
+        assert_eq!((b.seq, b.problem), (6, ChainProblem::Changed));
+        raw.set_block(4, &second).await;
+        raw.set_chain(4, &chain).await;
+        assert_eq!(verify_all(&*s, "n1").await.expect("restored"), 6);
+
+        // A block forged whole (hashes that hold, from the wrong place), and hashes cut short.
+        let mut unlinked = vec![0; 32];
+        let mut h = [0; 32];
+        for l in &lines {
+            h = line_hash(&h, l.as_bytes());
+            unlinked.extend_from_slice(&h);
+        }
+        raw.set_chain(4, &unlinked).await;
+        let b = verify_all(&*s, "n1").await.expect_err("unlinked");
+        assert_eq!((b.seq, b.problem), (4, ChainProblem::Inserted));
+        raw.set_chain(4, &chain[..64]).await;
+        let b = verify_all(&*s, "n1").await.expect_err("hashes cut");
+        assert_eq!((b.seq, b.problem), (5, ChainProblem::Changed));
+        raw.set_chain(4, &chain).await;
+
+        // A line deleted, then the whole block.
+        raw.set_block(4, &format!("{}\n{}\n", lines[1], lines[2]))
+            .await;
+        let b = verify_all(&*s, "n1").await.expect_err("line deleted");
+        assert_eq!((b.seq, b.problem), (4, ChainProblem::Missing));
+        raw.exec("DELETE FROM audit_blocks WHERE first_seq = 4")
+            .await;
+        let b = verify_all(&*s, "n1").await.expect_err("block deleted");
+        assert_eq!((b.seq, b.problem), (4, ChainProblem::Missing));
+    })
+    .await;
+}
+
 /// Many small blocks from three nodes whose times interleave: every filter, paged with the
 /// cursor at several page sizes, gives exactly what filtering all events would.
 #[tokio::test]
@@ -679,16 +881,28 @@ async fn audit_listings_over_many_blocks_match_a_plain_filter() {
                 prev.clone_from(&e.hash);
                 chain.push(e);
             }
-            // Batches of 1 to 7 events.
+            // Batches of 1 to 7 events: node n1's sealed (the earlier format), n2's as
+            // lines, n3's sealed up to event 30 and lines after.
+            let mut stored = Vec::new();
             let mut rest = &chain[..];
             let mut k = 0;
             while !rest.is_empty() {
                 let take = (k % 7 + 1).min(rest.len());
-                s.append_audit(&rest[..take]).await.expect("append");
+                let batch = &rest[..take];
+                let as_lines = node == "n2" || (node == "n3" && batch[0].seq > 30);
+                if as_lines {
+                    let prev = stored.last().map_or(GENESIS, |e: &AuditEvent| &e.hash);
+                    let listed = as_listed(batch, prev);
+                    append_lines(&*s, batch).await;
+                    stored.extend(listed);
+                } else {
+                    s.append_audit(batch).await.expect("append");
+                    stored.extend_from_slice(batch);
+                }
                 rest = &rest[take..];
                 k += 1;
             }
-            all.extend(chain);
+            all.extend(stored);
         }
         all.sort_by(|a, b| b.id.cmp(&a.id));
         let filters = [
