@@ -88,6 +88,84 @@ pub struct Line<'a> {
     pub detail: Option<&'a str>,
 }
 
+impl Line<'_> {
+    /// Writes the line as `serde_json::to_writer` would, byte for byte (a test holds them
+    /// equal), without its per-field machinery: keys are written as they are, numbers by
+    /// `itoa`, and a string only goes through `serde_json`'s escaping if it has a byte that
+    /// needs one. Formatting the line was a third of what the audit log cost a decision.
+    fn write_json(&self, out: &mut Vec<u8>) -> std::io::Result<()> {
+        fn text(out: &mut Vec<u8>, key: &str, v: &str) -> std::io::Result<()> {
+            out.extend_from_slice(key.as_bytes());
+            if v.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+                serde_json::to_writer(&mut *out, v)?;
+            } else {
+                out.push(b'"');
+                out.extend_from_slice(v.as_bytes());
+                out.push(b'"');
+            }
+            Ok(())
+        }
+        fn number(out: &mut Vec<u8>, key: &str, v: i64) {
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+        }
+        text(out, "{\"node\":", self.node)?;
+        number(out, ",\"seq\":", self.seq);
+        number(out, ",\"at_ms\":", self.at_ms);
+        if let Some(v) = self.tenant_id {
+            text(out, ",\"tenant_id\":", v)?;
+        }
+        text(out, ",\"actor\":", self.actor)?;
+        text(out, ",\"action\":", self.action)?;
+        let texts = [
+            (",\"key_id\":", self.key_id),
+            (",\"user_id\":", self.user_id),
+            (",\"kind\":", self.kind),
+            (",\"code\":", self.code),
+        ];
+        for (key, v) in texts {
+            if let Some(v) = v {
+                text(out, key, v)?;
+            }
+        }
+        if let Some(v) = self.status {
+            number(out, ",\"status\":", v);
+        }
+        let texts = [
+            (",\"method\":", self.method),
+            (",\"path\":", self.path),
+            (",\"scope\":", self.scope),
+        ];
+        for (key, v) in texts {
+            if let Some(v) = v {
+                text(out, key, v)?;
+            }
+        }
+        if let Some(ip) = self.ip {
+            out.extend_from_slice(b",\"ip\":\"");
+            write!(out, "{ip}")?;
+            out.push(b'"');
+        }
+        if let Some(v) = self.origin {
+            text(out, ",\"origin\":", v)?;
+        }
+        if let Some(v) = self.credits {
+            number(out, ",\"credits\":", v);
+        }
+        if let Some(v) = self.latency_us {
+            number(out, ",\"latency_us\":", v);
+        }
+        if let Some(v) = self.request_id {
+            text(out, ",\"request_id\":", v)?;
+        }
+        if let Some(v) = self.detail {
+            text(out, ",\"detail\":", v)?;
+        }
+        out.push(b'}');
+        Ok(())
+    }
+}
+
 struct Writer {
     file: File,
     segment: u64,
@@ -154,6 +232,10 @@ fn segments(dir: &Path) -> std::io::Result<Vec<u64>> {
 /// (PostgreSQL refuses NUL in text, and a stored event must read back as it was chained.) A
 /// line without a backslash, the usual one, is only scanned once.
 fn scrub_nul(line: &mut [u8]) {
+    // `contains` is the standard library's word-at-a-time search; the loop below is not.
+    if !line.contains(&b'\\') {
+        return;
+    }
     let mut from = 0;
     while let Some(at) = line[from..].iter().position(|b| *b == b'\\') {
         let at = from + at;
@@ -305,9 +387,9 @@ impl AuditLog {
         line.node = &self.node;
         line.seq = w.seq + 1;
         let start = w.pending.len();
-        if let Err(e) = serde_json::to_writer(&mut w.pending, &line) {
+        if let Err(e) = line.write_json(&mut w.pending) {
             w.pending.truncate(start);
-            return Err(e.into());
+            return Err(e);
         }
         scrub_nul(&mut w.pending[start..]);
         w.pending.push(b'\n');
@@ -711,6 +793,52 @@ mod tests {
             .broken
             .is_none());
     }
+    proptest::proptest! {
+        /// The line's own writer writes what `serde_json` writes, escapes and all.
+        #[test]
+        fn a_line_is_written_as_serde_json_writes_it(
+            node in "\\PC{0,6}",
+            texts in proptest::collection::vec(proptest::option::of("[a-z/\"\\\\\u{0}\u{1f}é😀]{0,10}"), 12),
+            numbers in proptest::collection::vec(proptest::option::of(proptest::num::i64::ANY), 4),
+            v6 in proptest::bool::ANY,
+            ip in proptest::option::of(proptest::num::u128::ANY),
+        ) {
+            let t = |i: usize| texts[i].as_deref();
+            let line = Line {
+                node: &node,
+                seq: numbers[0].unwrap_or(1),
+                at_ms: numbers[1].unwrap_or(-1),
+                tenant_id: t(0),
+                actor: t(1).unwrap_or(""),
+                action: t(2).unwrap_or("request.decided"),
+                key_id: t(3),
+                user_id: t(4),
+                kind: t(5),
+                code: t(6),
+                status: numbers[2],
+                method: t(7),
+                path: t(8),
+                scope: t(9),
+                ip: ip.map(|n| if v6 {
+                    IpAddr::V6(std::net::Ipv6Addr::from(n))
+                } else {
+                    IpAddr::V4(std::net::Ipv4Addr::from(n as u32))
+                }),
+                origin: t(10),
+                credits: numbers[3],
+                latency_us: numbers[2].map(|n| n / 3),
+                request_id: t(11),
+                detail: t(0).map(|_| r#"{"a":"b\"c"}"#),
+            };
+            let mut ours = Vec::new();
+            line.write_json(&mut ours).expect("write");
+            proptest::prop_assert_eq!(
+                String::from_utf8(ours).expect("utf8"),
+                serde_json::to_string(&line).expect("serde")
+            );
+        }
+    }
+
     /// A NUL becomes U+FFFD in the line (so the event reads back as chained, on PostgreSQL
     /// too); the text `\u0000` typed by someone stays as it is.
     #[tokio::test]
