@@ -1,7 +1,7 @@
 //! The audit log's cost per event, apart from HTTP: the hot path's part (numbering a
 //! decision's line, formatting it and writing it to the segment, alone and in a group of 32)
-//! and the shipper's (reading the segment, parsing, chaining by hash, compressing into a block
-//! and storing it in SQLite with the usage roll-up). Run: `cargo bench -p keygate-server
+//! and the shipper's (reading the segment, reading each line's fields, chaining the lines by
+//! hash, compressing them into blocks and storing them in SQLite with the usage roll-up). Run: `cargo bench -p keygate-server
 //! --bench audit`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
