@@ -123,13 +123,18 @@ enum Scalar<'a> {
     Null,
 }
 
-/// An integer as JSON writes it: an optional `-`, then `0` or digits not starting with `0`
-/// (`str::parse` would also take `+1` and `01`, which JSON does not).
+/// An integer as serde_json reads one into an `i64`: `0`, or digits not starting with `0`
+/// with an optional `-` (`str::parse` would also take `+1`, `01` and `-0`).
 fn plain_integer(t: &str) -> bool {
-    let digits = t.strip_prefix('-').unwrap_or(t);
-    !digits.is_empty()
-        && digits.bytes().all(|c| c.is_ascii_digit())
-        && (digits == "0" || !digits.starts_with('0'))
+    match t.strip_prefix('-') {
+        // serde_json reads `-0` as a float, which an integer field refuses.
+        Some(digits) => !digits.starts_with('0') && plain_integer(digits),
+        None => {
+            !t.is_empty()
+                && t.bytes().all(|c| c.is_ascii_digit())
+                && (t == "0" || !t.starts_with('0'))
+        }
+    }
 }
 
 impl<'a> LineHead<'a> {
@@ -159,7 +164,7 @@ impl<'a> LineHead<'a> {
                 + 1
                 + b.get(i + 1..)?
                     .iter()
-                    .position(|c| *c == b'"' || *c == b'\\')?;
+                    .position(|c| *c == b'"' || *c == b'\\' || *c < 0x20)?;
             if b[end] != b'"' || b.get(end + 1) != Some(&b':') {
                 return None;
             }
@@ -536,6 +541,9 @@ mod tests {
             r#"{"node":"a\"b","seq":1}"#,
             r#"{"node":"n","seq":01}"#,
             r#"{"node":"n","seq":+1}"#,
+            r#"{"node":"n","seq":-0}"#,
+            r#"{"node":"n","seq":-01}"#,
+            "{\"no\u{1}de\":\"n\"}",
             r#"{"node":"n","seq":1.5}"#,
             r#"{"node":"n","seq":1,"seq":2}"#,
             r#"{"node":"n","seq":null}"#,
@@ -554,6 +562,27 @@ mod tests {
         let skipped =
             LineHead::scan(br#"{"seq":3,"other":-12,"x":null,"code":null}"#).expect("scan");
         assert_eq!((skipped.seq, skipped.code), (3, None));
+    }
+
+    proptest::proptest! {
+        /// Lines from an alphabet of JSON's own characters and the fields' names: whatever
+        /// the scan takes, serde reads the same.
+        #[test]
+        fn the_scan_takes_nothing_serde_reads_otherwise(
+            parts in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "{", "}", ",", ":", "\"", "\"node\"", "\"seq\"", "\"code\"", "\"credits\"",
+                    "\"x\"", "0", "-", "7", "-0", "12", "null", "\\", "\u{1}", " ", "é",
+                ]),
+                0..24,
+            ),
+        ) {
+            let line = parts.concat();
+            if let Some(scanned) = LineHead::scan(line.as_bytes()) {
+                let read: Result<LineHead<'_>, _> = serde_json::from_str(&line);
+                proptest::prop_assert_eq!(Some(scanned), read.ok(), "{}", line);
+            }
+        }
     }
 
     proptest::proptest! {

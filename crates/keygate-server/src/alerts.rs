@@ -30,8 +30,8 @@ pub struct Seen {
     pub code: String,
     /// The minute (Unix ms) they fall in.
     pub minute: i64,
-    /// The last one's time (Unix ms).
-    pub at_ms: i64,
+    /// The first one's time (Unix ms): when a place was first seen.
+    pub first_ms: i64,
     /// How many.
     pub requests: u32,
     /// Credits they drew.
@@ -45,7 +45,7 @@ pub struct Seen {
 }
 
 /// The batch's decided requests, counted (in the order their groups first appear).
-pub fn summarize(events: &[RawEvent<'_>]) -> Vec<Seen> {
+pub fn summarize(events: &[&RawEvent<'_>]) -> Vec<Seen> {
     type Group<'a> = (
         &'a str,
         &'a str,
@@ -80,7 +80,7 @@ pub fn summarize(events: &[RawEvent<'_>]) -> Vec<Seen> {
                 tenant: tenant.to_string(),
                 code: code.to_string(),
                 minute,
-                at_ms: h.at_ms,
+                first_ms: h.at_ms,
                 requests: 0,
                 credits: 0,
                 ip: ip.map(str::to_owned),
@@ -91,7 +91,7 @@ pub fn summarize(events: &[RawEvent<'_>]) -> Vec<Seen> {
         let s = &mut out[i];
         s.requests = s.requests.saturating_add(1);
         s.credits = s.credits.saturating_add(h.credits.unwrap_or(0).max(0));
-        s.at_ms = s.at_ms.max(h.at_ms);
+        s.first_ms = s.first_ms.min(h.at_ms);
     }
     out
 }
@@ -257,7 +257,11 @@ impl Rules {
                 if !self.seen.insert(slot((key, kind, &place))) {
                     continue;
                 }
-                match state.store.note_sighting(key, kind, &place, s.at_ms).await {
+                match state
+                    .store
+                    .note_sighting(key, kind, &place, s.first_ms)
+                    .await
+                {
                     Ok(Some(true)) => {
                         raise(
                             state,

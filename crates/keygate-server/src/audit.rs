@@ -575,13 +575,18 @@ impl Shipper {
             .await?;
             let (events, used) = read_lines_yielding(&bytes).await;
             if !events.is_empty() {
-                store
+                let before = store
                     .append_audit_lines(&events)
                     .await
                     .map_err(|e| e.to_string())?;
-                shipped += events.len();
-                if let Some(tx) = &self.observer {
-                    let _ = tx.try_send(crate::alerts::summarize(&events));
+                // A replay (after a restart) reads lines the store had: they are not news.
+                let fresh = events
+                    .iter()
+                    .filter(|e| before.get(&*e.head.node).is_none_or(|h| e.head.seq > *h));
+                let fresh: Vec<&RawEvent<'_>> = fresh.collect();
+                shipped += fresh.len();
+                if let (Some(tx), false) = (&self.observer, fresh.is_empty()) {
+                    let _ = tx.try_send(crate::alerts::summarize(&fresh));
                 }
             }
             self.offset += used as u64;
@@ -837,6 +842,41 @@ mod tests {
                 serde_json::to_string(&line).expect("serde")
             );
         }
+    }
+
+    /// Lines read again after a restart (the store has them) are neither stored twice nor
+    /// shown to the alert rules again.
+    #[tokio::test]
+    async fn a_replayed_segment_is_not_news_to_the_alert_rules() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path()).await;
+        let log = AuditLog::open(&dir.path().join("audit"), "n1", &*s, 1 << 20)
+            .await
+            .expect("open");
+        for _ in 0..3 {
+            let mut l = line("/p");
+            (l.key_id, l.tenant_id, l.code) = (Some("key_a"), Some("t1"), Some("VALID"));
+            log.record(l).expect("record");
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let mut first = Shipper {
+            observer: Some(tx.clone()),
+            ..Shipper::default()
+        };
+        assert_eq!(first.ship(&log, &*s).await.expect("ship"), 3);
+        let seen = rx.try_recv().expect("a summary");
+        assert_eq!(seen.iter().map(|x| x.requests).sum::<u32>(), 3);
+        // A shipper that starts over (as after a restart) reads the same segment again.
+        let mut again = Shipper {
+            observer: Some(tx),
+            ..Shipper::default()
+        };
+        assert_eq!(again.ship(&log, &*s).await.expect("replay"), 0);
+        assert!(
+            rx.try_recv().is_err(),
+            "the replay was sent to the alert rules"
+        );
+        assert_eq!(stored(&*s).await.len(), 3);
     }
 
     /// A NUL becomes U+FFFD in the line (so the event reads back as chained, on PostgreSQL

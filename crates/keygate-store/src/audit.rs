@@ -34,61 +34,58 @@ pub(crate) const COLUMNS: &str = "node, seq, id, at, tenant_id, actor, action, k
 /// Per-minute usage of a batch: `(key, minute, code) → (tenant, requests, credits)`.
 type Usage<'a> = BTreeMap<(&'a str, i64, &'a str), (&'a str, i64, i64)>;
 
-/// Counts one event into `out` if it is a decided request of a known key.
-#[allow(clippy::too_many_arguments)]
-fn count_usage<'a>(
-    out: &mut Usage<'a>,
-    action: &str,
+/// What the usage roll-up counts of an event.
+struct Counted<'a> {
+    action: &'a str,
     key: Option<&'a str>,
     tenant: Option<&'a str>,
     code: Option<&'a str>,
     at_ms: i64,
     credits: Option<i64>,
-) {
-    if action != DECIDED {
-        return;
-    }
-    let (Some(k), Some(t), Some(c)) = (key, tenant, code) else {
-        return;
-    };
-    let minute = at_ms - at_ms.rem_euclid(60_000);
-    let slot = out.entry((k, minute, c)).or_insert((t, 0, 0));
-    slot.1 += 1;
-    // Saturating: a sum of credits must never wrap, however large one event claims to be.
-    slot.2 = slot.2.saturating_add(credits.unwrap_or(0).max(0));
 }
 
-pub(crate) fn usage_of<'a>(events: &[&'a AuditEvent]) -> Usage<'a> {
+/// Counts the decided requests of known keys among `events`.
+fn usage_of<'a>(events: impl Iterator<Item = Counted<'a>>) -> Usage<'a> {
     let mut out = Usage::new();
     for e in events {
-        count_usage(
-            &mut out,
-            &e.action,
-            e.key_id.as_deref(),
-            e.tenant_id.as_deref(),
-            e.code.as_deref(),
-            e.at_ms,
-            e.credits,
-        );
+        if e.action != DECIDED {
+            continue;
+        }
+        let (Some(k), Some(t), Some(c)) = (e.key, e.tenant, e.code) else {
+            continue;
+        };
+        let minute = e.at_ms - e.at_ms.rem_euclid(60_000);
+        let slot = out.entry((k, minute, c)).or_insert((t, 0, 0));
+        slot.1 += 1;
+        // Saturating: a sum of credits must never wrap, however large one event claims to be.
+        slot.2 = slot.2.saturating_add(e.credits.unwrap_or(0).max(0));
     }
     out
 }
 
-fn usage_of_lines<'a>(events: &[&'a RawEvent<'a>]) -> Usage<'a> {
-    let mut out = Usage::new();
-    for e in events {
+impl<'a> Counted<'a> {
+    fn of(e: &'a AuditEvent) -> Self {
+        Counted {
+            action: &e.action,
+            key: e.key_id.as_deref(),
+            tenant: e.tenant_id.as_deref(),
+            code: e.code.as_deref(),
+            at_ms: e.at_ms,
+            credits: e.credits,
+        }
+    }
+
+    fn of_line(e: &'a RawEvent<'a>) -> Self {
         let h = &e.head;
-        count_usage(
-            &mut out,
-            &h.action,
-            h.key_id.as_deref(),
-            h.tenant_id.as_deref(),
-            h.code.as_deref(),
-            h.at_ms,
-            h.credits,
-        );
+        Counted {
+            action: &h.action,
+            key: h.key_id.as_deref(),
+            tenant: h.tenant_id.as_deref(),
+            code: h.code.as_deref(),
+            at_ms: h.at_ms,
+            credits: h.credits,
+        }
     }
-    out
 }
 
 /// Bucket width in ms for `minute`, `hour`, `day`.
@@ -295,7 +292,7 @@ fn line_block(
 }
 
 /// The largest block body and event count accepted when reading. Blocks are written with at
-/// most a few thousand events (a 64 KB ship batch, or 1,000 converted rows); an edited body
+/// most 1,000 events (512 shipped lines, or 1,000 converted rows); an edited body
 /// that decompresses to more must not make a reader allocate gigabytes (LZ4 expands repeated
 /// text up to 255-fold).
 const MAX_BLOCK_BYTES: usize = 16 << 20;
@@ -317,10 +314,10 @@ pub fn stored_block(text: &[u8]) -> Vec<u8> {
     lz4_flex::compress_prepend_size(text)
 }
 
-/// The events of a stored block. The first line that no longer parses (edited in the
-/// database) ends the block with an event at that place's `seq` and no hash, which the chain
-/// check reports as changed and listings skip; so does a body that does not decompress, or
-/// one with more events than any block is written with. A line-chained block's events get
+/// The events of a stored block. A line that no longer parses (edited in the database) is an
+/// event at that place's `seq` with no hash, which the chain check reports as changed and
+/// listings skip; a body that does not decompress, or one with more events than any block is
+/// written with, ends with one. A line-chained block's events get
 /// their ids and hashes from their place and `chain`, and keep their line for the check.
 pub(crate) fn decode_block(
     node: &str,
@@ -344,25 +341,32 @@ pub(crate) fn decode_block(
         Some(hex(h))
     };
     for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-        let event = serde_json::from_slice::<AuditEvent>(line).map(|mut e| {
+        if out.len() >= MAX_BLOCK_EVENTS {
+            out.push(unreadable(next));
+            break;
+        }
+        // The whole line must be UTF-8 (serde_json does not check fields it skips): what is
+        // kept for the chain check is then exactly the bytes that were hashed.
+        let event = std::str::from_utf8(line).ok().and_then(|text| {
+            let mut e: AuditEvent = serde_json::from_str(text).ok()?;
             if chain.is_some() {
                 let i = out.len();
                 e.id = event_id(e.at_ms, e.seq, &e.node);
                 e.prev_hash = hash_at(i).unwrap_or_default();
                 e.hash = hash_at(i + 1).unwrap_or_default();
-                // The line parsed as JSON, so it is UTF-8.
-                e.line = Some(String::from_utf8_lossy(line).into_owned());
+                e.line = Some(text.to_owned());
             }
-            e
+            Some(e)
         });
         match event {
-            Ok(e) if out.len() < MAX_BLOCK_EVENTS => {
+            Some(e) => {
                 next = e.seq.saturating_add(1);
                 out.push(e);
             }
-            _ => {
+            // One event at its place, without a hash; the lines after it still read.
+            None => {
                 out.push(unreadable(next));
-                break;
+                next = next.saturating_add(1);
             }
         }
     }
@@ -568,16 +572,21 @@ macro_rules! audit_methods {
                     let Some(last) = fresh.last() else { continue };
                     let block = block_of(&fresh)?;
                     Self::insert_block(&mut *tx, node, &block, false).await?;
-                    Self::add_usage(&mut *tx, usage_of(&fresh)).await?;
+                    let usage = usage_of(fresh.iter().map(|e| Counted::of(e)));
+                    Self::add_usage(&mut *tx, usage).await?;
                     Self::set_head(&mut *tx, node, last.seq, &last.hash).await?;
                 }
                 tx.commit().await?;
                 Ok(())
             }
 
-            async fn append_audit_lines(&self, events: &[RawEvent<'_>]) -> crate::Result<()> {
+            async fn append_audit_lines(
+                &self,
+                events: &[RawEvent<'_>],
+            ) -> crate::Result<BTreeMap<String, i64>> {
+                let mut before = BTreeMap::new();
                 if events.is_empty() {
-                    return Ok(());
+                    return Ok(before);
                 }
                 let mut tx = self.pool.begin().await?;
                 let mut by_node: BTreeMap<&str, Vec<&RawEvent<'_>>> = BTreeMap::new();
@@ -594,6 +603,7 @@ macro_rules! audit_methods {
                     .await?;
                     let (head_seq, head_hash) =
                         head.unwrap_or_else(|| (0, keygate_core::audit::GENESIS.to_owned()));
+                    before.insert(node.to_owned(), head_seq);
                     let prev = keygate_core::audit::unhex(&head_hash).ok_or_else(|| {
                         crate::StoreError::corrupt(format!("the audit head of {node} is not a hash"))
                     })?;
@@ -608,11 +618,12 @@ macro_rules! audit_methods {
                         (block, hash) = line_block(node, hash, part)?;
                         Self::insert_block(&mut *tx, node, &block, false).await?;
                     }
-                    Self::add_usage(&mut *tx, usage_of_lines(&fresh)).await?;
+                    let usage = usage_of(fresh.iter().map(|e| Counted::of_line(e)));
+                    Self::add_usage(&mut *tx, usage).await?;
                     Self::set_head(&mut *tx, node, last.head.seq, &hex(&hash)).await?;
                 }
                 tx.commit().await?;
-                Ok(())
+                Ok(before)
             }
 
             async fn audit_heads(&self) -> crate::Result<Vec<(String, i64, String)>> {

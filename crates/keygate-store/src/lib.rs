@@ -124,8 +124,12 @@ pub trait AuditStore {
     /// Appends lines of nodes' audit segments in one transaction: per node, lines at or below
     /// the stored head are skipped (a replay after a crash), the rest are chained over their
     /// bytes after the head (see [`keygate_core::audit`]) and stored as written, their usage
-    /// is added to the per-minute roll-up and the head moves to the last one.
-    async fn append_audit_lines(&self, events: &[RawEvent<'_>]) -> Result<()>;
+    /// is added to the per-minute roll-up and the head moves to the last one. Returns each
+    /// node's head `seq` from before: the events above it are the ones stored.
+    async fn append_audit_lines(
+        &self,
+        events: &[RawEvent<'_>],
+    ) -> Result<std::collections::BTreeMap<String, i64>>;
     /// Every node's chain head `(node, seq, hash)`.
     async fn audit_heads(&self) -> Result<Vec<(String, i64, String)>>;
     /// Audit events matching `filter`, newest first.

@@ -28,79 +28,58 @@ enum Raw {
 }
 
 impl Raw {
-    /// The events of node `n1`'s block that starts at `first_seq`, as text.
+    /// A column of node `n1`'s block that starts at `first_seq`.
+    async fn column(&self, col: &str, first_seq: i64) -> Vec<u8> {
+        let sql =
+            format!("SELECT {col} FROM audit_blocks WHERE node = 'n1' AND first_seq = {first_seq}");
+        match self {
+            Raw::Sqlite(p) => sqlx::query_scalar(&sql).fetch_one(p).await,
+            Raw::Pg(p) => sqlx::query_scalar(&sql).fetch_one(p).await,
+        }
+        .expect("block column")
+    }
+
+    /// Overwrites that column; returns how many rows changed.
+    async fn set_column(&self, col: &str, first_seq: i64, bytes: &[u8]) -> u64 {
+        let sql =
+            format!("UPDATE audit_blocks SET {col} = $1 WHERE node = 'n1' AND first_seq = $2");
+        match self {
+            Raw::Sqlite(p) => sqlx::query(&sql)
+                .bind(bytes)
+                .bind(first_seq)
+                .execute(p)
+                .await
+                .map(|r| r.rows_affected()),
+            Raw::Pg(p) => sqlx::query(&sql)
+                .bind(bytes)
+                .bind(first_seq)
+                .execute(p)
+                .await
+                .map(|r| r.rows_affected()),
+        }
+        .expect("sql")
+    }
+
+    /// The events of that block, as text.
     async fn block(&self, first_seq: i64) -> String {
-        let sql = "SELECT events FROM audit_blocks WHERE node = 'n1' AND first_seq = ";
-        let bytes: Vec<u8> = match self {
-            Raw::Sqlite(p) => sqlx::query_scalar(&format!("{sql}{first_seq}"))
-                .fetch_one(p)
-                .await
-                .expect("block"),
-            Raw::Pg(p) => sqlx::query_scalar(&format!("{sql}{first_seq}"))
-                .fetch_one(p)
-                .await
-                .expect("block"),
-        };
+        let bytes = self.column("events", first_seq).await;
         String::from_utf8(keygate_store::block_text(&bytes).expect("lz4")).expect("utf8")
     }
 
     /// Overwrites that block's events.
     async fn set_block(&self, first_seq: i64, text: &str) -> u64 {
-        let sql = "UPDATE audit_blocks SET events = $1 WHERE node = 'n1' AND first_seq = $2";
         let bytes = keygate_store::stored_block(text.as_bytes());
-        match self {
-            Raw::Sqlite(p) => sqlx::query(sql)
-                .bind(bytes)
-                .bind(first_seq)
-                .execute(p)
-                .await
-                .expect("sql")
-                .rows_affected(),
-            Raw::Pg(p) => sqlx::query(sql)
-                .bind(bytes)
-                .bind(first_seq)
-                .execute(p)
-                .await
-                .expect("sql")
-                .rows_affected(),
-        }
+        self.set_column("events", first_seq, &bytes).await
     }
 
-    /// The `chain` column of node `n1`'s block that starts at `first_seq`.
+    /// The hashes of that block (`chain`).
     async fn chain(&self, first_seq: i64) -> Vec<u8> {
-        let sql = "SELECT chain FROM audit_blocks WHERE node = 'n1' AND first_seq = ";
-        match self {
-            Raw::Sqlite(p) => sqlx::query_scalar(&format!("{sql}{first_seq}"))
-                .fetch_one(p)
-                .await
-                .expect("chain"),
-            Raw::Pg(p) => sqlx::query_scalar(&format!("{sql}{first_seq}"))
-                .fetch_one(p)
-                .await
-                .expect("chain"),
-        }
+        self.column("chain", first_seq).await
     }
 
-    /// Overwrites that block's `chain`.
+    /// Overwrites that block's hashes.
     async fn set_chain(&self, first_seq: i64, chain: &[u8]) {
-        let sql = "UPDATE audit_blocks SET chain = $1 WHERE node = 'n1' AND first_seq = $2";
-        let n = match self {
-            Raw::Sqlite(p) => sqlx::query(sql)
-                .bind(chain)
-                .bind(first_seq)
-                .execute(p)
-                .await
-                .expect("sql")
-                .rows_affected(),
-            Raw::Pg(p) => sqlx::query(sql)
-                .bind(chain)
-                .bind(first_seq)
-                .execute(p)
-                .await
-                .expect("sql")
-                .rows_affected(),
-        };
-        assert_eq!(n, 1);
+        assert_eq!(self.set_column("chain", first_seq, chain).await, 1);
     }
 
     async fn exec(&self, sql: &str) -> u64 {
@@ -792,11 +771,14 @@ async fn an_edited_or_deleted_line_or_hash_is_detected() {
         );
         raw.set_block(1, &first).await;
 
-        // A line that no longer parses.
+        // A line that no longer parses: it is reported, and the lines after it still list.
         raw.set_block(1, &first.replacen(r#""actor":"#, r#""actor":{"#, 1))
             .await;
         let b = verify_all(&*s, "n1").await.expect_err("mangled");
         assert_eq!((b.seq, b.problem), (1, ChainProblem::Changed));
+        let listed = newest(s.as_ref(), &AuditFilter::default(), 100).await;
+        let seqs: Vec<i64> = listed.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [6, 5, 4, 3, 2]);
         raw.set_block(1, &first).await;
 
         // Event 5 edited and its hash in the chain recomputed: event 6 no longer follows.
@@ -849,6 +831,33 @@ async fn an_edited_or_deleted_line_or_hash_is_detected() {
             .await;
         let b = verify_all(&*s, "n1").await.expect_err("block deleted");
         assert_eq!((b.seq, b.problem), (4, ChainProblem::Missing));
+    })
+    .await;
+}
+
+/// What is checked is the stored bytes, not a reading of them: a U+FFFD swapped for a byte
+/// that is not UTF-8 (which a lossy reading would turn back into U+FFFD) is a change.
+#[tokio::test]
+async fn a_line_is_checked_byte_for_byte() {
+    on_both(|s, raw| async move {
+        let line = "{\"node\":\"n1\",\"seq\":1,\"at_ms\":1800000000000,\"actor\":\"k\",\"action\":\"x\",\"zz\":\"\u{fffd}\"}";
+        let head = serde_json::from_str(line).expect("head");
+        let raw_line = RawEvent {
+            line: line.as_bytes(),
+            head,
+        };
+        s.append_audit_lines(&[raw_line]).await.expect("append");
+        assert_eq!(verify_all(&*s, "n1").await.expect("intact"), 1);
+        let mut bytes = raw.block(1).await.into_bytes();
+        let at = bytes
+            .windows(3)
+            .position(|w| w == "\u{fffd}".as_bytes())
+            .expect("U+FFFD");
+        bytes.splice(at..at + 3, [0xff]);
+        let stored = keygate_store::stored_block(&bytes);
+        assert_eq!(raw.set_column("events", 1, &stored).await, 1);
+        let b = verify_all(&*s, "n1").await.expect_err("other bytes");
+        assert_eq!((b.seq, b.problem), (1, ChainProblem::Changed));
     })
     .await;
 }
