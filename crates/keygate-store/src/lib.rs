@@ -132,6 +132,8 @@ pub trait AuditStore {
     ) -> Result<std::collections::BTreeMap<String, i64>>;
     /// Every node's chain head `(node, seq, hash)`.
     async fn audit_heads(&self) -> Result<Vec<(String, i64, String)>>;
+    /// Every node that has stored events (with a head or, if someone inserted them, without).
+    async fn audit_nodes(&self) -> Result<Vec<String>>;
     /// Audit events matching `filter`, newest first.
     async fn list_audit(
         &self,

@@ -822,6 +822,31 @@ async fn an_edited_or_deleted_line_or_hash_is_detected() {
         assert_eq!((b.seq, b.problem), (5, ChainProblem::Changed));
         raw.set_chain(4, &chain).await;
 
+        // A block copied under another place, beyond the head, and under a node that has no
+        // head: all inserted, and none of them listed twice.
+        let copy = |node: &str, first: i64| {
+            format!(
+                "INSERT INTO audit_blocks (node, first_seq, last_seq, min_id, max_id, events, chain) \
+                 SELECT '{node}', {first}, {first} + 2, min_id, max_id, events, chain FROM audit_blocks \
+                 WHERE node = 'n1' AND first_seq = 4"
+            )
+        };
+        raw.exec(&copy("n1", 2)).await;
+        let b = verify_all(&*s, "n1").await.expect_err("copied inside");
+        assert_eq!((b.seq, b.problem), (2, ChainProblem::Changed));
+        assert_eq!(newest(s.as_ref(), &AuditFilter::default(), 100).await.len(), 6);
+        raw.exec("DELETE FROM audit_blocks WHERE first_seq = 2").await;
+        raw.exec(&copy("n1", 7)).await;
+        let b = verify_all(&*s, "n1").await.expect_err("copied after the head");
+        assert_eq!((b.seq, b.problem), (7, ChainProblem::Inserted));
+        raw.exec("DELETE FROM audit_blocks WHERE first_seq = 7").await;
+        assert_eq!(verify_all(&*s, "n1").await.expect("restored"), 6);
+        raw.exec(&copy("ghost", 4)).await;
+        let r = verify_audit(&*s).await.expect("verify");
+        let (node, b) = r.broken.expect("a node without a head");
+        assert_eq!((node.as_str(), b.seq, b.problem), ("ghost", 4, ChainProblem::Inserted));
+        raw.exec("DELETE FROM audit_blocks WHERE node = 'ghost'").await;
+
         // A line deleted, then the whole block.
         raw.set_block(4, &format!("{}\n{}\n", lines[1], lines[2]))
             .await;
