@@ -109,6 +109,12 @@ impl Line<'_> {
             out.extend_from_slice(key.as_bytes());
             out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
         }
+        /// An optional field's value.
+        enum V<'a> {
+            Text(Option<&'a str>),
+            Num(Option<i64>),
+            Ip(Option<IpAddr>),
+        }
         text(out, "{\"node\":", self.node)?;
         number(out, ",\"seq\":", self.seq);
         number(out, ",\"at_ms\":", self.at_ms);
@@ -117,49 +123,33 @@ impl Line<'_> {
         }
         text(out, ",\"actor\":", self.actor)?;
         text(out, ",\"action\":", self.action)?;
-        let texts = [
-            (",\"key_id\":", self.key_id),
-            (",\"user_id\":", self.user_id),
-            (",\"kind\":", self.kind),
-            (",\"code\":", self.code),
+        // The rest in declaration order, each left out when `None` (as `skip_serializing_if`).
+        let rest = [
+            (",\"key_id\":", V::Text(self.key_id)),
+            (",\"user_id\":", V::Text(self.user_id)),
+            (",\"kind\":", V::Text(self.kind)),
+            (",\"code\":", V::Text(self.code)),
+            (",\"status\":", V::Num(self.status)),
+            (",\"method\":", V::Text(self.method)),
+            (",\"path\":", V::Text(self.path)),
+            (",\"scope\":", V::Text(self.scope)),
+            (",\"ip\":", V::Ip(self.ip)),
+            (",\"origin\":", V::Text(self.origin)),
+            (",\"credits\":", V::Num(self.credits)),
+            (",\"latency_us\":", V::Num(self.latency_us)),
+            (",\"request_id\":", V::Text(self.request_id)),
+            (",\"detail\":", V::Text(self.detail)),
         ];
-        for (key, v) in texts {
-            if let Some(v) = v {
-                text(out, key, v)?;
+        for (key, v) in rest {
+            match v {
+                V::Text(Some(v)) => text(out, key, v)?,
+                V::Num(Some(v)) => number(out, key, v),
+                V::Ip(Some(ip)) => {
+                    out.extend_from_slice(key.as_bytes());
+                    write!(out, "\"{ip}\"")?;
+                }
+                V::Text(None) | V::Num(None) | V::Ip(None) => {}
             }
-        }
-        if let Some(v) = self.status {
-            number(out, ",\"status\":", v);
-        }
-        let texts = [
-            (",\"method\":", self.method),
-            (",\"path\":", self.path),
-            (",\"scope\":", self.scope),
-        ];
-        for (key, v) in texts {
-            if let Some(v) = v {
-                text(out, key, v)?;
-            }
-        }
-        if let Some(ip) = self.ip {
-            out.extend_from_slice(b",\"ip\":\"");
-            write!(out, "{ip}")?;
-            out.push(b'"');
-        }
-        if let Some(v) = self.origin {
-            text(out, ",\"origin\":", v)?;
-        }
-        if let Some(v) = self.credits {
-            number(out, ",\"credits\":", v);
-        }
-        if let Some(v) = self.latency_us {
-            number(out, ",\"latency_us\":", v);
-        }
-        if let Some(v) = self.request_id {
-            text(out, ",\"request_id\":", v)?;
-        }
-        if let Some(v) = self.detail {
-            text(out, ",\"detail\":", v)?;
         }
         out.push(b'}');
         Ok(())
