@@ -691,6 +691,17 @@ mod tests {
         Arc::new(s)
     }
 
+    /// A fresh SQLite store and node `n1`'s audit log (1 MB segments) in a temporary folder,
+    /// which lives as long as the first value.
+    async fn opened() -> (tempfile::TempDir, Arc<dyn Store>, AuditLog) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path()).await;
+        let log = AuditLog::open(&dir.path().join("audit"), "n1", &*s, 1 << 20)
+            .await
+            .expect("open");
+        (dir, s, log)
+    }
+
     async fn stored(s: &dyn Store) -> Vec<AuditEvent> {
         s.list_audit(
             &AuditFilter::default(),
@@ -838,11 +849,7 @@ mod tests {
     /// shown to the alert rules again.
     #[tokio::test]
     async fn a_replayed_segment_is_not_news_to_the_alert_rules() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = store(dir.path()).await;
-        let log = AuditLog::open(&dir.path().join("audit"), "n1", &*s, 1 << 20)
-            .await
-            .expect("open");
+        let (_dir, s, log) = opened().await;
         for _ in 0..3 {
             let mut l = line("/p");
             (l.key_id, l.tenant_id, l.code) = (Some("key_a"), Some("t1"), Some("VALID"));
@@ -873,11 +880,7 @@ mod tests {
     /// too); the text `\u0000` typed by someone stays as it is.
     #[tokio::test]
     async fn a_nul_in_a_field_is_written_as_u_fffd_and_the_text_of_its_escape_is_not() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = store(dir.path()).await;
-        let log = AuditLog::open(&dir.path().join("audit"), "n1", &*s, 1 << 20)
-            .await
-            .expect("open");
+        let (_dir, s, log) = opened().await;
         for p in ["/a\0b\0", "/typed/\\u0000", "/both/\\\0", "/plain"] {
             log.record(line(p)).expect("record");
         }
@@ -901,13 +904,8 @@ mod tests {
     /// Requests ready at the same time share one write, and each still gets its own line.
     #[tokio::test]
     async fn concurrent_requests_share_a_write() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = store(dir.path()).await;
-        let log = Arc::new(
-            AuditLog::open(&dir.path().join("audit"), "n1", &*s, 1 << 20)
-                .await
-                .expect("open"),
-        );
+        let (_dir, s, log) = opened().await;
+        let log = Arc::new(log);
         let tasks: Vec<_> = (0..50)
             .map(|i| {
                 let log = log.clone();
@@ -934,11 +932,7 @@ mod tests {
     /// given back, so the chain has no gap.
     #[tokio::test]
     async fn a_failed_group_is_refused_to_all_its_lines_and_leaves_no_gap() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = store(dir.path()).await;
-        let log = AuditLog::open(&dir.path().join("audit"), "n1", &*s, 1 << 20)
-            .await
-            .expect("open");
+        let (_dir, s, log) = opened().await;
         log.record(line("/a")).expect("a");
         let g1 = log.append(line("/b")).expect("b");
         let g2 = log.append(line("/c")).expect("c");
@@ -967,11 +961,7 @@ mod tests {
     /// new segment. No answered line reuses a shipped number, and the chain has no gap.
     #[tokio::test]
     async fn a_group_that_cannot_be_taken_back_keeps_the_numbers_of_its_whole_lines() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let s = store(dir.path()).await;
-        let log = AuditLog::open(&dir.path().join("audit"), "n1", &*s, 1 << 20)
-            .await
-            .expect("open");
+        let (dir, s, log) = opened().await;
         log.record(line("/a")).expect("a");
         let g = log.append(line("/b")).expect("b");
         log.append(line("/c")).expect("c");
