@@ -1,9 +1,10 @@
 //! This node's audit log.
 //!
 //! Every decision and every change becomes one line of JSON appended to a local segment file
-//! (`<audit.dir>/<n>.jsonl`) **before** the answer leaves: a `write(2)` into the page cache,
+//! (`<audit.dir>/<n>.jsonl`) **before** the answer leaves: a `pwrite(2)` into the page cache,
 //! which survives `kill -9` of the process (not a power cut: the segment is not fsynced per
-//! event). A shipper task reads the segments behind the writer and hands the lines, as
+//! event). Lines are written into zeros that the writer puts ahead of them in bulk, so that a
+//! group's write only copies into pages the file already has; readers skip zeros. A shipper task reads the segments behind the writer and hands the lines, as
 //! written, to the store in batches; the store chains them by hash (per node: `seq` 1, 2, 3,
 //! …, each `hash` over the previous one and the line's bytes) and stores them in one
 //! transaction with the node's chain head and the per-minute usage roll-up. The shipper reads
@@ -23,6 +24,7 @@ use std::borrow::Cow;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::IpAddr;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -96,7 +98,7 @@ impl Line<'_> {
     fn write_json(&self, out: &mut Vec<u8>) -> std::io::Result<()> {
         fn text(out: &mut Vec<u8>, key: &str, v: &str) -> std::io::Result<()> {
             out.extend_from_slice(key.as_bytes());
-            if v.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+            if keygate_core::audit::json_special(v.as_bytes()).is_some() {
                 serde_json::to_writer(&mut *out, v)?;
             } else {
                 out.push(b'"');
@@ -144,6 +146,18 @@ impl Line<'_> {
             match v {
                 V::Text(Some(v)) => text(out, key, v)?,
                 V::Num(Some(v)) => number(out, key, v),
+                V::Ip(Some(IpAddr::V4(ip))) => {
+                    // As `Display` writes it, without the formatting machinery.
+                    out.extend_from_slice(key.as_bytes());
+                    out.push(b'"');
+                    for (i, octet) in ip.octets().into_iter().enumerate() {
+                        if i > 0 {
+                            out.push(b'.');
+                        }
+                        out.extend_from_slice(itoa::Buffer::new().format(octet).as_bytes());
+                    }
+                    out.push(b'"');
+                }
                 V::Ip(Some(ip)) => {
                     out.extend_from_slice(key.as_bytes());
                     write!(out, "\"{ip}\"")?;
@@ -161,6 +175,9 @@ struct Writer {
     segment: u64,
     /// Bytes written to the current segment.
     len: u64,
+    /// Bytes the current segment holds, written lines and zeros ahead of them (see
+    /// [`ZEROS_AHEAD`]).
+    allocated: u64,
     /// `seq` of the last line appended.
     seq: i64,
     /// Lines appended and not written yet: one group, written by one `write(2)`.
@@ -198,6 +215,33 @@ impl std::fmt::Debug for AuditLog {
 
 fn segment_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("{n:020}.jsonl"))
+}
+
+/// Bytes of zeros written ahead of the segment's last line when it needs more room.
+const ZEROS_AHEAD: u64 = 256 << 10;
+
+/// A source of zeros for [`ZEROS_AHEAD`].
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+/// Creates segment `n` for writing at explicit offsets (lines go into zeros written ahead,
+/// see [`AuditLog::write_group`]).
+fn open_segment(dir: &Path, n: u64) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(segment_path(dir, n))
+}
+
+/// Writes `n` zeros at `at`.
+fn zero_range(file: &File, at: u64, n: usize) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < n {
+        let k = ZEROS.len().min(n - done);
+        file.write_all_at(&ZEROS[..k], at + done as u64)?;
+        done += k;
+    }
+    Ok(())
 }
 
 /// The segments in `dir`, oldest first.
@@ -244,11 +288,21 @@ fn scrub_nul(line: &mut [u8]) {
 /// how many bytes that was. A line that does not parse (torn by a crash mid-write, which a
 /// single small `write` makes unlikely) is logged and skipped.
 fn read_lines(bytes: &[u8]) -> (Vec<RawEvent<'_>>, usize) {
-    let Some(end) = bytes.iter().rposition(|b| *b == b'\n') else {
+    let Some(end) = memchr::memrchr(b'\n', bytes) else {
         return (Vec::new(), 0);
     };
     let mut out = Vec::with_capacity(end / 256);
-    for line in bytes[..end].split(|b| *b == b'\n') {
+    let mut from = 0;
+    let lines = memchr::memchr_iter(b'\n', &bytes[..=end]).map(|at| {
+        let line = &bytes[from..at];
+        from = at + 1;
+        line
+    });
+    for line in lines {
+        // Zeros are the room written ahead of the lines (a line has no NUL byte: JSON
+        // escapes it); after a crash of the machine, not only of the process, pages of zeros
+        // may also stand between lines.
+        let line = &line[line.iter().position(|b| *b != 0).unwrap_or(line.len())..];
         if line.is_empty() {
             continue;
         }
@@ -328,11 +382,7 @@ impl AuditLog {
             }
         }
         let segment = existing.last().map_or(1, |n| n + 1);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(segment_path(dir, segment))
-            .map_err(io)?;
+        let file = open_segment(dir, segment).map_err(io)?;
         Ok(Self {
             node: node.to_owned(),
             dir: dir.to_owned(),
@@ -341,6 +391,7 @@ impl AuditLog {
                 file,
                 segment,
                 len: 0,
+                allocated: 0,
                 seq,
                 pending: Vec::with_capacity(64 << 10),
                 group: 1,
@@ -445,28 +496,52 @@ impl AuditLog {
     fn write_group(&self, w: &mut Writer) -> std::io::Result<()> {
         if w.len >= self.segment_bytes {
             let next = w.segment + 1;
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(segment_path(&self.dir, next))?;
-            (w.file, w.segment, w.len) = (file, next, 0);
+            let file = open_segment(&self.dir, next)?;
+            // The old segment loses its zeros (a reader skips them anyway, so a failure to
+            // cut them off changes nothing).
+            if w.len != u64::MAX {
+                let _ = w.file.set_len(w.len);
+            }
+            (w.file, w.segment, w.len, w.allocated) = (file, next, 0, 0);
         }
         #[cfg(test)]
         if std::mem::take(&mut w.fail_next) {
             return Err(std::io::Error::other("no space left (test)"));
         }
         let Writer {
-            file, pending, len, ..
+            file,
+            pending,
+            len,
+            allocated,
+            ..
         } = w;
-        if let Err(e) = file.write_all(pending) {
-            // Take back whatever part of the group went out, so the next group starts clean;
-            // if even that fails, the next group opens a new segment.
-            if file.set_len(*len).is_err() {
+        let end = *len + pending.len() as u64;
+        if end > *allocated {
+            // Zeros ahead of the writer, in one write of at least [`ZEROS_AHEAD`]: the file
+            // system allocates its blocks now, in bulk, so that a group's write only copies
+            // into pages the file has. (Appending, every write grew the file: new blocks and an
+            // inode update each time, which cost three times the copy.)
+            let grow = (end - *allocated).max(ZEROS_AHEAD);
+            let mut at = *allocated;
+            while at < *allocated + grow {
+                let n = ZEROS
+                    .len()
+                    .min(usize::try_from(*allocated + grow - at).unwrap_or(usize::MAX));
+                file.write_all_at(&ZEROS[..n], at)?;
+                at += n as u64;
+            }
+            *allocated = at;
+        }
+        if let Err(e) = file.write_all_at(pending, *len) {
+            // Take back whatever part of the group went out, so that no line of it is read
+            // (the next group overwrites the rest); if even that fails, the next group opens
+            // a new segment.
+            if zero_range(file, *len, pending.len()).is_err() {
                 *len = u64::MAX;
             }
             return Err(e);
         }
-        *len += pending.len() as u64;
+        *len = end;
         Ok(())
     }
 
@@ -493,7 +568,7 @@ async fn read_lines_yielding(bytes: &[u8]) -> (Vec<RawEvent<'_>>, usize) {
     while used < bytes.len() {
         let end = (used + PARSE_BYTES).min(bytes.len());
         // Whole lines: up to the last newline of the piece, or of the rest if it has none.
-        let cut = match bytes[used..end].iter().rposition(|b| *b == b'\n') {
+        let cut = match memchr::memrchr(b'\n', &bytes[used..end]) {
             Some(i) => used + i + 1,
             None => bytes.len(),
         };
@@ -593,11 +668,12 @@ impl Shipper {
                 continue;
             }
             if seg < writer_at {
-                if used < bytes.len() {
-                    // A line torn by a crash mid-write (it was never acknowledged).
+                let torn = bytes[used..].iter().filter(|b| **b != 0).count();
+                if torn > 0 {
+                    // A line torn by a crash mid-write (it was never acknowledged). The zeros
+                    // after the last line are only room written ahead.
                     tracing::error!(
-                        "dropping {} bytes of a torn line at the end of audit segment {seg}",
-                        bytes.len() - used
+                        "dropping {torn} bytes of a torn line at the end of audit segment {seg}"
                     );
                 }
                 let p = path.clone();
@@ -755,6 +831,73 @@ mod tests {
         assert!(r.broken.is_none() && r.checked == 200, "{r:?}");
     }
 
+    /// Lines go into zeros written ahead of them: a segment holds its lines, then zeros, and
+    /// the reader skips zeros wherever they are (after a crash of the machine, pages of zeros
+    /// may stand between written lines), so no line is lost to them.
+    #[tokio::test]
+    async fn zeros_ahead_of_and_between_lines_hide_no_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path()).await;
+        let adir = dir.path().join("audit");
+        {
+            let log = AuditLog::open(&adir, "n1", &*s, 1 << 20)
+                .await
+                .expect("open");
+            log.record(line("/a")).expect("record");
+            log.record(line("/b")).expect("record");
+            // A page of zeros (a page that was never written back), then the next line.
+            let w = log.writer.lock().expect("lock");
+            w.file.write_all_at(&[0; 4096], w.len).expect("hole");
+            drop(w);
+            log.writer.lock().expect("lock").len += 4096;
+            log.record(line("/c")).expect("record");
+        }
+        let bytes = std::fs::read(segment_path(&adir, 1)).expect("segment");
+        assert!(
+            bytes.len() as u64 >= ZEROS_AHEAD && bytes.ends_with(&[0; 64]),
+            "room is written ahead: {} bytes",
+            bytes.len()
+        );
+        // The restarted node numbers on after the last line and ships all three once.
+        let log = AuditLog::open(&adir, "n1", &*s, 1 << 20)
+            .await
+            .expect("reopen");
+        log.record(line("/d")).expect("record");
+        assert_eq!(Shipper::default().ship(&log, &*s).await.expect("ship"), 4);
+        let got: Vec<(i64, String)> = {
+            let mut v: Vec<_> = stored(&*s)
+                .await
+                .into_iter()
+                .map(|e| (e.seq, e.path.unwrap_or_default()))
+                .collect();
+            v.sort();
+            v
+        };
+        let want: Vec<(i64, String)> = [(1, "/a"), (2, "/b"), (3, "/c"), (4, "/d")]
+            .into_iter()
+            .map(|(n, p)| (n, p.to_owned()))
+            .collect();
+        assert_eq!(got, want);
+        assert!(!segment_path(&adir, 1).exists());
+    }
+
+    /// A segment that is full is cut back to its lines when writing moves on.
+    #[tokio::test]
+    async fn a_closed_segment_keeps_no_zeros() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(dir.path()).await;
+        let adir = dir.path().join("audit");
+        let log = AuditLog::open(&adir, "n1", &*s, 4096).await.expect("open");
+        let mut written = 0;
+        while segments(&adir).expect("segments").len() < 2 {
+            log.record(line("/a")).expect("record");
+            written += 1;
+        }
+        let first = std::fs::read(segment_path(&adir, 1)).expect("segment");
+        assert!(!first.contains(&0), "zeros left in a closed segment");
+        assert_eq!(first.iter().filter(|b| **b == b'\n').count(), written - 1);
+    }
+
     #[tokio::test]
     async fn a_torn_last_line_of_an_old_segment_is_dropped_and_the_rest_ships() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -767,13 +910,21 @@ mod tests {
             log.record(line("/a")).expect("record");
             log.record(line("/b")).expect("record");
         }
-        // A crash in the middle of the third line's write.
-        let mut f = OpenOptions::new()
-            .append(true)
+        // A crash in the middle of the third line's write, into the zeros after the lines.
+        let f = OpenOptions::new()
+            .write(true)
             .open(segment_path(&adir, 1))
             .expect("segment");
-        f.write_all(br#"{"node":"n1","seq":3,"at_ms":1800000000000,"act"#)
-            .expect("torn");
+        let end = std::fs::read(segment_path(&adir, 1))
+            .expect("read")
+            .iter()
+            .position(|b| *b == 0)
+            .expect("zeros after the lines");
+        f.write_all_at(
+            br#"{"node":"n1","seq":3,"at_ms":1800000000000,"act"#,
+            end as u64,
+        )
+        .expect("torn");
         // The restarted node writes a new segment; the old one is shipped and removed.
         let log = AuditLog::open(&adir, "n1", &*s, 1 << 20)
             .await
@@ -967,16 +1118,16 @@ mod tests {
         log.append(line("/c")).expect("c");
         // The disk fills up midway through the group: `/b` is written whole, `/c` torn, and
         // the file cannot be truncated.
-        let torn = {
+        let (torn, at) = {
             let w = log.writer.lock().expect("lock");
             let text = String::from_utf8(w.pending.clone()).expect("utf8");
             let b_len = text.find('\n').expect("two lines") + 1;
-            text[..b_len + 20].to_owned()
+            (text[..b_len + 20].to_owned(), w.len)
         };
         OpenOptions::new()
-            .append(true)
+            .write(true)
             .open(segment_path(&dir.path().join("audit"), 1))
-            .and_then(|mut f| f.write_all(torn.as_bytes()))
+            .and_then(|f| f.write_all_at(torn.as_bytes(), at))
             .expect("partial write");
         log.writer.lock().expect("lock").file = OpenOptions::new()
             .append(true)
