@@ -597,8 +597,7 @@ impl Inner {
                 ..crate::audit::Line::default()
             })
         })?;
-        tokio::task::yield_now().await;
-        log.flush(group)
+        log.commit(group).await
     }
 
     /// Appends a lifecycle event (`key.created`, …) by `actor` to the audit log and, for the
