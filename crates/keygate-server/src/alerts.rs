@@ -56,6 +56,7 @@ pub fn summarize(events: &[&RawEvent<'_>]) -> Vec<Seen> {
     );
     let mut index: HashMap<Group<'_>, usize> = HashMap::new();
     let mut out: Vec<Seen> = Vec::new();
+    let mut last: Option<(Group<'_>, usize)> = None;
     for e in events {
         let h = &e.head;
         if h.action != "request.decided" {
@@ -74,20 +75,25 @@ pub fn summarize(events: &[&RawEvent<'_>]) -> Vec<Seen> {
             )
         };
         let group = (&**key, &**tenant, &**code, minute, ip, origin);
-        let i = *index.entry(group).or_insert_with(|| {
-            out.push(Seen {
-                key: key.to_string(),
-                tenant: tenant.to_string(),
-                code: code.to_string(),
-                minute,
-                first_ms: h.at_ms,
-                requests: 0,
-                credits: 0,
-                ip: ip.map(str::to_owned),
-                origin: origin.map(str::to_owned),
-            });
-            out.len() - 1
-        });
+        // One key's traffic repeats the group of the event before: no hashing then.
+        let i = match last {
+            Some((g, i)) if g == group => i,
+            _ => *index.entry(group).or_insert_with(|| {
+                out.push(Seen {
+                    key: key.to_string(),
+                    tenant: tenant.to_string(),
+                    code: code.to_string(),
+                    minute,
+                    first_ms: h.at_ms,
+                    requests: 0,
+                    credits: 0,
+                    ip: ip.map(str::to_owned),
+                    origin: origin.map(str::to_owned),
+                });
+                out.len() - 1
+            }),
+        };
+        last = Some((group, i));
         let s = &mut out[i];
         s.requests = s.requests.saturating_add(1);
         s.credits = s.credits.saturating_add(h.credits.unwrap_or(0).max(0));

@@ -32,7 +32,11 @@ pub(crate) const COLUMNS: &str = "node, seq, id, at, tenant_id, actor, action, k
     detail, prev_hash, hash";
 
 /// Per-minute usage of a batch: `(key, minute, code) → (tenant, requests, credits)`.
-type Usage<'a> = BTreeMap<(&'a str, i64, &'a str), (&'a str, i64, i64)>;
+type Usage<'a> = BTreeMap<UsageKey<'a>, UsageSum<'a>>;
+/// Key, minute, code.
+type UsageKey<'a> = (&'a str, i64, &'a str);
+/// Tenant, requests, credits.
+type UsageSum<'a> = (&'a str, i64, i64);
 
 /// What the usage roll-up counts of an event.
 struct Counted<'a> {
@@ -47,6 +51,14 @@ struct Counted<'a> {
 /// Counts the decided requests of known keys among `events`.
 fn usage_of<'a>(events: impl Iterator<Item = Counted<'a>>) -> Usage<'a> {
     let mut out = Usage::new();
+    // Consecutive events of one key, minute and code (one key's traffic, the usual batch) are
+    // summed before they go into the map, which then sees one lookup a run.
+    let mut run: Option<(UsageKey<'a>, UsageSum<'a>)> = None;
+    let add = |out: &mut Usage<'a>, (slot_key, (t, n, credits))| {
+        let slot = out.entry(slot_key).or_insert((t, 0, 0));
+        slot.1 += n;
+        slot.2 = i64::saturating_add(slot.2, credits);
+    };
     for e in events {
         if e.action != DECIDED {
             continue;
@@ -55,10 +67,22 @@ fn usage_of<'a>(events: impl Iterator<Item = Counted<'a>>) -> Usage<'a> {
             continue;
         };
         let minute = e.at_ms - e.at_ms.rem_euclid(60_000);
-        let slot = out.entry((k, minute, c)).or_insert((t, 0, 0));
-        slot.1 += 1;
         // Saturating: a sum of credits must never wrap, however large one event claims to be.
-        slot.2 = slot.2.saturating_add(e.credits.unwrap_or(0).max(0));
+        let credits = e.credits.unwrap_or(0).max(0);
+        match &mut run {
+            Some((key, (_, n, sum))) if *key == (k, minute, c) => {
+                *n += 1;
+                *sum = sum.saturating_add(credits);
+            }
+            _ => {
+                if let Some(done) = run.replace(((k, minute, c), (t, 1, credits))) {
+                    add(&mut out, done);
+                }
+            }
+        }
+    }
+    if let Some(done) = run {
+        add(&mut out, done);
     }
     out
 }
