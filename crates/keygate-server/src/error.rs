@@ -54,10 +54,20 @@ impl RequestId {
             .ok()
     }
 
-    /// Calls `f` with the current request's id (a reference-count bump, no copy).
+    /// Calls `f` with the current request's id, borrowed where it is kept (a clone of the
+    /// id's bytes may allocate: a header value made from a `Vec` becomes shared on its first
+    /// clone).
     pub fn with_current<R>(f: impl FnOnce(Option<&str>) -> R) -> R {
-        let v = REQUEST_ID.try_with(HeaderValue::clone).ok();
-        f(v.as_ref().and_then(|v| v.to_str().ok()))
+        let mut f = Some(f);
+        let done = REQUEST_ID
+            .try_with(|v| f.take().map(|f| f(v.to_str().ok())))
+            .ok()
+            .flatten();
+        match (done, f) {
+            (Some(r), _) => r,
+            (None, Some(f)) => f(None),
+            (None, None) => unreachable!("`f` is taken only by a call that returns its answer"),
+        }
     }
 
     /// The current request's id, or a fresh one when the request runs outside the
