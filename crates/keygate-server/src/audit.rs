@@ -845,6 +845,31 @@ mod tests {
         .expect("list")
     }
 
+    /// Ships what the segments hold and lists the stored events as (seq, path), in order.
+    async fn ship_and_list(log: &AuditLog, s: &dyn Store) -> Vec<(i64, String)> {
+        Shipper::default().ship(log, s).await.expect("ship");
+        let mut got: Vec<(i64, String)> = stored(s)
+            .await
+            .into_iter()
+            .map(|e| (e.seq, e.path.unwrap_or_default()))
+            .collect();
+        got.sort();
+        got
+    }
+
+    /// Node `n1`'s log in `adir` (1 MB segments) with `/a` and `/b` recorded.
+    async fn log_of_a_and_b(adir: &Path, s: &dyn Store) -> AuditLog {
+        let log = AuditLog::open(adir, "n1", s, 1 << 20).await.expect("open");
+        log.record(line("/a")).expect("record");
+        log.record(line("/b")).expect("record");
+        log
+    }
+
+    async fn assert_chain_intact(s: &dyn Store) {
+        let r = keygate_store::verify_audit(s).await.expect("verify");
+        assert!(r.broken.is_none(), "{r:?}");
+    }
+
     fn line<'a>(path: &'a str) -> Line<'a> {
         Line {
             at_ms: 1_800_000_000_000,
@@ -895,11 +920,7 @@ mod tests {
         let s = store(dir.path()).await;
         let adir = dir.path().join("audit");
         {
-            let log = AuditLog::open(&adir, "n1", &*s, 1 << 20)
-                .await
-                .expect("open");
-            log.record(line("/a")).expect("record");
-            log.record(line("/b")).expect("record");
+            let log = log_of_a_and_b(&adir, &*s).await;
             // A page of zeros (a page that was never written back), then the next line.
             let w = log.writer.lock().expect("lock");
             w.file.write_all_at(&[0; 4096], w.len).expect("hole");
@@ -918,16 +939,7 @@ mod tests {
             .await
             .expect("reopen");
         log.record(line("/d")).expect("record");
-        assert_eq!(Shipper::default().ship(&log, &*s).await.expect("ship"), 4);
-        let got: Vec<(i64, String)> = {
-            let mut v: Vec<_> = stored(&*s)
-                .await
-                .into_iter()
-                .map(|e| (e.seq, e.path.unwrap_or_default()))
-                .collect();
-            v.sort();
-            v
-        };
+        let got = ship_and_list(&log, &*s).await;
         let want: Vec<(i64, String)> = [(1, "/a"), (2, "/b"), (3, "/c"), (4, "/d")]
             .into_iter()
             .map(|(n, p)| (n, p.to_owned()))
@@ -958,13 +970,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = store(dir.path()).await;
         let adir = dir.path().join("audit");
-        {
-            let log = AuditLog::open(&adir, "n1", &*s, 1 << 20)
-                .await
-                .expect("open");
-            log.record(line("/a")).expect("record");
-            log.record(line("/b")).expect("record");
-        }
+        drop(log_of_a_and_b(&adir, &*s).await);
         // A crash in the middle of the third line's write, into the zeros after the lines.
         let f = OpenOptions::new()
             .write(true)
@@ -999,11 +1005,7 @@ mod tests {
         paths.sort();
         assert_eq!(paths, ["/a", "/b", "/c"]);
         assert!(!segment_path(&adir, 1).exists());
-        assert!(keygate_store::verify_audit(&*s)
-            .await
-            .expect("verify")
-            .broken
-            .is_none());
+        assert_chain_intact(&*s).await;
     }
     proptest::proptest! {
         /// The line's own writer writes what `serde_json` writes, escapes and all.
@@ -1146,19 +1148,9 @@ mod tests {
         assert!(log.flush(g1).is_err());
         assert!(log.flush(g2).is_err(), "every line of the group is refused");
         log.record(line("/d")).expect("d");
-        Shipper::default().ship(&log, &*s).await.expect("ship");
-        let mut got: Vec<(i64, String)> = stored(&*s)
-            .await
-            .into_iter()
-            .map(|e| (e.seq, e.path.unwrap_or_default()))
-            .collect();
-        got.sort();
+        let got = ship_and_list(&log, &*s).await;
         assert_eq!(got, [(1, "/a".to_owned()), (2, "/d".to_owned())]);
-        assert!(keygate_store::verify_audit(&*s)
-            .await
-            .expect("verify")
-            .broken
-            .is_none());
+        assert_chain_intact(&*s).await;
     }
 
     /// A group whose write stops midway is taken back (zeroed): the next group is written
@@ -1187,19 +1179,9 @@ mod tests {
             "only /a is left in the segment"
         );
         log.record(line("/d")).expect("d");
-        Shipper::default().ship(&log, &*s).await.expect("ship");
-        let mut got: Vec<(i64, String)> = stored(&*s)
-            .await
-            .into_iter()
-            .map(|e| (e.seq, e.path.unwrap_or_default()))
-            .collect();
-        got.sort();
+        let got = ship_and_list(&log, &*s).await;
         assert_eq!(got, [(1, "/a".to_owned()), (2, "/d".to_owned())]);
-        assert!(keygate_store::verify_audit(&*s)
-            .await
-            .expect("verify")
-            .broken
-            .is_none());
+        assert_chain_intact(&*s).await;
     }
 
     /// A group larger than the zeros written ahead gets the room it needs in one step.
@@ -1253,13 +1235,7 @@ mod tests {
             .expect("/dev/full");
         assert!(log.flush(g).is_err());
         log.record(line("/d")).expect("d");
-        Shipper::default().ship(&log, &*s).await.expect("ship");
-        let mut got: Vec<(i64, String)> = stored(&*s)
-            .await
-            .into_iter()
-            .map(|e| (e.seq, e.path.unwrap_or_default()))
-            .collect();
-        got.sort();
+        let got = ship_and_list(&log, &*s).await;
         // `/b` was written whole and ships (its request was refused, but the line is there);
         // `/c` is gone and its number went to `/d`.
         assert_eq!(
@@ -1274,10 +1250,6 @@ mod tests {
             segments(&dir.path().join("audit")).expect("segments").len(),
             1
         );
-        assert!(keygate_store::verify_audit(&*s)
-            .await
-            .expect("verify")
-            .broken
-            .is_none());
+        assert_chain_intact(&*s).await;
     }
 }
