@@ -5,8 +5,9 @@
 //! which survives `kill -9` of the process (not a power cut: the segment is not fsynced per
 //! event). Lines are written into zeros that the writer puts ahead of them in bulk, so that a
 //! group's write only copies into pages the file already has; readers skip zeros. (After a
-//! power cut, where an appended file could only lose its end, pages in the middle may be lost
-//! too: the lines after them still ship, and `verify` reports the gap as missing events.) A shipper task reads the segments behind the writer and hands the lines, as
+//! power cut, where an appended file could only lose its end, pages in the middle may be
+//! lost too: the lines after them still ship, and `verify` reports the gap as missing
+//! events.) A shipper task reads the segments behind the writer and hands the lines, as
 //! written, to the store in batches; the store chains them by hash (per node: `seq` 1, 2, 3,
 //! …, each `hash` over the previous one and the line's bytes) and stores them in one
 //! transaction with the node's chain head and the per-minute usage roll-up. The shipper reads
@@ -226,8 +227,8 @@ fn segment_path(dir: &Path, n: u64) -> PathBuf {
 /// Lets the other tasks in the run queue run once, then this one: it wakes itself and
 /// returns `Pending` once, which puts it at the back of the worker's queue. Unlike
 /// `tokio::task::yield_now`, which waits until the I/O driver has been polled, this costs no
-/// `epoll_wait` and lets no new connection's request in between: measured, the hot path of
-/// the audit log cost 8 % less throughput with it.
+/// `epoll_wait` and lets no new connection's request in between: with shipping deferred,
+/// forward-auth went from 106k to 115k req/s with it (131k with the audit log off).
 async fn requeue() {
     let mut done = false;
     std::future::poll_fn(|cx| {
@@ -257,9 +258,10 @@ fn open_segment(dir: &Path, n: u64) -> std::io::Result<File> {
         .open(segment_path(dir, n))
 }
 
-/// Writes `n` zeros at `at`, from the end backwards: if it fails midway, what is left of
-/// the range is its front, whole lines first, as a torn append would leave it (never whole
-/// lines behind zeros, whose numbers a reader would count while the ones before are gone).
+/// Writes `n` zeros at `at`, from the end backwards: if it fails midway while taking back a
+/// group, what is left of the range is its front, whole lines first, as a torn append would
+/// leave it (never whole lines behind zeros, whose numbers a reader would count while the
+/// ones before are gone). Laying room ahead costs the same in either order (measured).
 fn zero_range(file: &File, at: u64, n: usize) -> std::io::Result<()> {
     let mut left = n;
     while left > 0 {
@@ -567,15 +569,12 @@ impl AuditLog {
             // into pages the file has. (Appending, every write grew the file: new blocks and an
             // inode update each time, which cost three times the copy.)
             let grow = (end - *allocated).max(ZEROS_AHEAD);
-            let mut at = *allocated;
-            while at < *allocated + grow {
-                let n = ZEROS
-                    .len()
-                    .min(usize::try_from(*allocated + grow - at).unwrap_or(usize::MAX));
-                file.write_all_at(&ZEROS[..n], at)?;
-                at += n as u64;
-            }
-            *allocated = at;
+            zero_range(
+                file,
+                *allocated,
+                usize::try_from(grow).unwrap_or(usize::MAX),
+            )?;
+            *allocated += grow;
         }
         let written = match tear {
             Some(n) => file

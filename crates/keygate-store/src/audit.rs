@@ -57,7 +57,7 @@ fn usage_of<'a>(events: impl Iterator<Item = Counted<'a>>) -> Usage<'a> {
     let add = |out: &mut Usage<'a>, (slot_key, (t, n, credits))| {
         let slot = out.entry(slot_key).or_insert((t, 0, 0));
         slot.1 += n;
-        slot.2 = i64::saturating_add(slot.2, credits);
+        slot.2 = slot.2.saturating_add(credits);
     };
     for e in events {
         if e.action != DECIDED {
