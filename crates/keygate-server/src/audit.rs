@@ -229,7 +229,7 @@ fn segment_path(dir: &Path, n: u64) -> PathBuf {
 /// `tokio::task::yield_now`, which waits until the I/O driver has been polled, this costs no
 /// `epoll_wait` and lets no new connection's request in between: with shipping deferred,
 /// forward-auth went from 106k to 115k req/s with it (131k with the audit log off).
-async fn requeue() {
+pub(crate) async fn requeue() {
     let mut done = false;
     std::future::poll_fn(|cx| {
         if std::mem::replace(&mut done, true) {
@@ -595,8 +595,17 @@ impl AuditLog {
         Ok(())
     }
 
+    /// Makes the next group write fail before anything is written (tests of the callers).
+    #[cfg(test)]
+    pub(crate) fn fail_next_write(&self) {
+        self.writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .fail_next = true;
+    }
+
     /// The segment being written and how many bytes of it hold whole, written groups.
-    fn position(&self) -> (u64, u64) {
+    pub(crate) fn position(&self) -> (u64, u64) {
         let w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         (w.segment, w.len)
     }
@@ -809,7 +818,7 @@ pub async fn run_shipper_supervised(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use keygate_store::{AuditFilter, PageRequest, SqliteStore};
 
@@ -823,7 +832,7 @@ mod tests {
 
     /// A fresh SQLite store and node `n1`'s audit log (1 MB segments) in a temporary folder,
     /// which lives as long as the first value.
-    async fn opened() -> (tempfile::TempDir, Arc<dyn Store>, AuditLog) {
+    pub(crate) async fn opened() -> (tempfile::TempDir, Arc<dyn Store>, AuditLog) {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = store(dir.path()).await;
         let log = AuditLog::open(&dir.path().join("audit"), "n1", &*s, 1 << 20)

@@ -174,6 +174,55 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The JSON body, in the contract's shape.
+    fn body(&self, request_id: &str) -> Vec<u8> {
+        serde_json::to_vec(&Body {
+            error: Inner {
+                code: self.code,
+                message: &self.message,
+                request_id,
+            },
+        })
+        .unwrap_or_default()
+    }
+
+    /// The whole response as HTTP/1.1 bytes with `connection: close`, under a new request id,
+    /// for a connection that writes it by itself (see [`crate::held`]).
+    pub fn to_http1_closing(self) -> Vec<u8> {
+        let rid = RequestId::new().0;
+        let body = self.body(rid.to_str().unwrap_or_default());
+        let status = self.status;
+        let res = REQUEST_ID.sync_scope(rid, || self.into_response());
+        let mut out = Vec::with_capacity(512 + body.len());
+        out.extend_from_slice(
+            format!(
+                "HTTP/1.1 {} {}\r\n",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            )
+            .as_bytes(),
+        );
+        for (name, value) in res.headers() {
+            if name != axum::http::header::CONTENT_LENGTH {
+                out.extend_from_slice(name.as_str().as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        out.extend_from_slice(
+            format!(
+                "content-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        out.extend_from_slice(&body);
+        out
+    }
+}
+
 impl From<keygate_store::StoreError> for ApiError {
     fn from(e: keygate_store::StoreError) -> Self {
         match e.kind {
@@ -188,14 +237,7 @@ impl From<keygate_store::StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let rid = RequestId::current_or_new();
-        let body = serde_json::to_vec(&Body {
-            error: Inner {
-                code: self.code,
-                message: &self.message,
-                request_id: rid.to_str().unwrap_or_default(),
-            },
-        })
-        .unwrap_or_default();
+        let body = self.body(rid.to_str().unwrap_or_default());
         let mut res = (self.status, body).into_response();
         let h = res.headers_mut();
         h.insert(

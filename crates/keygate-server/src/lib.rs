@@ -10,6 +10,7 @@ pub mod dashboard;
 pub mod error;
 pub mod gateway;
 pub mod headers;
+pub mod held;
 pub mod ids;
 pub mod issue;
 pub mod metrics;

@@ -16,6 +16,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
@@ -55,6 +56,8 @@ struct Dispatch {
     router: Router,
     state: AppState,
     peer: SocketAddr,
+    /// Where forward-auth answers are held until their audit line is written (audit on).
+    conn: Option<Arc<crate::held::Conn>>,
 }
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -71,8 +74,13 @@ impl hyper::service::Service<Request<Incoming>> for Dispatch {
             // The hot path: straight to the decision, no router, no extensions.
             let state = self.state.clone();
             let peer = Some(self.peer.ip());
+            let conn = self.conn.clone();
             return Box::pin(async move {
-                Ok(crate::routes::verify::serve_forward_auth(&state, req, peer).await)
+                let answer = crate::routes::verify::serve_forward_auth(&state, req, peer);
+                Ok(match conn {
+                    Some(c) => crate::held::scope(c, answer).await,
+                    None => answer.await,
+                })
             });
         }
         if !is_own_path(path) && !self.state.routes.is_empty() {
@@ -131,6 +139,15 @@ async fn gateway_or_router(
     }
 }
 
+async fn run_connection<E: std::fmt::Display>(
+    conn: impl Future<Output = Result<(), E>>,
+    peer: SocketAddr,
+) {
+    if let Err(e) = conn.await {
+        tracing::debug!("connection from {peer} ended: {e}");
+    }
+}
+
 /// Accepts connections until `shutdown` resolves, then stops accepting and waits up to
 /// `limits.shutdown_grace_seconds` for in-flight requests.
 pub async fn serve(
@@ -148,19 +165,35 @@ pub async fn serve(
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let holds = state.audit.clone().map(|log| {
+        let state = state.clone();
+        crate::held::Holds::new(
+            log,
+            Box::new(move |allowed| {
+                let state = state.clone();
+                tokio::spawn(async move { state.refund(&allowed).await });
+            }),
+        )
+    });
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let svc = Dispatch { router: router.clone(), state: state.clone(), peer };
-                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!("connection from {peer} ended: {e}");
+                    let mut svc = Dispatch { router: router.clone(), state: state.clone(), peer, conn: None };
+                    match &holds {
+                        Some(holds) => {
+                            let (io, conn) = holds.accept(stream);
+                            svc.conn = Some(conn);
+                            let conn = graceful.watch(http.serve_connection(TokioIo::new(io), svc));
+                            tokio::spawn(run_connection(conn, peer));
                         }
-                    });
+                        None => {
+                            let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), svc));
+                            tokio::spawn(run_connection(conn, peer));
+                        }
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.

@@ -114,7 +114,7 @@ impl std::ops::Deref for AppState {
 }
 
 /// An allowed request.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Allowed {
     /// The key.
     pub key: Arc<CachedKey>,
@@ -597,7 +597,13 @@ impl Inner {
                 ..crate::audit::Line::default()
             })
         })?;
-        log.commit(group).await
+        // A forward-auth answer is held by its connection until the group is written (see
+        // `crate::held`); any other waits here.
+        match crate::held::hold(group, || out.as_ref().ok().cloned()) {
+            crate::held::Hold::Held => Ok(()),
+            crate::held::Hold::Written => log.flush(group),
+            crate::held::Hold::NotHere => log.commit(group).await,
+        }
     }
 
     /// Appends a lifecycle event (`key.created`, …) by `actor` to the audit log and, for the

@@ -324,3 +324,77 @@ async fn verify_api_paths_lose_their_query_and_odd_bytes_do_not_stop_shipping_on
         .expect("json");
     assert_eq!(v["ok"], true, "{v}");
 }
+
+/// Forward-auth answers are held by their connection until their line is written: pipelined
+/// requests on one connection still get their answers whole and in order, a `Connection:
+/// close` request gets its answer before the end, and every answered request is an event.
+#[tokio::test]
+async fn pipelined_forward_auth_answers_arrive_in_order_and_each_is_an_event() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn().await;
+    let (key, rec) = app
+        .create_key(json!({"kind": "sk", "name": "pipe", "scopes": ["ocr:read"]}))
+        .await;
+    let id = rec["id"].as_str().expect("id").to_string();
+    let request = |scope: &str, close: bool| {
+        format!(
+            "GET /v1/auth HTTP/1.1\r\nhost: kg\r\nauthorization: Bearer {key}\r\n\
+             x-keygate-scope: {scope}\r\n{}\r\n",
+            if close { "connection: close\r\n" } else { "" }
+        )
+    };
+    let mut conn = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    // Three requests in one write: allowed, refused (scope), allowed and closing.
+    let burst = [
+        request("ocr:read", false),
+        request("llm:generate", false),
+        request("ocr:read", true),
+    ]
+    .concat();
+    conn.write_all(burst.as_bytes()).await.expect("write");
+    let mut got = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        conn.read_to_end(&mut got),
+    )
+    .await
+    .expect("the server ends the connection after the closing request")
+    .expect("read");
+    let got = String::from_utf8(got).expect("utf-8");
+    let statuses: Vec<&str> = got
+        .match_indices("HTTP/1.1 ")
+        .map(|(at, _)| &got[at + 9..at + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "403", "200"], "{got}");
+    let codes: Vec<&str> = got
+        .lines()
+        .filter_map(|l| l.strip_prefix("x-keygate-code: "))
+        .collect();
+    assert_eq!(codes, ["VALID", "FORBIDDEN_SCOPE", "VALID"], "{got}");
+    eventually(|| {
+        let app = &app;
+        let id = id.clone();
+        async move {
+            events(
+                app,
+                &app.root,
+                &format!("key_id={id}&action=request.decided"),
+            )
+            .await
+            .len()
+                >= 3
+        }
+    })
+    .await;
+    let evs = events(
+        &app,
+        &app.root,
+        &format!("key_id={id}&action=request.decided"),
+    )
+    .await;
+    let mut codes: Vec<&str> = evs.iter().filter_map(|e| e["code"].as_str()).collect();
+    codes.sort_unstable();
+    assert_eq!(codes, ["FORBIDDEN_SCOPE", "VALID", "VALID"], "{evs:#?}");
+}
