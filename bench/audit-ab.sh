@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# What the audit log costs forward-auth, measured with both servers loaded at the same time.
+#
+#   bash bench/audit-ab.sh                 # 5 rounds of 8 s
+#   ROUNDS=9 DURATION=10 bash bench/audit-ab.sh
+#   KEYGATE_BIN=/path/to/an/older/keygate bash bench/audit-ab.sh   # another build, not rebuilt
+#
+# keygate with the audit log off and keygate with it on (and, in the same rounds, on with
+# shipping deferred: the hot path alone) share core 0; each gets its own wrk on core 1, and
+# both are loaded at once. The scheduler gives each server half the core, so the ratio of
+# their throughputs is the ratio of what a request costs each, and whatever the host does to
+# the VM during a round (this one drifts by ±20 % between runs) hits both alike. One round is
+# one pair run at once; the median of the per-round ratios is reported.
+#
+# Prints a Markdown line (also written to bench/out/audit-ab.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-8}
+CONNECTIONS=${CONNECTIONS:-32}
+ROUNDS=${ROUNDS:-5}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/keygate-target}
+command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
+if [ -n "${KEYGATE_BIN:-}" ]; then BIN=$KEYGATE_BIN; else
+  cargo build --release -q -p keygate
+  BIN=$CARGO_TARGET_DIR/release/keygate
+fi
+OUT=bench/out; mkdir -p "$OUT"
+WORK=$(mktemp -d)
+cleanup() { kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# start NAME [VAR=value …]: keygate on core 0 with a publishable key like forward-auth.sh's;
+# writes "PORT KEY" to $WORK/NAME.
+start() {
+  local name=$1 port; shift
+  port=$(free_port)
+  env KEYGATE_LISTEN="127.0.0.1:$port" KEYGATE_LOG__LEVEL=warn KEYGATE_AUDIT__DIR="$WORK/$name.audit" \
+    KEYGATE_DATABASE_URL="sqlite://$WORK/$name.db" "$@" taskset -c 0 "$BIN" serve >"$WORK/$name.root" 2>"$WORK/$name.log" &
+  for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$port/v1/status" && break; sleep 0.1; done
+  local key
+  key=$(curl -fs -X POST "http://127.0.0.1:$port/v1/keys" -H "authorization: Bearer $(head -1 "$WORK/$name.root")" \
+    -H 'content-type: application/json' \
+    -d '{"kind":"pk","name":"bench","preset":"aidemo","allowed_ips":["127.0.0.0/8"],
+         "rate_limit":{"limit":1000000000,"window_seconds":60},"budget":1000000000000}' |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+  echo "$port $key" >"$WORK/$name"
+}
+
+# load NAME SECONDS: wrk on core 1; prints requests/s, fails the run on any non-2xx answer.
+load() {
+  local port key
+  read -r port key <"$WORK/$1"
+  taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"$2s" -H "Authorization: Bearer $key" -H "Origin: https://claude.ai" \
+    -H "X-Keygate-Scope: ocr:read" -H "X-Forwarded-For: 127.0.0.1" "http://127.0.0.1:$port/v1/auth" >"$WORK/$1.wrk"
+  if grep -q Non-2xx "$WORK/$1.wrk"; then echo "$1 answered non-2xx responses: the run is invalid" >&2; exit 1; fi
+  awk '/Requests\/sec/ {print $2}' "$WORK/$1.wrk"
+}
+
+# pair A B: both loaded at once; prints "rps(A) rps(B)".
+pair() {
+  load "$1" "$DURATION" >"$WORK/$1.rps" &
+  local a=$!
+  load "$2" "$DURATION" >"$WORK/$2.rps" &
+  local b=$!
+  wait "$a" "$b"
+  echo "$(cat "$WORK/$1.rps") $(cat "$WORK/$2.rps")"
+}
+
+start off KEYGATE_AUDIT__ENABLED=false
+start on
+start deferred KEYGATE_AUDIT__SHIP_INTERVAL_MS=600000
+for n in off on deferred; do load "$n" 3 >/dev/null; done # warm up
+: >"$OUT/audit-ab-rounds.txt"
+for _ in $(seq "$ROUNDS"); do
+  echo "on $(pair off on)" >>"$OUT/audit-ab-rounds.txt"
+  echo "deferred $(pair off deferred)" >>"$OUT/audit-ab-rounds.txt"
+done
+python3 - "$OUT/audit-ab-rounds.txt" "$CONNECTIONS" "$DURATION" <<'PY' | tee "$OUT/audit-ab.md"
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+def ratios(kind):
+    return sorted(float(r[2]) / float(r[1]) for r in rows if r[0] == kind)
+on, hot = ratios("on"), ratios("deferred")
+fmt = lambda rs: ", ".join(f"{r:.2f}" for r in rs)
+print(f"audit on / off, both loaded at once on one core (wrk -t1 -c{sys.argv[2]} each, {sys.argv[3]} s, "
+      f"median of {len(on)} rounds): **{statistics.median(on):.2f}** (rounds: {fmt(on)}); "
+      f"hot path alone (shipping deferred) / off: **{statistics.median(hot):.2f}** (rounds: {fmt(hot)})")
+PY
