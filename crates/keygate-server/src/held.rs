@@ -11,9 +11,13 @@
 //! writes the group, and then sends every answer it held itself. So an answer still never
 //! reaches the socket before its line is in the segment.
 //!
-//! If a group's write fails, its held answers are replaced by `503 UNAVAILABLE` with
-//! `connection: close` (fail closed: the decision is never told), the connection ends, and
-//! what an allowed request was charged goes back.
+//! A connection holds at most one answer at a time: a request pipelined behind a held
+//! answer first waits until that answer is released ([`settle`]), so one group's outcome
+//! decides what the held bytes become. If a group's write fails, its held answer is replaced
+//! by `503 UNAVAILABLE` with `connection: close` (fail closed: the decision is never told;
+//! bytes of earlier answers already released still go out first), the connection ends, and
+//! what an allowed request was charged goes back; a request pipelined behind it is refused
+//! without a line, and its charge goes back too.
 //!
 //! Only `GET /v1/auth` answers are held ([`scope`]): a gateway request must not reach its
 //! upstream before its line is written, so it waits in the handler as before.
@@ -75,14 +79,22 @@ pub struct Conn {
     /// takes no lock.
     attention: AtomicBool,
     state: Mutex<Held>,
+    /// Told whenever the held answer is released (see [`settle`]).
+    settled: tokio::sync::Notify,
+    /// Forward-auth requests being decided on this connection: after a refusal, the
+    /// connection ends only when none is (hyper would cancel one, charged, mid-decision).
+    deciding: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Default)]
 struct Held {
-    /// The group the held bytes wait for (0: none).
+    /// The group the held answer waits for (0: none).
     group: u64,
     /// Bytes written by hyper, not sent yet.
     bytes: Vec<u8>,
+    /// How many leading bytes of `bytes` belong to answers already released (still sent if
+    /// the held answer is refused).
+    released: usize,
     /// The connection's task, to wake when a flusher could not send everything.
     waker: Option<Waker>,
     /// The held answers were refused: after `bytes` (the 503), the connection ends.
@@ -143,6 +155,8 @@ impl Holds {
             holds: Arc::clone(self),
             attention: AtomicBool::new(false),
             state: Mutex::new(Held::default()),
+            settled: tokio::sync::Notify::new(),
+            deciding: std::sync::atomic::AtomicUsize::new(0),
         });
         (
             Io {
@@ -166,7 +180,11 @@ impl Holds {
             }
             {
                 let mut s = lock(&conn.state);
-                s.group = s.group.max(group);
+                if s.group != 0 || s.close {
+                    // Not settled (see `settle`): the caller waits for its group itself.
+                    return Hold::NotHere;
+                }
+                s.group = group;
                 conn.attention.store(true, Ordering::Release);
             }
             w.entries.push(Entry {
@@ -216,7 +234,16 @@ async fn flush_later(holds: Arc<Holds>, group: u64) {
 
 /// Runs `f` (a forward-auth handler) with `conn` as the connection its answer is held in.
 pub async fn scope<F: std::future::Future>(conn: Arc<Conn>, f: F) -> F::Output {
-    CONN.scope(conn, f).await
+    /// Counts the request out of [`Conn::deciding`] however it ends.
+    struct Deciding<'a>(&'a Conn);
+    impl Drop for Deciding<'_> {
+        fn drop(&mut self) {
+            self.0.deciding.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    conn.deciding.fetch_add(1, Ordering::AcqRel);
+    let _deciding = Deciding(&conn);
+    CONN.scope(Arc::clone(&conn), f).await
 }
 
 /// Holds the current connection's answer until `group` is written, if this connection holds
@@ -226,27 +253,76 @@ pub fn hold(group: u64, refund: impl FnOnce() -> Option<Allowed>) -> Hold {
         .unwrap_or(Hold::NotHere)
 }
 
+/// An earlier answer on this connection was refused: the connection is ending.
+#[derive(Debug)]
+pub struct Refused;
+
+/// Waits until the current connection holds no answer (a request pipelined behind a held
+/// one), so that it holds one answer at a time; `Err` if that answer was refused. Returns at
+/// once elsewhere, and on a connection with nothing held.
+pub async fn settle() -> Result<(), Refused> {
+    let Some(conn) = CONN
+        .try_with(|c| c.attention.load(Ordering::Acquire).then(|| Arc::clone(c)))
+        .ok()
+        .flatten()
+    else {
+        return Ok(());
+    };
+    loop {
+        let notified = conn.settled.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        {
+            let s = lock(&conn.state);
+            if s.close {
+                return Err(Refused);
+            }
+            if s.group == 0 {
+                return Ok(());
+            }
+        }
+        notified.await;
+    }
+}
+
+impl Held {
+    /// The held answer's group is written (`ok`) or failed: the bytes are all to be sent, or
+    /// the held answer becomes the refusal (after what was released before it).
+    fn settle(&mut self, ok: bool) {
+        self.group = 0;
+        if !ok {
+            let released = self.released;
+            self.bytes.truncate(released);
+            self.bytes.extend_from_slice(&refusal());
+            self.close = true;
+        }
+        self.released = self.bytes.len();
+    }
+
+    /// `n` bytes went out.
+    fn sent(&mut self, n: usize) {
+        self.bytes.drain(..n);
+        self.released = self.released.saturating_sub(n);
+    }
+}
+
 impl Conn {
-    /// `group` is written (`ok`) or failed: sends the answers held for it, or the refusal.
+    /// `group` is written (`ok`) or failed: sends the answer held for it, or the refusal.
     fn release(&self, group: u64, ok: bool) {
         let mut s = lock(&self.state);
-        // Released already (a refusal, or a group written early), or a later answer waits
-        // for a later group.
-        if s.group == 0 || (ok && s.group > group) {
+        // Released already (written early by this connection itself).
+        if s.group != group {
             return;
         }
-        s.group = 0;
-        if !ok {
-            s.bytes = refusal();
-            s.close = true;
-        }
+        s.settle(ok);
         while !s.bytes.is_empty() {
             match self.write.try_write(&s.bytes) {
-                Ok(n) => drop(s.bytes.drain(..n)),
+                Ok(n) => s.sent(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(_) => {
                     // The peer is gone; hyper finds out on its next read.
                     s.bytes.clear();
+                    s.released = 0;
                     s.close = true;
                 }
             }
@@ -257,6 +333,8 @@ impl Conn {
             // The connection's task sends the rest (or ends the connection).
             w.wake();
         }
+        drop(s);
+        self.settled.notify_waiters();
     }
 
     /// Sends what `s` holds; then, if the answers were refused, `Err`.
@@ -264,10 +342,11 @@ impl Conn {
         while !s.bytes.is_empty() {
             ready!(self.write.as_ref().poll_write_ready(cx))?;
             match self.write.try_write(&s.bytes) {
-                Ok(n) => drop(s.bytes.drain(..n)),
+                Ok(n) => s.sent(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     s.bytes.clear();
+                    s.released = 0;
                     s.close = true;
                     return Poll::Ready(Err(e));
                 }
@@ -280,15 +359,13 @@ impl Conn {
         Poll::Ready(Ok(()))
     }
 
-    /// Writes the group `s` waits for now, instead of waiting for its flusher.
+    /// Writes the group `s` waits for now, instead of waiting for its flusher (whose release
+    /// then finds nothing to do; its refund still happens).
     fn write_group_now(&self, s: &mut Held) {
         if s.group != 0 {
             let ok = self.holds.log.flush(s.group).is_ok();
-            s.group = 0;
-            if !ok {
-                s.bytes = refusal();
-                s.close = true;
-            }
+            s.settle(ok);
+            self.settled.notify_waiters();
         }
     }
 
@@ -346,7 +423,12 @@ impl AsyncRead for Io {
                     s.waker = Some(cx.waker().clone());
                 }
             } else if ready!(this.conn.poll_drain(&mut s, cx)).is_err() {
-                // Refused (or the peer is gone): the connection ends here.
+                // Refused (or the peer is gone): the connection ends here, once no request
+                // is being decided on it (that one is refused, and its answer's write ends
+                // the connection).
+                if this.conn.deciding.load(Ordering::Acquire) > 0 {
+                    return Poll::Pending;
+                }
                 return Poll::Ready(Ok(()));
             }
         }
@@ -397,9 +479,12 @@ impl AsyncWrite for Io {
         let conn = &self.conn;
         if conn.attention.load(Ordering::Acquire) {
             let mut s = lock(&conn.state);
-            // Held bytes are the flusher's to send.
+            // Held bytes are the flusher's to send. After a refusal a flush is not an error
+            // (hyper would cancel a request being decided, charged, on this connection): the
+            // next read or write ends the connection.
             if s.group == 0 {
-                ready!(conn.poll_drain(&mut s, cx))?;
+                // `Err` only once the connection is ending (refused, or the peer gone).
+                let _ending = ready!(conn.poll_drain(&mut s, cx));
             }
         }
         Poll::Ready(Ok(()))
@@ -490,22 +575,26 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn answers_of_a_failed_group_become_one_refusal_and_the_connection_ends() {
+    async fn an_answer_of_a_failed_group_becomes_a_refusal_and_the_connection_ends() {
         let (_dir, _store, log) = crate::audit::tests::opened().await;
         let log = Arc::new(log);
         let holds = Holds::new(Arc::clone(&log), Box::new(|_| {}));
         let (mut client, mut io, conn) = pair(&holds).await;
-        // Two pipelined answers held on one connection, both in the failing group.
-        for _ in 0..2 {
-            let group = log.append(line()).expect("append");
-            assert_eq!(
-                scope(Arc::clone(&conn), async { hold(group, || None) }).await,
-                Hold::Held
-            );
-            io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                .await
-                .expect("write");
-        }
+        // An answer held; a second one on the same connection is not held (one at a time:
+        // its request waits for the first to be released).
+        let group = log.append(line()).expect("append");
+        assert_eq!(
+            scope(Arc::clone(&conn), async { hold(group, || None) }).await,
+            Hold::Held
+        );
+        io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .expect("write");
+        let second = log.append(line()).expect("append");
+        assert_eq!(
+            scope(Arc::clone(&conn), async { hold(second, || None) }).await,
+            Hold::NotHere
+        );
         drop(conn);
         log.fail_next_write();
         // hyper waits for the next request: the connection ends after the refusal.
@@ -542,7 +631,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_refused_forward_auth_answer_gives_its_credits_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = crate::Config {
@@ -607,6 +696,36 @@ mod tests {
         // The next answer is given, and charged.
         assert_eq!(auth().await.expect("auth").status(), 200);
         assert_eq!(spent().await, 2);
+        // Two requests pipelined on one connection, the first one's group failing: one
+        // refusal, then the end of the connection; the second is refused without a line, and
+        // both charges go back.
+        state.audit.as_ref().expect("audit on").fail_next_write();
+        let addr = base.trim_start_matches("http://");
+        let mut raw = TcpStream::connect(addr).await.expect("connect");
+        let one =
+            format!("GET /v1/auth HTTP/1.1\r\nhost: kg\r\nauthorization: Bearer {key}\r\n\r\n");
+        raw.write_all(format!("{one}{one}").as_bytes())
+            .await
+            .expect("write");
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut got))
+            .await
+            .expect("the connection ends")
+            .expect("read");
+        let got = String::from_utf8(got).expect("utf-8");
+        assert!(got.starts_with("HTTP/1.1 503 "), "{got}");
+        assert_eq!(got.matches("HTTP/1.1 ").count(), 1, "one answer: {got}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while spent().await != 2 {
+            let now = spent().await;
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the charges never came back: spent {now}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(auth().await.expect("auth").status(), 200);
+        assert_eq!(spent().await, 3);
         // The server drains its queues once the last handle on its state is gone.
         drop(state);
         let _ = stop.send(());
