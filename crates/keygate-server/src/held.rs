@@ -16,8 +16,8 @@
 //! decides what the held bytes become. If a group's write fails, its held answer is replaced
 //! by `503 UNAVAILABLE` with `connection: close` (fail closed: the decision is never told;
 //! bytes of earlier answers already released still go out first), the connection ends, and
-//! what an allowed request was charged goes back; a request pipelined behind it is refused
-//! without a line, and its charge goes back too.
+//! what an allowed request was charged goes back; a request pipelined behind it is answered
+//! `503` before anything of it happens.
 //!
 //! Only `GET /v1/auth` answers are held ([`scope`]): a gateway request must not reach its
 //! upstream before its line is written, so it waits in the handler as before.
@@ -81,9 +81,6 @@ pub struct Conn {
     state: Mutex<Held>,
     /// Told whenever the held answer is released (see [`settle`]).
     settled: tokio::sync::Notify,
-    /// Forward-auth requests being decided on this connection: after a refusal, the
-    /// connection ends only when none is (hyper would cancel one, charged, mid-decision).
-    deciding: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Default)]
@@ -156,7 +153,6 @@ impl Holds {
             attention: AtomicBool::new(false),
             state: Mutex::new(Held::default()),
             settled: tokio::sync::Notify::new(),
-            deciding: std::sync::atomic::AtomicUsize::new(0),
         });
         (
             Io {
@@ -234,16 +230,7 @@ async fn flush_later(holds: Arc<Holds>, group: u64) {
 
 /// Runs `f` (a forward-auth handler) with `conn` as the connection its answer is held in.
 pub async fn scope<F: std::future::Future>(conn: Arc<Conn>, f: F) -> F::Output {
-    /// Counts the request out of [`Conn::deciding`] however it ends.
-    struct Deciding<'a>(&'a Conn);
-    impl Drop for Deciding<'_> {
-        fn drop(&mut self) {
-            self.0.deciding.fetch_sub(1, Ordering::AcqRel);
-        }
-    }
-    conn.deciding.fetch_add(1, Ordering::AcqRel);
-    let _deciding = Deciding(&conn);
-    CONN.scope(Arc::clone(&conn), f).await
+    CONN.scope(conn, f).await
 }
 
 /// Holds the current connection's answer until `group` is written, if this connection holds
@@ -257,17 +244,19 @@ pub fn hold(group: u64, refund: impl FnOnce() -> Option<Allowed>) -> Hold {
 #[derive(Debug)]
 pub struct Refused;
 
-/// Waits until the current connection holds no answer (a request pipelined behind a held
-/// one), so that it holds one answer at a time; `Err` if that answer was refused. Returns at
-/// once elsewhere, and on a connection with nothing held.
-pub async fn settle() -> Result<(), Refused> {
-    let Some(conn) = CONN
-        .try_with(|c| c.attention.load(Ordering::Acquire).then(|| Arc::clone(c)))
-        .ok()
-        .flatten()
-    else {
-        return Ok(());
-    };
+impl Conn {
+    /// Whether a request on this connection must [`settle`] before it is dispatched.
+    pub fn unsettled(&self) -> bool {
+        self.attention.load(Ordering::Acquire)
+    }
+}
+
+/// Waits until `conn` holds no answer, so that a request pipelined behind a held answer is
+/// dispatched only once that answer is released (a connection holds one answer at a time,
+/// and nothing of the next request happens, charged or not, before the answer's fate is
+/// known); `Err` if that answer was refused: the request is not dispatched, and the
+/// connection ends.
+pub async fn settle(conn: &Conn) -> Result<(), Refused> {
     loop {
         let notified = conn.settled.notified();
         tokio::pin!(notified);
@@ -283,6 +272,19 @@ pub async fn settle() -> Result<(), Refused> {
         }
         notified.await;
     }
+}
+
+/// The answer to a request pipelined behind a refused one (see [`settle`]).
+pub fn refused() -> axum::response::Response {
+    let mut res = axum::response::IntoResponse::into_response(crate::error::ApiError::decision(
+        keygate_core::Code::Unavailable,
+        None,
+    ));
+    res.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    res
 }
 
 impl Held {
@@ -423,12 +425,7 @@ impl AsyncRead for Io {
                     s.waker = Some(cx.waker().clone());
                 }
             } else if ready!(this.conn.poll_drain(&mut s, cx)).is_err() {
-                // Refused (or the peer is gone): the connection ends here, once no request
-                // is being decided on it (that one is refused, and its answer's write ends
-                // the connection).
-                if this.conn.deciding.load(Ordering::Acquire) > 0 {
-                    return Poll::Pending;
-                }
+                // Refused (or the peer is gone): the connection ends here.
                 return Poll::Ready(Ok(()));
             }
         }
@@ -479,9 +476,9 @@ impl AsyncWrite for Io {
         let conn = &self.conn;
         if conn.attention.load(Ordering::Acquire) {
             let mut s = lock(&conn.state);
-            // Held bytes are the flusher's to send. After a refusal a flush is not an error
-            // (hyper would cancel a request being decided, charged, on this connection): the
-            // next read or write ends the connection.
+            // Held bytes are the flusher's to send. After a refusal a flush is not an error:
+            // a request hyper has read already is then answered by `refused` (see `settle`),
+            // and the next read or write ends the connection.
             if s.group == 0 {
                 // `Err` only once the connection is ending (refused, or the peer gone).
                 let _ending = ready!(conn.poll_drain(&mut s, cx));
@@ -697,8 +694,8 @@ mod tests {
         assert_eq!(auth().await.expect("auth").status(), 200);
         assert_eq!(spent().await, 2);
         // Two requests pipelined on one connection, the first one's group failing: one
-        // refusal, then the end of the connection; the second is refused without a line, and
-        // both charges go back.
+        // refusal, then the end of the connection; the second is refused before it is
+        // decided, and the first one's charge goes back.
         state.audit.as_ref().expect("audit on").fail_next_write();
         let addr = base.trim_start_matches("http://");
         let mut raw = TcpStream::connect(addr).await.expect("connect");

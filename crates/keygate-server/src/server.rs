@@ -68,6 +68,23 @@ impl hyper::service::Service<Request<Incoming>> for Dispatch {
     type Future = BoxFuture;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
+        // Pipelined behind a forward-auth answer still held on this connection: nothing of
+        // this request happens before that answer is released (see `crate::held::settle`).
+        if let Some(conn) = self.conn.as_ref().filter(|c| c.unsettled()) {
+            let (conn, this) = (Arc::clone(conn), self.clone());
+            return Box::pin(async move {
+                match crate::held::settle(&conn).await {
+                    Ok(()) => this.dispatch(req).await,
+                    Err(crate::held::Refused) => Ok(crate::held::refused()),
+                }
+            });
+        }
+        self.dispatch(req)
+    }
+}
+
+impl Dispatch {
+    fn dispatch(&self, req: Request<Incoming>) -> BoxFuture {
         let mut req = req.map(Body::new);
         let path = req.uri().path();
         if path == "/v1/auth" || path.starts_with("/v1/auth/") {

@@ -575,13 +575,6 @@ impl Inner {
             Err(d) => (d.key.as_ref(), d.code, 0),
         };
         let rec = key.map(|k| &k.record);
-        // Pipelined behind an answer still held on this connection: wait for it (and give up
-        // if it was refused: the connection is ending).
-        if crate::held::settle().await.is_err() {
-            return Err(std::io::Error::other(
-                "an earlier answer on this connection was refused",
-            ));
-        }
         let group = crate::error::RequestId::with_current(|rid| {
             log.append(crate::audit::Line {
                 at_ms: facts.now_ms,
