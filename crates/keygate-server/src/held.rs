@@ -506,6 +506,16 @@ mod tests {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// An audit log in a temporary folder (living as long as the first value), and a
+    /// connected pair: the client's end, and the server's end split for holding.
+    async fn held_pair() -> (tempfile::TempDir, Arc<AuditLog>, TcpStream, Io, Arc<Conn>) {
+        let (dir, _store, log) = crate::audit::tests::opened().await;
+        let log = Arc::new(log);
+        let holds = Holds::new(Arc::clone(&log), Box::new(|_| {}));
+        let (client, io, conn) = pair(&holds).await;
+        (dir, log, client, io, conn)
+    }
+
     /// A connected pair: the client's end, and the server's end split for holding.
     async fn pair(holds: &Arc<Holds>) -> (TcpStream, Io, Arc<Conn>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -530,10 +540,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn an_answer_leaves_only_after_its_line_is_written() {
-        let (_dir, _store, log) = crate::audit::tests::opened().await;
-        let log = Arc::new(log);
-        let holds = Holds::new(Arc::clone(&log), Box::new(|_| {}));
-        let (mut client, mut io, conn) = pair(&holds).await;
+        let (_dir, log, mut client, mut io, conn) = held_pair().await;
         let group = log.append(line()).expect("append");
         let held = scope(Arc::clone(&conn), async { hold(group, || None) }).await;
         assert_eq!(held, Hold::Held);
@@ -573,10 +580,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn an_answer_of_a_failed_group_becomes_a_refusal_and_the_connection_ends() {
-        let (_dir, _store, log) = crate::audit::tests::opened().await;
-        let log = Arc::new(log);
-        let holds = Holds::new(Arc::clone(&log), Box::new(|_| {}));
-        let (mut client, mut io, conn) = pair(&holds).await;
+        let (_dir, log, mut client, mut io, conn) = held_pair().await;
         // An answer held; a second one on the same connection is not held (one at a time:
         // its request waits for the first to be released).
         let group = log.append(line()).expect("append");
@@ -681,15 +685,25 @@ mod tests {
         assert_eq!(r.headers()["connection"], "close");
         let v: serde_json::Value = r.json().await.expect("json");
         assert_eq!(v["error"]["code"], "UNAVAILABLE");
-        // The refund runs on its own task: wait for it, with a deadline.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while spent().await != 1 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the charge never came back"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // Refunds run on their own task: wait for `spent` to come back, with a deadline.
+        let spent_back_to = |n: u64| {
+            let spent = &spent;
+            async move {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    let now = spent().await;
+                    if now == n {
+                        return;
+                    }
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the charge never came back: spent {now}, not {n}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        spent_back_to(1).await;
         // The next answer is given, and charged.
         assert_eq!(auth().await.expect("auth").status(), 200);
         assert_eq!(spent().await, 2);
@@ -712,15 +726,7 @@ mod tests {
         let got = String::from_utf8(got).expect("utf-8");
         assert!(got.starts_with("HTTP/1.1 503 "), "{got}");
         assert_eq!(got.matches("HTTP/1.1 ").count(), 1, "one answer: {got}");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while spent().await != 2 {
-            let now = spent().await;
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the charges never came back: spent {now}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        spent_back_to(2).await;
         assert_eq!(auth().await.expect("auth").status(), 200);
         assert_eq!(spent().await, 3);
         // The server drains its queues once the last handle on its state is gone.

@@ -29,6 +29,16 @@ async fn events(app: &TestApp, key: &str, query: &str) -> Vec<Value> {
     }
 }
 
+/// The `request.decided` events of key `id`, every page.
+async fn decided(app: &TestApp, id: &str) -> Vec<Value> {
+    events(
+        app,
+        &app.root,
+        &format!("key_id={id}&action=request.decided"),
+    )
+    .await
+}
+
 fn find<'a>(evs: &'a [Value], action: &str, code: Option<&str>) -> Option<&'a Value> {
     evs.iter()
         .find(|e| e["action"] == action && code.is_none_or(|c| e["code"] == c))
@@ -305,12 +315,7 @@ async fn verify_api_paths_lose_their_query_and_odd_bytes_do_not_stop_shipping_on
         }
     })
     .await;
-    let evs = events(
-        &app,
-        &app.root,
-        &format!("key_id={id}&action=request.decided"),
-    )
-    .await;
+    let evs = decided(&app, &id).await;
     let paths: Vec<&str> = evs.iter().filter_map(|e| e["path"].as_str()).collect();
     assert!(paths.contains(&"/v1/ocr/scan"), "{paths:?}");
     assert!(paths.contains(&"/v1/ocr/\u{fffd}nul"), "{paths:?}");
@@ -376,24 +381,10 @@ async fn pipelined_forward_auth_answers_arrive_in_order_and_each_is_an_event() {
     eventually(|| {
         let app = &app;
         let id = id.clone();
-        async move {
-            events(
-                app,
-                &app.root,
-                &format!("key_id={id}&action=request.decided"),
-            )
-            .await
-            .len()
-                >= 3
-        }
+        async move { decided(app, &id).await.len() >= 3 }
     })
     .await;
-    let evs = events(
-        &app,
-        &app.root,
-        &format!("key_id={id}&action=request.decided"),
-    )
-    .await;
+    let evs = decided(&app, &id).await;
     let mut codes: Vec<&str> = evs.iter().filter_map(|e| e["code"].as_str()).collect();
     codes.sort_unstable();
     assert_eq!(codes, ["FORBIDDEN_SCOPE", "VALID", "VALID"], "{evs:#?}");
