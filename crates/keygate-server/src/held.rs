@@ -529,6 +529,16 @@ mod tests {
         (client, io, conn)
     }
 
+    /// Everything the server sends until it ends the connection (within a deadline), as text.
+    async fn until_closed(client: &mut TcpStream) -> String {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+            .await
+            .expect("the connection ends")
+            .expect("read");
+        String::from_utf8(got).expect("utf-8")
+    }
+
     fn line() -> crate::audit::Line<'static> {
         crate::audit::Line {
             actor: "key_1",
@@ -603,12 +613,7 @@ mod tests {
             let mut buf = [0u8; 16];
             io.read(&mut buf).await
         });
-        let mut got = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut got))
-            .await
-            .expect("the connection ends")
-            .expect("read");
-        let got = String::from_utf8(got).expect("utf-8");
+        let got = until_closed(&mut client).await;
         assert!(
             got.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
             "{got}"
@@ -718,12 +723,7 @@ mod tests {
         raw.write_all(format!("{one}{one}").as_bytes())
             .await
             .expect("write");
-        let mut got = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut got))
-            .await
-            .expect("the connection ends")
-            .expect("read");
-        let got = String::from_utf8(got).expect("utf-8");
+        let got = until_closed(&mut raw).await;
         assert!(got.starts_with("HTTP/1.1 503 "), "{got}");
         assert_eq!(got.matches("HTTP/1.1 ").count(), 1, "one answer: {got}");
         spent_back_to(2).await;
