@@ -151,6 +151,101 @@ pub fn json_special(b: &[u8]) -> Option<usize> {
         .map(|i| at + i)
 }
 
+/// Where [`LineHead::scan_in_order`] is in a line that has no escape and no control byte,
+/// so that every `"` in it opens or closes a string.
+struct InOrder<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> InOrder<'a> {
+    /// Steps over `key` (with the `,` or `{` before it and the `:` after it). Inlined, so
+    /// that each literal is compared as the few words it is.
+    #[inline(always)]
+    fn key(&mut self, key: &str) -> bool {
+        let b = self.text.as_bytes();
+        let found = b.get(self.at..self.at + key.len()) == Some(key.as_bytes());
+        if found {
+            self.at += key.len();
+        }
+        found
+    }
+
+    /// A string (which the line's check has shown to hold no escape).
+    fn text(&mut self) -> Option<&'a str> {
+        let b = self.text.as_bytes();
+        if b.get(self.at) != Some(&b'"') {
+            return None;
+        }
+        let start = self.at + 1;
+        let end = start + memchr::memchr(b'"', b.get(start..)?)?;
+        self.at = end + 1;
+        self.text.get(start..end)
+    }
+
+    /// A plain integer (see [`plain_integer`]) that fits an `i64`.
+    fn integer(&mut self) -> Option<i64> {
+        let b = self.text.as_bytes();
+        let negative = b.get(self.at) == Some(&b'-');
+        let start = self.at + usize::from(negative);
+        let mut i = start;
+        let mut v: i64 = 0;
+        while let Some(c) = b.get(i).filter(|c| c.is_ascii_digit()) {
+            let d = i64::from(c - b'0');
+            v = v.checked_mul(10)?;
+            v = if negative {
+                v.checked_sub(d)?
+            } else {
+                v.checked_add(d)?
+            };
+            i += 1;
+        }
+        let digits = i - start;
+        if digits == 0 || (b[start] == b'0' && (digits > 1 || negative)) {
+            return None;
+        }
+        self.at = i;
+        Some(v)
+    }
+
+    /// The string after `key` if the line has that key next: `Some(None)` if it has not,
+    /// `None` if its value is not a string.
+    #[inline(always)]
+    fn text_if(&mut self, key: &str) -> Option<Option<std::borrow::Cow<'a, str>>> {
+        if !self.key(key) {
+            return Some(None);
+        }
+        self.text().map(|t| Some(std::borrow::Cow::Borrowed(t)))
+    }
+
+    /// [`InOrder::text_if`] for an integer.
+    #[inline(always)]
+    fn integer_if(&mut self, key: &str) -> Option<Option<i64>> {
+        if !self.key(key) {
+            return Some(None);
+        }
+        self.integer().map(Some)
+    }
+}
+
+/// Whether `b` has a backslash or a control byte (below 0x20), eight bytes at a time (see
+/// [`json_special`]).
+fn has_escape_or_control(b: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    let mut chunks = b.chunks_exact(8);
+    let mut hit = 0;
+    for c in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(c);
+        let x = u64::from_le_bytes(word);
+        let backslash = x ^ (ONES * u64::from(b'\\'));
+        hit |= (x.wrapping_sub(ONES * 0x20) & !x & HIGH)
+            | (backslash.wrapping_sub(ONES) & !backslash & HIGH);
+    }
+    hit != 0 || chunks.remainder().iter().any(|c| *c == b'\\' || *c < 0x20)
+}
+
 /// A value of a flat JSON object, as [`LineHead::scan`] reads it.
 enum Scalar<'a> {
     Str(&'a str),
@@ -174,12 +269,58 @@ fn plain_integer(t: &str) -> bool {
 
 impl<'a> LineHead<'a> {
     /// Reads a line as the audit log writes it (`serde_json`'s compact output of a flat
-    /// object whose strings need no escapes) about four times faster than `serde_json`, which
+    /// object whose strings need no escapes) about six times faster than `serde_json`, which
     /// on a loaded node spent a twentieth of the core reading lines back. `None` for anything
     /// else (an escape, whitespace, a nested value, a duplicate field, a wrong type): the
     /// caller then reads the line with `serde_json`, so the result never differs from it.
     pub fn scan(line: &'a [u8]) -> Option<Self> {
         let text = std::str::from_utf8(line).ok()?;
+        Self::scan_in_order(text).or_else(|| Self::scan_any(text))
+    }
+
+    /// The scan's first try: the fields in the order the audit log writes them
+    /// (`keygate_server::audit::Line`), each present once or left out. The keys are then
+    /// matched as whole literals, one after the other, instead of being read and looked up;
+    /// that halves the scan. `None` for anything else (another order, a `null`, a number
+    /// that is not a plain integer), which [`LineHead::scan_any`] then reads.
+    fn scan_in_order(text: &'a str) -> Option<Self> {
+        use std::borrow::Cow::Borrowed;
+        if has_escape_or_control(text.as_bytes()) {
+            return None;
+        }
+        let mut r = InOrder { text, at: 0 };
+        let mut head = LineHead::default();
+        r.key("{\"node\":").then_some(())?;
+        head.node = Borrowed(r.text()?);
+        r.key(",\"seq\":").then_some(())?;
+        head.seq = r.integer()?;
+        r.key(",\"at_ms\":").then_some(())?;
+        head.at_ms = r.integer()?;
+        head.tenant_id = r.text_if(",\"tenant_id\":")?;
+        r.key(",\"actor\":").then_some(())?;
+        r.text()?;
+        r.key(",\"action\":").then_some(())?;
+        head.action = Borrowed(r.text()?);
+        head.key_id = r.text_if(",\"key_id\":")?;
+        head.user_id = r.text_if(",\"user_id\":")?;
+        head.kind = r.text_if(",\"kind\":")?;
+        head.code = r.text_if(",\"code\":")?;
+        r.integer_if(",\"status\":")?;
+        for skipped in [",\"method\":", ",\"path\":", ",\"scope\":"] {
+            r.text_if(skipped)?;
+        }
+        head.ip = r.text_if(",\"ip\":")?;
+        head.origin = r.text_if(",\"origin\":")?;
+        head.credits = r.integer_if(",\"credits\":")?;
+        r.integer_if(",\"latency_us\":")?;
+        r.text_if(",\"request_id\":")?;
+        r.text_if(",\"detail\":")?;
+        r.key("}").then_some(())?;
+        (r.at == text.len()).then_some(head)
+    }
+
+    /// The scan of a flat object with its fields in any order.
+    fn scan_any(text: &'a str) -> Option<Self> {
         let b = text.as_bytes();
         let mut head = LineHead::default();
         let mut seen = 0u32;
@@ -604,6 +745,86 @@ mod tests {
             v.extend_from_slice(&b);
             let naive = v.iter().position(|c| *c == b'"' || *c == b'\\' || *c < 0x20);
             proptest::prop_assert_eq!(json_special(&v), naive);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn has_escape_or_control_finds_any_backslash_or_control_byte(
+            b in proptest::collection::vec(proptest::sample::select(vec![
+                b'a', b'"', b'\\', 0u8, 0x1f, 0x20, 0x21, 0x5b, 0x5c, 0x5d, 0x7f, 0x80, 0xdc, 0xff,
+            ]), 0..40),
+            fill in 0usize..24,
+        ) {
+            let mut v = vec![b'x'; fill];
+            v.extend_from_slice(&b);
+            let naive = v.iter().any(|c| *c == b'\\' || *c < 0x20);
+            proptest::prop_assert_eq!(has_escape_or_control(&v), naive);
+        }
+    }
+
+    /// The fields of a line in the order the audit log writes them; `true` for a number.
+    const WRITTEN: [(&str, bool, bool); 20] = [
+        ("node", false, true),
+        ("seq", true, true),
+        ("at_ms", true, true),
+        ("tenant_id", false, false),
+        ("actor", false, true),
+        ("action", false, true),
+        ("key_id", false, false),
+        ("user_id", false, false),
+        ("kind", false, false),
+        ("code", false, false),
+        ("status", true, false),
+        ("method", false, false),
+        ("path", false, false),
+        ("scope", false, false),
+        ("ip", false, false),
+        ("origin", false, false),
+        ("credits", true, false),
+        ("latency_us", true, false),
+        ("request_id", false, false),
+        ("detail", false, false),
+    ];
+
+    proptest::proptest! {
+        /// Lines as the audit log writes them (its field order, optional fields left out,
+        /// strings that may need escapes), whole or torn: the in-order scan reads every whole
+        /// one whose strings need no escape, exactly as serde does, and takes nothing else.
+        #[test]
+        fn a_line_in_the_writers_order_scans_in_order_as_serde_reads_it(
+            texts in proptest::collection::vec(
+                proptest::option::of("[a-z0-9:/._ é\"\\\\\u{1}-]{0,10}"), 20),
+            numbers in proptest::collection::vec(proptest::option::of(proptest::num::i64::ANY), 20),
+            cut in 0usize..400,
+        ) {
+            let mut line = String::from("{");
+            for (i, (name, number, required)) in WRITTEN.iter().enumerate() {
+                let value = if *number {
+                    numbers[i].or(required.then_some(0)).map(|n| n.to_string())
+                } else {
+                    texts[i].clone().or(required.then(String::new)).map(|t| {
+                        serde_json::to_string(&t).expect("a string encodes")
+                    })
+                };
+                if let Some(v) = value {
+                    if line.len() > 1 {
+                        line.push(',');
+                    }
+                    line.push_str(&format!("\"{name}\":{v}"));
+                }
+            }
+            line.push('}');
+            let read: LineHead<'_> = serde_json::from_str(&line).expect("a written line reads");
+            let plain = !line.contains('\\');
+            proptest::prop_assert_eq!(LineHead::scan_in_order(&line), plain.then(|| read.clone()));
+            proptest::prop_assert_eq!(LineHead::scan(line.as_bytes()), plain.then_some(read));
+            let torn = &line.as_bytes()[..cut.min(line.len())];
+            if torn.len() < line.len() {
+                if let Ok(torn) = std::str::from_utf8(torn) {
+                    proptest::prop_assert_eq!(LineHead::scan_in_order(torn), None);
+                }
+            }
         }
     }
 
