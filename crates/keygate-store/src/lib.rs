@@ -21,7 +21,9 @@ mod sqlite;
 mod types;
 mod webhooks;
 
-pub use audit::{block_text, granularity_ms, stored_block, verify_audit, AuditReport, RawEvent};
+pub use audit::{
+    block_text, granularity_ms, stored_block, verify_audit, AuditReport, RawEvent, CHAIN_TAGGED,
+};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 pub use types::*;

@@ -8,7 +8,7 @@ use keygate_core::{
 };
 use keygate_store::{
     verify_audit, AuditFilter, KeyFilter, KeyRecord, PageRequest, PgStore, RawEvent, SqliteStore,
-    Store, StoreErrorKind, Tenant, UsageOf, UsageRow, User, Withdrawal,
+    Store, StoreErrorKind, Tenant, UsageOf, UsageRow, User, Withdrawal, CHAIN_TAGGED,
 };
 use std::future::Future;
 use std::str::FromStr;
@@ -752,10 +752,11 @@ async fn an_edited_or_deleted_line_or_hash_is_detected() {
         let (first, second) = (raw.block(1).await, raw.block(4).await);
         let chain = raw.chain(4).await;
         assert_eq!(
-            chain.len(),
-            32 * 4,
-            "the hash before the block, then one per event"
+            (chain.len(), chain[0]),
+            (1 + 32 + 32 + 4 * 3, CHAIN_TAGGED),
+            "the hashes before the block and of its last event, then 4 bytes of each event's"
         );
+        let prev: [u8; 32] = chain[1..33].try_into().expect("32 bytes");
 
         // A refusal turned into a success.
         let edited = first.replace(r#""code":"RATE_LIMITED""#, r#""code":"VALID""#);
@@ -781,43 +782,73 @@ async fn an_edited_or_deleted_line_or_hash_is_detected() {
         assert_eq!(seqs, [6, 5, 4, 3, 2]);
         raw.set_block(1, &first).await;
 
-        // Event 5 edited and its hash in the chain recomputed: event 6 no longer follows.
+        // Event 5 edited and its tag in the chain recomputed: event 6 no longer follows.
         let lines: Vec<&str> = second.lines().collect();
+        let h4 = line_hash(&prev, lines[0].as_bytes());
         let forged = lines[1].replace(r#""actor":"key_a""#, r#""actor":"key_forged""#);
         assert_ne!(forged, lines[1]);
-        let prev: [u8; 32] = chain[32..64].try_into().expect("32 bytes");
-        let mut rehashed = chain.clone();
-        rehashed[64..96].copy_from_slice(&line_hash(&prev, forged.as_bytes()));
+        let mut retagged = chain.clone();
+        retagged[69..73].copy_from_slice(&line_hash(&h4, forged.as_bytes())[..4]);
         raw.set_block(4, &format!("{}\n{forged}\n{}\n", lines[0], lines[2]))
             .await;
-        raw.set_chain(4, &rehashed).await;
-        let b = verify_all(&*s, "n1").await.expect_err("re-hashed");
+        raw.set_chain(4, &retagged).await;
+        let b = verify_all(&*s, "n1").await.expect_err("re-tagged");
         assert_eq!((b.seq, b.problem), (6, ChainProblem::Changed));
-        // The same done to the last event: the head no longer matches.
+        // The same done to the last event, its last hash too: the head no longer matches.
+        let h5 = line_hash(&h4, lines[1].as_bytes());
         let forged = lines[2].replace(r#""actor":"key_a""#, r#""actor":"key_forged""#);
-        let prev: [u8; 32] = chain[64..96].try_into().expect("32 bytes");
+        let h6 = line_hash(&h5, forged.as_bytes());
         let mut rehashed = chain.clone();
-        rehashed[96..].copy_from_slice(&line_hash(&prev, forged.as_bytes()));
+        rehashed[33..65].copy_from_slice(&h6);
+        rehashed[73..].copy_from_slice(&h6[..4]);
         raw.set_block(4, &format!("{}\n{}\n{forged}\n", lines[0], lines[1]))
             .await;
         raw.set_chain(4, &rehashed).await;
         let b = verify_all(&*s, "n1").await.expect_err("last re-hashed");
         assert_eq!((b.seq, b.problem), (6, ChainProblem::Changed));
+        // Only the last hash changed (its tag still holds): that event is reported.
+        let mut last_changed = chain.clone();
+        last_changed[40] ^= 1;
         raw.set_block(4, &second).await;
+        raw.set_chain(4, &last_changed).await;
+        let b = verify_all(&*s, "n1").await.expect_err("last hash edited");
+        assert_eq!((b.seq, b.problem), (6, ChainProblem::Changed));
         raw.set_chain(4, &chain).await;
         assert_eq!(verify_all(&*s, "n1").await.expect("restored"), 6);
+        let hashes: Vec<String> = newest(s.as_ref(), &AuditFilter::default(), 100)
+            .await
+            .into_iter()
+            .map(|e| e.hash)
+            .collect();
+
+        // The layout of earlier versions (every event's whole hash) still lists and verifies.
+        let mut whole = prev.to_vec();
+        let mut h = prev;
+        for l in &lines {
+            h = line_hash(&h, l.as_bytes());
+            whole.extend_from_slice(&h);
+        }
+        raw.set_chain(4, &whole).await;
+        assert_eq!(verify_all(&*s, "n1").await.expect("earlier layout"), 6);
+        let listed = newest(s.as_ref(), &AuditFilter::default(), 100).await;
+        assert_eq!(listed.into_iter().map(|e| e.hash).collect::<Vec<_>>(), hashes);
 
         // A block forged whole (hashes that hold, from the wrong place), and hashes cut short.
-        let mut unlinked = vec![0; 32];
+        let mut unlinked = vec![CHAIN_TAGGED];
+        unlinked.extend_from_slice(&[0; 64]);
         let mut h = [0; 32];
         for l in &lines {
             h = line_hash(&h, l.as_bytes());
-            unlinked.extend_from_slice(&h);
+            unlinked.extend_from_slice(&h[..4]);
         }
+        unlinked[33..65].copy_from_slice(&h);
         raw.set_chain(4, &unlinked).await;
         let b = verify_all(&*s, "n1").await.expect_err("unlinked");
         assert_eq!((b.seq, b.problem), (4, ChainProblem::Inserted));
-        raw.set_chain(4, &chain[..64]).await;
+        raw.set_chain(4, &chain[..69]).await;
+        let b = verify_all(&*s, "n1").await.expect_err("tags cut");
+        assert_eq!((b.seq, b.problem), (5, ChainProblem::Changed));
+        raw.set_chain(4, &whole[..64]).await;
         let b = verify_all(&*s, "n1").await.expect_err("hashes cut");
         assert_eq!((b.seq, b.problem), (5, ChainProblem::Changed));
         raw.set_chain(4, &chain).await;
