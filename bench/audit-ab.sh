@@ -37,7 +37,7 @@ start() {
   local name=$1 port; shift
   port=$(free_port)
   env KEYGATE_LISTEN="127.0.0.1:$port" KEYGATE_LOG__LEVEL=warn KEYGATE_AUDIT__DIR="$WORK/$name.audit" \
-    KEYGATE_DATABASE_URL="sqlite://$WORK/$name.db" "$@" taskset -c 0 "$BIN" serve >"$WORK/$name.root" 2>"$WORK/$name.log" &
+    KEYGATE_DATABASE_URL="sqlite://$WORK/$name.db" "$@" setsid taskset -c 0 "$BIN" serve >"$WORK/$name.root" 2>"$WORK/$name.log" &
   for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$port/v1/status" && break; sleep 0.1; done
   local key
   key=$(curl -fs -X POST "http://127.0.0.1:$port/v1/keys" -H "authorization: Bearer $(head -1 "$WORK/$name.root")" \
