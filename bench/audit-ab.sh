@@ -4,6 +4,8 @@
 #   bash bench/audit-ab.sh                 # 5 rounds of 8 s
 #   ROUNDS=9 DURATION=10 bash bench/audit-ab.sh
 #   KEYGATE_BIN=/path/to/an/older/keygate bash bench/audit-ab.sh   # another build, not rebuilt
+#   BASE_BIN=/path/to/an/older/keygate bash bench/audit-ab.sh      # also: this build / that one,
+#                                                                  # both with the audit log on
 #
 # keygate with the audit log off and keygate with it on (and, in the same rounds, on with
 # shipping deferred: the hot path alone) share core 0; each gets its own wrk on core 1, and
@@ -31,13 +33,13 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# start NAME [VAR=value …]: keygate on core 0 with a publishable key like forward-auth.sh's;
+# start NAME [VAR=value …]: keygate ($SERVER_BIN, default $BIN) on core 0 with a publishable key like forward-auth.sh's;
 # writes "PORT KEY" to $WORK/NAME.
 start() {
   local name=$1 port; shift
   port=$(free_port)
   env KEYGATE_LISTEN="127.0.0.1:$port" KEYGATE_LOG__LEVEL=warn KEYGATE_AUDIT__DIR="$WORK/$name.audit" \
-    KEYGATE_DATABASE_URL="sqlite://$WORK/$name.db" "$@" setsid taskset -c 0 "$BIN" serve >"$WORK/$name.root" 2>"$WORK/$name.log" &
+    KEYGATE_DATABASE_URL="sqlite://$WORK/$name.db" "$@" setsid taskset -c 0 "${SERVER_BIN:-$BIN}" serve >"$WORK/$name.root" 2>"$WORK/$name.log" &
   for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$port/v1/status" && break; sleep 0.1; done
   local key
   key=$(curl -fs -X POST "http://127.0.0.1:$port/v1/keys" -H "authorization: Bearer $(head -1 "$WORK/$name.root")" \
@@ -71,11 +73,17 @@ pair() {
 start off KEYGATE_AUDIT__ENABLED=false
 start on
 start deferred KEYGATE_AUDIT__SHIP_INTERVAL_MS=600000
-for n in off on deferred; do load "$n" 3 >/dev/null; done # warm up
+names="off on deferred"
+if [ -n "${BASE_BIN:-}" ]; then
+  SERVER_BIN=$BASE_BIN start base
+  names="$names base"
+fi
+for n in $names; do load "$n" 3 >/dev/null; done # warm up
 : >"$OUT/audit-ab-rounds.txt"
 for _ in $(seq "$ROUNDS"); do
   echo "on $(pair off on)" >>"$OUT/audit-ab-rounds.txt"
   echo "deferred $(pair off deferred)" >>"$OUT/audit-ab-rounds.txt"
+  if [ -n "${BASE_BIN:-}" ]; then echo "build $(pair base on)" >>"$OUT/audit-ab-rounds.txt"; fi
 done
 python3 - "$OUT/audit-ab-rounds.txt" "$CONNECTIONS" "$DURATION" <<'PY' | tee "$OUT/audit-ab.md"
 import statistics, sys
@@ -87,4 +95,8 @@ fmt = lambda rs: ", ".join(f"{r:.2f}" for r in rs)
 print(f"audit on / off, both loaded at once on one core (wrk -t1 -c{sys.argv[2]} each, {sys.argv[3]} s, "
       f"median of {len(on)} rounds): **{statistics.median(on):.2f}** (rounds: {fmt(on)}); "
       f"hot path alone (shipping deferred) / off: **{statistics.median(hot):.2f}** (rounds: {fmt(hot)})")
+build = ratios("build")
+if build:
+    f3 = lambda rs: ", ".join(f"{r:.3f}" for r in rs)
+    print(f"this build / BASE_BIN, both with audit on: **{statistics.median(build):.3f}** (rounds: {f3(build)})")
 PY

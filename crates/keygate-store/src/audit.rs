@@ -376,16 +376,13 @@ pub(crate) fn decode_block(
         out.push(unreadable(next));
         return out;
     };
-    let mut tagged = chain.and_then(Tagged::of);
+    let events = usize::try_from(last_seq.saturating_sub(first_seq).saturating_add(1)).unwrap_or(0);
+    let mut tagged = chain.and_then(|c| Tagged::of(c, events));
     let hash_at = |i: usize| -> Option<String> {
         let h: &[u8; 32] = chain?.get(32 * i..32 * (i + 1))?.try_into().ok()?;
         Some(hex(h))
     };
-    let mut lines = body
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .peekable();
-    while let Some(line) = lines.next() {
+    for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
         if out.len() >= MAX_BLOCK_EVENTS {
             out.push(unreadable(next));
             break;
@@ -393,7 +390,7 @@ pub(crate) fn decode_block(
         // The hashes of this place: every line, read or not, moves the chain on.
         let i = out.len();
         let (prev_hash, hash) = match &mut tagged {
-            Some(t) => t.next(line, lines.peek().is_none()),
+            Some(t) => t.next(line),
             None => (
                 hash_at(i).unwrap_or_default(),
                 hash_at(i + 1).unwrap_or_default(),
@@ -439,6 +436,8 @@ struct Tagged<'c> {
     /// The stored hash of the last event.
     last: [u8; 32],
     tags: &'c [u8],
+    /// Events the block's row says it holds.
+    events: usize,
     next: usize,
     /// A tag differed: the lines after it are chained on what the block holds now, not on
     /// what was hashed when it was written, so none of their hashes is known.
@@ -446,7 +445,7 @@ struct Tagged<'c> {
 }
 
 impl<'c> Tagged<'c> {
-    fn of(chain: &'c [u8]) -> Option<Self> {
+    fn of(chain: &'c [u8], events: usize) -> Option<Self> {
         if chain.len().is_multiple_of(2) || chain.first() != Some(&CHAIN_TAGGED) {
             return None;
         }
@@ -454,6 +453,7 @@ impl<'c> Tagged<'c> {
             at: chain.get(1..33)?.try_into().ok()?,
             last: chain.get(33..65)?.try_into().ok()?,
             tags: chain.get(65..)?,
+            events,
             next: 0,
             broken: false,
         })
@@ -461,13 +461,17 @@ impl<'c> Tagged<'c> {
 
     /// `(prev_hash, hash)` of the event of the next line. Where the block no longer holds
     /// what was hashed, `hash` is what it stored instead (its tag, or its last hash; empty
-    /// if there is none), which the chain check then reports as changed.
-    fn next(&mut self, line: &[u8], last: bool) -> (String, String) {
+    /// if there is none), which the chain check then reports as changed. The last hash is
+    /// checked at the line of the last tag, when the row's range has a tag for each event,
+    /// not at the body's last line: a block whose last lines were deleted is then reported
+    /// as missing them (by `seq`), and one whose tags were cut as changed where they end.
+    fn next(&mut self, line: &[u8]) -> (String, String) {
         let prev = self.at;
         let h = line_hash(&prev, line);
         self.at = h;
         let tag = self.tags.get(TAG * self.next..TAG * (self.next + 1));
         self.next += 1;
+        let last = self.next == self.events && self.tags.len() == TAG * self.events;
         let tag_holds = !self.broken && tag == Some(&h[..TAG]);
         let hash = if tag_holds && (!last || h == self.last) {
             hex(&h)

@@ -878,11 +878,19 @@ async fn an_edited_or_deleted_line_or_hash_is_detected() {
         assert_eq!((node.as_str(), b.seq, b.problem), ("ghost", 4, ChainProblem::Inserted));
         raw.exec("DELETE FROM audit_blocks WHERE node = 'ghost'").await;
 
-        // A line deleted, then the whole block.
+        // A line deleted (the first, the last, the last two), then the whole block.
         raw.set_block(4, &format!("{}\n{}\n", lines[1], lines[2]))
             .await;
         let b = verify_all(&*s, "n1").await.expect_err("line deleted");
         assert_eq!((b.seq, b.problem), (4, ChainProblem::Missing));
+        for (kept, missing) in [(2, 6_i64), (1, 5)] {
+            raw.set_block(4, &format!("{}\n", lines[..kept].join("\n")))
+                .await;
+            let b = verify_all(&*s, "n1").await.expect_err("last lines deleted");
+            assert_eq!((b.seq, b.problem), (missing, ChainProblem::Missing));
+            let listed = newest(s.as_ref(), &AuditFilter::default(), 100).await;
+            assert_eq!(listed[0].hash, hashes[3 - kept], "a kept event keeps its hash");
+        }
         raw.exec("DELETE FROM audit_blocks WHERE first_seq = 4")
             .await;
         let b = verify_all(&*s, "n1").await.expect_err("block deleted");
