@@ -181,13 +181,9 @@ impl<'a> InOrder<'a> {
     /// Steps over `key` (with the `,` or `{` before it and the `:` after it). Inlined, so
     /// that each literal is compared as the few words it is.
     #[inline(always)]
-    fn key(&mut self, key: &str) -> bool {
+    fn key(&mut self, key: &str) -> Option<()> {
         let b = self.text.as_bytes();
-        let found = b.get(self.at..self.at + key.len()) == Some(key.as_bytes());
-        if found {
-            self.at += key.len();
-        }
-        found
+        (b.get(self.at..self.at + key.len()) == Some(key.as_bytes())).then(|| self.at += key.len())
     }
 
     /// A string (which the line's check has shown to hold no escape).
@@ -231,7 +227,7 @@ impl<'a> InOrder<'a> {
     /// `None` if its value is not a string.
     #[inline(always)]
     fn text_if(&mut self, key: &str) -> Option<Option<std::borrow::Cow<'a, str>>> {
-        if !self.key(key) {
+        if self.key(key).is_none() {
             return Some(None);
         }
         self.text().map(|t| Some(std::borrow::Cow::Borrowed(t)))
@@ -240,7 +236,7 @@ impl<'a> InOrder<'a> {
     /// [`InOrder::text_if`] for an integer.
     #[inline(always)]
     fn integer_if(&mut self, key: &str) -> Option<Option<i64>> {
-        if !self.key(key) {
+        if self.key(key).is_none() {
             return Some(None);
         }
         self.integer().map(Some)
@@ -270,8 +266,9 @@ fn plain_integer(t: &str) -> bool {
 
 impl<'a> LineHead<'a> {
     /// Reads a line as the audit log writes it (`serde_json`'s compact output of a flat
-    /// object whose strings need no escapes) about six times faster than `serde_json`, which
-    /// on a loaded node spent a twentieth of the core reading lines back. `None` for anything
+    /// object whose strings need no escapes) about 3.5 times faster than `serde_json` (283 ns
+    /// against 1.05 µs for a forward-auth line, `cargo bench -p keygate-core --bench line`),
+    /// which on a loaded node spent a twentieth of the core reading lines back. `None` for anything
     /// else (an escape, whitespace, a nested value, a duplicate field, a wrong type): the
     /// caller then reads the line with `serde_json`, so the result never differs from it.
     pub fn scan(line: &'a [u8]) -> Option<Self> {
@@ -281,8 +278,8 @@ impl<'a> LineHead<'a> {
 
     /// The scan's first try: the fields in the order the audit log writes them
     /// (`keygate_server::audit::Line`), each present once or left out. The keys are then
-    /// matched as whole literals, one after the other, instead of being read and looked up;
-    /// that halves the scan. `None` for anything else (another order, a `null`, a number
+    /// matched as whole literals, one after the other, instead of being read and looked up:
+    /// a third fewer instructions than [`LineHead::scan_any`] (callgrind). `None` for anything else (another order, a `null`, a number
     /// that is not a plain integer), which [`LineHead::scan_any`] then reads.
     fn scan_in_order(text: &'a str) -> Option<Self> {
         use std::borrow::Cow::Borrowed;
@@ -291,16 +288,16 @@ impl<'a> LineHead<'a> {
         }
         let mut r = InOrder { text, at: 0 };
         let mut head = LineHead::default();
-        r.key("{\"node\":").then_some(())?;
+        r.key("{\"node\":")?;
         head.node = Borrowed(r.text()?);
-        r.key(",\"seq\":").then_some(())?;
+        r.key(",\"seq\":")?;
         head.seq = r.integer()?;
-        r.key(",\"at_ms\":").then_some(())?;
+        r.key(",\"at_ms\":")?;
         head.at_ms = r.integer()?;
         head.tenant_id = r.text_if(",\"tenant_id\":")?;
-        r.key(",\"actor\":").then_some(())?;
+        r.key(",\"actor\":")?;
         r.text()?;
-        r.key(",\"action\":").then_some(())?;
+        r.key(",\"action\":")?;
         head.action = Borrowed(r.text()?);
         head.key_id = r.text_if(",\"key_id\":")?;
         head.user_id = r.text_if(",\"user_id\":")?;
@@ -316,7 +313,7 @@ impl<'a> LineHead<'a> {
         r.integer_if(",\"latency_us\":")?;
         r.text_if(",\"request_id\":")?;
         r.text_if(",\"detail\":")?;
-        r.key("}").then_some(())?;
+        r.key("}")?;
         (r.at == text.len()).then_some(head)
     }
 

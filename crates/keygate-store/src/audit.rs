@@ -282,9 +282,15 @@ pub(crate) fn block_of(events: &[&AuditEvent]) -> crate::Result<Block> {
 /// that differs places a changed event, and the last hash (and the next block's first)
 /// hold the chain whole. Earlier versions stored every event's 32 bytes (a `chain` of the
 /// hash before the block, then one per event, so always a multiple of 32 long, where this
-/// one is always odd): two thirds of what a block took in the database, for a fourth of
-/// its shipping work, and those blocks still read.
+/// one is always odd): two thirds of what a block took in the database. Those blocks still
+/// read.
 pub const CHAIN_TAGGED: u8 = 1;
+
+/// Where a [`CHAIN_TAGGED`] chain holds the hash before the block, the hash of its last
+/// event, and the tags.
+const PREV_AT: usize = 1;
+const LAST_AT: usize = PREV_AT + 32;
+const TAGS_AT: usize = LAST_AT + 32;
 
 /// Bytes of an event's hash kept in a [`CHAIN_TAGGED`] chain.
 const TAG: usize = 4;
@@ -301,10 +307,10 @@ fn line_block(
         return Err(crate::StoreError::corrupt("an empty audit block"));
     };
     let mut body = Vec::with_capacity(events.iter().map(|e| e.line.len() + 1).sum());
-    let mut chain = Vec::with_capacity(65 + TAG * events.len());
+    let mut chain = Vec::with_capacity(TAGS_AT + TAG * events.len());
     chain.push(CHAIN_TAGGED);
     chain.extend_from_slice(&prev);
-    chain.extend_from_slice(&[0; 32]);
+    chain.extend_from_slice(&[0; 32]); // the last event's hash, once it is known
     let mut hash = prev;
     let (mut lo, mut hi) = (
         (first.head.at_ms, first.head.seq),
@@ -318,7 +324,7 @@ fn line_block(
         lo = lo.min((e.head.at_ms, e.head.seq));
         hi = hi.max((e.head.at_ms, e.head.seq));
     }
-    chain[33..65].copy_from_slice(&hash);
+    chain[LAST_AT..TAGS_AT].copy_from_slice(&hash);
     let block = Block {
         first_seq: first.head.seq,
         last_seq: last.head.seq,
@@ -450,9 +456,9 @@ impl<'c> Tagged<'c> {
             return None;
         }
         Some(Tagged {
-            at: chain.get(1..33)?.try_into().ok()?,
-            last: chain.get(33..65)?.try_into().ok()?,
-            tags: chain.get(65..)?,
+            at: chain.get(PREV_AT..LAST_AT)?.try_into().ok()?,
+            last: chain.get(LAST_AT..TAGS_AT)?.try_into().ok()?,
+            tags: chain.get(TAGS_AT..)?,
             events,
             next: 0,
             broken: false,
