@@ -24,7 +24,7 @@ pub use ip::IpAllowList;
 pub use key::{KeyFormat, KeyHash, KeyHasher, Kind, ParsedKey};
 pub use origin::{Origin, OriginList, OriginPattern};
 pub use ratelimit::{RateDecision, RateLimit, WindowState};
-pub use route::PathPattern;
+pub use route::{normalize as normalize_path, NormalPath, PathError, PathPattern};
 pub use scope::{Scope, ScopeSet};
 
 /// An error from parsing a value that came from outside (a request body, config, a header).

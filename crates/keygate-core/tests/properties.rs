@@ -129,3 +129,47 @@ proptest! {
         prop_assert!(!list.allows(&longer));
     }
 }
+
+/// Percent-decodes every escape (what a decoding upstream such as Werkzeug reads).
+fn decode_all(p: &str) -> Vec<u8> {
+    let b = p.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&p[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2048))]
+
+    /// The normal form is a fixed point, means the same bytes to a decoding upstream, and never
+    /// holds what could read as another path.
+    #[test]
+    fn normal_paths_mean_what_the_client_sent(
+        p in "/([a-zA-Z0-9./;_~-]|%[0-9a-fA-F]{2}|%c3%a9|%[0-9a-f]){0,24}"
+    ) {
+        if let Ok(n) = keygate_core::normalize_path(&p) {
+            let again = keygate_core::normalize_path(n.as_str()).expect("normal form normalises");
+            prop_assert!(!again.changed(), "{p} -> {} -> {}", n.as_str(), again.as_str());
+            prop_assert_eq!(decode_all(n.as_str()), decode_all(&p));
+            let decoded = decode_all(n.as_str());
+            let text = String::from_utf8_lossy(&decoded);
+            prop_assert!(!text.contains(';') || n.as_str().contains("%3B"), "{p}");
+            for seg in n.as_str()[1..].split('/') {
+                prop_assert!(seg != "." && seg != "..", "{p}");
+            }
+            prop_assert!(!decoded.contains(&b'\\'));
+            prop_assert!(!n.as_str().to_ascii_lowercase().contains("%2f"));
+        }
+    }
+}

@@ -55,6 +55,44 @@ pub struct Config {
     pub rotation: RotationConfig,
     /// OAuth 2.0 authorization server.
     pub oauth: OAuthConfig,
+    /// Which peers are proxies whose forwarding headers count.
+    pub proxy: ProxyConfig,
+    /// Forward-auth (`/v1/auth`) on a listener of its own.
+    pub forward_auth: ForwardAuthConfig,
+    /// Prometheus metrics.
+    pub metrics: MetricsConfig,
+}
+
+/// `[proxy]`: the proxies keygate believes. From any other peer, `X-Forwarded-For`,
+/// `X-Real-IP` and `Forwarded` are ignored (the TCP peer is the client), and a forward-auth
+/// request that carries `X-Original-*`, `X-Forwarded-Method`/`-Uri`, `X-Keygate-Scope` or
+/// `X-Keygate-Cost` is refused with 400: those shape the decision, and ignoring them would
+/// silently judge a request the proxy meant to restrict.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Addresses and CIDR ranges of trusted proxies (`["127.0.0.1/32", "10.0.0.0/8"]`);
+    /// empty by default: nobody.
+    pub trusted: Vec<String>,
+}
+
+/// `[forward_auth]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ForwardAuthConfig {
+    /// When set (`127.0.0.1:8081`), `/v1/auth` is served on this address only (and the health
+    /// checks with it), and the public listener answers it 404. Bind it where only the proxy
+    /// reaches it.
+    pub listen: String,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// When set (`127.0.0.1:9100`), `GET /metrics` is served there without a key. On the main
+    /// listener it always needs an operator key with scope `metrics:read`.
+    pub listen: String,
 }
 
 /// `[oauth]`
@@ -189,6 +227,11 @@ pub struct AuditConfig {
     pub segment_bytes: u64,
     /// Per-minute usage older than this is deleted.
     pub usage_retention_days: u64,
+    /// Refusals without a known key (`MISSING_KEY`, `MALFORMED_KEY`, `UNKNOWN_KEY`) written
+    /// to the audit log per client IP and minute; the rest are counted in
+    /// `keygate_audit_keyless_dropped_total`. Anyone can send those, so they must not fill
+    /// the log (0: no limit).
+    pub keyless_per_ip_per_minute: u32,
 }
 
 impl Default for AuditConfig {
@@ -199,6 +242,7 @@ impl Default for AuditConfig {
             ship_interval_ms: 200,
             segment_bytes: 16 << 20,
             usage_retention_days: 90,
+            keyless_per_ip_per_minute: 60,
         }
     }
 }
@@ -363,9 +407,9 @@ pub struct GatewayConfig {
     pub max_body_bytes: u64,
     /// Rate limit per client IP on `public` routes.
     pub public_rate_limit: RateLimit,
-    /// Take the client IP from the right-most `X-Forwarded-For` entry (set this when keygate
-    /// runs behind a load balancer); otherwise the TCP peer is the client.
-    pub trust_forwarded_for: bool,
+    /// Match every route ignoring ASCII case, for upstreams that ignore it (IIS, ASP.NET).
+    /// Routes of a class closed to `pk` keys (`admin`, `billing`, …) are always matched so.
+    pub case_insensitive_paths: bool,
     /// Idle keep-alive connections kept per upstream host.
     pub pool_max_idle_per_host: usize,
 }
@@ -380,7 +424,7 @@ impl Default for GatewayConfig {
                 limit: 60,
                 window_seconds: 60,
             },
-            trust_forwarded_for: false,
+            case_insensitive_paths: false,
             pool_max_idle_per_host: 256,
         }
     }
@@ -491,6 +535,9 @@ impl Default for Config {
             alerts: AlertsConfig::default(),
             rotation: RotationConfig::default(),
             oauth: OAuthConfig::default(),
+            proxy: ProxyConfig::default(),
+            forward_auth: ForwardAuthConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -553,6 +600,18 @@ impl Config {
             if let Some(u) = &r.upstream {
                 crate::gateway::Upstream::parse(u)
                     .map_err(|e| ConfigError(format!("routes[{i}].upstream: {e}")))?;
+            }
+        }
+        keygate_core::IpAllowList::parse(&self.proxy.trusted)
+            .map_err(|e| ConfigError(format!("proxy.trusted: {e}")))?;
+        for (name, addr) in [
+            ("forward_auth.listen", &self.forward_auth.listen),
+            ("metrics.listen", &self.metrics.listen),
+        ] {
+            if !addr.is_empty() && addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError(format!(
+                    "{name} must be an address and port such as 127.0.0.1:8081"
+                )));
             }
         }
         let o = &self.oauth;

@@ -3,9 +3,12 @@
 //! through a pooled keep-alive client.
 //!
 //! Headers (RFC 9110 §7.6.1): hop-by-hop headers and those named in `Connection` are dropped
-//! both ways; `Authorization` and any client-sent `X-Keygate-*` are removed before
-//! forwarding; `X-Keygate-Key-Id`/`-Tenant`/`-User`/`-Scopes` and `X-Forwarded-For`/`-Proto`/
-//! `-Host` are set; `Host` becomes the upstream's.
+//! both ways; `Authorization`, every header keygate sets or trusts (`X-Keygate-*`,
+//! `X-Forwarded-*`, `X-Original-*`, `X-Real-IP`, `Forwarded`, `X-Tenant-Id`, also spelled with
+//! `_`) and method-override headers are removed before forwarding;
+//! `X-Keygate-Key-Id`/`-Tenant`/`-User`/`-Scopes` and `X-Forwarded-For`/`-Proto`/`-Host` are
+//! set (a trusted proxy's `X-Forwarded-For`, `-Proto` and `-Host` are carried on); `Host`
+//! becomes the upstream's. The path forwarded is the normalised one the decision was about.
 //!
 //! Credits: a refused request never reaches the upstream and spends nothing. An allowed
 //! request is charged when the upstream answers — whatever its status, 5xx included, since
@@ -25,8 +28,8 @@ use http_body_util::{BodyExt, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use keygate_core::{Code, RequestFacts};
-use std::net::{IpAddr, SocketAddr};
+use keygate_core::{Code, NormalPath, RequestFacts};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// An upstream base URL: `http://host:port` with an optional base path.
@@ -134,16 +137,6 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     h.remove(header::TRANSFER_ENCODING);
 }
 
-/// The client IP the gateway judges: the TCP peer, or the right-most `X-Forwarded-For` entry
-/// when `gateway.trust_forwarded_for` is set.
-fn client_ip(state: &AppState, h: &HeaderMap, peer: SocketAddr) -> IpAddr {
-    if state.config.gateway.trust_forwarded_for {
-        crate::routes::verify::forwarded_ip(h, Some(peer.ip())).unwrap_or(peer.ip())
-    } else {
-        peer.ip()
-    }
-}
-
 fn str_header<'a>(h: &'a HeaderMap, n: &HeaderName) -> Option<&'a str> {
     h.get(n).and_then(|v| v.to_str().ok())
 }
@@ -154,11 +147,12 @@ pub async fn handle(
     route: &Route,
     req: Request<Body>,
     peer: SocketAddr,
+    path: &NormalPath<'_>,
 ) -> Response<Body> {
     let rid = RequestId::new();
     let mut res = rid
         .clone()
-        .scope(handle_inner(state, route, req, peer))
+        .scope(handle_inner(state, route, req, peer, path))
         .await;
     res.headers_mut().insert(X_REQUEST_ID, rid.0);
     res
@@ -169,12 +163,13 @@ async fn handle_inner(
     route: &Route,
     req: Request<Body>,
     peer: SocketAddr,
+    path: &NormalPath<'_>,
 ) -> Response<Body> {
     let Some(upstream) = &route.upstream else {
         return ApiError::not_found("route").into_response();
     };
     let h = req.headers();
-    let ip = client_ip(state, h, peer);
+    let ip = state.proxies.client_ip(h, peer.ip());
     let origin = str_header(h, &header::ORIGIN).map(str::to_owned);
     let now = now_ms();
     if route.config.public {
@@ -185,7 +180,7 @@ async fn handle_inner(
             cors::decorate(res.headers_mut(), origin.as_deref(), true);
             return res;
         }
-        let mut res = forward(state, upstream, req, peer, None)
+        let mut res = forward(state, upstream, req, peer, path, None)
             .await
             .unwrap_or_else(|(e, _)| e.into_response());
         rate_headers(res.headers_mut(), &d, None);
@@ -194,7 +189,7 @@ async fn handle_inner(
     }
     let facts = RequestFacts {
         method: req.method().as_str(),
-        path: Some(req.uri().path()),
+        path: Some(path.as_str()),
         route_class: route.config.class,
         scope: route.config.scope.as_deref(),
         origin: origin.as_deref(),
@@ -217,7 +212,7 @@ async fn handle_inner(
         }
     };
     let key = allowed.key.clone();
-    let mut res = match forward(state, upstream, req, peer, Some(&allowed)).await {
+    let mut res = match forward(state, upstream, req, peer, path, Some(&allowed)).await {
         Ok(r) => r,
         Err((e, refundable)) => {
             // keygate answers for the upstream. If the upstream never answered, the call was
@@ -250,6 +245,7 @@ async fn forward(
     upstream: &Upstream,
     req: Request<Body>,
     peer: SocketAddr,
+    path: &NormalPath<'_>,
     allowed: Option<&crate::state::Allowed>,
 ) -> Result<Response<Body>, (ApiError, bool)> {
     // The bool: whether the upstream never answered (so the call may be refunded).
@@ -275,22 +271,32 @@ async fn forward(
     // encoding, and an upstream that does not read it must then close the connection.
     let has_body =
         parts.headers.contains_key(header::TRANSFER_ENCODING) || declared.is_some_and(|n| n > 0);
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+    // The path the decision was about, in its normal form, and the query as sent.
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{}?{q}", path.as_str()),
+        None => path.as_str().to_owned(),
+    };
     let original_host = parts.headers.get(header::HOST).cloned();
+    let peer_trusted = state.proxies.trusts(peer.ip());
+    let xff = match parts
+        .headers
+        .get(X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prev) if peer_trusted => format!("{prev}, {}", peer.ip()),
+        _ => peer.ip().to_string(),
+    };
+    let xf = |n: &'static str| parts.headers.get(n).filter(|_| peer_trusted).cloned();
+    let proto = xf("x-forwarded-proto").unwrap_or(HeaderValue::from_static("http"));
+    let forwarded_host = xf("x-forwarded-host").or(original_host);
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
-    h.remove(header::AUTHORIZATION);
-    // Client-supplied claims about who or where it is: the upstream gets keygate's instead.
-    h.remove(header::FORWARDED);
-    h.remove(X_REAL_IP);
-    h.remove(X_TENANT_ID);
+    // The key, client-supplied claims about who or where it is (also spelled with `_`, which
+    // WSGI, CGI and Rack read as `-`), and method overrides the upstream framework would obey
+    // although keygate judged the request's own method: the upstream gets keygate's instead.
     let spoofed: Vec<HeaderName> = h
         .keys()
-        .filter(|n| n.as_str().starts_with("x-keygate-"))
+        .filter(|n| crate::proxy::is_trust_header(n.as_str()))
         .cloned()
         .collect();
     for n in spoofed {
@@ -304,18 +310,11 @@ async fn forward(
         }
         h.insert(X_KEYGATE_SCOPES, a.key.scopes_header.clone());
     }
-    let xff = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if state.config.gateway.trust_forwarded_for => format!("{prev}, {}", peer.ip()),
-        _ => peer.ip().to_string(),
-    };
     if let Ok(v) = HeaderValue::from_str(&xff) {
         h.insert(X_FORWARDED_FOR, v);
     }
-    h.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("http"),
-    );
-    if let Some(host) = original_host {
+    h.insert(HeaderName::from_static("x-forwarded-proto"), proto);
+    if let Some(host) = forwarded_host {
         h.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
     h.insert(header::HOST, upstream.host_header.clone());

@@ -16,6 +16,7 @@ pub mod issue;
 pub mod metrics;
 pub mod oauth;
 pub mod openapi;
+pub mod proxy;
 pub mod rotation;
 pub mod routes;
 pub mod server;

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub redis_up: Gauge,
     /// 1 while the change feed from other nodes is connected.
     pub change_feed_up: Gauge,
+    /// Refusals without a known key that were counted here instead of written to the audit
+    /// log (over `audit.keyless_per_ip_per_minute` for their client IP).
+    pub audit_keyless_dropped: Counter,
     tick: std::sync::atomic::AtomicU64,
 }
 
@@ -83,6 +86,7 @@ impl Metrics {
             redis_errors: metrics::counter!("keygate_redis_errors_total"),
             redis_up: metrics::gauge!("keygate_redis_up"),
             change_feed_up: metrics::gauge!("keygate_change_feed_up"),
+            audit_keyless_dropped: metrics::counter!("keygate_audit_keyless_dropped_total"),
             tick: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -108,7 +112,34 @@ impl Default for Metrics {
     }
 }
 
-/// `GET /metrics`: the Prometheus text format.
+/// Scope to read `/metrics` on the main listener.
+pub const METRICS_READ: &str = "metrics:read";
+
+/// `GET /metrics` on the main listener: only for the operator's keys (tenant `default`) with
+/// scope `metrics:read` (Prometheus sends one as `authorization: credentials`). Metrics
+/// describe every tenant, and they tell an attacker how the node is doing. On
+/// `[metrics] listen` they are served without a key.
+pub async fn render_for_operator(
+    axum::extract::State(state): axum::extract::State<crate::state::AppState>,
+    ctx: crate::routes::Ctx,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match ctx
+        .caller(&state, METRICS_READ, keygate_core::RouteClass::Admin)
+        .await
+    {
+        Ok(c) if c.tenant() == crate::routes::DEFAULT_TENANT => render().await,
+        Ok(_) => crate::error::ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "FORBIDDEN_SCOPE",
+            "metrics are for the operator's keys (tenant default) with scope metrics:read",
+        )
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The Prometheus text format.
 pub async fn render() -> axum::response::Response {
     use axum::response::IntoResponse;
     match handle() {

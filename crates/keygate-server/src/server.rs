@@ -50,14 +50,70 @@ pub fn is_own_path(path: &str) -> bool {
     })
 }
 
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything (`/v1/auth` too, unless `[forward_auth] listen` is set).
+    Public,
+    /// `[forward_auth] listen`: `/v1/auth` and the health checks.
+    ForwardAuth,
+    /// `[metrics] listen`: `GET /metrics` without a key.
+    Metrics,
+}
+
+/// The client's address as keygate judges it (see [`crate::proxy`]), for handlers behind the
+/// router.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub std::net::IpAddr);
+
 /// The per-connection service.
 #[derive(Clone)]
 struct Dispatch {
     router: Router,
     state: AppState,
     peer: SocketAddr,
+    role: Role,
     /// Where forward-auth answers are held until their audit line is written (audit on).
     conn: Option<Arc<crate::held::Conn>>,
+}
+
+fn refuse(status: axum::http::StatusCode, code: &'static str, message: &'static str) -> BoxFuture {
+    let res = axum::response::IntoResponse::into_response(crate::error::ApiError::new(
+        status, code, message,
+    ));
+    Box::pin(std::future::ready(Ok(res)))
+}
+
+/// Refusals every request gets before anything else happens: a head larger than
+/// `limits.max_header_bytes` (431), and two `Authorization` or `Origin` headers (400: an
+/// ambiguous credential is an attack or a bug, and proxies disagree on which one wins).
+fn check_head(state: &AppState, req: &Request<Body>) -> Option<BoxFuture> {
+    use axum::http::{header, StatusCode};
+    let h = req.headers();
+    let mut size = req.method().as_str().len()
+        + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+        + 12;
+    for (n, v) in h {
+        size += n.as_str().len() + v.len() + 4;
+    }
+    if size > state.config.limits.max_header_bytes {
+        return Some(refuse(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "HEADERS_TOO_LARGE",
+            "the request head is larger than limits.max_header_bytes",
+        ));
+    }
+    for name in [header::AUTHORIZATION, header::ORIGIN] {
+        let mut all = h.get_all(&name).iter();
+        if all.next().is_some() && all.next().is_some() {
+            return Some(refuse(
+                StatusCode::BAD_REQUEST,
+                "INVALID_REQUEST",
+                "send one Authorization header and at most one Origin header",
+            ));
+        }
+    }
+    None
 }
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -86,11 +142,35 @@ impl hyper::service::Service<Request<Incoming>> for Dispatch {
 impl Dispatch {
     fn dispatch(&self, req: Request<Incoming>) -> BoxFuture {
         let mut req = req.map(Body::new);
+        if let Some(refusal) = check_head(&self.state, &req) {
+            return refusal;
+        }
         let path = req.uri().path();
-        if path == "/v1/auth" || path.starts_with("/v1/auth/") {
+        let forward_auth = path == "/v1/auth" || path.starts_with("/v1/auth/");
+        let not_found = || {
+            refuse(
+                axum::http::StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+                "not found on this listener",
+            )
+        };
+        match self.role {
+            Role::Metrics if path == "/metrics" => {
+                return Box::pin(async { Ok(crate::metrics::render().await) })
+            }
+            Role::Metrics => return not_found(),
+            Role::ForwardAuth if !forward_auth && !path.starts_with("/v1/health/") => {
+                return not_found()
+            }
+            Role::Public if forward_auth && !self.state.config.forward_auth.listen.is_empty() => {
+                return not_found()
+            }
+            _ => {}
+        }
+        if forward_auth {
             // The hot path: straight to the decision, no router, no extensions.
             let state = self.state.clone();
-            let peer = Some(self.peer.ip());
+            let peer = self.peer.ip();
             let conn = self.conn.clone();
             return Box::pin(async move {
                 let answer = crate::routes::verify::serve_forward_auth(&state, req, peer);
@@ -106,10 +186,17 @@ impl Dispatch {
             let peer = self.peer;
             return Box::pin(async move { Ok(gateway_or_router(state, router, req, peer).await) });
         }
-        req.extensions_mut().insert(ConnectInfo(self.peer));
+        with_peer(&self.state, &mut req, self.peer);
         let router = self.router.clone();
         Box::pin(tower::ServiceExt::oneshot(router, req))
     }
+}
+
+/// Gives a request for the router the TCP peer and the client's address.
+fn with_peer(state: &AppState, req: &mut Request<Body>, peer: SocketAddr) {
+    let ip = state.proxies.client_ip(req.headers(), peer.ip());
+    req.extensions_mut().insert(ConnectInfo(peer));
+    req.extensions_mut().insert(ClientIp(ip));
 }
 
 async fn gateway_or_router(
@@ -118,14 +205,26 @@ async fn gateway_or_router(
     mut req: Request<Body>,
     peer: SocketAddr,
 ) -> Response<Body> {
-    let path = req.uri().path().to_owned();
-    if !keygate_core::route::is_clean(&path) {
-        // Never forward `/public/../admin` and friends: the upstream may resolve them.
-        return axum::response::IntoResponse::into_response(crate::error::ApiError::new(
-            axum::http::StatusCode::BAD_REQUEST,
-            "INVALID_REQUEST",
-            "the request path has dot segments, empty segments or encoded separators",
-        ));
+    // One normal form for matching and forwarding; what has none is never forwarded
+    // (`/public/../admin`, `/x/..;/admin`: the upstream may resolve them).
+    let path = match keygate_core::normalize_path(req.uri().path()) {
+        Ok(p) => p.into_owned(),
+        Err(e) => {
+            return axum::response::IntoResponse::into_response(crate::error::ApiError::new(
+                axum::http::StatusCode::BAD_REQUEST,
+                "INVALID_REQUEST",
+                e.message(),
+            ))
+        }
+    };
+    if is_own_path(&path) {
+        // `/v1/%61udit` is keygate's path in disguise: never forwarded, and the router (which
+        // matches the path as sent) answers it.
+        with_peer(&state, &mut req, peer);
+        return match tower::ServiceExt::oneshot(router, req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
     }
     if crate::cors::is_preflight(req.method(), req.headers()) {
         let requested = req
@@ -136,7 +235,7 @@ async fn gateway_or_router(
             .to_owned();
         let route = state
             .match_route(&requested, &path)
-            .or_else(|| state.routes.iter().find(|r| r.pattern.matches(&path)));
+            .or_else(|| state.routes.iter().find(|r| state.route_matches(r, &path)));
         if route.is_some_and(|r| r.upstream.is_some()) {
             return crate::cors::preflight(&state, route, req.headers());
         }
@@ -144,10 +243,10 @@ async fn gateway_or_router(
     let method = req.method().as_str().to_owned();
     match state.match_route(&method, &path) {
         Some(route) if route.upstream.is_some() => {
-            crate::gateway::handle(&state, route, req, peer).await
+            crate::gateway::handle(&state, route, req, peer, &path).await
         }
         _ => {
-            req.extensions_mut().insert(ConnectInfo(peer));
+            with_peer(&state, &mut req, peer);
             match tower::ServiceExt::oneshot(router, req).await {
                 Ok(r) => r,
                 Err(never) => match never {},
@@ -169,6 +268,7 @@ async fn run_connection<E: std::fmt::Display>(
 /// `limits.shutdown_grace_seconds` for in-flight requests.
 pub async fn serve(
     listener: TcpListener,
+    role: Role,
     router: Router,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -198,7 +298,7 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let mut svc = Dispatch { router: router.clone(), state: state.clone(), peer, conn: None };
+                    let mut svc = Dispatch { router: router.clone(), state: state.clone(), peer, role, conn: None };
                     match &holds {
                         Some(holds) => {
                             let (io, conn) = holds.accept(stream);

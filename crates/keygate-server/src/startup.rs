@@ -128,6 +128,8 @@ pub async fn bootstrap(config: &Config, store: &dyn Store) -> Result<Option<Stri
 /// A built, bound, not yet running keygate. `Debug` hides the root key.
 pub struct Application {
     listener: TcpListener,
+    /// `[forward_auth] listen` and `[metrics] listen`, when set.
+    extra: Vec<(TcpListener, crate::server::Role)>,
     state: AppState,
     router: Router,
     root_key: Option<String>,
@@ -208,6 +210,21 @@ impl Application {
         let bound = listener
             .local_addr()
             .map_or_else(|_| config.listen.clone(), |a| a.to_string());
+        let mut extra = Vec::new();
+        for (addr, role) in [
+            (
+                &config.forward_auth.listen,
+                crate::server::Role::ForwardAuth,
+            ),
+            (&config.metrics.listen, crate::server::Role::Metrics),
+        ] {
+            if !addr.is_empty() {
+                let l = TcpListener::bind(addr.as_str())
+                    .await
+                    .map_err(|e| StartupError(format!("cannot listen on {addr}: {e}")))?;
+                extra.push((l, role));
+            }
+        }
         let oauth = crate::oauth::OAuth::open(&config, &*store, &bound)
             .await
             .map_err(StartupError)?;
@@ -217,6 +234,7 @@ impl Application {
             shared,
             metrics: crate::metrics::Metrics::new(),
             routes: compile_routes(&config.routes),
+            proxies: crate::proxy::TrustedProxies::new(&config.proxy.trusted),
             node_id,
             audit,
             webhook_wake: tokio::sync::Notify::new(),
@@ -238,6 +256,7 @@ impl Application {
         let router = router(state.clone());
         Ok(Self {
             listener,
+            extra,
             state,
             router,
             root_key,
@@ -248,6 +267,15 @@ impl Application {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener.local_addr().ok()
+    }
+
+    /// The bound address of the listener serving `role` (`[forward_auth] listen`,
+    /// `[metrics] listen`), when it is configured.
+    pub fn addr_of(&self, role: crate::server::Role) -> Option<SocketAddr> {
+        self.extra
+            .iter()
+            .find(|(_, r)| *r == role)
+            .and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// The root key, if this start created it.
@@ -268,6 +296,7 @@ impl Application {
     ) -> std::io::Result<()> {
         let Application {
             listener,
+            extra,
             state,
             router,
             touch_task,
@@ -320,7 +349,41 @@ impl Application {
                 }
             })
         };
-        let served = crate::server::serve(listener, router, state.clone(), shutdown).await;
+        // Every listener stops at the one signal.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let others: Vec<_> = extra
+            .into_iter()
+            .map(|(l, role)| {
+                tokio::spawn(crate::server::serve(
+                    l,
+                    role,
+                    router.clone(),
+                    state.clone(),
+                    stopped(),
+                ))
+            })
+            .collect();
+        let main = crate::server::serve(
+            listener,
+            crate::server::Role::Public,
+            router,
+            state.clone(),
+            stopped(),
+        );
+        let signal = async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        };
+        let (served, ()) = tokio::join!(main, signal);
+        for o in others {
+            let _ = o.await;
+        }
         sweeper.abort();
         changes.abort();
         // Every answered request is in a segment; ship what is left before going away.
@@ -385,7 +448,7 @@ pub fn router(state: AppState) -> Router {
     let hot = Router::new()
         .route("/v1/status", get(status::status))
         .route("/v1/health/live", get(status::live))
-        .route("/metrics", get(crate::metrics::render))
+        .route("/metrics", get(crate::metrics::render_for_operator))
         .route("/openapi.json", get(crate::openapi::openapi_json))
         .route("/docs", get(crate::openapi::docs))
         .route("/llms.txt", get(crate::openapi::llms_txt))

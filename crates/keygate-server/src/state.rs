@@ -4,8 +4,8 @@
 use crate::config::{Config, PlanConfig, RouteConfig};
 use axum::http::{HeaderMap, HeaderValue};
 use keygate_core::{
-    decide, Code, KeyFormat, KeyHash, KeyHasher, KeyPolicy, Kind, PathPattern, RateDecision,
-    RequestFacts, RouteClass,
+    decide, Code, KeyFormat, KeyHash, KeyHasher, KeyPolicy, Kind, NormalPath, PathPattern,
+    RateDecision, RequestFacts, RouteClass,
 };
 use keygate_counters::{Counters, Metered};
 use keygate_store::{KeyRecord, Store};
@@ -84,6 +84,8 @@ pub struct Inner {
     pub negative: moka::sync::Cache<KeyHash, ()>,
     /// Route table.
     pub routes: Vec<Route>,
+    /// `[proxy] trusted`.
+    pub proxies: crate::proxy::TrustedProxies,
     /// This node's id.
     pub node_id: String,
     /// Last-used write-behind queue.
@@ -183,12 +185,23 @@ impl Inner {
             .unwrap_or(&FALLBACK_PLAN)
     }
 
-    /// The first route matching `method` and `path`.
-    pub fn match_route(&self, method: &str, path: &str) -> Option<&Route> {
+    /// The first route matching `method` and the normalised `path`. Routes closed to `pk`
+    /// keys (and every route with `gateway.case_insensitive_paths`) match ignoring ASCII case,
+    /// so `/Admin/x` cannot slip past an `/admin/*` route to a case-insensitive upstream.
+    pub fn match_route(&self, method: &str, path: &NormalPath<'_>) -> Option<&Route> {
         self.routes.iter().find(|r| {
             (r.methods.is_empty() || r.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
-                && r.pattern.matches(path)
+                && self.route_matches(r, path)
         })
+    }
+
+    /// Whether `r`'s pattern matches `path` (any method).
+    pub fn route_matches(&self, r: &Route, path: &NormalPath<'_>) -> bool {
+        if self.config.gateway.case_insensitive_paths || r.config.class.blocked_for_publishable() {
+            r.pattern.matches_ignore_case(path)
+        } else {
+            r.pattern.matches(path)
+        }
     }
 
     /// Builds the cached form of a record: applies plan limits (a `ut` key without its own
@@ -575,6 +588,26 @@ impl Inner {
             Err(d) => (d.key.as_ref(), d.code, 0),
         };
         let rec = key.map(|k| &k.record);
+        let per_ip = self.config.audit.keyless_per_ip_per_minute;
+        if rec.is_none() && per_ip > 0 {
+            // Anyone can send a request without a valid key: past a few a minute per client,
+            // such refusals are counted, not logged one by one.
+            let ip = facts
+                .ip
+                .map_or_else(|| "unknown".to_owned(), |i| i.to_string());
+            let rl = keygate_core::RateLimit {
+                limit: per_ip,
+                window_seconds: 60,
+            };
+            if !self
+                .counters
+                .check_named(&format!("audit-keyless:{ip}"), &rl, facts.now_ms)
+                .allowed
+            {
+                self.metrics.audit_keyless_dropped.increment(1);
+                return Ok(());
+            }
+        }
         let group = crate::error::RequestId::with_current(|rid| {
             log.append(crate::audit::Line {
                 at_ms: facts.now_ms,
@@ -586,11 +619,13 @@ impl Inner {
                 kind: rec.map(|r| r.kind.as_str()),
                 code: Some(code.as_str()),
                 status: Some(i64::from(code.status())),
-                method: Some(facts.method),
-                path: facts.path,
-                scope: facts.scope,
+                // Every field a client chooses is bounded (a 100 KB Origin must not become a
+                // 100 KB event).
+                method: Some(bounded(facts.method, 32)),
+                path: facts.path.map(|p| bounded(p, MAX_AUDIT_PATH)),
+                scope: facts.scope.map(|s| bounded(s, 256)),
                 ip: facts.ip,
-                origin: facts.origin,
+                origin: facts.origin.map(|o| bounded(o, 256)),
                 credits: Some(i64::try_from(credits).unwrap_or(i64::MAX)),
                 latency_us: Some(latency_us),
                 request_id: rid,
@@ -729,6 +764,21 @@ async fn flush_touches(store: &dyn Store, batch: &mut Vec<Arc<CachedKey>>) {
         tracing::warn!("could not record last use of {} keys: {e}", rows.len());
     }
     batch.clear();
+}
+
+/// The longest path an audit event keeps, bytes.
+pub const MAX_AUDIT_PATH: usize = 1024;
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub fn bounded(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Compiles the route table (the config was validated before).

@@ -1445,6 +1445,7 @@ async fn metrics_and_health_are_exposed() {
     let r = app
         .client
         .get(app.url("/metrics"))
+        .bearer_auth(&app.root)
         .send()
         .await
         .expect("request");

@@ -276,3 +276,85 @@ async fn caddy_forward_auth_with_the_shipped_snippet() {
     let proxy = caddy(app.addr, up.addr).await;
     check_proxy(&app, &up, proxy.port).await;
 }
+
+/// Issue 17 end to end through the shipped nginx snippet: a path spelled differently is judged
+/// as the path the app reads, a client's own cost header is never believed, and a client's
+/// X-Forwarded-For does not pass an IP lock.
+#[tokio::test]
+async fn nginx_cannot_be_talked_past_by_spelling_price_or_address() {
+    let up = upstream::spawn().await;
+    let app = TestApp::spawn_with(|c| {
+        // Only nginx (on 127.0.0.1) is trusted; the client below connects from 127.0.0.2.
+        c.proxy.trusted = vec!["127.0.0.1/32".into()];
+        for (path, class, cost) in [
+            ("/api/admin/*", keygate_core::RouteClass::Admin, 1),
+            ("/api/expensive/*", keygate_core::RouteClass::Normal, 100),
+            ("/api/*", keygate_core::RouteClass::Normal, 1),
+        ] {
+            c.routes.push(RouteConfig {
+                path: path.into(),
+                methods: vec![],
+                upstream: None,
+                scope: None,
+                cost,
+                public: false,
+                class,
+            });
+        }
+    })
+    .await;
+    let proxy = nginx(app.addr, up.addr).await;
+    let base = format!("http://127.0.0.1:{}", proxy.port);
+    let client = reqwest::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().ok())
+        .build()
+        .expect("client");
+    let (pk, _) = app
+        .create_key(json!({"kind": "pk", "name": "web", "scopes": ["docs:read"],
+                           "allowed_origins": ["https://app.example.com"]}))
+        .await;
+    let get = |path: &str, key: &str| {
+        client
+            .get(format!("{base}{path}"))
+            .bearer_auth(key)
+            .header("origin", "https://app.example.com")
+    };
+    let hits = up.hits();
+    for path in ["/api/%61dmin/users", "/api/ADMIN/users"] {
+        let r = get(path, &pk).send().await.expect("request");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(
+            r.headers()["x-keygate-code"],
+            "BLOCKED_FOR_KEY_TYPE",
+            "{path}"
+        );
+    }
+    let r = get("/api/x/..;/admin/users", &pk)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(up.hits(), hits, "nothing reached the app");
+
+    let (rich, _) = app
+        .create_key(json!({"kind": "sk", "name": "rich", "budget": 1000}))
+        .await;
+    let r = get("/api/%65xpensive/x", &rich)
+        .header("x-keygate-cost", "0")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["x-credits-remaining"], "900");
+
+    let (locked, _) = app
+        .create_key(json!({"kind": "sk", "name": "ip", "allowed_ips": ["10.1.2.3"]}))
+        .await;
+    let r = get("/api/x", &locked)
+        .header("x-forwarded-for", "10.1.2.3")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_eq!(r.headers()["x-keygate-code"], "IP_NOT_ALLOWED");
+}

@@ -47,7 +47,7 @@ pub struct Ctx {
     pub path: String,
     /// Headers.
     pub headers: HeaderMap,
-    /// TCP peer address.
+    /// The client's address (see [`crate::proxy`]).
     pub peer: Option<IpAddr>,
 }
 
@@ -59,10 +59,18 @@ impl<S: Send + Sync> FromRequestParts<S> for Ctx {
             method: parts.method.clone(),
             path: parts.uri.path().to_owned(),
             headers: parts.headers.clone(),
+            // The client's address as the server judged it (behind a trusted proxy, the one
+            // the proxy reports), else the TCP peer.
             peer: parts
                 .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip()),
+                .get::<crate::server::ClientIp>()
+                .map(|c| c.0)
+                .or_else(|| {
+                    parts
+                        .extensions
+                        .get::<ConnectInfo<SocketAddr>>()
+                        .map(|c| c.0.ip())
+                }),
         })
     }
 }

@@ -106,8 +106,10 @@ pub async fn verify(
         .map(|s| s.trim().parse::<IpAddr>())
         .transpose()
         .map_err(|_| ApiError::invalid("ip must be an IPv4 or IPv6 address"))?;
-    let route = match (&body.method, &body.path) {
-        (Some(m), Some(p)) => state.match_route(m, strip_query(p)),
+    // The same normal form and refusals as the gateway and forward-auth.
+    let path = body.path.as_deref().map(normal_path).transpose()?;
+    let route = match (&body.method, &path) {
+        (Some(m), Some(p)) => state.match_route(m, p),
         (None, None) => None,
         _ => return Err(ApiError::invalid("give method and path together")),
     };
@@ -125,7 +127,7 @@ pub async fn verify(
         .unwrap_or_else(|| route.map_or(DEFAULT_COST, |r| r.config.cost));
     let facts = RequestFacts {
         method: body.method.as_deref().unwrap_or("POST"),
-        path: body.path.as_deref().map(strip_query),
+        path: path.as_ref().map(|p| p.as_str()),
         route_class: route.map_or(RouteClass::Normal, |r| r.config.class),
         scope,
         origin: body.origin.as_deref(),
@@ -192,30 +194,13 @@ fn header<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// The client IP a forward-auth proxy reports: the right-most valid `X-Forwarded-For` entry
-/// (the one the proxy itself appended; entries to its left are client-controlled), then
-/// `X-Real-IP`, then the TCP peer.
-pub fn forwarded_ip(h: &HeaderMap, peer: Option<IpAddr>) -> Option<IpAddr> {
-    if let Some(xff) = header(h, &X_FORWARDED_FOR) {
-        if let Some(ip) = xff
-            .rsplit(',')
-            .find_map(|s| s.trim().parse::<IpAddr>().ok())
-        {
-            return Some(ip);
-        }
-    }
-    header(h, &X_REAL_IP)
-        .and_then(|s| s.trim().parse().ok())
-        .or(peer)
-}
-
 /// `/v1/auth` (any method, also `/v1/auth/<path>` for Envoy): the forward-auth decision for
 /// `req` from TCP peer `peer`. The connection service (`server::Dispatch`) calls this directly,
 /// without the router: it is the hot path.
 pub async fn serve_forward_auth(
     state: &AppState,
     req: axum::extract::Request,
-    peer: Option<IpAddr>,
+    peer: IpAddr,
 ) -> Response {
     let rid = crate::error::RequestId::new();
     // Only the head is needed (and `HeaderMap`, unlike the body, may be shared across awaits).
@@ -235,35 +220,74 @@ pub async fn serve_forward_auth(
     res
 }
 
+fn bad_request(message: &'static str) -> Response {
+    ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message).into_response()
+}
+
+/// The request path normalised (`keygate_core::route`), or the 400 for one that has no
+/// normal form.
+pub fn normal_path(path: &str) -> Result<keygate_core::NormalPath<'_>, ApiError> {
+    keygate_core::normalize_path(strip_query(path))
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", e.message()))
+}
+
+/// The method a request will be served as: a method-override header (Express's
+/// `method-override`, Symfony, Laravel) when one is sent, since the upstream may obey it.
+fn effective_method<'a>(h: &'a HeaderMap, method: &'a str) -> &'a str {
+    crate::proxy::METHOD_OVERRIDE
+        .iter()
+        .find_map(|n| header(h, n))
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .unwrap_or(method)
+}
+
 async fn decide_forward_auth(
     state: &AppState,
     h: &HeaderMap,
-    peer: Option<IpAddr>,
+    peer: IpAddr,
     envoy: Option<(&str, &str)>,
 ) -> Response {
+    // The headers that choose path, method, scope and price count only from a trusted proxy;
+    // from anyone else they are refused, not ignored: ignoring them would judge a request the
+    // operator's proxy meant to restrict as if it were unrestricted.
+    if crate::proxy::DECISION_HEADERS
+        .iter()
+        .any(|n| h.contains_key(n))
+    {
+        if !state.proxies.trusts(peer) {
+            return bad_request(
+                "X-Original-*, X-Forwarded-Method/-Uri, X-Keygate-Scope and X-Keygate-Cost are \
+                 accepted only from a trusted proxy ([proxy] trusted)",
+            );
+        }
+        if crate::proxy::DECISION_HEADERS
+            .iter()
+            .any(|n| h.get_all(n).iter().nth(1).is_some())
+        {
+            return bad_request("a forwarding header was sent twice");
+        }
+    }
     // X-Forwarded-Method/-Uri first: Traefik and Caddy always overwrite them, while a client
     // could smuggle an X-Original-* header through them. nginx must set both (see the docs).
     let method = header(h, &X_FORWARDED_METHOD)
         .or_else(|| header(h, &X_ORIGINAL_METHOD))
         .or(envoy.map(|e| e.0))
         .unwrap_or("GET");
+    let method = effective_method(h, method);
     let uri = header(h, &X_FORWARDED_URI)
         .or_else(|| header(h, &X_ORIGINAL_URI))
         .or(envoy.map(|e| e.1));
-    let path = uri.map(strip_query);
-    if path.is_some_and(|p| !keygate_core::route::is_clean(p)) {
-        // `/public/../admin`, `//`, encoded dots or slashes: refuse rather than guess what the
-        // upstream will make of it.
-        return ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "INVALID_REQUEST",
-            "the request path has dot segments, empty segments or encoded separators",
-        )
-        .into_response();
-    }
+    let path = match uri.map(normal_path).transpose() {
+        Ok(p) => p,
+        // `/public/../admin`, `/x/..;/admin`, encoded slashes: refuse rather than guess what
+        // the upstream will make of it.
+        Err(e) => return e.into_response(),
+    };
+    let path = path.as_ref();
+    let ip = state.proxies.client_ip(h, peer);
     let route = path.and_then(|p| state.match_route(method, p));
     if route.is_some_and(|r| r.config.public) {
-        let ip = forwarded_ip(h, peer).map_or_else(|| "unknown".to_owned(), |i| i.to_string());
         let rl = state.config.gateway.public_rate_limit;
         let d = state
             .counters
@@ -289,14 +313,14 @@ async fn decide_forward_auth(
     };
     let facts = RequestFacts {
         method,
-        path,
+        path: path.map(|p| p.as_str()),
         route_class: route.map_or(RouteClass::Normal, |r| r.config.class),
         scope: match route {
             Some(r) => r.config.scope.as_deref(),
             None => header(h, &X_KEYGATE_SCOPE),
         },
         origin: header(h, &axum::http::header::ORIGIN),
-        ip: forwarded_ip(h, peer),
+        ip: Some(ip),
         tenant_id: header(h, &X_TENANT_ID),
         cost: route.map_or(proxy_cost.unwrap_or(DEFAULT_COST), |r| r.config.cost),
         now_ms: now_ms(),

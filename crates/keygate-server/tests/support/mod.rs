@@ -13,6 +13,8 @@ use tokio::sync::oneshot;
 /// A running app.
 pub struct TestApp {
     pub addr: std::net::SocketAddr,
+    /// `[forward_auth] listen` and `[metrics] listen`, when the test set them.
+    extra: Vec<(keygate_server::server::Role, std::net::SocketAddr)>,
     pub root: String,
     pub client: Client,
     pub db_path: PathBuf,
@@ -61,10 +63,20 @@ impl TestApp {
             ..Config::default()
         };
         config.audit.dir = Some(dir.join("audit").display().to_string());
+        // The tests play the operator's proxy (they send X-Original-URI and friends from
+        // loopback); the tests of untrusted peers clear this.
+        config.proxy.trusted = vec!["127.0.0.1/32".into(), "::1/128".into()];
         f(&mut config);
         let db_url = config.database_url.clone();
         let app = Application::build(config).await.expect("app builds");
         let addr = app.local_addr().expect("bound");
+        let extra = [
+            keygate_server::server::Role::ForwardAuth,
+            keygate_server::server::Role::Metrics,
+        ]
+        .into_iter()
+        .filter_map(|r| app.addr_of(r).map(|a| (r, a)))
+        .collect();
         let root = app.root_key().unwrap_or_default().to_string();
         let state = app.state().clone();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -73,6 +85,7 @@ impl TestApp {
         }));
         TestApp {
             addr,
+            extra,
             root,
             client: Client::new(),
             db_path,
@@ -157,6 +170,11 @@ impl TestApp {
     pub fn with_root(mut self, root: String) -> Self {
         self.root = root;
         self
+    }
+
+    /// The address of the listener serving `role`, if configured.
+    pub fn addr_of(&self, role: keygate_server::server::Role) -> Option<std::net::SocketAddr> {
+        self.extra.iter().find(|(r, _)| *r == role).map(|(_, a)| *a)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -300,3 +318,4 @@ where
     panic!("condition not met within 10 s");
 }
 pub mod upstream;
+pub mod wsgi;

@@ -1,0 +1,170 @@
+//! Who the client is, and which headers about it count.
+//!
+//! Headers that carry trust — `X-Forwarded-For`, `X-Real-IP`, `X-Original-*`,
+//! `X-Forwarded-Method`/`-Uri`, `X-Keygate-Scope`, `X-Keygate-Cost` — count only from a TCP
+//! peer inside `[proxy] trusted`. Everyone else is the client itself.
+
+use crate::headers::{X_FORWARDED_FOR, X_REAL_IP};
+use axum::http::{HeaderMap, HeaderName};
+use keygate_core::IpAllowList;
+use std::net::IpAddr;
+
+/// The configured trusted proxies (empty: nobody).
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(IpAllowList);
+
+impl TrustedProxies {
+    /// From `[proxy] trusted` (validated with the config).
+    pub fn new(list: &[String]) -> Self {
+        Self(IpAllowList::parse(list).unwrap_or_default())
+    }
+
+    /// Whether `ip` is a trusted proxy.
+    #[inline]
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        !self.0.is_empty() && self.0.contains(ip)
+    }
+
+    /// The client's address: the TCP peer, unless the peer is a trusted proxy; then the
+    /// right-most `X-Forwarded-For` entry that is not itself a trusted proxy (entries to its
+    /// left were written by the client), else `X-Real-IP`, else the peer.
+    pub fn client_ip(&self, h: &HeaderMap, peer: IpAddr) -> IpAddr {
+        if !self.trusts(peer) {
+            return peer;
+        }
+        let mut last = None;
+        for v in h.get_all(X_FORWARDED_FOR).iter().rev() {
+            let Ok(v) = v.to_str() else { return peer };
+            for entry in v.rsplit(',') {
+                let Ok(ip) = entry.trim().parse::<IpAddr>() else {
+                    // A malformed entry ends what can be believed: stop at the last good hop.
+                    return last.unwrap_or(peer);
+                };
+                if !self.trusts(ip) {
+                    return ip;
+                }
+                last = Some(ip);
+            }
+        }
+        if let Some(ip) = last {
+            return ip;
+        }
+        h.get(X_REAL_IP)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(peer)
+    }
+}
+
+/// Request headers that only a trusted proxy may send to forward-auth: they choose the path,
+/// method, scope and price the decision is about.
+pub const DECISION_HEADERS: [HeaderName; 6] = [
+    crate::headers::X_ORIGINAL_METHOD,
+    crate::headers::X_ORIGINAL_URI,
+    crate::headers::X_FORWARDED_METHOD,
+    crate::headers::X_FORWARDED_URI,
+    crate::headers::X_KEYGATE_SCOPE,
+    crate::headers::X_KEYGATE_COST,
+];
+
+/// Headers that ask the upstream framework to treat the request as another method
+/// (Express's `method-override`, Symfony, Laravel).
+pub const METHOD_OVERRIDE: [HeaderName; 3] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
+/// Whether a request header is one keygate sets or trusts, with `_` read as `-` (WSGI, CGI and
+/// Rack read `X_Keygate_User` as `HTTP_X_KEYGATE_USER`, the same as `X-Keygate-User`).
+pub fn is_trust_header(name: &str) -> bool {
+    // Compared in place, byte by byte: this runs for every header of every proxied request.
+    fn norm(b: u8) -> u8 {
+        if b == b'_' {
+            b'-'
+        } else {
+            b.to_ascii_lowercase()
+        }
+    }
+    let n = name.as_bytes();
+    let starts =
+        |p: &str| n.len() >= p.len() && n.iter().zip(p.bytes()).all(|(a, b)| norm(*a) == b);
+    let is = |p: &str| n.len() == p.len() && starts(p);
+    ["x-keygate-", "x-forwarded-", "x-original-"]
+        .iter()
+        .any(|p| starts(p))
+        || [
+            "authorization",
+            "forwarded",
+            "x-real-ip",
+            "x-tenant-id",
+            "x-http-method-override",
+            "x-http-method",
+            "x-method-override",
+        ]
+        .iter()
+        .any(|p| is(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn h(xff: &[&str]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for v in xff {
+            m.append(X_FORWARDED_FOR, HeaderValue::from_str(v).expect("value"));
+        }
+        m
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    #[test]
+    fn an_untrusted_peer_is_the_client_whatever_it_says() {
+        let t = TrustedProxies::new(&[]);
+        assert_eq!(
+            t.client_ip(&h(&["10.1.2.3"]), ip("203.0.113.9")),
+            ip("203.0.113.9")
+        );
+        let t = TrustedProxies::new(&["127.0.0.1/32".into()]);
+        assert_eq!(
+            t.client_ip(&h(&["10.1.2.3"]), ip("203.0.113.9")),
+            ip("203.0.113.9")
+        );
+    }
+
+    #[test]
+    fn behind_trusted_proxies_the_first_untrusted_hop_from_the_right() {
+        let t = TrustedProxies::new(&["127.0.0.1/32".into(), "10.0.0.0/8".into()]);
+        let peer = ip("127.0.0.1");
+        assert_eq!(
+            t.client_ip(&h(&["6.6.6.6, 198.51.100.7, 10.0.0.5"]), peer),
+            ip("198.51.100.7")
+        );
+        assert_eq!(
+            t.client_ip(&h(&["6.6.6.6", "198.51.100.7"]), peer),
+            ip("198.51.100.7")
+        );
+        assert_eq!(t.client_ip(&h(&["junk, 10.0.0.5"]), peer), ip("10.0.0.5"));
+        assert_eq!(t.client_ip(&HeaderMap::new(), peer), peer);
+    }
+
+    #[test]
+    fn underscore_spellings_are_trust_headers() {
+        for n in [
+            "X_Keygate_User",
+            "x-keygate_tenant",
+            "X_FORWARDED_FOR",
+            "x_real_ip",
+            "X_HTTP_METHOD_OVERRIDE",
+        ] {
+            assert!(is_trust_header(n), "{n}");
+        }
+        assert!(!is_trust_header("x_request_id"));
+        assert!(!is_trust_header("content-type"));
+    }
+}
