@@ -38,7 +38,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 start() {
   local name=$1 port; shift
   port=$(free_port)
-  env KEYGATE_LISTEN="127.0.0.1:$port" KEYGATE_LOG__LEVEL=warn KEYGATE_AUDIT__DIR="$WORK/$name.audit" \
+  env KEYGATE_LISTEN="127.0.0.1:$port" KEYGATE_LOG__LEVEL=warn KEYGATE_AUDIT__DIR="$WORK/$name.audit" KEYGATE_PROXY__TRUSTED="[\"127.0.0.1/32\"]" \
     KEYGATE_DATABASE_URL="sqlite://$WORK/$name.db" "$@" setsid taskset -c 0 "${SERVER_BIN:-$BIN}" serve >"$WORK/$name.root" 2>"$WORK/$name.log" &
   for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$port/v1/status" && break; sleep 0.1; done
   local key

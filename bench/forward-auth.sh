@@ -36,7 +36,7 @@ wait_http() { for _ in $(seq 100); do curl -fs -o /dev/null "$1" && return 0; sl
 # (the root key) goes to $WORK/NAME.root.
 start_keygate() {
   local name=$1 port=$2; shift 2
-  env KEYGATE_LISTEN="127.0.0.1:$port" KEYGATE_LOG__LEVEL=warn KEYGATE_AUDIT__DIR="$WORK/$name.audit" "$@" \
+  env KEYGATE_LISTEN="127.0.0.1:$port" KEYGATE_LOG__LEVEL=warn KEYGATE_AUDIT__DIR="$WORK/$name.audit" KEYGATE_PROXY__TRUSTED="[\"127.0.0.1/32\"]" "$@" \
     taskset -c 0 "$BIN/keygate" serve >"$WORK/$name.root" 2>"$WORK/$name.log" &
   wait_http "http://127.0.0.1:$port/v1/status"
 }

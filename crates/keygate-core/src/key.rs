@@ -100,6 +100,26 @@ impl<'a> ParsedKey<'a> {
     }
 }
 
+/// The credential of an `Authorization` header value: `Ok(None)` for an empty token, `Err(())`
+/// when the value is not `Bearer <token>` (the scheme in any case, RFC 9110 §11.1) or holds a
+/// byte that is not visible ASCII, space or tab. The token is trimmed of surrounding spaces.
+#[allow(clippy::result_unit_err)]
+pub fn bearer_token(value: &[u8]) -> Result<Option<&str>, ()> {
+    if !value
+        .iter()
+        .all(|b| *b == b' ' || *b == b'\t' || b.is_ascii_graphic())
+    {
+        return Err(());
+    }
+    let s = std::str::from_utf8(value).map_err(|_| ())?;
+    let (scheme, token) = s.split_once(' ').ok_or(())?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(());
+    }
+    let token = token.trim();
+    Ok((!token.is_empty()).then_some(token))
+}
+
 /// The first [`DISPLAY_LEN`] characters of a key (or fewer if the text is shorter).
 pub fn display_prefix(key: &str) -> &str {
     let end = key

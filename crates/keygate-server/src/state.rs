@@ -160,19 +160,10 @@ pub fn now_ms() -> i64 {
 /// The credential of an `Authorization` header: `Ok(None)` when absent, `Err` when present
 /// but not `Bearer <token>`.
 pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, Code> {
-    let Some(v) = headers.get(axum::http::header::AUTHORIZATION) else {
-        return Ok(None);
-    };
-    let s = v.to_str().map_err(|_| Code::MalformedKey)?;
-    let (scheme, token) = s.split_once(' ').ok_or(Code::MalformedKey)?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(Code::MalformedKey);
+    match headers.get(axum::http::header::AUTHORIZATION) {
+        None => Ok(None),
+        Some(v) => keygate_core::key::bearer_token(v.as_bytes()).map_err(|()| Code::MalformedKey),
     }
-    let token = token.trim();
-    if token.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(token))
 }
 
 impl Inner {
