@@ -467,3 +467,86 @@ async fn a_due_key_rotates_once_its_successor_is_delivered_and_the_plaintext_is_
     bytes.extend(audit.to_string().into_bytes());
     assert!(!bytes.windows(32).any(|w| w == &new_key.as_bytes()[6..38]));
 }
+
+/// Asserts a refusal in the documented shape: `status`, `code`, a message and a request id.
+async fn refused(r: reqwest::Response, status: StatusCode, code: &str, what: &str) -> Value {
+    assert_eq!(r.status(), status, "{what}");
+    let v: Value = r.json().await.expect("json error body");
+    assert_eq!(v["error"]["code"], code, "{what}: {v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{what}: {v}"
+    );
+    assert!(
+        v["error"]["request_id"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("req_")),
+        "{what}: {v}"
+    );
+    v
+}
+
+#[tokio::test]
+async fn webhook_urls_that_reach_inside_through_other_address_spellings_are_refused() {
+    let app = TestApp::spawn().await;
+    for url in [
+        // Spellings the URL parser turns into 127.0.0.1.
+        "https://2130706433/hook",
+        "https://0x7f000001/hook",
+        "https://0177.0.0.1/hook",
+        "https://127.1/hook",
+        // Translation prefixes that lead to IPv4 loopback, and special-purpose ranges.
+        "https://[64:ff9b::7f00:1]/hook",
+        "https://[64:ff9b:1::a00:1]/hook",
+        "https://[2002:7f00:1::]/hook",
+        "https://[::ffff:7f00:1]/hook",
+        "https://[::127.0.0.1]/hook",
+        "https://[2001:2::1]/hook",
+        "https://198.18.0.1/hook",
+        "https://192.0.0.1/hook",
+    ] {
+        let r = app.post("/v1/webhooks", json!({"url": url})).await;
+        let v = refused(r, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_REQUEST", url).await;
+        assert_eq!(v["error"]["message"], "url must point at a public address");
+    }
+    let v: Value = app.get("/v1/webhooks").await.json().await.expect("json");
+    assert_eq!(v["data"], json!([]), "no endpoint was created");
+}
+
+#[tokio::test]
+async fn a_stored_endpoint_on_an_inside_address_is_not_called_once_private_networks_are_off() {
+    // Set up while private networks were allowed; then the deployment turns them off.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let allowed = |c: &mut keygate_server::Config| {
+        fast_retries(c);
+        c.webhooks.retry_backoff_ms = vec![];
+    };
+    let app = TestApp::spawn_in(dir.path(), allowed).await;
+    let root = app.root.clone();
+    let (wid, _) = endpoint(&app, "https://2130706433:9/hook", json!(["*"])).await;
+    app.stop().await;
+    let app = TestApp::spawn_in(dir.path(), |c| {
+        allowed(c);
+        c.webhooks.allow_private_networks = false;
+    })
+    .await
+    .with_root(root);
+    let r = app
+        .post(&format!("/v1/webhooks/{wid}/test"), json!({}))
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    eventually(|| async {
+        deliveries(&app, &wid)
+            .await
+            .first()
+            .is_some_and(|d| d["status"] == "failed")
+    })
+    .await;
+    let d = &deliveries(&app, &wid).await[0];
+    assert_eq!(
+        d["last_error"], "url must point at a public address",
+        "refused before connecting: {d}"
+    );
+}
