@@ -550,3 +550,71 @@ async fn a_stored_endpoint_on_an_inside_address_is_not_called_once_private_netwo
         "refused before connecting: {d}"
     );
 }
+
+#[tokio::test]
+async fn a_key_without_every_scope_cannot_switch_off_or_delete_the_successor_endpoint() {
+    let app = TestApp::spawn().await;
+    let (successor, _) = endpoint(
+        &app,
+        "https://hooks.example.com/successor",
+        json!(["key.rotated.successor"]),
+    )
+    .await;
+    let (ordinary, _) = endpoint(&app, "https://hooks.example.com/all", json!(["*"])).await;
+    let (limited, _) = app
+        .create_key(
+            json!({"kind": "sk", "name": "hooks", "scopes": ["webhooks:write", "webhooks:read"]}),
+        )
+        .await;
+    let r = app
+        .client
+        .patch(app.url(&format!("/v1/webhooks/{successor}")))
+        .bearer_auth(&limited)
+        .json(&json!({"enabled": false}))
+        .send()
+        .await
+        .expect("patch");
+    refused(r, StatusCode::FORBIDDEN, "FORBIDDEN_SCOPE", "switch off").await;
+    let r = app
+        .as_key(&limited)
+        .delete(app.url(&format!("/v1/webhooks/{successor}")))
+        .send()
+        .await
+        .expect("delete");
+    refused(r, StatusCode::FORBIDDEN, "FORBIDDEN_SCOPE", "delete").await;
+    // Nothing changed: the endpoint is there and still on.
+    let v: Value = app
+        .get(&format!("/v1/webhooks/{successor}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["enabled"], true, "{v}");
+    assert_eq!(v["events"], json!(["key.rotated.successor"]));
+    // Other endpoints are the limited key's to manage, and the successor endpoint is `*`'s.
+    let r = app
+        .client
+        .patch(app.url(&format!("/v1/webhooks/{ordinary}")))
+        .bearer_auth(&limited)
+        .json(&json!({"enabled": false}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = app
+        .as_key(&limited)
+        .delete(app.url(&format!("/v1/webhooks/{ordinary}")))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let r = app
+        .patch(
+            &format!("/v1/webhooks/{successor}"),
+            json!({"enabled": false}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = app.delete(&format!("/v1/webhooks/{successor}")).await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+}
