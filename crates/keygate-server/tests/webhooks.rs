@@ -618,3 +618,63 @@ async fn a_key_without_every_scope_cannot_switch_off_or_delete_the_successor_end
     let r = app.delete(&format!("/v1/webhooks/{successor}")).await;
     assert_eq!(r.status(), StatusCode::NO_CONTENT);
 }
+
+#[tokio::test]
+async fn a_budget_crossing_the_warning_and_running_out_at_once_raises_both_events() {
+    let rx = Receiver::start().await;
+    let app = TestApp::spawn_with(fast_retries).await;
+    let (_, secret) = endpoint(&app, &rx.url, json!(["key.budget_warning"])).await;
+    *rx.secret.lock().expect("lock") = secret;
+    let (key, rec) = app
+        .create_key(json!({"kind": "sk", "name": "metered", "budget": 10}))
+        .await;
+    let id = rec["id"].as_str().expect("id").to_string();
+    // One call spends the whole budget (0 % to 100 %), the next is refused.
+    let v: Value = app
+        .post("/v1/keys/verify", json!({"key": key, "cost": 10}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["valid"], true, "{v}");
+    let v: Value = app
+        .post("/v1/keys/verify", json!({"key": key, "cost": 1}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["code"], "BUDGET_EXHAUSTED", "{v}");
+    // The warning subscriber hears of it, and both alerts are listed.
+    eventually(|| async {
+        rx.seen()
+            .iter()
+            .any(|(_, ok, b)| *ok && b["type"] == "key.budget_warning")
+    })
+    .await;
+    let warning = rx
+        .seen()
+        .into_iter()
+        .find(|(_, _, b)| b["type"] == "key.budget_warning")
+        .expect("warning")
+        .2;
+    assert_eq!(warning["data"]["key_id"], id.as_str());
+    assert_eq!(warning["data"]["detail"]["percent"], 100);
+    let kinds = || async {
+        let v: Value = app.get("/v1/alerts").await.json().await.expect("json");
+        v["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .filter(|a| a["key_id"] == id.as_str())
+            .map(|a| a["kind"].as_str().unwrap_or("").to_owned())
+            .collect::<Vec<_>>()
+    };
+    eventually(|| async { kinds().await.len() >= 2 }).await;
+    let mut got = kinds().await;
+    got.sort();
+    assert_eq!(got, ["key.budget_exhausted", "key.budget_warning"]);
+    assert!(rx
+        .seen()
+        .iter()
+        .all(|(_, _, b)| b["type"] == "key.budget_warning"));
+}
