@@ -1170,3 +1170,51 @@ async fn tokens_issued_on_one_node_work_and_die_on_every_node() {
         (StatusCode::UNAUTHORIZED, "REVOKED".into())
     );
 }
+
+#[tokio::test]
+async fn an_access_token_refused_on_a_management_route_is_told_tokens_may_not_call_it() {
+    let fx = setup(|_| {}).await;
+    let app = &fx.app;
+    let (_, t) = token_call(
+        app,
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", &fx.conf_id),
+            ("client_secret", &fx.conf_secret),
+        ],
+    )
+    .await;
+    let token = t["access_token"].as_str().expect("token");
+    for path in ["/v1/keys", "/v1/audit", "/v1/webhooks", "/v1/oauth/clients"] {
+        let r = app
+            .as_key(token)
+            .get(app.url(path))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["error"]["code"], "BLOCKED_FOR_KEY_TYPE", "{path}: {v}");
+        assert_eq!(
+            v["error"]["message"], "OAuth access tokens may not call this endpoint",
+            "{path}: {v}"
+        );
+        assert!(v["error"]["request_id"].as_str().is_some(), "{v}");
+    }
+    // A publishable key keeps its own message.
+    let (pk, _) = app
+        .create_key(json!({"kind": "pk", "name": "p", "scopes": ["docs:read"], "allowed_origins": ["https://a.example"]}))
+        .await;
+    let r = app
+        .as_key(&pk)
+        .get(app.url("/v1/keys"))
+        .header("origin", "https://a.example")
+        .send()
+        .await
+        .expect("request");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(
+        v["error"]["message"],
+        "publishable keys may not call this endpoint"
+    );
+}
