@@ -1218,3 +1218,73 @@ async fn an_access_token_refused_on_a_management_route_is_told_tokens_may_not_ca
         "publishable keys may not call this endpoint"
     );
 }
+
+#[tokio::test]
+async fn a_key_cannot_delete_an_oauth_client_whose_scopes_it_does_not_hold() {
+    let fx = setup(|_| {}).await;
+    let app = &fx.app;
+    // A live token of the confidential client (scope docs:read).
+    let (_, t) = token_call(
+        app,
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", &fx.conf_id),
+            ("client_secret", &fx.conf_secret),
+        ],
+    )
+    .await;
+    let token = t["access_token"].as_str().expect("token").to_owned();
+    assert_eq!(
+        auth_status(app, &token, "docs:read").await.0,
+        StatusCode::OK
+    );
+    let (narrow, _) = app
+        .create_key(
+            json!({"kind": "sk", "name": "oauth admin", "scopes": ["oauth:write", "oauth:read"]}),
+        )
+        .await;
+    for id in [&fx.conf_id, &fx.public_id] {
+        let r = app
+            .as_key(&narrow)
+            .delete(app.url(&format!("/v1/oauth/clients/{id}")))
+            .send()
+            .await
+            .expect("delete");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{id}");
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["error"]["code"], "FORBIDDEN_SCOPE", "{v}");
+        assert!(v["error"]["request_id"].as_str().is_some(), "{v}");
+        // The client is still there, and so are its grants.
+        let r = app
+            .as_key(&narrow)
+            .get(app.url(&format!("/v1/oauth/clients/{id}")))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), StatusCode::OK, "{id}");
+    }
+    assert_eq!(
+        auth_status(app, &token, "docs:read").await.0,
+        StatusCode::OK
+    );
+    // A key holding every scope of the client may delete it.
+    let (covering, _) = app
+        .create_key(
+            json!({"kind": "sk", "name": "docs admin", "scopes": ["oauth:write", "docs:read"]}),
+        )
+        .await;
+    let r = app
+        .as_key(&covering)
+        .delete(app.url(&format!("/v1/oauth/clients/{}", fx.conf_id)))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let r = app
+        .as_key(&covering)
+        .delete(app.url(&format!("/v1/oauth/clients/{}", fx.public_id)))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "ocr:read is not covered");
+}
