@@ -136,7 +136,9 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// The client IP the gateway judges: the TCP peer, or the right-most `X-Forwarded-For` entry
 /// when `gateway.trust_forwarded_for` is set.
-fn client_ip(state: &AppState, h: &HeaderMap, peer: SocketAddr) -> IpAddr {
+/// The client's address: the TCP peer, or the `X-Forwarded-For` client when
+/// `gateway.trust_forwarded_for` says the peer is a proxy of ours.
+pub(crate) fn client_ip(state: &AppState, h: &HeaderMap, peer: SocketAddr) -> IpAddr {
     if state.config.gateway.trust_forwarded_for {
         crate::routes::verify::forwarded_ip(h, Some(peer.ip())).unwrap_or(peer.ip())
     } else {

@@ -410,3 +410,15 @@ impl std::fmt::Debug for SigningKey {
             .finish_non_exhaustive()
     }
 }
+
+/// Failed password sign-ins counted against one subject (an account, or the network of a
+/// client address): how many, the last one's time, and the earliest time of the next attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginThrottle {
+    /// Failures counted.
+    pub failures: u32,
+    /// The last failure, Unix ms.
+    pub last_ms: i64,
+    /// No attempt before this time, Unix ms.
+    pub next_ms: i64,
+}
