@@ -244,7 +244,7 @@ pub async fn get(
     path = "/v1/oauth/clients/{id}",
     tag = "oauth",
     summary = "Delete a client and revoke its grants",
-    description = "Needs scope `oauth:write`.",
+    description = "Needs scope `oauth:write` and every scope the client holds (403 `FORBIDDEN_SCOPE` otherwise).",
     params(("id" = String, Path, description = "Client id")),
     responses((status = 204, description = "Deleted"), crate::openapi::Refusals),
     security(("bearer" = []))

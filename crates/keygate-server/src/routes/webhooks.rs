@@ -276,7 +276,7 @@ pub struct UpdateWebhook {
     path = "/v1/webhooks/{id}",
     tag = "webhooks",
     summary = "Switch an endpoint on or off",
-    description = "Needs scope `webhooks:write`.",
+    description = "Needs scope `webhooks:write`; an endpoint subscribed to `key.rotated.successor` needs scope `*`.",
     params(("id" = String, Path, description = "Endpoint id")),
     request_body = UpdateWebhook,
     responses((status = 200, body = WebhookView), crate::openapi::Refusals),
@@ -314,7 +314,7 @@ pub async fn update(
     path = "/v1/webhooks/{id}",
     tag = "webhooks",
     summary = "Delete an endpoint (its pending deliveries fail)",
-    description = "Needs scope `webhooks:write`.",
+    description = "Needs scope `webhooks:write`; an endpoint subscribed to `key.rotated.successor` needs scope `*`.",
     params(("id" = String, Path, description = "Endpoint id")),
     responses((status = 204, description = "Deleted"), crate::openapi::Refusals),
     security(("bearer" = []))
