@@ -54,6 +54,11 @@ impl ScopeSet {
         Self { scopes, all }
     }
 
+    /// The set of `*` alone: every scope.
+    pub fn all() -> Self {
+        Self::new(vec![Scope(ALL.to_owned())])
+    }
+
     /// Parses every string; the first bad one is the error.
     pub fn parse<S: AsRef<str>>(items: &[S]) -> Result<Self, InvalidInput> {
         let scopes = items

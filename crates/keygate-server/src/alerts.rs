@@ -191,6 +191,7 @@ impl Rules {
         let mut budget_keys: HashSet<&str> = HashSet::new();
         let mut tenants: HashSet<&str> = HashSet::new();
         let mut spikes: Vec<(&str, &str, i64, u32)> = Vec::new();
+        let mut exhausted: Vec<(&str, &str)> = Vec::new();
         for s in seen {
             let (key, tenant, code, minute) = (&*s.key, &*s.tenant, &*s.code, s.minute);
             if PROBING.contains(&code) && cfg.refusal_burst > 0 {
@@ -211,16 +212,11 @@ impl Rules {
                 }
             }
             if code == "BUDGET_EXHAUSTED" {
-                raise(
-                    state,
-                    "key.budget_exhausted",
-                    tenant,
-                    Some(key),
-                    format!("budget100:{key}"),
-                    format!("the budget of {key} is spent"),
-                    serde_json::json!({"key_id": key, "percent": 100}),
-                )
-                .await;
+                // Raised after the warnings below: a batch can cross both thresholds.
+                exhausted.push((key, tenant));
+                if cfg.budget_warning_percent > 0 {
+                    budget_keys.insert(key);
+                }
             }
             if code == "INSUFFICIENT_CREDITS" {
                 tenants.insert(tenant);
@@ -319,7 +315,10 @@ impl Rules {
                 continue;
             };
             let pct = u128::from(k.budget_withdrawn) * 100 / u128::from(budget);
-            if pct >= u128::from(cfg.budget_warning_percent) && pct < 100 {
+            // At or past the threshold, 100 % included: a batch that takes a key from below
+            // the warning to a spent budget crosses both, and each is raised (once: the
+            // dedupe value is per rotation family).
+            if pct >= u128::from(cfg.budget_warning_percent) {
                 raise(
                     state,
                     "key.budget_warning",
@@ -334,6 +333,18 @@ impl Rules {
                 )
                 .await;
             }
+        }
+        for (key, tenant) in exhausted {
+            raise(
+                state,
+                "key.budget_exhausted",
+                tenant,
+                Some(key),
+                format!("budget100:{key}"),
+                format!("the budget of {key} is spent"),
+                serde_json::json!({"key_id": key, "percent": 100}),
+            )
+            .await;
         }
         if cfg.tenant_credits_low > 0 {
             for t in tenants {

@@ -61,6 +61,8 @@ pub struct Config {
     pub forward_auth: ForwardAuthConfig,
     /// Prometheus metrics.
     pub metrics: MetricsConfig,
+    /// Throttling of password sign-ins.
+    pub login: LoginConfig,
 }
 
 /// `[proxy]`: the proxies keygate believes. From any other peer, `X-Forwarded-For`,
@@ -93,6 +95,54 @@ pub struct MetricsConfig {
     /// When set (`127.0.0.1:9100`), `GET /metrics` is served there without a key. On the main
     /// listener it always needs an operator key with scope `metrics:read`.
     pub listen: String,
+}
+
+/// `[login]`: throttling of password sign-ins (the OAuth sign-in page and the dashboard).
+///
+/// Throttling, not a lock: a lock after N failures lets anyone who knows an email keep its
+/// owner out for as long as they like (OWASP Authentication Cheat Sheet, "Account lockout"
+/// and "Login throttling"). Instead every failure counts against the account (tenant and
+/// email) and against the client's network (its address; an IPv6 /64), and once a subject is
+/// past its free failures the next attempt must wait `base_delay_ms`, doubled with each
+/// further failure, up to the subject's cap. An attempt made during the wait is answered 429
+/// with `Retry-After` and is neither checked nor counted. The account's cap is short (an
+/// attacker who knows the email slows its owner down by at most that much per attempt, and
+/// guesses at that pace at most), the network's is long (one source guessing at many accounts
+/// is slowed the most). A successful sign-in clears the account's count; not the network's,
+/// or an attacker could reset it by signing in to an account of their own. The counts are
+/// kept in the store, so every node sees and adds to the same ones; an attempt is counted
+/// before the password is checked (and given back when it turns out right), so parallel
+/// guesses do not all pass the check at once. Failures are forgotten `forget_after_seconds`
+/// after the last one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoginConfig {
+    /// Failures of one account that cost no wait.
+    pub account_free_failures: u32,
+    /// The longest wait of one account, milliseconds.
+    pub account_max_delay_ms: u64,
+    /// Failures from one client network, any account, that cost no wait (people behind one
+    /// NAT share it).
+    pub network_free_failures: u32,
+    /// The longest wait of one client network, milliseconds.
+    pub network_max_delay_ms: u64,
+    /// The first wait, doubled with each further failure, milliseconds.
+    pub base_delay_ms: u64,
+    /// Failures are forgotten this long after the last one, seconds.
+    pub forget_after_seconds: u64,
+}
+
+impl Default for LoginConfig {
+    fn default() -> Self {
+        Self {
+            account_free_failures: 5,
+            account_max_delay_ms: 30_000,
+            network_free_failures: 20,
+            network_max_delay_ms: 15 * 60_000,
+            base_delay_ms: 1_000,
+            forget_after_seconds: 86_400,
+        }
+    }
 }
 
 /// `[oauth]`
@@ -538,6 +588,7 @@ impl Default for Config {
             proxy: ProxyConfig::default(),
             forward_auth: ForwardAuthConfig::default(),
             metrics: MetricsConfig::default(),
+            login: LoginConfig::default(),
         }
     }
 }

@@ -313,7 +313,7 @@ pub async fn login(
         }
     }
     if f.get("method").map(String::as_str) == Some("password") {
-        return password_login(&state, &f, peer).await;
+        return password_login(&state, &headers, &f, peer).await;
     }
     let key = f
         .get("key")
@@ -405,6 +405,7 @@ async fn end_session_key(state: &AppState, id: &str) {
 /// audit log, and the user sees and manages only their own keys); it ends at sign-out.
 async fn password_login(
     state: &AppState,
+    headers: &HeaderMap,
     f: &HashMap<String, String>,
     peer: SocketAddr,
 ) -> Response {
@@ -421,16 +422,25 @@ async fn password_login(
         .unwrap_or_default();
     let password = f.get("password").cloned().unwrap_or_default();
     let account = format!("{tenant}/{email}");
-    if !state.oauth.login_attempt(&account) {
-        return login_page(
-            state,
-            Some("Too many failed sign-ins for this account. Try again in 15 minutes.".into()),
-            StatusCode::TOO_MANY_REQUESTS,
-        );
-    }
+    let ip = state.proxies.client_ip(headers, peer.ip());
+    let attempt = match crate::login::begin(state, &account, ip).await {
+        Ok(a) => a,
+        Err(r) => {
+            let mut page = login_page(
+                state,
+                Some(crate::login::refusal_message(r)),
+                crate::login::refusal_status(r),
+            );
+            if let Some(after) = crate::login::retry_after(r) {
+                page.headers_mut().insert(header::RETRY_AFTER, after);
+            }
+            return page;
+        }
+    };
     let user = match crate::routes::users::check_password(state, &tenant, &email, &password).await {
         PasswordCheck::Valid(u) => u,
         PasswordCheck::Invalid => {
+            attempt.failed(state).await;
             return login_page(
                 state,
                 Some("Wrong organisation, email or password.".into()),
@@ -438,7 +448,7 @@ async fn password_login(
             );
         }
         PasswordCheck::Busy | PasswordCheck::Unavailable => {
-            state.oauth.login_succeeded(&account);
+            attempt.not_judged(state).await;
             return login_page(
                 state,
                 Some("Try again in a moment.".into()),
@@ -446,7 +456,7 @@ async fn password_login(
             );
         }
     };
-    state.oauth.login_succeeded(&account);
+    attempt.succeeded(state).await;
     let scopes: Vec<String> = USER_SESSION_SCOPES
         .iter()
         .map(|s| (*s).to_owned())

@@ -90,6 +90,9 @@ impl Default for RequestId {
     }
 }
 
+/// The message of [`Code::BlockedForKeyType`] for an OAuth access token.
+pub const TOKEN_BLOCKED: &str = "OAuth access tokens may not call this endpoint";
+
 /// An error answer.
 #[derive(Debug)]
 pub struct ApiError {
@@ -157,6 +160,24 @@ impl ApiError {
             message: Cow::Borrowed(code.message()),
             rate,
         }
+    }
+
+    /// The refusal of a request the pipeline denied, with a message that names what was
+    /// refused: [`Code::BlockedForKeyType`] says "publishable keys" for a `pk`, and "OAuth
+    /// access tokens" for a token (whatever its record's kind), which is refused on every
+    /// route that is not a resource route.
+    pub fn denied(d: &crate::state::Denied) -> Self {
+        let token = d.key.as_ref().is_some_and(|k| k.token);
+        Self::refused(d.code, d.rate, token)
+    }
+
+    /// [`ApiError::decision`], for a caller holding an OAuth access token when `token`.
+    pub fn refused(code: Code, rate: Option<RateDecision>, token: bool) -> Self {
+        let mut e = Self::decision(code, rate);
+        if token && code == Code::BlockedForKeyType {
+            e.message = Cow::Borrowed(TOKEN_BLOCKED);
+        }
+        e
     }
 
     /// 503/500 without details: the details go to the log with the request id.

@@ -206,7 +206,7 @@ async fn handle_inner(
                     .as_deref()
                     .is_some_and(|o| k.record.allowed_origins.allows(o))
             });
-            let mut res = ApiError::decision(d.code, d.rate).into_response();
+            let mut res = ApiError::denied(&d).into_response();
             cors::decorate(res.headers_mut(), origin.as_deref(), origin_ok);
             return res;
         }

@@ -125,8 +125,13 @@ pub fn preset(name: &str) -> Option<Preset> {
     }
 }
 
-/// Checks a name: 1 to 200 characters, not blank.
+/// Checks a display name (of a key, OAuth client, tenant or user; on create and on update):
+/// 1 to 200 characters, not blank, and none that [`keygate_core::name_problem`] refuses
+/// (control characters, bidirectional controls) anywhere in what was sent.
 pub fn check_name(name: &str) -> Result<String, ApiError> {
+    if let Some(why) = keygate_core::name_problem(name) {
+        return Err(ApiError::invalid(why));
+    }
     let n = name.trim();
     if n.is_empty() || n.chars().count() > 200 {
         return Err(ApiError::invalid("name must be 1 to 200 characters"));

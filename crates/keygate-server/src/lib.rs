@@ -13,6 +13,7 @@ pub mod headers;
 pub mod held;
 pub mod ids;
 pub mod issue;
+pub mod login;
 pub mod metrics;
 pub mod oauth;
 pub mod openapi;

@@ -32,14 +32,7 @@ pub struct OAuth {
     keyring: RwLock<Arc<Keyring>>,
     last_reload_ms: AtomicI64,
     seal_key: Vec<u8>,
-    /// Failed sign-ins per account in the last 15 minutes (this node's count).
-    login_failures: moka::sync::Cache<String, Arc<std::sync::atomic::AtomicU32>>,
 }
-
-/// Failed sign-ins of one account, within [`LOGIN_WINDOW`], after which it is locked.
-pub const LOGIN_MAX_FAILURES: u32 = 10;
-/// The window of [`LOGIN_MAX_FAILURES`] (from the first failure).
-pub const LOGIN_WINDOW: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 impl std::fmt::Debug for OAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -103,10 +96,6 @@ impl OAuth {
             )),
             last_reload_ms: AtomicI64::new(0),
             seal_key,
-            login_failures: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(LOGIN_WINDOW)
-                .build(),
         };
         oauth.reload(config, store).await?;
         Ok(oauth)
@@ -194,27 +183,6 @@ impl OAuth {
         m.update(b".");
         m.update(body.as_bytes());
         URL_SAFE_NO_PAD.encode(m.finalize().into_bytes())
-    }
-
-    /// Starts a sign-in attempt of an account (`tenant/email`): it counts as failed until
-    /// [`OAuth::login_succeeded`] says otherwise, so concurrent guesses cannot all pass the
-    /// check before any is counted. `false` when the account has used up its attempts.
-    pub fn login_attempt(&self, account: &str) -> bool {
-        let n = self.login_failures.get_with(account.to_owned(), || {
-            Arc::new(std::sync::atomic::AtomicU32::new(0))
-        });
-        if n.fetch_add(1, Ordering::AcqRel) >= LOGIN_MAX_FAILURES {
-            n.fetch_sub(1, Ordering::AcqRel);
-            return false;
-        }
-        true
-    }
-
-    /// The attempt started by [`OAuth::login_attempt`] succeeded: it does not count.
-    pub fn login_succeeded(&self, account: &str) {
-        if let Some(n) = self.login_failures.get(account) {
-            let _ = n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
-        }
     }
 
     /// Signs an access token for `grant` with `scope`; answers the token and its lifetime.

@@ -345,6 +345,16 @@ impl Application {
                         if let Err(e) = s.store.prune_usage(before).await {
                             tracing::warn!("could not prune old usage: {e}");
                         }
+                        let forget = i64::try_from(s.config.login.forget_after_seconds)
+                            .unwrap_or(i64::MAX / 1000)
+                            .saturating_mul(1000);
+                        if let Err(e) = s
+                            .store
+                            .prune_login_throttles(now_ms().saturating_sub(forget))
+                            .await
+                        {
+                            tracing::warn!("could not prune old sign-in failures: {e}");
+                        }
                     }
                 }
             })

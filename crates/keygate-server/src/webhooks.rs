@@ -36,9 +36,20 @@ pub const EVENT_TYPES: &[&str] = &[
     "webhook.test",
 ];
 
-/// Whether deliveries may go to `ip`: not loopback, private, link-local, unique-local,
-/// shared (CGNAT), documentation, multicast or unspecified — unless
-/// `webhooks.allow_private_networks` says so.
+/// Whether deliveries may go to `ip`, unless `webhooks.allow_private_networks` says so.
+///
+/// IPv4: not "this network" (0/8), private (10/8, 172.16/12, 192.168/16), shared CGNAT
+/// (100.64/10), loopback, link-local, IETF protocol assignments (192.0.0/24), documentation,
+/// the 6to4 relay anycast (192.88.99/24), benchmarking (198.18/15), multicast, reserved
+/// (240/4) or broadcast.
+///
+/// IPv6: an IPv4-mapped address (`::ffff:a.b.c.d`) is judged as its IPv4 address; any other
+/// must be global unicast (2000::/3, which leaves out loopback, unspecified, IPv4-compatible
+/// `::a.b.c.d`, NAT64 64:ff9b::/96 and 64:ff9b:1::/48, discard-only, unique-local,
+/// link-local, site-local and multicast) and not in the IETF protocol assignments 2001::/23
+/// (Teredo, benchmarking 2001:2::/48, ORCHID), documentation (2001:db8::/32, 3fff::/20) or
+/// 6to4 (2002::/16). Translation prefixes are refused because the gateway that translates
+/// them can reach any IPv4 address, loopback and private ones included.
 pub fn is_public(ip: std::net::IpAddr) -> bool {
     match ip {
         std::net::IpAddr::V4(v4) => {
@@ -51,18 +62,27 @@ pub fn is_public(ip: std::net::IpAddr) -> bool {
                 || v4.is_documentation()
                 || v4.is_multicast()
                 || o[0] == 0
-                || (o[0] == 100 && (64..128).contains(&o[1])))
+                || (o[0] == 100 && (64..128).contains(&o[1]))
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] == 192 && o[1] == 88 && o[2] == 99)
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)
+                || o[0] >= 240)
         }
         std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => is_public(v4.into()),
             None => {
-                let s = v6.segments()[0];
-                !(v6.is_loopback()
-                    || v6.is_unspecified()
-                    || v6.is_multicast()
-                    || (s & 0xfe00) == 0xfc00
-                    || (s & 0xffc0) == 0xfe80
-                    || s == 0x2001 && v6.segments()[1] == 0xdb8)
+                let s = v6.segments();
+                let global_unicast = (s[0] & 0xe000) == 0x2000;
+                let special = match s[0] {
+                    // 2001::/23 (IETF protocol assignments), 2001:db8::/32 (documentation).
+                    0x2001 => s[1] < 0x200 || s[1] == 0xdb8,
+                    // 6to4.
+                    0x2002 => true,
+                    // 3fff::/20 (documentation).
+                    0x3fff => s[1] < 0x1000,
+                    _ => false,
+                };
+                global_unicast && !special
             }
         },
     }
@@ -227,15 +247,14 @@ pub async fn send_signed(
     payload: &str,
     now_ms: i64,
 ) -> Result<u16, String> {
-    if let Some(why) = url_problem(&w.url, allow_private) {
-        return Err(why.into());
-    }
+    // Checked again on every attempt, and the request goes to the URL as checked.
+    let url = checked_url(&w.url, allow_private)?;
     let ts = now_ms / 1000;
     let Some(sig) = sign(&w.secret, msg_id, ts, payload) else {
         return Err("the endpoint's secret is not valid base64".into());
     };
     client
-        .post(&w.url)
+        .post(url)
         .header("content-type", "application/json")
         .header("user-agent", "keygate-webhooks")
         .header("webhook-id", msg_id)
@@ -266,32 +285,47 @@ pub fn client(state: &Inner) -> Result<reqwest::Client, reqwest::Error> {
 /// it, or (unless private networks are allowed) plain http or a host that is an address
 /// inside the network.
 pub fn url_problem(url: &str, allow_private: bool) -> Option<&'static str> {
-    let Ok(uri) = url.parse::<axum::http::Uri>() else {
-        return Some("url must be an absolute http:// or https:// URL");
-    };
-    let Some(host) = uri.host().filter(|h| !h.is_empty()) else {
-        return Some("url must be an absolute http:// or https:// URL");
-    };
-    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Some("url must not carry credentials");
+    checked_url(url, allow_private).err()
+}
+
+/// `url` as the delivery client parses it (the WHATWG URL parser of the `url` crate), if it
+/// may receive webhooks (see [`url_problem`]).
+///
+/// The host is judged as that parser reads it, not as it is spelled: `2130706433`,
+/// `0x7f000001`, `0177.0.0.1` and `127.1` are all `127.0.0.1` to it, and an address literal
+/// is connected to as it is, without the resolver's check. A name is left to [`PublicOnly`],
+/// which checks every address it resolves to on every connection.
+pub fn checked_url(url: &str, allow_private: bool) -> Result<reqwest::Url, &'static str> {
+    const NOT_HTTP: &str = "url must be an absolute http:// or https:// URL";
+    let parsed = reqwest::Url::parse(url).map_err(|_| NOT_HTTP)?;
+    let host = parsed
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or(NOT_HTTP)?;
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("url must not carry credentials");
     }
-    match uri.scheme_str() {
-        Some("https") => {}
-        Some("http") if allow_private => {}
-        Some("http") => return Some("url must be https://"),
-        _ => return Some("url must be an absolute http:// or https:// URL"),
+    match parsed.scheme() {
+        "https" => {}
+        "http" if allow_private => {}
+        "http" => return Err("url must be https://"),
+        _ => return Err(NOT_HTTP),
     }
     if !allow_private {
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         let private = match bare.parse::<std::net::IpAddr>() {
             Ok(ip) => !is_public(ip),
-            Err(_) => bare.eq_ignore_ascii_case("localhost") || bare.ends_with(".localhost"),
+            Err(_) => {
+                let name = bare.trim_end_matches('.');
+                name.eq_ignore_ascii_case("localhost")
+                    || name.to_ascii_lowercase().ends_with(".localhost")
+            }
         };
         if private {
-            return Some("url must point at a public address");
+            return Err("url must point at a public address");
         }
     }
-    None
+    Ok(parsed)
 }
 
 /// One attempt of `d`, and its outcome written back.
@@ -352,5 +386,129 @@ async fn attempt(state: &AppState, client: &reqwest::Client, mut d: Delivery) {
     }
     if let Err(e) = state.store.finish_delivery(&d, claimed_until).await {
         tracing::warn!("could not record webhook delivery {}: {e}", d.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn addresses_inside_the_network_or_translated_into_it_are_not_public() {
+        for private in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "10.0.0.1",
+            "100.64.0.1",
+            "127.0.0.1",
+            "127.255.255.254",
+            "169.254.169.254",
+            "172.16.0.1",
+            "192.0.0.1",
+            "192.0.0.170",
+            "192.0.2.1",
+            "192.88.99.1",
+            "192.168.1.1",
+            "198.18.0.1",
+            "198.19.255.255",
+            "198.51.100.1",
+            "203.0.113.1",
+            "224.0.0.1",
+            "240.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            // IPv4-compatible and IPv4-mapped forms of private IPv4 addresses.
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::ffff:10.1.2.3",
+            // NAT64 (well-known and local-use prefixes) and 6to4 carry any IPv4 address.
+            "64:ff9b::7f00:1",
+            "64:ff9b::808:808",
+            "64:ff9b:1::a00:1",
+            "2002:7f00:1::",
+            "2002:808:808::1",
+            // IETF protocol assignments (Teredo, benchmarking, ORCHID), documentation.
+            "2001::1",
+            "2001:2::1",
+            "2001:1ff:ffff::1",
+            "2001:db8::1",
+            "3fff::1",
+            "100::1",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "fec0::1",
+            "ff02::1",
+        ] {
+            assert!(!is_public(ip(private)), "{private} must not be public");
+        }
+    }
+
+    #[test]
+    fn global_addresses_are_public() {
+        for public in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "93.184.216.34",
+            "100.63.255.255",
+            "100.128.0.1",
+            "172.32.0.1",
+            "192.0.1.1",
+            "198.17.255.255",
+            "198.20.0.1",
+            "223.255.255.255",
+            "::ffff:8.8.8.8",
+            "2001:200::1",
+            "2001:4860:4860::8888",
+            "2606:4700:4700::1111",
+            "2a00:1450:4001::1",
+            "3ffe::1",
+        ] {
+            assert!(is_public(ip(public)), "{public} must be public");
+        }
+    }
+
+    #[test]
+    fn every_spelling_of_an_inside_address_is_refused_as_the_client_parses_it() {
+        for url in [
+            "https://2130706433/",
+            "https://0x7f000001/",
+            "https://0177.0.0.1/",
+            "https://127.1/",
+            "https://127.0.0.1./",
+            "https://0x7f.0.0.1/",
+            "https://[::ffff:7f00:1]/",
+            "https://[64:ff9b::7f00:1]/",
+            "https://[2002:7f00:1::]/",
+            "https://198.18.0.1/",
+            "https://192.0.0.1/",
+            "https://LOCALHOST./",
+            "https://api.localhost/",
+        ] {
+            assert_eq!(
+                url_problem(url, false),
+                Some("url must point at a public address"),
+                "{url}"
+            );
+            assert_eq!(
+                url_problem(url, true),
+                None,
+                "{url} with private networks allowed"
+            );
+        }
+        assert_eq!(url_problem("https://hooks.example.com/x", false), None);
+        assert_eq!(url_problem("https://8.8.8.8/x", false), None);
+        assert_eq!(
+            url_problem("https://u:p@hooks.example.com/x", false),
+            Some("url must not carry credentials")
+        );
     }
 }

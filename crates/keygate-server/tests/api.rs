@@ -1479,3 +1479,99 @@ async fn metrics_and_health_are_exposed() {
         .expect("request");
     assert_eq!(r.status(), StatusCode::OK);
 }
+
+/// What the lists of keys, tenants, users and OAuth clients show.
+async fn listed(app: &TestApp) -> Vec<Value> {
+    let mut out = Vec::new();
+    for path in ["/v1/keys", "/v1/tenants", "/v1/users", "/v1/oauth/clients"] {
+        let v: Value = app.get(path).await.json().await.expect("json");
+        out.push(v["data"].clone());
+    }
+    out
+}
+
+#[tokio::test]
+async fn display_names_with_control_or_bidi_characters_are_refused_everywhere_and_change_nothing() {
+    let app = TestApp::spawn().await;
+    let (_, rec) = app.create_key(json!({"kind": "sk", "name": "plain"})).await;
+    let id = rec["id"].as_str().expect("id").to_string();
+    let snapshot = listed(&app).await;
+    for bad in [
+        "nul\u{0}byte",
+        "esc\u{1b}[31mred",
+        "bell\u{7}",
+        "c1\u{9b}",
+        "key_\u{202E}gpj.exe",
+        "\u{2066}isolated\u{2069}",
+        "mark\u{200F}",
+        "arabic\u{061C}mark",
+    ] {
+        let attempts = [
+            (
+                "POST",
+                "/v1/keys".to_string(),
+                json!({"kind": "sk", "name": bad}),
+                "control",
+            ),
+            (
+                "PATCH",
+                format!("/v1/keys/{id}"),
+                json!({"name": bad}),
+                "control",
+            ),
+            (
+                "POST",
+                "/v1/tenants".to_string(),
+                json!({"name": bad}),
+                "control",
+            ),
+            (
+                "POST",
+                "/v1/users".to_string(),
+                json!({"email": "eve@example.com", "name": bad}),
+                "control",
+            ),
+            // The dashboard shows the email and names the user's session keys after it.
+            (
+                "POST",
+                "/v1/users".to_string(),
+                json!({"email": format!("eve{bad}@example.com")}),
+                "email",
+            ),
+            (
+                "POST",
+                "/v1/oauth/clients".to_string(),
+                json!({"name": bad, "type": "confidential", "scopes": ["docs:read"]}),
+                "control",
+            ),
+        ];
+        for (method, path, body, why) in attempts {
+            let r = if method == "PATCH" {
+                app.patch(&path, body.clone()).await
+            } else {
+                app.post(&path, body.clone()).await
+            };
+            let what = format!("{method} {path} {body}");
+            assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY, "{what}");
+            let v: Value = r.json().await.expect("json");
+            assert_eq!(v["error"]["code"], "INVALID_REQUEST", "{what}: {v}");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(why)),
+                "{what}: {v}"
+            );
+            assert!(v["error"]["request_id"].as_str().is_some(), "{v}");
+        }
+    }
+    assert_eq!(
+        listed(&app).await,
+        snapshot,
+        "nothing was stored or changed"
+    );
+    // Names in any script, and with joiners, are still fine.
+    let (_, rec) = app
+        .create_key(json!({"kind": "sk", "name": "مفتاح 👩\u{200D}💻"}))
+        .await;
+    assert_eq!(rec["name"], "مفتاح 👩\u{200D}💻");
+}

@@ -402,3 +402,95 @@ async fn pipelined_forward_auth_answers_arrive_in_order_and_each_is_an_event() {
     codes.sort_unstable();
     assert_eq!(codes, ["FORBIDDEN_SCOPE", "VALID", "VALID"], "{evs:#?}");
 }
+
+#[tokio::test]
+async fn a_user_token_reads_only_its_own_users_events() {
+    let app = TestApp::spawn().await;
+    let user = |email: &str| {
+        let app = &app;
+        let email = email.to_owned();
+        async move {
+            let r = app.post("/v1/users", json!({"email": email})).await;
+            assert_eq!(r.status(), StatusCode::CREATED);
+            let v: Value = r.json().await.expect("json");
+            v["id"].as_str().expect("id").to_owned()
+        }
+    };
+    let (ada, bob) = (user("ada@example.com").await, user("bob@example.com").await);
+    let (ada_token, rec) = app
+        .create_key(
+            json!({"kind": "ut", "name": "ada's audit", "user_id": ada, "scopes": ["audit:read"]}),
+        )
+        .await;
+    let ada_token_id = rec["id"].as_str().expect("id").to_owned();
+    let (ada_other, rec) = app
+        .create_key(
+            json!({"kind": "ut", "name": "ada's app", "user_id": ada, "scopes": ["docs:read"]}),
+        )
+        .await;
+    let ada_other_id = rec["id"].as_str().expect("id").to_owned();
+    let (bob_key, rec) = app
+        .create_key(
+            json!({"kind": "ut", "name": "bob's app", "user_id": bob, "scopes": ["docs:read"]}),
+        )
+        .await;
+    let bob_key_id = rec["id"].as_str().expect("id").to_owned();
+    let (server, rec) = app
+        .create_key(json!({"kind": "sk", "name": "server"}))
+        .await;
+    let server_id = rec["id"].as_str().expect("id").to_owned();
+    for k in [&ada_other, &bob_key, &server] {
+        assert_eq!(app.auth(Some(k), &[]).await.status(), StatusCode::OK);
+    }
+    // The admin (an sk key) reads the whole tenant, once it is all shipped.
+    eventually(|| async {
+        let all = events(&app, &app.root, "action=request.decided").await;
+        [&ada_other_id, &bob_key_id, &server_id]
+            .iter()
+            .all(|id| all.iter().any(|e| e["key_id"] == id.as_str()))
+    })
+    .await;
+    let all = events(&app, &app.root, "").await;
+    assert!(all
+        .iter()
+        .any(|e| e["action"] == "user.created" && e["user_id"] == bob.as_str()));
+
+    let mine = events(&app, &ada_token, "").await;
+    let ada_keys = [ada_token_id.as_str(), ada_other_id.as_str()];
+    let hers = |id: &Value| id == ada.as_str() || ada_keys.iter().any(|k| id == *k);
+    for e in &mine {
+        assert!(
+            hers(&e["actor"]) || hers(&e["key_id"]) || e["user_id"] == ada.as_str(),
+            "not ada's: {e}"
+        );
+    }
+    // Her keys' creation (by the admin) and use are there; nobody else's events are.
+    assert!(mine
+        .iter()
+        .any(|e| e["action"] == "key.created" && e["key_id"] == ada_other_id.as_str()));
+    assert!(mine
+        .iter()
+        .any(|e| e["action"] == "request.decided" && e["key_id"] == ada_other_id.as_str()));
+    assert!(mine
+        .iter()
+        .any(|e| e["user_id"] == ada.as_str() && e["action"] == "user.created"));
+    for other in [&bob_key_id, &server_id, &bob] {
+        assert!(
+            !mine
+                .iter()
+                .any(|e| e["key_id"] == other.as_str() || e["user_id"] == other.as_str()),
+            "{other} is not ada's"
+        );
+    }
+    // Naming someone else's key or user in the filters does not widen it.
+    assert!(events(&app, &ada_token, &format!("key_id={bob_key_id}"))
+        .await
+        .is_empty());
+    assert!(events(&app, &ada_token, &format!("user_id={bob}"))
+        .await
+        .is_empty());
+    assert!(events(&app, &ada_token, &format!("key_id={server_id}"))
+        .await
+        .is_empty());
+    assert!(mine.len() < all.len());
+}

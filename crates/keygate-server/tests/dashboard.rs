@@ -281,3 +281,91 @@ async fn the_key_list_filters_and_pages() {
         "{pks}"
     );
 }
+
+/// A password sign-in on the dashboard of `app` from client address `ip`: status and page.
+async fn sign_in(app: &TestApp, ip: &str, email: &str, password: &str) -> (StatusCode, String) {
+    let mut s = Session::new();
+    let (_, _, page) = s.send(s.http.get(app.url("/dashboard/login"))).await;
+    let req = s
+        .http
+        .post(app.url("/dashboard/login"))
+        .header("x-forwarded-for", ip)
+        .form(&[
+            ("csrf", csrf_of(&page).as_str()),
+            ("method", "password"),
+            ("tenant", "default"),
+            ("email", email),
+            ("password", password),
+        ]);
+    let (st, _, body) = s.send(req).await;
+    (st, body)
+}
+
+#[tokio::test]
+async fn failed_sign_ins_are_throttled_per_network_on_every_node_sharing_the_store() {
+    let throttle = |c: &mut keygate_server::Config| {
+        c.login.network_free_failures = 4;
+        c.login.account_free_failures = 100;
+        c.login.base_delay_ms = 60_000;
+        c.login.network_max_delay_ms = 60_000;
+    };
+    let a = TestApp::spawn_postgres(throttle).await;
+    let b = TestApp::spawn_on(a.db_url(), throttle).await;
+    let b = b.with_root(a.root.clone());
+    for user in ["u1", "u2", "u3"] {
+        let r = a
+            .post(
+                "/v1/users",
+                json!({"email": format!("{user}@example.com"), "password": "correct horse battery"}),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    // One network guesses at several accounts, on both nodes: 4 free failures, then a 5th.
+    let guesser = "203.0.113.7";
+    for (node, user) in [(&a, "u1"), (&b, "u2"), (&a, "u1"), (&b, "u2"), (&a, "u3")] {
+        let (st, body) = sign_in(node, guesser, &format!("{user}@example.com"), "guess").await;
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "{body}");
+    }
+    // Now that network waits, on the other node too, whatever the account and password.
+    let mut s = Session::new();
+    let (_, _, page) = s.send(s.http.get(b.url("/dashboard/login"))).await;
+    let r = s
+        .http
+        .post(b.url("/dashboard/login"))
+        .header("cookie", s.header())
+        .header("x-forwarded-for", guesser)
+        .form(&[
+            ("csrf", csrf_of(&page).as_str()),
+            ("method", "password"),
+            ("tenant", "default"),
+            ("email", "u2@example.com"),
+            ("password", "correct horse battery"),
+        ])
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((50..=60).contains(&after), "{after}");
+    assert!(r
+        .text()
+        .await
+        .expect("body")
+        .contains("Too many failed sign-ins"));
+    // The accounts themselves are not locked: their owners sign in from their own networks.
+    for (node, user, ip) in [(&b, "u1", "198.51.100.1"), (&a, "u2", "2001:db8::1")] {
+        let (st, body) = sign_in(
+            node,
+            ip,
+            &format!("{user}@example.com"),
+            "correct horse battery",
+        )
+        .await;
+        assert_eq!(st, StatusCode::SEE_OTHER, "{user}: {body}");
+    }
+}

@@ -1067,23 +1067,60 @@ async fn client_registration_checks_its_input() {
 }
 
 #[tokio::test]
-async fn sign_in_is_locked_after_ten_failures() {
-    let fx = setup(|_| {}).await;
+async fn failed_sign_ins_slow_the_account_down_but_never_lock_its_owner_out() {
+    let fx = setup(|c| {
+        c.login.account_free_failures = 3;
+        c.login.base_delay_ms = 300;
+        c.login.account_max_delay_ms = 600;
+        c.login.network_free_failures = 1_000;
+    })
+    .await;
     let mut b = Browser::new(&fx.app);
     let (_, _, mut page) = b
         .get(&authz_path(&fx.public_id, PUBLIC_REDIRECT, &[]))
         .await;
-    for i in 0..10 {
-        let (s, _, next) = b
-            .post(&with(
+    // Someone who knows the email guesses as fast as they can: the first 3 failures are free,
+    // then each guess must wait (refused unchecked, 429 with Retry-After, while it does).
+    let mut judged = 0;
+    let mut throttled = 0;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while judged < 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "10 guesses within 20 s"
+        );
+        let r = b
+            .http
+            .post(format!("{}/oauth/authorize", b.base))
+            .header("cookie", b.cookie_header())
+            .form(&with(
                 hidden(&page),
-                &[("email", EMAIL), ("password", &format!("guess {i}"))],
+                &[("email", EMAIL), ("password", &format!("guess {judged}"))],
             ))
-            .await;
-        assert_eq!(s, StatusCode::UNAUTHORIZED, "attempt {i}");
-        page = next;
+            .send()
+            .await
+            .expect("post");
+        b.keep(&r);
+        let status = r.status();
+        let retry_after = r.headers().get("retry-after").cloned();
+        page = r.text().await.expect("body");
+        match status {
+            StatusCode::UNAUTHORIZED => judged += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert!(judged > 3, "the first failures are free");
+                let secs: u64 = retry_after
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .expect("Retry-After");
+                assert_eq!(secs, 1, "a wait of at most 600 ms, rounded up");
+                assert!(page.contains("Too many failed sign-ins"));
+                throttled += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            other => panic!("unexpected {other}: {page}"),
+        }
     }
-    // The right password no longer helps, for this account only.
+    assert!(throttled > 0, "guessing was slowed down");
+    // While the account waits, even the right password is not checked.
     let (s, _, next) = b
         .post(&with(
             hidden(&page),
@@ -1091,18 +1128,28 @@ async fn sign_in_is_locked_after_ten_failures() {
         ))
         .await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
-    assert!(next.contains("Too many failed sign-ins"));
     assert!(!b.cookies.contains_key("kg_oauth_session"));
-    let (s, _, _) = b
-        .post(&with(
-            hidden(&next),
-            &[
-                ("email", "someone@example.com"),
-                ("password", "whatever it is"),
-            ],
-        ))
-        .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED, "another account is not locked");
+    page = next;
+    // After ten failures the owner still gets in once the (capped) wait is over.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (s, location, next) = b
+            .post(&with(
+                hidden(&page),
+                &[("email", EMAIL), ("password", PASSWORD)],
+            ))
+            .await;
+        if s != StatusCode::TOO_MANY_REQUESTS {
+            assert!(
+                b.cookies.contains_key("kg_oauth_session"),
+                "{s} {location:?}: {next}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "locked out: {next}");
+        page = next;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]
@@ -1169,4 +1216,122 @@ async fn tokens_issued_on_one_node_work_and_die_on_every_node() {
         auth_status(&a, token, "docs:read").await,
         (StatusCode::UNAUTHORIZED, "REVOKED".into())
     );
+}
+
+#[tokio::test]
+async fn an_access_token_refused_on_a_management_route_is_told_tokens_may_not_call_it() {
+    let fx = setup(|_| {}).await;
+    let app = &fx.app;
+    let (_, t) = token_call(
+        app,
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", &fx.conf_id),
+            ("client_secret", &fx.conf_secret),
+        ],
+    )
+    .await;
+    let token = t["access_token"].as_str().expect("token");
+    for path in ["/v1/keys", "/v1/audit", "/v1/webhooks", "/v1/oauth/clients"] {
+        let r = app
+            .as_key(token)
+            .get(app.url(path))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["error"]["code"], "BLOCKED_FOR_KEY_TYPE", "{path}: {v}");
+        assert_eq!(
+            v["error"]["message"], "OAuth access tokens may not call this endpoint",
+            "{path}: {v}"
+        );
+        assert!(v["error"]["request_id"].as_str().is_some(), "{v}");
+    }
+    // A publishable key keeps its own message.
+    let (pk, _) = app
+        .create_key(json!({"kind": "pk", "name": "p", "scopes": ["docs:read"], "allowed_origins": ["https://a.example"]}))
+        .await;
+    let r = app
+        .as_key(&pk)
+        .get(app.url("/v1/keys"))
+        .header("origin", "https://a.example")
+        .send()
+        .await
+        .expect("request");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(
+        v["error"]["message"],
+        "publishable keys may not call this endpoint"
+    );
+}
+
+#[tokio::test]
+async fn a_key_cannot_delete_an_oauth_client_whose_scopes_it_does_not_hold() {
+    let fx = setup(|_| {}).await;
+    let app = &fx.app;
+    // A live token of the confidential client (scope docs:read).
+    let (_, t) = token_call(
+        app,
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", &fx.conf_id),
+            ("client_secret", &fx.conf_secret),
+        ],
+    )
+    .await;
+    let token = t["access_token"].as_str().expect("token").to_owned();
+    assert_eq!(
+        auth_status(app, &token, "docs:read").await.0,
+        StatusCode::OK
+    );
+    let (narrow, _) = app
+        .create_key(
+            json!({"kind": "sk", "name": "oauth admin", "scopes": ["oauth:write", "oauth:read"]}),
+        )
+        .await;
+    for id in [&fx.conf_id, &fx.public_id] {
+        let r = app
+            .as_key(&narrow)
+            .delete(app.url(&format!("/v1/oauth/clients/{id}")))
+            .send()
+            .await
+            .expect("delete");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{id}");
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["error"]["code"], "FORBIDDEN_SCOPE", "{v}");
+        assert!(v["error"]["request_id"].as_str().is_some(), "{v}");
+        // The client is still there, and so are its grants.
+        let r = app
+            .as_key(&narrow)
+            .get(app.url(&format!("/v1/oauth/clients/{id}")))
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), StatusCode::OK, "{id}");
+    }
+    assert_eq!(
+        auth_status(app, &token, "docs:read").await.0,
+        StatusCode::OK
+    );
+    // A key holding every scope of the client may delete it.
+    let (covering, _) = app
+        .create_key(
+            json!({"kind": "sk", "name": "docs admin", "scopes": ["oauth:write", "docs:read"]}),
+        )
+        .await;
+    let r = app
+        .as_key(&covering)
+        .delete(app.url(&format!("/v1/oauth/clients/{}", fx.conf_id)))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let r = app
+        .as_key(&covering)
+        .delete(app.url(&format!("/v1/oauth/clients/{}", fx.public_id)))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "ocr:read is not covered");
 }

@@ -467,3 +467,214 @@ async fn a_due_key_rotates_once_its_successor_is_delivered_and_the_plaintext_is_
     bytes.extend(audit.to_string().into_bytes());
     assert!(!bytes.windows(32).any(|w| w == &new_key.as_bytes()[6..38]));
 }
+
+/// Asserts a refusal in the documented shape: `status`, `code`, a message and a request id.
+async fn refused(r: reqwest::Response, status: StatusCode, code: &str, what: &str) -> Value {
+    assert_eq!(r.status(), status, "{what}");
+    let v: Value = r.json().await.expect("json error body");
+    assert_eq!(v["error"]["code"], code, "{what}: {v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{what}: {v}"
+    );
+    assert!(
+        v["error"]["request_id"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("req_")),
+        "{what}: {v}"
+    );
+    v
+}
+
+#[tokio::test]
+async fn webhook_urls_that_reach_inside_through_other_address_spellings_are_refused() {
+    let app = TestApp::spawn().await;
+    for url in [
+        // Spellings the URL parser turns into 127.0.0.1.
+        "https://2130706433/hook",
+        "https://0x7f000001/hook",
+        "https://0177.0.0.1/hook",
+        "https://127.1/hook",
+        // Translation prefixes that lead to IPv4 loopback, and special-purpose ranges.
+        "https://[64:ff9b::7f00:1]/hook",
+        "https://[64:ff9b:1::a00:1]/hook",
+        "https://[2002:7f00:1::]/hook",
+        "https://[::ffff:7f00:1]/hook",
+        "https://[::127.0.0.1]/hook",
+        "https://[2001:2::1]/hook",
+        "https://198.18.0.1/hook",
+        "https://192.0.0.1/hook",
+    ] {
+        let r = app.post("/v1/webhooks", json!({"url": url})).await;
+        let v = refused(r, StatusCode::UNPROCESSABLE_ENTITY, "INVALID_REQUEST", url).await;
+        assert_eq!(v["error"]["message"], "url must point at a public address");
+    }
+    let v: Value = app.get("/v1/webhooks").await.json().await.expect("json");
+    assert_eq!(v["data"], json!([]), "no endpoint was created");
+}
+
+#[tokio::test]
+async fn a_stored_endpoint_on_an_inside_address_is_not_called_once_private_networks_are_off() {
+    // Set up while private networks were allowed; then the deployment turns them off.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let allowed = |c: &mut keygate_server::Config| {
+        fast_retries(c);
+        c.webhooks.retry_backoff_ms = vec![];
+    };
+    let app = TestApp::spawn_in(dir.path(), allowed).await;
+    let root = app.root.clone();
+    let (wid, _) = endpoint(&app, "https://2130706433:9/hook", json!(["*"])).await;
+    app.stop().await;
+    let app = TestApp::spawn_in(dir.path(), |c| {
+        allowed(c);
+        c.webhooks.allow_private_networks = false;
+    })
+    .await
+    .with_root(root);
+    let r = app
+        .post(&format!("/v1/webhooks/{wid}/test"), json!({}))
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    eventually(|| async {
+        deliveries(&app, &wid)
+            .await
+            .first()
+            .is_some_and(|d| d["status"] == "failed")
+    })
+    .await;
+    let d = &deliveries(&app, &wid).await[0];
+    assert_eq!(
+        d["last_error"], "url must point at a public address",
+        "refused before connecting: {d}"
+    );
+}
+
+#[tokio::test]
+async fn a_key_without_every_scope_cannot_switch_off_or_delete_the_successor_endpoint() {
+    let app = TestApp::spawn().await;
+    let (successor, _) = endpoint(
+        &app,
+        "https://hooks.example.com/successor",
+        json!(["key.rotated.successor"]),
+    )
+    .await;
+    let (ordinary, _) = endpoint(&app, "https://hooks.example.com/all", json!(["*"])).await;
+    let (limited, _) = app
+        .create_key(
+            json!({"kind": "sk", "name": "hooks", "scopes": ["webhooks:write", "webhooks:read"]}),
+        )
+        .await;
+    let r = app
+        .client
+        .patch(app.url(&format!("/v1/webhooks/{successor}")))
+        .bearer_auth(&limited)
+        .json(&json!({"enabled": false}))
+        .send()
+        .await
+        .expect("patch");
+    refused(r, StatusCode::FORBIDDEN, "FORBIDDEN_SCOPE", "switch off").await;
+    let r = app
+        .as_key(&limited)
+        .delete(app.url(&format!("/v1/webhooks/{successor}")))
+        .send()
+        .await
+        .expect("delete");
+    refused(r, StatusCode::FORBIDDEN, "FORBIDDEN_SCOPE", "delete").await;
+    // Nothing changed: the endpoint is there and still on.
+    let v: Value = app
+        .get(&format!("/v1/webhooks/{successor}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["enabled"], true, "{v}");
+    assert_eq!(v["events"], json!(["key.rotated.successor"]));
+    // Other endpoints are the limited key's to manage, and the successor endpoint is `*`'s.
+    let r = app
+        .client
+        .patch(app.url(&format!("/v1/webhooks/{ordinary}")))
+        .bearer_auth(&limited)
+        .json(&json!({"enabled": false}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = app
+        .as_key(&limited)
+        .delete(app.url(&format!("/v1/webhooks/{ordinary}")))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let r = app
+        .patch(
+            &format!("/v1/webhooks/{successor}"),
+            json!({"enabled": false}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = app.delete(&format!("/v1/webhooks/{successor}")).await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn a_budget_crossing_the_warning_and_running_out_at_once_raises_both_events() {
+    let rx = Receiver::start().await;
+    let app = TestApp::spawn_with(fast_retries).await;
+    let (_, secret) = endpoint(&app, &rx.url, json!(["key.budget_warning"])).await;
+    *rx.secret.lock().expect("lock") = secret;
+    let (key, rec) = app
+        .create_key(json!({"kind": "sk", "name": "metered", "budget": 10}))
+        .await;
+    let id = rec["id"].as_str().expect("id").to_string();
+    // One call spends the whole budget (0 % to 100 %), the next is refused.
+    let v: Value = app
+        .post("/v1/keys/verify", json!({"key": key, "cost": 10}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["valid"], true, "{v}");
+    let v: Value = app
+        .post("/v1/keys/verify", json!({"key": key, "cost": 1}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["code"], "BUDGET_EXHAUSTED", "{v}");
+    // The warning subscriber hears of it, and both alerts are listed.
+    eventually(|| async {
+        rx.seen()
+            .iter()
+            .any(|(_, ok, b)| *ok && b["type"] == "key.budget_warning")
+    })
+    .await;
+    let warning = rx
+        .seen()
+        .into_iter()
+        .find(|(_, _, b)| b["type"] == "key.budget_warning")
+        .expect("warning")
+        .2;
+    assert_eq!(warning["data"]["key_id"], id.as_str());
+    assert_eq!(warning["data"]["detail"]["percent"], 100);
+    let kinds = || async {
+        let v: Value = app.get("/v1/alerts").await.json().await.expect("json");
+        v["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .filter(|a| a["key_id"] == id.as_str())
+            .map(|a| a["kind"].as_str().unwrap_or("").to_owned())
+            .collect::<Vec<_>>()
+    };
+    eventually(|| async { kinds().await.len() >= 2 }).await;
+    let mut got = kinds().await;
+    got.sort();
+    assert_eq!(got, ["key.budget_exhausted", "key.budget_warning"]);
+    assert!(rx
+        .seen()
+        .iter()
+        .all(|(_, _, b)| b["type"] == "key.budget_warning"));
+}

@@ -507,6 +507,7 @@ fn matches(f: &AuditFilter, cursor: Option<&str>, e: &AuditEvent) -> bool {
         && f.since_ms.is_none_or(|t| e.at_ms >= t)
         && f.until_ms.is_none_or(|t| e.at_ms < t)
         && cursor.is_none_or(|c| e.id.as_str() < c)
+        && f.owner.as_ref().is_none_or(|o| o.owns(e))
 }
 
 /// The smallest id of an event at or after `ms` (ids begin with the 13-digit time).

@@ -307,6 +307,19 @@ pub trait OAuthStore {
     async fn add_signing_key(&self, k: &SigningKey, retire_before_ms: i64) -> Result<()>;
     /// A secret shared by every node: the stored value, or `candidate` if none was stored.
     async fn shared_secret(&self, name: &str, candidate: &str, now_ms: i64) -> Result<String>;
+    /// The failed sign-ins counted against `subject`, if any.
+    async fn get_login_throttle(&self, subject: &str) -> Result<Option<LoginThrottle>>;
+    /// Replaces `subject`'s count with `new` (`None` deletes it) if it is still `expected`
+    /// (`None`: there is none), so that of two nodes counting at once one wins and the other
+    /// reads again. `true` if it was written.
+    async fn swap_login_throttle(
+        &self,
+        subject: &str,
+        expected: Option<&LoginThrottle>,
+        new: Option<&LoginThrottle>,
+    ) -> Result<bool>;
+    /// Forgets the counts whose last failure is before `before_ms`. Returns how many went.
+    async fn prune_login_throttles(&self, before_ms: i64) -> Result<u64>;
 }
 
 /// Persistent state of keygate. Implementations must be safe to call from many tasks.

@@ -6,8 +6,8 @@
 
 use crate::rows::{json_list, parse_list, user_from_row};
 use crate::{
-    AuthCode, CodeUse, OAuthClient, OAuthGrant, PageRequest, RefreshToken, RefreshUse, SigningKey,
-    User,
+    AuthCode, CodeUse, LoginThrottle, OAuthClient, OAuthGrant, PageRequest, RefreshToken,
+    RefreshUse, SigningKey, User,
 };
 use sqlx::Row;
 
@@ -469,6 +469,85 @@ macro_rules! oauth_methods {
                     .fetch_one(&self.pool)
                     .await?;
                 Ok(row.try_get("value")?)
+            }
+
+            async fn get_login_throttle(
+                &self,
+                subject: &str,
+            ) -> crate::Result<Option<LoginThrottle>> {
+                let row: Option<(i64, i64, i64)> = sqlx::QueryBuilder::<$db>::new(
+                    "SELECT failures, last_at, next_at FROM login_throttle WHERE subject = ",
+                )
+                .push_bind(subject.to_owned())
+                .build_query_as()
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.map(|(failures, last_ms, next_ms)| LoginThrottle {
+                    failures: u32::try_from(failures.max(0)).unwrap_or(u32::MAX),
+                    last_ms,
+                    next_ms,
+                }))
+            }
+
+            async fn swap_login_throttle(
+                &self,
+                subject: &str,
+                expected: Option<&LoginThrottle>,
+                new: Option<&LoginThrottle>,
+            ) -> crate::Result<bool> {
+                let mut q = match (expected, new) {
+                    (None, None) => return Ok(true),
+                    (None, Some(n)) => {
+                        let mut q = sqlx::QueryBuilder::<$db>::new(
+                            "INSERT INTO login_throttle (subject, failures, last_at, next_at) ",
+                        );
+                        q.push_values([()], |mut b, ()| {
+                            b.push_bind(subject.to_owned())
+                                .push_bind(i64::from(n.failures))
+                                .push_bind(n.last_ms)
+                                .push_bind(n.next_ms);
+                        });
+                        q.push(" ON CONFLICT (subject) DO NOTHING");
+                        q
+                    }
+                    (Some(e), new) => {
+                        let mut q = match new {
+                            Some(n) => {
+                                let mut q = sqlx::QueryBuilder::<$db>::new(
+                                    "UPDATE login_throttle SET failures = ",
+                                );
+                                q.push_bind(i64::from(n.failures))
+                                    .push(", last_at = ")
+                                    .push_bind(n.last_ms)
+                                    .push(", next_at = ")
+                                    .push_bind(n.next_ms);
+                                q
+                            }
+                            None => sqlx::QueryBuilder::<$db>::new("DELETE FROM login_throttle"),
+                        };
+                        q.push(" WHERE subject = ")
+                            .push_bind(subject.to_owned())
+                            .push(" AND failures = ")
+                            .push_bind(i64::from(e.failures))
+                            .push(" AND last_at = ")
+                            .push_bind(e.last_ms)
+                            .push(" AND next_at = ")
+                            .push_bind(e.next_ms);
+                        q
+                    }
+                };
+                Ok(q.build().execute(&self.pool).await?.rows_affected() == 1)
+            }
+
+            async fn prune_login_throttles(&self, before_ms: i64) -> crate::Result<u64> {
+                Ok(
+                    sqlx::QueryBuilder::<$db>::new("DELETE FROM login_throttle WHERE last_at < ")
+                        .push_bind(before_ms)
+                        .build()
+                        .execute(&self.pool)
+                        .await?
+                        .rows_affected(),
+                )
             }
         }
     };

@@ -132,6 +132,29 @@ pub struct AuditFilter {
     pub since_ms: Option<i64>,
     /// Before this time, Unix ms.
     pub until_ms: Option<i64>,
+    /// Only the events that concern one user (for a caller acting for that user).
+    pub owner: Option<AuditOwner>,
+}
+
+/// The events a user may read of the audit log: those whose actor is the user or one of the
+/// user's keys, and those about the user or one of the user's keys. Another user's events,
+/// and the tenant's other events, are not theirs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditOwner {
+    /// The user (`usr_…`).
+    pub user_id: String,
+    /// Every key of the user, revoked and expired ones included.
+    pub key_ids: std::collections::BTreeSet<String>,
+}
+
+impl AuditOwner {
+    /// Whether `e` is one of the user's events.
+    pub fn owns(&self, e: &keygate_core::AuditEvent) -> bool {
+        let mine = |id: &str| id == self.user_id || self.key_ids.contains(id);
+        mine(&e.actor)
+            || e.key_id.as_deref().is_some_and(mine)
+            || e.user_id.as_deref() == Some(self.user_id.as_str())
+    }
 }
 
 /// Whose usage to read.
@@ -386,4 +409,16 @@ impl std::fmt::Debug for SigningKey {
             .field("retired_at_ms", &self.retired_at_ms)
             .finish_non_exhaustive()
     }
+}
+
+/// Failed password sign-ins counted against one subject (an account, or the network of a
+/// client address): how many, the last one's time, and the earliest time of the next attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginThrottle {
+    /// Failures counted.
+    pub failures: u32,
+    /// The last failure, Unix ms.
+    pub last_ms: i64,
+    /// No attempt before this time, Unix ms.
+    pub next_ms: i64,
 }

@@ -8,7 +8,7 @@ use crate::views::{parse_rfc3339, rfc3339, ListView};
 use axum::extract::State;
 use axum::http::StatusCode;
 use keygate_core::{AuditEvent, RouteClass};
-use keygate_store::{AuditFilter, UsageOf};
+use keygate_store::{AuditFilter, AuditOwner, KeyFilter, UsageOf};
 use serde::{Deserialize, Serialize};
 
 /// Scope to read the audit log and usage.
@@ -107,6 +107,34 @@ fn time_param(name: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
         .transpose()
 }
 
+/// What a `ut` key may read of its tenant's log: its user's events (see [`AuditOwner`]). A
+/// user's token holds the user's rights, not the tenant's: the admin's and other users'
+/// events are not its to read. `sk` keys read the whole tenant's log.
+async fn owner_of(state: &AppState, tenant: &str, user: &str) -> Result<AuditOwner, ApiError> {
+    let mut owner = AuditOwner {
+        user_id: user.to_owned(),
+        key_ids: Default::default(),
+    };
+    let filter = KeyFilter {
+        tenant_id: Some(tenant.to_owned()),
+        user_id: Some(user.to_owned()),
+        ..KeyFilter::default()
+    };
+    let mut page = keygate_store::PageRequest {
+        cursor: None,
+        limit: 500,
+    };
+    loop {
+        let keys = state.store.list_keys(&filter, &page).await?;
+        let done = keys.len() < page.limit as usize;
+        page.cursor = keys.last().map(|k| k.id.clone());
+        owner.key_ids.extend(keys.into_iter().map(|k| k.id));
+        if done {
+            return Ok(owner);
+        }
+    }
+}
+
 /// `GET /v1/audit`
 #[utoipa::path(
     operation_id = "audit_list",
@@ -114,7 +142,7 @@ fn time_param(name: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
     path = "/v1/audit",
     tag = "audit",
     summary = "Audit events, newest first",
-    description = "Needs scope `audit:read`.",
+    description = "Needs scope `audit:read`. A user token (`ut`) reads only its user's events: those by the user or one of the user's keys, and those about them.",
     params(AuditQuery),
     responses((status = 200, body = ListView<AuditView>), crate::openapi::Refusals),
     security(("bearer" = []))
@@ -131,8 +159,13 @@ pub async fn list(
     }
     .page()?;
     let tenant_id = caller.scope(&state, q.tenant_id.as_deref()).await?;
+    let owner = match caller.own_user() {
+        Some(user) => Some(owner_of(&state, caller.tenant(), user).await?),
+        None => None,
+    };
     let filter = AuditFilter {
         tenant_id,
+        owner,
         key_id: q.key_id,
         user_id: q.user_id,
         action: q.action,

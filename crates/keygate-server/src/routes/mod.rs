@@ -181,15 +181,17 @@ impl Ctx {
                 // An OAuth access token is for the resource API, not for managing keygate:
                 // it must not mint keys that outlive it.
                 if a.key.record.kind == Kind::Pk || a.key.token {
-                    // decide() already refuses pk on every non-normal class; keep it explicit.
-                    return Err(ApiError::decision(
+                    // decide() already refuses pk and tokens on every non-normal class; keep
+                    // it explicit.
+                    return Err(ApiError::refused(
                         keygate_core::Code::BlockedForKeyType,
                         None,
+                        a.key.token,
                     ));
                 }
                 Ok(Caller { key: a.key })
             }
-            Err(d) => Err(ApiError::decision(d.code, d.rate)),
+            Err(d) => Err(ApiError::denied(&d)),
         }
     }
 }

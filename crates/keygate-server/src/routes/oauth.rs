@@ -11,7 +11,7 @@ use super::{detached, Ctx};
 use crate::headers::{cookie, esc};
 use crate::state::{now_ms, AppState};
 use axum::body::Bytes;
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keygate_core::RouteClass;
@@ -627,6 +627,7 @@ fn consent_page(
 )]
 pub async fn authorize_submit(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -688,18 +689,27 @@ pub async fn authorize_submit(
                 );
             };
             let account = format!("{}/{}", client.tenant_id, email.trim().to_ascii_lowercase());
-            if !state.oauth.login_attempt(&account) {
-                return login_page(
-                    &state,
-                    &client,
-                    &req,
-                    StatusCode::TOO_MANY_REQUESTS,
-                    Some("Too many failed sign-ins for this account. Try again in 15 minutes."),
-                );
-            }
+            let ip = state.proxies.client_ip(&headers, peer.ip());
+            let attempt = match crate::login::begin(&state, &account, ip).await {
+                Ok(a) => a,
+                Err(r) => {
+                    let mut page = login_page(
+                        &state,
+                        &client,
+                        &req,
+                        crate::login::refusal_status(r),
+                        Some(&crate::login::refusal_message(r)),
+                    );
+                    if let Some(after) = crate::login::retry_after(r) {
+                        page.headers_mut().insert(header::RETRY_AFTER, after);
+                    }
+                    return page;
+                }
+            };
             let user = match check_password(&state, &client, email, password).await {
                 Ok(Some(u)) => u,
                 Ok(None) => {
+                    attempt.failed(&state).await;
                     return login_page(
                         &state,
                         &client,
@@ -710,11 +720,11 @@ pub async fn authorize_submit(
                 }
                 Err(res) => {
                     // Not the user's failure: the attempt does not count.
-                    state.oauth.login_succeeded(&account);
+                    attempt.not_judged(&state).await;
                     return res;
                 }
             };
-            state.oauth.login_succeeded(&account);
+            attempt.succeeded(&state).await;
             let ttl =
                 i64::try_from(state.config.oauth.session_ttl_seconds).unwrap_or(i64::MAX / 2000);
             let session = Session {

@@ -244,7 +244,7 @@ pub async fn get(
     path = "/v1/oauth/clients/{id}",
     tag = "oauth",
     summary = "Delete a client and revoke its grants",
-    description = "Needs scope `oauth:write`.",
+    description = "Needs scope `oauth:write` and every scope the client holds (403 `FORBIDDEN_SCOPE` otherwise).",
     params(("id" = String, Path, description = "Client id")),
     responses((status = 204, description = "Deleted"), crate::openapi::Refusals),
     security(("bearer" = []))
@@ -258,6 +258,11 @@ pub async fn delete(
         .caller(&state, WRITE, RouteClass::TokenManagement)
         .await?;
     let c = visible(&state, &caller, &id).await?;
+    // Deleting a client revokes every grant it holds: only a key that could have registered
+    // it (one holding each of its scopes) may. A stored scope that no longer parses is
+    // covered only by `*`.
+    let scopes = ScopeSet::parse(&c.scopes).unwrap_or_else(|_| ScopeSet::all());
+    caller.require_covers(&scopes)?;
     let (st, actor) = (state.clone(), caller.key.record.id.clone());
     detached(async move {
         let gone = st.store.delete_client(&c.id, now_ms()).await?;

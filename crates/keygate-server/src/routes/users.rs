@@ -166,7 +166,9 @@ pub async fn create(
         && email
             .split_once('@')
             .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'))
-        && !email.contains(char::is_whitespace);
+        && !email.contains(char::is_whitespace)
+        // Shown in the dashboard and named in its session keys: the display-name rule.
+        && keygate_core::name_problem(&email).is_none();
     if !valid_email {
         return Err(ApiError::invalid("email must be a valid address"));
     }

@@ -346,6 +346,6 @@ async fn decide_forward_auth(
             metered_headers(out, &a.metered, a.key.policy_header.as_ref());
             res
         }
-        Err(d) => ApiError::decision(d.code, d.rate).into_response(),
+        Err(d) => ApiError::denied(&d).into_response(),
     }
 }

@@ -115,6 +115,20 @@ fn check_events(events: Option<Vec<String>>) -> Result<Vec<String>, ApiError> {
     Ok(events)
 }
 
+/// Refuses a caller without scope `*` for an endpoint subscribed to [`SUCCESSOR_EVENT`]:
+/// whoever may not set one up may not switch it off or delete it either, which would stop
+/// automatic rotation (a key due for rotation waits until its successor can be delivered).
+fn may_manage(caller: &Caller, events: &[String], doing: &str) -> Result<(), ApiError> {
+    if events.iter().any(|e| e == SUCCESSOR_EVENT) && !caller.key.record.scopes.has_all() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN_SCOPE",
+            format!("{doing} key.rotated.successor needs a key with scope *"),
+        ));
+    }
+    Ok(())
+}
+
 /// `POST /v1/webhooks`
 #[utoipa::path(
     operation_id = "webhooks_create",
@@ -139,13 +153,7 @@ pub async fn create(
     if events.iter().any(|e| e == SUCCESSOR_EVENT) {
         // It receives new plaintext keys of any scope: only a key that holds every scope may
         // set it up, and only over TLS.
-        if !caller.key.record.scopes.has_all() {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "FORBIDDEN_SCOPE",
-                "subscribing to key.rotated.successor needs a key with scope *",
-            ));
-        }
+        may_manage(&caller, &events, "subscribing to")?;
         if !body.url.starts_with("https://") && !state.config.webhooks.allow_private_networks {
             return Err(ApiError::invalid(
                 "key.rotated.successor needs an https:// url",
@@ -268,7 +276,7 @@ pub struct UpdateWebhook {
     path = "/v1/webhooks/{id}",
     tag = "webhooks",
     summary = "Switch an endpoint on or off",
-    description = "Needs scope `webhooks:write`.",
+    description = "Needs scope `webhooks:write`; an endpoint subscribed to `key.rotated.successor` needs scope `*`.",
     params(("id" = String, Path, description = "Endpoint id")),
     request_body = UpdateWebhook,
     responses((status = 200, body = WebhookView), crate::openapi::Refusals),
@@ -282,6 +290,7 @@ pub async fn update(
 ) -> Result<axum::Json<WebhookView>, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Webhook).await?;
     let w = visible(&state, &caller, &id).await?;
+    may_manage(&caller, &w.events, "changing an endpoint subscribed to")?;
     let (st, actor) = (state.clone(), caller.key.record.id.clone());
     let (wid, tenant) = (w.id.clone(), w.tenant_id.clone());
     let enabled = body.enabled;
@@ -305,7 +314,7 @@ pub async fn update(
     path = "/v1/webhooks/{id}",
     tag = "webhooks",
     summary = "Delete an endpoint (its pending deliveries fail)",
-    description = "Needs scope `webhooks:write`.",
+    description = "Needs scope `webhooks:write`; an endpoint subscribed to `key.rotated.successor` needs scope `*`.",
     params(("id" = String, Path, description = "Endpoint id")),
     responses((status = 204, description = "Deleted"), crate::openapi::Refusals),
     security(("bearer" = []))
@@ -317,6 +326,7 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Webhook).await?;
     let w = visible(&state, &caller, &id).await?;
+    may_manage(&caller, &w.events, "deleting an endpoint subscribed to")?;
     let (st, actor) = (state.clone(), caller.key.record.id.clone());
     detached(async move {
         st.store.delete_webhook(&w.id).await?;
