@@ -274,7 +274,10 @@ pub fn client(state: &Inner) -> Result<reqwest::Client, reqwest::Error> {
         .timeout(Duration::from_millis(
             state.config.webhooks.timeout_ms.clamp(100, 50_000),
         ))
-        .redirect(reqwest::redirect::Policy::none());
+        .redirect(reqwest::redirect::Policy::none())
+        // An HTTP(S)_PROXY in the environment would resolve the host itself, past the
+        // public-address check: deliveries connect directly.
+        .no_proxy();
     if !state.config.webhooks.allow_private_networks {
         b = b.dns_resolver(std::sync::Arc::new(PublicOnly));
     }

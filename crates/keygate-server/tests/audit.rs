@@ -493,4 +493,20 @@ async fn a_user_token_reads_only_its_own_users_events() {
         .await
         .is_empty());
     assert!(mine.len() < all.len());
+    // What covers the whole tenant (its usage and alerts) is not hers to read.
+    for path in ["/v1/tenants/default/usage", "/v1/alerts"] {
+        let r = app
+            .client
+            .get(app.url(path))
+            .bearer_auth(&ada_token)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(
+            app.get(path).await.status(),
+            StatusCode::OK,
+            "{path} for the admin"
+        );
+    }
 }

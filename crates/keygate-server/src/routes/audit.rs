@@ -349,10 +349,24 @@ pub async fn tenant_usage(
     Query(q): Query<UsageQuery>,
 ) -> Result<axum::Json<UsageView>, ApiError> {
     let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
+    tenant_wide(&caller)?;
     let tenant = caller.act_in(&state, Some(&id)).await?;
     Ok(axum::Json(
         usage_of(&state, UsageOf::Tenant(tenant), q).await?,
     ))
+}
+
+/// Refuses a user token (`ut`) on what covers the whole tenant (its usage, its alerts): a user
+/// sees its own keys' usage (`/v1/keys/{id}/usage`) and events, not other users'.
+fn tenant_wide(caller: &super::Caller) -> Result<(), ApiError> {
+    match caller.own_user() {
+        None => Ok(()),
+        Some(_) => Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "FORBIDDEN_SCOPE",
+            "a user token reads its own keys' usage and events, not the tenant's",
+        )),
+    }
 }
 
 /// An alert as the API shows it.
@@ -396,6 +410,7 @@ pub async fn alerts(
     Query(q): Query<AlertQuery>,
 ) -> Result<axum::Json<ListView<AlertView>>, ApiError> {
     let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
+    tenant_wide(&caller)?;
     let page = PageQuery {
         limit: q.limit,
         cursor: q.cursor,
