@@ -24,6 +24,9 @@ fuzz_target!(|input: (&str, [u8; 16], bool)| {
     if let Ok(ip) = entry.trim().parse::<IpAddr>() {
         let one = IpAllowList::parse(&[entry]).expect("an address is a valid entry");
         assert!(one.contains(ip));
-        assert_eq!(one.contains(probe), keygate_core::ip::canonical(probe) == keygate_core::ip::canonical(ip));
+        assert_eq!(
+            one.contains(probe),
+            keygate_core::ip::canonical(probe) == keygate_core::ip::canonical(ip)
+        );
     }
 });

@@ -21,5 +21,8 @@ fn keyring() -> &'static Keyring {
 
 fuzz_target!(|token: &str| {
     let _ = keygate_oauth::jwt::looks_like_jwt(token);
-    assert!(keyring().verify(token, "https://issuer", "api").is_err(), "{token}");
+    assert!(
+        keyring().verify(token, "https://issuer", "api").is_err(),
+        "{token}"
+    );
 });

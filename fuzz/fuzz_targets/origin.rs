@@ -15,8 +15,14 @@ fuzz_target!(|input: (&str, &str)| {
         }
         if allowed {
             if let Some(rest) = pattern.trim().strip_prefix("https://*.") {
-                assert!(origin.to_ascii_lowercase().starts_with("https://"), "{pattern} {origin}");
-                assert!(!origin.eq_ignore_ascii_case(&format!("https://{rest}")), "{pattern} {origin}");
+                assert!(
+                    origin.to_ascii_lowercase().starts_with("https://"),
+                    "{pattern} {origin}"
+                );
+                assert!(
+                    !origin.eq_ignore_ascii_case(&format!("https://{rest}")),
+                    "{pattern} {origin}"
+                );
             }
         }
     }
