@@ -5,22 +5,56 @@
 //! as something other than what it is (`U+202E` turns `key_gpj.exe` into `key_exe.jpg`).
 
 /// Whether `c` may not appear in a display name: a control character (Unicode general
-/// category Cc) or a bidirectional formatting control (the Arabic letter mark, the LRM/RLM
-/// marks, the embeddings and overrides U+202A–U+202E, the isolates U+2066–U+2069).
+/// category Cc), a format character (Cf: the bidirectional controls, zero-width spaces, the
+/// soft hyphen, the byte-order mark, tag characters), a line or paragraph separator (Zl, Zp),
+/// or a Hangul filler — everything that is invisible or changes how the text around it shows,
+/// so `prod\u{200B}` cannot pass for `prod`. The zero-width joiner and non-joiner (U+200C,
+/// U+200D) stay: emoji sequences and several scripts need them.
 pub fn is_forbidden_in_name(c: char) -> bool {
     c.is_control()
         || matches!(
             c,
-            '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+            // Cf, as of Unicode 15.1, without U+200C and U+200D.
+            '\u{00AD}'
+                | '\u{0600}'..='\u{0605}'
+                | '\u{061C}'
+                | '\u{06DD}'
+                | '\u{070F}'
+                | '\u{0890}'..='\u{0891}'
+                | '\u{08E2}'
+                | '\u{180E}'
+                | '\u{200B}'
+                | '\u{200E}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{206F}'
+                | '\u{FEFF}'
+                | '\u{FFF9}'..='\u{FFFB}'
+                | '\u{110BD}'
+                | '\u{110CD}'
+                | '\u{13430}'..='\u{1343F}'
+                | '\u{1BCA0}'..='\u{1BCA3}'
+                | '\u{1D173}'..='\u{1D17A}'
+                | '\u{E0001}'
+                | '\u{E0020}'..='\u{E007F}'
+                // Zl, Zp.
+                | '\u{2028}'
+                | '\u{2029}'
+                // Hangul fillers (Lo, but blank).
+                | '\u{115F}'
+                | '\u{1160}'
+                | '\u{3164}'
+                | '\u{FFA0}'
         )
 }
 
 /// Why `name` may not be a display name, if it may not: it holds a character that
 /// [`is_forbidden_in_name`] refuses. Length and blankness are the caller's rules.
 pub fn name_problem(name: &str) -> Option<&'static str> {
-    name.chars()
-        .any(is_forbidden_in_name)
-        .then_some("name must not contain control characters or bidirectional controls")
+    name.chars().any(is_forbidden_in_name).then_some(
+        "name must not contain control characters, bidirectional controls or invisible \
+             characters",
+    )
 }
 
 #[cfg(test)]
@@ -48,6 +82,13 @@ mod tests {
             "\u{200E}",
             "\u{200F}",
             "\u{061C}",
+            "prod\u{200B}",
+            "\u{FEFF}prod",
+            "a\u{2028}b",
+            "a\u{2029}b",
+            "soft\u{00AD}hyphen",
+            "tag\u{E0041}",
+            "\u{3164}",
         ] {
             assert!(name_problem(bad).is_some(), "{bad:?}");
         }

@@ -2,12 +2,16 @@
 //!
 //! Every path from outside goes through [`normalize`] once, and that one form is used to match
 //! routes *and* is what the gateway forwards, so keygate and the upstream read the same path.
-//! The normal form follows RFC 3986 §6.2.2: percent-encoded unreserved characters are decoded
-//! (`%61` → `a`), every other escape is written in upper case (`%3f` → `%3F`), and nothing is
-//! resolved silently. What an upstream could read as a different path is refused instead of
-//! guessed: dot segments (`.`, `..`, also as `%2E`), empty segments, `;` path parameters
-//! (Tomcat reads `/x/..;/admin` as `/admin`), encoded `/` or `\`, control characters, and
-//! escapes that are malformed or not valid UTF-8 (overlong forms included).
+//! The normal form follows RFC 3986 §6.2.2 and goes one step further: percent-encoded
+//! unreserved characters are decoded (`%61` → `a`), and so are the sub-delimiters, `:` and `@`
+//! (`%24` → `$`), which a path may hold as they are and which Werkzeug, Go and Starlette decode
+//! anyway (a route `/svc/$batch` must hold for `/svc/%24batch`); every other escape is written
+//! in upper case (`%3f` → `%3F`), and nothing is resolved silently. What an upstream could read
+//! as a different path is refused instead of guessed: dot segments (`.`, `..`, also as `%2E`)
+//! and segments ending in `.` (IIS drops it), empty segments, `;` path parameters (Tomcat reads
+//! `/x/..;/admin` as `/admin`), also as `%3B`, encoded `/` or `\`, double encoding (`%2561`),
+//! control characters, and escapes that are malformed or not valid UTF-8 (overlong forms
+//! included).
 //!
 //! Patterns are exact paths, or a trailing `/*` prefix (`/v1/ocr/*` matches `/v1/ocr` and
 //! everything below it). Matching is by bytes; [`PathPattern::matches_ignore_case`] is for
@@ -21,17 +25,18 @@ use std::borrow::Cow;
 pub enum PathError {
     /// It does not start with `/`.
     NotAbsolute,
-    /// A `.` or `..` segment (possibly percent-encoded).
+    /// A `.` or `..` segment (possibly percent-encoded), or a segment ending in `.`.
     DotSegment,
     /// An empty segment (`//`), other than one trailing slash.
     EmptySegment,
-    /// A `;` (path parameters: `..;`, `;jsessionid=`).
+    /// A `;` (path parameters: `..;`, `;jsessionid=`), raw or as `%3B`.
     PathParameter,
     /// `%2F` or `%5C`: a separator the upstream may decode.
     EncodedSeparator,
     /// A control character, space, `\`, `#` or a byte outside ASCII, raw or encoded.
     BadCharacter,
-    /// A `%` not followed by two hex digits, or escapes that are not valid UTF-8.
+    /// A `%` not followed by two hex digits, an escaped `%` followed by two hex digits (double
+    /// encoding), or escapes that are not valid UTF-8.
     BadEscape,
 }
 
@@ -40,7 +45,9 @@ impl PathError {
     pub fn message(self) -> &'static str {
         match self {
             PathError::NotAbsolute => "the request path must start with /",
-            PathError::DotSegment => "the request path has a . or .. segment",
+            PathError::DotSegment => {
+                "the request path has a . or .. segment, or a segment ending in ."
+            }
             PathError::EmptySegment => "the request path has an empty segment",
             PathError::PathParameter => "the request path has a ; (path parameters are refused)",
             PathError::EncodedSeparator => "the request path has an encoded / or \\",
@@ -48,7 +55,8 @@ impl PathError {
                 "the request path has a control character, space, \\, # or non-ASCII byte"
             }
             PathError::BadEscape => {
-                "the request path has a malformed percent escape or one that is not UTF-8"
+                "the request path has a malformed or double percent escape, or one that is not \
+                 UTF-8"
             }
         }
     }
@@ -62,8 +70,28 @@ impl std::fmt::Display for PathError {
 
 impl std::error::Error for PathError {}
 
-fn unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+/// What an escape is decoded to in the normal form: unreserved characters, sub-delimiters but
+/// `;` (refused), `:` and `@` — the characters a path segment may hold as they are.
+fn decoded_in_paths(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b'='
+                | b':'
+                | b'@'
+        )
 }
 
 fn hex_val(b: u8) -> Option<u8> {
@@ -157,10 +185,16 @@ pub fn normalize(path: &str) -> Result<NormalPath<'_>, PathError> {
                 if v == b'/' || v == b'\\' {
                     return Err(PathError::EncodedSeparator);
                 }
+                if v == b';' {
+                    return Err(PathError::PathParameter);
+                }
+                if v == b'%' && escape_at(b, i + 2).is_some() {
+                    return Err(PathError::BadEscape);
+                }
                 if v < 0x20 || v == 0x7f {
                     return Err(PathError::BadCharacter);
                 }
-                if unreserved(v) {
+                if decoded_in_paths(v) {
                     out.get_or_insert_with(|| b[..i].to_vec()).push(v);
                 } else {
                     let upper = [b'%', HEX[usize::from(v >> 4)], HEX[usize::from(v & 15)]];
@@ -190,14 +224,16 @@ pub fn normalize(path: &str) -> Result<NormalPath<'_>, PathError> {
         Some(v) => Cow::Owned(String::from_utf8(v).map_err(|_| PathError::BadCharacter)?),
         None => Cow::Borrowed(path),
     };
-    let inner = &normal[1..];
-    let inner = inner.strip_suffix('/').unwrap_or(inner);
-    if !inner.is_empty() {
+    if normal.len() > 1 {
+        // One trailing slash is allowed; `//` is an empty segment.
+        let inner = &normal[1..];
+        let inner = inner.strip_suffix('/').unwrap_or(inner);
         for seg in inner.split('/') {
-            match seg {
-                "" => return Err(PathError::EmptySegment),
-                "." | ".." => return Err(PathError::DotSegment),
-                _ => {}
+            if seg.is_empty() {
+                return Err(PathError::EmptySegment);
+            }
+            if seg.ends_with('.') {
+                return Err(PathError::DotSegment);
             }
         }
     }
@@ -267,6 +303,31 @@ impl PathPattern {
         self.matches_with(path, |a, b| a.eq_ignore_ascii_case(b))
     }
 
+    /// Whether `path` matches as a lenient upstream could read it: ignoring ASCII case,
+    /// folding the non-ASCII letters that Java's and .NET's case-insensitive comparisons take
+    /// for ASCII ones (`ı` for `i`, `ſ` for `s`, the Kelvin sign for `k`), and with a format
+    /// suffix after the pattern's path (`/admin.json`, which Rails and Spring MVC before 5.3
+    /// serve as `/admin`). For routes whose block must hold whatever the upstream.
+    pub fn matches_leniently(&self, path: &NormalPath<'_>) -> bool {
+        let folded = fold_confusables(path.as_str());
+        let p = folded.as_bytes();
+        let me = self.path.as_bytes();
+        if !p
+            .get(..me.len())
+            .is_some_and(|h| h.eq_ignore_ascii_case(me))
+        {
+            return false;
+        }
+        let rest = &p[me.len()..];
+        let suffix = rest.first() == Some(&b'.') && !rest.contains(&b'/');
+        suffix
+            || if self.prefix {
+                rest.is_empty() || rest[0] == b'/'
+            } else {
+                rest.is_empty() || rest == b"/"
+            }
+    }
+
     fn matches_with(&self, path: &NormalPath<'_>, eq: impl Fn(&[u8], &[u8]) -> bool) -> bool {
         let (p, me) = (path.as_bytes(), self.path.as_bytes());
         let head = p.get(..me.len()).is_some_and(|h| eq(h, me));
@@ -280,6 +341,20 @@ impl PathPattern {
             rest.is_empty() || rest == b"/"
         }
     }
+}
+
+/// `path` with the escaped letters that some case-insensitive comparisons equate with ASCII
+/// letters written as those (`%C4%B1` ı → `i`, `%C5%BF` ſ → `s`, `%E2%84%AA` K → `k`).
+fn fold_confusables(path: &str) -> Cow<'_, str> {
+    const FOLDS: [(&str, &str); 3] = [("%C4%B1", "i"), ("%C5%BF", "s"), ("%E2%84%AA", "k")];
+    if !path.contains('%') || !FOLDS.iter().any(|(from, _)| path.contains(from)) {
+        return Cow::Borrowed(path);
+    }
+    let mut out = path.to_owned();
+    for (from, to) in FOLDS {
+        out = out.replace(from, to);
+    }
+    Cow::Owned(out)
 }
 
 impl std::fmt::Display for PathPattern {
@@ -339,10 +414,31 @@ mod tests {
     }
 
     #[test]
+    fn lenient_matching_for_blocked_routes() {
+        let p = PathPattern::parse("/svc/admin/*").expect("valid");
+        for path in [
+            "/svc/ADMIN/users",
+            "/svc/admin.json",
+            "/svc/Admin.xml",
+            "/svc/adm%C4%B1n/users",
+            "/svc/admin",
+        ] {
+            assert!(p.matches_leniently(&n(path)), "{path}");
+        }
+        for path in ["/svc/administrator", "/svc/admin.json/x", "/svc/x/admin"] {
+            assert!(!p.matches_leniently(&n(path)), "{path}");
+        }
+    }
+
+    #[test]
     fn decodes_unreserved_and_upper_cases_the_rest() {
         assert_eq!(n("/svc/%61dmin/users").as_str(), "/svc/admin/users");
         assert_eq!(n("/svc/%7Euser/%2d").as_str(), "/svc/~user/-");
-        assert_eq!(n("/a%3fb%20c").as_str(), "/a%3Fb%20c");
+        assert_eq!(
+            n("/svc/%24batch/docs%3AbatchDelete").as_str(),
+            "/svc/$batch/docs:batchDelete"
+        );
+        assert_eq!(n("/a%3fb%20c%25").as_str(), "/a%3Fb%20c%25");
         assert_eq!(n("/caf%c3%a9").as_str(), "/caf%C3%A9");
         assert!(!n("/plain/path").changed());
         assert!(!n("/").changed());
@@ -359,6 +455,11 @@ mod tests {
             ("/svc/%2e%2e/admin", DotSegment),
             ("/svc/.%2E/admin", DotSegment),
             ("/svc/./admin", DotSegment),
+            ("/svc/admin./users", DotSegment),
+            ("/svc/admin%2E/users", DotSegment),
+            ("//", EmptySegment),
+            ("/svc/admin%3Bx/users", PathParameter),
+            ("/svc/%2561dmin/users", BadEscape),
             ("/svc//admin", EmptySegment),
             ("/svc/a%2fb", EncodedSeparator),
             ("/svc/a%5Cb", EncodedSeparator),

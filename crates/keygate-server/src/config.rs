@@ -278,10 +278,13 @@ pub struct AuditConfig {
     /// Per-minute usage older than this is deleted.
     pub usage_retention_days: u64,
     /// Refusals without a known key (`MISSING_KEY`, `MALFORMED_KEY`, `UNKNOWN_KEY`) written
-    /// to the audit log per client IP and minute; the rest are counted in
-    /// `keygate_audit_keyless_dropped_total`. Anyone can send those, so they must not fill
-    /// the log (0: no limit).
+    /// to the audit log per client network (an IPv4 address, an IPv6 /64) and minute; the
+    /// rest are counted in `keygate_audit_refusals_dropped_total`. Anyone can send those, so
+    /// they must not fill the log (0: no limit).
     pub keyless_per_ip_per_minute: u32,
+    /// Refusals of one known key written per minute (a publishable key sits in web pages, so
+    /// anyone can send its refusals too); the rest are counted the same way (0: no limit).
+    pub refusals_per_key_per_minute: u32,
 }
 
 impl Default for AuditConfig {
@@ -293,6 +296,7 @@ impl Default for AuditConfig {
             segment_bytes: 16 << 20,
             usage_retention_days: 90,
             keyless_per_ip_per_minute: 60,
+            refusals_per_key_per_minute: 600,
         }
     }
 }

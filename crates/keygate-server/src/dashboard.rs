@@ -422,7 +422,11 @@ async fn password_login(
         .unwrap_or_default();
     let password = f.get("password").cloned().unwrap_or_default();
     let account = format!("{tenant}/{email}");
-    let ip = state.proxies.client_ip(headers, peer.ip());
+    // A client whose address cannot be told shares the proxy's throttle.
+    let ip = state
+        .proxies
+        .client_ip(headers, peer.ip())
+        .unwrap_or(peer.ip());
     let attempt = match crate::login::begin(state, &account, ip).await {
         Ok(a) => a,
         Err(r) => {

@@ -172,9 +172,31 @@ async fn handle_inner(
     let ip = state.proxies.client_ip(h, peer.ip());
     let origin = str_header(h, &header::ORIGIN).map(str::to_owned);
     let now = now_ms();
+    // An overridden method (which the upstream may obey: a `_method` query parameter is
+    // forwarded, the headers are not) must lead to the same route; a DELETE either way is a
+    // DELETE.
+    let over = match crate::proxy::method_override(h, req.uri().query(), req.method().as_str()) {
+        Ok(o) => o,
+        Err(m) => {
+            return ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", m).into_response()
+        }
+    };
+    if let Some(o) = &over {
+        let other = state.match_route(o, path);
+        if !crate::routes::verify::same_route(Some(route), other) {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "INVALID_REQUEST",
+                "the method override names a method that another route serves: send that \
+                 method itself",
+            )
+            .into_response();
+        }
+    }
     if route.config.public {
         let rl = state.config.gateway.public_rate_limit;
-        let d = state.counters.check_named(&format!("ip:{ip}"), &rl, now);
+        let who = ip.map_or_else(|| "unknown".to_owned(), |i| i.to_string());
+        let d = state.counters.check_named(&format!("ip:{who}"), &rl, now);
         if !d.allowed {
             let mut res = ApiError::decision(Code::RateLimited, Some(d)).into_response();
             cors::decorate(res.headers_mut(), origin.as_deref(), true);
@@ -188,12 +210,15 @@ async fn handle_inner(
         return res;
     }
     let facts = RequestFacts {
-        method: req.method().as_str(),
+        method: match over.as_deref() {
+            Some("DELETE") => "DELETE",
+            _ => req.method().as_str(),
+        },
         path: Some(path.as_str()),
         route_class: route.config.class,
         scope: route.config.scope.as_deref(),
         origin: origin.as_deref(),
-        ip: Some(ip),
+        ip,
         tenant_id: str_header(h, &X_TENANT_ID),
         cost: route.config.cost,
         now_ms: now,
@@ -278,14 +303,18 @@ async fn forward(
     };
     let original_host = parts.headers.get(header::HOST).cloned();
     let peer_trusted = state.proxies.trusts(peer.ip());
-    let xff = match parts
-        .headers
-        .get(X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(prev) if peer_trusted => format!("{prev}, {}", peer.ip()),
-        _ => peer.ip().to_string(),
-    };
+    // A trusted proxy's chain (every line of it, as one list) is carried on with the peer
+    // appended; anyone else's is replaced by the peer.
+    let mut xff = String::new();
+    if peer_trusted {
+        for v in parts.headers.get_all(X_FORWARDED_FOR) {
+            if let Ok(v) = v.to_str() {
+                xff.push_str(v);
+                xff.push_str(", ");
+            }
+        }
+    }
+    xff.push_str(&peer.ip().to_string());
     let xf = |n: &'static str| parts.headers.get(n).filter(|_| peer_trusted).cloned();
     let proto = xf("x-forwarded-proto").unwrap_or(HeaderValue::from_static("http"));
     let forwarded_host = xf("x-forwarded-host").or(original_host);

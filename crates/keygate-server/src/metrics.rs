@@ -44,9 +44,10 @@ pub struct Metrics {
     pub redis_up: Gauge,
     /// 1 while the change feed from other nodes is connected.
     pub change_feed_up: Gauge,
-    /// Refusals without a known key that were counted here instead of written to the audit
-    /// log (over `audit.keyless_per_ip_per_minute` for their client IP).
-    pub audit_keyless_dropped: Counter,
+    /// Refusals counted here instead of written to the audit log (over
+    /// `audit.keyless_per_ip_per_minute` for their client network, or
+    /// `audit.refusals_per_key_per_minute` for their key).
+    pub audit_refusals_dropped: Counter,
     tick: std::sync::atomic::AtomicU64,
 }
 
@@ -86,7 +87,7 @@ impl Metrics {
             redis_errors: metrics::counter!("keygate_redis_errors_total"),
             redis_up: metrics::gauge!("keygate_redis_up"),
             change_feed_up: metrics::gauge!("keygate_change_feed_up"),
-            audit_keyless_dropped: metrics::counter!("keygate_audit_keyless_dropped_total"),
+            audit_refusals_dropped: metrics::counter!("keygate_audit_refusals_dropped_total"),
             tick: std::sync::atomic::AtomicU64::new(0),
         }
     }

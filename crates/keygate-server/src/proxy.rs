@@ -26,33 +26,34 @@ impl TrustedProxies {
     }
 
     /// The client's address: the TCP peer, unless the peer is a trusted proxy; then the
-    /// right-most `X-Forwarded-For` entry that is not itself a trusted proxy (entries to its
-    /// left were written by the client), else `X-Real-IP`, else the peer.
-    pub fn client_ip(&self, h: &HeaderMap, peer: IpAddr) -> IpAddr {
+    /// right-most `X-Forwarded-For` entry (across all its header lines, each entry read on its
+    /// own) that is not itself a trusted proxy — entries to its left were written by the
+    /// client —, else `X-Real-IP`, else the peer. `None` (unknown: an IP allow-list refuses
+    /// it) when a malformed entry comes before any untrusted one: what lies beyond it cannot
+    /// be believed, and the proxy's own address must never stand in for its client.
+    pub fn client_ip(&self, h: &HeaderMap, peer: IpAddr) -> Option<IpAddr> {
         if !self.trusts(peer) {
-            return peer;
+            return Some(peer);
         }
         let mut last = None;
         for v in h.get_all(X_FORWARDED_FOR).iter().rev() {
-            let Ok(v) = v.to_str() else { return peer };
-            for entry in v.rsplit(',') {
-                let Ok(ip) = entry.trim().parse::<IpAddr>() else {
-                    // A malformed entry ends what can be believed: stop at the last good hop.
-                    return last.unwrap_or(peer);
-                };
+            for entry in v.as_bytes().rsplit(|b| *b == b',') {
+                let ip = std::str::from_utf8(entry)
+                    .ok()
+                    .and_then(|e| e.trim().parse::<IpAddr>().ok())?;
                 if !self.trusts(ip) {
-                    return ip;
+                    return Some(ip);
                 }
                 last = Some(ip);
             }
         }
-        if let Some(ip) = last {
-            return ip;
+        if last.is_some() {
+            return last;
         }
-        h.get(X_REAL_IP)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(peer)
+        match h.get(X_REAL_IP) {
+            None => Some(peer),
+            Some(v) => v.to_str().ok().and_then(|s| s.trim().parse().ok()),
+        }
     }
 }
 
@@ -74,6 +75,57 @@ pub const METHOD_OVERRIDE: [HeaderName; 3] = [
     HeaderName::from_static("x-http-method"),
     HeaderName::from_static("x-method-override"),
 ];
+
+/// The method a request asks its upstream framework to serve it as instead of its own: the
+/// override headers (Express's `method-override`, Symfony, OData) and a `_method` query
+/// parameter (Laravel turns on Symfony's). `Ok(None)` when there is none, or it names the
+/// request's own method. Refused (the message) when a value is not one method name (Express
+/// takes the first of `DELETE, GET`) or two values disagree (frameworks differ on which one
+/// wins): a request that could be read two ways is not judged as either.
+pub fn method_override(
+    h: &HeaderMap,
+    query: Option<&str>,
+    method: &str,
+) -> Result<Option<String>, &'static str> {
+    let mut found: Option<String> = None;
+    let mut take = |v: &str| -> Result<(), &'static str> {
+        let v = v.trim();
+        if v.is_empty() || v.len() > 16 || !v.bytes().all(|b| b.is_ascii_alphabetic()) {
+            return Err("a method override must name one method");
+        }
+        match &found {
+            Some(f) if !f.eq_ignore_ascii_case(v) => {
+                Err("method overrides that disagree are refused")
+            }
+            Some(_) => Ok(()),
+            None => {
+                found = Some(v.to_ascii_uppercase());
+                Ok(())
+            }
+        }
+    };
+    for name in &METHOD_OVERRIDE {
+        for v in h.get_all(name) {
+            take(
+                v.to_str()
+                    .map_err(|_| "a method override must name one method")?,
+            )?;
+        }
+    }
+    if let Some(q) = query {
+        let lower = q.to_ascii_lowercase();
+        if lower.contains("method") || lower.contains('%') {
+            let pairs: Vec<(String, String)> =
+                serde_urlencoded::from_str(q).map_err(|_| "the query string cannot be read")?;
+            for (k, v) in pairs {
+                if k.eq_ignore_ascii_case("_method") {
+                    take(&v)?;
+                }
+            }
+        }
+    }
+    Ok(found.filter(|f| !f.eq_ignore_ascii_case(method)))
+}
 
 /// Whether a request header is one keygate sets or trusts, with `_` read as `-` (WSGI, CGI and
 /// Rack read `X_Keygate_User` as `HTTP_X_KEYGATE_USER`, the same as `X-Keygate-User`).
@@ -101,6 +153,7 @@ pub fn is_trust_header(name: &str) -> bool {
             "x-http-method-override",
             "x-http-method",
             "x-method-override",
+            "x-rewrite-url",
         ]
         .iter()
         .any(|p| is(p))
@@ -128,12 +181,12 @@ mod tests {
         let t = TrustedProxies::new(&[]);
         assert_eq!(
             t.client_ip(&h(&["10.1.2.3"]), ip("203.0.113.9")),
-            ip("203.0.113.9")
+            Some(ip("203.0.113.9"))
         );
         let t = TrustedProxies::new(&["127.0.0.1/32".into()]);
         assert_eq!(
             t.client_ip(&h(&["10.1.2.3"]), ip("203.0.113.9")),
-            ip("203.0.113.9")
+            Some(ip("203.0.113.9"))
         );
     }
 
@@ -143,14 +196,24 @@ mod tests {
         let peer = ip("127.0.0.1");
         assert_eq!(
             t.client_ip(&h(&["6.6.6.6, 198.51.100.7, 10.0.0.5"]), peer),
-            ip("198.51.100.7")
+            Some(ip("198.51.100.7"))
         );
         assert_eq!(
             t.client_ip(&h(&["6.6.6.6", "198.51.100.7"]), peer),
-            ip("198.51.100.7")
+            Some(ip("198.51.100.7"))
         );
-        assert_eq!(t.client_ip(&h(&["junk, 10.0.0.5"]), peer), ip("10.0.0.5"));
-        assert_eq!(t.client_ip(&HeaderMap::new(), peer), peer);
+        // A malformed entry before any untrusted one: unknown, never the proxy itself.
+        assert_eq!(t.client_ip(&h(&["junk, 10.0.0.5"]), peer), None);
+        assert_eq!(t.client_ip(&h(&["198.51.100.7, junk"]), peer), None);
+        assert_eq!(t.client_ip(&HeaderMap::new(), peer), Some(peer));
+        // nginx appends its client to the client's own line: a non-ASCII byte the client put
+        // there must not hide the entry nginx wrote.
+        let mut m = HeaderMap::new();
+        m.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_bytes(b"\xff, 198.51.100.7").expect("value"),
+        );
+        assert_eq!(t.client_ip(&m, peer), Some(ip("198.51.100.7")));
     }
 
     #[test]
@@ -161,6 +224,8 @@ mod tests {
             "X_FORWARDED_FOR",
             "x_real_ip",
             "X_HTTP_METHOD_OVERRIDE",
+            "X-Rewrite-URL",
+            "x_original_url",
         ] {
             assert!(is_trust_header(n), "{n}");
         }

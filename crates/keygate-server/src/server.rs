@@ -64,7 +64,7 @@ pub enum Role {
 /// The client's address as keygate judges it (see [`crate::proxy`]), for handlers behind the
 /// router.
 #[derive(Debug, Clone, Copy)]
-pub struct ClientIp(pub std::net::IpAddr);
+pub struct ClientIp(pub Option<std::net::IpAddr>);
 
 /// The per-connection service.
 #[derive(Clone)]

@@ -177,8 +177,9 @@ impl Inner {
     }
 
     /// The first route matching `method` and the normalised `path`. Routes closed to `pk`
-    /// keys (and every route with `gateway.case_insensitive_paths`) match ignoring ASCII case,
-    /// so `/Admin/x` cannot slip past an `/admin/*` route to a case-insensitive upstream.
+    /// keys match leniently (ignoring case, `/admin.json` as `/admin`: see
+    /// `PathPattern::matches_leniently`), so no spelling slips past an `/admin/*` route to a
+    /// lenient upstream; with `gateway.case_insensitive_paths` every route ignores case.
     pub fn match_route(&self, method: &str, path: &NormalPath<'_>) -> Option<&Route> {
         self.routes.iter().find(|r| {
             (r.methods.is_empty() || r.methods.iter().any(|m| m.eq_ignore_ascii_case(method)))
@@ -188,7 +189,9 @@ impl Inner {
 
     /// Whether `r`'s pattern matches `path` (any method).
     pub fn route_matches(&self, r: &Route, path: &NormalPath<'_>) -> bool {
-        if self.config.gateway.case_insensitive_paths || r.config.class.blocked_for_publishable() {
+        if r.config.class.blocked_for_publishable() {
+            r.pattern.matches_leniently(path)
+        } else if self.config.gateway.case_insensitive_paths {
             r.pattern.matches_ignore_case(path)
         } else {
             r.pattern.matches(path)
@@ -579,23 +582,34 @@ impl Inner {
             Err(d) => (d.key.as_ref(), d.code, 0),
         };
         let rec = key.map(|k| &k.record);
-        let per_ip = self.config.audit.keyless_per_ip_per_minute;
-        if rec.is_none() && per_ip > 0 {
-            // Anyone can send a request without a valid key: past a few a minute per client,
-            // such refusals are counted, not logged one by one.
-            let ip = facts
-                .ip
-                .map_or_else(|| "unknown".to_owned(), |i| i.to_string());
+        // Anyone can send refusals: without a key, or with a publishable key from a web page.
+        // Past a bound a minute (per client network without a known key, per key with one)
+        // they are counted, not logged one by one. Every allowed request is logged.
+        let bound = match (out, rec) {
+            (Ok(_), _) => None,
+            (Err(_), Some(r)) => Some((
+                format!("audit-refused:{}", r.id),
+                self.config.audit.refusals_per_key_per_minute,
+            )),
+            // No address (a verify-API caller who sent none): that caller is authenticated.
+            (Err(_), None) => facts.ip.map(|ip| {
+                (
+                    format!("audit-keyless:{}", crate::login::network_of(ip)),
+                    self.config.audit.keyless_per_ip_per_minute,
+                )
+            }),
+        };
+        if let Some((bucket, limit)) = bound.filter(|(_, l)| *l > 0) {
             let rl = keygate_core::RateLimit {
-                limit: per_ip,
+                limit,
                 window_seconds: 60,
             };
             if !self
                 .counters
-                .check_named(&format!("audit-keyless:{ip}"), &rl, facts.now_ms)
+                .check_named(&bucket, &rl, facts.now_ms)
                 .allowed
             {
-                self.metrics.audit_keyless_dropped.increment(1);
+                self.metrics.audit_refusals_dropped.increment(1);
                 return Ok(());
             }
         }

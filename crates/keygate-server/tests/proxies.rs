@@ -164,11 +164,24 @@ async fn check_proxy(app: &TestApp, up: &upstream::Upstream, port: u16) {
         .get(format!("{base}/api/ocr/scan?x=1"))
         .bearer_auth(&key)
         .header("x-keygate-user", "usr_spoofed")
+        // Spellings a WSGI, CGI or Rack app reads as X-Keygate-*.
+        .header("X_Keygate_User", "usr_spoofed")
+        .header("X-Keygate_Tenant", "tnt_spoofed")
+        .header("X_Forwarded_For", "10.0.0.1")
+        .header("X-Rewrite-URL", "/api/admin")
         .send()
         .await
         .expect("request");
     assert_eq!(r.status(), StatusCode::OK);
     let v: Value = r.json().await.expect("json");
+    for (name, value) in v["headers"].as_object().expect("headers") {
+        let n = name.to_ascii_lowercase().replace('_', "-");
+        assert!(
+            !(name.contains('_') && (n.starts_with("x-keygate-") || n.starts_with("x-forwarded-"))),
+            "{name}: {value} reached the app"
+        );
+        assert!(n != "x-rewrite-url", "{name}: {value} reached the app");
+    }
     assert_eq!(v["headers"]["x-keygate-key-id"], rec["id"]);
     assert_eq!(v["headers"]["x-keygate-tenant"], "default");
     assert_eq!(v["headers"]["x-keygate-scopes"], "ocr:read");

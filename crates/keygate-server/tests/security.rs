@@ -32,6 +32,7 @@ fn svc_routes(c: &mut keygate_server::Config, upstream: Option<&str>) {
         .push(route("/svc/ocr/*", upstream, Some("ocr:read"), 1));
     c.routes
         .push(route("/svc/expensive/*", upstream, None, 100));
+    c.routes.push(route("/svc/$batch", upstream, None, 50));
     c.routes
         .push(route("/svc/*", upstream, Some("docs:read"), 1));
 }
@@ -86,7 +87,13 @@ async fn a_path_spelled_differently_is_judged_as_the_path_the_upstream_reads() {
     let pk = pk_key(&app).await;
     // Spellings of /svc/admin/users that a decoding or case-insensitive upstream reads as
     // the admin area: refused as the admin area (pk keys are blocked there).
-    for path in ["/svc/%61dmin/users", "/svc/Admin/users", "/svc/ADMIN/users"] {
+    for path in [
+        "/svc/%61dmin/users",
+        "/svc/Admin/users",
+        "/svc/ADMIN/users",
+        "/svc/admin.json",
+        "/svc/adm%C4%B1n/users",
+    ] {
         let r = send(&app, path, &pk).await;
         assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
         assert_eq!(error_code(r).await, "BLOCKED_FOR_KEY_TYPE", "{path}");
@@ -98,6 +105,10 @@ async fn a_path_spelled_differently_is_judged_as_the_path_the_upstream_reads() {
         "/svc/x/%2e%2e/admin/users",
         "/svc/a%2fb",
         "/svc/%c0%af",
+        "/svc/admin%3Bx/users",
+        "/svc/%2561dmin/users",
+        "/svc/admin./users",
+        "//",
     ] {
         let (status, body) = raw_get(&app, path, &pk).await;
         assert_eq!(status, 400, "{path}: {body}");
@@ -118,6 +129,12 @@ async fn a_path_spelled_differently_is_judged_as_the_path_the_upstream_reads() {
     assert_eq!(r.headers()["x-credits-remaining"], "900");
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["PATH_INFO"], "/svc/expensive/x?y");
+    // Encoded sub-delimiters are what a decoding upstream serves: `%24batch` is `$batch`.
+    let r = send(&app, "/svc/%24batch", &rich).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["x-credits-remaining"], "850");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["PATH_INFO"], "/svc/$batch");
 }
 
 #[tokio::test]
@@ -308,8 +325,8 @@ async fn identity_headers_spelled_with_underscores_never_reach_a_wsgi_upstream()
         .header("X_Real_IP", "10.0.0.1")
         .header("X-HTTP-Method-Override", "DELETE")
         .header("X_HTTP_Method_Override", "DELETE")
-        .header("X-Method-Override", "DELETE")
-        .header("X-HTTP-Method", "DELETE")
+        .header("X-Rewrite-URL", "/api/admin")
+        .header("X-Original-URL", "/api/admin")
         .send()
         .await
         .expect("request");
@@ -322,12 +339,27 @@ async fn identity_headers_spelled_with_underscores_never_reach_a_wsgi_upstream()
     assert!(v.get("HTTP_X_REAL_IP").is_none(), "{v}");
     for h in [
         "HTTP_X_HTTP_METHOD_OVERRIDE",
-        "HTTP_X_METHOD_OVERRIDE",
-        "HTTP_X_HTTP_METHOD",
+        "HTTP_X_REWRITE_URL",
+        "HTTP_X_ORIGINAL_URL",
     ] {
         assert!(v.get(h).is_none(), "{h} reached the upstream: {v}");
     }
     assert_eq!(v["REQUEST_METHOD"], "POST");
+    // A trusted proxy's chain is carried on whole, however many lines it came in.
+    let r = app
+        .client
+        .get(app.url("/api/x"))
+        .bearer_auth(&key)
+        .header("x-forwarded-for", "198.51.100.1")
+        .header("x-forwarded-for", "198.51.100.2")
+        .send()
+        .await
+        .expect("request");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(
+        v["HTTP_X_FORWARDED_FOR"],
+        "198.51.100.1, 198.51.100.2, 127.0.0.1"
+    );
 }
 
 #[tokio::test]
@@ -349,6 +381,176 @@ async fn a_method_override_is_judged_as_the_method() {
             .await;
         assert_eq!(error_code(r).await, "BLOCKED_FOR_KEY_TYPE", "{h}");
     }
+}
+
+#[tokio::test]
+async fn an_overridden_method_and_the_real_one_must_agree() {
+    let app = TestApp::spawn_with(|c| {
+        c.routes.push(RouteConfig {
+            methods: vec!["GET".into()],
+            public: true,
+            ..route("/pub/*", None, None, 0)
+        });
+        c.routes.push(RouteConfig {
+            methods: vec!["POST".into()],
+            ..route("/v1/ocr/*", None, Some("ocr:read"), 5)
+        });
+        svc_routes(c, None);
+    })
+    .await;
+    let pk = pk_key(&app).await;
+    let origin = ("origin", "https://app.example.com");
+    let refused = |r: reqwest::Response| async move {
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        error_code(r).await
+    };
+    // A real DELETE stays a DELETE whatever the override says.
+    let r = app
+        .auth(
+            Some(&pk),
+            &[
+                origin,
+                ("x-original-uri", "/svc/docs/1"),
+                ("x-original-method", "DELETE"),
+                ("x-http-method-override", "GET"),
+            ],
+        )
+        .await;
+    assert_eq!(error_code(r).await, "BLOCKED_FOR_KEY_TYPE");
+    // A POST-only route cannot be left for "no route" by overriding to GET.
+    let r = app
+        .auth(
+            Some(&pk),
+            &[
+                origin,
+                ("x-original-uri", "/v1/ocr/scan"),
+                ("x-original-method", "POST"),
+                ("x-http-method-override", "GET"),
+            ],
+        )
+        .await;
+    assert_eq!(refused(r).await, "INVALID_REQUEST");
+    // A GET-only public route does not open to a POST that asks to be a GET.
+    let r = app
+        .auth(
+            None,
+            &[
+                ("x-original-uri", "/pub/x"),
+                ("x-original-method", "POST"),
+                ("x-http-method-override", "GET"),
+            ],
+        )
+        .await;
+    assert_eq!(refused(r).await, "INVALID_REQUEST");
+    // Lists and disagreeing overrides are refused, not guessed.
+    for hs in [
+        vec![("x-http-method-override", "DELETE, GET")],
+        vec![
+            ("x-http-method-override", "POST"),
+            ("x-http-method", "DELETE"),
+        ],
+    ] {
+        let mut all = vec![
+            origin,
+            ("x-original-uri", "/svc/docs/1"),
+            ("x-original-method", "POST"),
+        ];
+        all.extend(hs);
+        assert_eq!(
+            refused(app.auth(Some(&pk), &all).await).await,
+            "INVALID_REQUEST"
+        );
+    }
+    // Laravel's `_method` query parameter counts as an override.
+    let r = app
+        .auth(
+            Some(&pk),
+            &[
+                origin,
+                ("x-original-uri", "/svc/docs/1?_method=DELETE"),
+                ("x-original-method", "POST"),
+            ],
+        )
+        .await;
+    assert_eq!(error_code(r).await, "BLOCKED_FOR_KEY_TYPE");
+}
+
+#[tokio::test]
+async fn the_gateway_judges_a_method_override_in_the_query() {
+    let up = wsgi::spawn().await;
+    let url = up.url();
+    let app = TestApp::spawn_with(|c| svc_routes(c, Some(&url))).await;
+    let pk = pk_key(&app).await;
+    let r = app
+        .client
+        .post(app.url("/svc/docs/1?_method=DELETE"))
+        .bearer_auth(&pk)
+        .header("origin", "https://app.example.com")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(error_code(r).await, "BLOCKED_FOR_KEY_TYPE");
+}
+
+#[tokio::test]
+async fn a_forwarded_for_chain_that_cannot_be_read_never_names_the_proxy() {
+    // The test client (127.0.0.1) is the trusted proxy; the key is locked to its network.
+    let app = TestApp::spawn().await;
+    let (locked, _) = app
+        .create_key(json!({"kind": "sk", "name": "ip", "allowed_ips": ["127.0.0.0/8"]}))
+        .await;
+    let send = |value: &'static [u8]| {
+        app.client
+            .get(app.url("/v1/auth"))
+            .bearer_auth(&locked)
+            .header(
+                "x-forwarded-for",
+                reqwest::header::HeaderValue::from_bytes(value).expect("value"),
+            )
+            .send()
+    };
+    // nginx appends its client to the client's own line: the byte before it must not hide it.
+    let r = send(b"\xff, 203.0.113.5").await.expect("request");
+    assert_eq!(error_code(r).await, "IP_NOT_ALLOWED");
+    // Nothing readable: the client is unknown, not the proxy.
+    let r = send(b"junk").await.expect("request");
+    assert_eq!(error_code(r).await, "IP_NOT_ALLOWED");
+    let r = send(b"127.0.0.9").await.expect("request");
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn refusals_of_a_public_key_cannot_fill_the_audit_log() {
+    let app = TestApp::spawn_with(|c| c.audit.refusals_per_key_per_minute = 5).await;
+    let pk = pk_key(&app).await;
+    for _ in 0..40 {
+        let r = app
+            .auth(Some(&pk), &[("origin", "https://evil.example")])
+            .await;
+        assert_eq!(error_code(r).await, "ORIGIN_NOT_ALLOWED");
+    }
+    let refused = || async {
+        let v: Value = app
+            .get("/v1/audit?action=request.decided&limit=500")
+            .await
+            .json()
+            .await
+            .expect("json");
+        v["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .filter(|e| e["code"] == "ORIGIN_NOT_ALLOWED")
+            .count()
+    };
+    eventually(|| async { refused().await >= 5 }).await;
+    let n = refused().await;
+    assert!(n <= 10, "{n} refusals of one key logged");
+    // Allowed requests of the key are all logged still.
+    let r = app
+        .auth(Some(&pk), &[("origin", "https://app.example.com")])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
 }
 
 #[tokio::test]

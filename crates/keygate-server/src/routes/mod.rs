@@ -64,13 +64,15 @@ impl<S: Send + Sync> FromRequestParts<S> for Ctx {
             peer: parts
                 .extensions
                 .get::<crate::server::ClientIp>()
-                .map(|c| c.0)
-                .or_else(|| {
-                    parts
-                        .extensions
-                        .get::<ConnectInfo<SocketAddr>>()
-                        .map(|c| c.0.ip())
-                }),
+                .map_or_else(
+                    || {
+                        parts
+                            .extensions
+                            .get::<ConnectInfo<SocketAddr>>()
+                            .map(|c| c.0.ip())
+                    },
+                    |c| c.0,
+                ),
         })
     }
 }

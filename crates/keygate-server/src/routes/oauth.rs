@@ -689,7 +689,11 @@ pub async fn authorize_submit(
                 );
             };
             let account = format!("{}/{}", client.tenant_id, email.trim().to_ascii_lowercase());
-            let ip = state.proxies.client_ip(&headers, peer.ip());
+            // A client whose address cannot be told shares the proxy's throttle.
+            let ip = state
+                .proxies
+                .client_ip(&headers, peer.ip())
+                .unwrap_or(peer.ip());
             let attempt = match crate::login::begin(&state, &account, ip).await {
                 Ok(a) => a,
                 Err(r) => {

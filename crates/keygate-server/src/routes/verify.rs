@@ -208,8 +208,8 @@ pub async fn serve_forward_auth(
     // Envoy's ext_authz `path_prefix` sends `/v1/auth/<original path>` with the original method.
     let envoy = parts
         .uri
-        .path()
-        .strip_prefix("/v1/auth")
+        .path_and_query()
+        .and_then(|p| p.as_str().strip_prefix("/v1/auth"))
         .filter(|p| p.starts_with('/'))
         .map(|p| (parts.method.as_str(), p));
     let mut res = rid
@@ -224,22 +224,20 @@ fn bad_request(message: &'static str) -> Response {
     ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message).into_response()
 }
 
+/// Whether two route lookups found the same route (or both none).
+pub fn same_route(a: Option<&crate::state::Route>, b: Option<&crate::state::Route>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => std::ptr::eq(a, b),
+        _ => false,
+    }
+}
+
 /// The request path normalised (`keygate_core::route`), or the 400 for one that has no
 /// normal form.
 pub fn normal_path(path: &str) -> Result<keygate_core::NormalPath<'_>, ApiError> {
     keygate_core::normalize_path(strip_query(path))
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", e.message()))
-}
-
-/// The method a request will be served as: a method-override header (Express's
-/// `method-override`, Symfony, Laravel) when one is sent, since the upstream may obey it.
-fn effective_method<'a>(h: &'a HeaderMap, method: &'a str) -> &'a str {
-    crate::proxy::METHOD_OVERRIDE
-        .iter()
-        .find_map(|n| header(h, n))
-        .map(str::trim)
-        .filter(|m| !m.is_empty())
-        .unwrap_or(method)
 }
 
 async fn decide_forward_auth(
@@ -274,10 +272,14 @@ async fn decide_forward_auth(
         .or_else(|| header(h, &X_ORIGINAL_METHOD))
         .or(envoy.map(|e| e.0))
         .unwrap_or("GET");
-    let method = effective_method(h, method);
     let uri = header(h, &X_FORWARDED_URI)
         .or_else(|| header(h, &X_ORIGINAL_URI))
         .or(envoy.map(|e| e.1));
+    let query = uri.and_then(|u| u.split_once('?')).map(|(_, q)| q);
+    let over = match crate::proxy::method_override(h, query, method) {
+        Ok(o) => o,
+        Err(m) => return bad_request(m),
+    };
     let path = match uri.map(normal_path).transpose() {
         Ok(p) => p,
         // `/public/../admin`, `/x/..;/admin`, encoded slashes: refuse rather than guess what
@@ -287,11 +289,35 @@ async fn decide_forward_auth(
     let path = path.as_ref();
     let ip = state.proxies.client_ip(h, peer);
     let route = path.and_then(|p| state.match_route(method, p));
+    // An overridden method is judged with the request's own: both must lead to the same
+    // route, and a DELETE either way is a DELETE (closed to `pk` keys).
+    let method = match &over {
+        None => method,
+        Some(o) => {
+            let other = path.and_then(|p| state.match_route(o, p));
+            if !same_route(route, other) {
+                return bad_request(
+                    "the method override names a method that another route serves: send that \
+                     method itself",
+                );
+            }
+            if o == "DELETE" {
+                "DELETE"
+            } else {
+                method
+            }
+        }
+    };
     if route.is_some_and(|r| r.config.public) {
         let rl = state.config.gateway.public_rate_limit;
-        let d = state
-            .counters
-            .check_named(&format!("ip:{ip}"), &rl, now_ms());
+        let d = state.counters.check_named(
+            &format!(
+                "ip:{}",
+                ip.map_or_else(|| "unknown".to_owned(), |i| i.to_string())
+            ),
+            &rl,
+            now_ms(),
+        );
         if !d.allowed {
             return ApiError::decision(Code::RateLimited, Some(d)).into_response();
         }
@@ -320,7 +346,7 @@ async fn decide_forward_auth(
             None => header(h, &X_KEYGATE_SCOPE),
         },
         origin: header(h, &axum::http::header::ORIGIN),
-        ip: Some(ip),
+        ip,
         tenant_id: header(h, &X_TENANT_ID),
         cost: route.map_or(proxy_cost.unwrap_or(DEFAULT_COST), |r| r.config.cost),
         now_ms: now_ms(),
