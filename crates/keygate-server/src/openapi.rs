@@ -191,19 +191,20 @@ pub struct ForwardAuthHeaders {
     /// The browser's origin (publishable keys).
     #[param(rename = "Origin")]
     pub origin: Option<String>,
-    /// The client's address, as the proxy saw it.
+    /// The client's address, as the proxy saw it (believed from `[proxy] trusted` peers only).
     #[param(rename = "X-Forwarded-For")]
     pub x_forwarded_for: Option<String>,
-    /// The original method (nginx); or `X-Forwarded-Method` (Traefik).
+    /// The original method (nginx); or `X-Forwarded-Method` (Traefik). From a trusted proxy
+    /// only: from anyone else 400.
     #[param(rename = "X-Original-Method")]
     pub x_original_method: Option<String>,
-    /// The original URI (nginx); or `X-Forwarded-Uri` (Traefik).
+    /// The original URI (nginx); or `X-Forwarded-Uri` (Traefik). From a trusted proxy only.
     #[param(rename = "X-Original-URI")]
     pub x_original_uri: Option<String>,
-    /// The scope to require when no route matches.
+    /// The scope to require when no route matches. From a trusted proxy only.
     #[param(rename = "X-Keygate-Scope")]
     pub x_keygate_scope: Option<String>,
-    /// The cost when no route matches (default 1).
+    /// The cost when no route matches (default 1). From a trusted proxy only.
     #[param(rename = "X-Keygate-Cost")]
     pub x_keygate_cost: Option<u64>,
 }
