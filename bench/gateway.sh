@@ -32,6 +32,8 @@ listen = "127.0.0.1:$KG"
 database_url = "sqlite://$WORK/kg.db"
 [log]
 level = "warn"
+[proxy]
+trusted = ["127.0.0.1/32"]          # nginx (auth_request) is the proxy
 [[routes]]
 path = "/api/*"
 upstream = "http://127.0.0.1:$UP"
