@@ -175,7 +175,11 @@ async fn handle_inner(
     // An overridden method (which the upstream may obey: a `_method` query parameter is
     // forwarded, the headers are not) must lead to the same route; a DELETE either way is a
     // DELETE.
-    let over = match crate::proxy::method_override(h, req.uri().query(), req.method().as_str()) {
+    let over = match crate::proxy::method_override(
+        crate::proxy::Carried::of(h).method_override.then_some(h),
+        req.uri().query(),
+        req.method().as_str(),
+    ) {
         Ok(o) => o,
         Err(m) => {
             return ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", m).into_response()

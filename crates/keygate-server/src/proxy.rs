@@ -68,6 +68,37 @@ pub const DECISION_HEADERS: [HeaderName; 6] = [
     crate::headers::X_KEYGATE_COST,
 ];
 
+/// What a forward-auth request carries of the headers that need care, found in one pass over
+/// its headers (the hot path): whether any decision header came, whether one came twice, and
+/// whether a method override may be there.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Carried {
+    /// A header of [`DECISION_HEADERS`] is present.
+    pub decision: bool,
+    /// One of them is present more than once.
+    pub repeated: bool,
+    /// A header of [`METHOD_OVERRIDE`] is present.
+    pub method_override: bool,
+}
+
+impl Carried {
+    /// Reads `h` once.
+    pub fn of(h: &HeaderMap) -> Self {
+        let mut out = Carried::default();
+        for name in h.keys() {
+            if DECISION_HEADERS.iter().any(|d| d == name) {
+                out.decision = true;
+                if h.get_all(name).iter().nth(1).is_some() {
+                    out.repeated = true;
+                }
+            } else if METHOD_OVERRIDE.iter().any(|m| m == name) {
+                out.method_override = true;
+            }
+        }
+        out
+    }
+}
+
 /// Headers that ask the upstream framework to treat the request as another method
 /// (Express's `method-override`, Symfony, Laravel).
 pub const METHOD_OVERRIDE: [HeaderName; 3] = [
@@ -78,12 +109,13 @@ pub const METHOD_OVERRIDE: [HeaderName; 3] = [
 
 /// The method a request asks its upstream framework to serve it as instead of its own: the
 /// override headers (Express's `method-override`, Symfony, OData) and a `_method` query
-/// parameter (Laravel turns on Symfony's). `Ok(None)` when there is none, or it names the
+/// parameter (Laravel turns on Symfony's); `h` is `None` when [`Carried`] found no override
+/// header. `Ok(None)` when there is none, or it names the
 /// request's own method. Refused (the message) when a value is not one method name (Express
 /// takes the first of `DELETE, GET`) or two values disagree (frameworks differ on which one
 /// wins): a request that could be read two ways is not judged as either.
 pub fn method_override(
-    h: &HeaderMap,
+    h: Option<&HeaderMap>,
     query: Option<&str>,
     method: &str,
 ) -> Result<Option<String>, &'static str> {
@@ -104,17 +136,22 @@ pub fn method_override(
             }
         }
     };
-    for name in &METHOD_OVERRIDE {
-        for v in h.get_all(name) {
-            take(
-                v.to_str()
-                    .map_err(|_| "a method override must name one method")?,
-            )?;
+    if let Some(h) = h {
+        for name in &METHOD_OVERRIDE {
+            for v in h.get_all(name) {
+                take(
+                    v.to_str()
+                        .map_err(|_| "a method override must name one method")?,
+                )?;
+            }
         }
     }
     if let Some(q) = query {
-        let lower = q.to_ascii_lowercase();
-        if lower.contains("method") || lower.contains('%') {
+        let named = q
+            .as_bytes()
+            .windows(6)
+            .any(|w| w.eq_ignore_ascii_case(b"method"));
+        if named || q.contains('%') {
             let pairs: Vec<(String, String)> =
                 serde_urlencoded::from_str(q).map_err(|_| "the query string cannot be read")?;
             for (k, v) in pairs {

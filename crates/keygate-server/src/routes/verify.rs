@@ -249,20 +249,15 @@ async fn decide_forward_auth(
     // The headers that choose path, method, scope and price count only from a trusted proxy;
     // from anyone else they are refused, not ignored: ignoring them would judge a request the
     // operator's proxy meant to restrict as if it were unrestricted.
-    if crate::proxy::DECISION_HEADERS
-        .iter()
-        .any(|n| h.contains_key(n))
-    {
+    let carried = crate::proxy::Carried::of(h);
+    if carried.decision {
         if !state.proxies.trusts(peer) {
             return bad_request(
                 "X-Original-*, X-Forwarded-Method/-Uri, X-Keygate-Scope and X-Keygate-Cost are \
                  accepted only from a trusted proxy ([proxy] trusted)",
             );
         }
-        if crate::proxy::DECISION_HEADERS
-            .iter()
-            .any(|n| h.get_all(n).iter().nth(1).is_some())
-        {
+        if carried.repeated {
             return bad_request("a forwarding header was sent twice");
         }
     }
@@ -276,10 +271,11 @@ async fn decide_forward_auth(
         .or_else(|| header(h, &X_ORIGINAL_URI))
         .or(envoy.map(|e| e.1));
     let query = uri.and_then(|u| u.split_once('?')).map(|(_, q)| q);
-    let over = match crate::proxy::method_override(h, query, method) {
-        Ok(o) => o,
-        Err(m) => return bad_request(m),
-    };
+    let over =
+        match crate::proxy::method_override(carried.method_override.then_some(h), query, method) {
+            Ok(o) => o,
+            Err(m) => return bad_request(m),
+        };
     let path = match uri.map(normal_path).transpose() {
         Ok(p) => p,
         // `/public/../admin`, `/x/..;/admin`, encoded slashes: refuse rather than guess what
