@@ -26,7 +26,8 @@ for t in $(cargo +nightly fuzz list); do
   mkdir -p "corpus/$t"
   echo "== fuzz $t (${secs}s)"
   log=$(mktemp)
-  if ! cargo +nightly fuzz run -O "$t" "corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=2048 \
+  # -timeout: an input that runs 10 s is a hang, reported as such (the default waits 20 min).
+  if ! cargo +nightly fuzz run -O "$t" "corpus/$t" -- -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
     -max_len=4096 -print_final_stats=1 >"$log" 2>&1; then
     tail -40 "$log" >&2
     echo "fuzz target $t failed: its input is in fuzz/artifacts/$t" >&2
