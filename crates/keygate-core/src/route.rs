@@ -224,6 +224,12 @@ pub fn normalize(path: &str) -> Result<NormalPath<'_>, PathError> {
         Some(v) => Cow::Owned(String::from_utf8(v).map_err(|_| PathError::BadCharacter)?),
         None => Cow::Borrowed(path),
     };
+    // Double encoding once more, on the result: `%254%44` decodes to `%254D`, which a
+    // second decoding reads as `M` (found by the `path` fuzz target).
+    let nb = normal.as_bytes();
+    if memchr::memmem::find_iter(nb, b"%25").any(|i| escape_at(nb, i + 2).is_some()) {
+        return Err(PathError::BadEscape);
+    }
     if normal.len() > 1 {
         // One trailing slash is allowed; `//` is an empty segment.
         let inner = &normal[1..];
@@ -460,6 +466,8 @@ mod tests {
             ("//", EmptySegment),
             ("/svc/admin%3Bx/users", PathParameter),
             ("/svc/%2561dmin/users", BadEscape),
+            ("/o%2E%282/%254%444", BadEscape),
+            ("/x/%25%34%31", BadEscape),
             ("/svc//admin", EmptySegment),
             ("/svc/a%2fb", EncodedSeparator),
             ("/svc/a%5Cb", EncodedSeparator),
