@@ -468,6 +468,7 @@ mod tests {
             ("/svc/%2561dmin/users", BadEscape),
             ("/o%2E%282/%254%444", BadEscape),
             ("/x/%25%34%31", BadEscape),
+            ("/o/%2bbb%67i%25%66bbbbbbbE.o2/", BadEscape),
             ("/svc//admin", EmptySegment),
             ("/svc/a%2fb", EncodedSeparator),
             ("/svc/a%5Cb", EncodedSeparator),
