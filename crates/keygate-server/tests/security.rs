@@ -519,6 +519,23 @@ async fn a_forwarded_for_chain_that_cannot_be_read_never_names_the_proxy() {
     assert_eq!(r.status(), StatusCode::OK);
 }
 
+/// The `request.decided` events the audit log lists with `code`.
+async fn decided_with_code(app: &TestApp, code: &str) -> Vec<Value> {
+    let v: Value = app
+        .get("/v1/audit?action=request.decided&limit=500")
+        .await
+        .json()
+        .await
+        .expect("json");
+    v["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter(|e| e["code"] == code)
+        .cloned()
+        .collect()
+}
+
 #[tokio::test]
 async fn refusals_of_a_public_key_cannot_fill_the_audit_log() {
     let app = TestApp::spawn_with(|c| c.audit.refusals_per_key_per_minute = 5).await;
@@ -529,20 +546,7 @@ async fn refusals_of_a_public_key_cannot_fill_the_audit_log() {
             .await;
         assert_eq!(error_code(r).await, "ORIGIN_NOT_ALLOWED");
     }
-    let refused = || async {
-        let v: Value = app
-            .get("/v1/audit?action=request.decided&limit=500")
-            .await
-            .json()
-            .await
-            .expect("json");
-        v["data"]
-            .as_array()
-            .expect("data")
-            .iter()
-            .filter(|e| e["code"] == "ORIGIN_NOT_ALLOWED")
-            .count()
-    };
+    let refused = || async { decided_with_code(&app, "ORIGIN_NOT_ALLOWED").await.len() };
     eventually(|| async { refused().await >= 5 }).await;
     let n = refused().await;
     assert!(n <= 10, "{n} refusals of one key logged");
@@ -568,21 +572,7 @@ async fn keyless_refusals_cannot_fill_the_audit_log() {
             .await;
         assert_eq!(error_code(r).await, "MISSING_KEY");
     }
-    let keyless = || async {
-        let v: Value = app
-            .get("/v1/audit?action=request.decided&limit=500")
-            .await
-            .json()
-            .await
-            .expect("json");
-        v["data"]
-            .as_array()
-            .expect("data")
-            .iter()
-            .filter(|e| e["code"] == "MISSING_KEY")
-            .cloned()
-            .collect::<Vec<Value>>()
-    };
+    let keyless = || decided_with_code(&app, "MISSING_KEY");
     eventually(|| async { keyless().await.len() >= 10 }).await;
     let events = keyless().await;
     // At most two windows' worth, however the minute fell.
