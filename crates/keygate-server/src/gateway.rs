@@ -28,7 +28,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use keygate_core::{Code, NormalPath, RequestFacts};
+use keygate_core::{NormalPath, RequestFacts, RouteClass};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -198,14 +198,28 @@ async fn handle_inner(
         }
     }
     if route.config.public {
-        let rl = state.config.gateway.public_rate_limit;
-        let who = ip.map_or_else(|| "unknown".to_owned(), |i| i.to_string());
-        let d = state.counters.check_named(&format!("ip:{who}"), &rl, now);
-        if !d.allowed {
-            let mut res = ApiError::decision(Code::RateLimited, Some(d)).into_response();
-            cors::decorate(res.headers_mut(), origin.as_deref(), true);
-            return res;
-        }
+        // No key is asked for: the per-address limit decides, and the decision is audited
+        // and counted like any other.
+        let facts = RequestFacts {
+            method: req.method().as_str(),
+            path: Some(path.as_str()),
+            route_class: RouteClass::Normal,
+            scope: None,
+            origin: origin.as_deref(),
+            ip,
+            tenant_id: None,
+            cost: 0,
+            now_ms: now,
+        };
+        let decided = state.decide_public(&facts);
+        let d = match state.settle(decided, None).await {
+            Ok(d) => d,
+            Err(d) => {
+                let mut res = ApiError::denied(&d).into_response();
+                cors::decorate(res.headers_mut(), origin.as_deref(), true);
+                return res;
+            }
+        };
         let mut res = forward(state, upstream, req, peer, path, None)
             .await
             .unwrap_or_else(|(e, _)| e.into_response());

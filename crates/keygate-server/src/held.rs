@@ -19,7 +19,8 @@
 //! what an allowed request was charged goes back; a request pipelined behind it is answered
 //! `503` before anything of it happens.
 //!
-//! Only `GET /v1/auth` answers are held ([`scope`]): a gateway request must not reach its
+//! Only `GET /v1/auth` answers are held (the handler passes its connection to
+//! `Inner::settle`, which calls [`Conn::hold`]): a gateway request must not reach its
 //! upstream before its line is written, so it waits in the handler as before.
 
 use crate::audit::AuditLog;
@@ -36,10 +37,6 @@ use tokio::net::TcpStream;
 /// Bytes one connection may hold; past this its group is written at once (a client that
 /// pipelines many requests).
 const HOLD_MAX: usize = 64 << 10;
-
-tokio::task_local! {
-    static CONN: Arc<Conn>;
-}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -144,7 +141,7 @@ impl Holds {
     }
 
     /// Splits an accepted connection into the I/O for hyper and the writer that answers are
-    /// held in (for [`scope`]).
+    /// held in (see [`Conn::hold`]).
     pub fn accept(self: &Arc<Self>, stream: TcpStream) -> (Io, Arc<Conn>) {
         let (read, write) = stream.into_split();
         let conn = Arc::new(Conn {
@@ -161,41 +158,6 @@ impl Holds {
             },
             conn,
         )
-    }
-
-    fn hold(
-        self: &Arc<Self>,
-        conn: &Arc<Conn>,
-        group: u64,
-        refund: impl FnOnce() -> Option<Allowed>,
-    ) -> Hold {
-        let start = {
-            let mut w = lock(&self.waiting);
-            if group <= w.released {
-                return Hold::Written;
-            }
-            {
-                let mut s = lock(&conn.state);
-                if s.group != 0 || s.close {
-                    // Not settled (see `settle`): the caller waits for its group itself.
-                    return Hold::NotHere;
-                }
-                s.group = group;
-                conn.attention.store(true, Ordering::Release);
-            }
-            w.entries.push(Entry {
-                conn: Arc::clone(conn),
-                group,
-                refund: refund(),
-            });
-            let start = w.scheduled < group;
-            w.scheduled = w.scheduled.max(group);
-            start
-        };
-        if start {
-            tokio::spawn(flush_later(Arc::clone(self), group));
-        }
-        Hold::Held
     }
 }
 
@@ -228,23 +190,44 @@ async fn flush_later(holds: Arc<Holds>, group: u64) {
     }
 }
 
-/// Runs `f` (a forward-auth handler) with `conn` as the connection its answer is held in.
-pub async fn scope<F: std::future::Future>(conn: Arc<Conn>, f: F) -> F::Output {
-    CONN.scope(conn, f).await
-}
-
-/// Holds the current connection's answer until `group` is written, if this connection holds
-/// answers (see [`scope`]). `refund` is what goes back if the group's write fails.
-pub fn hold(group: u64, refund: impl FnOnce() -> Option<Allowed>) -> Hold {
-    CONN.try_with(|c| c.holds.hold(c, group, refund))
-        .unwrap_or(Hold::NotHere)
-}
-
 /// An earlier answer on this connection was refused: the connection is ending.
 #[derive(Debug)]
 pub struct Refused;
 
 impl Conn {
+    /// Holds this connection's next answer until `group` is written. `refund` is what goes
+    /// back if the group's write fails.
+    pub fn hold(self: &Arc<Self>, group: u64, refund: impl FnOnce() -> Option<Allowed>) -> Hold {
+        let (holds, conn) = (&self.holds, self);
+        let start = {
+            let mut w = lock(&holds.waiting);
+            if group <= w.released {
+                return Hold::Written;
+            }
+            {
+                let mut s = lock(&conn.state);
+                if s.group != 0 || s.close {
+                    // Not settled (see `settle`): the caller waits for its group itself.
+                    return Hold::NotHere;
+                }
+                s.group = group;
+                conn.attention.store(true, Ordering::Release);
+            }
+            w.entries.push(Entry {
+                conn: Arc::clone(conn),
+                group,
+                refund: refund(),
+            });
+            let start = w.scheduled < group;
+            w.scheduled = w.scheduled.max(group);
+            start
+        };
+        if start {
+            tokio::spawn(flush_later(Arc::clone(holds), group));
+        }
+        Hold::Held
+    }
+
     /// Whether a request on this connection must [`settle`] before it is dispatched.
     pub fn unsettled(&self) -> bool {
         self.attention.load(Ordering::Acquire)
@@ -552,7 +535,7 @@ mod tests {
     async fn an_answer_leaves_only_after_its_line_is_written() {
         let (_dir, log, mut client, mut io, conn) = held_pair().await;
         let group = log.append(line()).expect("append");
-        let held = scope(Arc::clone(&conn), async { hold(group, || None) }).await;
+        let held = conn.hold(group, || None);
         assert_eq!(held, Hold::Held);
         // hyper's write of the answer returns at once: the bytes are held.
         io.write_all(b"HTTP/1.1 200 OK\r\n\r\n")
@@ -574,18 +557,13 @@ mod tests {
         assert_eq!(&buf[..n], b"HTTP/1.1 200 OK\r\n\r\n");
         assert!(log.position().1 > 0, "the line was written");
         // A group written already is not held: the next write goes straight out.
-        assert_eq!(
-            scope(Arc::clone(&conn), async { hold(group, || None) }).await,
-            Hold::Written
-        );
+        assert_eq!(conn.hold(group, || None), Hold::Written);
         io.write_all(b"next").await.expect("write");
         let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
             .await
             .expect("the answer arrives")
             .expect("read");
         assert_eq!(&buf[..n], b"next");
-        // Outside a holding connection, nothing is held.
-        assert_eq!(hold(group + 1, || None), Hold::NotHere);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -594,18 +572,12 @@ mod tests {
         // An answer held; a second one on the same connection is not held (one at a time:
         // its request waits for the first to be released).
         let group = log.append(line()).expect("append");
-        assert_eq!(
-            scope(Arc::clone(&conn), async { hold(group, || None) }).await,
-            Hold::Held
-        );
+        assert_eq!(conn.hold(group, || None), Hold::Held);
         io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
             .await
             .expect("write");
         let second = log.append(line()).expect("append");
-        assert_eq!(
-            scope(Arc::clone(&conn), async { hold(second, || None) }).await,
-            Hold::NotHere
-        );
+        assert_eq!(conn.hold(second, || None), Hold::NotHere);
         drop(conn);
         log.fail_next_write();
         // hyper waits for the next request: the connection ends after the refusal.

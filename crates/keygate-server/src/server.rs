@@ -178,11 +178,10 @@ impl Dispatch {
             let peer = self.peer.ip();
             let conn = self.conn.clone();
             return Box::pin(async move {
-                let answer = crate::routes::verify::serve_forward_auth(&state, req, peer);
-                Ok(match conn {
-                    Some(c) => crate::held::scope(c, answer).await,
-                    None => answer.await,
-                })
+                Ok(
+                    crate::routes::verify::serve_forward_auth(&state, req, peer, conn.as_ref())
+                        .await,
+                )
             });
         }
         if !is_own_path(path) && !self.state.routes.is_empty() {

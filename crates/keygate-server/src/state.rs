@@ -149,6 +149,79 @@ impl Denied {
     }
 }
 
+/// The audit line a decision still owes: the group its `request.decided` line was appended
+/// to (`None`: nothing to wait for). Its answer may not leave before that group is written.
+#[derive(Debug)]
+pub struct Ticket(Option<u64>);
+
+/// A decision whose audit line is appended but perhaps not written yet: settle it
+/// ([`Inner::settle`]) before its answer leaves.
+#[derive(Debug)]
+#[must_use = "a decision's answer may not leave before its audit line is written: settle it"]
+pub struct Decided<T> {
+    out: Result<T, Denied>,
+    ticket: Ticket,
+}
+
+/// What a decision allowed, and what it charged (given back if its line cannot be written).
+pub trait Charged {
+    /// The keyed request it allowed, if any (a public call charges nothing).
+    fn allowed(&self) -> Option<&Allowed>;
+}
+
+impl Charged for Allowed {
+    fn allowed(&self) -> Option<&Allowed> {
+        Some(self)
+    }
+}
+
+impl Charged for RateDecision {
+    fn allowed(&self) -> Option<&Allowed> {
+        None
+    }
+}
+
+/// What the audit line of a decision says about it.
+struct Verdict<'a> {
+    key: Option<&'a Arc<CachedKey>>,
+    code: Code,
+    credits: u64,
+}
+
+impl<'a> Verdict<'a> {
+    fn allowed(key: &'a Arc<CachedKey>, credits: u64) -> Self {
+        Self {
+            key: Some(key),
+            code: Code::Valid,
+            credits,
+        }
+    }
+
+    fn denied(d: &'a Denied) -> Self {
+        Self {
+            key: d.key.as_ref(),
+            code: d.code,
+            credits: 0,
+        }
+    }
+
+    fn refused_without_key(code: Code) -> Self {
+        Self {
+            key: None,
+            code,
+            credits: 0,
+        }
+    }
+
+    fn public() -> Self {
+        Self {
+            key: None,
+            code: Code::Valid,
+            credits: 0,
+        }
+    }
+}
+
 /// Now, in Unix milliseconds.
 pub fn now_ms() -> i64 {
     let d = std::time::SystemTime::now()
@@ -507,32 +580,109 @@ impl Inner {
         }
     }
 
-    /// The pipeline. `credential` is the bearer token (if any); `visible_tenant`, when set,
-    /// makes keys of other tenants look unknown (before anything is charged).
-    pub async fn authorize(
+    /// The pipeline, up to the audit line: decides, charges, and appends the decision's
+    /// `request.decided` line. The answer may not leave before that line is written: the
+    /// caller settles the returned [`Decided`] ([`Inner::settle`]), or calls
+    /// [`Inner::authorize`], which does both. `credential` is the bearer token (if any);
+    /// `visible_tenant`, when set, makes keys of other tenants look unknown (before anything
+    /// is charged).
+    pub async fn decide(
         &self,
         credential: Result<Option<&str>, Code>,
         facts: &RequestFacts<'_>,
         visible_tenant: Option<&str>,
-    ) -> Result<Allowed, Denied> {
+    ) -> Decided<Allowed> {
         // Latency is sampled for the histogram (one decision in 32), but every audit event
         // carries its own.
         let sampled = self.metrics.sample();
         let started = (sampled || self.audit.is_some()).then(std::time::Instant::now);
-        let mut out = self
+        let out = self
             .authorize_inner(credential, facts, visible_tenant)
             .await;
         let elapsed = started.map(|t| t.elapsed());
         if let (true, Some(e)) = (sampled, elapsed) {
             self.metrics.decision_seconds.record(e.as_secs_f64());
         }
-        if let Some(log) = &self.audit {
-            let us = elapsed.map_or(0, |e| i64::try_from(e.as_micros()).unwrap_or(i64::MAX));
-            if let Err(e) = self.record_decision(log, facts, &out, us).await {
+        let us = elapsed.map_or(0, |e| i64::try_from(e.as_micros()).unwrap_or(i64::MAX));
+        let verdict = match &out {
+            Ok(a) => Verdict::allowed(&a.key, a.charge.cost),
+            Err(d) => Verdict::denied(d),
+        };
+        match self.append_decision(facts, verdict, us) {
+            Ok(group) => Decided {
+                out,
+                ticket: Ticket(group),
+            },
+            Err(e) => {
                 // Fail closed: an answer the audit log cannot account for is not given, and
                 // what it was charged goes back.
                 tracing::error!("audit log write failed, refusing the request: {e}");
                 if let Ok(a) = &out {
+                    self.refund(a).await;
+                }
+                Decided {
+                    out: Err(Denied::code(Code::Unavailable)),
+                    ticket: Ticket(None),
+                }
+            }
+        }
+    }
+
+    /// The decision for a `public` route: no key, the per-address limit
+    /// `gateway.public_rate_limit`; audited and counted like every other decision.
+    pub fn decide_public(&self, facts: &RequestFacts<'_>) -> Decided<RateDecision> {
+        let rl = self.config.gateway.public_rate_limit;
+        let who = facts
+            .ip
+            .map_or_else(|| "unknown".to_owned(), |i| i.to_string());
+        let d = self
+            .counters
+            .check_named(&format!("ip:{who}"), &rl, facts.now_ms);
+        let (out, verdict) = if d.allowed {
+            (Ok(d), Verdict::public())
+        } else {
+            let denied = Denied {
+                code: Code::RateLimited,
+                rate: Some(d),
+                key: None,
+            };
+            (Err(denied), Verdict::refused_without_key(Code::RateLimited))
+        };
+        match self.append_decision(facts, verdict, 0) {
+            Ok(group) => Decided {
+                out,
+                ticket: Ticket(group),
+            },
+            Err(e) => {
+                tracing::error!("audit log write failed, refusing the request: {e}");
+                Decided {
+                    out: Err(Denied::code(Code::Unavailable)),
+                    ticket: Ticket(None),
+                }
+            }
+        }
+    }
+
+    /// Waits until the decision's audit line is written, or, given the connection the answer
+    /// goes out on (forward-auth, see `crate::held`), leaves the answer held there until it
+    /// is. Then counts the decision. A line that could not be written turns the answer into
+    /// `UNAVAILABLE` and gives the charge back.
+    pub async fn settle<T: Charged>(
+        &self,
+        decided: Decided<T>,
+        conn: Option<&Arc<crate::held::Conn>>,
+    ) -> Result<T, Denied> {
+        let Decided { mut out, ticket } = decided;
+        if let (Some(group), Some(log)) = (ticket.0, &self.audit) {
+            let refund = || out.as_ref().ok().and_then(Charged::allowed).cloned();
+            let written = match conn.map(|c| c.hold(group, refund)) {
+                Some(crate::held::Hold::Held) => Ok(()),
+                Some(crate::held::Hold::Written) => log.flush(group),
+                Some(crate::held::Hold::NotHere) | None => log.commit(group).await,
+            };
+            if let Err(e) = written {
+                tracing::error!("audit log write failed, refusing the request: {e}");
+                if let Some(a) = out.as_ref().ok().and_then(Charged::allowed) {
                     self.refund(a).await;
                 }
                 out = Err(Denied::code(Code::Unavailable));
@@ -548,6 +698,18 @@ impl Inner {
             }
         }
         out
+    }
+
+    /// [`Inner::decide`], then [`Inner::settle`] without a connection to hold the answer on:
+    /// returns once the decision's audit line is written.
+    pub async fn authorize(
+        &self,
+        credential: Result<Option<&str>, Code>,
+        facts: &RequestFacts<'_>,
+        visible_tenant: Option<&str>,
+    ) -> Result<Allowed, Denied> {
+        let decided = self.decide(credential, facts, visible_tenant).await;
+        self.settle(decided, None).await
     }
 
     /// Gives an allowed request's credits back to the meter that charged it, and only what
@@ -570,29 +732,31 @@ impl Inner {
 
     /// Appends the `request.decided` event of one decision to the audit log, in a group with
     /// the other requests ready at the same time (see [`crate::audit::AuditLog::append`]).
-    async fn record_decision(
+    /// Returns the group to wait for, or `None` when nothing was written (audit off, or a
+    /// refusal past its bound).
+    fn append_decision(
         &self,
-        log: &crate::audit::AuditLog,
         facts: &RequestFacts<'_>,
-        out: &Result<Allowed, Denied>,
+        verdict: Verdict<'_>,
         latency_us: i64,
-    ) -> std::io::Result<()> {
-        let (key, code, credits) = match out {
-            Ok(a) => (Some(&a.key), Code::Valid, a.charge.cost),
-            Err(d) => (d.key.as_ref(), d.code, 0),
+    ) -> std::io::Result<Option<u64>> {
+        let Some(log) = &self.audit else {
+            return Ok(None);
         };
+        let Verdict { key, code, credits } = verdict;
+        let allowed = code == Code::Valid;
         let rec = key.map(|k| &k.record);
         // Anyone can send refusals: without a key, or with a publishable key from a web page.
         // Past a bound a minute (per client network without a known key, per key with one)
         // they are counted, not logged one by one. Every allowed request is logged.
-        let bound = match (out, rec) {
-            (Ok(_), _) => None,
-            (Err(_), Some(r)) => Some((
+        let bound = match (allowed, rec) {
+            (true, _) => None,
+            (false, Some(r)) => Some((
                 format!("audit-refused:{}", r.id),
                 self.config.audit.refusals_per_key_per_minute,
             )),
             // No address (a verify-API caller who sent none): that caller is authenticated.
-            (Err(_), None) => facts.ip.map(|ip| {
+            (false, None) => facts.ip.map(|ip| {
                 (
                     format!("audit-keyless:{}", crate::login::network_of(ip)),
                     self.config.audit.keyless_per_ip_per_minute,
@@ -610,7 +774,7 @@ impl Inner {
                 .allowed
             {
                 self.metrics.audit_refusals_dropped.increment(1);
-                return Ok(());
+                return Ok(None);
             }
         }
         let group = crate::error::RequestId::with_current(|rid| {
@@ -637,13 +801,7 @@ impl Inner {
                 ..crate::audit::Line::default()
             })
         })?;
-        // A forward-auth answer is held by its connection until the group is written (see
-        // `crate::held`); any other waits here.
-        match crate::held::hold(group, || out.as_ref().ok().cloned()) {
-            crate::held::Hold::Held => Ok(()),
-            crate::held::Hold::Written => log.flush(group),
-            crate::held::Hold::NotHere => log.commit(group).await,
-        }
+        Ok(Some(group))
     }
 
     /// Appends a lifecycle event (`key.created`, …) by `actor` to the audit log and, for the

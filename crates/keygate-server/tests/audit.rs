@@ -510,3 +510,90 @@ async fn a_user_token_reads_only_its_own_users_events() {
         );
     }
 }
+
+/// The value of one counter line (`name{labels} value`) in `/metrics`, 0 when absent.
+async fn counter(app: &TestApp, line: &str) -> u64 {
+    let r = app
+        .client
+        .get(app.url("/metrics"))
+        .bearer_auth(&app.root)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.expect("body");
+    text.lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn public_route_calls_are_decisions_audited_and_counted() {
+    let up = support::upstream::spawn().await;
+    let url = up.url();
+    let app = TestApp::spawn_with(|c| {
+        c.gateway.public_rate_limit = keygate_core::RateLimit {
+            limit: 3,
+            window_seconds: 60,
+        };
+        c.routes.push(keygate_server::config::RouteConfig {
+            path: "/api/health".into(),
+            methods: vec!["GET".into()],
+            upstream: None,
+            scope: None,
+            cost: 0,
+            public: true,
+            class: Default::default(),
+        });
+        c.routes.push(keygate_server::config::RouteConfig {
+            path: "/pub/*".into(),
+            methods: vec![],
+            upstream: Some(url),
+            scope: None,
+            cost: 0,
+            public: true,
+            class: Default::default(),
+        });
+    })
+    .await;
+    let valid = "keygate_decisions_total{code=\"VALID\"}";
+    let limited = "keygate_decisions_total{code=\"RATE_LIMITED\"}";
+    let (valid_before, limited_before) = (counter(&app, valid).await, counter(&app, limited).await);
+    let health = [
+        ("x-original-method", "GET"),
+        ("x-original-uri", "/api/health"),
+    ];
+    for _ in 0..2 {
+        assert_eq!(app.auth(None, &health).await.status(), StatusCode::OK);
+    }
+    // The third call of the minute from this address goes through the gateway; the fourth is
+    // one too many.
+    let r = app
+        .client
+        .get(app.url("/pub/page"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = app.auth(None, &health).await;
+    assert_eq!(error_code(r).await, "RATE_LIMITED");
+    // Three allowed calls, plus the root key's own two /metrics calls after the first read;
+    // one refusal.
+    assert_eq!(counter(&app, valid).await, valid_before + 3 + 2);
+    assert_eq!(counter(&app, limited).await, limited_before + 1);
+    eventually(|| async {
+        let evs = events(&app, &app.root, "action=request.decided").await;
+        let public: Vec<&Value> = evs
+            .iter()
+            .filter(|e| e["path"] == "/api/health" || e["path"] == "/pub/page")
+            .collect();
+        let codes = |c: &str| public.iter().filter(|e| e["code"] == c).count();
+        public.len() == 4
+            && codes("VALID") == 3
+            && codes("RATE_LIMITED") == 1
+            && public
+                .iter()
+                .all(|e| e["actor"] == "anonymous" && e["key_id"].is_null())
+    })
+    .await;
+}

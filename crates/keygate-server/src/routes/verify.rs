@@ -197,10 +197,14 @@ fn header<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
 /// `/v1/auth` (any method, also `/v1/auth/<path>` for Envoy): the forward-auth decision for
 /// `req` from TCP peer `peer`. The connection service (`server::Dispatch`) calls this directly,
 /// without the router: it is the hot path.
+///
+/// With `conn` (audit on), the answer is held on that connection until its audit line is
+/// written (`crate::held`); without, the handler waits for the line itself.
 pub async fn serve_forward_auth(
     state: &AppState,
     req: axum::extract::Request,
     peer: IpAddr,
+    conn: Option<&std::sync::Arc<crate::held::Conn>>,
 ) -> Response {
     let rid = crate::error::RequestId::new();
     // Only the head is needed (and `HeaderMap`, unlike the body, may be shared across awaits).
@@ -214,7 +218,13 @@ pub async fn serve_forward_auth(
         .map(|p| (parts.method.as_str(), p));
     let mut res = rid
         .clone()
-        .scope(decide_forward_auth(state, &parts.headers, peer, envoy))
+        .scope(decide_forward_auth(
+            state,
+            &parts.headers,
+            peer,
+            envoy,
+            conn,
+        ))
         .await;
     res.headers_mut().insert(X_REQUEST_ID, rid.0);
     res
@@ -245,6 +255,7 @@ async fn decide_forward_auth(
     h: &HeaderMap,
     peer: IpAddr,
     envoy: Option<(&str, &str)>,
+    conn: Option<&std::sync::Arc<crate::held::Conn>>,
 ) -> Response {
     // The headers that choose path, method, scope and price count only from a trusted proxy;
     // from anyone else they are refused, not ignored: ignoring them would judge a request the
@@ -305,21 +316,28 @@ async fn decide_forward_auth(
         }
     };
     if route.is_some_and(|r| r.config.public) {
-        let rl = state.config.gateway.public_rate_limit;
-        let d = state.counters.check_named(
-            &format!(
-                "ip:{}",
-                ip.map_or_else(|| "unknown".to_owned(), |i| i.to_string())
-            ),
-            &rl,
-            now_ms(),
-        );
-        if !d.allowed {
-            return ApiError::decision(Code::RateLimited, Some(d)).into_response();
-        }
-        let mut res = StatusCode::OK.into_response();
-        rate_headers(res.headers_mut(), &d, None);
-        return res;
+        // No key is asked for: the per-address limit decides, and the decision is audited
+        // and counted like any other.
+        let public = RequestFacts {
+            method,
+            path: path.map(|p| p.as_str()),
+            route_class: RouteClass::Normal,
+            scope: None,
+            origin: header(h, &axum::http::header::ORIGIN),
+            ip,
+            tenant_id: None,
+            cost: 0,
+            now_ms: now_ms(),
+        };
+        let decided = state.decide_public(&public);
+        return match state.settle(decided, conn).await {
+            Ok(d) => {
+                let mut res = StatusCode::OK.into_response();
+                rate_headers(res.headers_mut(), &d, None);
+                res
+            }
+            Err(d) => ApiError::denied(&d).into_response(),
+        };
     }
     let proxy_cost = match header(h, &X_KEYGATE_COST).map(str::parse::<u64>) {
         None => None,
@@ -347,7 +365,8 @@ async fn decide_forward_auth(
         cost: route.map_or(proxy_cost.unwrap_or(DEFAULT_COST), |r| r.config.cost),
         now_ms: now_ms(),
     };
-    match state.authorize(bearer(h), &facts, None).await {
+    let decided = state.decide(bearer(h), &facts, None).await;
+    match state.settle(decided, conn).await {
         Ok(a) => {
             let mut res = StatusCode::OK.into_response();
             let out = res.headers_mut();
