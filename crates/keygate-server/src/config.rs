@@ -597,6 +597,15 @@ impl Default for Config {
     }
 }
 
+/// The parts of a [`Config`] the server uses in parsed form ([`Config::compile`]).
+#[derive(Debug)]
+pub struct Compiled {
+    /// The `[[routes]]` table, in order.
+    pub routes: Vec<crate::state::Route>,
+    /// `[proxy] trusted`.
+    pub proxies: crate::proxy::TrustedProxies,
+}
+
 /// A configuration that cannot be used, with a message naming the field.
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -628,8 +637,16 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Checks what serde cannot: prefixes, patterns, plan references.
+    /// Checks what serde cannot: prefixes, patterns, plan references ([`Config::compile`],
+    /// its product dropped).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.compile().map(drop)
+    }
+
+    /// Parses what the configuration means, once: the route table and the trusted proxies
+    /// as the server uses them, after every check serde cannot make. A route that does not
+    /// parse is an error naming it, never a route left out.
+    pub fn compile(&self) -> Result<Compiled, ConfigError> {
         keygate_core::KeyFormat::new(&self.keys.prefix)
             .map_err(|e| ConfigError(format!("keys.prefix: {e}")))?;
         for p in ["free", "enterprise"] {
@@ -639,25 +656,35 @@ impl Config {
                 )));
             }
         }
+        let mut routes = Vec::with_capacity(self.routes.len());
         for (i, r) in self.routes.iter().enumerate() {
-            PathPattern::parse(&r.path)
-                .map_err(|e| ConfigError(format!("routes[{i}].path: {e}")))?;
+            let named = |field: &str, e: &dyn std::fmt::Display| {
+                ConfigError(format!("routes[{i}].{field} (route {:?}): {e}", r.path))
+            };
+            let pattern = PathPattern::parse(&r.path).map_err(|e| named("path", &e))?;
             if let Some(s) = &r.scope {
-                keygate_core::Scope::parse(s)
-                    .map_err(|e| ConfigError(format!("routes[{i}].scope: {e}")))?;
+                keygate_core::Scope::parse(s).map_err(|e| named("scope", &e))?;
             }
             if r.cost > crate::routes::verify::MAX_COST {
-                return Err(ConfigError(format!(
-                    "routes[{i}].cost must be at most {}",
-                    crate::routes::verify::MAX_COST
-                )));
+                return Err(named(
+                    "cost",
+                    &format!("must be at most {}", crate::routes::verify::MAX_COST),
+                ));
             }
-            if let Some(u) = &r.upstream {
-                crate::gateway::Upstream::parse(u)
-                    .map_err(|e| ConfigError(format!("routes[{i}].upstream: {e}")))?;
-            }
+            let upstream = r
+                .upstream
+                .as_deref()
+                .map(crate::gateway::Upstream::parse)
+                .transpose()
+                .map_err(|e| named("upstream", &e))?;
+            routes.push(crate::state::Route {
+                pattern,
+                methods: r.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+                upstream,
+                config: r.clone(),
+            });
         }
-        keygate_core::IpAllowList::parse(&self.proxy.trusted)
+        let trusted = keygate_core::IpAllowList::parse(&self.proxy.trusted)
             .map_err(|e| ConfigError(format!("proxy.trusted: {e}")))?;
         for (name, addr) in [
             ("forward_auth.listen", &self.forward_auth.listen),
@@ -694,7 +721,10 @@ impl Config {
                     .map_err(|e| ConfigError(format!("plans.{name}.scopes: {e}")))?;
             }
         }
-        Ok(())
+        Ok(Compiled {
+            routes,
+            proxies: crate::proxy::TrustedProxies::new(trusted),
+        })
     }
 }
 
@@ -760,5 +790,76 @@ mod reference {
         );
         let route = serde_json::to_value(&cfg.routes[0]).expect("json");
         assert_eq!(keys(&doc["routes"][0]), keys(&route), "keys of a route");
+    }
+}
+
+#[cfg(test)]
+mod compile {
+    use super::*;
+
+    fn route(path: &str, upstream: Option<&str>) -> RouteConfig {
+        RouteConfig {
+            path: path.into(),
+            methods: vec!["get".into()],
+            upstream: upstream.map(Into::into),
+            scope: None,
+            cost: 1,
+            public: false,
+            class: Default::default(),
+        }
+    }
+
+    #[test]
+    fn every_route_is_compiled_in_order() {
+        let c = Config {
+            routes: vec![
+                route("/a/*", Some("http://127.0.0.1:9000")),
+                route("/b", None),
+            ],
+            ..Config::default()
+        };
+        let compiled = c.compile().expect("valid");
+        let paths: Vec<_> = compiled
+            .routes
+            .iter()
+            .map(|r| r.config.path.as_str())
+            .collect();
+        assert_eq!(paths, ["/a/*", "/b"]);
+        assert_eq!(compiled.routes[0].methods, ["GET"]);
+        assert!(compiled.routes[0].upstream.is_some());
+        assert!(compiled.routes[1].upstream.is_none());
+    }
+
+    #[test]
+    fn a_bad_route_is_an_error_naming_it() {
+        for (bad, field) in [
+            (route("/ok", Some("ftp://x")), "upstream"),
+            (route("no-slash", None), "path"),
+            (
+                RouteConfig {
+                    scope: Some("bad scope".into()),
+                    ..route("/s", None)
+                },
+                "scope",
+            ),
+            (
+                RouteConfig {
+                    cost: u64::MAX,
+                    ..route("/c", None)
+                },
+                "cost",
+            ),
+        ] {
+            let path = bad.path.clone();
+            let c = Config {
+                routes: vec![route("/fine", None), bad],
+                ..Config::default()
+            };
+            let e = c.compile().expect_err("refused").to_string();
+            assert!(
+                e.contains(&format!("routes[1].{field}")) && e.contains(&format!("{path:?}")),
+                "{e}"
+            );
+        }
     }
 }

@@ -14,9 +14,9 @@ use std::net::IpAddr;
 pub struct TrustedProxies(IpAllowList);
 
 impl TrustedProxies {
-    /// From `[proxy] trusted` (validated with the config).
-    pub fn new(list: &[String]) -> Self {
-        Self(IpAllowList::parse(list).unwrap_or_default())
+    /// From `[proxy] trusted`, parsed ([`crate::config::Config::compile`]).
+    pub fn new(list: IpAllowList) -> Self {
+        Self(list)
     }
 
     /// Whether `ip` is a trusted proxy.
@@ -215,12 +215,12 @@ mod tests {
 
     #[test]
     fn an_untrusted_peer_is_the_client_whatever_it_says() {
-        let t = TrustedProxies::new(&[]);
+        let t = TrustedProxies::new(IpAllowList::default());
         assert_eq!(
             t.client_ip(&h(&["10.1.2.3"]), ip("203.0.113.9")),
             Some(ip("203.0.113.9"))
         );
-        let t = TrustedProxies::new(&["127.0.0.1/32".into()]);
+        let t = TrustedProxies::new(IpAllowList::parse(&["127.0.0.1/32"]).expect("list"));
         assert_eq!(
             t.client_ip(&h(&["10.1.2.3"]), ip("203.0.113.9")),
             Some(ip("203.0.113.9"))
@@ -229,7 +229,8 @@ mod tests {
 
     #[test]
     fn behind_trusted_proxies_the_first_untrusted_hop_from_the_right() {
-        let t = TrustedProxies::new(&["127.0.0.1/32".into(), "10.0.0.0/8".into()]);
+        let t =
+            TrustedProxies::new(IpAllowList::parse(&["127.0.0.1/32", "10.0.0.0/8"]).expect("list"));
         let peer = ip("127.0.0.1");
         assert_eq!(
             t.client_ip(&h(&["6.6.6.6, 198.51.100.7, 10.0.0.5"]), peer),

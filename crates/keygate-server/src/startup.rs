@@ -4,7 +4,7 @@ use crate::config::Config;
 use crate::error::{ApiError, RequestId};
 use crate::issue::{self, CreateKey};
 use crate::routes::{self, DEFAULT_TENANT};
-use crate::state::{compile_routes, now_ms, run_touch_flusher, AppState, Inner};
+use crate::state::{now_ms, run_touch_flusher, AppState, Inner};
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::middleware::Next;
@@ -170,7 +170,7 @@ impl std::fmt::Debug for Application {
 impl Application {
     /// Opens the store, bootstraps, binds `config.listen`.
     pub async fn build(config: Config) -> Result<Self, StartupError> {
-        config.validate().map_err(|e| StartupError(e.to_string()))?;
+        let compiled = config.compile().map_err(|e| StartupError(e.to_string()))?;
         let store = open_store(&config).await?;
         let root_key = bootstrap(&config, &*store).await?;
         let (node_id, audit) = open_audit(&config, &*store).await?;
@@ -233,8 +233,8 @@ impl Application {
             counters: Counters::new(store.clone()),
             shared,
             metrics: crate::metrics::Metrics::new(),
-            routes: compile_routes(&config.routes),
-            proxies: crate::proxy::TrustedProxies::new(&config.proxy.trusted),
+            routes: compiled.routes,
+            proxies: compiled.proxies,
             node_id,
             audit,
             webhook_wake: tokio::sync::Notify::new(),

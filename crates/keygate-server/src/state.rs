@@ -944,23 +944,6 @@ pub fn bounded(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// Compiles the route table (the config was validated before).
-pub fn compile_routes(cfg: &[RouteConfig]) -> Vec<Route> {
-    cfg.iter()
-        .filter_map(|r| {
-            Some(Route {
-                pattern: PathPattern::parse(&r.path).ok()?,
-                methods: r.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
-                upstream: r
-                    .upstream
-                    .as_deref()
-                    .and_then(|u| crate::gateway::Upstream::parse(u).ok()),
-                config: r.clone(),
-            })
-        })
-        .collect()
-}
-
 /// Facts for a management call: the route class and scope it needs, cost 0.
 pub fn management_facts<'a>(
     method: &'a str,
