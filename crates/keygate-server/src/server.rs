@@ -335,3 +335,34 @@ pub async fn serve(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `OWN_PATHS` keeps gateway routes off keygate's own endpoints, so it must cover every
+    /// path the router serves, and name nothing the router (or `Dispatch`) does not serve.
+    #[test]
+    fn own_paths_are_the_routers_paths() {
+        let routed = crate::startup::routed_from_source();
+        assert!(routed.len() > 40, "{routed:?}");
+        let paths: Vec<&str> = routed
+            .iter()
+            .filter_map(|r| r.split_once(' ').map(|(_, p)| p))
+            .collect();
+        for p in &paths {
+            // `{id}` stands for any segment.
+            let concrete = p.replace("{id}", "x").replace("{", "").replace("}", "");
+            assert!(is_own_path(&concrete), "{p} is routed but not in OWN_PATHS");
+        }
+        // Served by `Dispatch` before the router.
+        let dispatched = ["/v1/auth"];
+        for own in OWN_PATHS {
+            let served = dispatched.contains(own)
+                || paths
+                    .iter()
+                    .any(|p| p == own || p.strip_prefix(own).is_some_and(|r| r.starts_with('/')));
+            assert!(served, "{own} is in OWN_PATHS but nothing serves it");
+        }
+    }
+}

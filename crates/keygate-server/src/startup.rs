@@ -566,3 +566,34 @@ pub fn router(state: AppState) -> Router {
     .method_not_allowed_fallback(method_not_allowed)
     .with_state(state)
 }
+
+/// `METHOD /path` of every `.route(…)` in [`router`]'s source, for the tests that tie the
+/// router to what describes it (the OpenAPI document, `server::OWN_PATHS`).
+#[cfg(test)]
+pub(crate) fn routed_from_source() -> std::collections::BTreeSet<String> {
+    let src = include_str!("startup.rs");
+    let router = &src[src.find("pub fn router(").unwrap_or(0)..];
+    // Its body only (this function's own text names `.route(` too).
+    let router = &router[..router.find("\n}\n").unwrap_or(router.len())];
+    let mut routed = std::collections::BTreeSet::new();
+    let mut rest = router;
+    while let Some(i) = rest.find(".route(") {
+        rest = &rest[i + 7..];
+        let path_start = rest.find('"').map_or(0, |p| p + 1);
+        let path_end = path_start + rest[path_start..].find('"').unwrap_or(0);
+        let path = rest[path_start..path_end].to_owned();
+        let end = rest.find("\n        .").unwrap_or(rest.len());
+        let call = &rest[path_end..end];
+        for (m, needle) in [
+            ("GET", "get("),
+            ("POST", "post("),
+            ("PATCH", "patch("),
+            ("DELETE", "delete("),
+        ] {
+            if call.contains(needle) {
+                routed.insert(format!("{m} {path}"));
+            }
+        }
+    }
+    routed
+}
