@@ -266,9 +266,9 @@ fn plain_integer(t: &str) -> bool {
 
 impl<'a> LineHead<'a> {
     /// Reads a line as the audit log writes it (`serde_json`'s compact output of a flat
-    /// object whose strings need no escapes) about 3.5 times faster than `serde_json` (283 ns
-    /// against 1.05 µs for a forward-auth line, `cargo bench -p keygate-core --bench line`),
-    /// which on a loaded node spent a twentieth of the core reading lines back. `None` for anything
+    /// object whose strings need no escapes) several times faster than `serde_json` (`cargo
+    /// bench -p keygate-core --bench line`; the figures are in docs/performance.md), which on
+    /// a loaded node spent a visible share of the core reading lines back. `None` for anything
     /// else (an escape, whitespace, a nested value, a duplicate field, a wrong type): the
     /// caller then reads the line with `serde_json`, so the result never differs from it.
     pub fn scan(line: &'a [u8]) -> Option<Self> {
@@ -279,7 +279,7 @@ impl<'a> LineHead<'a> {
     /// The scan's first try: the fields in the order the audit log writes them
     /// (`keygate_server::audit::Line`), each present once or left out. The keys are then
     /// matched as whole literals, one after the other, instead of being read and looked up:
-    /// a third fewer instructions than [`LineHead::scan_any`] (callgrind). `None` for anything else (another order, a `null`, a number
+    /// fewer instructions than [`LineHead::scan_any`] (callgrind). `None` for anything else (another order, a `null`, a number
     /// that is not a plain integer), which [`LineHead::scan_any`] then reads.
     fn scan_in_order(text: &'a str) -> Option<Self> {
         use std::borrow::Cow::Borrowed;

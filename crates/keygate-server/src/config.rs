@@ -730,16 +730,16 @@ impl Config {
 
 #[cfg(test)]
 mod reference {
-    //! The README's configuration block is the configuration reference: every key in it must
+    //! docs/configuration.md's config block is the configuration reference: every key in it must
     //! be one the config knows (and parse with the value shown), and every key the config
     //! knows must be in it, so the two cannot drift apart.
     use super::*;
     use serde_json::Value;
     use std::collections::BTreeSet;
 
-    fn readme_block() -> String {
-        let readme = include_str!("../../../README.md");
-        let section = &readme[readme.find("## Configuration").unwrap_or(0)..];
+    fn reference_block() -> String {
+        let page = include_str!("../../../docs/configuration.md");
+        let section = &page[page.find("## Every key").unwrap_or(0)..];
         let start = section.find("```toml\n").map_or(0, |i| i + 8);
         let end = start + section[start..].find("```").unwrap_or(0);
         // Commented-out examples (`# pepper = "…"`) are documented keys too.
@@ -766,16 +766,17 @@ mod reference {
     }
 
     #[test]
-    fn the_readme_documents_every_key_and_only_known_ones() {
-        let block = readme_block();
+    fn docs_configuration_documents_every_key_and_only_known_ones() {
+        let block = reference_block();
         let cfg: Config = Figment::from(Serialized::defaults(Config::default()))
             .merge(Toml::string(&block))
             .extract()
-            .unwrap_or_else(|e| panic!("the README's config block does not load: {e}"));
-        cfg.validate().expect("the README's config block is valid");
+            .unwrap_or_else(|e| panic!("docs/configuration.md's config block does not load: {e}"));
+        cfg.validate()
+            .expect("docs/configuration.md's config block is valid");
         let doc: Value = Figment::from(Toml::string(&block))
             .extract()
-            .expect("README block as JSON");
+            .expect("docs/configuration.md's config block as JSON");
         let known = serde_json::to_value(Config::default()).expect("json");
         assert_eq!(keys(&doc), keys(&known), "top-level keys");
         for (section, v) in known.as_object().into_iter().flatten() {

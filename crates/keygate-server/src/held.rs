@@ -4,8 +4,8 @@
 //! Group commit (see [`crate::audit::AuditLog::append`]) makes an answer wait for the
 //! `pwrite(2)` of its round's lines. Waiting inside the handler (the task requeues itself,
 //! then flushes) held each request's allocations across the round and polled every connection
-//! twice: with shipping deferred, that version ran at 0.86 of audit-off, this one at 0.95
-//! (`bench/audit-ab.sh`, both loaded at once on one core). Here the handler answers at once,
+//! twice, and it measured slower than holding the answer here (`bench/audit-ab.sh`, both
+//! loaded at once on one core; the figures are in CHANGELOG.md). Here the handler answers at once,
 //! and the connection's writer ([`Io`]) keeps the bytes hyper writes while the line's group is
 //! not written. One flusher task per group runs behind the requests that were ready with it,
 //! writes the group, and then sends every answer it held itself. So an answer still never

@@ -3,7 +3,7 @@
 //! Events are stored in blocks, one row per node per shipped batch (JSON lines), with a
 //! reference row for each tenant, key, user, lifecycle action and refusal code a block
 //! mentions. One insert per batch instead of one per event is what keeps shipping cheap next
-//! to the requests it records (see the README's audit figures). A listing walks the blocks
+//! to the requests it records (see docs/performance.md). A listing walks the blocks
 //! newest first, through the references when it is filtered, and reads each block whole; the
 //! chain check reads a node's blocks in `seq` order.
 //!
@@ -137,7 +137,7 @@ pub(crate) fn page_usage(rows: Vec<(i64, String, i64, i64)>) -> Vec<UsageRow> {
 const DECIDED: &str = "request.decided";
 
 /// Events per block of lines: a listing reads a block whole, and building one (hashing and
-/// compressing its lines, about 0.3 ms) runs between requests.
+/// compressing its lines) runs between requests.
 const LINE_BLOCK_EVENTS: usize = 512;
 
 /// Blocks fetched per query round.
