@@ -10,7 +10,7 @@
 //! cookie (`Secure` when the issuer is https), for 12 hours. Every form carries a CSRF token:
 //! an HMAC of the session's random id; the sign-in form uses a double-submit cookie.
 
-use crate::headers::{cookie, esc};
+use crate::headers::cookie;
 use crate::state::{now_ms, AppState};
 use askama::Template;
 use axum::body::{Body, Bytes};
@@ -863,7 +863,7 @@ struct KeyPage {
     k: KeyDetail,
     settings: Vec<(String, String)>,
     budget: Option<BudgetBar>,
-    chart: String,
+    chart: Chart,
     events: Vec<EventRow>,
 }
 
@@ -968,9 +968,33 @@ pub async fn key(
     })
 }
 
+/// One hour's bar of the usage chart (drawn by `templates/dashboard/key.html`).
+struct Bar {
+    x: u64,
+    label: String,
+    ok: u64,
+    refused: u64,
+    /// Top and height of the allowed part, then of the refused part stacked on it.
+    y_ok: u64,
+    h_ok: u64,
+    y_refused: u64,
+    h_refused: u64,
+}
+
 /// An SVG bar chart of the last 24 hours of usage: allowed calls in green, refusals in red,
 /// stacked per hour, each bar titled with its numbers.
-pub fn usage_chart(usage: &Value, now: i64) -> String {
+struct Chart {
+    bars: Vec<Bar>,
+    total_ok: u64,
+    total_refused: u64,
+    /// The busiest hour's calls (at least 1).
+    max: u64,
+    width: u64,
+    height: u64,
+    bar_width: u64,
+}
+
+fn usage_chart(usage: &Value, now: i64) -> Chart {
     const HOUR: i64 = 3_600_000;
     let end = now - now.rem_euclid(HOUR) + HOUR;
     let start = end - 24 * HOUR;
@@ -998,39 +1022,32 @@ pub fn usage_chart(usage: &Value, now: i64) -> String {
         .max()
         .unwrap_or(0)
         .max(1);
-    let total_ok: u64 = ok.iter().sum();
-    let total_refused: u64 = refused.iter().sum();
-    let (w, h, bar) = (720u64, 160u64, 30u64);
-    let mut bars = String::new();
-    for i in 0..24 {
-        let x = i as u64 * bar;
-        let ho = ok[i] * (h - 20) / max;
-        let hr = refused[i] * (h - 20) / max;
-        let label = crate::views::rfc3339(start + i as i64 * HOUR);
-        bars.push_str(&format!(
-            "<g><title>{label}: {} allowed, {} refused</title>\
-             <rect x=\"{x}\" y=\"{}\" width=\"{}\" height=\"{ho}\" fill=\"#15803d\"/>\
-             <rect x=\"{x}\" y=\"{}\" width=\"{}\" height=\"{hr}\" fill=\"#b91c1c\"/></g>",
-            ok[i],
-            refused[i],
-            h - 20 - ho,
-            bar - 4,
-            h - 20 - ho - hr,
-            bar - 4,
-        ));
+    let (width, height, bar) = (720u64, 160u64, 30u64);
+    let bars = (0..24)
+        .map(|i| {
+            let h_ok = ok[i] * (height - 20) / max;
+            let h_refused = refused[i] * (height - 20) / max;
+            Bar {
+                x: i as u64 * bar,
+                label: crate::views::rfc3339(start + i as i64 * HOUR),
+                ok: ok[i],
+                refused: refused[i],
+                y_ok: height - 20 - h_ok,
+                h_ok,
+                y_refused: height - 20 - h_ok - h_refused,
+                h_refused,
+            }
+        })
+        .collect();
+    Chart {
+        bars,
+        total_ok: ok.iter().sum(),
+        total_refused: refused.iter().sum(),
+        max,
+        width,
+        height,
+        bar_width: bar - 4,
     }
-    format!(
-        "<svg role=\"img\" aria-label=\"Requests per hour over the last 24 hours: {total_ok} allowed, \
-         {total_refused} refused\" viewBox=\"0 0 {w} {h}\" width=\"100%\" preserveAspectRatio=\"none\" \
-         style=\"max-height:12rem;background:#fff\">{bars}\
-         <text x=\"0\" y=\"{}\" font-size=\"11\">24 h ago</text>\
-         <text x=\"{}\" y=\"{}\" font-size=\"11\" text-anchor=\"end\">now</text></svg>\
-         <p class=\"muted\"><span style=\"color:#15803d\">■</span> allowed ({total_ok}) \
-         <span style=\"color:#b91c1c\">■</span> refused ({total_refused}); the busiest hour had {max}.</p>",
-        h - 4,
-        w,
-        h - 4,
-    )
 }
 
 /// `POST /dashboard/keys/{id}/revoke|rotate|edit`
@@ -1218,9 +1235,19 @@ struct ListPage {
     csrf: String,
     title: String,
     notice: Option<String>,
-    form: String,
+    form: Form,
     headers: Vec<&'static str>,
     rows: Vec<Vec<Cell>>,
+}
+
+/// The form a list page shows above its table (in `templates/dashboard/list.html`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    None,
+    /// Add a webhook endpoint; send a test event.
+    Webhooks,
+    /// Register an OAuth client.
+    OAuthClients,
 }
 
 /// What a list page shows: a title, the API path it lists, the columns, an optional form
@@ -1229,7 +1256,7 @@ struct Listing<'a> {
     title: &'a str,
     path: &'a str,
     headers: Vec<&'static str>,
-    form: String,
+    form: Form,
     notice: Option<String>,
 }
 
@@ -1275,7 +1302,7 @@ pub async fn alerts(
             title: "Alerts",
             path: "/v1/alerts?limit=100",
             headers: vec!["At", "Kind", "Key", "Message"],
-            form: String::new(),
+            form: Form::None,
             notice: None,
         },
         |a| {
@@ -1293,19 +1320,7 @@ pub async fn alerts(
     .await
 }
 
-fn webhook_form(csrf: &str) -> String {
-    format!(
-        "<form method=\"post\" action=\"/dashboard/webhooks\" class=\"card\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
-         <label for=\"w-url\">Endpoint URL (https)</label><input id=\"w-url\" name=\"url\" type=\"url\" required size=\"50\">\
-         <label for=\"w-events\">Events (space separated; * for all)</label><input id=\"w-events\" name=\"events\" value=\"*\" size=\"50\">\
-         <button type=\"submit\">Add endpoint</button></form>",
-        esc(csrf)
-    )
-}
-
 async fn webhooks_page(state: &AppState, who: Signed, notice: Option<String>) -> Response {
-    let csrf = who.csrf.clone();
     list_page(
         state,
         who,
@@ -1313,14 +1328,7 @@ async fn webhooks_page(state: &AppState, who: Signed, notice: Option<String>) ->
             title: "Webhooks",
             path: "/v1/webhooks?limit=100",
             headers: vec!["Id", "URL", "Events", "Enabled", "Deliveries"],
-            form: format!(
-            "{}<form method=\"post\" action=\"/dashboard/webhooks/test\" class=\"row\">\
-             <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
-             <div><label for=\"t-id\">Send a test event to endpoint</label><input id=\"t-id\" name=\"id\" required></div>\
-             <div><button type=\"submit\" class=\"secondary\">Send test</button></div></form>",
-            webhook_form(&csrf),
-            esc(&csrf)
-        ),
+            form: Form::Webhooks,
             notice,
         },
         |w| {
@@ -1457,7 +1465,7 @@ pub async fn deliveries(
                 "Last HTTP status",
                 "Last error",
             ],
-            form: String::new(),
+            form: Form::None,
             notice: None,
         },
         |d| {
@@ -1478,17 +1486,6 @@ pub async fn deliveries(
 }
 
 async fn oauth_page(state: &AppState, who: Signed, notice: Option<String>) -> Response {
-    let form = format!(
-        "<form method=\"post\" action=\"/dashboard/oauth\" class=\"card\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
-         <label for=\"o-name\">Name</label><input id=\"o-name\" name=\"name\" required>\
-         <label for=\"o-type\">Type</label><select id=\"o-type\" name=\"type\">\
-         <option value=\"public\">public (PKCE, no secret)</option><option value=\"confidential\">confidential</option></select>\
-         <label for=\"o-uris\">Redirect URIs (space separated)</label><input id=\"o-uris\" name=\"redirect_uris\" size=\"50\">\
-         <label for=\"o-scopes\">Scopes (space separated)</label><input id=\"o-scopes\" name=\"scopes\" required size=\"50\">\
-         <button type=\"submit\">Register client</button></form>",
-        esc(&who.csrf)
-    );
     list_page(
         state,
         who,
@@ -1496,7 +1493,7 @@ async fn oauth_page(state: &AppState, who: Signed, notice: Option<String>) -> Re
             title: "OAuth clients",
             path: "/v1/oauth/clients?limit=100",
             headers: vec!["Client id", "Name", "Type", "Redirect URIs", "Scopes"],
-            form,
+            form: Form::OAuthClients,
             notice,
         },
         |c| {
@@ -1576,7 +1573,7 @@ pub async fn tenant(
             title: "Credits",
             path: "/v1/tenants?limit=100",
             headers: vec!["Tenant", "Name", "Plan", "Credits"],
-            form: String::new(),
+            form: Form::None,
             notice: None,
         },
         |t| {
@@ -1592,4 +1589,126 @@ pub async fn tenant(
         },
     )
     .await
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// What a hostile user could put in any field they control.
+    const EVIL: &str = "\"><script>alert(1)</script>'";
+
+    /// The page shows the text, escaped: no tag of it survives, and it cannot leave an
+    /// attribute.
+    pub(crate) fn assert_escaped(html: &str) {
+        // (A page's own `<script src=…>` is fine; the field's script must not be there.)
+        assert!(!html.contains("<script>alert"), "{html}");
+        assert!(!html.contains(EVIL), "{html}");
+        assert!(
+            html.contains("&quot;&gt;&lt;script&gt;"),
+            "the text is not shown, escaped: {html}"
+        );
+    }
+
+    fn evil() -> String {
+        EVIL.to_owned()
+    }
+
+    fn event() -> EventRow {
+        EventRow {
+            at: evil(),
+            action: evil(),
+            actor: evil(),
+            key_id: evil(),
+            code: evil(),
+            request: evil(),
+            origin: evil(),
+        }
+    }
+
+    #[test]
+    fn every_page_escapes_every_field() {
+        let pages: Vec<Result<String, askama::Error>> = vec![
+            ErrorPage {
+                csrf: EVIL,
+                message: evil(),
+                back: evil(),
+            }
+            .render(),
+            LoginPage {
+                csrf: evil(),
+                error: Some(evil()),
+            }
+            .render(),
+            KeysPage {
+                csrf: evil(),
+                keys: vec![KeyRow {
+                    id: evil(),
+                    name: evil(),
+                    kind: evil(),
+                    status: evil(),
+                    start: evil(),
+                    scopes: evil(),
+                    last_used: evil(),
+                }],
+                kinds: vec![],
+                statuses: vec![],
+                filter_name: evil(),
+                next: Some(evil()),
+            }
+            .render(),
+            CreatedPage {
+                csrf: evil(),
+                name: evil(),
+                id: evil(),
+                key: evil(),
+            }
+            .render(),
+            KeyPage {
+                csrf: evil(),
+                k: KeyDetail {
+                    id: evil(),
+                    name: evil(),
+                    kind: evil(),
+                    status: evil(),
+                    scopes: evil(),
+                    origins: evil(),
+                    ips: evil(),
+                    rate_per_minute: evil(),
+                    rate_other: evil(),
+                    budget: evil(),
+                    expires_at: evil(),
+                },
+                settings: vec![(evil(), evil())],
+                budget: None,
+                chart: usage_chart(&serde_json::json!({"data": []}), 0),
+                events: vec![event()],
+            }
+            .render(),
+            AuditPage {
+                csrf: evil(),
+                events: vec![event()],
+                f_action: evil(),
+                f_key: evil(),
+                f_code: evil(),
+                next: Some(evil()),
+            }
+            .render(),
+            ListPage {
+                csrf: evil(),
+                title: evil(),
+                notice: Some(evil()),
+                form: Form::Webhooks,
+                headers: vec!["h"],
+                rows: vec![vec![Cell {
+                    text: evil(),
+                    href: Some(evil()),
+                }]],
+            }
+            .render(),
+        ];
+        for page in pages {
+            assert_escaped(&page.expect("renders"));
+        }
+    }
 }

@@ -101,19 +101,3 @@ pub fn set_cookie(
     ))
     .unwrap_or_else(|_| HeaderValue::from_static("kg_invalid=1"))
 }
-
-/// Escapes text for HTML content and attribute values (keygate's hand-built pages).
-pub fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}

@@ -6,7 +6,6 @@
 //! a route cannot be added without it.
 #![allow(missing_docs)] // the schema types below are documented by their OpenAPI text
 
-use crate::headers::esc;
 use crate::state::AppState;
 use axum::extract::State;
 use axum::http::{header, HeaderValue};
@@ -342,79 +341,67 @@ pub async fn openapi_json() -> Response {
         .into_response()
 }
 
+/// One operation on the `/docs` page.
+struct DocOp {
+    method: &'static str,
+    path: String,
+    summary: String,
+    description: Option<String>,
+    params: Vec<String>,
+    statuses: Vec<String>,
+}
+
+#[derive(askama::Template)]
+#[template(path = "api-docs.html")]
+struct DocsPage {
+    tags: Vec<(String, Vec<DocOp>)>,
+}
+
 /// `GET /docs`: the description as one page, rendered here (no script, nothing fetched from
 /// elsewhere), grouped by tag.
-pub async fn docs() -> Html<String> {
-    static PAGE: OnceLock<String> = OnceLock::new();
-    Html(
-        PAGE.get_or_init(|| {
-            let api = ApiDoc::openapi();
-            let mut by_tag: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-            for (path, item) in &api.paths.paths {
-                let ops = [
-                    ("GET", &item.get),
-                    ("POST", &item.post),
-                    ("PATCH", &item.patch),
-                    ("DELETE", &item.delete),
-                ];
-                for (method, op) in ops {
-                    let Some(op) = op else { continue };
-                    let tag = op
-                        .tags
-                        .as_ref()
-                        .and_then(|t| t.first().cloned())
-                        .unwrap_or_default();
-                    let params: Vec<String> = op
+pub async fn docs() -> Response {
+    static PAGE: OnceLock<Result<String, String>> = OnceLock::new();
+    let page = PAGE.get_or_init(|| {
+        let api = ApiDoc::openapi();
+        let mut by_tag: std::collections::BTreeMap<String, Vec<DocOp>> = Default::default();
+        for (path, item) in &api.paths.paths {
+            let ops = [
+                ("GET", &item.get),
+                ("POST", &item.post),
+                ("PATCH", &item.patch),
+                ("DELETE", &item.delete),
+            ];
+            for (method, op) in ops {
+                let Some(op) = op else { continue };
+                let tag = op
+                    .tags
+                    .as_ref()
+                    .and_then(|t| t.first().cloned())
+                    .unwrap_or_default();
+                by_tag.entry(tag).or_default().push(DocOp {
+                    method,
+                    path: path.clone(),
+                    summary: op.summary.clone().unwrap_or_default(),
+                    description: op.description.clone(),
+                    params: op
                         .parameters
                         .iter()
                         .flatten()
-                        .map(|p| format!("<code>{}</code>", esc(&p.name)))
-                        .collect();
-                    let statuses: Vec<String> = op
-                        .responses
-                        .responses
-                        .keys()
-                        .map(|s| format!("<code>{}</code>", esc(s)))
-                        .collect();
-                    by_tag.entry(tag).or_default().push(format!(
-                        "<section><h3><code>{method} {path}</code></h3><p>{summary}</p>{desc}\
-                         {params}<p>Answers: {statuses}</p></section>",
-                        path = esc(path),
-                        summary = esc(op.summary.as_deref().unwrap_or("")),
-                        desc = op
-                            .description
-                            .as_deref()
-                            .map(|d| format!("<p>{}</p>", esc(d)))
-                            .unwrap_or_default(),
-                        params = if params.is_empty() {
-                            String::new()
-                        } else {
-                            format!("<p>Parameters: {}</p>", params.join(", "))
-                        },
-                        statuses = statuses.join(" "),
-                    ));
-                }
+                        .map(|p| p.name.clone())
+                        .collect(),
+                    statuses: op.responses.responses.keys().cloned().collect(),
+                });
             }
-            let mut body = String::new();
-            for (tag, ops) in by_tag {
-                body.push_str(&format!("<h2 id=\"{0}\">{0}</h2>", esc(&tag)));
-                for o in ops {
-                    body.push_str(&o);
-                }
-            }
-            format!(
-                "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-                 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-                 <title>keygate API</title><style>body{{font:15px/1.5 system-ui,sans-serif;\
-                 max-width:60rem;margin:2rem auto;padding:0 1rem}}code{{background:#f3f4f6;\
-                 padding:0 .2rem}}section{{border-top:1px solid #e5e7eb}}</style></head><body>\
-                 <main><h1>keygate API</h1><p>The machine-readable description is \
-                 <a href=\"/openapi.json\">/openapi.json</a> (OpenAPI 3.1); a guide for AI \
-                 canvases is <a href=\"/llms.txt\">/llms.txt</a>.</p>{body}</main></body></html>"
-            )
+        }
+        askama::Template::render(&DocsPage {
+            tags: by_tag.into_iter().collect(),
         })
-        .clone(),
-    )
+        .map_err(|e| e.to_string())
+    });
+    match page {
+        Ok(html) => Html(html.clone()).into_response(),
+        Err(e) => crate::error::ApiError::internal("docs page", e).into_response(),
+    }
 }
 
 /// `GET /llms.txt`: how browser code (an AI canvas) calls an API behind keygate with a `pk` key.

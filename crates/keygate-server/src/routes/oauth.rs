@@ -8,7 +8,7 @@
 //! redirect URI cannot be trusted, which gets an error page and never a redirect.
 
 use super::{detached, Ctx};
-use crate::headers::{cookie, esc};
+use crate::headers::cookie;
 use crate::state::{now_ms, AppState};
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, RawQuery, State};
@@ -249,15 +249,7 @@ struct Session {
 
 /// What the authorization endpoint answers before it can trust the redirect URI.
 fn error_page(status: StatusCode, message: &str) -> Response {
-    page(
-        status,
-        "Authorization error",
-        &format!(
-            "<h1>This request cannot be completed</h1><p role=\"alert\">{}</p>",
-            esc(message)
-        ),
-        None,
-    )
+    page(status, &ErrorPage { message }, None)
 }
 
 /// Redirects to the client with `params` (and `state` and `iss`, RFC 9207).
@@ -532,14 +524,9 @@ fn cookie_header(state: &AppState, name: &str, value: &str, max_age_s: i64) -> H
     crate::headers::set_cookie(&state.oauth.issuer, "/oauth", name, value, max_age_s)
 }
 
-fn hidden_fields(state: &AppState, req: &AuthRequest) -> String {
-    let sealed = state.oauth.seal("request", req, now_ms() + FORM_TTL_MS);
-    format!(
-        "<input type=\"hidden\" name=\"request\" value=\"{}\">\
-         <input type=\"hidden\" name=\"csrf\" value=\"{}\">",
-        esc(&sealed),
-        esc(&req.csrf)
-    )
+/// The sealed request a form carries (it comes back with the form, tamper-evident).
+fn sealed_request(state: &AppState, req: &AuthRequest) -> String {
+    state.oauth.seal("request", req, now_ms() + FORM_TTL_MS)
 }
 
 fn login_page(
@@ -549,26 +536,15 @@ fn login_page(
     status: StatusCode,
     error: Option<&str>,
 ) -> Response {
-    let error = error.map_or_else(String::new, |e| {
-        format!("<p class=\"error\" role=\"alert\">{}</p>", esc(e))
-    });
-    let body = format!(
-        "<h1>Sign in</h1>\
-         <p><strong>{client}</strong> wants to access your account.</p>{error}\
-         <form method=\"post\" action=\"/oauth/authorize\">{hidden}\
-         <input type=\"hidden\" name=\"action\" value=\"login\">\
-         <label for=\"email\">Email</label>\
-         <input id=\"email\" name=\"email\" type=\"email\" autocomplete=\"username\" required autofocus>\
-         <label for=\"password\">Password</label>\
-         <input id=\"password\" name=\"password\" type=\"password\" autocomplete=\"current-password\" required>\
-         <button type=\"submit\">Sign in</button></form>",
-        client = esc(&client.name),
-        hidden = hidden_fields(state, req),
-    );
+    let form = LoginPage {
+        client: &client.name,
+        error,
+        request: &sealed_request(state, req),
+        csrf: &req.csrf,
+    };
     page(
         status,
-        "Sign in",
-        &body,
+        &form,
         Some(cookie_header(
             state,
             CSRF_COOKIE,
@@ -584,28 +560,16 @@ fn consent_page(
     req: &AuthRequest,
     user: &User,
 ) -> Response {
-    let scopes: String = req
-        .scope
-        .iter()
-        .map(|s| format!("<li><code>{}</code></li>", esc(s)))
-        .collect();
-    let body = format!(
-        "<h1>Allow access?</h1>\
-         <p>Signed in as <strong>{email}</strong>.</p>\
-         <p><strong>{client}</strong> asks for:</p><ul>{scopes}</ul>\
-         <form method=\"post\" action=\"/oauth/authorize\">{hidden}\
-         <input type=\"hidden\" name=\"action\" value=\"consent\">\
-         <button type=\"submit\" name=\"decision\" value=\"allow\">Allow</button> \
-         <button type=\"submit\" name=\"decision\" value=\"deny\" class=\"secondary\">Deny</button>\
-         </form>",
-        email = esc(&user.email),
-        client = esc(&client.name),
-        hidden = hidden_fields(state, req),
-    );
+    let form = ConsentPage {
+        email: &user.email,
+        client: &client.name,
+        scopes: &req.scope,
+        request: &sealed_request(state, req),
+        csrf: &req.csrf,
+    };
     page(
         StatusCode::OK,
-        "Allow access",
-        &body,
+        &form,
         Some(cookie_header(
             state,
             CSRF_COOKIE,
@@ -1370,24 +1334,38 @@ pub async fn jwks(State(state): State<AppState>) -> Response {
 }
 
 // ---------------------------------------------------------------------------------------
-// Pages. Why by hand rather than a template engine: two small forms; every value goes
-// through `headers::esc`.
+// Pages: askama templates under `templates/oauth/`, which escape every value.
 
-fn page(status: StatusCode, title: &str, body: &str, cookie: Option<HeaderValue>) -> Response {
-    let html = format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{title} · keygate</title><style>\
-         body{{font:16px/1.5 system-ui,sans-serif;max-width:26rem;margin:3rem auto;padding:0 1rem;color:#111}}\
-         label{{display:block;margin-top:1rem;font-weight:600}}\
-         input{{width:100%;box-sizing:border-box;padding:.5rem;font:inherit}}\
-         button{{margin-top:1.25rem;padding:.5rem 1.25rem;font:inherit;background:#1d4ed8;color:#fff;border:0;border-radius:4px}}\
-         button.secondary{{background:#e5e7eb;color:#111}}\
-         button:focus,input:focus{{outline:3px solid #f59e0b}}\
-         .error{{color:#b91c1c;font-weight:600}}</style></head>\
-         <body><main>{body}</main></body></html>",
-        title = esc(title),
-    );
+#[derive(askama::Template)]
+#[template(path = "oauth/error.html")]
+struct ErrorPage<'a> {
+    message: &'a str,
+}
+
+#[derive(askama::Template)]
+#[template(path = "oauth/login.html")]
+struct LoginPage<'a> {
+    client: &'a str,
+    error: Option<&'a str>,
+    request: &'a str,
+    csrf: &'a str,
+}
+
+#[derive(askama::Template)]
+#[template(path = "oauth/consent.html")]
+struct ConsentPage<'a> {
+    email: &'a str,
+    client: &'a str,
+    scopes: &'a [String],
+    request: &'a str,
+    csrf: &'a str,
+}
+
+fn page(status: StatusCode, t: &impl askama::Template, cookie: Option<HeaderValue>) -> Response {
+    let html = match t.render() {
+        Ok(html) => html,
+        Err(e) => return crate::error::ApiError::internal("oauth page", &e).into_response(),
+    };
     let mut res = (status, axum::response::Html(html)).into_response();
     let h = res.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -1406,4 +1384,38 @@ fn page(status: StatusCode, title: &str, body: &str, cookie: Option<HeaderValue>
         h.append(header::SET_COOKIE, c);
     }
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use askama::Template;
+
+    const EVIL: &str = "\"><script>alert(1)</script>'";
+
+    #[test]
+    fn every_page_escapes_every_field() {
+        let scopes = vec![EVIL.to_owned()];
+        let pages = [
+            ErrorPage { message: EVIL }.render(),
+            LoginPage {
+                client: EVIL,
+                error: Some(EVIL),
+                request: EVIL,
+                csrf: EVIL,
+            }
+            .render(),
+            ConsentPage {
+                email: EVIL,
+                client: EVIL,
+                scopes: &scopes,
+                request: EVIL,
+                csrf: EVIL,
+            }
+            .render(),
+        ];
+        for page in pages {
+            crate::dashboard::tests::assert_escaped(&page.expect("renders"));
+        }
+    }
 }
