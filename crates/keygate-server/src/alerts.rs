@@ -12,6 +12,7 @@
 use crate::state::{now_ms, AppState};
 use keygate_store::{Alert, RawEvent, UsageOf};
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -401,16 +402,23 @@ pub async fn check_expiring(state: &AppState) {
     }
 }
 
+/// The alert task's name under supervision (`crate::supervisor`).
+pub const ALERTS_TASK: &str = "alerts";
+
 /// Judges shipped audit events as they come, and looks for expiring keys every hour.
+/// `events` is shared so that a restarted task (see `crate::supervisor`) reads on where the
+/// last one stopped.
 pub async fn run_alerts(
     state: AppState,
-    mut events: mpsc::Receiver<Vec<Seen>>,
+    events: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<Seen>>>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let mut events = events.lock().await;
     let mut rules = Rules::default();
     let mut hourly = tokio::time::interval(Duration::from_secs(3600));
     let mut open = true; // without an audit log there are no batches, only the hourly check
     loop {
+        crate::supervisor::checkpoint(ALERTS_TASK);
         tokio::select! {
             batch = events.recv(), if open => match batch {
                 Some(b) => rules.observe(&state, &b).await,

@@ -761,6 +761,9 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// Ships every `every` until `stop` fires, then once more (shutdown flush).
+/// The shipper's name under supervision (`crate::supervisor`).
+pub const SHIPPER_TASK: &str = "audit-shipper";
+
 pub async fn run_shipper(
     log: Arc<AuditLog>,
     store: Arc<dyn Store>,
@@ -779,40 +782,13 @@ pub async fn run_shipper(
             _ = tick.tick() => false,
             _ = stop.changed() => true,
         };
+        crate::supervisor::checkpoint(SHIPPER_TASK);
         if let Err(e) = shipper.ship(&log, &*store).await {
             // The segments keep everything; the next tick tries again.
             tracing::warn!("audit events not shipped yet: {e}");
         }
         if stopping {
             return;
-        }
-    }
-}
-
-/// [`run_shipper`], restarted after a panic (logged as an error): a bug met in one batch must
-/// not end shipping for good. A restarted shipper starts from the stored heads, so nothing is
-/// shipped twice.
-pub async fn run_shipper_supervised(
-    log: Arc<AuditLog>,
-    store: Arc<dyn Store>,
-    every: Duration,
-    stop: tokio::sync::watch::Receiver<bool>,
-    observer: Option<tokio::sync::mpsc::Sender<Vec<crate::alerts::Seen>>>,
-) {
-    loop {
-        let run = tokio::spawn(run_shipper(
-            log.clone(),
-            store.clone(),
-            every,
-            stop.clone(),
-            observer.clone(),
-        ));
-        match run.await {
-            Err(e) if e.is_panic() && !*stop.borrow() => {
-                tracing::error!("the audit shipper panicked; restarting it in 1 s: {e}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            _ => return,
         }
     }
 }

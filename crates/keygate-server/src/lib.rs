@@ -23,6 +23,7 @@ pub mod routes;
 pub mod server;
 pub mod startup;
 pub mod state;
+pub mod supervisor;
 pub mod telemetry;
 pub mod views;
 pub mod webhooks;

@@ -264,6 +264,9 @@ pub async fn add_signing_key(store: &dyn Store) -> Result<String, String> {
 /// Re-reads the signing keys every [`RELOAD_INTERVAL`] and, on the node holding the
 /// `signing-key` lease, makes a new one when the active key is older than
 /// `oauth.signing_key_rotation_days`.
+/// The signing-key task's name under supervision (`crate::supervisor`).
+pub const SIGNING_KEYS_TASK: &str = "signing-keys";
+
 pub async fn run_signing_keys(
     state: crate::state::AppState,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -271,6 +274,7 @@ pub async fn run_signing_keys(
     let mut tick = tokio::time::interval(RELOAD_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        crate::supervisor::checkpoint(SIGNING_KEYS_TASK);
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,

@@ -249,6 +249,9 @@ async fn rotate_one(
 }
 
 /// Checks every `rotation.check_seconds` until `stop` fires.
+/// The rotation task's name under supervision (`crate::supervisor`).
+pub const ROTATION_TASK: &str = "rotation";
+
 pub async fn run_rotation(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
     let client = match crate::webhooks::client(&state) {
         Ok(c) => c,
@@ -262,6 +265,7 @@ pub async fn run_rotation(state: AppState, mut stop: tokio::sync::watch::Receive
     ));
     let mut backoff = Backoff::new();
     loop {
+        crate::supervisor::checkpoint(ROTATION_TASK);
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,

@@ -5,6 +5,7 @@ use crate::error::{ApiError, RequestId};
 use crate::issue::{self, CreateKey};
 use crate::routes::{self, DEFAULT_TENANT};
 use crate::state::{now_ms, run_touch_flusher, AppState, Inner};
+use crate::supervisor::supervise;
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::middleware::Next;
@@ -176,11 +177,12 @@ impl Application {
         let (node_id, audit) = open_audit(&config, &*store).await?;
         let (format, hasher) = key_tools(&config)?;
         let (touch_tx, touch_rx) = mpsc::channel(65_536);
-        let touch_task = tokio::spawn(run_touch_flusher(
-            store.clone(),
-            touch_rx,
-            Duration::from_secs(1),
-        ));
+        let touch_task = {
+            let (store, rx) = (store.clone(), Arc::new(tokio::sync::Mutex::new(touch_rx)));
+            supervise("last-used", move || {
+                run_touch_flusher(store.clone(), Arc::clone(&rx), Duration::from_secs(1))
+            })
+        };
         let cache = moka::sync::Cache::builder()
             .max_capacity(config.cache.max_entries)
             .time_to_live(Duration::from_secs(config.cache.ttl_seconds.max(1)))
@@ -302,58 +304,81 @@ impl Application {
             touch_task,
             ..
         } = self;
-        let changes = tokio::spawn(crate::state::run_change_listener(state.clone()));
+        // Every background task runs under `supervise`: a panic is logged and the task starts
+        // again. Each is made afresh from what its closure holds.
+        let changes = {
+            let s = state.clone();
+            supervise("change-feed", move || {
+                crate::state::run_change_listener(s.clone())
+            })
+        };
         let (stop_audit, audit_stopped) = tokio::sync::watch::channel(false);
-        let deliveries = tokio::spawn(crate::webhooks::run_deliveries(
-            state.clone(),
-            audit_stopped.clone(),
-        ));
-        let signing_keys = tokio::spawn(crate::oauth::run_signing_keys(
-            state.clone(),
-            audit_stopped.clone(),
-        ));
-        let rotation = tokio::spawn(crate::rotation::run_rotation(
-            state.clone(),
-            audit_stopped.clone(),
-        ));
+        let deliveries = {
+            let (s, stop) = (state.clone(), audit_stopped.clone());
+            supervise(crate::webhooks::DELIVERIES_TASK, move || {
+                crate::webhooks::run_deliveries(s.clone(), stop.clone())
+            })
+        };
+        let signing_keys = {
+            let (s, stop) = (state.clone(), audit_stopped.clone());
+            supervise(crate::oauth::SIGNING_KEYS_TASK, move || {
+                crate::oauth::run_signing_keys(s.clone(), stop.clone())
+            })
+        };
+        let rotation = {
+            let (s, stop) = (state.clone(), audit_stopped.clone());
+            supervise(crate::rotation::ROTATION_TASK, move || {
+                crate::rotation::run_rotation(s.clone(), stop.clone())
+            })
+        };
         let (alert_tx, alert_rx) = mpsc::channel(64);
-        let alerts = tokio::spawn(crate::alerts::run_alerts(
-            state.clone(),
-            alert_rx,
-            audit_stopped.clone(),
-        ));
+        let alerts = {
+            let (s, stop) = (state.clone(), audit_stopped.clone());
+            let rx = Arc::new(tokio::sync::Mutex::new(alert_rx));
+            supervise(crate::alerts::ALERTS_TASK, move || {
+                crate::alerts::run_alerts(s.clone(), Arc::clone(&rx), stop.clone())
+            })
+        };
         let shipper = state.audit.clone().map(|log| {
-            tokio::spawn(crate::audit::run_shipper_supervised(
-                log,
-                state.store.clone(),
-                Duration::from_millis(state.config.audit.ship_interval_ms.max(10)),
-                audit_stopped,
-                Some(alert_tx),
-            ))
+            let store = state.store.clone();
+            let every = Duration::from_millis(state.config.audit.ship_interval_ms.max(10));
+            // A restarted shipper starts from the stored heads, so nothing is shipped twice.
+            supervise(crate::audit::SHIPPER_TASK, move || {
+                crate::audit::run_shipper(
+                    log.clone(),
+                    store.clone(),
+                    every,
+                    audit_stopped.clone(),
+                    Some(alert_tx.clone()),
+                )
+            })
         });
         let sweeper = {
             let s = state.clone();
-            tokio::spawn(async move {
-                let mut t = tokio::time::interval(Duration::from_secs(60));
-                for minute in 0u64.. {
-                    t.tick().await;
-                    s.counters.sweep(now_ms(), 86_400_000);
-                    if minute % 60 == 0 {
-                        let days = i64::try_from(s.config.audit.usage_retention_days)
-                            .unwrap_or(i64::MAX / 86_400_000 - 1);
-                        let before = now_ms().saturating_sub(days.saturating_mul(86_400_000));
-                        if let Err(e) = s.store.prune_usage(before).await {
-                            tracing::warn!("could not prune old usage: {e}");
-                        }
-                        let forget = i64::try_from(s.config.login.forget_after_seconds)
-                            .unwrap_or(i64::MAX / 1000)
-                            .saturating_mul(1000);
-                        if let Err(e) = s
-                            .store
-                            .prune_login_throttles(now_ms().saturating_sub(forget))
-                            .await
-                        {
-                            tracing::warn!("could not prune old sign-in failures: {e}");
+            supervise("sweeper", move || {
+                let s = s.clone();
+                async move {
+                    let mut t = tokio::time::interval(Duration::from_secs(60));
+                    for minute in 0u64.. {
+                        t.tick().await;
+                        s.counters.sweep(now_ms(), 86_400_000);
+                        if minute % 60 == 0 {
+                            let days = i64::try_from(s.config.audit.usage_retention_days)
+                                .unwrap_or(i64::MAX / 86_400_000 - 1);
+                            let before = now_ms().saturating_sub(days.saturating_mul(86_400_000));
+                            if let Err(e) = s.store.prune_usage(before).await {
+                                tracing::warn!("could not prune old usage: {e}");
+                            }
+                            let forget = i64::try_from(s.config.login.forget_after_seconds)
+                                .unwrap_or(i64::MAX / 1000)
+                                .saturating_mul(1000);
+                            if let Err(e) = s
+                                .store
+                                .prune_login_throttles(now_ms().saturating_sub(forget))
+                                .await
+                            {
+                                tracing::warn!("could not prune old sign-in failures: {e}");
+                            }
                         }
                     }
                 }

@@ -887,9 +887,10 @@ static FALLBACK_PLAN: PlanConfig = PlanConfig {
 /// writes what is left.
 pub async fn run_touch_flusher(
     store: Arc<dyn Store>,
-    mut rx: mpsc::Receiver<Arc<CachedKey>>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Arc<CachedKey>>>>,
     every: Duration,
 ) {
+    let mut rx = rx.lock().await;
     let mut batch: Vec<Arc<CachedKey>> = Vec::new();
     let mut tick = tokio::time::interval(every);
     loop {

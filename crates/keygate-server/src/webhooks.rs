@@ -200,6 +200,9 @@ impl Inner {
 }
 
 /// Sends due deliveries until `stop` fires: woken by new events, and every second for retries.
+/// The delivery task's name under supervision (`crate::supervisor`).
+pub const DELIVERIES_TASK: &str = "webhook-deliveries";
+
 pub async fn run_deliveries(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
     let client = match client(&state) {
         Ok(c) => c,
@@ -209,6 +212,7 @@ pub async fn run_deliveries(state: AppState, mut stop: tokio::sync::watch::Recei
         }
     };
     loop {
+        crate::supervisor::checkpoint(DELIVERIES_TASK);
         tokio::select! {
             _ = state.webhook_wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(state.config.webhooks.poll_ms.max(10))) => {}

@@ -678,3 +678,130 @@ async fn a_budget_crossing_the_warning_and_running_out_at_once_raises_both_event
         .iter()
         .all(|(_, _, b)| b["type"] == "key.budget_warning"));
 }
+
+/// `keygate_task_restarts_total{task="…"}` on `/metrics`.
+async fn restarts(app: &TestApp, task: &str) -> u64 {
+    let text = app.get("/metrics").await.text().await.expect("body");
+    let line = format!("keygate_task_restarts_total{{task=\"{task}\"}}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&line)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_background_task_survives_a_panic_and_its_work_goes_on() {
+    use keygate_server::supervisor;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = |c: &mut keygate_server::Config| {
+        fast_retries(c);
+        c.rotation.check_seconds = 1;
+        c.oauth.signing_key_rotation_days = 1;
+    };
+    // A first start makes the signing key and a key due for rotation; both are then aged two
+    // days, so that each task has work the moment it runs again.
+    let first = TestApp::spawn_in(dir.path(), settings).await;
+    let root = first.root.clone();
+    let (_, rec) = first
+        .create_key(json!({"kind": "sk", "name": "rotating", "rotation_days": 1}))
+        .await;
+    let due = rec["id"].as_str().expect("id").to_string();
+    let db = first.db_path.clone();
+    first.stop().await;
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .expect("open");
+    let two_days_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+        - 2 * 86_400_000;
+    for sql in [
+        "UPDATE keys SET created_at = ?",
+        "UPDATE oauth_signing_keys SET created_at = ?",
+    ] {
+        sqlx::query(sql)
+            .bind(two_days_ago)
+            .execute(&pool)
+            .await
+            .expect("age");
+    }
+    pool.close().await;
+
+    // Each kind of task panics the first time it reaches its checkpoint.
+    let tasks = [
+        keygate_server::audit::SHIPPER_TASK,
+        keygate_server::webhooks::DELIVERIES_TASK,
+        keygate_server::alerts::ALERTS_TASK,
+        keygate_server::rotation::ROTATION_TASK,
+        keygate_server::oauth::SIGNING_KEYS_TASK,
+    ];
+    for t in tasks {
+        supervisor::panic_next(t);
+    }
+    let app = TestApp::spawn_in(dir.path(), settings)
+        .await
+        .with_root(root);
+    for t in tasks {
+        eventually(|| async { restarts(&app, t).await == 1 }).await;
+    }
+
+    // Deliveries: a new key's event reaches the endpoint.
+    let rx = Receiver::start().await;
+    let (_, secret) = endpoint(&app, &rx.url, json!(["key.created"])).await;
+    *rx.secret.lock().expect("lock") = secret;
+    let (key, rec) = app
+        .create_key(json!({"kind": "sk", "name": "after", "budget": 10}))
+        .await;
+    let id = rec["id"].as_str().expect("id").to_string();
+    eventually(|| async {
+        rx.seen()
+            .iter()
+            .any(|(_, ok, v)| *ok && v["data"]["key_id"] == id.as_str())
+    })
+    .await;
+    // Shipper and alerts: decisions are shipped to the store, and 8 of 10 credits raise the
+    // budget warning.
+    for _ in 0..8 {
+        assert_eq!(app.auth(Some(&key), &[]).await.status(), StatusCode::OK);
+    }
+    eventually(|| async {
+        let v: Value = app
+            .get(&format!("/v1/audit?key_id={id}&action=request.decided"))
+            .await
+            .json()
+            .await
+            .expect("json");
+        v["data"].as_array().map(Vec::len) == Some(8)
+    })
+    .await;
+    eventually(|| async {
+        let v: Value = app.get("/v1/alerts").await.json().await.expect("json");
+        v["data"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|x| x["kind"] == "key.budget_warning" && x["key_id"] == id.as_str())
+        })
+    })
+    .await;
+    // Rotation: the due key has no endpoint for its successor, so an alert says so.
+    eventually(|| async {
+        let v: Value = app.get("/v1/alerts").await.json().await.expect("json");
+        v["data"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|x| x["data"]["rule"] == "rotation_blocked" && x["key_id"] == due.as_str())
+        })
+    })
+    .await;
+    // Signing keys: the aged key was replaced; both are published.
+    eventually(|| async {
+        let v: Value = app
+            .get("/.well-known/jwks.json")
+            .await
+            .json()
+            .await
+            .expect("json");
+        v["keys"].as_array().map(Vec::len) == Some(2)
+    })
+    .await;
+    for t in tasks {
+        assert_eq!(restarts(&app, t).await, 1, "{t} restarted once");
+    }
+}
