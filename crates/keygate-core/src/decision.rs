@@ -52,6 +52,31 @@ pub enum Code {
 }
 
 impl Code {
+    /// Every code, in declaration order.
+    pub const ALL: [Code; 16] = [
+        Code::Valid,
+        Code::MissingKey,
+        Code::MalformedKey,
+        Code::UnknownKey,
+        Code::Revoked,
+        Code::Expired,
+        Code::BudgetExhausted,
+        Code::InsufficientCredits,
+        Code::ForbiddenScope,
+        Code::OriginNotAllowed,
+        Code::IpNotAllowed,
+        Code::BlockedForKeyType,
+        Code::TenantMismatch,
+        Code::PlanFeature,
+        Code::RateLimited,
+        Code::Unavailable,
+    ];
+
+    /// The code named `s` as on the wire (`"BUDGET_EXHAUSTED"`), if there is one.
+    pub fn parse(s: &str) -> Option<Code> {
+        Code::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
     /// The code as it appears on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -335,6 +360,20 @@ pub fn decide(key: Option<&KeyPolicy>, req: &RequestFacts<'_>) -> Result<Charge,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_code_parses_back_from_its_name() {
+        for c in Code::ALL {
+            assert_eq!(Code::parse(c.as_str()), Some(c));
+            // The wire name is the serde name too.
+            assert_eq!(
+                serde_json::to_string(&c).ok(),
+                Some(format!("\"{}\"", c.as_str()))
+            );
+        }
+        assert_eq!(Code::parse("budget_exhausted"), None);
+        assert_eq!(Code::parse(""), None);
+    }
 
     fn pk() -> KeyPolicy {
         KeyPolicy {

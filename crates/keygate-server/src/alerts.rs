@@ -10,6 +10,7 @@
 //! per node), while budgets, credits and sightings are read from the shared store.
 
 use crate::state::{now_ms, AppState};
+use keygate_core::{Code, Kind};
 use keygate_store::{Alert, RawEvent, UsageOf};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -17,7 +18,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// Refusal codes that point at someone probing a key.
-const PROBING: &[&str] = &["ORIGIN_NOT_ALLOWED", "IP_NOT_ALLOWED", "FORBIDDEN_SCOPE"];
+const PROBING: &[Code] = &[
+    Code::OriginNotAllowed,
+    Code::IpNotAllowed,
+    Code::ForbiddenScope,
+];
 
 /// Decided requests of one batch with the same key, tenant, code, minute and place: what the
 /// rules need of the events, counted.
@@ -28,7 +33,7 @@ pub struct Seen {
     /// Its tenant.
     pub tenant: String,
     /// Decision code.
-    pub code: String,
+    pub code: Code,
     /// The minute (Unix ms) they fall in.
     pub minute: i64,
     /// The first one's time (Unix ms): when a place was first seen.
@@ -50,7 +55,7 @@ pub fn summarize(events: &[&RawEvent<'_>]) -> Vec<Seen> {
     type Group<'a> = (
         &'a str,
         &'a str,
-        &'a str,
+        Code,
         i64,
         Option<&'a str>,
         Option<&'a str>,
@@ -63,11 +68,15 @@ pub fn summarize(events: &[&RawEvent<'_>]) -> Vec<Seen> {
         if h.action != "request.decided" {
             continue;
         }
-        let (Some(key), Some(tenant), Some(code)) = (&h.key_id, &h.tenant_id, &h.code) else {
+        let (Some(key), Some(tenant), Some(code)) = (
+            &h.key_id,
+            &h.tenant_id,
+            h.code.as_deref().and_then(Code::parse),
+        ) else {
             continue;
         };
         let minute = h.at_ms - h.at_ms.rem_euclid(60_000);
-        let (ip, origin) = if h.kind.as_deref() == Some("pk") {
+        let (ip, origin) = if matches!(h.kind.as_deref().map(Kind::parse), Some(Ok(Kind::Pk))) {
             (None, None)
         } else {
             (
@@ -75,7 +84,7 @@ pub fn summarize(events: &[&RawEvent<'_>]) -> Vec<Seen> {
                 h.origin.as_deref().filter(|o| o.len() <= 255),
             )
         };
-        let group = (&**key, &**tenant, &**code, minute, ip, origin);
+        let group = (&**key, &**tenant, code, minute, ip, origin);
         // One key's traffic repeats the group of the event before: no hashing then.
         let i = match last {
             Some((g, i)) if g == group => i,
@@ -83,7 +92,7 @@ pub fn summarize(events: &[&RawEvent<'_>]) -> Vec<Seen> {
                 out.push(Seen {
                     key: key.to_string(),
                     tenant: tenant.to_string(),
-                    code: code.to_string(),
+                    code,
                     minute,
                     first_ms: h.at_ms,
                     requests: 0,
@@ -194,7 +203,7 @@ impl Rules {
         let mut spikes: Vec<(&str, &str, i64, u32)> = Vec::new();
         let mut exhausted: Vec<(&str, &str)> = Vec::new();
         for s in seen {
-            let (key, tenant, code, minute) = (&*s.key, &*s.tenant, &*s.code, s.minute);
+            let (key, tenant, code, minute) = (&*s.key, &*s.tenant, s.code, s.minute);
             if PROBING.contains(&code) && cfg.refusal_burst > 0 {
                 let n = self.refusals.entry((slot(key), minute)).or_default();
                 let before = *n;
@@ -212,17 +221,17 @@ impl Rules {
                     .await;
                 }
             }
-            if code == "BUDGET_EXHAUSTED" {
+            if code == Code::BudgetExhausted {
                 // Raised after the warnings below: a batch can cross both thresholds.
                 exhausted.push((key, tenant));
                 if cfg.budget_warning_percent > 0 {
                     budget_keys.insert(key);
                 }
             }
-            if code == "INSUFFICIENT_CREDITS" {
+            if code == Code::InsufficientCredits {
                 tenants.insert(tenant);
             }
-            if code != "VALID" {
+            if code != Code::Valid {
                 continue;
             }
             if s.credits > 0 {

@@ -152,6 +152,14 @@ impl ApiError {
         Self::new(StatusCode::CONFLICT, "CONFLICT", message)
     }
 
+    /// The refusal for `code` (its status), with a message saying what exactly was refused.
+    pub fn because(code: Code, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            message: message.into(),
+            ..Self::decision(code, None)
+        }
+    }
+
     /// A decision refusal.
     pub fn decision(code: Code, rate: Option<RateDecision>) -> Self {
         Self {

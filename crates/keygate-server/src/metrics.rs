@@ -130,9 +130,8 @@ pub async fn render_for_operator(
         .await
     {
         Ok(c) if c.tenant() == crate::routes::DEFAULT_TENANT => render().await,
-        Ok(_) => crate::error::ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "FORBIDDEN_SCOPE",
+        Ok(_) => crate::error::ApiError::because(
+            keygate_core::Code::ForbiddenScope,
             "metrics are for the operator's keys (tenant default) with scope metrics:read",
         )
         .into_response(),

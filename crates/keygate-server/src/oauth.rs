@@ -353,8 +353,9 @@ impl Inner {
                 .access_token_revoked(&claims.jti)
                 .await
                 .map_err(unavailable)?;
-        let scopes: Vec<&str> = claims.scope.split(' ').filter(|s| !s.is_empty()).collect();
-        let Ok(scopes) = ScopeSet::parse(&scopes) else {
+        let Some(Ok(scopes)) =
+            keygate_oauth::scope::parse(&claims.scope).map(|s| ScopeSet::parse(&s))
+        else {
             return Ok(None);
         };
         let now = now_ms();

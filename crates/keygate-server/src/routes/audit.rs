@@ -238,9 +238,8 @@ pub async fn verify(
 ) -> Result<axum::Json<VerifyView>, ApiError> {
     let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
     if !caller.is_operator() {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "FORBIDDEN_SCOPE",
+        return Err(ApiError::because(
+            keygate_core::Code::ForbiddenScope,
             "only the operator may verify the audit chains",
         ));
     }
@@ -361,9 +360,8 @@ pub async fn tenant_usage(
 fn tenant_wide(caller: &super::Caller) -> Result<(), ApiError> {
     match caller.own_user() {
         None => Ok(()),
-        Some(_) => Err(ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "FORBIDDEN_SCOPE",
+        Some(_) => Err(ApiError::because(
+            keygate_core::Code::ForbiddenScope,
             "a user token reads its own keys' usage and events, not the tenant's",
         )),
     }

@@ -69,10 +69,9 @@ pub async fn create(
     let tenant = caller.act_in(&state, body.tenant_id.as_deref()).await?;
     if let Some(own) = caller.own_user() {
         // A user token makes keys for its own user only, and never a secret key.
-        if body.kind == "sk" {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "FORBIDDEN_SCOPE",
+        if matches!(Kind::parse(&body.kind), Ok(Kind::Sk)) {
+            return Err(ApiError::because(
+                keygate_core::Code::ForbiddenScope,
                 "a user token makes pk and ut keys for its own user, not sk keys",
             ));
         }
@@ -82,7 +81,10 @@ pub async fn create(
         body.user_id = Some(own.to_owned());
     }
     let now = now_ms();
-    if body.kind == "sk" && body.scopes.is_none() && body.preset.is_none() {
+    if matches!(Kind::parse(&body.kind), Ok(Kind::Sk))
+        && body.scopes.is_none()
+        && body.preset.is_none()
+    {
         // A secret key made without a scope list gets the caller's scopes, never more.
         body.scopes = Some(caller.key.record.scopes.to_strings());
     }
@@ -271,9 +273,8 @@ pub async fn update(
     if caller.own_user().is_some() && caller.key.record.family_id == k.family_id {
         // A user token cannot extend or re-issue itself (a session key must end with its
         // session); another key of the user can.
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "FORBIDDEN_SCOPE",
+        return Err(ApiError::because(
+            keygate_core::Code::ForbiddenScope,
             "a user token cannot change or rotate itself",
         ));
     }
@@ -479,9 +480,8 @@ pub async fn rotate(
     if caller.own_user().is_some() && caller.key.record.family_id == old.family_id {
         // A user token cannot extend or re-issue itself (a session key must end with its
         // session); another key of the user can.
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "FORBIDDEN_SCOPE",
+        return Err(ApiError::because(
+            keygate_core::Code::ForbiddenScope,
             "a user token cannot change or rotate itself",
         ));
     }

@@ -117,9 +117,8 @@ impl Caller {
         if self.covers(scopes) {
             Ok(())
         } else {
-            Err(ApiError::new(
-                axum::http::StatusCode::FORBIDDEN,
-                "FORBIDDEN_SCOPE",
+            Err(ApiError::because(
+                keygate_core::Code::ForbiddenScope,
                 "the calling key cannot grant or manage scopes it does not hold itself",
             ))
         }

@@ -990,11 +990,9 @@ async fn refresh(
     let scope = match p.get("scope") {
         None => grant.scope.clone(),
         Some(s) => {
-            let held: Vec<&str> = grant.scope.split(' ').collect();
+            let held = scope::parse(&grant.scope).unwrap_or_default();
             match scope::parse(s) {
-                Some(asked)
-                    if !asked.is_empty() && asked.iter().all(|a| held.contains(&a.as_str())) =>
-                {
+                Some(asked) if !asked.is_empty() && asked.iter().all(|a| held.contains(a)) => {
                     scope::join(&asked)
                 }
                 _ => {

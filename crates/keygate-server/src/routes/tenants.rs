@@ -36,9 +36,8 @@ pub struct CreatedTenant {
 }
 
 fn operator_only() -> ApiError {
-    ApiError::new(
-        StatusCode::FORBIDDEN,
-        "FORBIDDEN_SCOPE",
+    ApiError::because(
+        keygate_core::Code::ForbiddenScope,
         "only the operator (a * key of the default tenant) may do this",
     )
 }

@@ -120,9 +120,8 @@ fn check_events(events: Option<Vec<String>>) -> Result<Vec<String>, ApiError> {
 /// automatic rotation (a key due for rotation waits until its successor can be delivered).
 fn may_manage(caller: &Caller, events: &[String], doing: &str) -> Result<(), ApiError> {
     if events.iter().any(|e| e == SUCCESSOR_EVENT) && !caller.key.record.scopes.has_all() {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "FORBIDDEN_SCOPE",
+        return Err(ApiError::because(
+            keygate_core::Code::ForbiddenScope,
             format!("{doing} key.rotated.successor needs a key with scope *"),
         ));
     }
