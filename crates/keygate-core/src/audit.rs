@@ -76,6 +76,16 @@ pub struct AuditEvent {
     pub line: Option<String>,
 }
 
+/// One line of a node's audit segment, as the shipper hands it to the store: the bytes as
+/// written (without the newline) and the fields read from them.
+#[derive(Debug, Clone)]
+pub struct RawEvent<'a> {
+    /// The line.
+    pub line: &'a [u8],
+    /// Its fields that the store needs.
+    pub head: LineHead<'a>,
+}
+
 /// One event's line as the shipper reads it: the fields it needs (to chain, index, count
 /// usage and judge alerts), borrowed from the line; the rest is skipped unread.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]

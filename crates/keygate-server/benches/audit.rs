@@ -49,7 +49,7 @@ fn bench(c: &mut Criterion) {
         rt.block_on(AuditLog::open(
             &dir.path().join(name),
             name,
-            &store,
+            &keygate_server::audit::StoreSink(&store),
             64 << 20,
         ))
         .expect("open")
@@ -84,7 +84,9 @@ fn bench(c: &mut Criterion) {
                     log.record(line()).expect("record");
                 }
                 let t = Instant::now();
-                let n = rt.block_on(shipper.ship(&log, &store)).expect("ship");
+                let n = rt
+                    .block_on(shipper.ship(&log, &keygate_server::audit::StoreSink(&store)))
+                    .expect("ship");
                 took += t.elapsed();
                 assert_eq!(n, 1_000);
             }

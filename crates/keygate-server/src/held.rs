@@ -492,7 +492,24 @@ mod tests {
     /// An audit log in a temporary folder (living as long as the first value), and a
     /// connected pair: the client's end, and the server's end split for holding.
     async fn held_pair() -> (tempfile::TempDir, Arc<AuditLog>, TcpStream, Io, Arc<Conn>) {
-        let (dir, _store, log) = crate::audit::tests::opened().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = keygate_store::SqliteStore::connect(&format!(
+            "sqlite://{}",
+            dir.path().join("t.db").display()
+        ))
+        .await
+        .expect("sqlite");
+        keygate_store::Store::migrate(&store)
+            .await
+            .expect("migrate");
+        let log = AuditLog::open(
+            &dir.path().join("audit"),
+            "n1",
+            &crate::audit::StoreSink(&store),
+            1 << 20,
+        )
+        .await
+        .expect("open");
         let log = Arc::new(log);
         let holds = Holds::new(Arc::clone(&log), Box::new(|_| {}));
         let (client, io, conn) = pair(&holds).await;

@@ -153,7 +153,8 @@ async fn open_audit(
     let dir = config.audit_dir();
     let node = crate::audit::node_id(config.node_id.as_deref(), &dir)
         .map_err(|e| StartupError(format!("audit directory {}: {e}", dir.display())))?;
-    let log = crate::audit::AuditLog::open(&dir, &node, store, config.audit.segment_bytes)
+    let sink = crate::audit::StoreSink(store);
+    let log = crate::audit::AuditLog::open(&dir, &node, &sink, config.audit.segment_bytes)
         .await
         .map_err(StartupError)?;
     Ok((node, Some(Arc::new(log))))

@@ -16,15 +16,7 @@ use keygate_core::audit::{event_id, hex, line_hash, LineHead};
 use keygate_core::AuditEvent;
 use std::collections::{BTreeMap, BTreeSet};
 
-/// One line of a node's audit segment, as the shipper hands it to the store: the bytes as
-/// written (without the newline) and the fields read from them.
-#[derive(Debug, Clone)]
-pub struct RawEvent<'a> {
-    /// The line.
-    pub line: &'a [u8],
-    /// Its fields that the store needs.
-    pub head: LineHead<'a>,
-}
+pub use keygate_core::audit::RawEvent;
 
 /// Columns of `audit_events`, where earlier versions stored one event per row.
 pub(crate) const COLUMNS: &str = "node, seq, id, at, tenant_id, actor, action, key_id, user_id, \
