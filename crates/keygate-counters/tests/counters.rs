@@ -530,6 +530,28 @@ async fn a_free_call_on_a_fresh_node_reports_the_whole_budget_left() {
     assert_eq!(m.budget_remaining, Some(10));
 }
 
+#[tokio::test]
+#[ignore = "bug: after release_budget (a budget PATCH) the node shows the store's remainder as \
+            of its last withdrawal, not as it is: a free call after raising a budget from 10 \
+            to 20 with 1 spent shows 9, not 19 (same stale figure after a refund that follows \
+            a release or flush; the decisions stay right)"]
+async fn a_free_call_after_a_budget_change_reports_the_new_budget_left() {
+    let db = Db::open().await;
+    db.tenant("t", None).await;
+    db.key("k", "t", Some(10)).await;
+    let c = Counters::new(db.store.clone());
+    let m = meter(&c, "k", "t", &charge(Some(10), 1), T0)
+        .await
+        .expect("allowed");
+    assert_eq!(m.budget_remaining, Some(9));
+    c.release_budget("k").await.expect("release");
+    db.set_budget("k", 20).await;
+    let m = meter(&c, "k", "t", &charge(Some(20), 0), T0)
+        .await
+        .expect("free");
+    assert_eq!(m.budget_remaining, Some(19));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rate windows
 
