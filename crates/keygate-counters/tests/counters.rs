@@ -484,6 +484,7 @@ async fn two_nodes_on_one_store_grant_a_budget_exactly_once_between_them() {
         if ra.is_err() && rb.is_err() {
             break;
         }
+        assert!(allowed <= 1_000, "still allowing after {allowed} of 500");
     }
     assert_eq!(allowed, 500);
     a.flush().await.expect("flush a");
@@ -634,6 +635,7 @@ async fn the_previous_window_weighs_by_its_overlap_with_the_sliding_window() {
             let mut n = 0;
             while meter(c, "k", "t", ch, now).await.is_ok() {
                 n += 1;
+                assert!(n <= 10, "still allowing after {n} of 3");
             }
             n
         }

@@ -165,7 +165,13 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    // No failure file: a failure prints its shrunk input, and runs against deliberately
+    // broken code (to show that these properties can fail) must not leave seeds behind.
+    #![proptest_config(ProptestConfig {
+        cases: 96,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
 
     /// Charges, some refunded at once: every decision and every figure shown is the model's.
     #[test]

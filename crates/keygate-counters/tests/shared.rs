@@ -126,7 +126,7 @@ async fn spend_all(w: &World, n: &SharedCounters, ch: &Charge) -> (u64, Refused)
             Ok(_) => allowed += 1,
             Err(r) => return (allowed, r),
         }
-        assert!(allowed <= 100_000, "never refused");
+        assert!(allowed <= 2_000, "still allowing after {allowed} calls");
     }
 }
 
