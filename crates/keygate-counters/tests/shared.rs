@@ -81,21 +81,24 @@ impl World {
     async fn credits(&self) -> Option<u64> {
         self.db.credits(&self.tenant).await
     }
+}
 
-    /// Removes this world's keys from Redis (the budget and pool leases have no expiry).
-    async fn cleanup(&self) {
-        let mut con = raw().await;
+impl Drop for World {
+    /// Removes this world's keys from Redis (budget and pool leases have no expiry), also
+    /// when the test failed. Blocking, and best effort: a test's outcome is its assertions.
+    fn drop(&mut self) {
+        let timeout = std::time::Duration::from_millis(500);
+        let Ok(mut con) =
+            redis::Client::open(redis_url()).and_then(|c| c.get_connection_with_timeout(timeout))
+        else {
+            return;
+        };
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{}:*", self.prefix))
-            .query_async(&mut con)
-            .await
-            .expect("KEYS");
+            .query(&mut con)
+            .unwrap_or_default();
         if !keys.is_empty() {
-            let _: i64 = redis::cmd("DEL")
-                .arg(&keys)
-                .query_async(&mut con)
-                .await
-                .expect("DEL");
+            let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(&keys).query(&mut con);
         }
     }
 }
@@ -147,7 +150,6 @@ async fn ping_answers_with_redis_up_and_connect_fails_without_it() {
     let down = SharedCounters::connect("redis://127.0.0.1:1", &w.prefix, w.db.store.clone()).await;
     assert!(down.is_err(), "connected to nothing");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
-    w.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -181,7 +183,6 @@ async fn leases_moved_into_redis_are_a_fiftieth_of_the_budget_and_100_of_the_poo
             pool_lease - cost,
             "{case}: pool left in Redis"
         );
-        w.cleanup().await;
     }
 }
 
@@ -206,7 +207,6 @@ async fn a_budget_of_100_allows_exactly_100_then_budget_exhausted() {
         .expect("release");
     assert_eq!(w.spent().await, 100);
     assert_eq!(n.budget_leased(&w.family, &w.tenant).await, 0);
-    w.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -247,7 +247,6 @@ async fn two_nodes_charging_at_once_grant_a_budget_of_100_exactly() {
         pool, 900,
         "the pool (store + Redis lease) paid for exactly 100"
     );
-    w.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -279,7 +278,6 @@ async fn two_nodes_charging_at_once_allow_a_rate_limit_of_60_exactly() {
             assert_eq!(e.code, Code::RateLimited, "every refusal: {e:?}");
         }
     }
-    w.cleanup().await;
 }
 
 #[tokio::test]
@@ -303,7 +301,6 @@ async fn a_spent_pool_refuses_with_insufficient_credits_and_charges_the_budget_n
         3,
         "the refused calls cost the budget nothing"
     );
-    w.cleanup().await;
 }
 
 #[tokio::test]
@@ -329,7 +326,6 @@ async fn a_cost_above_one_is_charged_in_full_and_refused_whole_when_it_does_not_
         .await
         .expect("release");
     assert_eq!(w.spent().await, 10);
-    w.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -362,7 +358,6 @@ async fn a_refund_gives_back_exactly_what_was_charged() {
     assert_eq!(w.spent().await, 10);
     let pool = w.credits().await.expect("limited") + n.credits_leased(&w.tenant).await;
     assert_eq!(pool, 90, "store + Redis: 100 − 10");
-    w.cleanup().await;
 }
 
 #[tokio::test]
@@ -383,7 +378,6 @@ async fn a_refund_leaves_alone_what_the_charge_did_not_draw_from() {
         .await
         .expect("EXISTS");
     assert_eq!(exists, 0, "no lease made up out of a refund");
-    w.cleanup().await;
 }
 
 #[tokio::test]
@@ -417,7 +411,6 @@ async fn release_budget_moves_the_redis_lease_back_to_the_store() {
         .await
         .expect("release");
     assert_eq!(w.spent().await, 103);
-    w.cleanup().await;
 }
 
 #[tokio::test]
@@ -435,7 +428,6 @@ async fn pool_changed_forgets_that_a_pool_was_unlimited() {
     let (allowed, refusal) = spend_all(&w, &n, &one).await;
     assert_eq!((allowed, refusal), (3, refused(Code::InsufficientCredits)));
     assert_eq!(w.credits().await, Some(0));
-    w.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -472,7 +464,6 @@ async fn the_script_s_rate_arithmetic_is_the_in_process_window_s_at_every_bounda
         }
         assert_eq!(passed, pass, "at t + {} ms", now - t);
     }
-    w.cleanup().await;
 }
 
 #[tokio::test]
@@ -496,7 +487,6 @@ async fn a_call_refused_for_money_uses_no_rate_slot() {
             Some(Code::BudgetExhausted)
         ]
     );
-    w.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -560,7 +550,6 @@ async fn a_window_set_to_expire_lives_two_windows_and_losing_it_resets_the_count
         .await
         .expect("release");
     assert_eq!(w.spent().await, 5, "the budget was granted once");
-    w.cleanup().await;
 }
 
 #[tokio::test]
@@ -584,7 +573,6 @@ async fn a_budget_lease_lost_from_redis_is_an_under_grant_never_a_refill() {
         .await
         .expect("release");
     assert_eq!(w.spent().await, 100);
-    w.cleanup().await;
 }
 
 #[tokio::test]
@@ -608,7 +596,6 @@ async fn a_pool_lease_lost_from_redis_is_an_under_grant_never_a_refill() {
         (w.credits().await, n.credits_leased(&w.tenant).await),
         (Some(0), 0)
     );
-    w.cleanup().await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -622,7 +609,6 @@ async fn the_figures_shown_are_what_is_left_not_the_redis_lease() {
     let w = World::new(Some(1_000), Some(100)).await;
     let n = w.node().await;
     let m = w.meter(&n, &charge(Some(100), 1), T0).await;
-    w.cleanup().await;
     let m = m.expect("allowed");
     assert_eq!(
         (m.budget_remaining, m.credits_remaining),
@@ -644,6 +630,5 @@ async fn a_late_call_from_the_previous_window_does_not_reset_the_current_one() {
     }
     let _ = w.meter(&n, &ch, edge - 1).await;
     let after = w.meter(&n, &ch, edge + 2).await.map_err(|r| r.code);
-    w.cleanup().await;
     assert_eq!(after, Err(Code::RateLimited));
 }
