@@ -90,6 +90,10 @@ impl WindowState {
 
     /// Checks a request of weight `cost` at `now_ms`; counts it if allowed.
     pub fn check(&mut self, rl: &RateLimit, now_ms: i64, cost: u32) -> RateDecision {
+        // A call stamped before the current window (a node whose clock is behind, or a request
+        // that waited for the lock behind a later one) counts in the current window: rolling
+        // the window back would wipe its count and let the limit through again.
+        let now_ms = now_ms.max(self.start_ms);
         let w = rl.window_ms();
         self.roll(w, now_ms);
         let limit = f64::from(rl.limit);
@@ -153,6 +157,19 @@ fn ceil_secs(ms: i64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_late_call_counts_in_the_current_window_and_does_not_roll_it_back() {
+        let rl = RateLimit::new(3, 60).expect("valid");
+        let mut s = WindowState::default();
+        // The new window (from 60 s) has its three calls.
+        for _ in 0..3 {
+            assert!(s.check(&rl, 120_000, 1).allowed);
+        }
+        // A call stamped 1 ms before the window (a clock behind): refused, and the count stays.
+        assert!(!s.check(&rl, 119_999, 1).allowed);
+        assert!(!s.check(&rl, 120_001, 1).allowed);
+    }
 
     #[test]
     fn fourth_request_of_three_per_minute_is_refused() {

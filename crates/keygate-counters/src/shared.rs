@@ -71,6 +71,9 @@ for i = 0, n - 1 do
       st = {s = tonumber(h[1]) or 0, p = tonumber(h[2]) or 0, c = tonumber(h[3]) or 0}
       win[kw] = st
     end
+    -- A call stamped before the current window (a clock behind, a batch out of order) counts
+    -- in it: rolling the window back would wipe its count.
+    if now < st.s then now = st.s end
     local start = now - (now % w)
     if start ~= st.s then
       if start - st.s == w then st.p = st.c else st.p = 0 end

@@ -675,10 +675,6 @@ async fn in_process_a_call_refused_for_money_still_uses_its_rate_slot() {
 }
 
 #[tokio::test]
-#[ignore = "bug (keygate_core::WindowState::roll, used here): a call whose clock reading is from \
-            just before a window rollover, metered after it (two requests racing for the \
-            window lock), rolls the window back and wipes the new window's count: 2 more calls \
-            then pass in a window that already had its 3"]
 async fn a_late_call_from_the_previous_window_does_not_reset_the_current_one() {
     let db = Db::open().await;
     let c = Counters::new(db.store.clone());

@@ -617,9 +617,6 @@ async fn the_figures_shown_are_what_is_left_not_the_redis_lease() {
 }
 
 #[tokio::test]
-#[ignore = "bug: a call stamped just before a window rollover (a node whose clock is 2 ms \
-            behind, or a request batched after a later one) rolls the script's window back and \
-            wipes the new window's count: 2 more calls then pass in a window that had its 3"]
 async fn a_late_call_from_the_previous_window_does_not_reset_the_current_one() {
     let w = World::new(None, None).await;
     let n = w.node().await;
