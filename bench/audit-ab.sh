@@ -6,6 +6,10 @@
 #   KEYGATE_BIN=/path/to/an/older/keygate bash bench/audit-ab.sh   # another build, not rebuilt
 #   BASE_BIN=/path/to/an/older/keygate bash bench/audit-ab.sh      # also: this build / that one,
 #                                                                  # both with the audit log on
+#   GATEWAY=1 BASE_BIN=… bash bench/audit-ab.sh   # only this build / that one on a gateway route
+#                                                 # to one upstream (no other pairs in between:
+#                                                 # a server loaded more often ships a longer
+#                                                 # backlog, which skews the ratio)
 #
 # keygate with the audit log off and keygate with it on (and, in the same rounds, on with
 # shipping deferred: the hot path alone) share core 0; each gets its own wrk on core 1, and
@@ -50,37 +54,60 @@ start() {
   echo "$port $key" >"$WORK/$name"
 }
 
-# load NAME SECONDS: wrk on core 1; prints requests/s, fails the run on any non-2xx answer.
+# load NAME SECONDS [URL_PATH]: wrk on core 1 (default path /v1/auth); prints requests/s, fails the run on any non-2xx answer.
 load() {
   local port key
   read -r port key <"$WORK/$1"
   taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"$2s" -H "Authorization: Bearer $key" -H "Origin: https://claude.ai" \
-    -H "X-Keygate-Scope: ocr:read" -H "X-Forwarded-For: 127.0.0.1" "http://127.0.0.1:$port/v1/auth" >"$WORK/$1.wrk"
+    -H "X-Keygate-Scope: ocr:read" -H "X-Forwarded-For: 127.0.0.1" "http://127.0.0.1:$port${3:-/v1/auth}" >"$WORK/$1.wrk"
   if grep -q Non-2xx "$WORK/$1.wrk"; then echo "$1 answered non-2xx responses: the run is invalid" >&2; exit 1; fi
   awk '/Requests\/sec/ {print $2}' "$WORK/$1.wrk"
 }
 
-# pair A B: both loaded at once; prints "rps(A) rps(B)".
+# pair A B [URL_PATH]: both loaded at once; prints "rps(A) rps(B)".
 pair() {
-  load "$1" "$DURATION" >"$WORK/$1.rps" &
+  load "$1" "$DURATION" "${3:-}" >"$WORK/$1.rps" &
   local a=$!
-  load "$2" "$DURATION" >"$WORK/$2.rps" &
+  load "$2" "$DURATION" "${3:-}" >"$WORK/$2.rps" &
   local b=$!
   wait "$a" "$b"
   echo "$(cat "$WORK/$1.rps") $(cat "$WORK/$2.rps")"
 }
 
-start off KEYGATE_AUDIT__ENABLED=false
-start on
-start deferred KEYGATE_AUDIT__SHIP_INTERVAL_MS=600000
-names="off on deferred"
+# With BASE_BIN, a gateway route to one upstream (the bare axum server, on core 1 beside the
+# wrk runs) on both builds being compared.
+ROUTES=()
+GATEWAY=${GATEWAY:-0}
+if [ "$GATEWAY" = 1 ] && [ -z "${BASE_BIN:-}" ]; then echo "GATEWAY=1 needs BASE_BIN" >&2; exit 1; fi
+if [ "$GATEWAY" = 1 ]; then
+  UPSTREAM_BIN=${UPSTREAM_BIN:-$(dirname "$BIN")/examples/baseline}
+  [ -n "${KEYGATE_BIN:-}" ] || cargo build --release -q -p keygate-server --example baseline
+  UP=$(free_port)
+  taskset -c 1 "$UPSTREAM_BIN" "127.0.0.1:$UP" 2>/dev/null &
+  ROUTES=(KEYGATE_ROUTES="[{path=\"/api/*\", upstream=\"http://127.0.0.1:$UP\", scope=\"ocr:read\", cost=1}]")
+fi
+if [ "$GATEWAY" = 1 ]; then
+  start on "${ROUTES[@]}"
+  names="on"
+else
+  start off KEYGATE_AUDIT__ENABLED=false
+  start on
+  start deferred KEYGATE_AUDIT__SHIP_INTERVAL_MS=600000
+  names="off on deferred"
+fi
 if [ -n "${BASE_BIN:-}" ]; then
-  SERVER_BIN=$BASE_BIN start base
+  SERVER_BIN=$BASE_BIN start base "${ROUTES[@]}"
   names="$names base"
 fi
-for n in $names; do load "$n" 3 >/dev/null; done # warm up
+for n in $names; do
+  if [ "$GATEWAY" = 1 ]; then load "$n" 3 /api/x >/dev/null; else load "$n" 3 >/dev/null; fi # warm up
+done
 : >"$OUT/audit-ab-rounds.txt"
 for _ in $(seq "$ROUNDS"); do
+  if [ "$GATEWAY" = 1 ]; then
+    echo "gateway $(pair base on /api/x)" >>"$OUT/audit-ab-rounds.txt"
+    continue
+  fi
   echo "on $(pair off on)" >>"$OUT/audit-ab-rounds.txt"
   echo "deferred $(pair off deferred)" >>"$OUT/audit-ab-rounds.txt"
   if [ -n "${BASE_BIN:-}" ]; then echo "build $(pair base on)" >>"$OUT/audit-ab-rounds.txt"; fi
@@ -92,11 +119,16 @@ def ratios(kind):
     return sorted(float(r[2]) / float(r[1]) for r in rows if r[0] == kind)
 on, hot = ratios("on"), ratios("deferred")
 fmt = lambda rs: ", ".join(f"{r:.2f}" for r in rs)
+f3 = lambda rs: ", ".join(f"{r:.3f}" for r in rs)
+gw = ratios("gateway")
+if gw:
+    print(f"gateway route to one upstream, this build / BASE_BIN, both with audit on (median of "
+          f"{len(gw)} rounds): **{statistics.median(gw):.3f}** (rounds: {f3(gw)})")
+    sys.exit(0)
 print(f"audit on / off, both loaded at once on one core (wrk -t1 -c{sys.argv[2]} each, {sys.argv[3]} s, "
       f"median of {len(on)} rounds): **{statistics.median(on):.2f}** (rounds: {fmt(on)}); "
       f"hot path alone (shipping deferred) / off: **{statistics.median(hot):.2f}** (rounds: {fmt(hot)})")
 build = ratios("build")
 if build:
-    f3 = lambda rs: ", ".join(f"{r:.3f}" for r in rs)
     print(f"this build / BASE_BIN, both with audit on: **{statistics.median(build):.3f}** (rounds: {f3(build)})")
 PY

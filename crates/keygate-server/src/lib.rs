@@ -1,5 +1,9 @@
 //! keygate's HTTP server: configuration, startup, the management, verify and forward-auth
-//! routes, and the pipeline they share. Only this crate knows HTTP.
+//! routes, and the pipeline they share. Only this crate knows HTTP; it must never let an answer
+//! leave before its decision's audit line is written (see `state::Inner::settle`).
+//!
+//! It still holds the engine beside HTTP — the pipeline and caches (`state`), the change feed,
+//! webhooks, alerts, rotation, key issuance (`issue`) — which is to move to a crate of its own.
 #![forbid(unsafe_code)]
 
 pub mod alerts;
