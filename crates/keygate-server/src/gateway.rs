@@ -211,7 +211,7 @@ async fn handle_inner(
             cost: 0,
             now_ms: now,
         };
-        let decided = state.decide_public(&facts);
+        let decided = state.decide_public(&facts).await;
         let d = match state.settle(decided, None).await {
             Ok(d) => d,
             Err(d) => {

@@ -189,35 +189,18 @@ struct Verdict<'a> {
 }
 
 impl<'a> Verdict<'a> {
-    fn allowed(key: &'a Arc<CachedKey>, credits: u64) -> Self {
-        Self {
-            key: Some(key),
-            code: Code::Valid,
-            credits,
-        }
-    }
-
-    fn denied(d: &'a Denied) -> Self {
-        Self {
-            key: d.key.as_ref(),
-            code: d.code,
-            credits: 0,
-        }
-    }
-
-    fn refused_without_key(code: Code) -> Self {
-        Self {
-            key: None,
-            code,
-            credits: 0,
-        }
-    }
-
-    fn public() -> Self {
-        Self {
-            key: None,
-            code: Code::Valid,
-            credits: 0,
+    fn of<T: Charged>(out: &'a Result<T, Denied>) -> Self {
+        match out {
+            Ok(t) => Self {
+                key: t.allowed().map(|a| &a.key),
+                code: Code::Valid,
+                credits: t.allowed().map_or(0, |a| a.charge.cost),
+            },
+            Err(d) => Self {
+                key: d.key.as_ref(),
+                code: d.code,
+                credits: 0,
+            },
         }
     }
 }
@@ -604,33 +587,12 @@ impl Inner {
             self.metrics.decision_seconds.record(e.as_secs_f64());
         }
         let us = elapsed.map_or(0, |e| i64::try_from(e.as_micros()).unwrap_or(i64::MAX));
-        let verdict = match &out {
-            Ok(a) => Verdict::allowed(&a.key, a.charge.cost),
-            Err(d) => Verdict::denied(d),
-        };
-        match self.append_decision(facts, verdict, us) {
-            Ok(group) => Decided {
-                out,
-                ticket: Ticket(group),
-            },
-            Err(e) => {
-                // Fail closed: an answer the audit log cannot account for is not given, and
-                // what it was charged goes back.
-                tracing::error!("audit log write failed, refusing the request: {e}");
-                if let Ok(a) = &out {
-                    self.refund(a).await;
-                }
-                Decided {
-                    out: Err(Denied::code(Code::Unavailable)),
-                    ticket: Ticket(None),
-                }
-            }
-        }
+        self.ticketed(facts, out, us).await
     }
 
     /// The decision for a `public` route: no key, the per-address limit
     /// `gateway.public_rate_limit`; audited and counted like every other decision.
-    pub fn decide_public(&self, facts: &RequestFacts<'_>) -> Decided<RateDecision> {
+    pub async fn decide_public(&self, facts: &RequestFacts<'_>) -> Decided<RateDecision> {
         let rl = self.config.gateway.public_rate_limit;
         let who = facts
             .ip
@@ -638,23 +600,37 @@ impl Inner {
         let d = self
             .counters
             .check_named(&format!("ip:{who}"), &rl, facts.now_ms);
-        let (out, verdict) = if d.allowed {
-            (Ok(d), Verdict::public())
+        let out = if d.allowed {
+            Ok(d)
         } else {
-            let denied = Denied {
+            Err(Denied {
                 code: Code::RateLimited,
                 rate: Some(d),
                 key: None,
-            };
-            (Err(denied), Verdict::refused_without_key(Code::RateLimited))
+            })
         };
-        match self.append_decision(facts, verdict, 0) {
+        self.ticketed(facts, out, 0).await
+    }
+
+    /// Appends the decision's audit line and hands back the ticket for it. Fail closed: an
+    /// answer the audit log cannot account for is not given, and what it was charged goes
+    /// back.
+    async fn ticketed<T: Charged>(
+        &self,
+        facts: &RequestFacts<'_>,
+        out: Result<T, Denied>,
+        latency_us: i64,
+    ) -> Decided<T> {
+        match self.append_decision(facts, Verdict::of(&out), latency_us) {
             Ok(group) => Decided {
                 out,
                 ticket: Ticket(group),
             },
             Err(e) => {
                 tracing::error!("audit log write failed, refusing the request: {e}");
+                if let Some(a) = out.as_ref().ok().and_then(Charged::allowed) {
+                    self.refund(a).await;
+                }
                 Decided {
                     out: Err(Denied::code(Code::Unavailable)),
                     ticket: Ticket(None),

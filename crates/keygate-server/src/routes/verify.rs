@@ -329,7 +329,7 @@ async fn decide_forward_auth(
             cost: 0,
             now_ms: now_ms(),
         };
-        let decided = state.decide_public(&public);
+        let decided = state.decide_public(&public).await;
         return match state.settle(decided, conn).await {
             Ok(d) => {
                 let mut res = StatusCode::OK.into_response();
