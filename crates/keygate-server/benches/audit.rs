@@ -5,7 +5,7 @@
 //! --bench audit`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use keygate_server::audit::{AuditLog, Line, Shipper};
+use keygate_engine::audit::{AuditLog, Line, Shipper};
 use keygate_store::{SqliteStore, Store};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 /// A decision like the forward-auth benchmark's: a `pk` key with every check.
 fn line<'a>() -> Line<'a> {
     Line {
-        at_ms: keygate_server::state::now_ms(),
+        at_ms: keygate_engine::clock::now_ms(),
         tenant_id: Some("default"),
         actor: "key_0Vc1Af8HmQ6ljLfZEuUCPp",
         action: "request.decided",
@@ -49,7 +49,7 @@ fn bench(c: &mut Criterion) {
         rt.block_on(AuditLog::open(
             &dir.path().join(name),
             name,
-            &keygate_server::audit::StoreSink(&store),
+            &keygate_engine::audit::StoreSink(&store),
             64 << 20,
         ))
         .expect("open")
@@ -85,7 +85,7 @@ fn bench(c: &mut Criterion) {
                 }
                 let t = Instant::now();
                 let n = rt
-                    .block_on(shipper.ship(&log, &keygate_server::audit::StoreSink(&store)))
+                    .block_on(shipper.ship(&log, &keygate_engine::audit::StoreSink(&store)))
                     .expect("ship");
                 took += t.elapsed();
                 assert_eq!(n, 1_000);

@@ -23,18 +23,18 @@ fn bench(c: &mut Criterion) {
         let app = Application::build(config).await.expect("app");
         let state = app.state().clone();
         let issuer = state.issuer();
-        let body: keygate_server::issue::CreateKey = serde_json::from_value(serde_json::json!({
+        let body: keygate_engine::issue::CreateKey = serde_json::from_value(serde_json::json!({
             "kind": "pk", "name": "bench", "preset": "aidemo",
             "budget": 1_000_000_000u64,
             "rate_limit": {"limit": 1_000_000_000u32, "window_seconds": 60},
         }))
         .expect("body");
-        let (plaintext, record) = keygate_server::issue::build_key(
+        let (plaintext, record) = keygate_engine::issue::build_key(
             &issuer,
             &*state.store,
             "default",
             body,
-            keygate_server::state::now_ms(),
+            keygate_engine::clock::now_ms(),
         )
         .await
         .expect("key");
@@ -56,7 +56,7 @@ fn bench(c: &mut Criterion) {
     };
     // Warm the cache and the leases.
     rt.block_on(async {
-        let f = facts(keygate_server::state::now_ms());
+        let f = facts(keygate_engine::clock::now_ms());
         state
             .authorize(Ok(Some(&key)), &f, None)
             .await
@@ -65,7 +65,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("authorize_cached_key", |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {
-                let f = facts(keygate_server::state::now_ms());
+                let f = facts(keygate_engine::clock::now_ms());
                 let start = Instant::now();
                 for _ in 0..iters {
                     let a = state.authorize(Ok(Some(&key)), &f, None).await;

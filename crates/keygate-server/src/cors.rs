@@ -7,93 +7,15 @@
 //! `Access-Control-Allow-Origin` (never `*` on a keyed route) only when that key allows it.
 
 use crate::error::ApiError;
-use crate::state::{AppState, Route};
+use crate::state::AppState;
 use axum::body::Body;
 use axum::http::header::{self, HeaderMap, HeaderValue};
 use axum::http::{Response, StatusCode};
 use axum::response::IntoResponse;
-use keygate_core::{Code, KeyStatus, Kind, OriginList};
-use keygate_store::{KeyFilter, PageRequest};
-use std::sync::RwLock;
+use keygate_core::Code;
+use keygate_engine::engine::Route;
 
-/// Origins allowed by at least one active `pk` key.
-#[derive(Debug, Default)]
-pub struct CorsIndex {
-    origins: RwLock<OriginList>,
-}
-
-impl CorsIndex {
-    /// Whether some active `pk` key allows `origin`.
-    pub fn allows(&self, origin: &str) -> bool {
-        self.origins
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .allows(origin)
-    }
-
-    fn set(&self, list: OriginList) {
-        *self.origins.write().unwrap_or_else(|p| p.into_inner()) = list;
-    }
-}
-
-/// Rebuilds the index from every active and in-grace `pk` key in the store.
-pub async fn refresh(state: &AppState) -> Result<(), keygate_store::StoreError> {
-    let mut all: Vec<String> = Vec::new();
-    for status in [KeyStatus::Active, KeyStatus::Grace] {
-        let mut cursor = None;
-        loop {
-            let page = PageRequest { cursor, limit: 500 };
-            let filter = KeyFilter {
-                kind: Some(Kind::Pk),
-                status: Some(status),
-                ..KeyFilter::default()
-            };
-            let keys = state.store.list_keys(&filter, &page).await?;
-            for k in &keys {
-                all.extend(k.allowed_origins.to_strings());
-            }
-            if keys.len() < 500 {
-                break;
-            }
-            cursor = keys.last().map(|k| k.id.clone());
-        }
-    }
-    all.sort();
-    all.dedup();
-    // Entries are parsed one by one: a bad stored entry is skipped, never a reason to keep
-    // an older index (which could still hold a revoked key's origins).
-    let good: Vec<String> = all
-        .into_iter()
-        .filter(|o| match keygate_core::OriginPattern::parse(o) {
-            Ok(_) => true,
-            Err(e) => {
-                tracing::error!("skipping a stored origin that does not parse: {e}");
-                false
-            }
-        })
-        .collect();
-    state.cors.set(OriginList::parse(&good).unwrap_or_default());
-    Ok(())
-}
-
-/// Rebuilds the index after a `pk` key changed, logging (not failing) on a store error: the
-/// real requests are still judged per key, only preflights may be refused until the next
-/// successful refresh.
-pub async fn refresh_after_change(state: &AppState, kind: Kind) {
-    if kind == Kind::Pk {
-        if let Err(e) = refresh(state).await {
-            tracing::warn!("could not refresh the CORS index: {e}");
-        }
-    }
-}
-
-/// A `pk` key changed here: rebuild this node's index and tell the other nodes to.
-pub async fn pk_changed(state: &AppState, kind: Kind) {
-    if kind == Kind::Pk {
-        refresh_after_change(state, kind).await;
-        state.publish("cors".to_owned()).await;
-    }
-}
+pub use keygate_engine::origins::{pk_changed, refresh, refresh_after_change, CorsIndex};
 
 const EXPOSE: HeaderValue = HeaderValue::from_static(
     "RateLimit, RateLimit-Policy, Retry-After, X-Credits-Remaining, X-Request-Id, X-Keygate-Code",

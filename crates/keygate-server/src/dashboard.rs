@@ -11,7 +11,7 @@
 //! an HMAC of the session's random id; the sign-in form uses a double-submit cookie.
 
 use crate::headers::cookie;
-use crate::state::{now_ms, AppState};
+use crate::state::AppState;
 use askama::Template;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Path, RawQuery, State};
@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use http_body_util::BodyExt;
+use keygate_engine::clock::now_ms;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -62,7 +63,7 @@ fn aead_key(state: &AppState) -> Option<ring::aead::LessSafeKey> {
 fn seal_session(state: &AppState, s: &Session) -> Option<String> {
     let key = aead_key(state)?;
     let mut nonce = [0u8; 12];
-    crate::ids::os_fill(&mut nonce);
+    keygate_engine::ids::os_fill(&mut nonce);
     let mut buf = serde_json::to_vec(s).ok()?;
     key.seal_in_place_append_tag(
         ring::aead::Nonce::assume_unique_for_key(nonce),
@@ -262,7 +263,7 @@ struct LoginPage {
 }
 
 fn login_page(state: &AppState, error: Option<String>, status: StatusCode) -> Response {
-    let csrf = crate::ids::random_base62(32);
+    let csrf = keygate_engine::ids::random_base62(32);
     let mut r = render(&LoginPage {
         csrf: csrf.clone(),
         error,
@@ -331,7 +332,7 @@ pub async fn login(
     }
     let session = Session {
         key,
-        sid: crate::ids::random_base62(24),
+        sid: keygate_engine::ids::random_base62(24),
         exp: now_ms() + SESSION_TTL_MS,
         session_key_id: None,
     };
@@ -427,15 +428,15 @@ async fn password_login(
         .proxies
         .client_ip(headers, peer.ip())
         .unwrap_or(peer.ip());
-    let attempt = match crate::login::begin(state, &account, ip).await {
+    let attempt = match keygate_engine::login::begin(state, &account, ip).await {
         Ok(a) => a,
         Err(r) => {
             let mut page = login_page(
                 state,
-                Some(crate::login::refusal_message(r)),
-                crate::login::refusal_status(r),
+                Some(keygate_engine::login::refusal_message(r)),
+                crate::headers::login_refusal_status(r),
             );
-            if let Some(after) = crate::login::retry_after(r) {
+            if let Some(after) = crate::headers::login_retry_after(r) {
                 page.headers_mut().insert(header::RETRY_AFTER, after);
             }
             return page;
@@ -465,34 +466,34 @@ async fn password_login(
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
-    let issuer = crate::issue::Issuer {
+    let issuer = keygate_engine::issue::Issuer {
         config: &state.config,
         format: &state.format,
         hasher: &state.hasher,
     };
     let now = now_ms();
-    let body = crate::issue::CreateKey {
+    let body = keygate_engine::issue::CreateKey {
         kind: "ut".into(),
         name: format!("dashboard session of {}", user.email),
         user_id: Some(user.id.clone()),
         scopes: Some(scopes),
         // Page views are API calls: the user's plan's rate limit is for their own keys.
-        rate_limit: Some(crate::issue::RateLimitBody {
+        rate_limit: Some(keygate_engine::issue::RateLimitBody {
             limit: 1_000,
             window_seconds: 60,
         }),
         ttl_seconds: Some(u64::try_from(SESSION_TTL_MS / 1000).unwrap_or(43_200)),
-        ..crate::issue::CreateKey::default()
+        ..keygate_engine::issue::CreateKey::default()
     };
     let (plaintext, record) =
-        match crate::issue::build_key(&issuer, &*state.store, &tenant, body, now).await {
+        match keygate_engine::issue::build_key(&issuer, &*state.store, &tenant, body, now).await {
             Ok(m) => m,
             Err(e) => {
                 return login_page(
                     state,
                     Some(format!(
                         "Your plan does not allow the dashboard: {}",
-                        e.message
+                        crate::error::ApiError::from(e).message
                     )),
                     StatusCode::FORBIDDEN,
                 )
@@ -524,7 +525,7 @@ async fn password_login(
     }
     let session = Session {
         key: plaintext,
-        sid: crate::ids::random_base62(24),
+        sid: keygate_engine::ids::random_base62(24),
         exp: now + SESSION_TTL_MS,
         session_key_id: Some(record.id.clone()),
     };
@@ -885,7 +886,7 @@ pub async fn key(
     if st != StatusCode::OK {
         return error_page(&who, st, api_error(&k), "/dashboard/keys");
     }
-    let since = crate::views::rfc3339(now_ms() - 24 * 3_600_000);
+    let since = keygate_engine::clock::rfc3339(now_ms() - 24 * 3_600_000);
     let (_, usage) = api(
         &state,
         &who,
@@ -1001,7 +1002,10 @@ fn usage_chart(usage: &Value, now: i64) -> Chart {
     let mut ok = [0u64; 24];
     let mut refused = [0u64; 24];
     for b in usage["data"].as_array().into_iter().flatten() {
-        let Some(at) = b["at"].as_str().and_then(crate::views::parse_rfc3339) else {
+        let Some(at) = b["at"]
+            .as_str()
+            .and_then(keygate_engine::clock::parse_rfc3339)
+        else {
             continue;
         };
         let Ok(slot) = usize::try_from((at - start) / HOUR) else {
@@ -1029,7 +1033,7 @@ fn usage_chart(usage: &Value, now: i64) -> Chart {
             let h_refused = refused[i] * (height - 20) / max;
             Bar {
                 x: i as u64 * bar,
-                label: crate::views::rfc3339(start + i as i64 * HOUR),
+                label: keygate_engine::clock::rfc3339(start + i as i64 * HOUR),
                 ok: ok[i],
                 refused: refused[i],
                 y_ok: height - 20 - h_ok,

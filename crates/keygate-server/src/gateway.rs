@@ -19,72 +19,21 @@
 use crate::cors;
 use crate::error::{ApiError, RequestId};
 use crate::headers::*;
-use crate::state::{now_ms, AppState, Route};
+use crate::state::AppState;
 use axum::body::Body;
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use axum::http::{Request, Response, StatusCode, Uri};
+use axum::http::{Request, Response, StatusCode};
 use axum::response::IntoResponse;
 use http_body_util::{BodyExt, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use keygate_core::{NormalPath, RequestFacts, RouteClass};
+use keygate_engine::clock::now_ms;
+use keygate_engine::config::Upstream;
+use keygate_engine::engine::Route;
 use std::net::SocketAddr;
 use std::time::Duration;
-
-/// An upstream base URL: `http://host:port` with an optional base path.
-#[derive(Debug, Clone)]
-pub struct Upstream {
-    authority: String,
-    base_path: String,
-    host_header: HeaderValue,
-}
-
-impl Upstream {
-    /// Parses `http://127.0.0.1:9000` or `http://svc.internal:8080/api`. Only plain HTTP: put
-    /// TLS in front of keygate, and keep upstreams on a private network.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let uri: Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
-                return Err(
-                    "https upstreams are not supported yet; use http on a private network".into(),
-                )
-            }
-            _ => return Err("upstream must be an http:// URL".into()),
-        }
-        let authority = uri.authority().ok_or("upstream needs a host")?.to_string();
-        if authority.contains('@') {
-            return Err("upstream must not contain credentials".into());
-        }
-        if uri.query().is_some() {
-            return Err("upstream must not contain a query string".into());
-        }
-        let base_path = uri.path().trim_end_matches('/').to_owned();
-        let host_header = HeaderValue::from_str(&authority).map_err(|e| e.to_string())?;
-        Ok(Self {
-            authority,
-            base_path,
-            host_header,
-        })
-    }
-
-    fn uri_for(&self, path_and_query: &str) -> Result<Uri, ApiError> {
-        format!(
-            "http://{}{}{}",
-            self.authority, self.base_path, path_and_query
-        )
-        .parse()
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "INVALID_REQUEST",
-                "the request path cannot be forwarded",
-            )
-        })
-    }
-}
 
 /// The pooled upstream client.
 #[derive(Debug, Clone)]
@@ -94,7 +43,7 @@ pub struct Gateway {
 
 impl Gateway {
     /// A client with the configured connect timeout and pool size.
-    pub fn new(cfg: &crate::config::GatewayConfig) -> Self {
+    pub fn new(cfg: &keygate_engine::config::GatewayConfig) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_millis(cfg.connect_timeout_ms.max(1))));
         connector.set_nodelay(true);
@@ -289,7 +238,7 @@ async fn forward(
     req: Request<Body>,
     peer: SocketAddr,
     path: &NormalPath<'_>,
-    allowed: Option<&crate::state::Allowed>,
+    allowed: Option<&keygate_engine::engine::Allowed>,
 ) -> Result<Response<Body>, (ApiError, bool)> {
     // The bool: whether the upstream never answered (so the call may be refunded).
     let (mut parts, body) = req.into_parts();
@@ -364,8 +313,17 @@ async fn forward(
     if let Some(host) = forwarded_host {
         h.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
-    h.insert(header::HOST, upstream.host_header.clone());
-    parts.uri = upstream.uri_for(&path_and_query).map_err(|e| (e, true))?;
+    h.insert(header::HOST, upstream.host_header().clone());
+    parts.uri = upstream.uri_for(&path_and_query).ok_or_else(|| {
+        (
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "INVALID_REQUEST",
+                "the request path cannot be forwarded",
+            ),
+            true,
+        )
+    })?;
     parts.version = axum::http::Version::HTTP_11;
     let limited = if has_body {
         Body::new(Limited::new(
@@ -399,7 +357,7 @@ async fn forward(
                     true,
                 ));
             }
-            tracing::warn!(upstream = %upstream.authority, "upstream request failed: {e}");
+            tracing::warn!(upstream = %upstream.authority(), "upstream request failed: {e}");
             return Err((
                 upstream_error(
                     "BAD_GATEWAY",

@@ -1,9 +1,10 @@
 //! Header names (as constants: a `&str` name is parsed and validated on every use, a
 //! `HeaderName` constant is not) and the headers shared by every metered answer.
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use keygate_core::RateDecision;
 use keygate_counters::Metered;
+use keygate_engine::login::Refused;
 
 macro_rules! names {
     ($($id:ident = $s:literal;)*) => {
@@ -34,10 +35,7 @@ names! {
 }
 
 /// The `RateLimit-Policy` value: `"key";q=LIMIT;w=WINDOW`.
-pub fn policy_value(limit: u32, window_seconds: u32) -> HeaderValue {
-    HeaderValue::try_from(format!("\"key\";q={limit};w={window_seconds}"))
-        .unwrap_or_else(|_| HeaderValue::from_static("\"key\""))
-}
+pub use keygate_engine::engine::policy_value;
 
 /// IETF RateLimit headers (draft-ietf-httpapi-ratelimit-headers, structured-field form):
 /// `RateLimit-Policy: "key";q=30;w=60` and `RateLimit: "key";r=12;t=40`. `policy` is the
@@ -100,4 +98,20 @@ pub fn set_cookie(
         "{name}={value}; Path={path}; HttpOnly; SameSite=Lax; Max-Age={max_age_s}{secure}"
     ))
     .unwrap_or_else(|_| HeaderValue::from_static("kg_invalid=1"))
+}
+
+/// `Retry-After` (whole seconds, at least 1) of a refused attempt, if it has one.
+pub fn login_retry_after(r: Refused) -> Option<HeaderValue> {
+    match r {
+        Refused::Wait(ms) => Some(HeaderValue::from(ms.div_ceil(1000).max(1))),
+        Refused::Unavailable => None,
+    }
+}
+
+/// The status of a refused attempt: 429, or 503 without a store.
+pub fn login_refusal_status(r: Refused) -> StatusCode {
+    match r {
+        Refused::Wait(_) => StatusCode::TOO_MANY_REQUESTS,
+        Refused::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+    }
 }

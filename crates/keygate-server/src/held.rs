@@ -1,7 +1,7 @@
 //! Forward-auth answers held back until their audit line is written, without polling their
 //! connection a second time.
 //!
-//! Group commit (see [`crate::audit::AuditLog::append`]) makes an answer wait for the
+//! Group commit (see [`keygate_audit::AuditLog::append`]) makes an answer wait for the
 //! `pwrite(2)` of its round's lines. Waiting inside the handler (the task requeues itself,
 //! then flushes) held each request's allocations across the round and polled every connection
 //! twice, and it measured slower than holding the answer here (`bench/audit-ab.sh`, both
@@ -20,11 +20,11 @@
 //! `503` before anything of it happens.
 //!
 //! Only `GET /v1/auth` answers are held (the handler passes its connection to
-//! `Inner::settle`, which calls [`Conn::hold`]): a gateway request must not reach its
+//! `Engine::settle`, which calls [`Conn::hold`]): a gateway request must not reach its
 //! upstream before its line is written, so it waits in the handler as before.
 
-use crate::audit::AuditLog;
-use crate::state::Allowed;
+use keygate_audit::AuditLog;
+use keygate_engine::engine::{Allowed, Hold, Holder};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -119,17 +119,6 @@ impl std::fmt::Debug for Io {
     }
 }
 
-/// The outcome of [`hold`].
-#[derive(Debug, PartialEq, Eq)]
-pub enum Hold {
-    /// The answer is held until the group is written: the handler answers at once.
-    Held,
-    /// The group is written already (or failed): [`AuditLog::flush`] tells which.
-    Written,
-    /// Not a connection that holds answers: the handler must wait for the group itself.
-    NotHere,
-}
-
 impl Holds {
     /// Holds for connections of a server that writes to `log`.
     pub fn new(log: Arc<AuditLog>, on_refused: OnRefused) -> Arc<Self> {
@@ -164,7 +153,7 @@ impl Holds {
 /// Writes `group` once the requests ready with it have added their lines, then sends (or,
 /// if the write failed, refuses) every answer held for it or an earlier group.
 async fn flush_later(holds: Arc<Holds>, group: u64) {
-    crate::audit::requeue().await;
+    keygate_engine::audit::requeue().await;
     if let Err(e) = holds.log.flush(group) {
         tracing::error!("audit log write failed, refusing the requests of its group: {e}");
     }
@@ -231,6 +220,17 @@ impl Conn {
     /// Whether a request on this connection must [`settle`] before it is dispatched.
     pub fn unsettled(&self) -> bool {
         self.attention.load(Ordering::Acquire)
+    }
+}
+
+/// A connection as the engine sees it: somewhere an answer can be held
+/// (`Engine::settle`).
+#[derive(Debug, Clone, Copy)]
+pub struct OnConn<'a>(pub &'a Arc<Conn>);
+
+impl Holder for OnConn<'_> {
+    fn hold(&self, group: u64, refund: &dyn Fn() -> Option<Allowed>) -> Hold {
+        self.0.hold(group, refund)
     }
 }
 
@@ -505,7 +505,7 @@ mod tests {
         let log = AuditLog::open(
             &dir.path().join("audit"),
             "n1",
-            &crate::audit::StoreSink(&store),
+            &keygate_engine::audit::StoreSink(&store),
             1 << 20,
         )
         .await
@@ -539,12 +539,12 @@ mod tests {
         String::from_utf8(got).expect("utf-8")
     }
 
-    fn line() -> crate::audit::Line<'static> {
-        crate::audit::Line {
+    fn line() -> keygate_engine::audit::Line<'static> {
+        keygate_engine::audit::Line {
             actor: "key_1",
             action: "request.decided",
             code: Some("VALID"),
-            ..crate::audit::Line::default()
+            ..keygate_engine::audit::Line::default()
         }
     }
 

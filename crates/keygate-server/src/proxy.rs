@@ -14,7 +14,7 @@ use std::net::IpAddr;
 pub struct TrustedProxies(IpAllowList);
 
 impl TrustedProxies {
-    /// From `[proxy] trusted`, parsed ([`crate::config::Config::compile`]).
+    /// From `[proxy] trusted`, parsed ([`keygate_engine::config::Config::compile`]).
     pub fn new(list: IpAllowList) -> Self {
         Self(list)
     }

@@ -1,11 +1,8 @@
 //! Building and running the application (`Application::build` / `run_until_stopped`).
 
-use crate::config::Config;
 use crate::error::{ApiError, RequestId};
-use crate::issue::{self, CreateKey};
 use crate::routes::{self, DEFAULT_TENANT};
-use crate::state::{now_ms, run_touch_flusher, AppState, Inner};
-use crate::supervisor::supervise;
+use crate::state::{AppState, Shared};
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::middleware::Next;
@@ -14,6 +11,11 @@ use axum::routing::{get, post};
 use axum::Router;
 use keygate_core::{KeyFormat, KeyHasher};
 use keygate_counters::Counters;
+use keygate_engine::clock::now_ms;
+use keygate_engine::config::Config;
+use keygate_engine::engine::{run_touch_flusher, Engine};
+use keygate_engine::issue::{self, CreateKey};
+use keygate_engine::supervisor::supervise;
 use keygate_store::{SqliteStore, Store, Tenant};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -121,7 +123,7 @@ pub async fn bootstrap(config: &Config, store: &dyn Store) -> Result<Option<Stri
     };
     let (plaintext, record) = issue::build_key(&issuer, store, DEFAULT_TENANT, body, now)
         .await
-        .map_err(|e| fail(&e.message))?;
+        .map_err(|e| fail(&ApiError::from(e).message))?;
     store.insert_key(&record).await.map_err(|e| fail(&e))?;
     Ok(Some(plaintext))
 }
@@ -142,19 +144,19 @@ pub struct Application {
 async fn open_audit(
     config: &Config,
     store: &dyn keygate_store::Store,
-) -> Result<(String, Option<Arc<crate::audit::AuditLog>>), StartupError> {
+) -> Result<(String, Option<Arc<keygate_engine::audit::AuditLog>>), StartupError> {
     if !config.audit.enabled {
         let id = config
             .node_id
             .clone()
-            .unwrap_or_else(|| format!("node_{}", crate::ids::random_base62(8)));
+            .unwrap_or_else(|| format!("node_{}", keygate_engine::ids::random_base62(8)));
         return Ok((id, None));
     }
     let dir = config.audit_dir();
-    let node = crate::audit::node_id(config.node_id.as_deref(), &dir)
+    let node = keygate_engine::audit::node_id(config.node_id.as_deref(), &dir)
         .map_err(|e| StartupError(format!("audit directory {}: {e}", dir.display())))?;
-    let sink = crate::audit::StoreSink(store);
-    let log = crate::audit::AuditLog::open(&dir, &node, &sink, config.audit.segment_bytes)
+    let sink = keygate_engine::audit::StoreSink(store);
+    let log = keygate_engine::audit::AuditLog::open(&dir, &node, &sink, config.audit.segment_bytes)
         .await
         .map_err(StartupError)?;
     Ok((node, Some(Arc::new(log))))
@@ -228,16 +230,15 @@ impl Application {
                 extra.push((l, role));
             }
         }
-        let oauth = crate::oauth::OAuth::open(&config, &*store, &bound)
+        let oauth = keygate_engine::oauth::OAuth::open(&config, &*store, &bound)
             .await
             .map_err(StartupError)?;
-        let state = AppState(Arc::new(Inner {
+        let engine = Arc::new(Engine {
             oauth,
             counters: Counters::new(store.clone()),
             shared,
-            metrics: crate::metrics::Metrics::new(),
+            metrics: keygate_engine::metrics::Metrics::new(),
             routes: compiled.routes,
-            proxies: compiled.proxies,
             node_id,
             audit,
             webhook_wake: tokio::sync::Notify::new(),
@@ -247,13 +248,17 @@ impl Application {
             cache,
             negative,
             touch_tx,
-            gateway: crate::gateway::Gateway::new(&config.gateway),
-            cors: crate::cors::CorsIndex::default(),
+            cors: keygate_engine::origins::CorsIndex::default(),
             cache_gen: std::sync::atomic::AtomicU64::new(0),
             feed_ok: std::sync::atomic::AtomicBool::new(true),
             config,
+        });
+        let state = AppState(Arc::new(Shared {
+            proxies: crate::proxy::TrustedProxies::new(compiled.trusted),
+            gateway: crate::gateway::Gateway::new(&engine.config.gateway),
+            engine,
         }));
-        crate::cors::refresh(&state)
+        keygate_engine::origins::refresh(&state)
             .await
             .map_err(|e| StartupError(format!("loading publishable keys' origins: {e}")))?;
         let router = router(state.clone());
@@ -305,86 +310,7 @@ impl Application {
             touch_task,
             ..
         } = self;
-        // Every background task runs under `supervise`: a panic is logged and the task starts
-        // again. Each is made afresh from what its closure holds.
-        let changes = {
-            let s = state.clone();
-            supervise("change-feed", move || {
-                crate::state::run_change_listener(s.clone())
-            })
-        };
-        let (stop_audit, audit_stopped) = tokio::sync::watch::channel(false);
-        let deliveries = {
-            let (s, stop) = (state.clone(), audit_stopped.clone());
-            supervise(crate::webhooks::DELIVERIES_TASK, move || {
-                crate::webhooks::run_deliveries(s.clone(), stop.clone())
-            })
-        };
-        let signing_keys = {
-            let (s, stop) = (state.clone(), audit_stopped.clone());
-            supervise(crate::oauth::SIGNING_KEYS_TASK, move || {
-                crate::oauth::run_signing_keys(s.clone(), stop.clone())
-            })
-        };
-        let rotation = {
-            let (s, stop) = (state.clone(), audit_stopped.clone());
-            supervise(crate::rotation::ROTATION_TASK, move || {
-                crate::rotation::run_rotation(s.clone(), stop.clone())
-            })
-        };
-        let (alert_tx, alert_rx) = mpsc::channel(64);
-        let alerts = {
-            let (s, stop) = (state.clone(), audit_stopped.clone());
-            let rx = Arc::new(tokio::sync::Mutex::new(alert_rx));
-            supervise(crate::alerts::ALERTS_TASK, move || {
-                crate::alerts::run_alerts(s.clone(), Arc::clone(&rx), stop.clone())
-            })
-        };
-        let shipper = state.audit.clone().map(|log| {
-            let store = state.store.clone();
-            let every = Duration::from_millis(state.config.audit.ship_interval_ms.max(10));
-            // A restarted shipper starts from the stored heads, so nothing is shipped twice.
-            supervise(crate::audit::SHIPPER_TASK, move || {
-                crate::audit::run_shipper(
-                    log.clone(),
-                    store.clone(),
-                    every,
-                    audit_stopped.clone(),
-                    Some(alert_tx.clone()),
-                )
-            })
-        });
-        let sweeper = {
-            let s = state.clone();
-            supervise("sweeper", move || {
-                let s = s.clone();
-                async move {
-                    let mut t = tokio::time::interval(Duration::from_secs(60));
-                    for minute in 0u64.. {
-                        t.tick().await;
-                        s.counters.sweep(now_ms(), 86_400_000);
-                        if minute % 60 == 0 {
-                            let days = i64::try_from(s.config.audit.usage_retention_days)
-                                .unwrap_or(i64::MAX / 86_400_000 - 1);
-                            let before = now_ms().saturating_sub(days.saturating_mul(86_400_000));
-                            if let Err(e) = s.store.prune_usage(before).await {
-                                tracing::warn!("could not prune old usage: {e}");
-                            }
-                            let forget = i64::try_from(s.config.login.forget_after_seconds)
-                                .unwrap_or(i64::MAX / 1000)
-                                .saturating_mul(1000);
-                            if let Err(e) = s
-                                .store
-                                .prune_login_throttles(now_ms().saturating_sub(forget))
-                                .await
-                            {
-                                tracing::warn!("could not prune old sign-in failures: {e}");
-                            }
-                        }
-                    }
-                }
-            })
-        };
+        let background = keygate_engine::tasks::Background::start(&state.engine);
         // Every listener stops at the one signal.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = move || {
@@ -420,22 +346,7 @@ impl Application {
         for o in others {
             let _ = o.await;
         }
-        sweeper.abort();
-        changes.abort();
-        // Every answered request is in a segment; ship what is left before going away.
-        let _ = stop_audit.send(true);
-        // A delivery in flight is abandoned; its claim runs out and it is sent again later.
-        let _ = tokio::time::timeout(Duration::from_secs(2), deliveries).await;
-        if let Some(s) = shipper {
-            let _ = tokio::time::timeout(Duration::from_secs(10), s).await;
-        }
-        // Both stop at the signal; a rotation under way finishes its writes first.
-        let _ = tokio::time::timeout(Duration::from_secs(5), rotation).await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), alerts).await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), signing_keys).await;
-        if let Err(e) = state.counters.flush().await {
-            tracing::error!("could not return credit leases on shutdown: {e}");
-        }
+        background.stop().await;
         drop(state);
         // The router held the last senders; once they are gone the flusher drains and exits.
         let _ = tokio::time::timeout(Duration::from_secs(5), touch_task).await;

@@ -1,7 +1,7 @@
 //! Logging: `tracing` to stderr, text or JSON. Stdout is kept for the one line a script reads
 //! (the root key at first start).
 
-use crate::config::LogConfig;
+use keygate_engine::config::LogConfig;
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber once; later calls do nothing (tests start many apps).

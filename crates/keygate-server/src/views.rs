@@ -1,25 +1,10 @@
 //! JSON shapes of the API's resources.
 
-use crate::state::Inner;
 use keygate_core::RateLimit;
+pub use keygate_engine::clock::{parse_rfc3339, rfc3339};
+use keygate_engine::Engine;
 use keygate_store::{KeyRecord, Tenant, User};
 use serde::Serialize;
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
-
-/// Unix ms → RFC 3339 (UTC).
-pub fn rfc3339(ms: i64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default()
-}
-
-/// RFC 3339 → Unix ms.
-pub fn parse_rfc3339(s: &str) -> Option<i64> {
-    let t = OffsetDateTime::parse(s, &Rfc3339).ok()?;
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
-}
 
 /// A key's budget as shown.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -54,7 +39,7 @@ pub struct KeyView {
     /// Origin allow-list.
     pub allowed_origins: Vec<String>,
     /// The key's own rate limit.
-    #[schema(value_type = Option<crate::issue::RateLimitBody>)]
+    #[schema(value_type = Option<keygate_api::RateLimitBody>)]
     pub rate_limit: Option<RateLimit>,
     /// Budget.
     pub budget: Option<BudgetView>,
@@ -83,7 +68,7 @@ pub struct KeyView {
 
 impl KeyView {
     /// Builds the view; spent credits exclude what this node holds leased and unspent.
-    pub fn new(state: &Inner, k: &KeyRecord, now_ms: i64) -> Self {
+    pub fn new(state: &Engine, k: &KeyRecord, now_ms: i64) -> Self {
         let budget = k.budget.map(|limit| {
             let spent = k
                 .budget_withdrawn
@@ -157,7 +142,7 @@ pub struct TenantView {
 
 impl TenantView {
     /// Builds the view; the balance includes credits this node holds leased and unspent.
-    pub fn new(state: &Inner, t: &Tenant) -> Self {
+    pub fn new(state: &Engine, t: &Tenant) -> Self {
         TenantView {
             id: t.id.clone(),
             name: t.name.clone(),

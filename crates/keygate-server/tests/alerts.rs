@@ -84,8 +84,8 @@ async fn budget_credit_and_expiry_alerts_come_once_each() {
     // A key that expires in two days.
     app.create_key(json!({"kind": "sk", "name": "short", "ttl_seconds": 172_800}))
         .await;
-    keygate_server::alerts::check_expiring(&app.app_state()).await;
-    keygate_server::alerts::check_expiring(&app.app_state()).await;
+    keygate_engine::alerts::check_expiring(&app.app_state()).await;
+    keygate_engine::alerts::check_expiring(&app.app_state()).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let all = alerts(&app).await;
     assert_eq!(count(&all, "key.budget_warning", None), 1, "{all:#?}");

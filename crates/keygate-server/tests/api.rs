@@ -746,14 +746,14 @@ async fn user_tokens_follow_the_users_plan() {
     let app = TestApp::spawn_with(|c| {
         c.plans.insert(
             "viewer".into(),
-            keygate_server::config::PlanConfig {
+            keygate_engine::config::PlanConfig {
                 api_access: false,
                 ..Default::default()
             },
         );
         c.plans.insert(
             "starter".into(),
-            keygate_server::config::PlanConfig {
+            keygate_engine::config::PlanConfig {
                 rate_limit: Some(keygate_core::RateLimit {
                     limit: 2,
                     window_seconds: 60,
@@ -821,7 +821,7 @@ async fn user_tokens_follow_the_users_plan() {
 #[tokio::test]
 async fn verify_api_answers_in_the_documented_shape() {
     let app = TestApp::spawn_with(|c| {
-        c.routes.push(keygate_server::config::RouteConfig {
+        c.routes.push(keygate_engine::config::RouteConfig {
             path: "/v1/ocr/*".into(),
             methods: vec!["POST".into()],
             upstream: None,
@@ -888,7 +888,7 @@ async fn verify_api_answers_in_the_documented_shape() {
 #[tokio::test]
 async fn forward_auth_uses_the_route_table() {
     let app = TestApp::spawn_with(|c| {
-        c.routes.push(keygate_server::config::RouteConfig {
+        c.routes.push(keygate_engine::config::RouteConfig {
             path: "/api/ocr/*".into(),
             methods: vec![],
             upstream: None,
@@ -897,7 +897,7 @@ async fn forward_auth_uses_the_route_table() {
             public: false,
             class: Default::default(),
         });
-        c.routes.push(keygate_server::config::RouteConfig {
+        c.routes.push(keygate_engine::config::RouteConfig {
             path: "/api/health".into(),
             methods: vec!["GET".into()],
             upstream: None,
@@ -906,7 +906,7 @@ async fn forward_auth_uses_the_route_table() {
             public: true,
             class: Default::default(),
         });
-        c.routes.push(keygate_server::config::RouteConfig {
+        c.routes.push(keygate_engine::config::RouteConfig {
             path: "/api/billing/*".into(),
             methods: vec![],
             upstream: None,
@@ -1194,7 +1194,7 @@ async fn patch_never_revives_a_revoked_or_rotated_key() {
 #[tokio::test]
 async fn forward_auth_refuses_unclean_paths_and_trusts_forwarded_headers_first() {
     let app = TestApp::spawn_with(|c| {
-        c.routes.push(keygate_server::config::RouteConfig {
+        c.routes.push(keygate_engine::config::RouteConfig {
             path: "/api/public/*".into(),
             methods: vec![],
             upstream: None,
@@ -1203,7 +1203,7 @@ async fn forward_auth_refuses_unclean_paths_and_trusts_forwarded_headers_first()
             public: true,
             class: Default::default(),
         });
-        c.routes.push(keygate_server::config::RouteConfig {
+        c.routes.push(keygate_engine::config::RouteConfig {
             path: "/api/admin/*".into(),
             methods: vec![],
             upstream: None,

@@ -536,7 +536,7 @@ async fn public_route_calls_are_decisions_audited_and_counted() {
             limit: 3,
             window_seconds: 60,
         };
-        c.routes.push(keygate_server::config::RouteConfig {
+        c.routes.push(keygate_engine::config::RouteConfig {
             path: "/api/health".into(),
             methods: vec!["GET".into()],
             upstream: None,
@@ -545,7 +545,7 @@ async fn public_route_calls_are_decisions_audited_and_counted() {
             public: true,
             class: Default::default(),
         });
-        c.routes.push(keygate_server::config::RouteConfig {
+        c.routes.push(keygate_engine::config::RouteConfig {
             path: "/pub/*".into(),
             methods: vec![],
             upstream: Some(url),

@@ -4,7 +4,7 @@
 
 mod support;
 
-use keygate_server::config::RouteConfig;
+use keygate_engine::config::RouteConfig;
 use serde_json::{json, Value};
 use std::path::Path;
 use support::{upstream, TestApp};

@@ -25,7 +25,7 @@ async fn setup(f: impl FnOnce(&mut keygate_server::Config)) -> Fixture {
     let up = upstream::spawn().await;
     let url = up.url();
     let app = TestApp::spawn_with(|c| {
-        c.routes.push(keygate_server::config::RouteConfig {
+        c.routes.push(keygate_engine::config::RouteConfig {
             path: "/api/docs/*".into(),
             methods: vec![],
             upstream: Some(url),
@@ -762,7 +762,7 @@ async fn access_tokens_are_judged_like_keys() {
         revoked_at_ms: None,
         revoked_reason: None,
     };
-    let two_hours_ago = keygate_server::state::now_ms() - 7_200_000;
+    let two_hours_ago = keygate_engine::clock::now_ms() - 7_200_000;
     let (expired, _) = state
         .oauth
         .mint_access(&state.config, &g, "docs:read", two_hours_ago)

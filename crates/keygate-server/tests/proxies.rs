@@ -5,7 +5,7 @@
 
 mod support;
 
-use keygate_server::config::RouteConfig;
+use keygate_engine::config::RouteConfig;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::path::Path;

@@ -4,7 +4,7 @@
 mod support;
 
 use keygate_core::RouteClass;
-use keygate_server::config::RouteConfig;
+use keygate_engine::config::RouteConfig;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use support::{error_code, eventually, wsgi, TestApp};

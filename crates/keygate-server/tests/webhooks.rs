@@ -690,7 +690,7 @@ async fn restarts(app: &TestApp, task: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_background_task_survives_a_panic_and_its_work_goes_on() {
-    use keygate_server::supervisor;
+    use keygate_engine::supervisor;
     let dir = tempfile::tempdir().expect("tempdir");
     let settings = |c: &mut keygate_server::Config| {
         fast_retries(c);
@@ -728,11 +728,11 @@ async fn every_kind_of_background_task_survives_a_panic_and_its_work_goes_on() {
 
     // Each kind of task panics the first time it reaches its checkpoint.
     let tasks = [
-        keygate_server::audit::SHIPPER_TASK,
-        keygate_server::webhooks::DELIVERIES_TASK,
-        keygate_server::alerts::ALERTS_TASK,
-        keygate_server::rotation::ROTATION_TASK,
-        keygate_server::oauth::SIGNING_KEYS_TASK,
+        keygate_engine::audit::SHIPPER_TASK,
+        keygate_engine::webhooks::DELIVERIES_TASK,
+        keygate_engine::alerts::ALERTS_TASK,
+        keygate_engine::rotation::ROTATION_TASK,
+        keygate_engine::oauth::SIGNING_KEYS_TASK,
     ];
     for t in tasks {
         supervisor::panic_next(t);

@@ -5,8 +5,8 @@ mod remote;
 mod scan;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use keygate_server::config::Config;
-use keygate_server::issue::{self, CreateKey, Issuer};
+use keygate_engine::config::Config;
+use keygate_engine::issue::{self, CreateKey, Issuer};
 use keygate_server::startup::{self, Application};
 use remote::{cell, query, table, Remote};
 use serde_json::{json, Value};
@@ -506,14 +506,14 @@ async fn keys(
                 ttl_seconds,
                 ..CreateKey::default()
             };
-            let now = keygate_server::state::now_ms();
+            let now = keygate_engine::clock::now_ms();
             let (plaintext, record) = issue::build_key(&issuer, &*store, &tenant, body, now)
                 .await
-                .map_err(|e| e.message.to_string())?;
+                .map_err(|e| e.to_string())?;
             store.insert_key(&record).await.map_err(|e| e.to_string())?;
             // The CLI is a node of its own for the audit log: a one-event chain per run.
             let mut event = keygate_core::AuditEvent {
-                node: format!("cli_{}", keygate_server::ids::random_base62(8)),
+                node: format!("cli_{}", keygate_engine::ids::random_base62(8)),
                 seq: 1,
                 at_ms: now,
                 tenant_id: Some(record.tenant_id.clone()),
@@ -527,7 +527,7 @@ async fn keys(
                 ),
                 ..keygate_core::AuditEvent::default()
             };
-            event.id = keygate_server::audit::event_id(&event);
+            event.id = keygate_engine::audit::event_id(&event);
             event.seal(keygate_core::audit::GENESIS);
             store
                 .append_audit(&[event])
@@ -726,7 +726,7 @@ async fn scan_paths(
                 .map_err(|e| e.to_string())?,
         ),
     };
-    let now = keygate_server::state::now_ms();
+    let now = keygate_engine::clock::now_ms();
     let mut working = 0;
     for f in &found {
         let display: String = f.key.chars().take(10).collect();
@@ -848,7 +848,7 @@ async fn audit(
             };
             let time = |name: &str, v: Option<String>| {
                 v.map(|s| {
-                    keygate_server::views::parse_rfc3339(&s)
+                    keygate_engine::clock::parse_rfc3339(&s)
                         .ok_or_else(|| format!("--{name} must be an RFC 3339 timestamp"))
                 })
                 .transpose()
@@ -902,7 +902,7 @@ async fn audit(
                     .map_err(|e| e.to_string())?;
                 for e in &events {
                     let mut v = serde_json::to_value(e).map_err(|e| e.to_string())?;
-                    v["at"] = keygate_server::views::rfc3339(e.at_ms).into();
+                    v["at"] = keygate_engine::clock::rfc3339(e.at_ms).into();
                     if let Some(o) = v.as_object_mut() {
                         o.remove("at_ms");
                     }

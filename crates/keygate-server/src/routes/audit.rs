@@ -3,11 +3,12 @@
 
 use super::{next_cursor, Ctx, PageQuery};
 use crate::error::{ApiError, Path, Query};
-use crate::state::{now_ms, AppState};
+use crate::state::AppState;
 use crate::views::{parse_rfc3339, rfc3339, ListView};
 use axum::extract::State;
 use axum::http::StatusCode;
 use keygate_core::{AuditEvent, RouteClass};
+use keygate_engine::clock::now_ms;
 use keygate_store::{AuditFilter, AuditOwner, KeyFilter, UsageOf};
 use serde::{Deserialize, Serialize};
 

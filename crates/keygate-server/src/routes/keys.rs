@@ -2,14 +2,16 @@
 
 use super::{detached, next_cursor, Caller, Ctx, PageQuery};
 use crate::error::{ApiError, Json, Path, Query};
-use crate::issue::{self, CreateKey, Issuer, RateLimitBody};
-use crate::state::{now_ms, AppState};
+use crate::state::AppState;
 use crate::views::{IssuedKey, KeyView, ListView};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use keygate_core::{KeyStatus, Kind, RouteClass};
+use keygate_engine::clock::now_ms;
+use keygate_engine::issue::{self, CreateKey, RateLimitBody};
+use keygate_engine::rotation::commit_rotation;
 use keygate_store::{KeyFilter, KeyRecord};
 use serde::{Deserialize, Deserializer};
 
@@ -19,15 +21,6 @@ pub const READ: &str = "keys:read";
 pub const WRITE: &str = "keys:write";
 
 impl AppState {
-    /// The issuer view of the state.
-    pub fn issuer(&self) -> Issuer<'_> {
-        Issuer {
-            config: &self.config,
-            format: &self.format,
-            hasher: &self.hasher,
-        }
-    }
-
     /// A key visible to `caller`, or 404.
     pub(crate) async fn visible_key(
         &self,
@@ -56,7 +49,7 @@ impl AppState {
     tag = "keys",
     summary = "Create a key (plaintext shown once)",
     description = "Needs scope `keys:write`.",
-    request_body = crate::issue::CreateKey,
+    request_body = keygate_engine::issue::CreateKey,
     responses((status = 201, description = "The key, once, and its record", body = crate::views::IssuedKey), crate::openapi::Refusals),
     security(("bearer" = []))
 )]
@@ -104,7 +97,7 @@ pub async fn create(
             &serde_json::json!({"kind": rec.kind.as_str(), "name": rec.name, "scopes": rec.scopes.to_strings()}),
         ).await;
         st.key_changed(&rec.hash).await;
-        crate::cors::pk_changed(&st, rec.kind).await;
+        keygate_engine::origins::pk_changed(&st, rec.kind).await;
         Ok(())
     })
     .await?;
@@ -314,7 +307,7 @@ pub async fn update(
         }
     }
     if let Some(r) = body.rate_limit {
-        k.rate_limit = r.map(RateLimitBody::parse).transpose()?;
+        k.rate_limit = r.map(issue::rate_limit).transpose()?;
     }
     let budget_changed = body.budget.is_some();
     if let Some(b) = body.budget {
@@ -373,7 +366,7 @@ pub async fn update(
             if budget_changed {
                 st.family_changed(&rec.family_id).await;
             }
-            crate::cors::pk_changed(&st, rec.kind).await;
+            keygate_engine::origins::pk_changed(&st, rec.kind).await;
         }
         Ok(ok)
     })
@@ -406,36 +399,6 @@ fn optional_json<T: serde::de::DeserializeOwned + Default>(bytes: &Bytes) -> Res
     }
     serde_json::from_slice(bytes)
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))
-}
-
-/// Writes a rotation (`old` into grace until `grace_until`, `succ` active), records it, and
-/// drops both keys from every node's cache. `webhook`: whether the `key.rotated` event goes
-/// to the webhook queue too (automatic rotation delivers its own, with the new key).
-/// `false` if a concurrent rotate or revoke won.
-pub(crate) async fn commit_rotation(
-    st: &AppState,
-    old: &KeyRecord,
-    succ: &KeyRecord,
-    grace_until: i64,
-    actor: &str,
-    webhook: bool,
-) -> Result<bool, keygate_store::StoreError> {
-    let ok = st.store.rotate_key(&old.id, grace_until, succ).await?;
-    if ok {
-        let grace = (grace_until - succ.created_at_ms).max(0) / 1000;
-        let detail = serde_json::json!({"successor": succ.id, "grace_seconds": grace, "automatic": !webhook});
-        let (tenant, user) = (&old.tenant_id, old.user_id.as_deref());
-        if webhook {
-            st.record_change(actor, "key.rotated", tenant, Some(&old.id), user, &detail)
-                .await;
-        } else {
-            st.audit_change(actor, "key.rotated", tenant, Some(&old.id), user, &detail);
-        }
-        st.key_changed(&old.hash).await;
-        st.key_changed(&succ.hash).await;
-        crate::cors::pk_changed(st, old.kind).await;
-    }
-    Ok(ok)
 }
 
 /// `POST /v1/keys/{id}/rotate`
@@ -558,7 +521,7 @@ pub async fn revoke(
             )
             .await;
             st.key_changed(&k.hash).await;
-            crate::cors::pk_changed(&st, k.kind).await;
+            keygate_engine::origins::pk_changed(&st, k.kind).await;
         }
         Ok(k)
     })

@@ -13,11 +13,12 @@ pub mod verify;
 pub mod webhooks;
 
 use crate::error::ApiError;
-use crate::state::{bearer, management_facts, AppState, CachedKey};
+use crate::state::{bearer, management_facts, AppState};
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method};
 use keygate_core::{Kind, RouteClass};
+use keygate_engine::engine::CachedKey;
 use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -28,7 +29,9 @@ use std::sync::Arc;
 pub(crate) async fn detached<T: Send + 'static>(
     f: impl std::future::Future<Output = Result<T, keygate_store::StoreError>> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let rid = crate::error::RequestId(crate::error::RequestId::current_or_new());
+    let rid = keygate_engine::request_id::RequestId(
+        keygate_engine::request_id::RequestId::current_or_new(),
+    );
     tokio::spawn(rid.scope(f))
         .await
         .map_err(|e| ApiError::internal("store write task", &e))?

@@ -9,12 +9,13 @@
 
 use super::{detached, Ctx};
 use crate::headers::cookie;
-use crate::state::{now_ms, AppState};
+use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keygate_core::RouteClass;
+use keygate_engine::clock::now_ms;
 use keygate_oauth::{ct_eq, pkce, redirect, scope, token_hash, ErrorCode};
 use keygate_store::{
     AuthCode, CodeUse, OAuthClient, OAuthGrant, RefreshToken, RefreshUse, StoreError, User,
@@ -326,7 +327,7 @@ async fn check_request(
         scope: Vec::new(),
         state: p.0.get("state").cloned(),
         challenge: String::new(),
-        csrf: crate::ids::random_base62(32),
+        csrf: keygate_engine::ids::random_base62(32),
     };
     let fail = |req: &AuthRequest, code, why: &str| Err(redirect_error(state, req, code, why));
     if req.state.as_ref().is_some_and(|s| s.len() > 2048) {
@@ -492,7 +493,7 @@ async fn issue_code(
     req: &AuthRequest,
     user: &User,
 ) -> Response {
-    let code = crate::ids::random_base62(43);
+    let code = keygate_engine::ids::random_base62(43);
     let now = now_ms();
     let ttl = i64::try_from(state.config.oauth.code_ttl_seconds).unwrap_or(i64::MAX / 2000);
     let row = AuthCode {
@@ -640,7 +641,7 @@ pub async fn authorize_submit(
         );
     }
     // A fresh token for the next form.
-    req.csrf = crate::ids::random_base62(32);
+    req.csrf = keygate_engine::ids::random_base62(32);
     match p.get("action") {
         Some("login") => {
             let (Some(email), Some(password)) = (p.get("email"), p.get("password")) else {
@@ -658,17 +659,17 @@ pub async fn authorize_submit(
                 .proxies
                 .client_ip(&headers, peer.ip())
                 .unwrap_or(peer.ip());
-            let attempt = match crate::login::begin(&state, &account, ip).await {
+            let attempt = match keygate_engine::login::begin(&state, &account, ip).await {
                 Ok(a) => a,
                 Err(r) => {
                     let mut page = login_page(
                         &state,
                         &client,
                         &req,
-                        crate::login::refusal_status(r),
-                        Some(&crate::login::refusal_message(r)),
+                        crate::headers::login_refusal_status(r),
+                        Some(&keygate_engine::login::refusal_message(r)),
                     );
-                    if let Some(after) = crate::login::retry_after(r) {
+                    if let Some(after) = crate::headers::login_retry_after(r) {
                         page.headers_mut().insert(header::RETRY_AFTER, after);
                     }
                     return page;
@@ -792,7 +793,7 @@ fn new_refresh(state: &AppState, grant_id: &str, now: i64) -> (String, RefreshTo
     let token = format!(
         "{}_rt_{}",
         state.config.keys.prefix,
-        crate::ids::random_base62(43)
+        keygate_engine::ids::random_base62(43)
     );
     let row = RefreshToken {
         hash: token_hash(&token),
@@ -924,7 +925,7 @@ async fn exchange_code(
     let refresh_ttl =
         i64::try_from(state.config.oauth.refresh_token_ttl_seconds).unwrap_or(i64::MAX / 2000);
     let grant = OAuthGrant {
-        id: crate::ids::new_id("grt", now),
+        id: keygate_engine::ids::new_id("grt", now),
         client_id: client.id.clone(),
         tenant_id: code.tenant_id.clone(),
         user_id: Some(code.user_id.clone()),
@@ -1012,7 +1013,7 @@ async fn refresh(
             // RFC 9700 §4.14.2: a refresh token used twice means one copy was stolen; the
             // whole family goes, and the tenant hears of it.
             revoke_family(state, &grant.id, "refresh_reuse").await?;
-            crate::alerts::raise(
+            keygate_engine::alerts::raise(
                 state,
                 "oauth.refresh_reuse",
                 &grant.tenant_id,
@@ -1064,7 +1065,7 @@ async fn client_credentials(
     let now = now_ms();
     let ttl = i64::try_from(state.config.oauth.access_token_ttl_seconds).unwrap_or(i64::MAX / 2000);
     let grant = OAuthGrant {
-        id: crate::ids::new_id("grt", now),
+        id: keygate_engine::ids::new_id("grt", now),
         client_id: client.id.clone(),
         tenant_id: client.tenant_id.clone(),
         user_id: None,

@@ -3,12 +3,13 @@
 
 use super::{detached, next_cursor, Ctx, PageQuery};
 use crate::error::{ApiError, Json, Path, Query};
-use crate::state::{now_ms, AppState};
+use crate::state::AppState;
 use crate::views::{rfc3339, ListView};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use keygate_core::{RouteClass, ScopeSet};
+use keygate_engine::clock::now_ms;
 use keygate_store::OAuthClient;
 use serde::{Deserialize, Serialize};
 
@@ -81,7 +82,7 @@ pub async fn create(
         .caller(&state, WRITE, RouteClass::TokenManagement)
         .await?;
     let tenant = caller.act_in(&state, body.tenant_id.as_deref()).await?;
-    let name = crate::issue::check_name(&body.name)?;
+    let name = keygate_engine::issue::check_name(&body.name)?;
     let public = match body.client_type.as_str() {
         "public" => true,
         "confidential" => false,
@@ -119,12 +120,12 @@ pub async fn create(
         format!(
             "{}_cs_{}",
             state.config.keys.prefix,
-            crate::ids::random_base62(40)
+            keygate_engine::ids::random_base62(40)
         )
     });
     let now = now_ms();
     let client = OAuthClient {
-        id: crate::ids::new_id("cli", now),
+        id: keygate_engine::ids::new_id("cli", now),
         tenant_id: tenant,
         name,
         client_type: body.client_type,
@@ -310,7 +311,7 @@ pub async fn rotate_signing_key(
     let st = state.clone();
     let actor = caller.key.record.id.clone();
     let kid = detached(async move {
-        let kid = crate::oauth::add_signing_key(&*st.store)
+        let kid = keygate_engine::oauth::add_signing_key(&*st.store)
             .await
             .map_err(|e| keygate_store::StoreError {
                 kind: keygate_store::StoreErrorKind::Unavailable,

@@ -2,13 +2,14 @@
 
 use super::{next_cursor, Ctx, PageQuery};
 use crate::error::{ApiError, Json, Path, Query};
-use crate::issue::{self, CreateKey};
-use crate::state::{now_ms, AppState};
+use crate::state::AppState;
 use crate::views::{IssuedKey, KeyView, ListView, TenantView};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use keygate_core::RouteClass;
+use keygate_engine::clock::now_ms;
+use keygate_engine::issue::{self, CreateKey};
 use keygate_store::Tenant;
 use serde::{Deserialize, Serialize};
 
@@ -83,7 +84,7 @@ pub async fn create(
     }
     let now = now_ms();
     let tenant = Tenant {
-        id: crate::ids::new_id("tnt", now),
+        id: keygate_engine::ids::new_id("tnt", now),
         name,
         plan,
         credits,

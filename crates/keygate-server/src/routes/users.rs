@@ -2,12 +2,13 @@
 
 use super::{next_cursor, Ctx, PageQuery};
 use crate::error::{ApiError, Json, Path, Query};
-use crate::state::{now_ms, AppState};
+use crate::state::AppState;
 use crate::views::{ListView, UserView};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use keygate_core::RouteClass;
+use keygate_engine::clock::now_ms;
 use keygate_store::User;
 use serde::Deserialize;
 
@@ -130,7 +131,7 @@ pub async fn hash_password(password: String) -> Result<String, ApiError> {
         let _turn = turn;
         use argon2::password_hash::{PasswordHasher, SaltString};
         let mut salt = [0u8; 16];
-        crate::ids::os_fill(&mut salt);
+        keygate_engine::ids::os_fill(&mut salt);
         let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
         argon2::Argon2::default()
             .hash_password(password.as_bytes(), &salt)
@@ -178,7 +179,7 @@ pub async fn create(
     }
     let name = body
         .name
-        .map(|n| crate::issue::check_name(&n))
+        .map(|n| keygate_engine::issue::check_name(&n))
         .transpose()?;
     let password_hash = match body.password {
         Some(p) if p.chars().count() < 8 || p.len() > 1024 => {
@@ -189,7 +190,7 @@ pub async fn create(
     };
     let now = now_ms();
     let user = User {
-        id: crate::ids::new_id("usr", now),
+        id: keygate_engine::ids::new_id("usr", now),
         tenant_id: tenant,
         email,
         name,

@@ -4,12 +4,13 @@
 use super::Ctx;
 use crate::error::{ApiError, Json};
 use crate::headers::*;
-use crate::state::{bearer, now_ms, AppState};
-use crate::views::rfc3339;
+use crate::state::{bearer, AppState};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keygate_core::{Code, RequestFacts, RouteClass};
+use keygate_engine::clock::now_ms;
+use keygate_engine::clock::rfc3339;
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 
@@ -19,9 +20,7 @@ pub const VERIFY: &str = "keys:verify";
 /// Cost of a call when neither a route nor the caller names one.
 pub const DEFAULT_COST: u64 = 1;
 
-/// The largest cost one call may name (`cost`, `X-Keygate-Cost`): far above any real price,
-/// far below where sums of credits could overflow.
-pub const MAX_COST: u64 = 1_000_000_000;
+pub use keygate_engine::config::MAX_COST;
 
 /// `POST /v1/keys/verify` body. `Debug` hides the key.
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -206,7 +205,7 @@ pub async fn serve_forward_auth(
     peer: IpAddr,
     conn: Option<&std::sync::Arc<crate::held::Conn>>,
 ) -> Response {
-    let rid = crate::error::RequestId::new();
+    let rid = keygate_engine::request_id::RequestId::new();
     // Only the head is needed (and `HeaderMap`, unlike the body, may be shared across awaits).
     let (parts, _body) = req.into_parts();
     // Envoy's ext_authz `path_prefix` sends `/v1/auth/<original path>` with the original method.
@@ -235,7 +234,10 @@ fn bad_request(message: &'static str) -> Response {
 }
 
 /// Whether two route lookups found the same route (or both none).
-pub fn same_route(a: Option<&crate::state::Route>, b: Option<&crate::state::Route>) -> bool {
+pub fn same_route(
+    a: Option<&keygate_engine::engine::Route>,
+    b: Option<&keygate_engine::engine::Route>,
+) -> bool {
     match (a, b) {
         (None, None) => true,
         (Some(a), Some(b)) => std::ptr::eq(a, b),
@@ -330,7 +332,15 @@ async fn decide_forward_auth(
             now_ms: now_ms(),
         };
         let decided = state.decide_public(&public).await;
-        return match state.settle(decided, conn).await {
+        return match state
+            .settle(
+                decided,
+                conn.map(crate::held::OnConn)
+                    .as_ref()
+                    .map(|c| c as &dyn keygate_engine::engine::Holder),
+            )
+            .await
+        {
             Ok(d) => {
                 let mut res = StatusCode::OK.into_response();
                 rate_headers(res.headers_mut(), &d, None);
@@ -366,7 +376,15 @@ async fn decide_forward_auth(
         now_ms: now_ms(),
     };
     let decided = state.decide(bearer(h), &facts, None).await;
-    match state.settle(decided, conn).await {
+    match state
+        .settle(
+            decided,
+            conn.map(crate::held::OnConn)
+                .as_ref()
+                .map(|c| c as &dyn keygate_engine::engine::Holder),
+        )
+        .await
+    {
         Ok(a) => {
             let mut res = StatusCode::OK.into_response();
             let out = res.headers_mut();

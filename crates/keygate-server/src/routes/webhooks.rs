@@ -2,13 +2,14 @@
 
 use super::{detached, next_cursor, Caller, Ctx, PageQuery};
 use crate::error::{ApiError, Json, Path, Query};
-use crate::state::{now_ms, AppState};
+use crate::state::AppState;
 use crate::views::{rfc3339, ListView};
-use crate::webhooks::{EVENT_TYPES, SUCCESSOR_EVENT};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use keygate_core::RouteClass;
+use keygate_engine::clock::now_ms;
+use keygate_engine::webhooks::{EVENT_TYPES, SUCCESSOR_EVENT};
 use keygate_store::{Delivery, WebhookEndpoint};
 use serde::{Deserialize, Serialize};
 
@@ -91,7 +92,7 @@ fn check_url(state: &AppState, url: &str) -> Result<(), ApiError> {
     if url.len() > 2048 {
         return Err(ApiError::invalid("url must be at most 2048 characters"));
     }
-    match crate::webhooks::url_problem(url, state.config.webhooks.allow_private_networks) {
+    match keygate_engine::webhooks::url_problem(url, state.config.webhooks.allow_private_networks) {
         Some(why) => Err(ApiError::invalid(why)),
         None => Ok(()),
     }
@@ -161,10 +162,10 @@ pub async fn create(
     }
     let now = now_ms();
     let w = WebhookEndpoint {
-        id: crate::ids::new_id("whk", now),
+        id: keygate_engine::ids::new_id("whk", now),
         tenant_id: tenant,
         url: body.url,
-        secret: crate::webhooks::new_secret(),
+        secret: keygate_engine::webhooks::new_secret(),
         events,
         enabled: true,
         disabled_reason: None,

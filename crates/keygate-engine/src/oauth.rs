@@ -3,10 +3,11 @@
 //! the step of the request pipeline that turns a JWT access token into a [`CachedKey`] so
 //! that the gateway, `/v1/auth` and `/v1/keys/verify` judge it exactly like a key.
 
+use crate::clock::now_ms;
 use crate::config::Config;
-use crate::state::{now_ms, CachedKey, Inner};
+use crate::engine::{CachedKey, Engine};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
+use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use keygate_core::{Code, IpAllowList, KeyStatus, Kind, OriginList, ScopeSet};
 use keygate_oauth::jwt::{AccessClaims, KeyMaterial, Keyring, VerifyError};
@@ -268,7 +269,7 @@ pub async fn add_signing_key(store: &dyn Store) -> Result<String, String> {
 pub const SIGNING_KEYS_TASK: &str = "signing-keys";
 
 pub async fn run_signing_keys(
-    state: crate::state::AppState,
+    state: std::sync::Arc<Engine>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(RELOAD_INTERVAL);
@@ -315,7 +316,7 @@ pub async fn run_signing_keys(
     }
 }
 
-impl Inner {
+impl Engine {
     /// The pipeline's step for a JWT access token: a cached entry (by the token's hash, so a
     /// token is verified once per node, not once per request), else signature, issuer,
     /// audience and expiry, then its grant and revocation from the store. Revocations reach

@@ -10,8 +10,9 @@
 //! status, a refused connection, a timeout) is tried again after `webhooks.retry_backoff_ms`
 //! (5 s, 30 s, 2 min, 10 min, 30 min, 1 h, 3 h by default), then given up (`failed`).
 
-use crate::state::{now_ms, AppState, Inner};
-use base64::Engine;
+use crate::clock::now_ms;
+use crate::engine::Engine;
+use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use keygate_store::{Delivery, PageRequest};
 use sha2::Sha256;
@@ -136,7 +137,7 @@ pub fn sign(secret: &str, msg_id: &str, timestamp: i64, body: &str) -> Option<St
     ))
 }
 
-impl Inner {
+impl Engine {
     /// Queues `event_type` with `data` for every enabled endpoint of `tenant_id` that wants it
     /// (or only for `only`, a test-send). Returns the deliveries queued.
     pub async fn emit(
@@ -165,7 +166,7 @@ impl Inner {
         let payload = serde_json::json!({
             "type": event_type,
             "id": event_id,
-            "at": crate::views::rfc3339(now),
+            "at": crate::clock::rfc3339(now),
             "data": data,
         })
         .to_string();
@@ -203,7 +204,10 @@ impl Inner {
 /// The delivery task's name under supervision (`crate::supervisor`).
 pub const DELIVERIES_TASK: &str = "webhook-deliveries";
 
-pub async fn run_deliveries(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn run_deliveries(
+    state: std::sync::Arc<Engine>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let client = match client(&state) {
         Ok(c) => c,
         Err(e) => {
@@ -272,7 +276,7 @@ pub async fn send_signed(
 }
 
 /// The client deliveries use: a time limit per attempt, no redirects.
-pub fn client(state: &Inner) -> Result<reqwest::Client, reqwest::Error> {
+pub fn client(state: &Engine) -> Result<reqwest::Client, reqwest::Error> {
     let mut b = reqwest::Client::builder()
         // Below the one-minute claim of a delivery, so no other node sends it meanwhile.
         .timeout(Duration::from_millis(
@@ -336,7 +340,7 @@ pub fn checked_url(url: &str, allow_private: bool) -> Result<reqwest::Url, &'sta
 }
 
 /// One attempt of `d`, and its outcome written back.
-async fn attempt(state: &AppState, client: &reqwest::Client, mut d: Delivery) {
+async fn attempt(state: &Engine, client: &reqwest::Client, mut d: Delivery) {
     let claimed_until = d.next_at_ms;
     d.attempts += 1;
     let endpoint = match state.store.get_webhook(&d.endpoint_id).await {

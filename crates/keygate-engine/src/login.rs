@@ -2,8 +2,9 @@
 //! with each failure past the free ones, counted in the store so that every node sees the same
 //! counts. Why throttling and not a lock, and the defaults: see [`crate::config::LoginConfig`].
 
+use crate::clock::now_ms;
 use crate::config::LoginConfig;
-use crate::state::{now_ms, AppState};
+use crate::engine::Engine;
 use keygate_store::LoginThrottle;
 use std::net::IpAddr;
 
@@ -84,7 +85,7 @@ fn subjects(account: &str, network: &str, c: &LoginConfig) -> [(String, Rule); 2
 
 /// Starts a sign-in attempt of `account` (`tenant/email`, lower case) from `ip`: refused while
 /// the account or the network must wait, else counted as a failure against both.
-pub async fn begin(state: &AppState, account: &str, ip: IpAddr) -> Result<Attempt, Refused> {
+pub async fn begin(state: &Engine, account: &str, ip: IpAddr) -> Result<Attempt, Refused> {
     let c = &state.config.login;
     let network = network_of(ip);
     let subjects = subjects(account, &network, c);
@@ -153,7 +154,7 @@ fn unavailable(e: &dyn std::fmt::Display) -> Refused {
 impl Attempt {
     /// The password was wrong: the failure stays counted, and the wait it brings starts now
     /// (after the check), so the caller waits all of it whatever the check took.
-    pub async fn failed(self, state: &AppState) {
+    pub async fn failed(self, state: &Engine) {
         let c = &state.config.login;
         let now = now_ms();
         for (subject, rule) in subjects(&self.account, &self.network, c) {
@@ -173,7 +174,7 @@ impl Attempt {
 
     /// The password was right: the account's failures are forgotten, and this attempt no
     /// longer counts against the network (whose earlier failures stay).
-    pub async fn succeeded(self, state: &AppState) {
+    pub async fn succeeded(self, state: &Engine) {
         let [(account, _), (network, _)] =
             subjects(&self.account, &self.network, &state.config.login);
         change(state, &account, |_| None).await;
@@ -182,7 +183,7 @@ impl Attempt {
 
     /// The password could not be checked (hashing busy, store down): the attempt counts for
     /// nothing.
-    pub async fn not_judged(self, state: &AppState) {
+    pub async fn not_judged(self, state: &Engine) {
         for (subject, _) in subjects(&self.account, &self.network, &state.config.login) {
             change(state, &subject, give_back).await;
         }
@@ -201,11 +202,7 @@ fn give_back(t: LoginThrottle) -> Option<LoginThrottle> {
 }
 
 /// Applies `f` to `subject`'s count, again if another node changed it meanwhile.
-async fn change(
-    state: &AppState,
-    subject: &str,
-    f: impl Fn(LoginThrottle) -> Option<LoginThrottle>,
-) {
+async fn change(state: &Engine, subject: &str, f: impl Fn(LoginThrottle) -> Option<LoginThrottle>) {
     for _ in 0..RETRIES {
         let row = match state.store.get_login_throttle(subject).await {
             Ok(Some(row)) => row,
@@ -238,22 +235,6 @@ pub fn refusal_message(r: Refused) -> String {
             ms.div_ceil(1000).max(1)
         ),
         Refused::Unavailable => "Try again in a moment.".into(),
-    }
-}
-
-/// `Retry-After` (whole seconds, at least 1) of a refused attempt, if it has one.
-pub fn retry_after(r: Refused) -> Option<axum::http::HeaderValue> {
-    match r {
-        Refused::Wait(ms) => Some(axum::http::HeaderValue::from(ms.div_ceil(1000).max(1))),
-        Refused::Unavailable => None,
-    }
-}
-
-/// The status of a refused attempt: 429, or 503 without a store.
-pub fn refusal_status(r: Refused) -> axum::http::StatusCode {
-    match r {
-        Refused::Wait(_) => axum::http::StatusCode::TOO_MANY_REQUESTS,
-        Refused::Unavailable => axum::http::StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 

@@ -12,7 +12,8 @@
 //! later. If the rotation cannot be written after delivery (a revoke or manual rotation won, or
 //! the store is down), a `rotation_failed` alert tells the tenant to keep the old key.
 
-use crate::state::{now_ms, AppState};
+use crate::clock::now_ms;
+use crate::engine::Engine;
 use crate::webhooks::SUCCESSOR_EVENT;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -22,7 +23,7 @@ use std::time::Duration;
 pub type Backoff = HashMap<String, i64>;
 
 /// Takes or renews the rotation lease; `false` if another node holds it.
-async fn hold_lease(state: &AppState) -> bool {
+async fn hold_lease(state: &Engine) -> bool {
     let now = now_ms();
     let every = i64::try_from(state.config.rotation.check_seconds.max(1)).unwrap_or(60) * 1000;
     // Long enough for a round of deliveries; renewed before every key.
@@ -41,11 +42,7 @@ async fn hold_lease(state: &AppState) -> bool {
 }
 
 /// Rotates what is due, if this node holds the lease. Returns how many keys were rotated.
-pub async fn rotate_due(
-    state: &AppState,
-    client: &reqwest::Client,
-    backoff: &mut Backoff,
-) -> usize {
+pub async fn rotate_due(state: &Engine, client: &reqwest::Client, backoff: &mut Backoff) -> usize {
     if !hold_lease(state).await {
         return 0;
     }
@@ -94,7 +91,7 @@ enum Outcome {
 }
 
 async fn rotate_one(
-    state: &AppState,
+    state: &Engine,
     client: &reqwest::Client,
     old: &keygate_store::KeyRecord,
 ) -> Outcome {
@@ -144,14 +141,14 @@ async fn rotate_one(
         serde_json::json!({
             "type": "key.rotated",
             "id": msg_id,
-            "at": crate::views::rfc3339(now),
+            "at": crate::clock::rfc3339(now),
             "data": {
                 "tenant_id": old.tenant_id,
                 "key_id": old.id,
                 "successor_id": succ.id,
                 "key": key,
-                "grace_until": crate::views::rfc3339(grace_until),
-                "expires_at": succ.expires_at_ms.map(crate::views::rfc3339),
+                "grace_until": crate::clock::rfc3339(grace_until),
+                "expires_at": succ.expires_at_ms.map(crate::clock::rfc3339),
                 "automatic": true,
             },
         })
@@ -190,9 +187,7 @@ async fn rotate_one(
     // Written now; a store hiccup gets a few tries, since the successor is out already.
     let mut committed = Err(String::new());
     for attempt in 0..3u32 {
-        match crate::routes::keys::commit_rotation(state, old, &succ, grace_until, "system", false)
-            .await
-        {
+        match commit_rotation(state, old, &succ, grace_until, "system", false).await {
             Ok(done) => {
                 committed = Ok(done);
                 break;
@@ -249,10 +244,43 @@ async fn rotate_one(
 }
 
 /// Checks every `rotation.check_seconds` until `stop` fires.
+/// Writes a rotation (`old` into grace until `grace_until`, `succ` active), records it, and
+/// drops both keys from every node's cache. `webhook`: whether the `key.rotated` event goes
+/// to the webhook queue too (automatic rotation delivers its own, with the new key).
+/// `false` if a concurrent rotate or revoke won.
+pub async fn commit_rotation(
+    st: &Engine,
+    old: &keygate_store::KeyRecord,
+    succ: &keygate_store::KeyRecord,
+    grace_until: i64,
+    actor: &str,
+    webhook: bool,
+) -> Result<bool, keygate_store::StoreError> {
+    let ok = st.store.rotate_key(&old.id, grace_until, succ).await?;
+    if ok {
+        let grace = (grace_until - succ.created_at_ms).max(0) / 1000;
+        let detail = serde_json::json!({"successor": succ.id, "grace_seconds": grace, "automatic": !webhook});
+        let (tenant, user) = (&old.tenant_id, old.user_id.as_deref());
+        if webhook {
+            st.record_change(actor, "key.rotated", tenant, Some(&old.id), user, &detail)
+                .await;
+        } else {
+            st.audit_change(actor, "key.rotated", tenant, Some(&old.id), user, &detail);
+        }
+        st.key_changed(&old.hash).await;
+        st.key_changed(&succ.hash).await;
+        crate::origins::pk_changed(st, old.kind).await;
+    }
+    Ok(ok)
+}
+
 /// The rotation task's name under supervision (`crate::supervisor`).
 pub const ROTATION_TASK: &str = "rotation";
 
-pub async fn run_rotation(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) {
+pub async fn run_rotation(
+    state: std::sync::Arc<Engine>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let client = match crate::webhooks::client(&state) {
         Ok(c) => c,
         Err(e) => {

@@ -9,7 +9,8 @@
 //! served (refusal bursts and rate spikes are
 //! per node), while budgets, credits and sightings are read from the shared store.
 
-use crate::state::{now_ms, AppState};
+use crate::clock::now_ms;
+use crate::engine::Engine;
 use keygate_core::{Code, Kind};
 use keygate_store::{Alert, RawEvent, UsageOf};
 use std::collections::{HashMap, HashSet};
@@ -163,7 +164,7 @@ fn network(ip: &str) -> Option<String> {
 /// Records an alert unless the incident has one already; a new one becomes an audit event and
 /// a webhook.
 pub async fn raise(
-    state: &AppState,
+    state: &Engine,
     kind: &str,
     tenant_id: &str,
     key_id: Option<&str>,
@@ -196,7 +197,7 @@ pub async fn raise(
 }
 
 impl Rules {
-    async fn observe(&mut self, state: &AppState, seen: &[Seen]) {
+    async fn observe(&mut self, state: &Engine, seen: &[Seen]) {
         let cfg = &state.config.alerts;
         let mut budget_keys: HashSet<&str> = HashSet::new();
         let mut tenants: HashSet<&str> = HashSet::new();
@@ -382,7 +383,7 @@ impl Rules {
 }
 
 /// Warns about keys that expire within `alerts.expiring_within_days` (once per key and expiry).
-pub async fn check_expiring(state: &AppState) {
+pub async fn check_expiring(state: &Engine) {
     let days = state.config.alerts.expiring_within_days;
     if days == 0 {
         return;
@@ -404,8 +405,8 @@ pub async fn check_expiring(state: &AppState) {
             &k.tenant_id,
             Some(&k.id),
             format!("expiring:{}:{at}", k.id),
-            format!("{} expires at {}", k.id, crate::views::rfc3339(at)),
-            serde_json::json!({"key_id": k.id, "expires_at": crate::views::rfc3339(at)}),
+            format!("{} expires at {}", k.id, crate::clock::rfc3339(at)),
+            serde_json::json!({"key_id": k.id, "expires_at": crate::clock::rfc3339(at)}),
         )
         .await;
     }
@@ -418,7 +419,7 @@ pub const ALERTS_TASK: &str = "alerts";
 /// `events` is shared so that a restarted task (see `crate::supervisor`) reads on where the
 /// last one stopped.
 pub async fn run_alerts(
-    state: AppState,
+    state: std::sync::Arc<Engine>,
     events: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<Seen>>>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {

@@ -1,15 +1,13 @@
 //! Issuing keys: the create body, presets, defaults and every validation, shared by the HTTP
 //! API, tenant creation and the CLI (which works on the database directly).
 
+use crate::clock::parse_rfc3339;
 use crate::config::Config;
-use crate::error::ApiError;
 use crate::ids::{new_id, os_fill};
-use crate::views::parse_rfc3339;
 use keygate_core::{
     IpAllowList, KeyFormat, KeyHasher, KeyStatus, Kind, OriginList, RateLimit, ScopeSet,
 };
 use keygate_store::{KeyRecord, Store};
-use serde::Deserialize;
 
 /// Origins a new `pk` gets when none are given: the AI canvases.
 pub const DEFAULT_PK_ORIGINS: [&str; 4] = [
@@ -22,57 +20,28 @@ pub const DEFAULT_PK_ORIGINS: [&str; 4] = [
 /// Longest TTL / expiry distance accepted: 10 years.
 const MAX_TTL_SECONDS: u64 = 10 * 365 * 86_400;
 
-/// `rate_limit` in a request body.
-#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimitBody {
-    /// Requests per window.
-    pub limit: u32,
-    /// Window length.
-    pub window_seconds: u32,
+pub use keygate_api::{CreateKey, RateLimitBody};
+
+/// Why a key cannot be issued as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// The request asks for something not allowed; the message says what (shown to the caller).
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] keygate_store::StoreError),
 }
 
-impl RateLimitBody {
-    /// Validates.
-    pub fn parse(self) -> Result<RateLimit, ApiError> {
-        RateLimit::new(self.limit, self.window_seconds)
-            .map_err(|e| ApiError::invalid(e.message().to_owned()))
+impl IssueError {
+    fn invalid(msg: impl Into<String>) -> Self {
+        Self::Invalid(msg.into())
     }
 }
 
-/// `POST /v1/keys` body.
-#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateKey {
-    /// `sk`, `ut` or `pk`.
-    pub kind: String,
-    /// Display name.
-    pub name: String,
-    /// Tenant (operator only, for another tenant).
-    pub tenant_id: Option<String>,
-    /// Owning user (required for `ut`).
-    pub user_id: Option<String>,
-    /// `default`, `aidemo` or `widget`.
-    pub preset: Option<String>,
-    /// Scopes.
-    pub scopes: Option<Vec<String>>,
-    /// IPs and CIDRs.
-    pub allowed_ips: Option<Vec<String>>,
-    /// Origins.
-    pub allowed_origins: Option<Vec<String>>,
-    /// Rate limit.
-    pub rate_limit: Option<RateLimitBody>,
-    /// Lifetime credit budget.
-    pub budget: Option<u64>,
-    /// Expiry (RFC 3339).
-    pub expires_at: Option<String>,
-    /// Or: lifetime in seconds.
-    pub ttl_seconds: Option<u64>,
-    /// Automatic rotation period.
-    pub rotation_days: Option<u32>,
-    /// Free-form JSON object.
-    #[schema(value_type = Option<Object>)]
-    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+/// A `rate_limit` body, validated.
+pub fn rate_limit(b: RateLimitBody) -> Result<RateLimit, IssueError> {
+    RateLimit::new(b.limit, b.window_seconds).map_err(|e| IssueError::invalid(e.message()))
 }
 
 /// A preset of API.md's table.
@@ -128,13 +97,13 @@ pub fn preset(name: &str) -> Option<Preset> {
 /// Checks a display name (of a key, OAuth client, tenant or user; on create and on update):
 /// 1 to 200 characters, not blank, and none that [`keygate_core::name_problem`] refuses
 /// (control characters, bidirectional controls) anywhere in what was sent.
-pub fn check_name(name: &str) -> Result<String, ApiError> {
+pub fn check_name(name: &str) -> Result<String, IssueError> {
     if let Some(why) = keygate_core::name_problem(name) {
-        return Err(ApiError::invalid(why));
+        return Err(IssueError::invalid(why));
     }
     let n = name.trim();
     if n.is_empty() || n.chars().count() > 200 {
-        return Err(ApiError::invalid("name must be 1 to 200 characters"));
+        return Err(IssueError::invalid("name must be 1 to 200 characters"));
     }
     Ok(n.to_owned())
 }
@@ -142,42 +111,44 @@ pub fn check_name(name: &str) -> Result<String, ApiError> {
 /// Checks metadata: a JSON object of at most 8 KiB.
 pub fn check_metadata(
     m: Option<serde_json::Map<String, serde_json::Value>>,
-) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+) -> Result<serde_json::Map<String, serde_json::Value>, IssueError> {
     let m = m.unwrap_or_default();
     if serde_json::Value::Object(m.clone()).to_string().len() > 8 * 1024 {
-        return Err(ApiError::invalid("metadata must be at most 8 KiB of JSON"));
+        return Err(IssueError::invalid(
+            "metadata must be at most 8 KiB of JSON",
+        ));
     }
     Ok(m)
 }
 
 /// Parses scopes for a key of `kind`: `*` only on `sk`.
-pub fn check_scopes(kind: Kind, scopes: &[String]) -> Result<ScopeSet, ApiError> {
-    let set = ScopeSet::parse(scopes).map_err(|e| ApiError::invalid(e.message().to_owned()))?;
+pub fn check_scopes(kind: Kind, scopes: &[String]) -> Result<ScopeSet, IssueError> {
+    let set = ScopeSet::parse(scopes).map_err(|e| IssueError::invalid(e.message()))?;
     if set.has_all() && kind != Kind::Sk {
-        return Err(ApiError::invalid(
+        return Err(IssueError::invalid(
             "scope \"*\" is only for secret (sk) keys",
         ));
     }
     if set.len() > 100 {
-        return Err(ApiError::invalid("at most 100 scopes"));
+        return Err(IssueError::invalid("at most 100 scopes"));
     }
     Ok(set)
 }
 
 /// Parses an IP allow-list.
-pub fn check_ips(ips: &[String]) -> Result<IpAllowList, ApiError> {
+pub fn check_ips(ips: &[String]) -> Result<IpAllowList, IssueError> {
     if ips.len() > 100 {
-        return Err(ApiError::invalid("at most 100 allowed_ips"));
+        return Err(IssueError::invalid("at most 100 allowed_ips"));
     }
-    IpAllowList::parse(ips).map_err(|e| ApiError::invalid(e.message().to_owned()))
+    IpAllowList::parse(ips).map_err(|e| IssueError::invalid(e.message()))
 }
 
 /// Parses an origin allow-list.
-pub fn check_origins(origins: &[String]) -> Result<OriginList, ApiError> {
+pub fn check_origins(origins: &[String]) -> Result<OriginList, IssueError> {
     if origins.len() > 100 {
-        return Err(ApiError::invalid("at most 100 allowed_origins"));
+        return Err(IssueError::invalid("at most 100 allowed_origins"));
     }
-    OriginList::parse(origins).map_err(|e| ApiError::invalid(e.message().to_owned()))
+    OriginList::parse(origins).map_err(|e| IssueError::invalid(e.message()))
 }
 
 /// Expiry from `expires_at` or `ttl_seconds` (not both), which must lie in the future.
@@ -185,25 +156,25 @@ pub fn check_expiry(
     expires_at: Option<&str>,
     ttl: Option<u64>,
     now_ms: i64,
-) -> Result<Option<i64>, ApiError> {
+) -> Result<Option<i64>, IssueError> {
     match (expires_at, ttl) {
-        (Some(_), Some(_)) => Err(ApiError::invalid(
+        (Some(_), Some(_)) => Err(IssueError::invalid(
             "give expires_at or ttl_seconds, not both",
         )),
         (Some(s), None) => {
             let at = parse_rfc3339(s)
-                .ok_or_else(|| ApiError::invalid("expires_at must be an RFC 3339 timestamp"))?;
+                .ok_or_else(|| IssueError::invalid("expires_at must be an RFC 3339 timestamp"))?;
             if at <= now_ms {
-                return Err(ApiError::invalid("expires_at must be in the future"));
+                return Err(IssueError::invalid("expires_at must be in the future"));
             }
             if at - now_ms > (MAX_TTL_SECONDS as i64) * 1000 {
-                return Err(ApiError::invalid("expires_at must be within 10 years"));
+                return Err(IssueError::invalid("expires_at must be within 10 years"));
             }
             Ok(Some(at))
         }
         (None, Some(t)) => {
             if t == 0 || t > MAX_TTL_SECONDS {
-                return Err(ApiError::invalid(
+                return Err(IssueError::invalid(
                     "ttl_seconds must be between 1 and 315360000",
                 ));
             }
@@ -213,13 +184,12 @@ pub fn check_expiry(
     }
 }
 
-fn plan_allows(allowed: &[String], scopes: &ScopeSet) -> Result<(), ApiError> {
-    let allowed =
-        ScopeSet::parse(allowed).map_err(|e| ApiError::invalid(e.message().to_owned()))?;
+fn plan_allows(allowed: &[String], scopes: &ScopeSet) -> Result<(), IssueError> {
+    let allowed = ScopeSet::parse(allowed).map_err(|e| IssueError::invalid(e.message()))?;
     if scopes.is_subset_of(&allowed) {
         Ok(())
     } else {
-        Err(ApiError::invalid(
+        Err(IssueError::invalid(
             "scopes exceed what the user's plan allows",
         ))
     }
@@ -231,7 +201,7 @@ pub async fn check_plan_scopes(
     store: &dyn Store,
     user_id: &str,
     scopes: &ScopeSet,
-) -> Result<(), ApiError> {
+) -> Result<(), IssueError> {
     let Some(user) = store.get_user(user_id).await? else {
         return Ok(());
     };
@@ -252,6 +222,17 @@ pub struct Issuer<'a> {
     pub hasher: &'a KeyHasher,
 }
 
+impl crate::engine::Engine {
+    /// What issuing needs, from this engine.
+    pub fn issuer(&self) -> Issuer<'_> {
+        Issuer {
+            config: &self.config,
+            format: &self.format,
+            hasher: &self.hasher,
+        }
+    }
+}
+
 /// Builds a new key record from a create body (the tenant already resolved and visible to the
 /// caller). Writes nothing; returns the plaintext and the record.
 pub async fn build_key(
@@ -260,27 +241,27 @@ pub async fn build_key(
     tenant_id: &str,
     body: CreateKey,
     now_ms: i64,
-) -> Result<(String, KeyRecord), ApiError> {
-    let kind = Kind::parse(&body.kind).map_err(|e| ApiError::invalid(e.message().to_owned()))?;
+) -> Result<(String, KeyRecord), IssueError> {
+    let kind = Kind::parse(&body.kind).map_err(|e| IssueError::invalid(e.message()))?;
     let name = check_name(&body.name)?;
     let preset =
         match body.preset.as_deref() {
             None => None,
             Some(p) => Some(preset(p).ok_or_else(|| {
-                ApiError::invalid("preset must be one of default, aidemo, widget")
+                IssueError::invalid("preset must be one of default, aidemo, widget")
             })?),
         };
     // The user: required for ut, refused for sk, optional for pk; must be in the tenant.
     let user = match (&body.user_id, kind) {
-        (None, Kind::Ut) => return Err(ApiError::invalid("user_id is required for ut keys")),
+        (None, Kind::Ut) => return Err(IssueError::invalid("user_id is required for ut keys")),
         (Some(_), Kind::Sk) => {
-            return Err(ApiError::invalid(
+            return Err(IssueError::invalid(
                 "sk keys have no user; use a ut key for a user",
             ))
         }
         (Some(uid), _) => match store.get_user(uid).await? {
             Some(u) if u.tenant_id == tenant_id => Some(u),
-            _ => return Err(ApiError::invalid("user_id names no user of this tenant")),
+            _ => return Err(IssueError::invalid("user_id names no user of this tenant")),
         },
         (None, _) => None,
     };
@@ -292,10 +273,10 @@ pub async fn build_key(
         (None, None) => match kind {
             Kind::Sk => vec!["*".to_owned()],
             Kind::Ut => plan_scopes.clone().ok_or_else(|| {
-                ApiError::invalid("scopes are required: the user's plan lists no default scopes")
+                IssueError::invalid("scopes are required: the user's plan lists no default scopes")
             })?,
             Kind::Pk => {
-                return Err(ApiError::invalid(
+                return Err(IssueError::invalid(
                     "publishable keys need an explicit scope list (or a preset)",
                 ))
             }
@@ -303,10 +284,9 @@ pub async fn build_key(
     };
     let scopes = check_scopes(kind, &scopes)?;
     if let (Kind::Ut, Some(allowed)) = (kind, &plan_scopes) {
-        let allowed =
-            ScopeSet::parse(allowed).map_err(|e| ApiError::invalid(e.message().to_owned()))?;
+        let allowed = ScopeSet::parse(allowed).map_err(|e| IssueError::invalid(e.message()))?;
         if !scopes.is_subset_of(&allowed) {
-            return Err(ApiError::invalid(
+            return Err(IssueError::invalid(
                 "scopes exceed what the user's plan allows",
             ));
         }
@@ -315,7 +295,7 @@ pub async fn build_key(
     let allowed_origins = match (&body.allowed_origins, kind, preset) {
         (Some(o), _, _) => check_origins(o)?,
         (None, Kind::Pk, Some(p)) if !p.default_origins => {
-            return Err(ApiError::invalid(
+            return Err(IssueError::invalid(
                 "the widget preset needs allowed_origins: the sites that embed the widget",
             ))
         }
@@ -326,12 +306,12 @@ pub async fn build_key(
         (None, _, _) => OriginList::default(),
     };
     if kind == Kind::Pk && allowed_origins.is_empty() {
-        return Err(ApiError::invalid(
+        return Err(IssueError::invalid(
             "publishable keys need at least one allowed origin",
         ));
     }
     let rate_limit = match (body.rate_limit, preset) {
-        (Some(r), _) => Some(r.parse()?),
+        (Some(r), _) => Some(rate_limit(r)?),
         (None, Some(p)) => Some(RateLimit {
             limit: p.per_minute,
             window_seconds: 60,
@@ -340,7 +320,7 @@ pub async fn build_key(
     };
     let budget = body.budget.or(preset.map(|p| p.budget));
     if budget.is_some_and(|b| b > i64::MAX as u64) {
-        return Err(ApiError::invalid("budget is too large"));
+        return Err(IssueError::invalid("budget is too large"));
     }
     let mut expires_at_ms = check_expiry(body.expires_at.as_deref(), body.ttl_seconds, now_ms)?;
     if expires_at_ms.is_none() && body.expires_at.is_none() && body.ttl_seconds.is_none() {
@@ -350,7 +330,7 @@ pub async fn build_key(
     }
     if let Some(d) = body.rotation_days {
         if d == 0 || d > 3650 {
-            return Err(ApiError::invalid(
+            return Err(IssueError::invalid(
                 "rotation_days must be between 1 and 3650",
             ));
         }

@@ -3,6 +3,7 @@
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+use http::{HeaderValue, Uri};
 use keygate_core::{PathPattern, RateLimit, RouteClass};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -597,13 +598,77 @@ impl Default for Config {
     }
 }
 
+/// An upstream base URL: `http://host:port` with an optional base path.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    authority: String,
+    base_path: String,
+    host_header: HeaderValue,
+}
+
+impl Upstream {
+    /// Parses `http://127.0.0.1:9000` or `http://svc.internal:8080/api`. Only plain HTTP: put
+    /// TLS in front of keygate, and keep upstreams on a private network.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let uri: Uri = s.parse().map_err(|e| format!("not a URL: {e}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(
+                    "https upstreams are not supported yet; use http on a private network".into(),
+                )
+            }
+            _ => return Err("upstream must be an http:// URL".into()),
+        }
+        let authority = uri.authority().ok_or("upstream needs a host")?.to_string();
+        if authority.contains('@') {
+            return Err("upstream must not contain credentials".into());
+        }
+        if uri.query().is_some() {
+            return Err("upstream must not contain a query string".into());
+        }
+        let base_path = uri.path().trim_end_matches('/').to_owned();
+        let host_header = HeaderValue::from_str(&authority).map_err(|e| e.to_string())?;
+        Ok(Self {
+            authority,
+            base_path,
+            host_header,
+        })
+    }
+
+    /// The upstream URI for a request's path and query; `None` if it does not parse.
+    pub fn uri_for(&self, path_and_query: &str) -> Option<Uri> {
+        format!(
+            "http://{}{}{}",
+            self.authority, self.base_path, path_and_query
+        )
+        .parse()
+        .ok()
+    }
+
+    /// `host:port`.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// The `Host` header upstream requests carry.
+    pub fn host_header(&self) -> &HeaderValue {
+        &self.host_header
+    }
+}
+
+/// The largest cost one call may name (`[[routes]] cost`, the verify API's `cost`,
+/// `X-Keygate-Cost`): far above any real price, far below where sums of credits could
+/// overflow.
+pub const MAX_COST: u64 = 1_000_000_000;
+
 /// The parts of a [`Config`] the server uses in parsed form ([`Config::compile`]).
 #[derive(Debug)]
 pub struct Compiled {
     /// The `[[routes]]` table, in order.
-    pub routes: Vec<crate::state::Route>,
+    pub routes: Vec<crate::engine::Route>,
     /// `[proxy] trusted`.
-    pub proxies: crate::proxy::TrustedProxies,
+    pub trusted: keygate_core::IpAllowList,
 }
 
 /// A configuration that cannot be used, with a message naming the field.
@@ -665,19 +730,16 @@ impl Config {
             if let Some(s) = &r.scope {
                 keygate_core::Scope::parse(s).map_err(|e| named("scope", &e))?;
             }
-            if r.cost > crate::routes::verify::MAX_COST {
-                return Err(named(
-                    "cost",
-                    &format!("must be at most {}", crate::routes::verify::MAX_COST),
-                ));
+            if r.cost > MAX_COST {
+                return Err(named("cost", &format!("must be at most {}", MAX_COST)));
             }
             let upstream = r
                 .upstream
                 .as_deref()
-                .map(crate::gateway::Upstream::parse)
+                .map(Upstream::parse)
                 .transpose()
                 .map_err(|e| named("upstream", &e))?;
-            routes.push(crate::state::Route {
+            routes.push(crate::engine::Route {
                 pattern,
                 methods: r.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
                 upstream,
@@ -721,10 +783,7 @@ impl Config {
                     .map_err(|e| ConfigError(format!("plans.{name}.scopes: {e}")))?;
             }
         }
-        Ok(Compiled {
-            routes,
-            proxies: crate::proxy::TrustedProxies::new(trusted),
-        })
+        Ok(Compiled { routes, trusted })
     }
 }
 
