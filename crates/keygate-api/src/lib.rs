@@ -3,7 +3,8 @@
 //! Plain data: no rules (those are in `keygate-engine` and `keygate-core`), no HTTP.
 #![forbid(unsafe_code)]
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::borrow::Cow;
 
 /// `rate_limit` in a request body.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, utoipa::ToSchema)]
@@ -48,4 +49,448 @@ pub struct CreateKey {
     /// Free-form JSON object.
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// A key's budget as shown.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BudgetView {
+    /// The cap.
+    pub limit: u64,
+    /// Credits spent.
+    pub spent: u64,
+    /// Credits left.
+    pub remaining: u64,
+}
+
+/// A key as shown by the management API (never the plaintext).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct KeyView {
+    /// `key_…`
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// `sk`, `ut`, `pk`.
+    pub kind: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// User (for `ut`).
+    pub user_id: Option<String>,
+    /// First 10 characters of the key.
+    pub start: String,
+    /// Scopes.
+    pub scopes: Vec<String>,
+    /// IP allow-list.
+    pub allowed_ips: Vec<String>,
+    /// Origin allow-list.
+    pub allowed_origins: Vec<String>,
+    /// The key's own rate limit.
+    pub rate_limit: Option<RateLimitBody>,
+    /// Budget.
+    pub budget: Option<BudgetView>,
+    /// Expiry.
+    pub expires_at: Option<String>,
+    /// Automatic rotation period.
+    pub rotation_days: Option<u32>,
+    /// Metadata.
+    #[schema(value_type = Object)]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// `active`, `grace`, `revoked`, `expired`.
+    pub status: String,
+    /// Predecessor.
+    pub rotated_from: Option<String>,
+    /// Successor.
+    pub rotated_to: Option<String>,
+    /// Created.
+    pub created_at: String,
+    /// Updated.
+    pub updated_at: String,
+    /// Last used (kept current within a second or so).
+    pub last_used_at: Option<String>,
+    /// Revoked.
+    pub revoked_at: Option<String>,
+}
+
+/// A newly issued key: the plaintext, once, and the record. `Debug` hides the plaintext.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct IssuedKey {
+    /// The plaintext key. Shown only in this response.
+    pub key: String,
+    /// The record.
+    #[serde(flatten)]
+    pub record: KeyView,
+}
+
+impl std::fmt::Debug for IssuedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedKey")
+            .field("key", &"<redacted>")
+            .field("record", &self.record)
+            .finish()
+    }
+}
+
+/// A tenant as shown.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TenantView {
+    /// `tnt_…` or `default`.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// Plan.
+    pub plan: String,
+    /// Pool balance; `null` = unlimited.
+    pub credits: Option<u64>,
+    /// Created.
+    pub created_at: String,
+}
+
+/// A user as shown (never the password hash).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UserView {
+    /// `usr_…`
+    pub id: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Email.
+    pub email: String,
+    /// Name.
+    pub name: Option<String>,
+    /// Plan.
+    pub plan: String,
+    /// Created.
+    pub created_at: String,
+}
+
+/// A page of a list.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ListView<T> {
+    /// Items, newest first.
+    pub data: Vec<T>,
+    /// Pass as `?cursor=` for the next page; `null` at the end.
+    pub next_cursor: Option<String>,
+}
+
+/// An audit event as the API shows it.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AuditView {
+    pub id: String,
+    pub at: String,
+    pub node: String,
+    pub seq: i64,
+    pub tenant_id: Option<String>,
+    pub actor: String,
+    pub action: String,
+    pub key_id: Option<String>,
+    pub user_id: Option<String>,
+    pub kind: Option<String>,
+    pub code: Option<String>,
+    pub status: Option<i64>,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub scope: Option<String>,
+    pub ip: Option<String>,
+    pub origin: Option<String>,
+    pub credits: Option<i64>,
+    pub latency_us: Option<i64>,
+    pub request_id: Option<String>,
+    pub detail: Option<serde_json::Value>,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// `GET /v1/audit/verify` answer.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VerifyView {
+    /// Every chain intact up to its head.
+    pub ok: bool,
+    /// Events checked.
+    pub checked: u64,
+    /// Chains (nodes) checked.
+    pub nodes: u64,
+    /// The first broken place.
+    pub broken: Option<BrokenView>,
+}
+
+/// Where a chain breaks.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BrokenView {
+    /// Node.
+    pub node: String,
+    /// Sequence number in the node's chain.
+    pub seq: i64,
+    /// `changed`, `missing` or `inserted`.
+    pub problem: String,
+}
+
+/// One bucket of usage.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UsageBucket {
+    /// Start of the bucket.
+    pub at: String,
+    /// Decision code.
+    pub code: String,
+    /// Requests decided.
+    pub requests: u64,
+    /// Credits drawn.
+    pub credits: u64,
+}
+
+/// A usage answer.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UsageView {
+    /// `minute`, `hour` or `day`.
+    pub granularity: String,
+    /// Buckets (only those with traffic), oldest first, one per code.
+    pub data: Vec<UsageBucket>,
+}
+
+/// An alert as the API shows it.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AlertView {
+    pub id: String,
+    pub at: String,
+    pub tenant_id: String,
+    pub key_id: Option<String>,
+    pub kind: String,
+    pub message: String,
+    #[schema(value_type = Object)]
+    pub data: serde_json::Value,
+}
+
+/// An endpoint as the API shows it (the secret only on creation).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WebhookView {
+    pub id: String,
+    pub tenant_id: String,
+    pub url: String,
+    pub events: Vec<String>,
+    pub enabled: bool,
+    pub disabled_reason: Option<String>,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// A delivery attempt record.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeliveryView {
+    pub id: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub status: String,
+    pub attempts: u32,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub next_attempt_at: Option<String>,
+    pub created_at: String,
+    pub delivered_at: Option<String>,
+}
+
+/// A client as the API shows it (the secret only on creation).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ClientView {
+    pub client_id: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub client_type: String,
+    pub redirect_uris: Vec<String>,
+    pub scopes: Vec<String>,
+    pub tenant_id: String,
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
+}
+
+/// `POST /v1/tenants` answer.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CreatedTenant {
+    #[serde(flatten)]
+    pub tenant: TenantView,
+    /// The tenant's first admin key (`sk`, scope `*` inside the tenant), shown once.
+    pub admin_key: IssuedKey,
+}
+
+/// Distinguishes "absent" (`None`) from "null" (`Some(None)`) in a PATCH body.
+fn nullable<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// `PATCH /v1/keys/{id}` body: only the fields given change; `null` clears.
+#[derive(Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateKey {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_ips: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_origins: Option<Vec<String>>,
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<RateLimitBody>, nullable)]
+    pub rate_limit: Option<Option<RateLimitBody>>,
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<u64>, nullable)]
+    pub budget: Option<Option<u64>>,
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<String>, nullable)]
+    pub expires_at: Option<Option<String>>,
+    #[serde(
+        default,
+        deserialize_with = "nullable",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(value_type = Option<u32>, nullable)]
+    pub rotation_days: Option<Option<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// `POST /v1/keys/{id}/rotate` body.
+#[derive(Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKey {
+    /// How long the old key keeps working (default from config; 0 allowed; max 30 days).
+    pub grace_seconds: Option<u64>,
+}
+
+/// `POST /v1/webhooks` body.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWebhook {
+    pub url: String,
+    pub events: Option<Vec<String>>,
+    pub tenant_id: Option<String>,
+}
+
+/// `POST /v1/oauth/clients` body.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateClient {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub client_type: String,
+    #[serde(default)]
+    pub redirect_uris: Vec<String>,
+    pub scopes: Vec<String>,
+    pub tenant_id: Option<String>,
+}
+
+/// `POST /v1/tenants` body.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    pub name: String,
+    pub plan: Option<String>,
+    pub credits: Option<u64>,
+}
+
+/// `{"error": {"code", "message", "request_id"}}`: every refusal of keygate's own API.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// The error's details.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// `MISSING_KEY`, `MALFORMED_KEY`, `UNKNOWN_KEY`, `REVOKED`, `EXPIRED`,
+    /// `BUDGET_EXHAUSTED`, `INSUFFICIENT_CREDITS`, `FORBIDDEN_SCOPE`, `ORIGIN_NOT_ALLOWED`,
+    /// `IP_NOT_ALLOWED`, `BLOCKED_FOR_KEY_TYPE`, `TENANT_MISMATCH`, `PLAN_FEATURE`,
+    /// `RATE_LIMITED`, `INVALID_REQUEST`, `NOT_FOUND`, `CONFLICT`, `PAYLOAD_TOO_LARGE`,
+    /// `UNSUPPORTED_MEDIA_TYPE`, `METHOD_NOT_ALLOWED`, `REQUEST_TIMEOUT`, `UNAVAILABLE`,
+    /// `INTERNAL`.
+    #[schema(example = "FORBIDDEN_SCOPE")]
+    pub code: String,
+    /// For people.
+    pub message: String,
+    /// Also in the `X-Request-Id` header.
+    pub request_id: String,
+}
+
+/// `POST /v1/webhooks/{id}/test` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TestEvent {
+    /// The queued delivery.
+    pub delivery_id: String,
+    /// The event it carries.
+    pub event_id: String,
+}
+
+/// `POST /v1/keys/verify` body. `Debug` hides the key.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyBody {
+    pub key: String,
+    pub scope: Option<String>,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub origin: Option<String>,
+    pub ip: Option<String>,
+    pub tenant_id: Option<String>,
+    /// Credits this call costs (at most 1,000,000,000).
+    #[schema(maximum = 1_000_000_000)]
+    pub cost: Option<u64>,
+}
+
+impl std::fmt::Debug for VerifyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyBody")
+            .field("key", &keygate_core::key::display_prefix(&self.key))
+            .field("scope", &self.scope)
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The key's rate window after this call.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RateView {
+    pub limit: u32,
+    pub remaining: u32,
+    pub reset_seconds: u32,
+    pub window_seconds: u32,
+}
+
+/// The key's budget after this call.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BudgetLeft {
+    pub limit: u64,
+    pub remaining: Option<u64>,
+}
+
+/// `POST /v1/keys/verify` answer: `valid` and `code` for the key in the body.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VerifyAnswer {
+    pub valid: bool,
+    #[schema(value_type = String)]
+    pub code: Cow<'static, str>,
+    pub key_id: Option<String>,
+    pub tenant_id: Option<String>,
+    pub user_id: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub kind: Option<Cow<'static, str>>,
+    pub scopes: Option<Vec<String>>,
+    pub ratelimit: Option<RateView>,
+    pub budget: Option<BudgetLeft>,
+    pub credits_remaining: Option<u64>,
+    pub expires_at: Option<String>,
 }

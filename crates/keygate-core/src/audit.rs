@@ -547,6 +547,17 @@ pub enum ChainProblem {
     Inserted,
 }
 
+impl ChainProblem {
+    /// The name shown by the API (`changed`, `missing`, `inserted`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChainProblem::Changed => "changed",
+            ChainProblem::Missing => "missing",
+            ChainProblem::Inserted => "inserted",
+        }
+    }
+}
+
 /// The first broken place of a chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ChainBreak {
@@ -591,6 +602,17 @@ pub fn verify_chain(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn chain_problem_names_are_the_serialized_ones() {
+        for p in [
+            ChainProblem::Changed,
+            ChainProblem::Missing,
+            ChainProblem::Inserted,
+        ] {
+            assert_eq!(serde_json::to_value(p).expect("json"), p.as_str());
+        }
+    }
     use super::*;
 
     fn chain(n: i64) -> Vec<AuditEvent> {

@@ -20,9 +20,15 @@ use axum::response::{IntoResponse, Redirect, Response};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use http_body_util::BodyExt;
+use keygate_api::{
+    AlertView, AuditView, ClientView, CreateClient, CreateKey, CreateWebhook, DeliveryView,
+    ErrorBody, IssuedKey, KeyView, ListView, RateLimitBody, RotateKey, TenantView, TestEvent,
+    UpdateKey, UsageBucket, UsageView, WebhookView,
+};
 use keygate_engine::clock::now_ms;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
@@ -143,27 +149,38 @@ fn to_login() -> Response {
     Redirect::to("/dashboard/login").into_response()
 }
 
-/// Calls the management API in process as the signed-in key.
-async fn api(
+/// A refusal of keygate's own API: its status and `CODE: message`.
+struct Refusal(StatusCode, String);
+
+/// Calls the management API in process as the signed-in key: the answer read as `T`, or the
+/// refusal.
+async fn api<T: DeserializeOwned>(
     state: &AppState,
     who: &Signed,
     method: Method,
     path: &str,
-    body: Option<Value>,
-) -> (StatusCode, Value) {
+    body: Option<&dyn ErasedBody>,
+) -> Result<T, Refusal> {
     let mut req = Request::builder()
         .method(method)
         .uri(path)
         .header(header::AUTHORIZATION, format!("Bearer {}", who.session.key));
-    let body = match body {
-        Some(b) => {
+    let body = match body.map(ErasedBody::json) {
+        Some(Ok(b)) => {
             req = req.header(header::CONTENT_TYPE, "application/json");
-            Body::from(b.to_string())
+            Body::from(b)
+        }
+        Some(Err(e)) => {
+            tracing::error!("dashboard: a request body did not serialize: {e}");
+            return Err(Refusal(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "INTERNAL".into(),
+            ));
         }
         None => Body::empty(),
     };
     let Ok(mut req) = req.body(body) else {
-        return (StatusCode::BAD_REQUEST, json!({}));
+        return Err(Refusal(StatusCode::BAD_REQUEST, "INVALID_REQUEST".into()));
     };
     if let Some(p) = who.peer {
         req.extensions_mut().insert(ConnectInfo(p));
@@ -180,29 +197,44 @@ async fn api(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
-}
-
-fn api_error(v: &Value) -> String {
-    format!(
-        "{}: {}",
-        v["error"]["code"].as_str().unwrap_or("ERROR"),
-        v["error"]["message"]
-            .as_str()
-            .unwrap_or("the request was refused")
-    )
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::Null => String::new(),
-        Value::String(s) => s.clone(),
-        Value::Array(a) => a.iter().map(text).collect::<Vec<_>>().join(" "),
-        other => other.to_string(),
+    if !status.is_success() {
+        let why = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(e) => format!("{}: {}", e.error.code, e.error.message),
+            Err(_) => "ERROR: the request was refused".to_owned(),
+        };
+        return Err(Refusal(status, why));
     }
+    // An empty answer (204) reads as `null`.
+    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    T::deserialize(v).map_err(|e| {
+        tracing::error!("dashboard: an answer of {path} did not read: {e}");
+        Refusal(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL: unexpected answer".into(),
+        )
+    })
+}
+
+/// A request body of any type (`api` takes it as a trait object: one `api` per answer type,
+/// not per pair).
+trait ErasedBody: Sync {
+    fn json(&self) -> serde_json::Result<Vec<u8>>;
+}
+
+impl<T: Serialize + Sync> ErasedBody for T {
+    fn json(&self) -> serde_json::Result<Vec<u8>> {
+        serde_json::to_vec(self)
+    }
+}
+
+/// Words of a list, as the dashboard shows them.
+fn joined(v: &[String]) -> String {
+    v.join(" ")
+}
+
+/// An optional text, empty when absent.
+fn or_empty(v: &Option<String>) -> String {
+    v.clone().unwrap_or_default()
 }
 
 fn form(body: &Bytes) -> HashMap<String, String> {
@@ -347,11 +379,12 @@ async fn start_session(state: &AppState, session: Session, peer: SocketAddr) -> 
         peer: Some(peer),
     };
     // The key must work for at least reading its own tenant's keys.
-    let (status, v) = api(state, &who, Method::GET, "/v1/keys?limit=1", None).await;
-    if status != StatusCode::OK {
+    let probe: Result<ListView<KeyView>, _> =
+        api(state, &who, Method::GET, "/v1/keys?limit=1", None).await;
+    if let Err(Refusal(_, why)) = probe {
         return login_page(
             state,
-            Some(format!("That key was refused: {}", api_error(&v))),
+            Some(format!("That key was refused: {why}")),
             StatusCode::UNAUTHORIZED,
         );
     }
@@ -381,7 +414,7 @@ async fn end_session_key(state: &AppState, id: &str) {
     let ended = crate::routes::detached(async move {
         if let Some(rec) = st.store.revoke_key(&key_id, now_ms()).await? {
             st.key_changed(&rec.hash).await;
-            let detail = json!({"via": "dashboard sign-out"});
+            let detail = serde_json::json!({"via": "dashboard sign-out"});
             let actor = rec.user_id.clone().unwrap_or_else(|| "system".into());
             st.record_change(
                 &actor,
@@ -502,7 +535,8 @@ async fn password_login(
     let (st, rec) = (state.clone(), record.clone());
     let stored = crate::routes::detached(async move {
         st.store.insert_key(&rec).await?;
-        let detail = json!({"kind": "ut", "name": rec.name, "via": "dashboard sign-in"});
+        let detail =
+            serde_json::json!({"kind": "ut", "name": rec.name, "via": "dashboard sign-in"});
         let actor = rec.user_id.clone().unwrap_or_default();
         st.record_change(
             &actor,
@@ -623,7 +657,7 @@ struct KeysPage {
 /// One page of a filtered API listing: the filters `names` are read from the page's query and
 /// passed on with the cursor; answers the filter values, the API's answer and the link to the
 /// next page (`Err` is the error page).
-async fn filtered(
+async fn filtered<T: DeserializeOwned>(
     state: &AppState,
     who: &Signed,
     raw: Option<&str>,
@@ -631,7 +665,7 @@ async fn filtered(
     page_path: &str,
     limit: &str,
     names: &[&'static str],
-) -> Result<(HashMap<&'static str, String>, Value, Option<String>), Response> {
+) -> Result<(HashMap<&'static str, String>, ListView<T>, Option<String>), Response> {
     let q = query(raw);
     let values: HashMap<&'static str, String> = names
         .iter()
@@ -641,18 +675,16 @@ async fn filtered(
     let mut pairs: Vec<(&str, &str)> = names.iter().map(|n| (*n, values[n].as_str())).collect();
     pairs.push(("cursor", &cursor));
     pairs.push(("limit", limit));
-    let (st, v) = api(
+    let v: ListView<T> = api(
         state,
         who,
         Method::GET,
         &format!("{api_path}?{}", qs(&pairs)),
         None,
     )
-    .await;
-    if st != StatusCode::OK {
-        return Err(error_page(who, st, api_error(&v), "/dashboard/keys"));
-    }
-    let next = v["next_cursor"].as_str().map(|c| {
+    .await
+    .map_err(|Refusal(st, why)| error_page(who, st, why, "/dashboard/keys"))?;
+    let next = v.next_cursor.as_deref().map(|c| {
         let mut pairs: Vec<(&str, &str)> = names.iter().map(|n| (*n, values[n].as_str())).collect();
         pairs.push(("cursor", c));
         format!("{page_path}?{}", qs(&pairs))
@@ -684,21 +716,17 @@ pub async fn keys(
         Ok(x) => x,
         Err(page) => return page,
     };
-    let keys = v["data"]
-        .as_array()
+    let keys = v
+        .data
         .into_iter()
-        .flatten()
-        .map(|k| KeyRow {
-            id: text(&k["id"]),
-            name: text(&k["name"]),
-            kind: text(&k["kind"]),
-            status: text(&k["status"]),
-            start: text(&k["start"]),
-            scopes: text(&k["scopes"]),
-            last_used: match text(&k["last_used_at"]) {
-                s if s.is_empty() => "never".into(),
-                s => s,
-            },
+        .map(|k: KeyView| KeyRow {
+            last_used: k.last_used_at.unwrap_or_else(|| "never".into()),
+            scopes: joined(&k.scopes),
+            id: k.id,
+            name: k.name,
+            kind: k.kind,
+            status: k.status,
+            start: k.start,
         })
         .collect();
     render(&KeysPage {
@@ -735,12 +763,20 @@ fn number(s: Option<&String>) -> Result<Option<u64>, String> {
     }
 }
 
-fn created(who: Signed, v: &Value) -> Response {
+/// A rate limit of `n` requests a minute (the form's unit).
+fn per_minute(n: u64) -> RateLimitBody {
+    RateLimitBody {
+        limit: u32::try_from(n).unwrap_or(u32::MAX),
+        window_seconds: 60,
+    }
+}
+
+fn created(who: Signed, v: IssuedKey) -> Response {
     let mut r = render(&CreatedPage {
         csrf: who.csrf,
-        name: text(&v["name"]),
-        id: text(&v["id"]),
-        key: text(&v["key"]),
+        name: v.record.name,
+        id: v.record.id,
+        key: v.key,
     });
     // The plaintext is in this page only: never cached, never stored.
     r.headers_mut()
@@ -767,40 +803,30 @@ pub async fn create_key(
             "/dashboard/keys",
         );
     }
-    let mut b = json!({
-        "kind": f.get("kind").cloned().unwrap_or_else(|| "pk".into()),
-        "name": f.get("name").cloned().unwrap_or_default(),
-    });
-    for (field, name) in [("preset", "preset"), ("user_id", "user_id")] {
-        if let Some(v) = f.get(name).filter(|v| !v.is_empty()) {
-            b[field] = json!(v);
-        }
-    }
-    for field in ["scopes", "allowed_origins", "allowed_ips"] {
-        if let Some(v) = words(f.get(field)) {
-            b[field] = json!(v);
-        }
-    }
+    let given = |name: &str| f.get(name).filter(|v| !v.is_empty()).cloned();
+    let mut b = CreateKey {
+        kind: f.get("kind").cloned().unwrap_or_else(|| "pk".into()),
+        name: f.get("name").cloned().unwrap_or_default(),
+        preset: given("preset"),
+        user_id: given("user_id"),
+        scopes: words(f.get("scopes")),
+        allowed_origins: words(f.get("allowed_origins")),
+        allowed_ips: words(f.get("allowed_ips")),
+        ..CreateKey::default()
+    };
     let parsed = (|| -> Result<(), String> {
-        if let Some(r) = number(f.get("rate_per_minute"))? {
-            b["rate_limit"] = json!({"limit": r, "window_seconds": 60});
-        }
-        if let Some(n) = number(f.get("budget"))? {
-            b["budget"] = json!(n);
-        }
-        if let Some(d) = number(f.get("ttl_days"))? {
-            b["ttl_seconds"] = json!(d.saturating_mul(86_400));
-        }
+        b.rate_limit = number(f.get("rate_per_minute"))?.map(per_minute);
+        b.budget = number(f.get("budget"))?;
+        b.ttl_seconds = number(f.get("ttl_days"))?.map(|d| d.saturating_mul(86_400));
         Ok(())
     })();
     if let Err(e) = parsed {
         return error_page(&who, StatusCode::UNPROCESSABLE_ENTITY, e, "/dashboard/keys");
     }
-    let (st, v) = api(&state, &who, Method::POST, "/v1/keys", Some(b)).await;
-    if st != StatusCode::CREATED {
-        return error_page(&who, st, api_error(&v), "/dashboard/keys");
+    match api(&state, &who, Method::POST, "/v1/keys", Some(&b)).await {
+        Ok(issued) => created(who, issued),
+        Err(Refusal(st, why)) => error_page(&who, st, why, "/dashboard/keys"),
     }
-    created(who, &v)
 }
 
 struct BudgetBar {
@@ -834,25 +860,23 @@ struct EventRow {
     origin: String,
 }
 
-fn event_rows(v: &Value) -> Vec<EventRow> {
-    v["data"]
-        .as_array()
+fn event_rows(events: Vec<AuditView>) -> Vec<EventRow> {
+    events
         .into_iter()
-        .flatten()
         .map(|e| EventRow {
-            at: text(&e["at"]),
-            action: text(&e["action"]),
-            actor: text(&e["actor"]),
-            key_id: text(&e["key_id"]),
-            code: text(&e["code"]),
-            request: format!("{} {}", text(&e["method"]), text(&e["path"]))
+            request: format!("{} {}", or_empty(&e.method), or_empty(&e.path))
                 .trim()
                 .to_owned(),
-            origin: [text(&e["origin"]), text(&e["ip"])]
+            origin: [or_empty(&e.origin), or_empty(&e.ip)]
                 .into_iter()
                 .filter(|s| !s.is_empty())
                 .collect::<Vec<_>>()
                 .join(" "),
+            at: e.at,
+            action: e.action,
+            actor: e.actor,
+            key_id: or_empty(&e.key_id),
+            code: or_empty(&e.code),
         })
         .collect()
 }
@@ -882,12 +906,13 @@ pub async fn key(
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
         .collect();
-    let (st, k) = api(&state, &who, Method::GET, &format!("/v1/keys/{id}"), None).await;
-    if st != StatusCode::OK {
-        return error_page(&who, st, api_error(&k), "/dashboard/keys");
-    }
+    let k: KeyView = match api(&state, &who, Method::GET, &format!("/v1/keys/{id}"), None).await {
+        Ok(k) => k,
+        Err(Refusal(st, why)) => return error_page(&who, st, why, "/dashboard/keys"),
+    };
     let since = keygate_engine::clock::rfc3339(now_ms() - 24 * 3_600_000);
-    let (_, usage) = api(
+    // The chart and the event list are extras: a refusal leaves them empty.
+    let usage: Option<UsageView> = api(
         &state,
         &who,
         Method::GET,
@@ -897,75 +922,72 @@ pub async fn key(
         ),
         None,
     )
-    .await;
-    let (_, events) = api(
+    .await
+    .ok();
+    let events: Option<ListView<AuditView>> = api(
         &state,
         &who,
         Method::GET,
         &format!("/v1/audit?{}", qs(&[("key_id", &id), ("limit", "20")])),
         None,
     )
-    .await;
-    let rate = &k["rate_limit"];
+    .await
+    .ok();
+    let rate = k.rate_limit;
     let settings = vec![
-        ("Id".to_owned(), text(&k["id"])),
-        ("Key".to_owned(), format!("{}…", text(&k["start"]))),
-        ("Tenant".to_owned(), text(&k["tenant_id"])),
-        ("User".to_owned(), text(&k["user_id"])),
-        ("Scopes".to_owned(), text(&k["scopes"])),
-        ("Allowed origins".to_owned(), text(&k["allowed_origins"])),
-        ("Allowed IPs".to_owned(), text(&k["allowed_ips"])),
+        ("Id".to_owned(), k.id.clone()),
+        ("Key".to_owned(), format!("{}…", k.start)),
+        ("Tenant".to_owned(), k.tenant_id.clone()),
+        ("User".to_owned(), or_empty(&k.user_id)),
+        ("Scopes".to_owned(), joined(&k.scopes)),
+        ("Allowed origins".to_owned(), joined(&k.allowed_origins)),
+        ("Allowed IPs".to_owned(), joined(&k.allowed_ips)),
         (
             "Rate limit".to_owned(),
-            if rate.is_null() {
-                "none".into()
-            } else {
-                format!(
-                    "{} per {} s",
-                    text(&rate["limit"]),
-                    text(&rate["window_seconds"])
-                )
-            },
+            rate.map_or_else(
+                || "none".into(),
+                |r| format!("{} per {} s", r.limit, r.window_seconds),
+            ),
         ),
-        ("Expires".to_owned(), text(&k["expires_at"])),
-        ("Created".to_owned(), text(&k["created_at"])),
-        ("Last used".to_owned(), text(&k["last_used_at"])),
-        ("Rotated from".to_owned(), text(&k["rotated_from"])),
-        ("Rotated to".to_owned(), text(&k["rotated_to"])),
+        ("Expires".to_owned(), or_empty(&k.expires_at)),
+        ("Created".to_owned(), k.created_at.clone()),
+        ("Last used".to_owned(), or_empty(&k.last_used_at)),
+        ("Rotated from".to_owned(), or_empty(&k.rotated_from)),
+        ("Rotated to".to_owned(), or_empty(&k.rotated_to)),
     ];
-    let budget = k["budget"].as_object().map(|b| BudgetBar {
-        limit: b.get("limit").and_then(Value::as_u64).unwrap_or(0),
-        spent: b.get("spent").and_then(Value::as_u64).unwrap_or(0),
-        remaining: b.get("remaining").and_then(Value::as_u64).unwrap_or(0),
+    let budget = k.budget.as_ref().map(|b| BudgetBar {
+        limit: b.limit,
+        spent: b.spent,
+        remaining: b.remaining,
     });
-    let (per_minute, rate_other) = match (rate["limit"].as_u64(), rate["window_seconds"].as_u64()) {
-        (Some(l), Some(60)) => (l.to_string(), String::new()),
-        (Some(l), Some(w)) => (String::new(), format!("{l} per {w} s")),
-        _ => (String::new(), String::new()),
+    let (per_minute, rate_other) = match rate {
+        Some(r) if r.window_seconds == 60 => (r.limit.to_string(), String::new()),
+        Some(r) => (
+            String::new(),
+            format!("{} per {} s", r.limit, r.window_seconds),
+        ),
+        None => (String::new(), String::new()),
     };
     let detail = KeyDetail {
-        id: text(&k["id"]),
-        name: text(&k["name"]),
-        kind: text(&k["kind"]),
-        status: text(&k["status"]),
-        scopes: text(&k["scopes"]),
-        origins: text(&k["allowed_origins"]),
-        ips: text(&k["allowed_ips"]),
+        scopes: joined(&k.scopes),
+        origins: joined(&k.allowed_origins),
+        ips: joined(&k.allowed_ips),
         rate_per_minute: per_minute,
         rate_other,
-        budget: k["budget"]["limit"]
-            .as_u64()
-            .map(|b| b.to_string())
-            .unwrap_or_default(),
-        expires_at: text(&k["expires_at"]),
+        budget: k.budget.map(|b| b.limit.to_string()).unwrap_or_default(),
+        expires_at: or_empty(&k.expires_at),
+        id: k.id,
+        name: k.name,
+        kind: k.kind,
+        status: k.status,
     };
     render(&KeyPage {
         csrf: who.csrf,
         k: detail,
         settings,
         budget,
-        chart: usage_chart(&usage, now_ms()),
-        events: event_rows(&events),
+        chart: usage_chart(usage.map(|u| u.data).unwrap_or_default(), now_ms()),
+        events: event_rows(events.map(|e| e.data).unwrap_or_default()),
     })
 }
 
@@ -995,17 +1017,14 @@ struct Chart {
     bar_width: u64,
 }
 
-fn usage_chart(usage: &Value, now: i64) -> Chart {
+fn usage_chart(usage: Vec<UsageBucket>, now: i64) -> Chart {
     const HOUR: i64 = 3_600_000;
     let end = now - now.rem_euclid(HOUR) + HOUR;
     let start = end - 24 * HOUR;
     let mut ok = [0u64; 24];
     let mut refused = [0u64; 24];
-    for b in usage["data"].as_array().into_iter().flatten() {
-        let Some(at) = b["at"]
-            .as_str()
-            .and_then(keygate_engine::clock::parse_rfc3339)
-        else {
+    for b in usage {
+        let Some(at) = keygate_engine::clock::parse_rfc3339(&b.at) else {
             continue;
         };
         let Ok(slot) = usize::try_from((at - start) / HOUR) else {
@@ -1014,8 +1033,8 @@ fn usage_chart(usage: &Value, now: i64) -> Chart {
         if slot >= 24 {
             continue;
         }
-        let n = b["requests"].as_u64().unwrap_or(0);
-        if b["code"] == "VALID" {
+        let n = b.requests;
+        if b.code == "VALID" {
             ok[slot] += n;
         } else {
             refused[slot] += n;
@@ -1089,37 +1108,39 @@ pub async fn key_action(
                     &back,
                 );
             }
-            let (st, v) = api(
+            let revoked: Result<KeyView, _> = api(
                 &state,
                 &who,
                 Method::POST,
                 &format!("/v1/keys/{id}/revoke"),
-                Some(json!({})),
+                None,
             )
             .await;
-            if st != StatusCode::OK {
-                return error_page(&who, st, api_error(&v), &back);
+            match revoked {
+                Ok(_) => Redirect::to(&back).into_response(),
+                Err(Refusal(st, why)) => error_page(&who, st, why, &back),
             }
-            Redirect::to(&back).into_response()
         }
         "rotate" => {
             let grace = match number(f.get("grace_seconds")) {
                 Ok(g) => g,
                 Err(e) => return error_page(&who, StatusCode::UNPROCESSABLE_ENTITY, e, &back),
             };
-            let body = grace.map_or_else(|| json!({}), |g| json!({"grace_seconds": g}));
-            let (st, v) = api(
+            let body = RotateKey {
+                grace_seconds: grace,
+            };
+            match api(
                 &state,
                 &who,
                 Method::POST,
                 &format!("/v1/keys/{id}/rotate"),
-                Some(body),
+                Some(&body),
             )
-            .await;
-            if st != StatusCode::CREATED {
-                return error_page(&who, st, api_error(&v), &back);
+            .await
+            {
+                Ok(issued) => created(who, issued),
+                Err(Refusal(st, why)) => error_page(&who, st, why, &back),
             }
-            created(who, &v)
         }
         "edit" => {
             // Only what the user changed is sent (the form carries the values it showed), so
@@ -1129,45 +1150,44 @@ pub async fn key_action(
                 let was = f.get(&format!("orig_{field}")).map_or("", |v| v.trim());
                 (now != was).then_some(now)
             };
-            let mut b = json!({});
-            if let Some(n) = changed("name").filter(|n| !n.is_empty()) {
-                b["name"] = json!(n);
-            }
-            for field in ["scopes", "allowed_origins", "allowed_ips"] {
-                if let Some(v) = changed(field) {
-                    b[field] = json!(v.split_whitespace().collect::<Vec<_>>());
-                }
-            }
+            let list = |field: &str| {
+                changed(field).map(|v| v.split_whitespace().map(str::to_owned).collect())
+            };
+            let mut b = UpdateKey {
+                name: changed("name").filter(|n| !n.is_empty()).map(str::to_owned),
+                scopes: list("scopes"),
+                allowed_origins: list("allowed_origins"),
+                allowed_ips: list("allowed_ips"),
+                ..UpdateKey::default()
+            };
+            // A cleared field is sent as `null` (`Some(None)`): the API clears it.
             let parsed = (|| -> Result<(), String> {
                 if let Some(r) = changed("rate_per_minute") {
-                    b["rate_limit"] = match number(Some(&r.to_owned()))? {
-                        Some(r) => json!({"limit": r, "window_seconds": 60}),
-                        None => Value::Null,
-                    };
+                    b.rate_limit = Some(number(Some(&r.to_owned()))?.map(per_minute));
                 }
                 if let Some(n) = changed("budget") {
-                    b["budget"] = number(Some(&n.to_owned()))?.map_or(Value::Null, |n| json!(n));
+                    b.budget = Some(number(Some(&n.to_owned()))?);
                 }
                 if let Some(e) = changed("expires_at") {
-                    b["expires_at"] = if e.is_empty() { Value::Null } else { json!(e) };
+                    b.expires_at = Some((!e.is_empty()).then(|| e.to_owned()));
                 }
                 Ok(())
             })();
             if let Err(e) = parsed {
                 return error_page(&who, StatusCode::UNPROCESSABLE_ENTITY, e, &back);
             }
-            let (st, v) = api(
+            let updated: Result<KeyView, _> = api(
                 &state,
                 &who,
                 Method::PATCH,
                 &format!("/v1/keys/{id}"),
-                Some(b),
+                Some(&b),
             )
             .await;
-            if st != StatusCode::OK {
-                return error_page(&who, st, api_error(&v), &back);
+            match updated {
+                Ok(_) => Redirect::to(&back).into_response(),
+                Err(Refusal(st, why)) => error_page(&who, st, why, &back),
             }
-            Redirect::to(&back).into_response()
         }
         _ => error_page(&who, StatusCode::NOT_FOUND, "No such action.".into(), &back),
     }
@@ -1213,7 +1233,7 @@ pub async fn audit(
     };
     render(&AuditPage {
         csrf: who.csrf,
-        events: event_rows(&v),
+        events: event_rows(v.data),
         f_action: f["action"].clone(),
         f_key: f["key_id"].clone(),
         f_code: f["code"].clone(),
@@ -1264,22 +1284,17 @@ struct Listing<'a> {
     notice: Option<String>,
 }
 
-async fn list_page(
+async fn list_page<T: DeserializeOwned>(
     state: &AppState,
     who: Signed,
     l: Listing<'_>,
-    row: impl Fn(&Value) -> Vec<Cell>,
+    row: impl Fn(T) -> Vec<Cell>,
 ) -> Response {
-    let (st, v) = api(state, &who, Method::GET, l.path, None).await;
-    if st != StatusCode::OK {
-        return error_page(&who, st, api_error(&v), "/dashboard/keys");
-    }
-    let rows = v["data"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(row)
-        .collect();
+    let v: ListView<T> = match api(state, &who, Method::GET, l.path, None).await {
+        Ok(v) => v,
+        Err(Refusal(st, why)) => return error_page(&who, st, why, "/dashboard/keys"),
+    };
+    let rows = v.data.into_iter().map(row).collect();
     render(&ListPage {
         csrf: who.csrf,
         title: l.title.into(),
@@ -1309,15 +1324,15 @@ pub async fn alerts(
             form: Form::None,
             notice: None,
         },
-        |a| {
+        |a: AlertView| {
             vec![
-                text(&a["at"]).into(),
-                text(&a["kind"]).into(),
+                a.at.into(),
+                a.kind.into(),
                 Cell {
-                    text: text(&a["key_id"]),
-                    href: a["key_id"].as_str().map(|k| format!("/dashboard/keys/{k}")),
+                    href: a.key_id.as_ref().map(|k| format!("/dashboard/keys/{k}")),
+                    text: a.key_id.unwrap_or_default(),
                 },
-                text(&a["message"]).into(),
+                a.message.into(),
             ]
         },
     )
@@ -1335,16 +1350,17 @@ async fn webhooks_page(state: &AppState, who: Signed, notice: Option<String>) ->
             form: Form::Webhooks,
             notice,
         },
-        |w| {
+        |w: WebhookView| {
+            let log = Cell {
+                text: "delivery log".into(),
+                href: Some(format!("/dashboard/webhooks/{}", w.id)),
+            };
             vec![
-                text(&w["id"]).into(),
-                text(&w["url"]).into(),
-                text(&w["events"]).into(),
-                text(&w["enabled"]).into(),
-                Cell {
-                    text: "delivery log".into(),
-                    href: Some(format!("/dashboard/webhooks/{}", text(&w["id"]))),
-                },
+                w.id.into(),
+                w.url.into(),
+                joined(&w.events).into(),
+                w.enabled.to_string().into(),
+                log,
             ]
         },
     )
@@ -1402,7 +1418,7 @@ async fn webhook_submit(
             "/dashboard/webhooks",
         );
     }
-    let (st, v, want) = if what == "test" {
+    let notice = if what == "test" {
         let id: String = f
             .get("id")
             .map(|s| {
@@ -1411,34 +1427,35 @@ async fn webhook_submit(
                     .collect()
             })
             .unwrap_or_default();
-        let (st, v) = api(
+        api(
             &state,
             &who,
             Method::POST,
             &format!("/v1/webhooks/{id}/test"),
             None,
         )
-        .await;
-        (st, v, StatusCode::ACCEPTED)
+        .await
+        .map(|t: TestEvent| format!("Test event queued ({}).", t.event_id))
     } else {
-        let events = words(f.get("events")).unwrap_or_else(|| vec!["*".into()]);
-        let b = json!({"url": f.get("url").cloned().unwrap_or_default(), "events": events});
-        let (st, v) = api(&state, &who, Method::POST, "/v1/webhooks", Some(b)).await;
-        (st, v, StatusCode::CREATED)
+        let b = CreateWebhook {
+            url: f.get("url").cloned().unwrap_or_default(),
+            events: Some(words(f.get("events")).unwrap_or_else(|| vec!["*".into()])),
+            tenant_id: None,
+        };
+        api(&state, &who, Method::POST, "/v1/webhooks", Some(&b))
+            .await
+            .map(|w: WebhookView| {
+                format!(
+                    "Endpoint {} added. Its signing secret, shown once: {}",
+                    w.id,
+                    w.secret.unwrap_or_default()
+                )
+            })
     };
-    if st != want {
-        return error_page(&who, st, api_error(&v), "/dashboard/webhooks");
+    match notice {
+        Ok(notice) => webhooks_page(&state, who, Some(notice)).await,
+        Err(Refusal(st, why)) => error_page(&who, st, why, "/dashboard/webhooks"),
     }
-    let notice = if what == "test" {
-        format!("Test event queued ({}).", text(&v["event_id"]))
-    } else {
-        format!(
-            "Endpoint {} added. Its signing secret, shown once: {}",
-            text(&v["id"]),
-            text(&v["secret"])
-        )
-    };
-    webhooks_page(&state, who, Some(notice)).await
 }
 
 /// `GET /dashboard/webhooks/{id}`: the delivery log.
@@ -1472,18 +1489,18 @@ pub async fn deliveries(
             form: Form::None,
             notice: None,
         },
-        |d| {
-            [
-                "created_at",
-                "event_type",
-                "status",
-                "attempts",
-                "last_status",
-                "last_error",
+        |d: DeliveryView| {
+            vec![
+                d.created_at.into(),
+                d.event_type.into(),
+                d.status.into(),
+                d.attempts.to_string().into(),
+                d.last_status
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+                    .into(),
+                d.last_error.unwrap_or_default().into(),
             ]
-            .iter()
-            .map(|f| Cell::from(text(&d[*f])))
-            .collect()
         },
     )
     .await
@@ -1500,11 +1517,14 @@ async fn oauth_page(state: &AppState, who: Signed, notice: Option<String>) -> Re
             form: Form::OAuthClients,
             notice,
         },
-        |c| {
-            ["client_id", "name", "type", "redirect_uris", "scopes"]
-                .iter()
-                .map(|f| Cell::from(text(&c[*f])))
-                .collect()
+        |c: ClientView| {
+            vec![
+                c.client_id.into(),
+                c.name.into(),
+                c.client_type.into(),
+                joined(&c.redirect_uris).into(),
+                joined(&c.scopes).into(),
+            ]
         },
     )
     .await
@@ -1541,22 +1561,23 @@ pub async fn oauth_create(
             "/dashboard/oauth",
         );
     }
-    let b = json!({
-        "name": f.get("name").cloned().unwrap_or_default(),
-        "type": f.get("type").cloned().unwrap_or_default(),
-        "redirect_uris": words(f.get("redirect_uris")).unwrap_or_default(),
-        "scopes": words(f.get("scopes")).unwrap_or_default(),
-    });
-    let (st, v) = api(&state, &who, Method::POST, "/v1/oauth/clients", Some(b)).await;
-    if st != StatusCode::CREATED {
-        return error_page(&who, st, api_error(&v), "/dashboard/oauth");
-    }
-    let notice = match v["client_secret"].as_str() {
+    let b = CreateClient {
+        name: f.get("name").cloned().unwrap_or_default(),
+        client_type: f.get("type").cloned().unwrap_or_default(),
+        redirect_uris: words(f.get("redirect_uris")).unwrap_or_default(),
+        scopes: words(f.get("scopes")).unwrap_or_default(),
+        tenant_id: None,
+    };
+    let c: ClientView = match api(&state, &who, Method::POST, "/v1/oauth/clients", Some(&b)).await {
+        Ok(c) => c,
+        Err(Refusal(st, why)) => return error_page(&who, st, why, "/dashboard/oauth"),
+    };
+    let notice = match &c.client_secret {
         Some(s) => format!(
             "Client {} registered. Its secret, shown once: {s}",
-            text(&v["client_id"])
+            c.client_id
         ),
-        None => format!("Client {} registered.", text(&v["client_id"])),
+        None => format!("Client {} registered.", c.client_id),
     };
     oauth_page(&state, who, Some(notice)).await
 }
@@ -1580,15 +1601,14 @@ pub async fn tenant(
             form: Form::None,
             notice: None,
         },
-        |t| {
+        |t: TenantView| {
             vec![
-                text(&t["id"]).into(),
-                text(&t["name"]).into(),
-                text(&t["plan"]).into(),
-                Cell::from(match &t["credits"] {
-                    Value::Null => "unlimited".to_owned(),
-                    c => text(c),
-                }),
+                t.id.into(),
+                t.name.into(),
+                t.plan.into(),
+                t.credits
+                    .map_or_else(|| "unlimited".to_owned(), |c| c.to_string())
+                    .into(),
             ]
         },
     )
@@ -1685,7 +1705,7 @@ pub(crate) mod tests {
                 },
                 settings: vec![(evil(), evil())],
                 budget: None,
-                chart: usage_chart(&serde_json::json!({"data": []}), 0),
+                chart: usage_chart(Vec::new(), 0),
                 events: vec![event()],
             }
             .render(),

@@ -15,28 +15,7 @@ use std::sync::OnceLock;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{IntoParams, IntoResponses, OpenApi, ToSchema};
 
-/// `{"error": {"code", "message", "request_id"}}`: every refusal of keygate's own API.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-/// The error's details.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorDetail {
-    /// `MISSING_KEY`, `MALFORMED_KEY`, `UNKNOWN_KEY`, `REVOKED`, `EXPIRED`,
-    /// `BUDGET_EXHAUSTED`, `INSUFFICIENT_CREDITS`, `FORBIDDEN_SCOPE`, `ORIGIN_NOT_ALLOWED`,
-    /// `IP_NOT_ALLOWED`, `BLOCKED_FOR_KEY_TYPE`, `TENANT_MISMATCH`, `PLAN_FEATURE`,
-    /// `RATE_LIMITED`, `INVALID_REQUEST`, `NOT_FOUND`, `CONFLICT`, `PAYLOAD_TOO_LARGE`,
-    /// `UNSUPPORTED_MEDIA_TYPE`, `METHOD_NOT_ALLOWED`, `REQUEST_TIMEOUT`, `UNAVAILABLE`,
-    /// `INTERNAL`.
-    #[schema(example = "FORBIDDEN_SCOPE")]
-    pub code: String,
-    /// For people.
-    pub message: String,
-    /// Also in the `X-Request-Id` header.
-    pub request_id: String,
-}
+pub use keygate_api::{ErrorBody, ErrorDetail};
 
 /// The refusals every management endpoint can answer.
 #[derive(Debug, IntoResponses)]

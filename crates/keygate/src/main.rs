@@ -5,10 +5,14 @@ mod remote;
 mod scan;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use keygate_api::{
+    AuditView, CreateTenant, CreatedTenant, IssuedKey, KeyView, ListView, RotateKey, TenantView,
+    VerifyAnswer, VerifyBody,
+};
 use keygate_engine::config::Config;
 use keygate_engine::issue::{self, CreateKey, Issuer};
 use keygate_server::startup::{self, Application};
-use remote::{cell, query, table, Remote};
+use remote::{body_of, cell, opt, query, read, table, words, Remote};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -316,18 +320,18 @@ fn print_json(v: &Value) -> Result<(), String> {
     Ok(())
 }
 
-fn key_rows(items: &[Value]) -> String {
+fn key_rows(items: &[KeyView]) -> String {
     let rows: Vec<Vec<String>> = items
         .iter()
         .map(|k| {
             vec![
-                cell(&k["id"]),
-                cell(&k["name"]),
-                cell(&k["kind"]),
-                cell(&k["status"]),
-                format!("{}…", cell(&k["start"])),
-                cell(&k["scopes"]),
-                cell(&k["last_used_at"]),
+                k.id.clone(),
+                k.name.clone(),
+                k.kind.clone(),
+                k.status.clone(),
+                format!("{}…", k.start),
+                words(&k.scopes),
+                opt(&k.last_used_at),
             ]
         })
         .collect();
@@ -342,13 +346,12 @@ fn print_issued(v: &Value, json_out: bool, what: &str) -> Result<(), String> {
     if json_out {
         return print_json(v);
     }
-    println!("{}", cell(&v["key"]));
+    let issued: IssuedKey = read(v.clone())?;
+    println!("{}", issued.key);
+    let k = &issued.record;
     eprintln!(
         "keygate: {what} {} ({} key {}…) in tenant {}; the key above is shown once",
-        cell(&v["id"]),
-        cell(&v["kind"]),
-        cell(&v["start"]),
-        cell(&v["tenant_id"])
+        k.id, k.kind, k.start, k.tenant_id
     );
     Ok(())
 }
@@ -379,9 +382,9 @@ async fn keys(
             if json_out {
                 return print_json(&v);
             }
-            let items = v["data"].as_array().cloned().unwrap_or_default();
-            print!("{}", key_rows(&items));
-            if let Some(c) = v["next_cursor"].as_str() {
+            let page: ListView<KeyView> = read(v)?;
+            print!("{}", key_rows(&page.data));
+            if let Some(c) = page.next_cursor {
                 eprintln!("keygate: more keys follow (cursor {c})");
             }
             return Ok(());
@@ -403,19 +406,16 @@ async fn keys(
         }
         KeysCommand::Rotate { id, grace_seconds } => {
             let r = need(remote, "keys rotate")?;
-            let body = match grace_seconds {
-                Some(g) => json!({ "grace_seconds": g }),
-                None => json!({}),
-            };
+            let body = RotateKey { grace_seconds };
             let v = r
-                .call("POST", &format!("/v1/keys/{id}/rotate"), Some(body))
+                .call("POST", &format!("/v1/keys/{id}/rotate"), body_of(&body)?)
                 .await?;
             return print_issued(&v, json_out, "rotated into");
         }
         KeysCommand::Revoke { id } => {
             let r = need(remote, "keys revoke")?;
             let v = r
-                .call("POST", &format!("/v1/keys/{id}/revoke"), Some(json!({})))
+                .call("POST", &format!("/v1/keys/{id}/revoke"), None)
                 .await?;
             if json_out {
                 return print_json(&v);
@@ -443,23 +443,20 @@ async fn keys(
         },
     ) = (&remote, &cmd)
     {
-        let mut body = json!({"kind": kind, "name": name});
-        let fields = [
-            ("tenant_id", (tenant != "default").then(|| json!(tenant))),
-            ("user_id", user.as_ref().map(|u| json!(u))),
-            ("preset", preset.as_ref().map(|p| json!(p))),
-            ("scopes", scopes.as_ref().map(|s| json!(s))),
-            ("allowed_origins", origins.as_ref().map(|o| json!(o))),
-            ("allowed_ips", ips.as_ref().map(|i| json!(i))),
-            ("budget", budget.map(|b| json!(b))),
-            ("ttl_seconds", ttl_seconds.map(|t| json!(t))),
-        ];
-        for (k, v) in fields {
-            if let Some(v) = v {
-                body[k] = v;
-            }
-        }
-        let v = r.call("POST", "/v1/keys", Some(body)).await?;
+        let body = CreateKey {
+            kind: kind.clone(),
+            name: name.clone(),
+            tenant_id: (tenant != "default").then(|| tenant.clone()),
+            user_id: user.clone(),
+            preset: preset.clone(),
+            scopes: scopes.clone(),
+            allowed_origins: origins.clone(),
+            allowed_ips: ips.clone(),
+            budget: *budget,
+            ttl_seconds: *ttl_seconds,
+            ..CreateKey::default()
+        };
+        let v = r.call("POST", "/v1/keys", body_of(&body)?).await?;
         return print_issued(&v, json_out, "created");
     }
     let store = startup::open_store(&config)
@@ -545,19 +542,17 @@ async fn keys(
 }
 
 async fn tenants(r: &Remote, json_out: bool, cmd: TenantsCommand) -> Result<(), String> {
-    let rows = |items: &[Value]| {
+    let rows = |items: &[TenantView]| {
         let rows: Vec<Vec<String>> = items
             .iter()
             .map(|t| {
                 vec![
-                    cell(&t["id"]),
-                    cell(&t["name"]),
-                    cell(&t["plan"]),
-                    match &t["credits"] {
-                        Value::Null => "unlimited".into(),
-                        c => cell(c),
-                    },
-                    cell(&t["created_at"]),
+                    t.id.clone(),
+                    t.name.clone(),
+                    t.plan.clone(),
+                    t.credits
+                        .map_or_else(|| "unlimited".into(), |c| c.to_string()),
+                    t.created_at.clone(),
                 ]
             })
             .collect();
@@ -571,19 +566,22 @@ async fn tenants(r: &Remote, json_out: bool, cmd: TenantsCommand) -> Result<(), 
             plan,
             credits,
         } => {
-            let mut body = json!({ "name": name });
-            if let Some(p) = plan {
-                body["plan"] = json!(p);
-            }
-            if let Some(c) = credits {
-                body["credits"] = json!(c);
-            }
-            let v = r.call("POST", "/v1/tenants", Some(body)).await?;
+            let body = CreateTenant {
+                name,
+                plan,
+                credits,
+            };
+            let v = r.call("POST", "/v1/tenants", body_of(&body)?).await?;
             if json_out {
                 return print_json(&v);
             }
-            print!("{}", rows(std::slice::from_ref(&v["tenant"])));
-            return print_issued(&v["admin_key"], false, "its admin key");
+            let created: CreatedTenant = read(v)?;
+            print!("{}", rows(std::slice::from_ref(&created.tenant)));
+            return print_issued(
+                &serde_json::to_value(&created.admin_key).map_err(|e| e.to_string())?,
+                false,
+                "its admin key",
+            );
         }
         TenantsCommand::Credits { id, amount } => {
             r.call(
@@ -597,26 +595,27 @@ async fn tenants(r: &Remote, json_out: bool, cmd: TenantsCommand) -> Result<(), 
     if json_out {
         return print_json(&v);
     }
-    let items = match v["data"].as_array() {
-        Some(a) => a.clone(),
-        None => vec![v.get("tenant").cloned().unwrap_or(v)],
+    // A list, or one tenant.
+    let items = match read::<ListView<TenantView>>(v.clone()) {
+        Ok(page) => page.data,
+        Err(_) => vec![read::<TenantView>(v)?],
     };
     print!("{}", rows(&items));
     Ok(())
 }
 
-fn audit_rows(events: &[Value]) -> String {
+fn audit_rows(events: &[AuditView]) -> String {
     let rows: Vec<Vec<String>> = events
         .iter()
         .map(|e| {
             vec![
-                cell(&e["at"]),
-                cell(&e["action"]),
-                cell(&e["actor"]),
-                cell(&e["key_id"]),
-                cell(&e["code"]),
-                cell(&e["status"]),
-                format!("{} {}", cell(&e["method"]), cell(&e["path"])),
+                e.at.clone(),
+                e.action.clone(),
+                e.actor.clone(),
+                opt(&e.key_id),
+                opt(&e.code),
+                e.status.map_or_else(|| "-".into(), |s| s.to_string()),
+                format!("{} {}", opt(&e.method), opt(&e.path)),
             ]
         })
         .collect();
@@ -647,12 +646,12 @@ async fn tail(
         )
         .await?;
     // Newest first from the API; a tail reads oldest first.
-    let mut events = v["data"].as_array().cloned().unwrap_or_default();
+    let mut events = read::<ListView<AuditView>>(v)?.data;
     events.reverse();
-    let show = |events: &[Value], header: bool| -> Result<(), String> {
+    let show = |events: &[AuditView], header: bool| -> Result<(), String> {
         if json_out {
             for e in events {
-                println!("{e}");
+                println!("{}", serde_json::to_string(e).map_err(|e| e.to_string())?);
             }
         } else if !events.is_empty() {
             let t = audit_rows(events);
@@ -669,11 +668,8 @@ async fn tail(
     if !follow {
         return Ok(());
     }
-    let mut seen: std::collections::HashSet<String> = events
-        .iter()
-        .filter_map(|e| e["id"].as_str().map(str::to_owned))
-        .collect();
-    let mut since = events.last().map(|e| cell(&e["at"]));
+    let mut seen: std::collections::HashSet<String> = events.iter().map(|e| e.id.clone()).collect();
+    let mut since = events.last().map(|e| e.at.clone());
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         let v = r
@@ -690,21 +686,17 @@ async fn tail(
                 None,
             )
             .await?;
-        let mut fresh: Vec<Value> = v["data"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        let mut fresh: Vec<AuditView> = read::<ListView<AuditView>>(v)?
+            .data
             .into_iter()
-            .filter(|e| e["id"].as_str().is_some_and(|id| !seen.contains(id)))
+            .filter(|e| !seen.contains(&e.id))
             .collect();
         fresh.reverse();
         for e in &fresh {
-            if let Some(id) = e["id"].as_str() {
-                seen.insert(id.to_owned());
-            }
+            seen.insert(e.id.clone());
         }
         if let Some(last) = fresh.last() {
-            since = Some(cell(&last["at"]));
+            since = Some(last.at.clone());
         }
         show(&fresh, seen.len() == fresh.len())?;
     }
@@ -748,20 +740,25 @@ async fn scan_paths(
                 }
             },
             (None, Some(r)) => {
-                let v = r
-                    .call(
-                        "POST",
-                        "/v1/keys/verify",
-                        Some(json!({"key": f.key, "cost": 0})),
-                    )
-                    .await?;
-                let status = match v["code"].as_str().unwrap_or("") {
+                let body = VerifyBody {
+                    key: f.key.clone(),
+                    scope: None,
+                    method: None,
+                    path: None,
+                    origin: None,
+                    ip: None,
+                    tenant_id: None,
+                    cost: Some(0),
+                };
+                let v = r.call("POST", "/v1/keys/verify", body_of(&body)?).await?;
+                let v: VerifyAnswer = read(v)?;
+                let status = match v.code.as_ref() {
                     "UNKNOWN_KEY" | "MALFORMED_KEY" => "unknown",
                     "REVOKED" => "revoked",
                     "EXPIRED" => "expired",
                     _ => "active",
                 };
-                (cell(&v["key_id"]), status)
+                (opt(&v.key_id), status)
             }
             (None, None) => ("-".to_owned(), "unknown"),
         };

@@ -65,16 +65,33 @@ impl Remote {
                 .map_err(|_| format!("{status}: {}", text.chars().take(200).collect::<String>()))?
         };
         if status.is_success() {
-            Ok(v)
-        } else {
-            Err(format!(
-                "{} {}: {}",
-                status.as_u16(),
-                v["error"]["code"].as_str().unwrap_or("ERROR"),
-                v["error"]["message"].as_str().unwrap_or("")
-            ))
+            return Ok(v);
         }
+        Err(match serde_json::from_value::<keygate_api::ErrorBody>(v) {
+            Ok(e) => format!("{} {}: {}", status.as_u16(), e.error.code, e.error.message),
+            Err(_) => format!("{} ERROR", status.as_u16()),
+        })
     }
+}
+
+/// An answer read as the API type it is.
+pub fn read<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, String> {
+    serde_json::from_value(v).map_err(|e| format!("unexpected answer from the node: {e}"))
+}
+
+/// A request body from an API type.
+pub fn body_of<T: serde::Serialize>(b: &T) -> Result<Option<Value>, String> {
+    serde_json::to_value(b).map(Some).map_err(|e| e.to_string())
+}
+
+/// An optional value as a table shows it (`-` when absent).
+pub fn opt(v: &Option<String>) -> String {
+    v.clone().unwrap_or_else(|| "-".into())
+}
+
+/// A list as a table shows it.
+pub fn words(v: &[String]) -> String {
+    v.join(" ")
 }
 
 /// Query-string encoding of optional filters.

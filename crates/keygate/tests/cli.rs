@@ -435,6 +435,8 @@ async fn the_cli_manages_keys_tenants_and_the_audit_log_over_http() {
     assert!(ok, "{err}");
     let admin = out.lines().last().expect("admin key").trim().to_owned();
     assert!(admin.starts_with("kg_sk_"), "{out}");
+    // Above it, the new tenant's row (its name and plan, not dashes).
+    assert!(out.contains("acme") && out.contains(" pro "), "{out}");
     assert_eq!(auth(&server.addr, &admin).await, 200);
     let (_, list, _) = run(&["tenants", "list"]);
     assert!(

@@ -4,13 +4,16 @@
 use super::{next_cursor, Ctx, PageQuery};
 use crate::error::{ApiError, Path, Query};
 use crate::state::AppState;
-use crate::views::{parse_rfc3339, rfc3339, ListView};
+use crate::views::{
+    parse_rfc3339, rfc3339, AlertView, AuditView, BrokenView, ListView, UsageBucket, UsageView,
+    VerifyView,
+};
 use axum::extract::State;
 use axum::http::StatusCode;
 use keygate_core::{AuditEvent, RouteClass};
 use keygate_engine::clock::now_ms;
 use keygate_store::{AuditFilter, AuditOwner, KeyFilter, UsageOf};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// Scope to read the audit log and usage.
 pub const READ: &str = "audit:read";
@@ -40,61 +43,31 @@ pub struct AuditQuery {
     pub until: Option<String>,
 }
 
-/// An audit event as the API shows it.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct AuditView {
-    id: String,
-    at: String,
-    node: String,
-    seq: i64,
-    tenant_id: Option<String>,
-    actor: String,
-    action: String,
-    key_id: Option<String>,
-    user_id: Option<String>,
-    kind: Option<String>,
-    code: Option<String>,
-    status: Option<i64>,
-    method: Option<String>,
-    path: Option<String>,
-    scope: Option<String>,
-    ip: Option<String>,
-    origin: Option<String>,
-    credits: Option<i64>,
-    latency_us: Option<i64>,
-    request_id: Option<String>,
-    detail: Option<serde_json::Value>,
-    prev_hash: String,
-    hash: String,
-}
-
-impl From<AuditEvent> for AuditView {
-    fn from(e: AuditEvent) -> Self {
-        Self {
-            at: rfc3339(e.at_ms),
-            detail: e.detail.and_then(|d| serde_json::from_str(&d).ok()),
-            id: e.id,
-            node: e.node,
-            seq: e.seq,
-            tenant_id: e.tenant_id,
-            actor: e.actor,
-            action: e.action,
-            key_id: e.key_id,
-            user_id: e.user_id,
-            kind: e.kind,
-            code: e.code,
-            status: e.status,
-            method: e.method,
-            path: e.path,
-            scope: e.scope,
-            ip: e.ip,
-            origin: e.origin,
-            credits: e.credits,
-            latency_us: e.latency_us,
-            request_id: e.request_id,
-            prev_hash: e.prev_hash,
-            hash: e.hash,
-        }
+fn audit_view(e: AuditEvent) -> AuditView {
+    AuditView {
+        at: rfc3339(e.at_ms),
+        detail: e.detail.and_then(|d| serde_json::from_str(&d).ok()),
+        id: e.id,
+        node: e.node,
+        seq: e.seq,
+        tenant_id: e.tenant_id,
+        actor: e.actor,
+        action: e.action,
+        key_id: e.key_id,
+        user_id: e.user_id,
+        kind: e.kind,
+        code: e.code,
+        status: e.status,
+        method: e.method,
+        path: e.path,
+        scope: e.scope,
+        ip: e.ip,
+        origin: e.origin,
+        credits: e.credits,
+        latency_us: e.latency_us,
+        request_id: e.request_id,
+        prev_hash: e.prev_hash,
+        hash: e.hash,
     }
 }
 
@@ -177,48 +150,21 @@ pub async fn list(
     let events = state.store.list_audit(&filter, &page).await?;
     let next = next_cursor(&events, page.limit, |e| &e.id);
     Ok(axum::Json(ListView {
-        data: events.into_iter().map(AuditView::from).collect(),
+        data: events.into_iter().map(audit_view).collect(),
         next_cursor: next,
     }))
 }
 
-/// `GET /v1/audit/verify` answer.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct VerifyView {
-    /// Every chain intact up to its head.
-    pub ok: bool,
-    /// Events checked.
-    pub checked: u64,
-    /// Chains (nodes) checked.
-    pub nodes: u64,
-    /// The first broken place.
-    pub broken: Option<BrokenView>,
-}
-
-/// Where a chain breaks.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct BrokenView {
-    /// Node.
-    pub node: String,
-    /// Sequence number in the node's chain.
-    pub seq: i64,
-    /// `changed`, `missing` or `inserted`.
-    #[schema(value_type = String)]
-    pub problem: keygate_core::ChainProblem,
-}
-
-impl From<keygate_store::AuditReport> for VerifyView {
-    fn from(r: keygate_store::AuditReport) -> Self {
-        Self {
-            ok: r.broken.is_none(),
-            checked: r.checked,
-            nodes: r.nodes,
-            broken: r.broken.map(|(node, b)| BrokenView {
-                node,
-                seq: b.seq,
-                problem: b.problem,
-            }),
-        }
+fn verify_view(r: keygate_store::AuditReport) -> VerifyView {
+    VerifyView {
+        ok: r.broken.is_none(),
+        checked: r.checked,
+        nodes: r.nodes,
+        broken: r.broken.map(|(node, b)| BrokenView {
+            node,
+            seq: b.seq,
+            problem: b.problem.as_str().to_owned(),
+        }),
     }
 }
 
@@ -245,7 +191,7 @@ pub async fn verify(
         ));
     }
     let report = keygate_store::verify_audit(&*state.store).await?;
-    Ok(axum::Json(report.into()))
+    Ok(axum::Json(verify_view(report)))
 }
 
 /// `?granularity=minute|hour|day&since=&until=`
@@ -259,28 +205,6 @@ pub struct UsageQuery {
     pub since: Option<String>,
     /// RFC 3339 (default: now).
     pub until: Option<String>,
-}
-
-/// One bucket of usage.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct UsageBucket {
-    /// Start of the bucket.
-    pub at: String,
-    /// Decision code.
-    pub code: String,
-    /// Requests decided.
-    pub requests: u64,
-    /// Credits drawn.
-    pub credits: u64,
-}
-
-/// A usage answer.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct UsageView {
-    /// `minute`, `hour` or `day`.
-    pub granularity: String,
-    /// Buckets (only those with traffic), oldest first, one per code.
-    pub data: Vec<UsageBucket>,
 }
 
 async fn usage_of(state: &AppState, of: UsageOf, q: UsageQuery) -> Result<UsageView, ApiError> {
@@ -366,19 +290,6 @@ fn tenant_wide(caller: &super::Caller) -> Result<(), ApiError> {
             "a user token reads its own keys' usage and events, not the tenant's",
         )),
     }
-}
-
-/// An alert as the API shows it.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct AlertView {
-    id: String,
-    at: String,
-    tenant_id: String,
-    key_id: Option<String>,
-    kind: String,
-    message: String,
-    #[schema(value_type = Object)]
-    data: serde_json::Value,
 }
 
 /// `GET /v1/alerts` filters.

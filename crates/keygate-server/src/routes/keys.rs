@@ -8,12 +8,13 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use keygate_api::{RotateKey, UpdateKey};
 use keygate_core::{KeyStatus, Kind, RouteClass};
 use keygate_engine::clock::now_ms;
-use keygate_engine::issue::{self, CreateKey, RateLimitBody};
+use keygate_engine::issue::{self, CreateKey};
 use keygate_engine::rotation::commit_rotation;
 use keygate_store::{KeyFilter, KeyRecord};
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 /// Scope to read keys.
 pub const READ: &str = "keys:read";
@@ -102,7 +103,7 @@ pub async fn create(
     })
     .await?;
     tracing::info!(key_id = %record.id, tenant = %record.tenant_id, kind = %record.kind, actor = %caller.key.record.id, "key created");
-    let view = KeyView::new(&state, &record, now);
+    let view = crate::views::key_view(&state, &record, now);
     Ok((
         StatusCode::CREATED,
         axum::Json(IssuedKey {
@@ -184,7 +185,10 @@ pub async fn list(
     let now = now_ms();
     let next = next_cursor(&keys, page.limit, |k| &k.id);
     Ok(axum::Json(ListView {
-        data: keys.iter().map(|k| KeyView::new(&state, k, now)).collect(),
+        data: keys
+            .iter()
+            .map(|k| crate::views::key_view(&state, k, now))
+            .collect(),
         next_cursor: next,
     }))
 }
@@ -208,38 +212,7 @@ pub async fn get(
 ) -> Result<axum::Json<KeyView>, ApiError> {
     let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
     let k = state.visible_key(&caller, &id).await?;
-    Ok(axum::Json(KeyView::new(&state, &k, now_ms())))
-}
-
-/// Distinguishes "absent" (`None`) from "null" (`Some(None)`) in a PATCH body.
-fn nullable<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(d).map(Some)
-}
-
-/// `PATCH /v1/keys/{id}` body: only the fields given change; `null` clears.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct UpdateKey {
-    name: Option<String>,
-    scopes: Option<Vec<String>>,
-    allowed_ips: Option<Vec<String>>,
-    allowed_origins: Option<Vec<String>>,
-    #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<RateLimitBody>, nullable)]
-    rate_limit: Option<Option<RateLimitBody>>,
-    #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<u64>, nullable)]
-    budget: Option<Option<u64>>,
-    #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<String>, nullable)]
-    expires_at: Option<Option<String>>,
-    #[serde(default, deserialize_with = "nullable")]
-    #[schema(value_type = Option<u32>, nullable)]
-    rotation_days: Option<Option<u32>>,
-    #[schema(value_type = Option<Object>)]
-    metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    Ok(axum::Json(crate::views::key_view(&state, &k, now_ms())))
 }
 
 /// `PATCH /v1/keys/{id}`
@@ -381,15 +354,7 @@ pub async fn update(
         .get_key(&k.id)
         .await?
         .ok_or_else(|| ApiError::not_found("key"))?;
-    Ok(axum::Json(KeyView::new(&state, &fresh, now)))
-}
-
-/// `POST /v1/keys/{id}/rotate` body.
-#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RotateKey {
-    /// How long the old key keeps working (default from config; 0 allowed; max 30 days).
-    pub grace_seconds: Option<u64>,
+    Ok(axum::Json(crate::views::key_view(&state, &fresh, now)))
 }
 
 /// Parses an optional JSON body: empty is the default value.
@@ -474,7 +439,7 @@ pub async fn rotate(
         ));
     }
     tracing::info!(key_id = %old.id, successor = %successor.id, grace_seconds = grace, actor = %caller.key.record.id, "key rotated");
-    let view = KeyView::new(&state, &successor, now);
+    let view = crate::views::key_view(&state, &successor, now);
     Ok((
         StatusCode::CREATED,
         axum::Json(IssuedKey {
@@ -528,5 +493,5 @@ pub async fn revoke(
     .await?
     .ok_or_else(|| ApiError::not_found("key"))?;
     tracing::info!(key_id = %k.id, actor = %caller.key.record.id, "key revoked");
-    Ok(axum::Json(KeyView::new(&state, &k, now)))
+    Ok(axum::Json(crate::views::key_view(&state, &k, now)))
 }

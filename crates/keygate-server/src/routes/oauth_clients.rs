@@ -4,61 +4,32 @@
 use super::{detached, next_cursor, Ctx, PageQuery};
 use crate::error::{ApiError, Json, Path, Query};
 use crate::state::AppState;
-use crate::views::{rfc3339, ListView};
+use crate::views::{rfc3339, ClientView, ListView};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use keygate_api::CreateClient;
 use keygate_core::{RouteClass, ScopeSet};
 use keygate_engine::clock::now_ms;
 use keygate_store::OAuthClient;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// Scope to read clients.
 pub const READ: &str = "oauth:read";
 /// Scope to register and delete clients.
 pub const WRITE: &str = "oauth:write";
 
-/// A client as the API shows it (the secret only on creation).
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct ClientView {
-    client_id: String,
-    name: String,
-    #[serde(rename = "type")]
-    client_type: String,
-    redirect_uris: Vec<String>,
-    scopes: Vec<String>,
-    tenant_id: String,
-    created_at: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    client_secret: Option<String>,
-}
-
-impl ClientView {
-    fn new(c: &OAuthClient, secret: Option<String>) -> Self {
-        Self {
-            client_id: c.id.clone(),
-            name: c.name.clone(),
-            client_type: c.client_type.clone(),
-            redirect_uris: c.redirect_uris.clone(),
-            scopes: c.scopes.clone(),
-            tenant_id: c.tenant_id.clone(),
-            created_at: rfc3339(c.created_at_ms),
-            client_secret: secret,
-        }
+fn client_view(c: &OAuthClient, secret: Option<String>) -> ClientView {
+    ClientView {
+        client_id: c.id.clone(),
+        name: c.name.clone(),
+        client_type: c.client_type.clone(),
+        redirect_uris: c.redirect_uris.clone(),
+        scopes: c.scopes.clone(),
+        tenant_id: c.tenant_id.clone(),
+        created_at: rfc3339(c.created_at_ms),
+        client_secret: secret,
     }
-}
-
-/// `POST /v1/oauth/clients` body.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateClient {
-    name: String,
-    #[serde(rename = "type")]
-    client_type: String,
-    #[serde(default)]
-    redirect_uris: Vec<String>,
-    scopes: Vec<String>,
-    tenant_id: Option<String>,
 }
 
 /// `POST /v1/oauth/clients`
@@ -155,7 +126,7 @@ pub async fn create(
     .await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(ClientView::new(&client, secret)),
+        axum::Json(client_view(&client, secret)),
     ))
 }
 
@@ -198,7 +169,7 @@ pub async fn list(
     let items = state.store.list_clients(tenant.as_deref(), &page).await?;
     let next = next_cursor(&items, page.limit, |c| &c.id);
     Ok(axum::Json(ListView {
-        data: items.iter().map(|c| ClientView::new(c, None)).collect(),
+        data: items.iter().map(|c| client_view(c, None)).collect(),
         next_cursor: next,
     }))
 }
@@ -235,7 +206,7 @@ pub async fn get(
         .caller(&state, READ, RouteClass::TokenManagement)
         .await?;
     let c = visible(&state, &caller, &id).await?;
-    Ok(axum::Json(ClientView::new(&c, None)))
+    Ok(axum::Json(client_view(&c, None)))
 }
 
 /// `DELETE /v1/oauth/clients/{id}`: the client goes, and every grant it holds is revoked.

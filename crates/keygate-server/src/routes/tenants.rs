@@ -3,38 +3,21 @@
 use super::{next_cursor, Ctx, PageQuery};
 use crate::error::{ApiError, Json, Path, Query};
 use crate::state::AppState;
-use crate::views::{IssuedKey, KeyView, ListView, TenantView};
+use crate::views::{CreatedTenant, IssuedKey, ListView, TenantView};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use keygate_api::CreateTenant;
 use keygate_core::RouteClass;
 use keygate_engine::clock::now_ms;
 use keygate_engine::issue::{self, CreateKey};
 use keygate_store::Tenant;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// Scope to read tenants.
 pub const READ: &str = "tenants:read";
 /// Scope to create tenants and top up credits (operator only).
 pub const WRITE: &str = "tenants:write";
-
-/// `POST /v1/tenants` body.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateTenant {
-    name: String,
-    plan: Option<String>,
-    credits: Option<u64>,
-}
-
-/// `POST /v1/tenants` answer.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct CreatedTenant {
-    #[serde(flatten)]
-    tenant: TenantView,
-    /// The tenant's first admin key (`sk`, scope `*` inside the tenant), shown once.
-    admin_key: IssuedKey,
-}
 
 fn operator_only() -> ApiError {
     ApiError::because(
@@ -116,10 +99,10 @@ pub async fn create(
     Ok((
         StatusCode::CREATED,
         axum::Json(CreatedTenant {
-            tenant: TenantView::new(&state, &tenant),
+            tenant: crate::views::tenant_view(&state, &tenant),
             admin_key: IssuedKey {
                 key: plaintext,
-                record: KeyView::new(&state, &record, now),
+                record: crate::views::key_view(&state, &record, now),
             },
         }),
     ))
@@ -154,7 +137,10 @@ pub async fn list(
     };
     let next = next_cursor(&tenants, page.limit, |t| &t.id);
     Ok(axum::Json(ListView {
-        data: tenants.iter().map(|t| TenantView::new(&state, t)).collect(),
+        data: tenants
+            .iter()
+            .map(|t| crate::views::tenant_view(&state, t))
+            .collect(),
         next_cursor: next,
     }))
 }
@@ -178,7 +164,7 @@ pub async fn get(
 ) -> Result<axum::Json<TenantView>, ApiError> {
     let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
     match state.store.get_tenant(&id).await? {
-        Some(t) if caller.sees(&t.id) => Ok(axum::Json(TenantView::new(&state, &t))),
+        Some(t) if caller.sees(&t.id) => Ok(axum::Json(crate::views::tenant_view(&state, &t))),
         _ => Err(ApiError::not_found("tenant")),
     }
 }
@@ -241,5 +227,5 @@ pub async fn top_up(
     };
     state.tenant_changed(&id).await;
     tracing::info!(tenant = %id, amount = body.amount, actor = %caller.key.record.id, "credits topped up");
-    Ok(axum::Json(TenantView::new(&state, &t)))
+    Ok(axum::Json(crate::views::tenant_view(&state, &t)))
 }

@@ -226,7 +226,10 @@ pub async fn create(
             "a user with this email exists in the tenant",
         ));
     }
-    Ok((StatusCode::CREATED, axum::Json(UserView::from(&user))))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(crate::views::user_view(&user)),
+    ))
 }
 
 /// `GET /v1/users`
@@ -266,7 +269,7 @@ pub async fn list(
     let users = state.store.list_users(&tenant, &page).await?;
     let next = next_cursor(&users, page.limit, |u| &u.id);
     Ok(axum::Json(ListView {
-        data: users.iter().map(UserView::from).collect(),
+        data: users.iter().map(crate::views::user_view).collect(),
         next_cursor: next,
     }))
 }
@@ -290,7 +293,7 @@ pub async fn get(
 ) -> Result<axum::Json<UserView>, ApiError> {
     let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
     match state.store.get_user(&id).await? {
-        Some(u) if caller.sees(&u.tenant_id) => Ok(axum::Json(UserView::from(&u))),
+        Some(u) if caller.sees(&u.tenant_id) => Ok(axum::Json(crate::views::user_view(&u))),
         _ => Err(ApiError::not_found("user")),
     }
 }

@@ -8,10 +8,10 @@ use crate::state::{bearer, AppState};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use keygate_api::{BudgetLeft, RateView, VerifyAnswer, VerifyBody};
 use keygate_core::{Code, RequestFacts, RouteClass};
 use keygate_engine::clock::now_ms;
 use keygate_engine::clock::rfc3339;
-use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 
 /// Scope to call the verify API.
@@ -21,62 +21,6 @@ pub const VERIFY: &str = "keys:verify";
 pub const DEFAULT_COST: u64 = 1;
 
 pub use keygate_engine::config::MAX_COST;
-
-/// `POST /v1/keys/verify` body. `Debug` hides the key.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct VerifyBody {
-    key: String,
-    scope: Option<String>,
-    method: Option<String>,
-    path: Option<String>,
-    origin: Option<String>,
-    ip: Option<String>,
-    tenant_id: Option<String>,
-    /// Credits this call costs (at most 1,000,000,000).
-    #[schema(maximum = 1_000_000_000)]
-    cost: Option<u64>,
-}
-
-impl std::fmt::Debug for VerifyBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VerifyBody")
-            .field("key", &keygate_core::key::display_prefix(&self.key))
-            .field("scope", &self.scope)
-            .field("method", &self.method)
-            .field("path", &self.path)
-            .finish_non_exhaustive()
-    }
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-struct RateView {
-    limit: u32,
-    remaining: u32,
-    reset_seconds: u32,
-    window_seconds: u32,
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-struct BudgetLeft {
-    limit: u64,
-    remaining: Option<u64>,
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-struct VerifyAnswer {
-    valid: bool,
-    code: &'static str,
-    key_id: Option<String>,
-    tenant_id: Option<String>,
-    user_id: Option<String>,
-    kind: Option<&'static str>,
-    scopes: Option<Vec<String>>,
-    ratelimit: Option<RateView>,
-    budget: Option<BudgetLeft>,
-    credits_remaining: Option<u64>,
-    expires_at: Option<String>,
-}
 
 /// `POST /v1/keys/verify`: always 200 with `valid` and `code`, unless the caller itself is
 /// refused.
@@ -155,11 +99,11 @@ pub async fn verify(
     }
     let answer = VerifyAnswer {
         valid: code == Code::Valid,
-        code: code.as_str(),
+        code: code.as_str().into(),
         key_id: key.map(|k| k.record.id.clone()),
         tenant_id: key.map(|k| k.record.tenant_id.clone()),
         user_id: key.and_then(|k| k.record.user_id.clone()),
-        kind: key.map(|k| k.record.kind.as_str()),
+        kind: key.map(|k| k.record.kind.as_str().into()),
         scopes: key.map(|k| k.record.scopes.to_strings()),
         ratelimit: rate.map(|r| RateView {
             limit: r.limit,

@@ -3,89 +3,48 @@
 use super::{detached, next_cursor, Caller, Ctx, PageQuery};
 use crate::error::{ApiError, Json, Path, Query};
 use crate::state::AppState;
-use crate::views::{rfc3339, ListView};
+use crate::views::{rfc3339, DeliveryView, ListView, WebhookView};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use keygate_api::CreateWebhook;
 use keygate_core::RouteClass;
 use keygate_engine::clock::now_ms;
 use keygate_engine::webhooks::{EVENT_TYPES, SUCCESSOR_EVENT};
 use keygate_store::{Delivery, WebhookEndpoint};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// Scope to read endpoints and deliveries.
 pub const READ: &str = "webhooks:read";
 /// Scope to create, change, delete and test endpoints.
 pub const WRITE: &str = "webhooks:write";
 
-/// An endpoint as the API shows it (the secret only on creation).
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct WebhookView {
-    id: String,
-    tenant_id: String,
-    url: String,
-    events: Vec<String>,
-    enabled: bool,
-    disabled_reason: Option<String>,
-    created_at: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    secret: Option<String>,
-}
-
-impl WebhookView {
-    fn new(w: &WebhookEndpoint, with_secret: bool) -> Self {
-        Self {
-            id: w.id.clone(),
-            tenant_id: w.tenant_id.clone(),
-            url: w.url.clone(),
-            events: w.events.clone(),
-            enabled: w.enabled,
-            disabled_reason: w.disabled_reason.clone(),
-            created_at: rfc3339(w.created_at_ms),
-            secret: with_secret.then(|| w.secret.clone()),
-        }
+fn webhook_view(w: &WebhookEndpoint, with_secret: bool) -> WebhookView {
+    WebhookView {
+        id: w.id.clone(),
+        tenant_id: w.tenant_id.clone(),
+        url: w.url.clone(),
+        events: w.events.clone(),
+        enabled: w.enabled,
+        disabled_reason: w.disabled_reason.clone(),
+        created_at: rfc3339(w.created_at_ms),
+        secret: with_secret.then(|| w.secret.clone()),
     }
 }
 
-/// A delivery attempt record.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct DeliveryView {
-    id: String,
-    event_id: String,
-    event_type: String,
-    status: String,
-    attempts: u32,
-    last_status: Option<i64>,
-    last_error: Option<String>,
-    next_attempt_at: Option<String>,
-    created_at: String,
-    delivered_at: Option<String>,
-}
-
-impl From<Delivery> for DeliveryView {
-    fn from(d: Delivery) -> Self {
-        Self {
-            next_attempt_at: (d.status == "pending").then(|| rfc3339(d.next_at_ms)),
-            delivered_at: d.delivered_at_ms.map(rfc3339),
-            created_at: rfc3339(d.created_at_ms),
-            id: d.id,
-            event_id: d.event_id,
-            event_type: d.event_type,
-            status: d.status,
-            attempts: d.attempts,
-            last_status: d.last_status,
-            last_error: d.last_error,
-        }
+fn delivery_view(d: Delivery) -> DeliveryView {
+    DeliveryView {
+        next_attempt_at: (d.status == "pending").then(|| rfc3339(d.next_at_ms)),
+        delivered_at: d.delivered_at_ms.map(rfc3339),
+        created_at: rfc3339(d.created_at_ms),
+        id: d.id,
+        event_id: d.event_id,
+        event_type: d.event_type,
+        status: d.status,
+        attempts: d.attempts,
+        last_status: d.last_status,
+        last_error: d.last_error,
     }
-}
-
-/// `POST /v1/webhooks` body.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateWebhook {
-    url: String,
-    events: Option<Vec<String>>,
-    tenant_id: Option<String>,
 }
 
 fn check_url(state: &AppState, url: &str) -> Result<(), ApiError> {
@@ -188,7 +147,7 @@ pub async fn create(
         Ok(())
     })
     .await?;
-    Ok((StatusCode::CREATED, axum::Json(WebhookView::new(&w, true))))
+    Ok((StatusCode::CREATED, axum::Json(webhook_view(&w, true))))
 }
 
 /// `GET /v1/webhooks` filters.
@@ -228,7 +187,7 @@ pub async fn list(
     let items = state.store.list_webhooks(&tenant, &page).await?;
     let next = next_cursor(&items, page.limit, |w| &w.id);
     Ok(axum::Json(ListView {
-        data: items.iter().map(|w| WebhookView::new(w, false)).collect(),
+        data: items.iter().map(|w| webhook_view(w, false)).collect(),
         next_cursor: next,
     }))
 }
@@ -259,7 +218,7 @@ pub async fn get(
 ) -> Result<axum::Json<WebhookView>, ApiError> {
     let caller = ctx.caller(&state, READ, RouteClass::Webhook).await?;
     let w = visible(&state, &caller, &id).await?;
-    Ok(axum::Json(WebhookView::new(&w, false)))
+    Ok(axum::Json(webhook_view(&w, false)))
 }
 
 /// `PATCH /v1/webhooks/{id}` body: switch an endpoint on again (after a 410) or off.
@@ -304,7 +263,7 @@ pub async fn update(
     })
     .await?;
     let w = visible(&state, &caller, &id).await?;
-    Ok(axum::Json(WebhookView::new(&w, false)))
+    Ok(axum::Json(webhook_view(&w, false)))
 }
 
 /// `DELETE /v1/webhooks/{id}`
@@ -363,7 +322,7 @@ pub async fn deliveries(
     let items = state.store.list_deliveries(&w.id, &page).await?;
     let next = next_cursor(&items, page.limit, |d| &d.id);
     Ok(axum::Json(ListView {
-        data: items.into_iter().map(DeliveryView::from).collect(),
+        data: items.into_iter().map(delivery_view).collect(),
         next_cursor: next,
     }))
 }
@@ -377,7 +336,7 @@ pub async fn deliveries(
     summary = "Queue a webhook.test event for one endpoint",
     description = "Needs scope `webhooks:write`.",
     params(("id" = String, Path, description = "Endpoint id")),
-    responses((status = 202, body = Object, description = "`{delivery_id, event_id}`"), crate::openapi::Refusals),
+    responses((status = 202, body = keygate_api::TestEvent), crate::openapi::Refusals),
     security(("bearer" = []))
 )]
 pub async fn test(
@@ -397,6 +356,9 @@ pub async fn test(
         .ok_or_else(|| ApiError::not_found("webhook"))?;
     Ok((
         StatusCode::ACCEPTED,
-        axum::Json(serde_json::json!({"delivery_id": d.id, "event_id": d.event_id})),
+        axum::Json(keygate_api::TestEvent {
+            delivery_id: d.id,
+            event_id: d.event_id,
+        }),
     ))
 }
