@@ -188,7 +188,14 @@ pub async fn raise(
         Ok(true) => {
             data["alert_id"] = alert.id.clone().into();
             state
-                .record_change("system", kind, tenant_id, key_id, None, &data)
+                .record_change(crate::engine::Change {
+                    actor: "system",
+                    action: kind,
+                    tenant_id,
+                    key_id,
+                    user_id: None,
+                    detail: &data,
+                })
                 .await;
         }
         Ok(false) => {}

@@ -198,6 +198,24 @@ pub fn policy_value(limit: u32, window_seconds: u32) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("\"key\""))
 }
 
+/// A lifecycle event to record: who (`actor`: a key id, `system`, …) did what (`action`:
+/// `key.created`, …) to which records.
+#[derive(Debug, Clone, Copy)]
+pub struct Change<'a> {
+    /// Who acted.
+    pub actor: &'a str,
+    /// What happened (`key.created`, `user.deleted`, …).
+    pub action: &'a str,
+    /// The tenant the records belong to.
+    pub tenant_id: &'a str,
+    /// The key concerned, if any.
+    pub key_id: Option<&'a str>,
+    /// The user concerned, if any.
+    pub user_id: Option<&'a str>,
+    /// Details (JSON).
+    pub detail: &'a serde_json::Value,
+}
+
 /// What became of an answer offered to a [`Holder`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hold {
@@ -774,61 +792,45 @@ impl Engine {
         Ok(Some(group))
     }
 
-    /// Appends a lifecycle event (`key.created`, …) by `actor` to the audit log and, for the
-    /// event types webhooks carry, queues it for the tenant's endpoints. The change has
-    /// happened already, so a failed write is logged, not undone.
-    pub async fn record_change(
-        &self,
-        actor: &str,
-        action: &str,
-        tenant_id: &str,
-        key_id: Option<&str>,
-        user_id: Option<&str>,
-        detail: &serde_json::Value,
-    ) {
-        if crate::webhooks::EVENT_TYPES.contains(&action) {
-            let mut data = serde_json::json!({"tenant_id": tenant_id, "actor": actor});
-            if let Some(k) = key_id {
+    /// Appends a lifecycle event (`key.created`, …) to the audit log and, for the event types
+    /// webhooks carry, queues it for the tenant's endpoints. The change has happened already,
+    /// so a failed write is logged, not undone.
+    pub async fn record_change(&self, c: Change<'_>) {
+        if crate::webhooks::EVENT_TYPES.contains(&c.action) {
+            let mut data = serde_json::json!({"tenant_id": c.tenant_id, "actor": c.actor});
+            if let Some(k) = c.key_id {
                 data["key_id"] = k.into();
             }
-            if let Some(u) = user_id {
+            if let Some(u) = c.user_id {
                 data["user_id"] = u.into();
             }
-            data["detail"] = detail.clone();
-            if let Err(e) = self.emit(tenant_id, action, data, None).await {
-                tracing::error!("could not queue webhooks for {action}: {e}");
+            data["detail"] = c.detail.clone();
+            if let Err(e) = self.emit(c.tenant_id, c.action, data, None).await {
+                tracing::error!("could not queue webhooks for {}: {e}", c.action);
             }
         }
-        self.audit_change(actor, action, tenant_id, key_id, user_id, detail);
+        self.audit_change(c);
     }
 
     /// Appends a lifecycle event to the audit log only (no webhook).
-    pub fn audit_change(
-        &self,
-        actor: &str,
-        action: &str,
-        tenant_id: &str,
-        key_id: Option<&str>,
-        user_id: Option<&str>,
-        detail: &serde_json::Value,
-    ) {
+    pub fn audit_change(&self, c: Change<'_>) {
         let Some(log) = &self.audit else { return };
-        let detail = detail.to_string();
+        let detail = c.detail.to_string();
         let r = crate::request_id::RequestId::with_current(|rid| {
             log.record(keygate_audit::Line {
                 at_ms: now_ms(),
-                tenant_id: Some(tenant_id),
-                actor,
-                action,
-                key_id,
-                user_id,
+                tenant_id: Some(c.tenant_id),
+                actor: c.actor,
+                action: c.action,
+                key_id: c.key_id,
+                user_id: c.user_id,
                 request_id: rid,
                 detail: Some(&detail),
                 ..keygate_audit::Line::default()
             })
         });
         if let Err(e) = r {
-            tracing::error!("audit log write failed for {action}: {e}");
+            tracing::error!("audit log write failed for {}: {e}", c.action);
         }
     }
 

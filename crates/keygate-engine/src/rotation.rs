@@ -262,10 +262,24 @@ pub async fn commit_rotation(
         let detail = serde_json::json!({"successor": succ.id, "grace_seconds": grace, "automatic": !webhook});
         let (tenant, user) = (&old.tenant_id, old.user_id.as_deref());
         if webhook {
-            st.record_change(actor, "key.rotated", tenant, Some(&old.id), user, &detail)
-                .await;
+            st.record_change(crate::engine::Change {
+                actor,
+                action: "key.rotated",
+                tenant_id: tenant,
+                key_id: Some(&old.id),
+                user_id: user,
+                detail: &detail,
+            })
+            .await;
         } else {
-            st.audit_change(actor, "key.rotated", tenant, Some(&old.id), user, &detail);
+            st.audit_change(crate::engine::Change {
+                actor,
+                action: "key.rotated",
+                tenant_id: tenant,
+                key_id: Some(&old.id),
+                user_id: user,
+                detail: &detail,
+            });
         }
         st.key_changed(&old.hash).await;
         st.key_changed(&succ.hash).await;

@@ -416,14 +416,14 @@ async fn end_session_key(state: &AppState, id: &str) {
             st.key_changed(&rec.hash).await;
             let detail = serde_json::json!({"via": "dashboard sign-out"});
             let actor = rec.user_id.clone().unwrap_or_else(|| "system".into());
-            st.record_change(
-                &actor,
-                "key.revoked",
-                &rec.tenant_id,
-                Some(&rec.id),
-                rec.user_id.as_deref(),
-                &detail,
-            )
+            st.record_change(keygate_engine::engine::Change {
+                actor: &actor,
+                action: "key.revoked",
+                tenant_id: &rec.tenant_id,
+                key_id: Some(&rec.id),
+                user_id: rec.user_id.as_deref(),
+                detail: &detail,
+            })
             .await;
         }
         Ok(())
@@ -538,14 +538,14 @@ async fn password_login(
         let detail =
             serde_json::json!({"kind": "ut", "name": rec.name, "via": "dashboard sign-in"});
         let actor = rec.user_id.clone().unwrap_or_default();
-        st.record_change(
-            &actor,
-            "key.created",
-            &rec.tenant_id,
-            Some(&rec.id),
-            rec.user_id.as_deref(),
-            &detail,
-        )
+        st.record_change(keygate_engine::engine::Change {
+            actor: &actor,
+            action: "key.created",
+            tenant_id: &rec.tenant_id,
+            key_id: Some(&rec.id),
+            user_id: rec.user_id.as_deref(),
+            detail: &detail,
+        })
         .await;
         Ok(())
     })

@@ -89,14 +89,14 @@ pub async fn create(
     let (rec, actor) = (record.clone(), caller.key.record.id.clone());
     detached(async move {
         st.store.insert_key(&rec).await?;
-        st.record_change(
-            &actor,
-            "key.created",
-            &rec.tenant_id,
-            Some(&rec.id),
-            rec.user_id.as_deref(),
-            &serde_json::json!({"kind": rec.kind.as_str(), "name": rec.name, "scopes": rec.scopes.to_strings()}),
-        ).await;
+        st.record_change(keygate_engine::engine::Change {
+ actor: &actor,
+ action: "key.created",
+ tenant_id: &rec.tenant_id,
+ key_id: Some(&rec.id),
+ user_id: rec.user_id.as_deref(),
+ detail: &serde_json::json!({"kind": rec.kind.as_str(), "name": rec.name, "scopes": rec.scopes.to_strings()}),
+ }).await;
         st.key_changed(&rec.hash).await;
         keygate_engine::origins::pk_changed(&st, rec.kind).await;
         Ok(())
@@ -327,14 +327,14 @@ pub async fn update(
         }
         let ok = st.store.update_key(&rec, expected_updated_at).await?;
         if ok {
-            st.record_change(
-                &actor,
-                "key.updated",
-                &rec.tenant_id,
-                Some(&rec.id),
-                rec.user_id.as_deref(),
-                &serde_json::json!({"name": rec.name, "scopes": rec.scopes.to_strings(), "budget": rec.budget}),
-            ).await;
+            st.record_change(keygate_engine::engine::Change {
+ actor: &actor,
+ action: "key.updated",
+ tenant_id: &rec.tenant_id,
+ key_id: Some(&rec.id),
+ user_id: rec.user_id.as_deref(),
+ detail: &serde_json::json!({"name": rec.name, "scopes": rec.scopes.to_strings(), "budget": rec.budget}),
+ }).await;
             st.key_changed(&rec.hash).await;
             if budget_changed {
                 st.family_changed(&rec.family_id).await;
@@ -476,14 +476,14 @@ pub async fn revoke(
     let k = detached(async move {
         let k = st.store.revoke_key(&id, now).await?;
         if let Some(k) = &k {
-            st.record_change(
-                &actor,
-                "key.revoked",
-                &k.tenant_id,
-                Some(&k.id),
-                k.user_id.as_deref(),
-                &serde_json::json!({}),
-            )
+            st.record_change(keygate_engine::engine::Change {
+                actor: &actor,
+                action: "key.revoked",
+                tenant_id: &k.tenant_id,
+                key_id: Some(&k.id),
+                user_id: k.user_id.as_deref(),
+                detail: &serde_json::json!({}),
+            })
             .await;
             st.key_changed(&k.hash).await;
             keygate_engine::origins::pk_changed(&st, k.kind).await;

@@ -872,14 +872,14 @@ async fn code_reused(state: &AppState, c: &AuthCode) -> Result<OAuthError, OAuth
         revoke_family(state, g, "code_reuse").await?;
         let detail = serde_json::json!({"client_id": c.client_id, "grant_id": g});
         state
-            .record_change(
-                "system",
-                "oauth.code_reuse",
-                &c.tenant_id,
-                Some(g),
-                Some(&c.user_id),
-                &detail,
-            )
+            .record_change(keygate_engine::engine::Change {
+                actor: "system",
+                action: "oauth.code_reuse",
+                tenant_id: &c.tenant_id,
+                key_id: Some(g),
+                user_id: Some(&c.user_id),
+                detail: &detail,
+            })
             .await;
     }
     Ok(OAuthError::grant(
@@ -946,14 +946,14 @@ async fn exchange_code(
     let detail =
         serde_json::json!({"client_id": client.id, "grant_id": grant.id, "scope": grant.scope});
     state
-        .record_change(
-            "system",
-            "oauth.authorized",
-            &grant.tenant_id,
-            Some(&grant.id),
-            grant.user_id.as_deref(),
-            &detail,
-        )
+        .record_change(keygate_engine::engine::Change {
+            actor: "system",
+            action: "oauth.authorized",
+            tenant_id: &grant.tenant_id,
+            key_id: Some(&grant.id),
+            user_id: grant.user_id.as_deref(),
+            detail: &detail,
+        })
         .await;
     Ok(TokenResponse {
         access_token: access,
@@ -1165,14 +1165,14 @@ async fn revoke_inner(
             if revoked {
                 let detail = serde_json::json!({"client_id": client.id, "grant_id": g.id, "token_type": "refresh_token"});
                 state
-                    .record_change(
-                        "system",
-                        "oauth.revoked",
-                        &g.tenant_id,
-                        Some(&g.id),
-                        g.user_id.as_deref(),
-                        &detail,
-                    )
+                    .record_change(keygate_engine::engine::Change {
+                        actor: "system",
+                        action: "oauth.revoked",
+                        tenant_id: &g.tenant_id,
+                        key_id: Some(&g.id),
+                        user_id: g.user_id.as_deref(),
+                        detail: &detail,
+                    })
                     .await;
             }
         }
@@ -1184,14 +1184,14 @@ async fn revoke_inner(
             state.family_changed(&g.id).await;
             let detail = serde_json::json!({"client_id": client.id, "grant_id": g.id, "jti": c.jti, "token_type": "access_token"});
             state
-                .record_change(
-                    "system",
-                    "oauth.revoked",
-                    &g.tenant_id,
-                    Some(&g.id),
-                    g.user_id.as_deref(),
-                    &detail,
-                )
+                .record_change(keygate_engine::engine::Change {
+                    actor: "system",
+                    action: "oauth.revoked",
+                    tenant_id: &g.tenant_id,
+                    key_id: Some(&g.id),
+                    user_id: g.user_id.as_deref(),
+                    detail: &detail,
+                })
                 .await;
         }
         _ => {}

@@ -112,14 +112,14 @@ pub async fn create(
             "client_id": rec.id, "type": rec.client_type,
             "redirect_uris": rec.redirect_uris, "scopes": rec.scopes,
         });
-        st.record_change(
-            &actor,
-            "oauth.client_created",
-            &rec.tenant_id,
-            None,
-            None,
-            &detail,
-        )
+        st.record_change(keygate_engine::engine::Change {
+            actor: &actor,
+            action: "oauth.client_created",
+            tenant_id: &rec.tenant_id,
+            key_id: None,
+            user_id: None,
+            detail: &detail,
+        })
         .await;
         Ok(())
     })
@@ -243,14 +243,14 @@ pub async fn delete(
         }
         if !gone.is_empty() {
             let detail = serde_json::json!({"client_id": c.id, "grants_revoked": gone.len() - 1});
-            st.record_change(
-                &actor,
-                "oauth.client_deleted",
-                &c.tenant_id,
-                None,
-                None,
-                &detail,
-            )
+            st.record_change(keygate_engine::engine::Change {
+                actor: &actor,
+                action: "oauth.client_deleted",
+                tenant_id: &c.tenant_id,
+                key_id: None,
+                user_id: None,
+                detail: &detail,
+            })
             .await;
         }
         Ok(())
@@ -292,14 +292,14 @@ pub async fn rotate_signing_key(
             tracing::warn!("{e}");
         }
         let detail = serde_json::json!({"kid": kid});
-        st.record_change(
-            &actor,
-            "oauth.signing_key_rotated",
-            super::DEFAULT_TENANT,
-            None,
-            None,
-            &detail,
-        )
+        st.record_change(keygate_engine::engine::Change {
+            actor: &actor,
+            action: "oauth.signing_key_rotated",
+            tenant_id: super::DEFAULT_TENANT,
+            key_id: None,
+            user_id: None,
+            detail: &detail,
+        })
         .await;
         Ok(kid)
     })

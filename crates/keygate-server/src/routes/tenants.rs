@@ -87,11 +87,25 @@ pub async fn create(
     super::detached(async move {
         st.store.insert_key(&rec).await?;
         let detail = serde_json::json!({"name": t.name, "plan": t.plan, "credits": t.credits});
-        st.record_change(&actor, "tenant.created", &t.id, None, None, &detail)
-            .await;
+        st.record_change(keygate_engine::engine::Change {
+            actor: &actor,
+            action: "tenant.created",
+            tenant_id: &t.id,
+            key_id: None,
+            user_id: None,
+            detail: &detail,
+        })
+        .await;
         let detail = serde_json::json!({"kind": "sk", "name": "admin", "scopes": ["*"]});
-        st.record_change(&actor, "key.created", &t.id, Some(&rec.id), None, &detail)
-            .await;
+        st.record_change(keygate_engine::engine::Change {
+            actor: &actor,
+            action: "key.created",
+            tenant_id: &t.id,
+            key_id: Some(&rec.id),
+            user_id: None,
+            detail: &detail,
+        })
+        .await;
         Ok(())
     })
     .await?;
@@ -213,8 +227,15 @@ pub async fn top_up(
         let t = st.store.add_tenant_credits(&tid, amount).await?;
         if let Some(t) = &t {
             let detail = serde_json::json!({"amount": amount, "balance": t.credits});
-            st.record_change(&actor, "tenant.credits_added", &tid, None, None, &detail)
-                .await;
+            st.record_change(keygate_engine::engine::Change {
+                actor: &actor,
+                action: "tenant.credits_added",
+                tenant_id: &tid,
+                key_id: None,
+                user_id: None,
+                detail: &detail,
+            })
+            .await;
         }
         Ok(t)
     })

@@ -205,14 +205,14 @@ pub async fn create(
         match st.store.insert_user(&u).await {
             Ok(()) => {
                 let detail = serde_json::json!({"plan": u.plan});
-                st.record_change(
-                    &actor,
-                    "user.created",
-                    &u.tenant_id,
-                    None,
-                    Some(&u.id),
-                    &detail,
-                )
+                st.record_change(keygate_engine::engine::Change {
+                    actor: &actor,
+                    action: "user.created",
+                    tenant_id: &u.tenant_id,
+                    key_id: None,
+                    user_id: Some(&u.id),
+                    detail: &detail,
+                })
                 .await;
                 Ok(true)
             }

@@ -135,14 +135,14 @@ pub async fn create(
         st.store.insert_webhook(&rec).await?;
         let detail =
             serde_json::json!({"webhook_id": rec.id, "url": rec.url, "events": rec.events});
-        st.record_change(
-            &actor,
-            "webhook.created",
-            &rec.tenant_id,
-            None,
-            None,
-            &detail,
-        )
+        st.record_change(keygate_engine::engine::Change {
+            actor: &actor,
+            action: "webhook.created",
+            tenant_id: &rec.tenant_id,
+            key_id: None,
+            user_id: None,
+            detail: &detail,
+        })
         .await;
         Ok(())
     })
@@ -257,8 +257,15 @@ pub async fn update(
         let reason = (!enabled).then_some("disabled by API");
         st.store.set_webhook_enabled(&wid, enabled, reason).await?;
         let detail = serde_json::json!({"webhook_id": wid, "enabled": enabled});
-        st.record_change(&actor, "webhook.updated", &tenant, None, None, &detail)
-            .await;
+        st.record_change(keygate_engine::engine::Change {
+            actor: &actor,
+            action: "webhook.updated",
+            tenant_id: &tenant,
+            key_id: None,
+            user_id: None,
+            detail: &detail,
+        })
+        .await;
         Ok(())
     })
     .await?;
@@ -290,8 +297,15 @@ pub async fn delete(
     detached(async move {
         st.store.delete_webhook(&w.id).await?;
         let detail = serde_json::json!({"webhook_id": w.id, "url": w.url});
-        st.record_change(&actor, "webhook.deleted", &w.tenant_id, None, None, &detail)
-            .await;
+        st.record_change(keygate_engine::engine::Change {
+            actor: &actor,
+            action: "webhook.deleted",
+            tenant_id: &w.tenant_id,
+            key_id: None,
+            user_id: None,
+            detail: &detail,
+        })
+        .await;
         Ok(())
     })
     .await?;
