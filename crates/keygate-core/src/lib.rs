@@ -2,12 +2,14 @@
 //!
 //! Everything that decides whether a request may pass lives here: the key format and its
 //! offline checksum, key hashing, scopes, origin and IP/CIDR allow-lists, rate-window math and
-//! the decision pipeline. The crate does no I/O, spawns nothing and reads no clock: the caller
+//! the decision pipeline, and who may act on what in the management API (`access`). The crate
+//! does no I/O, spawns nothing and reads no clock: the caller
 //! passes `now` and the random bytes in, so every rule can be fuzzed, property-tested and
 //! benchmarked alone.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod audit;
 pub mod base62;
 pub mod decision;

@@ -29,14 +29,7 @@ impl AppState {
         id: &str,
     ) -> Result<KeyRecord, ApiError> {
         match self.store.get_key(id).await? {
-            Some(k)
-                if caller.sees(&k.tenant_id)
-                    && caller
-                        .own_user()
-                        .is_none_or(|u| k.user_id.as_deref() == Some(u)) =>
-            {
-                Ok(k)
-            }
+            Some(k) if caller.actor().sees_key(&k.tenant_id, k.user_id.as_deref()) => Ok(k),
             _ => Err(ApiError::not_found("key")),
         }
     }
@@ -236,14 +229,7 @@ pub async fn update(
 ) -> Result<axum::Json<KeyView>, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
     let mut k = state.visible_key(&caller, &id).await?;
-    if caller.own_user().is_some() && caller.key.record.family_id == k.family_id {
-        // A user token cannot extend or re-issue itself (a session key must end with its
-        // session); another key of the user can.
-        return Err(ApiError::because(
-            keygate_core::Code::ForbiddenScope,
-            "a user token cannot change or rotate itself",
-        ));
-    }
+    caller.require_may_change(&k.family_id)?;
     let now = now_ms();
     if k.status == KeyStatus::Revoked {
         return Err(ApiError::conflict(
@@ -405,14 +391,7 @@ pub async fn rotate(
         ));
     }
     let old = state.visible_key(&caller, &id).await?;
-    if caller.own_user().is_some() && caller.key.record.family_id == old.family_id {
-        // A user token cannot extend or re-issue itself (a session key must end with its
-        // session); another key of the user can.
-        return Err(ApiError::because(
-            keygate_core::Code::ForbiddenScope,
-            "a user token cannot change or rotate itself",
-        ));
-    }
+    caller.require_may_change(&old.family_id)?;
     caller.require_covers(&old.scopes)?;
     let now = now_ms();
     if old.status == KeyStatus::Revoked

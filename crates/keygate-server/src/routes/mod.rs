@@ -17,6 +17,7 @@ use crate::state::{bearer, management_facts, AppState};
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method};
+use keygate_core::access::{Actor, Target};
 use keygate_core::{Kind, RouteClass};
 use keygate_engine::engine::CachedKey;
 use serde::Deserialize;
@@ -39,7 +40,7 @@ pub(crate) async fn detached<T: Send + 'static>(
 }
 
 /// The operator's tenant.
-pub const DEFAULT_TENANT: &str = "default";
+pub const DEFAULT_TENANT: &str = keygate_core::access::OPERATOR_TENANT;
 
 /// Request context every handler can extract: method, headers, the TCP peer.
 #[derive(Debug)]
@@ -88,79 +89,90 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// The caller as the access rules (`keygate_core::access`) see it.
+    pub fn actor(&self) -> Actor<'_> {
+        let r = &self.key.record;
+        Actor {
+            tenant_id: &r.tenant_id,
+            kind: r.kind,
+            user_id: r.user_id.as_deref(),
+            family_id: &r.family_id,
+            scopes: &r.scopes,
+        }
+    }
+
     /// The caller's tenant.
     pub fn tenant(&self) -> &str {
         &self.key.record.tenant_id
     }
 
-    /// The user a `ut` key acts for: on the key routes it sees and manages only that user's
-    /// keys (a user has a plan, not a tenant's management rights).
+    /// See [`Actor::own_user`].
     pub fn own_user(&self) -> Option<&str> {
-        match self.key.record.kind {
-            Kind::Ut => self.key.record.user_id.as_deref(),
-            _ => None,
-        }
+        self.actor().own_user()
     }
 
-    /// The operator: a `sk` key with `*` in the `default` tenant; may act in any tenant.
+    /// See [`Actor::is_operator`].
     pub fn is_operator(&self) -> bool {
-        self.key.record.tenant_id == DEFAULT_TENANT
-            && self.key.record.kind == Kind::Sk
-            && self.key.record.scopes.has_all()
+        self.actor().is_operator()
     }
 
-    /// Whether the caller's own scopes cover `scopes`: a key may only grant, change, rotate or
-    /// revoke what it could do itself (`*` only if it holds `*`).
+    /// See [`Actor::covers`].
     pub fn covers(&self, scopes: &keygate_core::ScopeSet) -> bool {
-        scopes.is_subset_of(&self.key.record.scopes)
+        self.actor().covers(scopes)
     }
 
-    /// [`Caller::covers`] as a refusal.
+    /// [`Actor::may_manage`] as an answer.
     pub fn require_covers(&self, scopes: &keygate_core::ScopeSet) -> Result<(), ApiError> {
-        if self.covers(scopes) {
-            Ok(())
-        } else {
-            Err(ApiError::because(
-                keygate_core::Code::ForbiddenScope,
-                "the calling key cannot grant or manage scopes it does not hold itself",
-            ))
-        }
+        self.actor().may_manage(scopes).map_err(refused)
     }
 
-    /// Whether records of `tenant_id` are visible to the caller.
+    /// [`Actor::may_change`] as an answer.
+    pub fn require_may_change(&self, family_id: &str) -> Result<(), ApiError> {
+        self.actor().may_change(family_id).map_err(refused)
+    }
+
+    /// See [`Actor::sees`].
     pub fn sees(&self, tenant_id: &str) -> bool {
-        self.is_operator() || tenant_id == self.tenant()
+        self.actor().sees(tenant_id)
     }
 
-    /// The tenant a listing is limited to: none for the operator naming none (every tenant),
-    /// else [`Caller::act_in`].
+    /// The tenant a listing is limited to ([`Actor::listing`]): `None` for every tenant.
     pub async fn scope(
         &self,
         state: &AppState,
         requested: Option<&str>,
     ) -> Result<Option<String>, ApiError> {
-        if self.is_operator() && requested.is_none() {
-            return Ok(None);
-        }
-        self.act_in(state, requested).await.map(Some)
+        resolve(state, self.actor().listing(requested)).await
     }
 
-    /// The tenant to act in: `requested` if the caller may (else 404, as if it did not exist),
-    /// or the caller's own.
+    /// The tenant to act in ([`Actor::act_in`]); one the caller may not see is answered 404,
+    /// as if it did not exist.
     pub async fn act_in(
         &self,
         state: &AppState,
         requested: Option<&str>,
     ) -> Result<String, ApiError> {
-        match requested {
-            None => Ok(self.tenant().to_owned()),
-            Some(t) if t == self.tenant() => Ok(t.to_owned()),
-            Some(t) if self.is_operator() => match state.store.get_tenant(t).await? {
-                Some(_) => Ok(t.to_owned()),
-                None => Err(ApiError::not_found("tenant")),
-            },
-            Some(_) => Err(ApiError::not_found("tenant")),
-        }
+        resolve(state, self.actor().act_in(requested))
+            .await?
+            .ok_or_else(|| ApiError::not_found("tenant"))
+    }
+}
+
+fn refused(r: keygate_core::access::Refused) -> ApiError {
+    ApiError::because(r.code, r.message)
+}
+
+/// A target tenant made concrete: `None` for every tenant; an operator's named tenant must
+/// exist.
+async fn resolve(state: &AppState, target: Target<'_>) -> Result<Option<String>, ApiError> {
+    match target {
+        Target::Every => Ok(None),
+        Target::Own(t) => Ok(Some(t.to_owned())),
+        Target::IfExists(t) => match state.store.get_tenant(t).await? {
+            Some(_) => Ok(Some(t.to_owned())),
+            None => Err(ApiError::not_found("tenant")),
+        },
+        Target::Hidden => Err(ApiError::not_found("tenant")),
     }
 }
 

@@ -1,0 +1,205 @@
+//! Who may act on what in the management API: the rules over the calling key's tenant, kind,
+//! user and scopes. Plain data in, a verdict out; the server looks records up and maps a
+//! refusal to its HTTP answer.
+
+use crate::decision::Code;
+use crate::key::Kind;
+use crate::scope::ScopeSet;
+
+/// The operator's tenant: its `sk` key with `*` may act in every tenant.
+pub const OPERATOR_TENANT: &str = "default";
+
+/// The key a management call is made with, as the rules see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Actor<'a> {
+    /// The key's tenant.
+    pub tenant_id: &'a str,
+    /// The key's kind.
+    pub kind: Kind,
+    /// The key's user (`ut` keys).
+    pub user_id: Option<&'a str>,
+    /// The key's rotation family (a key and its successors).
+    pub family_id: &'a str,
+    /// The key's scopes.
+    pub scopes: &'a ScopeSet,
+}
+
+/// Why an actor may not do what it asked: the code and a message safe to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// The refusal's code.
+    pub code: Code,
+    /// What the caller is told.
+    pub message: &'static str,
+}
+
+/// Where a call acts, once the rules allowed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'r> {
+    /// The caller's own tenant.
+    Own(&'r str),
+    /// Another tenant the operator named: it acts there if that tenant exists (else the
+    /// answer is as for a tenant it may not see).
+    IfExists(&'r str),
+    /// Every tenant (the operator listing without naming one).
+    Every,
+    /// A tenant the caller may not see: answered as if it did not exist.
+    Hidden,
+}
+
+impl<'a> Actor<'a> {
+    /// The user a `ut` key acts for: on the key routes it sees and manages only that user's
+    /// keys (a user has a plan, not a tenant's management rights).
+    pub fn own_user(&self) -> Option<&'a str> {
+        match self.kind {
+            Kind::Ut => self.user_id,
+            _ => None,
+        }
+    }
+
+    /// The operator: a `sk` key with `*` in [`OPERATOR_TENANT`]; may act in any tenant.
+    pub fn is_operator(&self) -> bool {
+        self.tenant_id == OPERATOR_TENANT && self.kind == Kind::Sk && self.scopes.has_all()
+    }
+
+    /// Whether the actor's own scopes cover `scopes`: a key may only grant, change, rotate or
+    /// revoke what it could do itself (`*` only if it holds `*`).
+    pub fn covers(&self, scopes: &ScopeSet) -> bool {
+        scopes.is_subset_of(self.scopes)
+    }
+
+    /// [`Actor::covers`] as a refusal.
+    pub fn may_manage(&self, scopes: &ScopeSet) -> Result<(), Refused> {
+        if self.covers(scopes) {
+            Ok(())
+        } else {
+            Err(Refused {
+                code: Code::ForbiddenScope,
+                message: "the calling key cannot grant or manage scopes it does not hold itself",
+            })
+        }
+    }
+
+    /// Whether records of `tenant_id` are visible to the actor.
+    pub fn sees(&self, tenant_id: &str) -> bool {
+        self.is_operator() || tenant_id == self.tenant_id
+    }
+
+    /// Whether a key of `tenant_id` and `user_id` is visible: in a visible tenant and, for a
+    /// `ut` key, one of its own user's.
+    pub fn sees_key(&self, tenant_id: &str, user_id: Option<&str>) -> bool {
+        self.sees(tenant_id) && self.own_user().is_none_or(|u| user_id == Some(u))
+    }
+
+    /// Whether the actor may change, rotate or revoke a key of rotation family `family_id`:
+    /// a user token cannot extend or re-issue itself (a session key must end with its
+    /// session); another key of the user can.
+    pub fn may_change(&self, family_id: &str) -> Result<(), Refused> {
+        if self.own_user().is_some() && self.family_id == family_id {
+            Err(Refused {
+                code: Code::ForbiddenScope,
+                message: "a user token cannot change or rotate itself",
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The tenant to act in: `requested` if the actor may, or its own.
+    pub fn act_in<'r>(&self, requested: Option<&'r str>) -> Target<'r>
+    where
+        'a: 'r,
+    {
+        match requested {
+            None => Target::Own(self.tenant_id),
+            Some(t) if t == self.tenant_id => Target::Own(t),
+            Some(t) if self.is_operator() => Target::IfExists(t),
+            Some(_) => Target::Hidden,
+        }
+    }
+
+    /// The tenant a listing is limited to: every tenant for the operator naming none, else
+    /// [`Actor::act_in`].
+    pub fn listing<'r>(&self, requested: Option<&'r str>) -> Target<'r>
+    where
+        'a: 'r,
+    {
+        if self.is_operator() && requested.is_none() {
+            return Target::Every;
+        }
+        self.act_in(requested)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scopes(s: &[&str]) -> ScopeSet {
+        ScopeSet::parse(s).expect("scopes")
+    }
+
+    fn actor<'a>(tenant: &'a str, kind: Kind, user: Option<&'a str>, s: &'a ScopeSet) -> Actor<'a> {
+        Actor {
+            tenant_id: tenant,
+            kind,
+            user_id: user,
+            family_id: "fam_self",
+            scopes: s,
+        }
+    }
+
+    #[test]
+    fn only_a_star_sk_key_of_the_default_tenant_is_the_operator() {
+        let all = scopes(&["*"]);
+        let some = scopes(&["keys:read"]);
+        assert!(actor("default", Kind::Sk, None, &all).is_operator());
+        assert!(!actor("default", Kind::Sk, None, &some).is_operator());
+        assert!(!actor("default", Kind::Ut, Some("usr_1"), &all).is_operator());
+        assert!(!actor("tnt_a", Kind::Sk, None, &all).is_operator());
+    }
+
+    #[test]
+    fn a_tenant_key_sees_and_acts_only_in_its_own_tenant() {
+        let all = scopes(&["*"]);
+        let a = actor("tnt_a", Kind::Sk, None, &all);
+        assert!(a.sees("tnt_a") && !a.sees("tnt_b"));
+        assert_eq!(a.act_in(None), Target::Own("tnt_a"));
+        assert_eq!(a.act_in(Some("tnt_a")), Target::Own("tnt_a"));
+        assert_eq!(a.act_in(Some("tnt_b")), Target::Hidden);
+        assert_eq!(a.listing(None), Target::Own("tnt_a"));
+        let op = actor("default", Kind::Sk, None, &all);
+        assert_eq!(op.act_in(Some("tnt_b")), Target::IfExists("tnt_b"));
+        assert_eq!(op.listing(None), Target::Every);
+        assert_eq!(op.listing(Some("tnt_b")), Target::IfExists("tnt_b"));
+    }
+
+    #[test]
+    fn a_key_manages_only_scopes_it_holds() {
+        let held = scopes(&["keys:read", "keys:write"]);
+        let a = actor("tnt_a", Kind::Sk, None, &held);
+        assert!(a.may_manage(&scopes(&["keys:read"])).is_ok());
+        let star = a.may_manage(&scopes(&["*"])).expect_err("refused");
+        assert_eq!(star.code, Code::ForbiddenScope);
+        assert!(a.may_manage(&scopes(&["audit:read"])).is_err());
+    }
+
+    #[test]
+    fn a_user_token_sees_only_its_users_keys_and_cannot_change_itself() {
+        let all = scopes(&["*"]);
+        let u = actor("tnt_a", Kind::Ut, Some("usr_1"), &all);
+        assert!(u.sees_key("tnt_a", Some("usr_1")));
+        assert!(!u.sees_key("tnt_a", Some("usr_2")));
+        assert!(!u.sees_key("tnt_a", None));
+        assert!(!u.sees_key("tnt_b", Some("usr_1")));
+        assert!(u.may_change("fam_other").is_ok());
+        assert_eq!(
+            u.may_change("fam_self").expect_err("refused").code,
+            Code::ForbiddenScope
+        );
+        // An sk key may change its own family (rotating itself is how it is replaced).
+        let s = actor("tnt_a", Kind::Sk, None, &all);
+        assert!(s.may_change("fam_self").is_ok());
+        assert!(s.sees_key("tnt_a", Some("usr_2")));
+    }
+}
