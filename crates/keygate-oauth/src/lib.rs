@@ -3,13 +3,15 @@
 //! port, RFC 8252 §7.3), scope strings (RFC 6749 §3.3), the error codes, and JWT access tokens
 //! (RFC 9068) signed with Ed25519.
 //!
+//! The issuance checks (`grant`): the authorization request, the plan's narrowing of its
+//! scope, the code exchange and the refresh with its scope narrowing.
+//!
 //! It must never know HTTP or storage: what it decides it decides over plain data, so it can be
-//! unit- and property-tested without a server. Not every issuance check lives here yet: the
-//! authorization request checks, code exchange and refresh scope narrowing are still in
-//! `keygate-server`'s `routes/oauth.rs`.
+//! unit- and property-tested without a server.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod grant;
 pub mod jwt;
 pub mod pkce;
 pub mod redirect;

@@ -16,7 +16,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keygate_core::RouteClass;
 use keygate_engine::clock::now_ms;
-use keygate_oauth::{ct_eq, pkce, redirect, scope, token_hash, ErrorCode};
+use keygate_oauth::{ct_eq, grant, redirect, scope, token_hash, ErrorCode};
 use keygate_store::{
     AuthCode, CodeUse, OAuthClient, OAuthGrant, RefreshToken, RefreshUse, StoreError, User,
 };
@@ -311,82 +311,48 @@ async fn check_request(
             ));
         }
     };
-    if !client
-        .redirect_uris
-        .iter()
-        .any(|r| redirect::matches(r, redirect_uri))
-    {
-        return Err(error_page(
-            StatusCode::BAD_REQUEST,
-            "The redirect URI is not registered for this client.",
-        ));
-    }
-    let mut req = AuthRequest {
-        client_id: client.id.clone(),
-        redirect_uri: redirect_uri.to_owned(),
-        scope: Vec::new(),
-        state: p.0.get("state").cloned(),
-        challenge: String::new(),
-        csrf: keygate_engine::ids::random_base62(32),
-    };
-    let fail = |req: &AuthRequest, code, why: &str| Err(redirect_error(state, req, code, why));
-    if req.state.as_ref().is_some_and(|s| s.len() > 2048) {
-        req.state = None;
-        return fail(
-            &req,
-            ErrorCode::InvalidRequest,
-            "state is longer than 2048 characters",
-        );
-    }
-    match p.get("response_type") {
-        None => return fail(&req, ErrorCode::InvalidRequest, "response_type is required"),
-        Some("code") => {}
-        Some(_) => {
-            return fail(
-                &req,
-                ErrorCode::UnsupportedResponseType,
-                "only response_type=code is supported",
-            )
+    let checked = grant::check_authorize(
+        grant::Registered {
+            redirect_uris: &client.redirect_uris,
+            scopes: &client.scopes,
+        },
+        grant::AuthorizeParams {
+            redirect_uri,
+            response_type: p.get("response_type"),
+            // Sent back as given, even empty.
+            state: p.0.get("state").map(String::as_str),
+            code_challenge: p.get("code_challenge"),
+            code_challenge_method: p.get("code_challenge_method"),
+            scope: p.get("scope"),
+        },
+    );
+    let csrf = keygate_engine::ids::random_base62(32);
+    let req = match checked {
+        Ok(a) => AuthRequest {
+            client_id: client.id.clone(),
+            redirect_uri: a.redirect_uri,
+            scope: a.scope,
+            state: a.state,
+            challenge: a.challenge,
+            csrf,
+        },
+        Err(grant::Rejected::Page(why)) => return Err(error_page(StatusCode::BAD_REQUEST, why)),
+        Err(grant::Rejected::Redirect {
+            error,
+            why,
+            redirect_uri,
+            state: st,
+        }) => {
+            let req = AuthRequest {
+                client_id: client.id.clone(),
+                redirect_uri,
+                scope: Vec::new(),
+                state: st,
+                challenge: String::new(),
+                csrf,
+            };
+            return Err(redirect_error(state, &req, error, why));
         }
-    }
-    match (p.get("code_challenge"), p.get("code_challenge_method")) {
-        (None, _) => {
-            return fail(
-                &req,
-                ErrorCode::InvalidRequest,
-                "code_challenge is required (PKCE with S256)",
-            )
-        }
-        (Some(_), m) if m != Some("S256") => {
-            return fail(
-                &req,
-                ErrorCode::InvalidRequest,
-                "code_challenge_method must be S256 (plain is not accepted)",
-            )
-        }
-        (Some(c), _) if !pkce::valid_challenge(c) => {
-            return fail(
-                &req,
-                ErrorCode::InvalidRequest,
-                "code_challenge must be a base64url SHA-256 (43 characters)",
-            )
-        }
-        (Some(c), _) => req.challenge = c.to_owned(),
-    }
-    let Some(asked) = scope::parse(p.get("scope").unwrap_or("")) else {
-        return fail(&req, ErrorCode::InvalidScope, "scope is malformed");
-    };
-    if asked.iter().any(|s| !client.scopes.contains(s)) {
-        return fail(
-            &req,
-            ErrorCode::InvalidScope,
-            "scope asks for more than this client may have",
-        );
-    }
-    req.scope = if asked.is_empty() {
-        client.scopes.clone()
-    } else {
-        asked
     };
     Ok((client, req))
 }
@@ -456,16 +422,16 @@ async fn proceed(
     user: &User,
     set_session: Option<HeaderValue>,
 ) -> Response {
-    if let Some(allowed) = &state.plan(&user.plan).scopes {
-        req.scope.retain(|s| allowed.contains(s));
-    }
-    if req.scope.is_empty() {
-        return redirect_error(
-            state,
-            &req,
-            ErrorCode::InvalidScope,
-            "the user's plan allows none of the requested scopes",
-        );
+    match grant::narrow_to_plan(&req.scope, state.plan(&user.plan).scopes.as_deref()) {
+        Some(s) => req.scope = s,
+        None => {
+            return redirect_error(
+                state,
+                &req,
+                ErrorCode::InvalidScope,
+                "the user's plan allows none of the requested scopes",
+            )
+        }
     }
     let joined = scope::join(&req.scope);
     let mut res = match state.store.has_consent(&user.id, &client.id, &joined).await {
@@ -901,26 +867,18 @@ async fn exchange_code(
     let Some(code) = state.store.get_code(&presented).await? else {
         return Err(OAuthError::grant("the code is not valid"));
     };
-    if code.client_id != client.id {
-        return Err(OAuthError::grant("the code was issued to another client"));
-    }
-    if code.redirect_uri != redirect_uri {
-        return Err(OAuthError::grant(
-            "redirect_uri differs from the authorization request",
-        ));
-    }
-    if !pkce::verify_s256(verifier, &code.challenge) {
-        return Err(OAuthError::grant(
-            "code_verifier does not match the code_challenge",
-        ));
-    }
-    // Presented again with everything the first exchange needed: revoke what it issued. A
-    // used code alone (from a log or a browser history) revokes nothing.
-    if code.used_at_ms.is_some() {
-        return Err(code_reused(state, &code).await?);
-    }
-    if code.expires_at_ms <= now {
-        return Err(OAuthError::grant("the code has expired"));
+    let issued = grant::IssuedCode {
+        client_id: &code.client_id,
+        redirect_uri: &code.redirect_uri,
+        challenge: &code.challenge,
+        used: code.used_at_ms.is_some(),
+        expires_at_ms: code.expires_at_ms,
+    };
+    match grant::check_exchange(issued, &client.id, redirect_uri, verifier, now) {
+        Ok(()) => {}
+        Err(grant::CodeRefused::Invalid(why)) => return Err(OAuthError::grant(why)),
+        // Presented again with everything the first exchange needed: revoke what it issued.
+        Err(grant::CodeRefused::Replayed) => return Err(code_reused(state, &code).await?),
     }
     let refresh_ttl =
         i64::try_from(state.config.oauth.refresh_token_ttl_seconds).unwrap_or(i64::MAX / 2000);
@@ -970,7 +928,7 @@ async fn refresh(
     p: &Params,
 ) -> Result<TokenResponse, OAuthError> {
     let presented = token_hash(p.require("refresh_token")?);
-    let invalid = || OAuthError::grant("the refresh token is not valid");
+    let invalid = || OAuthError::grant(grant::INVALID_REFRESH);
     // Checked before it is consumed, so another client cannot burn this client's token.
     let Some(rt) = state.store.get_refresh(&presented).await? else {
         return Err(invalid());
@@ -978,33 +936,15 @@ async fn refresh(
     let Some(grant) = state.store.get_grant(&rt.grant_id).await? else {
         return Err(invalid());
     };
-    if grant.client_id != client.id {
-        return Err(invalid());
-    }
     let now = now_ms();
-    if grant.revoked_at_ms.is_some() {
-        return Err(OAuthError::grant("the grant was revoked"));
-    }
-    if grant.expires_at_ms <= now {
-        return Err(OAuthError::grant("the refresh token has expired"));
-    }
-    let scope = match p.get("scope") {
-        None => grant.scope.clone(),
-        Some(s) => {
-            let held = scope::parse(&grant.scope).unwrap_or_default();
-            match scope::parse(s) {
-                Some(asked) if !asked.is_empty() && asked.iter().all(|a| held.contains(a)) => {
-                    scope::join(&asked)
-                }
-                _ => {
-                    return Err(OAuthError::new(
-                        ErrorCode::InvalidScope,
-                        "scope must be a subset of the grant's scope",
-                    ))
-                }
-            }
-        }
+    let facts = grant::GrantFacts {
+        client_id: &grant.client_id,
+        scope: &grant.scope,
+        revoked: grant.revoked_at_ms.is_some(),
+        expires_at_ms: grant.expires_at_ms,
     };
+    let scope = grant::check_refresh(facts, &client.id, p.get("scope"), now)
+        .map_err(|(code, why)| OAuthError::new(code, why))?;
     let (refresh_token, successor) = new_refresh(state, &grant.id, now);
     match state.store.use_refresh(&presented, &successor, now).await? {
         RefreshUse::Fresh(_) => {}
