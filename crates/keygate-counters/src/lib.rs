@@ -45,12 +45,17 @@ struct LeaseState {
     store_remaining: u64,
     /// The last withdrawal came back short: don't ask the store again until told of a change.
     store_empty: bool,
+    /// `store_remaining` was read from the store (by a withdrawal) and no release since made
+    /// it stale: until then what is left is not known here, and a free call asks.
+    known: bool,
 }
 
 impl Lease {
+    /// Takes `cost` from what this node holds and returns what is left (here and in the
+    /// store); `None` when it holds too little, or when what is left is not known.
     fn try_take(&self, cost: u64) -> Option<u64> {
         let mut s = lock(&self.local);
-        if s.local >= cost {
+        if s.known && s.local >= cost {
             s.local -= cost;
             Some(s.local.saturating_add(s.store_remaining))
         } else {
@@ -170,12 +175,16 @@ impl Counters {
         }
         let cost = charge.cost;
         if cost == 0 {
+            let s = h.budget.snapshot();
+            if charge.budget.is_some() && !s.known {
+                // What is left is shown, so it is read once (a withdrawal of nothing).
+                return Box::pin(self.meter_slow(h, family_id, tenant_id, charge, rate)).await;
+            }
             return Ok(Metered {
                 rate,
-                budget_remaining: charge.budget.map(|_| {
-                    let s = h.budget.snapshot();
-                    s.local.saturating_add(s.store_remaining)
-                }),
+                budget_remaining: charge
+                    .budget
+                    .map(|_| s.local.saturating_add(s.store_remaining)),
                 credits_remaining: None,
             });
         }
@@ -226,7 +235,12 @@ impl Counters {
         let mut budget_lease = None;
         if let Some(cap) = charge.budget {
             let lease = &h.budget;
-            let want = cost.max((cap / 50).min(MAX_LEASE));
+            // A free call only reads what is left (a withdrawal of nothing).
+            let want = if cost == 0 {
+                0
+            } else {
+                cost.max((cap / 50).min(MAX_LEASE))
+            };
             let store = self.store.clone();
             let fam = family_id.to_owned();
             let got = take(lease, cost, want, move |w| {
@@ -248,7 +262,8 @@ impl Counters {
         }
         let mut credits_remaining = None;
         let lease = &h.pool;
-        if !lease.unlimited.load(Ordering::Relaxed) {
+        // A free call draws nothing from the pool (and shows no pool figure).
+        if cost > 0 && !lease.unlimited.load(Ordering::Relaxed) {
             let hint = lease.snapshot().store_remaining;
             let want = cost.max((hint / 50).min(MAX_LEASE));
             let store = self.store.clone();
@@ -410,10 +425,6 @@ where
     F: Fn(u64) -> Fut,
     Fut: std::future::Future<Output = Result<Option<(u64, u64)>, StoreError>>,
 {
-    if cost == 0 {
-        let s = lease.snapshot();
-        return Ok(Taken::Yes(s.local.saturating_add(s.store_remaining)));
-    }
     if let Some(rem) = lease.try_take(cost) {
         return Ok(Taken::Yes(rem));
     }
@@ -432,6 +443,7 @@ where
     s.local += granted;
     s.store_remaining = remaining;
     s.store_empty = granted < want && remaining == 0;
+    s.known = true;
     if s.local >= cost {
         s.local -= cost;
         Ok(Taken::Yes(s.local.saturating_add(s.store_remaining)))
@@ -451,6 +463,9 @@ where
         let n = s.local;
         s.local = 0;
         s.store_empty = false;
+        // What the store has left changes with the release (and with whatever change the
+        // release comes before): read it again when it is next shown.
+        s.known = false;
         n
     };
     if n > 0 {

@@ -33,18 +33,20 @@ const MAX_BATCH: usize = 128;
 /// Batches in flight at once per node (each is one Redis round trip).
 const MAX_INFLIGHT: usize = 4;
 
-/// Meters a batch of decisions of one tenant in one call, in order. `KEYS` holds three keys per
-/// decision (rate window, family budget, tenant pool); `ARGV` six numbers per decision (now,
-/// limit, window ms, cost, has budget, pool unlimited). Returns six numbers per decision:
-/// outcome (0 allowed, 1 rate limited, 2 budget lease empty, 3 pool lease empty), the window
-/// (start, previous, current) before this decision, and the budget and pool leases after it.
+/// Meters a batch of decisions of one tenant in one call, in order. `KEYS` holds five keys per
+/// decision (rate window, family budget lease, tenant pool lease, and what the store had left
+/// of each at the last lease: see [`SharedCounters::deposit`]); `ARGV` six numbers per decision
+/// (now, limit, window ms, cost, has budget, pool unlimited). Returns eight numbers per
+/// decision: outcome (0 allowed, 1 rate limited, 2 budget lease empty, 3 pool lease empty), the
+/// window (start, previous, current) before this decision, the budget and pool leases after it,
+/// and the store's remainders (-1 when not known).
 ///
 /// Each key is read once per batch and written once at the end (a `redis.call` costs more
 /// than the arithmetic around it), so a batch of many decisions of one key costs about what
 /// one decision does. A window's expiry is set when it rolls over: it lives two windows from
 /// its start, as long as it can matter.
 const METER: &str = r#"
-local out, win, left, spent = {}, {}, {}, {}
+local out, win, left, spent, rest = {}, {}, {}, {}, {}
 local function lease(k)
   local v = left[k]
   if v == nil then
@@ -53,9 +55,18 @@ local function lease(k)
   end
   return v
 end
+local function remainder(k)
+  local v = rest[k]
+  if v == nil then
+    v = tonumber(redis.call('GET', k) or '-1')
+    rest[k] = v
+  end
+  return v
+end
 local n = #ARGV / 6
 for i = 0, n - 1 do
-  local kw, kb, kp = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
+  local kw, kb, kp = KEYS[5 * i + 1], KEYS[5 * i + 2], KEYS[5 * i + 3]
+  local kbs, kps = KEYS[5 * i + 4], KEYS[5 * i + 5]
   local now = tonumber(ARGV[6 * i + 1])
   local limit = tonumber(ARGV[6 * i + 2])
   local w = tonumber(ARGV[6 * i + 3])
@@ -97,8 +108,13 @@ for i = 0, n - 1 do
     end
   end
   if r == 0 and st ~= nil then st.c, st.dirty = st.c + 1, true end
-  local o = 6 * i
-  out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5], out[o + 6] = r, s, p, c, b, q
+  -- What an allowed call shows: the lease as it now stands, and the store's remainder.
+  local hb, hq = -1, -1
+  if r == 0 and has_budget then b, hb = lease(kb), remainder(kbs) end
+  if r == 0 and cost > 0 and not pool_unlimited then hq = remainder(kps) end
+  local o = 8 * i
+  out[o + 1], out[o + 2], out[o + 3], out[o + 4] = r, s, p, c
+  out[o + 5], out[o + 6], out[o + 7], out[o + 8] = b, q, hb, hq
 end
 for k, st in pairs(win) do
   if st.dirty then
@@ -115,9 +131,9 @@ return out
 /// One decision waiting for its batch.
 struct Job {
     tenant_id: String,
-    keys: [String; 3],
+    keys: [String; 5],
     args: [i64; 6],
-    reply: oneshot::Sender<Result<[i64; 6], String>>,
+    reply: oneshot::Sender<Result<[i64; 8], String>>,
 }
 
 /// Counters in Redis, with the store behind them for money.
@@ -176,12 +192,16 @@ impl SharedCounters {
         })
     }
 
-    fn keys(&self, family_id: &str, tenant_id: &str) -> [String; 3] {
+    /// The rate window, budget lease and pool lease of a family, then what the store had left
+    /// of the budget and of the pool at the last lease.
+    fn keys(&self, family_id: &str, tenant_id: &str) -> [String; 5] {
         let p = &self.prefix;
         [
             format!("{p}:{{{tenant_id}}}:w:{family_id}"),
             format!("{p}:{{{tenant_id}}}:b:{family_id}"),
             format!("{p}:{{{tenant_id}}}:p"),
+            format!("{p}:{{{tenant_id}}}:bs:{family_id}"),
+            format!("{p}:{{{tenant_id}}}:ps"),
         ]
     }
 
@@ -219,7 +239,8 @@ impl SharedCounters {
         charge: &Charge,
         now_ms: i64,
     ) -> Result<Option<Metered>, Refused> {
-        let [wk, bk, pk] = self.keys(family_id, tenant_id);
+        let keys = self.keys(family_id, tenant_id);
+        let [_, bk, pk, bsk, psk] = &keys;
         let (limit, window_ms) = charge.rate_limit.map_or((0, 1000), |r| {
             (i64::from(r.limit), i64::from(r.window_seconds) * 1000)
         });
@@ -234,7 +255,7 @@ impl SharedCounters {
             let (reply, rx) = oneshot::channel();
             let job = Job {
                 tenant_id: tenant_id.to_owned(),
-                keys: [wk.clone(), bk.clone(), pk.clone()],
+                keys: keys.clone(),
                 args: [
                     now_ms,
                     limit,
@@ -268,15 +289,20 @@ impl SharedCounters {
                 .map(|rl| decision(rl, v[1], v[2], v[3], now_ms));
             match v[0] {
                 0 => {
+                    let budget_remaining = match charge.budget {
+                        None => None,
+                        Some(_) => Some(self.shown(v[4], v[6], bsk, family_id, true).await),
+                    };
+                    let credits_remaining = if self.pool_unlimited(tenant_id) || charge.cost == 0 {
+                        None
+                    } else {
+                        Some(self.shown(v[5], v[7], psk, tenant_id, false).await)
+                    };
                     return Ok(Some(Metered {
                         rate,
-                        budget_remaining: charge.budget.map(|_| u64::try_from(v[4]).unwrap_or(0)),
-                        credits_remaining: if self.pool_unlimited(tenant_id) || charge.cost == 0 {
-                            None
-                        } else {
-                            Some(u64::try_from(v[5]).unwrap_or(0))
-                        },
-                    }))
+                        budget_remaining,
+                        credits_remaining,
+                    }));
                 }
                 1 => {
                     return Err(Refused {
@@ -287,9 +313,9 @@ impl SharedCounters {
                 2 => {
                     // One refill per family at a time on this node: concurrent requests wait
                     // for it instead of each moving a lease (which a Redis failure would lose).
-                    let lock = self.refill_lock(&bk);
+                    let lock = self.refill_lock(bk);
                     let _refill = lock.lock().await;
-                    if self.get_u64(&bk).await >= charge.cost {
+                    if self.get_u64(bk).await >= charge.cost {
                         continue;
                     }
                     let cap = charge.budget.unwrap_or(0);
@@ -308,14 +334,14 @@ impl SharedCounters {
                             rate,
                         });
                     }
-                    self.deposit(&bk, g.granted, family_id, true)
+                    self.deposit(bk, bsk, g, family_id, true)
                         .await
                         .map_err(|code| Refused { code, rate })?;
                 }
                 _ => {
-                    let lock = self.refill_lock(&pk);
+                    let lock = self.refill_lock(pk);
                     let _refill = lock.lock().await;
-                    if self.get_u64(&pk).await >= charge.cost {
+                    if self.get_u64(pk).await >= charge.cost {
                         continue;
                     }
                     let want = charge.cost.max(MAX_LEASE / 10);
@@ -339,7 +365,7 @@ impl SharedCounters {
                             })
                         }
                         Ok(Withdrawal::Granted(g)) => {
-                            self.deposit(&pk, g.granted, tenant_id, false)
+                            self.deposit(pk, psk, g, tenant_id, false)
                                 .await
                                 .map_err(|code| Refused { code, rate })?;
                         }
@@ -353,12 +379,67 @@ impl SharedCounters {
         })
     }
 
-    /// Puts credits withdrawn from the store into Redis; if Redis fails, gives them back.
-    async fn deposit(&self, key: &str, amount: u64, owner: &str, budget: bool) -> Result<(), Code> {
+    /// What a call shows as left: the Redis lease plus what the store had left at the last
+    /// lease (`remainder`, -1 when Redis does not know it: then it is read from the store, by
+    /// a withdrawal of nothing, and kept for the next call).
+    async fn shown(&self, lease: i64, remainder: i64, key: &str, owner: &str, budget: bool) -> u64 {
+        let lease = u64::try_from(lease).unwrap_or(0);
+        if let Ok(r) = u64::try_from(remainder) {
+            return lease.saturating_add(r);
+        }
+        let read = if budget {
+            self.store
+                .withdraw_budget(owner, 0)
+                .await
+                .map(|g| Some(g.remaining))
+        } else {
+            self.store
+                .withdraw_credits(owner, 0)
+                .await
+                .map(|w| match w {
+                    Withdrawal::Granted(g) => Some(g.remaining),
+                    Withdrawal::Unlimited => None,
+                })
+        };
+        match read {
+            Ok(Some(r)) => {
+                // Only if no lease wrote a fresher one meanwhile.
+                let mut con = self.redis.clone();
+                let _: Result<(), _> = redis::cmd("SET")
+                    .arg(key)
+                    .arg(r)
+                    .arg("NX")
+                    .query_async(&mut con)
+                    .await;
+                lease.saturating_add(r)
+            }
+            // A figure only: what the lease holds is still true.
+            Ok(None) | Err(_) => lease,
+        }
+    }
+
+    /// Puts credits withdrawn from the store into Redis, with what the store has left beside
+    /// them (`remainder_key`: what calls show is the lease plus that); if Redis fails, the
+    /// credits are written off.
+    async fn deposit(
+        &self,
+        key: &str,
+        remainder_key: &str,
+        g: keygate_store::Grant,
+        owner: &str,
+        budget: bool,
+    ) -> Result<(), Code> {
+        let amount = g.granted;
         let mut con = self.redis.clone();
-        let r: Result<i64, _> = redis::cmd("INCRBY")
+        let r: Result<(i64,), _> = redis::pipe()
+            .atomic()
+            .cmd("INCRBY")
             .arg(key)
             .arg(amount)
+            .cmd("SET")
+            .arg(remainder_key)
+            .arg(g.remaining)
+            .ignore()
             .query_async(&mut con)
             .await;
         if let Err(e) = r {
@@ -378,7 +459,7 @@ impl SharedCounters {
         if cost == 0 {
             return;
         }
-        let [_, bk, pk] = self.keys(family_id, tenant_id);
+        let [_, bk, pk, _, _] = self.keys(family_id, tenant_id);
         let mut con = self.redis.clone();
         let mut pipe = redis::pipe();
         if metered.budget_remaining.is_some() {
@@ -399,10 +480,17 @@ impl SharedCounters {
         family_id: &str,
         tenant_id: &str,
     ) -> Result<(), SharedError> {
-        let [_, bk, _] = self.keys(family_id, tenant_id);
+        let [_, bk, _, bsk, _] = self.keys(family_id, tenant_id);
         let mut con = self.redis.clone();
-        let left: Option<i64> = redis::cmd("GETDEL")
+        // The store's remainder changes with the release (and the change after it): it is
+        // read again when next shown.
+        let (left,): (Option<i64>,) = redis::pipe()
+            .atomic()
+            .cmd("GETDEL")
             .arg(&bk)
+            .cmd("DEL")
+            .arg(&bsk)
+            .ignore()
             .query_async(&mut con)
             .await
             .map_err(|e| SharedError(e.to_string()))?;
@@ -417,13 +505,13 @@ impl SharedCounters {
 
     /// Credits of a family's budget leased into Redis and not yet spent.
     pub async fn budget_leased(&self, family_id: &str, tenant_id: &str) -> u64 {
-        let [_, bk, _] = self.keys(family_id, tenant_id);
+        let [_, bk, _, _, _] = self.keys(family_id, tenant_id);
         self.get_u64(&bk).await
     }
 
     /// Credits of a tenant's pool leased into Redis and not yet spent.
     pub async fn credits_leased(&self, tenant_id: &str) -> u64 {
-        let [_, _, pk] = self.keys("-", tenant_id);
+        let [_, _, pk, _, _] = self.keys("-", tenant_id);
         self.get_u64(&pk).await
     }
 
@@ -483,7 +571,8 @@ async fn run_batcher(redis: ConnectionManager, mut rx: mpsc::Receiver<Job>) {
     }
 }
 
-/// One script call for `jobs` (all of one tenant); every job gets its six numbers or the error.
+/// One script call for `jobs` (all of one tenant); every job gets its eight numbers or the
+/// error.
 async fn run_batch(redis: &ConnectionManager, script: &redis::Script, jobs: Vec<Job>) {
     let mut inv = script.prepare_invoke();
     for j in &jobs {
@@ -497,11 +586,11 @@ async fn run_batch(redis: &ConnectionManager, script: &redis::Script, jobs: Vec<
     let mut con = redis.clone();
     let reply: Result<Vec<i64>, _> = inv.invoke_async(&mut con).await;
     match reply {
-        Ok(v) if v.len() == 6 * jobs.len() => {
-            for (j, r) in jobs.into_iter().zip(v.chunks_exact(6)) {
-                let mut six = [0; 6];
-                six.copy_from_slice(r);
-                let _ = j.reply.send(Ok(six));
+        Ok(v) if v.len() == 8 * jobs.len() => {
+            for (j, r) in jobs.into_iter().zip(v.chunks_exact(8)) {
+                let mut eight = [0; 8];
+                eight.copy_from_slice(r);
+                let _ = j.reply.send(Ok(eight));
             }
         }
         other => {

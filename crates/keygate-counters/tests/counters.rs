@@ -517,9 +517,6 @@ async fn a_free_call_reports_the_budget_left_and_charges_nothing() {
 }
 
 #[tokio::test]
-#[ignore = "bug: a free call (cost 0, e.g. verify with \"cost\": 0) on a node that has not leased \
-            from the budget yet reports budget_remaining Some(0) for an untouched budget of 10 \
-            (lib.rs meter_with: local + store_remaining, both still 0)"]
 async fn a_free_call_on_a_fresh_node_reports_the_whole_budget_left() {
     let db = Db::open().await;
     db.tenant("t", None).await;
@@ -532,10 +529,6 @@ async fn a_free_call_on_a_fresh_node_reports_the_whole_budget_left() {
 }
 
 #[tokio::test]
-#[ignore = "bug: after release_budget (a budget PATCH) the node shows the store's remainder as \
-            of its last withdrawal, not as it is: a free call after raising a budget from 10 \
-            to 20 with 1 spent shows 9, not 19 (same stale figure after a refund that follows \
-            a release or flush; the decisions stay right)"]
 async fn a_free_call_after_a_budget_change_reports_the_new_budget_left() {
     let db = Db::open().await;
     db.tenant("t", None).await;
