@@ -6,6 +6,9 @@
 #   KEYGATE_BIN=/path/to/an/older/keygate bash bench/audit-ab.sh   # another build, not rebuilt
 #   BASE_BIN=/path/to/an/older/keygate bash bench/audit-ab.sh      # also: this build / that one,
 #                                                                  # both with the audit log on
+#   SHARED=1 BASE_BIN=… bash bench/audit-ab.sh    # only this build / that one, both on the shared
+#                                                 # PostgreSQL + Redis (a schema and a Redis
+#                                                 # prefix each)
 #   GATEWAY=1 BASE_BIN=… bash bench/audit-ab.sh   # only this build / that one on a gateway route
 #                                                 # to one upstream (no other pairs in between:
 #                                                 # a server loaded more often ships a longer
@@ -86,7 +89,24 @@ if [ "$GATEWAY" = 1 ]; then
   taskset -c 1 "$UPSTREAM_BIN" "127.0.0.1:$UP" 2>/dev/null &
   ROUTES=(KEYGATE_ROUTES="[{path=\"/api/*\", upstream=\"http://127.0.0.1:$UP\", scope=\"ocr:read\", cost=1}]")
 fi
-if [ "$GATEWAY" = 1 ]; then
+SHARED=${SHARED:-0}
+if [ "$SHARED" = 1 ] && [ -z "${BASE_BIN:-}" ]; then echo "SHARED=1 needs BASE_BIN" >&2; exit 1; fi
+if [ "$SHARED" = 1 ]; then
+  for n in on base; do
+    psql -q -h 127.0.0.1 -U postgres test -c "CREATE SCHEMA kgab_${n}_$$" >/dev/null
+  done
+  trap 'cleanup; for n in on base; do psql -q -h 127.0.0.1 -U postgres test -c "DROP SCHEMA IF EXISTS kgab_${n}_$$ CASCADE" >/dev/null 2>&1; done' EXIT
+  shared_env() {
+    echo "KEYGATE_DATABASE_URL=postgres://postgres@127.0.0.1:5432/test?options=-c%20search_path%3Dkgab_$1_$$"
+    echo "KEYGATE_REDIS_URL=redis://127.0.0.1:6379"
+    echo "KEYGATE_REDIS_PREFIX=kgab$1$$"
+  }
+  mapfile -t ENV_ON < <(shared_env on)
+  mapfile -t ENV_BASE < <(shared_env base)
+  start on "${ENV_ON[@]}"
+  SERVER_BIN=$BASE_BIN start base "${ENV_BASE[@]}"
+  names="on base"
+elif [ "$GATEWAY" = 1 ]; then
   start on "${ROUTES[@]}"
   names="on"
 else
@@ -95,7 +115,7 @@ else
   start deferred KEYGATE_AUDIT__SHIP_INTERVAL_MS=600000
   names="off on deferred"
 fi
-if [ -n "${BASE_BIN:-}" ]; then
+if [ -n "${BASE_BIN:-}" ] && [ "$SHARED" != 1 ]; then
   SERVER_BIN=$BASE_BIN start base "${ROUTES[@]}"
   names="$names base"
 fi
@@ -106,6 +126,10 @@ done
 for _ in $(seq "$ROUNDS"); do
   if [ "$GATEWAY" = 1 ]; then
     echo "gateway $(pair base on /api/x)" >>"$OUT/audit-ab-rounds.txt"
+    continue
+  fi
+  if [ "$SHARED" = 1 ]; then
+    echo "shared $(pair base on)" >>"$OUT/audit-ab-rounds.txt"
     continue
   fi
   echo "on $(pair off on)" >>"$OUT/audit-ab-rounds.txt"
@@ -120,6 +144,11 @@ def ratios(kind):
 on, hot = ratios("on"), ratios("deferred")
 fmt = lambda rs: ", ".join(f"{r:.2f}" for r in rs)
 f3 = lambda rs: ", ".join(f"{r:.3f}" for r in rs)
+sh = ratios("shared")
+if sh:
+    print(f"shared mode (PostgreSQL + Redis), this build / BASE_BIN, both with audit on (median of "
+          f"{len(sh)} rounds): **{statistics.median(sh):.3f}** (rounds: {f3(sh)})")
+    sys.exit(0)
 gw = ratios("gateway")
 if gw:
     print(f"gateway route to one upstream, this build / BASE_BIN, both with audit on (median of "

@@ -4,6 +4,7 @@
 #
 #   bash bench/forward-auth.sh            # 5 rounds of 10 s per server, interleaved
 #   ROUNDS=5 DURATION=30s CONNECTIONS=64 bash bench/forward-auth.sh
+#   KEYGATE_BIN=/path/to/another/keygate bash bench/forward-auth.sh   # that build, not rebuilt
 #
 # The two servers are measured alternately (baseline, keygate, baseline, …) and the median of
 # the per-round ratios is reported, because a shared 2-core VM drifts by ±10 % between runs.
@@ -21,9 +22,10 @@ SHARED=${SHARED:-0}
 AUDIT=${AUDIT:-0}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/keygate-target}
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 1; }
-cargo build --release -q -p keygate
+[ -n "${KEYGATE_BIN:-}" ] || cargo build --release -q -p keygate
 cargo build --release -q -p keygate-server --example baseline
 BIN=$CARGO_TARGET_DIR/release
+KG=${KEYGATE_BIN:-$BIN/keygate}
 OUT=bench/out; mkdir -p "$OUT"
 WORK=$(mktemp -d)
 cleanup() { kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"; }
@@ -37,7 +39,7 @@ wait_http() { for _ in $(seq 100); do curl -fs -o /dev/null "$1" && return 0; sl
 start_keygate() {
   local name=$1 port=$2; shift 2
   env KEYGATE_LISTEN="127.0.0.1:$port" KEYGATE_LOG__LEVEL=warn KEYGATE_AUDIT__DIR="$WORK/$name.audit" KEYGATE_PROXY__TRUSTED="[\"127.0.0.1/32\"]" "$@" \
-    taskset -c 0 "$BIN/keygate" serve >"$WORK/$name.root" 2>"$WORK/$name.log" &
+    taskset -c 0 "$KG" serve >"$WORK/$name.root" 2>"$WORK/$name.log" &
   wait_http "http://127.0.0.1:$port/v1/status"
 }
 # A publishable key with every check switched on: origin list, scopes, IP allow-list, a rate
