@@ -20,10 +20,13 @@ use crate::{Metered, Refused};
 use keygate_core::{Charge, Code, RateLimit, WindowState};
 use keygate_store::{Store, Withdrawal};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// How long a node shows the store's remainder it learnt before reading it again.
+const REMAINDER_TTL: Duration = Duration::from_secs(1);
 
 /// Largest lease moved from the store into Redis at once.
 const MAX_LEASE: u64 = 1_000;
@@ -33,20 +36,18 @@ const MAX_BATCH: usize = 128;
 /// Batches in flight at once per node (each is one Redis round trip).
 const MAX_INFLIGHT: usize = 4;
 
-/// Meters a batch of decisions of one tenant in one call, in order. `KEYS` holds five keys per
-/// decision (rate window, family budget lease, tenant pool lease, and what the store had left
-/// of each at the last lease: see [`SharedCounters::deposit`]); `ARGV` six numbers per decision
-/// (now, limit, window ms, cost, has budget, pool unlimited). Returns eight numbers per
-/// decision: outcome (0 allowed, 1 rate limited, 2 budget lease empty, 3 pool lease empty), the
-/// window (start, previous, current) before this decision, the budget and pool leases after it,
-/// and the store's remainders (-1 when not known).
+/// Meters a batch of decisions of one tenant in one call, in order. `KEYS` holds three keys per
+/// decision (rate window, family budget, tenant pool); `ARGV` six numbers per decision (now,
+/// limit, window ms, cost, has budget, pool unlimited). Returns six numbers per decision:
+/// outcome (0 allowed, 1 rate limited, 2 budget lease empty, 3 pool lease empty), the window
+/// (start, previous, current) before this decision, and the budget and pool leases after it.
 ///
 /// Each key is read once per batch and written once at the end (a `redis.call` costs more
 /// than the arithmetic around it), so a batch of many decisions of one key costs about what
 /// one decision does. A window's expiry is set when it rolls over: it lives two windows from
 /// its start, as long as it can matter.
 const METER: &str = r#"
-local out, win, left, spent, rest = {}, {}, {}, {}, {}
+local out, win, left, spent = {}, {}, {}, {}
 local function lease(k)
   local v = left[k]
   if v == nil then
@@ -55,18 +56,9 @@ local function lease(k)
   end
   return v
 end
-local function remainder(k)
-  local v = rest[k]
-  if v == nil then
-    v = tonumber(redis.call('GET', k) or '-1')
-    rest[k] = v
-  end
-  return v
-end
 local n = #ARGV / 6
 for i = 0, n - 1 do
-  local kw, kb, kp = KEYS[5 * i + 1], KEYS[5 * i + 2], KEYS[5 * i + 3]
-  local kbs, kps = KEYS[5 * i + 4], KEYS[5 * i + 5]
+  local kw, kb, kp = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
   local now = tonumber(ARGV[6 * i + 1])
   local limit = tonumber(ARGV[6 * i + 2])
   local w = tonumber(ARGV[6 * i + 3])
@@ -108,13 +100,10 @@ for i = 0, n - 1 do
     end
   end
   if r == 0 and st ~= nil then st.c, st.dirty = st.c + 1, true end
-  -- What an allowed call shows: the lease as it now stands, and the store's remainder.
-  local hb, hq = -1, -1
-  if r == 0 and has_budget then b, hb = lease(kb), remainder(kbs) end
-  if r == 0 and cost > 0 and not pool_unlimited then hq = remainder(kps) end
-  local o = 8 * i
-  out[o + 1], out[o + 2], out[o + 3], out[o + 4] = r, s, p, c
-  out[o + 5], out[o + 6], out[o + 7], out[o + 8] = b, q, hb, hq
+  -- A free call shows the budget lease too.
+  if r == 0 and has_budget and cost == 0 then b = lease(kb) end
+  local o = 6 * i
+  out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5], out[o + 6] = r, s, p, c, b, q
 end
 for k, st in pairs(win) do
   if st.dirty then
@@ -131,9 +120,9 @@ return out
 /// One decision waiting for its batch.
 struct Job {
     tenant_id: String,
-    keys: [String; 5],
+    keys: [String; 3],
     args: [i64; 6],
-    reply: oneshot::Sender<Result<[i64; 8], String>>,
+    reply: oneshot::Sender<Result<[i64; 6], String>>,
 }
 
 /// Counters in Redis, with the store behind them for money.
@@ -143,6 +132,9 @@ pub struct SharedCounters {
     prefix: String,
     jobs: mpsc::Sender<Job>,
     unlimited: RwLock<HashSet<String>>,
+    /// What the store had left of a budget or pool at its last lease, by lease key, and when
+    /// this node learnt it: kept for a second (see [`SharedCounters::shown`]).
+    remainders: RwLock<HashMap<String, (u64, Instant)>>,
     refills: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -188,21 +180,28 @@ impl SharedCounters {
             prefix: prefix.to_owned(),
             jobs,
             unlimited: RwLock::default(),
+            remainders: RwLock::default(),
             refills: std::sync::Mutex::default(),
         })
     }
 
-    /// The rate window, budget lease and pool lease of a family, then what the store had left
-    /// of the budget and of the pool at the last lease.
-    fn keys(&self, family_id: &str, tenant_id: &str) -> [String; 5] {
+    /// The rate window, budget lease and pool lease of a family.
+    fn keys(&self, family_id: &str, tenant_id: &str) -> [String; 3] {
         let p = &self.prefix;
         [
             format!("{p}:{{{tenant_id}}}:w:{family_id}"),
             format!("{p}:{{{tenant_id}}}:b:{family_id}"),
             format!("{p}:{{{tenant_id}}}:p"),
-            format!("{p}:{{{tenant_id}}}:bs:{family_id}"),
-            format!("{p}:{{{tenant_id}}}:ps"),
         ]
+    }
+
+    /// Where Redis keeps what the store had left of a budget (`…:bs:{family}`) or pool
+    /// (`…:ps`) at its last lease, beside the lease key.
+    fn remainder_key(lease_key: &str) -> String {
+        match lease_key.rsplit_once(":b:") {
+            Some((head, fam)) => format!("{head}:bs:{fam}"),
+            None => format!("{lease_key}s"),
+        }
     }
 
     fn refill_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -240,7 +239,7 @@ impl SharedCounters {
         now_ms: i64,
     ) -> Result<Option<Metered>, Refused> {
         let keys = self.keys(family_id, tenant_id);
-        let [_, bk, pk, bsk, psk] = &keys;
+        let [_, bk, pk] = &keys;
         let (limit, window_ms) = charge.rate_limit.map_or((0, 1000), |r| {
             (i64::from(r.limit), i64::from(r.window_seconds) * 1000)
         });
@@ -291,12 +290,12 @@ impl SharedCounters {
                 0 => {
                     let budget_remaining = match charge.budget {
                         None => None,
-                        Some(_) => Some(self.shown(v[4], v[6], bsk, family_id, true).await),
+                        Some(_) => Some(self.shown(v[4], bk, family_id, true).await),
                     };
                     let credits_remaining = if self.pool_unlimited(tenant_id) || charge.cost == 0 {
                         None
                     } else {
-                        Some(self.shown(v[5], v[7], psk, tenant_id, false).await)
+                        Some(self.shown(v[5], pk, tenant_id, false).await)
                     };
                     return Ok(Some(Metered {
                         rate,
@@ -334,7 +333,7 @@ impl SharedCounters {
                             rate,
                         });
                     }
-                    self.deposit(bk, bsk, g, family_id, true)
+                    self.deposit(bk, g, family_id, true)
                         .await
                         .map_err(|code| Refused { code, rate })?;
                 }
@@ -365,7 +364,7 @@ impl SharedCounters {
                             })
                         }
                         Ok(Withdrawal::Granted(g)) => {
-                            self.deposit(pk, psk, g, tenant_id, false)
+                            self.deposit(pk, g, tenant_id, false)
                                 .await
                                 .map_err(|code| Refused { code, rate })?;
                         }
@@ -380,56 +379,86 @@ impl SharedCounters {
     }
 
     /// What a call shows as left: the Redis lease plus what the store had left at the last
-    /// lease (`remainder`, -1 when Redis does not know it: then it is read from the store, by
-    /// a withdrawal of nothing, and kept for the next call).
-    async fn shown(&self, lease: i64, remainder: i64, key: &str, owner: &str, budget: bool) -> u64 {
+    /// lease. That remainder changes only when some node leases, so this node keeps it for a
+    /// second (no Redis read on the hot path); it reads Redis after that, and the store (a
+    /// withdrawal of nothing) when Redis does not know it either.
+    async fn shown(&self, lease: i64, lease_key: &str, owner: &str, budget: bool) -> u64 {
         let lease = u64::try_from(lease).unwrap_or(0);
-        if let Ok(r) = u64::try_from(remainder) {
-            return lease.saturating_add(r);
+        let kept = self
+            .remainders
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(lease_key)
+            .copied();
+        if let Some((r, at)) = kept {
+            if at.elapsed() < REMAINDER_TTL {
+                return lease.saturating_add(r);
+            }
         }
-        let read = if budget {
-            self.store
-                .withdraw_budget(owner, 0)
-                .await
-                .map(|g| Some(g.remaining))
-        } else {
-            self.store
-                .withdraw_credits(owner, 0)
-                .await
-                .map(|w| match w {
-                    Withdrawal::Granted(g) => Some(g.remaining),
-                    Withdrawal::Unlimited => None,
-                })
+        let key = Self::remainder_key(lease_key);
+        let mut con = self.redis.clone();
+        let kept: Result<Option<i64>, _> = redis::cmd("GET").arg(&key).query_async(&mut con).await;
+        let r = match kept.ok().flatten().and_then(|r| u64::try_from(r).ok()) {
+            Some(r) => Some(r),
+            None => {
+                let read = if budget {
+                    self.store
+                        .withdraw_budget(owner, 0)
+                        .await
+                        .map(|g| Some(g.remaining))
+                } else {
+                    self.store
+                        .withdraw_credits(owner, 0)
+                        .await
+                        .map(|w| match w {
+                            Withdrawal::Granted(g) => Some(g.remaining),
+                            Withdrawal::Unlimited => None,
+                        })
+                };
+                let r = read.ok().flatten();
+                if let Some(r) = r {
+                    // Only if no lease wrote a fresher one meanwhile.
+                    let _: Result<(), _> = redis::cmd("SET")
+                        .arg(&key)
+                        .arg(r)
+                        .arg("NX")
+                        .query_async(&mut con)
+                        .await;
+                }
+                r
+            }
         };
-        match read {
-            Ok(Some(r)) => {
-                // Only if no lease wrote a fresher one meanwhile.
-                let mut con = self.redis.clone();
-                let _: Result<(), _> = redis::cmd("SET")
-                    .arg(key)
-                    .arg(r)
-                    .arg("NX")
-                    .query_async(&mut con)
-                    .await;
+        match r {
+            Some(r) => {
+                self.remember(lease_key, r);
                 lease.saturating_add(r)
             }
             // A figure only: what the lease holds is still true.
-            Ok(None) | Err(_) => lease,
+            None => lease,
         }
     }
 
+    fn remember(&self, lease_key: &str, remainder: u64) {
+        let mut map = self.remainders.write().unwrap_or_else(|p| p.into_inner());
+        if map.len() > 100_000 {
+            map.clear(); // a bound: each is read again from Redis at its next call
+        }
+        map.insert(lease_key.to_owned(), (remainder, Instant::now()));
+    }
+
     /// Puts credits withdrawn from the store into Redis, with what the store has left beside
-    /// them (`remainder_key`: what calls show is the lease plus that); if Redis fails, the
-    /// credits are written off.
+    /// them (what calls show is the lease plus that); if Redis fails, the credits are written
+    /// off.
     async fn deposit(
         &self,
         key: &str,
-        remainder_key: &str,
         g: keygate_store::Grant,
         owner: &str,
         budget: bool,
     ) -> Result<(), Code> {
         let amount = g.granted;
+        let remainder_key = Self::remainder_key(key);
+        self.remember(key, g.remaining);
         let mut con = self.redis.clone();
         let r: Result<(i64,), _> = redis::pipe()
             .atomic()
@@ -437,7 +466,7 @@ impl SharedCounters {
             .arg(key)
             .arg(amount)
             .cmd("SET")
-            .arg(remainder_key)
+            .arg(&remainder_key)
             .arg(g.remaining)
             .ignore()
             .query_async(&mut con)
@@ -459,7 +488,7 @@ impl SharedCounters {
         if cost == 0 {
             return;
         }
-        let [_, bk, pk, _, _] = self.keys(family_id, tenant_id);
+        let [_, bk, pk] = self.keys(family_id, tenant_id);
         let mut con = self.redis.clone();
         let mut pipe = redis::pipe();
         if metered.budget_remaining.is_some() {
@@ -480,7 +509,12 @@ impl SharedCounters {
         family_id: &str,
         tenant_id: &str,
     ) -> Result<(), SharedError> {
-        let [_, bk, _, bsk, _] = self.keys(family_id, tenant_id);
+        let [_, bk, _] = self.keys(family_id, tenant_id);
+        let bsk = Self::remainder_key(&bk);
+        self.remainders
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&bk);
         let mut con = self.redis.clone();
         // The store's remainder changes with the release (and the change after it): it is
         // read again when next shown.
@@ -505,13 +539,13 @@ impl SharedCounters {
 
     /// Credits of a family's budget leased into Redis and not yet spent.
     pub async fn budget_leased(&self, family_id: &str, tenant_id: &str) -> u64 {
-        let [_, bk, _, _, _] = self.keys(family_id, tenant_id);
+        let [_, bk, _] = self.keys(family_id, tenant_id);
         self.get_u64(&bk).await
     }
 
     /// Credits of a tenant's pool leased into Redis and not yet spent.
     pub async fn credits_leased(&self, tenant_id: &str) -> u64 {
-        let [_, _, pk, _, _] = self.keys("-", tenant_id);
+        let [_, _, pk] = self.keys("-", tenant_id);
         self.get_u64(&pk).await
     }
 
@@ -571,8 +605,7 @@ async fn run_batcher(redis: ConnectionManager, mut rx: mpsc::Receiver<Job>) {
     }
 }
 
-/// One script call for `jobs` (all of one tenant); every job gets its eight numbers or the
-/// error.
+/// One script call for `jobs` (all of one tenant); every job gets its six numbers or the error.
 async fn run_batch(redis: &ConnectionManager, script: &redis::Script, jobs: Vec<Job>) {
     let mut inv = script.prepare_invoke();
     for j in &jobs {
@@ -586,11 +619,11 @@ async fn run_batch(redis: &ConnectionManager, script: &redis::Script, jobs: Vec<
     let mut con = redis.clone();
     let reply: Result<Vec<i64>, _> = inv.invoke_async(&mut con).await;
     match reply {
-        Ok(v) if v.len() == 8 * jobs.len() => {
-            for (j, r) in jobs.into_iter().zip(v.chunks_exact(8)) {
-                let mut eight = [0; 8];
-                eight.copy_from_slice(r);
-                let _ = j.reply.send(Ok(eight));
+        Ok(v) if v.len() == 6 * jobs.len() => {
+            for (j, r) in jobs.into_iter().zip(v.chunks_exact(6)) {
+                let mut six = [0; 6];
+                six.copy_from_slice(r);
+                let _ = j.reply.send(Ok(six));
             }
         }
         other => {
