@@ -372,7 +372,11 @@ impl Counters {
             .unwrap_or_else(|p| p.into_inner())
             .get(tenant_id)
         {
-            lock(&l.local).store_empty = false;
+            let mut s = lock(&l.local);
+            s.store_empty = false;
+            // What the store has left changed: read it again at the next paid call.
+            s.known = false;
+            drop(s);
             l.unlimited.store(false, Ordering::Relaxed);
         }
     }

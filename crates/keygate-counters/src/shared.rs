@@ -220,12 +220,33 @@ impl SharedCounters {
             .contains(tenant_id)
     }
 
-    /// Forgets that a tenant's pool was unlimited (after a plan change).
+    /// Forgets what this node knew of a tenant's pool (after a top-up or plan change): that it
+    /// was unlimited, and what the store had left of it.
     pub fn pool_changed(&self, tenant_id: &str) {
         self.unlimited
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(tenant_id);
+        let [_, _, pk] = self.keys("-", tenant_id);
+        self.remainders
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&pk);
+    }
+
+    /// After this node changed a tenant's pool in the store: drops the remainder Redis keeps
+    /// for it, so that no node shows the old one (each reads the store again).
+    pub async fn pool_remainder_changed(&self, tenant_id: &str) {
+        self.pool_changed(tenant_id);
+        let [_, _, pk] = self.keys("-", tenant_id);
+        let mut con = self.redis.clone();
+        let r: Result<(), _> = redis::cmd("DEL")
+            .arg(Self::remainder_key(&pk))
+            .query_async(&mut con)
+            .await;
+        if let Err(e) = r {
+            tracing::warn!("could not drop the pool remainder of {tenant_id} in redis: {e}");
+        }
     }
 
     /// Rate limit, key budget, tenant credits, for every node at once. `Err` with

@@ -517,6 +517,24 @@ async fn a_free_call_reports_the_budget_left_and_charges_nothing() {
 }
 
 #[tokio::test]
+async fn after_a_top_up_the_credits_shown_include_it() {
+    let db = Db::open().await;
+    db.tenant("t", Some(1_000)).await;
+    db.key("k", "t", None).await;
+    let c = Counters::new(db.store.clone());
+    let m = meter(&c, "k", "t", &charge(None, 1), T0)
+        .await
+        .expect("allowed");
+    assert_eq!(m.credits_remaining, Some(999));
+    db.store.add_tenant_credits("t", 500).await.expect("top-up");
+    c.pool_changed("t");
+    let m = meter(&c, "k", "t", &charge(None, 1), T0)
+        .await
+        .expect("allowed");
+    assert_eq!(m.credits_remaining, Some(1_498));
+}
+
+#[tokio::test]
 async fn a_free_call_on_a_fresh_node_reports_the_whole_budget_left() {
     let db = Db::open().await;
     db.tenant("t", None).await;

@@ -626,3 +626,25 @@ async fn a_late_call_from_the_previous_window_does_not_reset_the_current_one() {
     let after = w.meter(&n, &ch, edge + 2).await.map_err(|r| r.code);
     assert_eq!(after, Err(Code::RateLimited));
 }
+
+#[tokio::test]
+async fn after_a_top_up_every_node_shows_it() {
+    let w = World::new(Some(1_000), None).await;
+    let (a, b) = (w.node().await, w.node().await);
+    let m = w.meter(&a, &charge(None, 1), T0).await.expect("allowed");
+    assert_eq!(m.credits_remaining, Some(999));
+    let m = w.meter(&b, &charge(None, 1), T0).await.expect("allowed");
+    assert_eq!(m.credits_remaining, Some(998));
+    w.db.store
+        .add_tenant_credits(&w.tenant, 500)
+        .await
+        .expect("top-up");
+    // The node that topped up drops Redis's remainder; the other hears of it (change feed).
+    a.pool_remainder_changed(&w.tenant).await;
+    b.pool_changed(&w.tenant);
+    for n in [&a, &b] {
+        let m = w.meter(n, &charge(None, 1), T0).await.expect("allowed");
+        let left = m.credits_remaining.expect("a pool figure");
+        assert!((1_496..=1_497).contains(&left), "{left}");
+    }
+}

@@ -415,7 +415,7 @@ impl Engine {
     pub async fn tenant_changed(&self, tenant_id: &str) {
         self.counters.pool_changed(tenant_id);
         if let Some(s) = &self.shared {
-            s.pool_changed(tenant_id);
+            s.pool_remainder_changed(tenant_id).await;
         }
         self.publish(format!("tenant:{tenant_id}")).await;
     }
