@@ -14,6 +14,7 @@ pub mod audit;
 pub mod base62;
 pub mod decision;
 pub mod ip;
+pub mod issue;
 pub mod key;
 pub mod name;
 pub mod origin;

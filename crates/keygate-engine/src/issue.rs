@@ -1,26 +1,22 @@
-//! Issuing keys: the create body, presets, defaults and every validation, shared by the HTTP
-//! API, tenant creation and the CLI (which works on the database directly).
+//! Issuing keys: the create body, defaults, and the checks that need the store, the
+//! configuration or a clock, shared by the HTTP API, tenant creation and the CLI (which works
+//! on the database directly). The pure rules (presets, names, scopes, allow-lists, plans)
+//! are `keygate_core::issue`'s.
 
 use crate::clock::parse_rfc3339;
 use crate::config::Config;
 use crate::ids::{new_id, os_fill};
-use keygate_core::{
-    IpAllowList, KeyFormat, KeyHasher, KeyStatus, Kind, OriginList, RateLimit, ScopeSet,
-};
+use keygate_core::{KeyFormat, KeyHasher, KeyStatus, Kind, OriginList, RateLimit, ScopeSet};
 use keygate_store::{KeyRecord, Store};
-
-/// Origins a new `pk` gets when none are given: the AI canvases.
-pub const DEFAULT_PK_ORIGINS: [&str; 4] = [
-    "https://claude.ai",
-    "https://chatgpt.com",
-    "https://gemini.google.com",
-    "https://grok.com",
-];
 
 /// Longest TTL / expiry distance accepted: 10 years.
 const MAX_TTL_SECONDS: u64 = 10 * 365 * 86_400;
 
 pub use keygate_api::{CreateKey, RateLimitBody};
+pub use keygate_core::issue::{
+    check_ips, check_name, check_origins, check_scopes, preset, within_plan, Preset,
+    DEFAULT_PK_ORIGINS,
+};
 
 /// Why a key cannot be issued as asked.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +27,12 @@ pub enum IssueError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] keygate_store::StoreError),
+}
+
+impl From<keygate_core::InvalidInput> for IssueError {
+    fn from(e: keygate_core::InvalidInput) -> Self {
+        Self::Invalid(e.message().to_owned())
+    }
 }
 
 impl IssueError {
@@ -44,70 +46,6 @@ pub fn rate_limit(b: RateLimitBody) -> Result<RateLimit, IssueError> {
     RateLimit::new(b.limit, b.window_seconds).map_err(|e| IssueError::invalid(e.message()))
 }
 
-/// A preset of API.md's table.
-#[derive(Debug, Clone, Copy)]
-pub struct Preset {
-    /// Scopes.
-    pub scopes: &'static [&'static str],
-    /// Budget.
-    pub budget: u64,
-    /// Requests per minute.
-    pub per_minute: u32,
-    /// Lifetime, days.
-    pub ttl_days: u64,
-    /// Whether the default origin list applies (`widget`: the caller must give its own).
-    pub default_origins: bool,
-}
-
-const SAFE_READ: &[&str] = &["ocr:read", "llm:generate", "translate:run", "docs:read"];
-
-/// Looks a preset up by name.
-pub fn preset(name: &str) -> Option<Preset> {
-    match name {
-        "default" => Some(Preset {
-            scopes: SAFE_READ,
-            budget: 1_000,
-            per_minute: 30,
-            ttl_days: 30,
-            default_origins: true,
-        }),
-        "aidemo" => Some(Preset {
-            scopes: SAFE_READ,
-            budget: 2_000,
-            per_minute: 60,
-            ttl_days: 30,
-            default_origins: true,
-        }),
-        "widget" => Some(Preset {
-            scopes: &[
-                "chat:run",
-                "booking:create",
-                "form:submit",
-                "contact:create",
-            ],
-            budget: 5_000,
-            per_minute: 120,
-            ttl_days: 365,
-            default_origins: false,
-        }),
-        _ => None,
-    }
-}
-
-/// Checks a display name (of a key, OAuth client, tenant or user; on create and on update):
-/// 1 to 200 characters, not blank, and none that [`keygate_core::name_problem`] refuses
-/// (control characters, bidirectional controls) anywhere in what was sent.
-pub fn check_name(name: &str) -> Result<String, IssueError> {
-    if let Some(why) = keygate_core::name_problem(name) {
-        return Err(IssueError::invalid(why));
-    }
-    let n = name.trim();
-    if n.is_empty() || n.chars().count() > 200 {
-        return Err(IssueError::invalid("name must be 1 to 200 characters"));
-    }
-    Ok(n.to_owned())
-}
-
 /// Checks metadata: a JSON object of at most 8 KiB.
 pub fn check_metadata(
     m: Option<serde_json::Map<String, serde_json::Value>>,
@@ -119,36 +57,6 @@ pub fn check_metadata(
         ));
     }
     Ok(m)
-}
-
-/// Parses scopes for a key of `kind`: `*` only on `sk`.
-pub fn check_scopes(kind: Kind, scopes: &[String]) -> Result<ScopeSet, IssueError> {
-    let set = ScopeSet::parse(scopes).map_err(|e| IssueError::invalid(e.message()))?;
-    if set.has_all() && kind != Kind::Sk {
-        return Err(IssueError::invalid(
-            "scope \"*\" is only for secret (sk) keys",
-        ));
-    }
-    if set.len() > 100 {
-        return Err(IssueError::invalid("at most 100 scopes"));
-    }
-    Ok(set)
-}
-
-/// Parses an IP allow-list.
-pub fn check_ips(ips: &[String]) -> Result<IpAllowList, IssueError> {
-    if ips.len() > 100 {
-        return Err(IssueError::invalid("at most 100 allowed_ips"));
-    }
-    IpAllowList::parse(ips).map_err(|e| IssueError::invalid(e.message()))
-}
-
-/// Parses an origin allow-list.
-pub fn check_origins(origins: &[String]) -> Result<OriginList, IssueError> {
-    if origins.len() > 100 {
-        return Err(IssueError::invalid("at most 100 allowed_origins"));
-    }
-    OriginList::parse(origins).map_err(|e| IssueError::invalid(e.message()))
 }
 
 /// Expiry from `expires_at` or `ttl_seconds` (not both), which must lie in the future.
@@ -184,17 +92,6 @@ pub fn check_expiry(
     }
 }
 
-fn plan_allows(allowed: &[String], scopes: &ScopeSet) -> Result<(), IssueError> {
-    let allowed = ScopeSet::parse(allowed).map_err(|e| IssueError::invalid(e.message()))?;
-    if scopes.is_subset_of(&allowed) {
-        Ok(())
-    } else {
-        Err(IssueError::invalid(
-            "scopes exceed what the user's plan allows",
-        ))
-    }
-}
-
 /// Checks that a `ut` key of user `user_id` may hold `scopes` under the user's plan.
 pub async fn check_plan_scopes(
     config: &Config,
@@ -206,7 +103,7 @@ pub async fn check_plan_scopes(
         return Ok(());
     };
     match config.plans.get(&user.plan).and_then(|p| p.scopes.as_ref()) {
-        Some(allowed) => plan_allows(allowed, scopes),
+        Some(allowed) => Ok(within_plan(allowed, scopes)?),
         None => Ok(()),
     }
 }

@@ -173,6 +173,12 @@ impl ApiError {
     }
 }
 
+impl From<keygate_core::InvalidInput> for ApiError {
+    fn from(e: keygate_core::InvalidInput) -> Self {
+        ApiError::invalid(e.message().to_owned())
+    }
+}
+
 impl From<keygate_engine::issue::IssueError> for ApiError {
     fn from(e: keygate_engine::issue::IssueError) -> Self {
         match e {
