@@ -68,7 +68,7 @@ macro_rules! alert_methods {
                 value: &str,
                 at_ms: i64,
             ) -> crate::Result<Option<bool>> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 let before: i64 = sqlx::QueryBuilder::<$db>::new(
                     "SELECT COUNT(*) FROM key_sightings WHERE key_id = ",
                 )

@@ -606,7 +606,7 @@ macro_rules! audit_methods {
             pub(crate) async fn convert_row_audit(&self) -> crate::Result<u64> {
                 let mut moved = 0;
                 loop {
-                    let mut tx = self.pool.begin().await?;
+                    let mut tx = self.begin_write().await?;
                     let rows = sqlx::QueryBuilder::<$db>::new(format!(
                         "SELECT {} FROM audit_events ORDER BY node, seq LIMIT 1000",
                         COLUMNS
@@ -665,7 +665,7 @@ macro_rules! audit_methods {
                 if events.is_empty() {
                     return Ok(());
                 }
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 let mut by_node: BTreeMap<&str, Vec<&AuditEvent>> = BTreeMap::new();
                 for e in events {
                     by_node.entry(e.node.as_str()).or_default().push(e);
@@ -701,7 +701,7 @@ macro_rules! audit_methods {
                 if events.is_empty() {
                     return Ok(before);
                 }
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 let mut by_node: BTreeMap<&str, Vec<&RawEvent<'_>>> = BTreeMap::new();
                 for e in events {
                     by_node.entry(&e.head.node).or_default().push(e);

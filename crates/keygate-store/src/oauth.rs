@@ -139,7 +139,7 @@ macro_rules! oauth_methods {
             }
 
             async fn delete_client(&self, id: &str, now_ms: i64) -> crate::Result<Vec<String>> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 let grants: Vec<String> = sqlx::QueryBuilder::<$db>::new(
                     "SELECT id FROM oauth_grants WHERE revoked_at IS NULL AND client_id = ",
                 )
@@ -226,7 +226,7 @@ macro_rules! oauth_methods {
             ) -> crate::Result<CodeUse> {
                 // One transaction: a reuse that races this exchange waits for it and then
                 // finds the grant stored, so revoking it cannot miss.
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 let won = sqlx::QueryBuilder::<$db>::new("UPDATE oauth_codes SET used_at = ")
                     .push_bind(now_ms)
                     .push(", grant_id = ")
@@ -261,7 +261,7 @@ macro_rules! oauth_methods {
                 g: &OAuthGrant,
                 refresh: Option<&RefreshToken>,
             ) -> crate::Result<()> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 insert_grant_in!($db, &mut *tx, g);
                 if let Some(rt) = refresh {
                     insert_refresh_in!($db, &mut *tx, rt);
@@ -298,7 +298,7 @@ macro_rules! oauth_methods {
                 successor: &RefreshToken,
                 now_ms: i64,
             ) -> crate::Result<RefreshUse> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 let won = sqlx::QueryBuilder::<$db>::new("UPDATE oauth_refresh_tokens SET used_at = ")
                     .push_bind(now_ms)
                     .push(" WHERE used_at IS NULL AND hash = ")
@@ -422,7 +422,7 @@ macro_rules! oauth_methods {
             }
 
             async fn add_signing_key(&self, k: &SigningKey, retire_before_ms: i64) -> crate::Result<()> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 sqlx::QueryBuilder::<$db>::new("UPDATE oauth_signing_keys SET retired_at = ")
                     .push_bind(k.created_at_ms)
                     .push(" WHERE retired_at IS NULL AND created_at < ")

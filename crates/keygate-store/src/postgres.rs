@@ -38,6 +38,14 @@ pub struct PgStore {
 }
 
 impl PgStore {
+    /// A transaction (PostgreSQL locks rows as it writes them; see `SqliteStore::begin_write`
+    /// for why SQLite's differs).
+    pub(crate) async fn begin_write(
+        &self,
+    ) -> std::result::Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        self.pool.begin().await
+    }
+
     /// Connects to `url` (`postgres://user@host:5432/db`) with a pool of `max_connections`;
     /// a connection is waited for at most `acquire_timeout`.
     pub async fn connect(
@@ -162,7 +170,7 @@ impl Store for PgStore {
     }
 
     async fn insert_key(&self, k: &KeyRecord) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         if k.family_id == k.id {
             sqlx::query("INSERT INTO key_families (id, budget, spent) VALUES ($1, $2, $3)")
                 .bind(&k.family_id)
@@ -222,7 +230,7 @@ impl Store for PgStore {
     }
 
     async fn update_key(&self, k: &KeyRecord, expected_updated_at: i64) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query(
             "UPDATE keys SET name = $1, scopes = $2, allowed_ips = $3, allowed_origins = $4, \
              rate_limit = $5, rate_window = $6, expires_at = $7, rotation_days = $8, metadata = $9, \
@@ -262,7 +270,7 @@ impl Store for PgStore {
         grace_until_ms: i64,
         successor: &KeyRecord,
     ) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let changed = sqlx::query(
             "UPDATE keys SET status = 'grace', rotated_to = $1, updated_at = $2, \
              expires_at = CASE WHEN expires_at IS NOT NULL AND expires_at < $3 THEN expires_at ELSE $3 END \
@@ -299,7 +307,7 @@ impl Store for PgStore {
         if used.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for (id, at) in used {
             sqlx::query(
                 "UPDATE keys SET last_used_at = $1 WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $1)",

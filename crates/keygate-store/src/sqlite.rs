@@ -44,6 +44,16 @@ impl SqliteStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
+
+    /// A transaction that holds the write lock from its first statement (`BEGIN IMMEDIATE`).
+    /// A deferred one that reads first and writes later cannot upgrade its lock once another
+    /// connection (the audit shipper, the last-used writer) has written meanwhile: SQLite
+    /// answers `SQLITE_BUSY` at once, past `busy_timeout`, and the call would fail with 503.
+    pub(crate) async fn begin_write(
+        &self,
+    ) -> std::result::Result<sqlx::Transaction<'static, Sqlite>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
 }
 
 const KEY_SELECT: &str =
@@ -144,7 +154,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_key(&self, k: &KeyRecord) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         if k.family_id == k.id {
             sqlx::query("INSERT INTO key_families (id, budget, spent) VALUES (?, ?, ?)")
                 .bind(&k.family_id)
@@ -204,7 +214,7 @@ impl Store for SqliteStore {
     }
 
     async fn update_key(&self, k: &KeyRecord, expected_updated_at: i64) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query(
             "UPDATE keys SET name = ?, scopes = ?, allowed_ips = ?, allowed_origins = ?, \
              rate_limit = ?, rate_window = ?, expires_at = ?, rotation_days = ?, metadata = ?, \
@@ -244,7 +254,7 @@ impl Store for SqliteStore {
         grace_until_ms: i64,
         successor: &KeyRecord,
     ) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         let changed = sqlx::query(
             "UPDATE keys SET status = 'grace', rotated_to = ?1, updated_at = ?2, \
              expires_at = CASE WHEN expires_at IS NOT NULL AND expires_at < ?3 THEN expires_at ELSE ?3 END \
@@ -281,7 +291,7 @@ impl Store for SqliteStore {
         if used.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         for (id, at) in used {
             sqlx::query(
                 "UPDATE keys SET last_used_at = ?1 WHERE id = ?2 AND (last_used_at IS NULL OR last_used_at < ?1)",

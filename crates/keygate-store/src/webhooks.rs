@@ -102,7 +102,7 @@ macro_rules! webhook_methods {
             }
 
             async fn delete_webhook(&self, id: &str) -> crate::Result<bool> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.begin_write().await?;
                 sqlx::QueryBuilder::<$db>::new(
                     "UPDATE webhook_deliveries SET status = 'failed', last_error = 'endpoint deleted' \
                      WHERE status = 'pending' AND endpoint_id = ",

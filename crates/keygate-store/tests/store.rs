@@ -1438,3 +1438,44 @@ async fn oauth_clients_and_signing_keys_round_trip() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_transaction_that_reads_first_does_not_fail_beside_another_writer() {
+    use keygate_store::OAuthClient;
+    // SQLite: a deferred transaction that reads, then writes, cannot take the write lock once
+    // another connection has written meanwhile (SQLITE_BUSY at once, past busy_timeout).
+    // Every write transaction takes the lock first, so each of these waits its turn instead.
+    on_both(|s, _| async move {
+        s.insert_tenant(&tenant("t_busy", None))
+            .await
+            .expect("tenant");
+        s.insert_key(&key("key_busy", "t_busy", Kind::Sk, Some(1_000_000), 3))
+            .await
+            .expect("key");
+        let writer = {
+            let s = s.clone();
+            tokio::spawn(async move {
+                for _ in 0..400 {
+                    s.withdraw_budget("key_busy", 1).await.expect("withdraw");
+                }
+            })
+        };
+        for i in 0..40 {
+            let c = OAuthClient {
+                id: format!("cli_busy_{i}"),
+                tenant_id: "t_busy".into(),
+                name: "busy".into(),
+                client_type: "public".into(),
+                secret_hash: None,
+                redirect_uris: vec!["https://app.example/cb".into()],
+                scopes: vec!["docs:read".into()],
+                created_at_ms: 1,
+            };
+            s.insert_client(&c).await.expect("insert client");
+            let gone = s.delete_client(&c.id, 2).await.expect("delete client");
+            assert_eq!(gone.first(), Some(&c.id));
+        }
+        writer.await.expect("writer");
+    })
+    .await;
+}
