@@ -82,14 +82,20 @@ pub async fn create(
     let (rec, actor) = (record.clone(), caller.key.record.id.clone());
     detached(async move {
         st.store.insert_key(&rec).await?;
+        let detail = serde_json::json!({
+            "kind": rec.kind.as_str(),
+            "name": rec.name,
+            "scopes": rec.scopes.to_strings(),
+        });
         st.record_change(keygate_engine::engine::Change {
- actor: &actor,
- action: "key.created",
- tenant_id: &rec.tenant_id,
- key_id: Some(&rec.id),
- user_id: rec.user_id.as_deref(),
- detail: &serde_json::json!({"kind": rec.kind.as_str(), "name": rec.name, "scopes": rec.scopes.to_strings()}),
- }).await;
+            actor: &actor,
+            action: "key.created",
+            tenant_id: &rec.tenant_id,
+            key_id: Some(&rec.id),
+            user_id: rec.user_id.as_deref(),
+            detail: &detail,
+        })
+        .await;
         st.key_changed(&rec.hash).await;
         keygate_engine::origins::pk_changed(&st, rec.kind).await;
         Ok(())
@@ -313,14 +319,20 @@ pub async fn update(
         }
         let ok = st.store.update_key(&rec, expected_updated_at).await?;
         if ok {
+            let detail = serde_json::json!({
+                "name": rec.name,
+                "scopes": rec.scopes.to_strings(),
+                "budget": rec.budget,
+            });
             st.record_change(keygate_engine::engine::Change {
- actor: &actor,
- action: "key.updated",
- tenant_id: &rec.tenant_id,
- key_id: Some(&rec.id),
- user_id: rec.user_id.as_deref(),
- detail: &serde_json::json!({"name": rec.name, "scopes": rec.scopes.to_strings(), "budget": rec.budget}),
- }).await;
+                actor: &actor,
+                action: "key.updated",
+                tenant_id: &rec.tenant_id,
+                key_id: Some(&rec.id),
+                user_id: rec.user_id.as_deref(),
+                detail: &detail,
+            })
+            .await;
             st.key_changed(&rec.hash).await;
             if budget_changed {
                 st.family_changed(&rec.family_id).await;

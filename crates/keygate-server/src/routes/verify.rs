@@ -203,6 +203,11 @@ async fn decide_forward_auth(
     envoy: Option<(&str, &str)>,
     conn: Option<&std::sync::Arc<crate::held::Conn>>,
 ) -> Response {
+    // Where `settle` may hold the answer (see `crate::held`).
+    let on_conn = conn.map(crate::held::OnConn);
+    let holder = on_conn
+        .as_ref()
+        .map(|c| c as &dyn keygate_engine::engine::Holder);
     // The headers that choose path, method, scope and price count only from a trusted proxy;
     // from anyone else they are refused, not ignored: ignoring them would judge a request the
     // operator's proxy meant to restrict as if it were unrestricted.
@@ -276,15 +281,7 @@ async fn decide_forward_auth(
             now_ms: now_ms(),
         };
         let decided = state.decide_public(&public).await;
-        return match state
-            .settle(
-                decided,
-                conn.map(crate::held::OnConn)
-                    .as_ref()
-                    .map(|c| c as &dyn keygate_engine::engine::Holder),
-            )
-            .await
-        {
+        return match state.settle(decided, holder).await {
             Ok(d) => {
                 let mut res = StatusCode::OK.into_response();
                 rate_headers(res.headers_mut(), &d, None);
@@ -320,15 +317,7 @@ async fn decide_forward_auth(
         now_ms: now_ms(),
     };
     let decided = state.decide(bearer(h), &facts, None).await;
-    match state
-        .settle(
-            decided,
-            conn.map(crate::held::OnConn)
-                .as_ref()
-                .map(|c| c as &dyn keygate_engine::engine::Holder),
-        )
-        .await
-    {
+    match state.settle(decided, holder).await {
         Ok(a) => {
             let mut res = StatusCode::OK.into_response();
             let out = res.headers_mut();
