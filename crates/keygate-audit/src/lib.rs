@@ -811,7 +811,7 @@ async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keygate_store::{AuditFilter, PageRequest, SqliteStore, Store};
+    use keygate_store::{AuditFilter, PageRequest, SqlStore, Store};
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -832,7 +832,7 @@ mod tests {
     }
 
     async fn store(dir: &Path) -> Arc<dyn Store> {
-        let s = SqliteStore::connect(&format!("sqlite://{}", dir.join("t.db").display()))
+        let s = SqlStore::sqlite(&format!("sqlite://{}", dir.join("t.db").display()))
             .await
             .expect("sqlite");
         s.migrate().await.expect("migrate");

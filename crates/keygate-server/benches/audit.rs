@@ -6,7 +6,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use keygate_engine::audit::{AuditLog, Line, Shipper};
-use keygate_store::{SqliteStore, Store};
+use keygate_store::{SqlStore, Store};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ fn bench(c: &mut Criterion) {
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
     let store = rt.block_on(async {
-        let s = SqliteStore::connect(&format!("sqlite://{}", dir.path().join("b.db").display()))
+        let s = SqlStore::sqlite(&format!("sqlite://{}", dir.path().join("b.db").display()))
             .await
             .expect("sqlite");
         s.migrate().await.expect("migrate");

@@ -493,7 +493,7 @@ mod tests {
     /// connected pair: the client's end, and the server's end split for holding.
     async fn held_pair() -> (tempfile::TempDir, Arc<AuditLog>, TcpStream, Io, Arc<Conn>) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = keygate_store::SqliteStore::connect(&format!(
+        let store = keygate_store::SqlStore::sqlite(&format!(
             "sqlite://{}",
             dir.path().join("t.db").display()
         ))

@@ -16,7 +16,7 @@ use keygate_engine::config::Config;
 use keygate_engine::engine::{run_touch_flusher, Engine};
 use keygate_engine::issue::{self, CreateKey};
 use keygate_engine::supervisor::supervise;
-use keygate_store::{SqliteStore, Store, Tenant};
+use keygate_store::{SqlStore, Store, Tenant};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,7 +40,7 @@ impl std::error::Error for StartupError {}
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartupError> {
     let database_url = config.database_url.as_str();
     if database_url.starts_with("sqlite:") {
-        let s = SqliteStore::connect(database_url)
+        let s = SqlStore::sqlite(database_url)
             .await
             .map_err(|e| StartupError(format!("cannot open {database_url}: {}", e.message)))?;
         s.migrate()
@@ -48,7 +48,7 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartupError>
             .map_err(|e| StartupError(format!("migrating {database_url}: {}", e.message)))?;
         Ok(Arc::new(s))
     } else if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
-        let s = keygate_store::PgStore::connect(
+        let s = keygate_store::SqlStore::postgres(
             database_url,
             config.database.max_connections,
             Duration::from_secs(config.database.acquire_timeout_seconds.max(1)),

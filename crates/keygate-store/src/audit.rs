@@ -11,6 +11,7 @@
 //! placeholders, so the SQL exists once; `audit_methods!` stamps the methods out for the
 //! SQLite and the PostgreSQL pool types.
 
+use crate::sql::Sql;
 use crate::{AuditFilter, PageRequest, UsageOf, UsageRow};
 use keygate_core::audit::{event_id, hex, line_hash, LineHead};
 use keygate_core::AuditEvent;
@@ -507,412 +508,410 @@ fn id_at(ms: i64) -> String {
     format!("evt_{:013}", ms.max(0))
 }
 
-/// The audit methods of a store over `$pool` (a sqlx pool of database `$db`).
-macro_rules! audit_methods {
-    ($store:ty, $db:ty) => {
-        impl $store {
-            /// Writes one block and its references. `replay` tolerates a block that is
-            /// there already (two nodes converting the same old rows at once): then nothing is
-            /// written and the answer is `false`.
-            async fn insert_block(
-                conn: &mut <$db as sqlx::Database>::Connection,
-                node: &str,
-                b: &Block,
-                replay: bool,
-            ) -> crate::Result<bool> {
-                let conflict = if replay { " ON CONFLICT DO NOTHING" } else { "" };
-                let mut q = sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO audit_blocks (node, first_seq, last_seq, min_id, max_id, events, chain) ",
-                );
-                q.push_values([()], |mut v, ()| {
-                    v.push_bind(node)
+impl crate::SqlStore {
+    /// Writes one block and its references. `replay` tolerates a block that is
+    /// there already (two nodes converting the same old rows at once): then nothing is
+    /// written and the answer is `false`.
+    async fn insert_block(
+        conn: &mut sqlx::AnyConnection,
+        node: &str,
+        b: &Block,
+        replay: bool,
+    ) -> crate::Result<bool> {
+        let conflict = if replay {
+            " ON CONFLICT DO NOTHING"
+        } else {
+            ""
+        };
+        let mut q = Sql::new(
+            "INSERT INTO audit_blocks (node, first_seq, last_seq, min_id, max_id, events, chain) ",
+        );
+        q.push_values([()], |mut v, ()| {
+            v.push_bind(node)
+                .push_bind(b.first_seq)
+                .push_bind(b.last_seq)
+                .push_bind(b.min_id.as_str())
+                .push_bind(b.max_id.as_str())
+                .push_bind(b.events.as_slice())
+                .push_bind(b.chain.as_deref());
+        });
+        q.push(conflict);
+        if q.build()?.execute(&mut *conn).await?.rows_affected() == 0 {
+            return Ok(false);
+        }
+        for chunk in b.refs.chunks(500) {
+            let mut q =
+                Sql::new("INSERT INTO audit_block_refs (ref, max_id, node, first_seq, min_id) ");
+            q.push_values(chunk.iter(), |mut v, r| {
+                v.push_bind(r.as_str())
+                    .push_bind(b.max_id.as_str())
+                    .push_bind(node)
+                    .push_bind(b.first_seq)
+                    .push_bind(b.min_id.as_str());
+            });
+            q.push(conflict);
+            q.build()?.execute(&mut *conn).await?;
+        }
+        Ok(true)
+    }
+
+    /// Adds a batch's per-minute usage to the roll-up, in one statement (the keys of
+    /// `usage` are distinct, as one upsert statement needs).
+    async fn add_usage(conn: &mut sqlx::AnyConnection, usage: Usage<'_>) -> crate::Result<()> {
+        let rows: Vec<_> = usage.into_iter().collect();
+        for chunk in rows.chunks(500) {
+            let mut q = Sql::new(
+                "INSERT INTO usage_minutes (key_id, tenant_id, minute, code, requests, credits) ",
+            );
+            q.push_values(
+                chunk,
+                |mut b, ((key, minute, code), (tenant, n, credits))| {
+                    b.push_bind(*key)
+                        .push_bind(*tenant)
+                        .push_bind(*minute)
+                        .push_bind(*code)
+                        .push_bind(*n)
+                        .push_bind(*credits);
+                },
+            );
+            q.push(
+                " ON CONFLICT (key_id, minute, code) DO UPDATE SET \
+                 requests = usage_minutes.requests + excluded.requests, \
+                 credits = usage_minutes.credits + excluded.credits",
+            );
+            q.build()?.execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves a node's chain head.
+    async fn set_head(
+        conn: &mut sqlx::AnyConnection,
+        node: &str,
+        seq: i64,
+        hash: &str,
+    ) -> crate::Result<()> {
+        let mut q = Sql::new("INSERT INTO audit_heads (node, seq, hash) ");
+        q.push_values([()], |mut b, ()| {
+            b.push_bind(node).push_bind(seq).push_bind(hash);
+        });
+        q.push(" ON CONFLICT (node) DO UPDATE SET seq = excluded.seq, hash = excluded.hash");
+        q.build()?.execute(&mut *conn).await?;
+        Ok(())
+    }
+
+    /// Moves the rows of `audit_events` (where earlier versions stored one event per
+    /// row) into blocks of up to 1,000, each batch in one transaction with its
+    /// deletion, so a crash midway loses and repeats nothing. Returns how many moved.
+    pub(crate) async fn convert_row_audit(&self) -> crate::Result<u64> {
+        let mut moved = 0;
+        loop {
+            let mut tx = self.begin_write().await?;
+            let rows = Sql::new(format!(
+                "SELECT {} FROM audit_events ORDER BY node, seq LIMIT 1000",
+                COLUMNS
+            ))
+            .build()?
+            .fetch_all(&mut *tx)
+            .await?;
+            if rows.is_empty() {
+                tx.commit().await?;
+                return Ok(moved);
+            }
+            let events = rows
+                .iter()
+                .map(crate::rows::audit_from_row)
+                .collect::<crate::Result<Vec<AuditEvent>>>()?;
+            let mut by_node: BTreeMap<&str, Vec<&AuditEvent>> = BTreeMap::new();
+            for e in &events {
+                by_node.entry(e.node.as_str()).or_default().push(e);
+            }
+            for (node, evs) in by_node {
+                let b = block_of(&evs)?;
+                // Another node may have moved (some of) these rows first: then delete
+                // only what its block holds, and take the rest in the next round.
+                let last_seq = if Self::insert_block(&mut tx, node, &b, true).await? {
+                    b.last_seq
+                } else {
+                    Sql::new("SELECT last_seq FROM audit_blocks WHERE node = ")
+                        .push_bind(node)
+                        .push(" AND first_seq = ")
                         .push_bind(b.first_seq)
-                        .push_bind(b.last_seq)
-                        .push_bind(b.min_id.as_str())
-                        .push_bind(b.max_id.as_str())
-                        .push_bind(b.events.as_slice())
-                        .push_bind(b.chain.as_deref());
-                });
-                q.push(conflict);
-                if q.build().execute(&mut *conn).await?.rows_affected() == 0 {
-                    return Ok(false);
-                }
-                for chunk in b.refs.chunks(500) {
-                    let mut q = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO audit_block_refs (ref, max_id, node, first_seq, min_id) ",
-                    );
-                    q.push_values(chunk.iter(), |mut v, r| {
-                        v.push_bind(r.as_str())
-                            .push_bind(b.max_id.as_str())
-                            .push_bind(node)
-                            .push_bind(b.first_seq)
-                            .push_bind(b.min_id.as_str());
-                    });
-                    q.push(conflict);
-                    q.build().execute(&mut *conn).await?;
-                }
-                Ok(true)
-            }
-
-            /// Adds a batch's per-minute usage to the roll-up, in one statement (the keys of
-            /// `usage` are distinct, as one upsert statement needs).
-            async fn add_usage(
-                conn: &mut <$db as sqlx::Database>::Connection,
-                usage: Usage<'_>,
-            ) -> crate::Result<()> {
-                let rows: Vec<_> = usage.into_iter().collect();
-                for chunk in rows.chunks(500) {
-                    let mut q = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO usage_minutes (key_id, tenant_id, minute, code, requests, credits) ",
-                    );
-                    q.push_values(chunk, |mut b, ((key, minute, code), (tenant, n, credits))| {
-                        b.push_bind(*key)
-                            .push_bind(*tenant)
-                            .push_bind(*minute)
-                            .push_bind(*code)
-                            .push_bind(*n)
-                            .push_bind(*credits);
-                    });
-                    q.push(
-                        " ON CONFLICT (key_id, minute, code) DO UPDATE SET \
-                         requests = usage_minutes.requests + excluded.requests, \
-                         credits = usage_minutes.credits + excluded.credits",
-                    );
-                    q.build().execute(&mut *conn).await?;
-                }
-                Ok(())
-            }
-
-            /// Moves a node's chain head.
-            async fn set_head(
-                conn: &mut <$db as sqlx::Database>::Connection,
-                node: &str,
-                seq: i64,
-                hash: &str,
-            ) -> crate::Result<()> {
-                let mut q =
-                    sqlx::QueryBuilder::<$db>::new("INSERT INTO audit_heads (node, seq, hash) ");
-                q.push_values([()], |mut b, ()| {
-                    b.push_bind(node).push_bind(seq).push_bind(hash);
-                });
-                q.push(" ON CONFLICT (node) DO UPDATE SET seq = excluded.seq, hash = excluded.hash");
-                q.build().execute(&mut *conn).await?;
-                Ok(())
-            }
-
-            /// Moves the rows of `audit_events` (where earlier versions stored one event per
-            /// row) into blocks of up to 1,000, each batch in one transaction with its
-            /// deletion, so a crash midway loses and repeats nothing. Returns how many moved.
-            pub(crate) async fn convert_row_audit(&self) -> crate::Result<u64> {
-                let mut moved = 0;
-                loop {
-                    let mut tx = self.begin_write().await?;
-                    let rows = sqlx::QueryBuilder::<$db>::new(format!(
-                        "SELECT {} FROM audit_events ORDER BY node, seq LIMIT 1000",
-                        COLUMNS
-                    ))
-                    .build()
-                    .fetch_all(&mut *tx)
-                    .await?;
-                    if rows.is_empty() {
-                        tx.commit().await?;
-                        return Ok(moved);
-                    }
-                    let events = rows
-                        .iter()
-                        .map(crate::rows::audit_from_row)
-                        .collect::<crate::Result<Vec<AuditEvent>>>()?;
-                    let mut by_node: BTreeMap<&str, Vec<&AuditEvent>> = BTreeMap::new();
-                    for e in &events {
-                        by_node.entry(e.node.as_str()).or_default().push(e);
-                    }
-                    for (node, evs) in by_node {
-                        let b = block_of(&evs)?;
-                        // Another node may have moved (some of) these rows first: then delete
-                        // only what its block holds, and take the rest in the next round.
-                        let last_seq = if Self::insert_block(&mut *tx, node, &b, true).await? {
-                            b.last_seq
-                        } else {
-                            sqlx::QueryBuilder::<$db>::new(
-                                "SELECT last_seq FROM audit_blocks WHERE node = ",
-                            )
-                            .push_bind(node)
-                            .push(" AND first_seq = ")
-                            .push_bind(b.first_seq)
-                            .build_query_scalar()
-                            .fetch_one(&mut *tx)
-                            .await?
-                        };
-                        sqlx::QueryBuilder::<$db>::new("DELETE FROM audit_events WHERE node = ")
-                            .push_bind(node)
-                            .push(" AND seq >= ")
-                            .push_bind(b.first_seq)
-                            .push(" AND seq <= ")
-                            .push_bind(last_seq)
-                            .build()
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    tx.commit().await?;
-                    moved += events.len() as u64;
-                }
-            }
-        }
-
-        #[async_trait::async_trait]
-        impl crate::AuditStore for $store {
-            async fn append_audit(&self, events: &[AuditEvent]) -> crate::Result<()> {
-                if events.is_empty() {
-                    return Ok(());
-                }
-                let mut tx = self.begin_write().await?;
-                let mut by_node: BTreeMap<&str, Vec<&AuditEvent>> = BTreeMap::new();
-                for e in events {
-                    by_node.entry(e.node.as_str()).or_default().push(e);
-                }
-                for (node, evs) in by_node {
-                    let head: Option<i64> =
-                        sqlx::QueryBuilder::<$db>::new("SELECT seq FROM audit_heads WHERE node = ")
-                            .push_bind(node.to_owned())
-                            .build_query_scalar()
-                            .fetch_optional(&mut *tx)
-                            .await?;
-                    // Replayed after a crash: what reached the store already is skipped.
-                    let fresh: Vec<&AuditEvent> = evs
-                        .into_iter()
-                        .filter(|e| e.seq > head.unwrap_or(0))
-                        .collect();
-                    let Some(last) = fresh.last() else { continue };
-                    let block = block_of(&fresh)?;
-                    Self::insert_block(&mut *tx, node, &block, false).await?;
-                    let usage = usage_of(fresh.iter().map(|e| Counted::of(e)));
-                    Self::add_usage(&mut *tx, usage).await?;
-                    Self::set_head(&mut *tx, node, last.seq, &last.hash).await?;
-                }
-                tx.commit().await?;
-                Ok(())
-            }
-
-            async fn append_audit_lines(
-                &self,
-                events: &[RawEvent<'_>],
-            ) -> crate::Result<BTreeMap<String, i64>> {
-                let mut before = BTreeMap::new();
-                if events.is_empty() {
-                    return Ok(before);
-                }
-                let mut tx = self.begin_write().await?;
-                let mut by_node: BTreeMap<&str, Vec<&RawEvent<'_>>> = BTreeMap::new();
-                for e in events {
-                    by_node.entry(&e.head.node).or_default().push(e);
-                }
-                for (node, evs) in by_node {
-                    let head: Option<(i64, String)> = sqlx::QueryBuilder::<$db>::new(
-                        "SELECT seq, hash FROM audit_heads WHERE node = ",
-                    )
-                    .push_bind(node.to_owned())
-                    .build_query_as()
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    let (head_seq, head_hash) =
-                        head.unwrap_or_else(|| (0, keygate_core::audit::GENESIS.to_owned()));
-                    before.insert(node.to_owned(), head_seq);
-                    let prev = keygate_core::audit::unhex(&head_hash).ok_or_else(|| {
-                        crate::StoreError::corrupt(format!("the audit head of {node} is not a hash"))
-                    })?;
-                    // Replayed after a crash: what reached the store already is skipped.
-                    let fresh: Vec<&RawEvent<'_>> =
-                        evs.into_iter().filter(|e| e.head.seq > head_seq).collect();
-                    let Some(last) = fresh.last() else { continue };
-                    let mut hash = prev;
-                    for part in fresh.chunks(LINE_BLOCK_EVENTS) {
-                        // Each insert's await lets requests run between blocks.
-                        let block;
-                        (block, hash) = line_block(node, hash, part)?;
-                        Self::insert_block(&mut *tx, node, &block, false).await?;
-                    }
-                    let usage = usage_of(fresh.iter().map(|e| Counted::of_line(e)));
-                    Self::add_usage(&mut *tx, usage).await?;
-                    Self::set_head(&mut *tx, node, last.head.seq, &hex(&hash)).await?;
-                }
-                tx.commit().await?;
-                Ok(before)
-            }
-
-            async fn audit_nodes(&self) -> crate::Result<Vec<String>> {
-                Ok(sqlx::query_scalar("SELECT DISTINCT node FROM audit_blocks ORDER BY node")
-                    .fetch_all(&self.pool)
-                    .await?)
-            }
-
-            async fn audit_heads(&self) -> crate::Result<Vec<(String, i64, String)>> {
-                Ok(sqlx::query_as("SELECT node, seq, hash FROM audit_heads ORDER BY node")
-                    .fetch_all(&self.pool)
-                    .await?)
-            }
-
-            async fn list_audit(
-                &self,
-                f: &AuditFilter,
-                page: &PageRequest,
-            ) -> crate::Result<Vec<AuditEvent>> {
-                let limit = page.limit as usize;
-                if limit == 0 {
-                    return Ok(Vec::new());
-                }
-                let lo = f.since_ms.map(id_at);
-                let hi = match (f.until_ms.map(id_at), page.cursor.clone()) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
+                        .build_query_scalar()?
+                        .fetch_one(&mut *tx)
+                        .await?
                 };
-                let refs = refs_for(f);
-                // Blocks newest first (by their newest event); a block is read whole, and
-                // the walk stops once `limit` events are in hand that are all newer than
-                // anything the next block holds.
-                let mut out: Vec<AuditEvent> = Vec::new();
-                let mut below: Option<String> = None;
-                loop {
-                    let mut q = sqlx::QueryBuilder::<$db>::new(
-                        "SELECT b.node, b.first_seq, b.last_seq, b.max_id, b.events, b.chain FROM ",
-                    );
-                    let t = match refs.split_first() {
-                        Some((first, rest)) => {
-                            q.push(
-                                "audit_block_refs r JOIN audit_blocks b \
-                                 ON b.node = r.node AND b.first_seq = r.first_seq WHERE r.ref = ",
-                            )
-                            .push_bind(first.as_str());
-                            for r in rest {
-                                q.push(
-                                    " AND EXISTS (SELECT 1 FROM audit_block_refs x WHERE \
-                                     x.node = b.node AND x.first_seq = b.first_seq AND x.ref = ",
-                                )
-                                .push_bind(r.as_str())
-                                .push(")");
-                            }
-                            "r"
-                        }
-                        None => {
-                            q.push("audit_blocks b WHERE 1 = 1");
-                            "b"
-                        }
-                    };
-                    if let Some(x) = &below {
-                        q.push(format_args!(" AND {t}.max_id < ")).push_bind(x.as_str());
-                    }
-                    if let Some(lo) = &lo {
-                        q.push(format_args!(" AND {t}.max_id >= ")).push_bind(lo.as_str());
-                    }
-                    if let Some(hi) = &hi {
-                        q.push(format_args!(" AND {t}.min_id < ")).push_bind(hi.as_str());
-                    }
-                    q.push(format_args!(" ORDER BY {t}.max_id DESC LIMIT "))
-                        .push_bind(BLOCK_PAGE);
-                    let rows: Vec<(String, i64, i64, String, Vec<u8>, Option<Vec<u8>>)> =
-                        q.build_query_as().fetch_all(&self.pool).await?;
-                    let fetched = rows.len();
-                    for (node, first_seq, last_seq, max_id, body, chain) in rows {
-                        if out.len() >= limit && out[limit - 1].id > max_id {
-                            return Ok(out);
-                        }
-                        out.extend(
-                            decode_block(&node, (first_seq, last_seq), &body, chain.as_deref())
-                                .into_iter()
-                                .filter(|e| matches(f, page.cursor.as_deref(), e)),
-                        );
-                        out.sort_unstable_by(|a, b| b.id.cmp(&a.id));
-                        out.truncate(limit);
-                        below = Some(max_id);
-                    }
-                    if fetched < BLOCK_PAGE as usize {
-                        return Ok(out);
-                    }
-                }
-            }
-
-            async fn audit_chain(
-                &self,
-                node: &str,
-                after_seq: i64,
-                limit: u32,
-            ) -> crate::Result<Vec<AuditEvent>> {
-                let limit = limit as usize;
-                let mut out = Vec::new();
-                let mut past: Option<i64> = None;
-                loop {
-                    let mut q = sqlx::QueryBuilder::<$db>::new(
-                        "SELECT first_seq, last_seq, events, chain FROM audit_blocks WHERE node = ",
-                    );
-                    q.push_bind(node).push(" AND last_seq > ").push_bind(after_seq);
-                    if let Some(p) = past {
-                        q.push(" AND first_seq > ").push_bind(p);
-                    }
-                    q.push(" ORDER BY first_seq LIMIT ").push_bind(BLOCK_PAGE);
-                    let rows: Vec<(i64, i64, Vec<u8>, Option<Vec<u8>>)> =
-                        q.build_query_as().fetch_all(&self.pool).await?;
-                    let fetched = rows.len();
-                    for (first_seq, last_seq, body, chain) in rows {
-                        out.extend(
-                            decode_block(node, (first_seq, last_seq), &body, chain.as_deref())
-                                .into_iter()
-                                .filter(|e| e.seq > after_seq),
-                        );
-                        if out.len() >= limit {
-                            out.truncate(limit);
-                            return Ok(out);
-                        }
-                        past = Some(first_seq);
-                    }
-                    if fetched < BLOCK_PAGE as usize {
-                        return Ok(out);
-                    }
-                }
-            }
-
-            async fn usage(
-                &self,
-                of: &UsageOf,
-                bucket_ms: i64,
-                since_ms: i64,
-                until_ms: i64,
-            ) -> crate::Result<Vec<UsageRow>> {
-                let (col, id) = match of {
-                    UsageOf::Key(k) => ("key_id", k),
-                    UsageOf::Tenant(t) => ("tenant_id", t),
-                };
-                let mut q = sqlx::QueryBuilder::<$db>::new("SELECT (minute / ");
-                q.push_bind(bucket_ms)
-                    .push(") * ")
-                    .push_bind(bucket_ms)
-                    .push(format_args!(
-                        " AS bucket, code, CAST(SUM(requests) AS BIGINT), CAST(SUM(credits) AS BIGINT) \
-                         FROM usage_minutes WHERE {col} = "
-                    ))
-                    .push_bind(id.clone())
-                    .push(" AND minute >= ")
-                    .push_bind(since_ms)
-                    .push(" AND minute < ")
-                    .push_bind(until_ms)
-                    .push(" GROUP BY bucket, code ORDER BY bucket, code");
-                let rows: Vec<(i64, String, i64, i64)> =
-                    q.build_query_as().fetch_all(&self.pool).await?;
-                Ok(page_usage(rows))
-            }
-
-            async fn prune_usage(&self, before_ms: i64) -> crate::Result<u64> {
-                let r = sqlx::QueryBuilder::<$db>::new("DELETE FROM usage_minutes WHERE minute < ")
-                    .push_bind(before_ms)
-                    .build()
-                    .execute(&self.pool)
+                Sql::new("DELETE FROM audit_events WHERE node = ")
+                    .push_bind(node)
+                    .push(" AND seq >= ")
+                    .push_bind(b.first_seq)
+                    .push(" AND seq <= ")
+                    .push_bind(last_seq)
+                    .build()?
+                    .execute(&mut *tx)
                     .await?;
-                Ok(r.rows_affected())
             }
+            tx.commit().await?;
+            moved += events.len() as u64;
         }
-    };
+    }
 }
 
-audit_methods!(crate::SqliteStore, sqlx::Sqlite);
-audit_methods!(crate::PgStore, sqlx::Postgres);
+#[async_trait::async_trait]
+impl crate::AuditStore for crate::SqlStore {
+    async fn append_audit(&self, events: &[AuditEvent]) -> crate::Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin_write().await?;
+        let mut by_node: BTreeMap<&str, Vec<&AuditEvent>> = BTreeMap::new();
+        for e in events {
+            by_node.entry(e.node.as_str()).or_default().push(e);
+        }
+        for (node, evs) in by_node {
+            let head: Option<i64> = Sql::new("SELECT seq FROM audit_heads WHERE node = ")
+                .push_bind(node.to_owned())
+                .build_query_scalar()?
+                .fetch_optional(&mut *tx)
+                .await?;
+            // Replayed after a crash: what reached the store already is skipped.
+            let fresh: Vec<&AuditEvent> = evs
+                .into_iter()
+                .filter(|e| e.seq > head.unwrap_or(0))
+                .collect();
+            let Some(last) = fresh.last() else { continue };
+            let block = block_of(&fresh)?;
+            Self::insert_block(&mut tx, node, &block, false).await?;
+            let usage = usage_of(fresh.iter().map(|e| Counted::of(e)));
+            Self::add_usage(&mut tx, usage).await?;
+            Self::set_head(&mut tx, node, last.seq, &last.hash).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn append_audit_lines(
+        &self,
+        events: &[RawEvent<'_>],
+    ) -> crate::Result<BTreeMap<String, i64>> {
+        let mut before = BTreeMap::new();
+        if events.is_empty() {
+            return Ok(before);
+        }
+        let mut tx = self.begin_write().await?;
+        let mut by_node: BTreeMap<&str, Vec<&RawEvent<'_>>> = BTreeMap::new();
+        for e in events {
+            by_node.entry(&e.head.node).or_default().push(e);
+        }
+        for (node, evs) in by_node {
+            let head: Option<(i64, String)> =
+                Sql::new("SELECT seq, hash FROM audit_heads WHERE node = ")
+                    .push_bind(node.to_owned())
+                    .build_query_as()?
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let (head_seq, head_hash) =
+                head.unwrap_or_else(|| (0, keygate_core::audit::GENESIS.to_owned()));
+            before.insert(node.to_owned(), head_seq);
+            let prev = keygate_core::audit::unhex(&head_hash).ok_or_else(|| {
+                crate::StoreError::corrupt(format!("the audit head of {node} is not a hash"))
+            })?;
+            // Replayed after a crash: what reached the store already is skipped.
+            let fresh: Vec<&RawEvent<'_>> =
+                evs.into_iter().filter(|e| e.head.seq > head_seq).collect();
+            let Some(last) = fresh.last() else { continue };
+            let mut hash = prev;
+            for part in fresh.chunks(LINE_BLOCK_EVENTS) {
+                // Each insert's await lets requests run between blocks.
+                let block;
+                (block, hash) = line_block(node, hash, part)?;
+                Self::insert_block(&mut tx, node, &block, false).await?;
+            }
+            let usage = usage_of(fresh.iter().map(|e| Counted::of_line(e)));
+            Self::add_usage(&mut tx, usage).await?;
+            Self::set_head(&mut tx, node, last.head.seq, &hex(&hash)).await?;
+        }
+        tx.commit().await?;
+        Ok(before)
+    }
+
+    async fn audit_nodes(&self) -> crate::Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT DISTINCT node FROM audit_blocks ORDER BY node")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn audit_heads(&self) -> crate::Result<Vec<(String, i64, String)>> {
+        Ok(
+            sqlx::query_as("SELECT node, seq, hash FROM audit_heads ORDER BY node")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn list_audit(
+        &self,
+        f: &AuditFilter,
+        page: &PageRequest,
+    ) -> crate::Result<Vec<AuditEvent>> {
+        let limit = page.limit as usize;
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let lo = f.since_ms.map(id_at);
+        let hi = match (f.until_ms.map(id_at), page.cursor.clone()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let refs = refs_for(f);
+        // Blocks newest first (by their newest event); a block is read whole, and
+        // the walk stops once `limit` events are in hand that are all newer than
+        // anything the next block holds.
+        let mut out: Vec<AuditEvent> = Vec::new();
+        let mut below: Option<String> = None;
+        loop {
+            let mut q = Sql::new(
+                "SELECT b.node, b.first_seq, b.last_seq, b.max_id, b.events, b.chain FROM ",
+            );
+            let t = match refs.split_first() {
+                Some((first, rest)) => {
+                    q.push(
+                        "audit_block_refs r JOIN audit_blocks b \
+                         ON b.node = r.node AND b.first_seq = r.first_seq WHERE r.ref = ",
+                    )
+                    .push_bind(first.as_str());
+                    for r in rest {
+                        q.push(
+                            " AND EXISTS (SELECT 1 FROM audit_block_refs x WHERE \
+                             x.node = b.node AND x.first_seq = b.first_seq AND x.ref = ",
+                        )
+                        .push_bind(r.as_str())
+                        .push(")");
+                    }
+                    "r"
+                }
+                None => {
+                    q.push("audit_blocks b WHERE 1 = 1");
+                    "b"
+                }
+            };
+            if let Some(x) = &below {
+                q.push(format_args!(" AND {t}.max_id < "))
+                    .push_bind(x.as_str());
+            }
+            if let Some(lo) = &lo {
+                q.push(format_args!(" AND {t}.max_id >= "))
+                    .push_bind(lo.as_str());
+            }
+            if let Some(hi) = &hi {
+                q.push(format_args!(" AND {t}.min_id < "))
+                    .push_bind(hi.as_str());
+            }
+            q.push(format_args!(" ORDER BY {t}.max_id DESC LIMIT "))
+                .push_bind(BLOCK_PAGE);
+            let rows: Vec<(String, i64, i64, String, Vec<u8>, Option<Vec<u8>>)> =
+                q.build_query_as()?.fetch_all(&self.pool).await?;
+            let fetched = rows.len();
+            for (node, first_seq, last_seq, max_id, body, chain) in rows {
+                if out.len() >= limit && out[limit - 1].id > max_id {
+                    return Ok(out);
+                }
+                out.extend(
+                    decode_block(&node, (first_seq, last_seq), &body, chain.as_deref())
+                        .into_iter()
+                        .filter(|e| matches(f, page.cursor.as_deref(), e)),
+                );
+                out.sort_unstable_by(|a, b| b.id.cmp(&a.id));
+                out.truncate(limit);
+                below = Some(max_id);
+            }
+            if fetched < BLOCK_PAGE as usize {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn audit_chain(
+        &self,
+        node: &str,
+        after_seq: i64,
+        limit: u32,
+    ) -> crate::Result<Vec<AuditEvent>> {
+        let limit = limit as usize;
+        let mut out = Vec::new();
+        let mut past: Option<i64> = None;
+        loop {
+            let mut q = Sql::new(
+                "SELECT first_seq, last_seq, events, chain FROM audit_blocks WHERE node = ",
+            );
+            q.push_bind(node)
+                .push(" AND last_seq > ")
+                .push_bind(after_seq);
+            if let Some(p) = past {
+                q.push(" AND first_seq > ").push_bind(p);
+            }
+            q.push(" ORDER BY first_seq LIMIT ").push_bind(BLOCK_PAGE);
+            let rows: Vec<(i64, i64, Vec<u8>, Option<Vec<u8>>)> =
+                q.build_query_as()?.fetch_all(&self.pool).await?;
+            let fetched = rows.len();
+            for (first_seq, last_seq, body, chain) in rows {
+                out.extend(
+                    decode_block(node, (first_seq, last_seq), &body, chain.as_deref())
+                        .into_iter()
+                        .filter(|e| e.seq > after_seq),
+                );
+                if out.len() >= limit {
+                    out.truncate(limit);
+                    return Ok(out);
+                }
+                past = Some(first_seq);
+            }
+            if fetched < BLOCK_PAGE as usize {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn usage(
+        &self,
+        of: &UsageOf,
+        bucket_ms: i64,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> crate::Result<Vec<UsageRow>> {
+        let (col, id) = match of {
+            UsageOf::Key(k) => ("key_id", k),
+            UsageOf::Tenant(t) => ("tenant_id", t),
+        };
+        let mut q = Sql::new("SELECT (minute / ");
+        q.push_bind(bucket_ms)
+            .push(") * ")
+            .push_bind(bucket_ms)
+            .push(format_args!(
+                " AS bucket, code, CAST(SUM(requests) AS BIGINT), CAST(SUM(credits) AS BIGINT) \
+                 FROM usage_minutes WHERE {col} = "
+            ))
+            .push_bind(id.clone())
+            .push(" AND minute >= ")
+            .push_bind(since_ms)
+            .push(" AND minute < ")
+            .push_bind(until_ms)
+            .push(" GROUP BY bucket, code ORDER BY bucket, code");
+        let rows: Vec<(i64, String, i64, i64)> = q.build_query_as()?.fetch_all(&self.pool).await?;
+        Ok(page_usage(rows))
+    }
+
+    async fn prune_usage(&self, before_ms: i64) -> crate::Result<u64> {
+        let r = Sql::new("DELETE FROM usage_minutes WHERE minute < ")
+            .push_bind(before_ms)
+            .build()?
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+}
 
 /// The result of checking every node's chain.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -2,8 +2,8 @@
 //!
 //! [`Store`] is the boundary: rows go in and come out as typed records built from core types
 //! (`ScopeSet`, `IpAllowList`, `OriginList`, …), so nothing above this crate parses a stored
-//! string. [`SqliteStore`] is the embedded implementation; the trait is shaped so that a
-//! PostgreSQL implementation runs the same test suite.
+//! string. [`SqlStore`] implements it once for both databases: one SQLite file for a single
+//! node, PostgreSQL for many (see `sql.rs` for how one implementation serves both).
 //!
 //! Money lives here: a key family's `spent` and a tenant's `credits` are changed only by
 //! single-statement conditional updates (`withdraw_*`), so no interleaving of nodes or tasks
@@ -14,18 +14,17 @@
 
 mod alerts;
 mod audit;
+mod keys;
 mod oauth;
-mod postgres;
 mod rows;
-mod sqlite;
+mod sql;
 mod types;
 mod webhooks;
 
 pub use audit::{
     block_text, granularity_ms, stored_block, verify_audit, AuditReport, RawEvent, CHAIN_TAGGED,
 };
-pub use postgres::PgStore;
-pub use sqlite::SqliteStore;
+pub use sql::{Backend, SqlStore};
 pub use types::*;
 
 use async_trait::async_trait;

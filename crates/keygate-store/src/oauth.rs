@@ -5,26 +5,15 @@
 //! and the other sees a reuse.
 
 use crate::rows::{json_list, parse_list, user_from_row};
+use crate::sql::Sql;
 use crate::{
     AuthCode, CodeUse, LoginThrottle, OAuthClient, OAuthGrant, PageRequest, RefreshToken,
     RefreshUse, SigningKey, User,
 };
+use sqlx::any::AnyRow;
 use sqlx::Row;
 
-macro_rules! decoder {
-    (fn $name:ident($r:ident) -> $out:ty $body:block) => {
-        fn $name<R: Row>($r: &R) -> crate::Result<$out>
-        where
-            for<'a> &'a str: sqlx::ColumnIndex<R>,
-            for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-            for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-            for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-            for<'a> Option<i64>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-        $body
-    };
-}
-
-decoder!(fn client_from(r) -> OAuthClient {
+fn client_from(r: &AnyRow) -> crate::Result<OAuthClient> {
     let uris: String = r.try_get("redirect_uris")?;
     let scopes: String = r.try_get("scopes")?;
     Ok(OAuthClient {
@@ -37,9 +26,9 @@ decoder!(fn client_from(r) -> OAuthClient {
         scopes: parse_list(&scopes, "client scopes")?,
         created_at_ms: r.try_get("created_at")?,
     })
-});
+}
 
-decoder!(fn code_from(r) -> AuthCode {
+fn code_from(r: &AnyRow) -> crate::Result<AuthCode> {
     Ok(AuthCode {
         hash: r.try_get("hash")?,
         client_id: r.try_get("client_id")?,
@@ -53,9 +42,9 @@ decoder!(fn code_from(r) -> AuthCode {
         used_at_ms: r.try_get("used_at")?,
         grant_id: r.try_get("grant_id")?,
     })
-});
+}
 
-decoder!(fn grant_from(r) -> OAuthGrant {
+fn grant_from(r: &AnyRow) -> crate::Result<OAuthGrant> {
     Ok(OAuthGrant {
         id: r.try_get("id")?,
         client_id: r.try_get("client_id")?,
@@ -67,18 +56,18 @@ decoder!(fn grant_from(r) -> OAuthGrant {
         revoked_at_ms: r.try_get("revoked_at")?,
         revoked_reason: r.try_get("revoked_reason")?,
     })
-});
+}
 
-decoder!(fn refresh_from(r) -> RefreshToken {
+fn refresh_from(r: &AnyRow) -> crate::Result<RefreshToken> {
     Ok(RefreshToken {
         hash: r.try_get("hash")?,
         grant_id: r.try_get("grant_id")?,
         created_at_ms: r.try_get("created_at")?,
         used_at_ms: r.try_get("used_at")?,
     })
-});
+}
 
-decoder!(fn signing_key_from(r) -> SigningKey {
+fn signing_key_from(r: &AnyRow) -> crate::Result<SigningKey> {
     Ok(SigningKey {
         kid: r.try_get("kid")?,
         alg: r.try_get("alg")?,
@@ -87,509 +76,472 @@ decoder!(fn signing_key_from(r) -> SigningKey {
         created_at_ms: r.try_get("created_at")?,
         retired_at_ms: r.try_get("retired_at")?,
     })
-});
+}
 
-macro_rules! oauth_methods {
-    ($store:ty, $db:ty) => {
-        #[async_trait::async_trait]
-        impl crate::OAuthStore for $store {
-            async fn insert_client(&self, c: &OAuthClient) -> crate::Result<()> {
-                let mut q = sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO oauth_clients (id, tenant_id, name, client_type, secret_hash, \
-                     redirect_uris, scopes, created_at) ",
-                );
-                q.push_values([()], |mut b, ()| {
-                    b.push_bind(c.id.clone())
-                        .push_bind(c.tenant_id.clone())
-                        .push_bind(c.name.clone())
-                        .push_bind(c.client_type.clone())
-                        .push_bind(c.secret_hash.clone())
-                        .push_bind(json_list(c.redirect_uris.clone()))
-                        .push_bind(json_list(c.scopes.clone()))
-                        .push_bind(c.created_at_ms);
-                });
-                q.build().execute(&self.pool).await?;
-                Ok(())
-            }
+#[async_trait::async_trait]
+impl crate::OAuthStore for crate::SqlStore {
+    async fn insert_client(&self, c: &OAuthClient) -> crate::Result<()> {
+        let mut q = Sql::new(
+            "INSERT INTO oauth_clients (id, tenant_id, name, client_type, secret_hash, \
+             redirect_uris, scopes, created_at) ",
+        );
+        q.push_values([()], |mut b, ()| {
+            b.push_bind(c.id.clone())
+                .push_bind(c.tenant_id.clone())
+                .push_bind(c.name.clone())
+                .push_bind(c.client_type.clone())
+                .push_bind(c.secret_hash.clone())
+                .push_bind(json_list(c.redirect_uris.clone()))
+                .push_bind(json_list(c.scopes.clone()))
+                .push_bind(c.created_at_ms);
+        });
+        q.build()?.execute(&self.pool).await?;
+        Ok(())
+    }
 
-            async fn get_client(&self, id: &str) -> crate::Result<Option<OAuthClient>> {
-                let row = sqlx::QueryBuilder::<$db>::new("SELECT * FROM oauth_clients WHERE id = ")
-                    .push_bind(id.to_owned())
-                    .build()
-                    .fetch_optional(&self.pool)
-                    .await?;
-                row.as_ref().map(client_from).transpose()
-            }
+    async fn get_client(&self, id: &str) -> crate::Result<Option<OAuthClient>> {
+        let row = Sql::new("SELECT * FROM oauth_clients WHERE id = ")
+            .push_bind(id.to_owned())
+            .build()?
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(client_from).transpose()
+    }
 
-            async fn list_clients(
-                &self,
-                tenant_id: Option<&str>,
-                page: &PageRequest,
-            ) -> crate::Result<Vec<OAuthClient>> {
-                let mut q = sqlx::QueryBuilder::<$db>::new("SELECT * FROM oauth_clients WHERE 1 = 1");
-                if let Some(t) = tenant_id {
-                    q.push(" AND tenant_id = ").push_bind(t.to_owned());
-                }
-                if let Some(c) = &page.cursor {
-                    q.push(" AND id < ").push_bind(c.clone());
-                }
-                q.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(page.limit));
-                let rows = q.build().fetch_all(&self.pool).await?;
-                rows.iter().map(client_from).collect()
-            }
+    async fn list_clients(
+        &self,
+        tenant_id: Option<&str>,
+        page: &PageRequest,
+    ) -> crate::Result<Vec<OAuthClient>> {
+        let mut q = Sql::new("SELECT * FROM oauth_clients WHERE 1 = 1");
+        if let Some(t) = tenant_id {
+            q.push(" AND tenant_id = ").push_bind(t.to_owned());
+        }
+        if let Some(c) = &page.cursor {
+            q.push(" AND id < ").push_bind(c.clone());
+        }
+        q.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(page.limit));
+        let rows = q.build()?.fetch_all(&self.pool).await?;
+        rows.iter().map(client_from).collect()
+    }
 
-            async fn delete_client(&self, id: &str, now_ms: i64) -> crate::Result<Vec<String>> {
-                let mut tx = self.begin_write().await?;
-                let grants: Vec<String> = sqlx::QueryBuilder::<$db>::new(
-                    "SELECT id FROM oauth_grants WHERE revoked_at IS NULL AND client_id = ",
-                )
+    async fn delete_client(&self, id: &str, now_ms: i64) -> crate::Result<Vec<String>> {
+        let mut tx = self.begin_write().await?;
+        let grants: Vec<String> =
+            Sql::new("SELECT id FROM oauth_grants WHERE revoked_at IS NULL AND client_id = ")
                 .push_bind(id.to_owned())
-                .build()
+                .build()?
                 .fetch_all(&mut *tx)
                 .await?
                 .iter()
                 .map(|r| r.try_get::<String, _>("id"))
                 .collect::<Result<_, _>>()?;
-                sqlx::QueryBuilder::<$db>::new("UPDATE oauth_grants SET revoked_at = ")
-                    .push_bind(now_ms)
-                    .push(", revoked_reason = 'client_deleted' WHERE revoked_at IS NULL AND client_id = ")
-                    .push_bind(id.to_owned())
-                    .build()
-                    .execute(&mut *tx)
-                    .await?;
-                let r = sqlx::QueryBuilder::<$db>::new("DELETE FROM oauth_clients WHERE id = ")
-                    .push_bind(id.to_owned())
-                    .build()
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                if r.rows_affected() == 0 {
-                    return Ok(Vec::new());
-                }
-                let mut out = grants;
-                out.insert(0, id.to_owned());
-                Ok(out)
-            }
-
-            async fn get_user_by_email(
-                &self,
-                tenant_id: &str,
-                email: &str,
-            ) -> crate::Result<Option<User>> {
-                let row = sqlx::QueryBuilder::<$db>::new("SELECT * FROM users WHERE tenant_id = ")
-                    .push_bind(tenant_id.to_owned())
-                    .push(" AND email = ")
-                    .push_bind(email.to_owned())
-                    .build()
-                    .fetch_optional(&self.pool)
-                    .await?;
-                row.as_ref().map(user_from_row).transpose()
-            }
-
-            async fn insert_code(&self, c: &AuthCode) -> crate::Result<()> {
-                let mut q = sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO oauth_codes (hash, client_id, tenant_id, user_id, redirect_uri, \
-                     challenge, scope, created_at, expires_at, used_at, grant_id) ",
-                );
-                q.push_values([()], |mut b, ()| {
-                    b.push_bind(c.hash.clone())
-                        .push_bind(c.client_id.clone())
-                        .push_bind(c.tenant_id.clone())
-                        .push_bind(c.user_id.clone())
-                        .push_bind(c.redirect_uri.clone())
-                        .push_bind(c.challenge.clone())
-                        .push_bind(c.scope.clone())
-                        .push_bind(c.created_at_ms)
-                        .push_bind(c.expires_at_ms)
-                        .push_bind(c.used_at_ms)
-                        .push_bind(c.grant_id.clone());
-                });
-                q.build().execute(&self.pool).await?;
-                Ok(())
-            }
-
-            async fn get_code(&self, hash: &str) -> crate::Result<Option<AuthCode>> {
-                let row = sqlx::QueryBuilder::<$db>::new("SELECT * FROM oauth_codes WHERE hash = ")
-                    .push_bind(hash.to_owned())
-                    .build()
-                    .fetch_optional(&self.pool)
-                    .await?;
-                row.as_ref().map(code_from).transpose()
-            }
-
-            async fn use_code(
-                &self,
-                hash: &str,
-                grant: &OAuthGrant,
-                refresh: &RefreshToken,
-                now_ms: i64,
-            ) -> crate::Result<CodeUse> {
-                // One transaction: a reuse that races this exchange waits for it and then
-                // finds the grant stored, so revoking it cannot miss.
-                let mut tx = self.begin_write().await?;
-                let won = sqlx::QueryBuilder::<$db>::new("UPDATE oauth_codes SET used_at = ")
-                    .push_bind(now_ms)
-                    .push(", grant_id = ")
-                    .push_bind(grant.id.clone())
-                    .push(" WHERE used_at IS NULL AND hash = ")
-                    .push_bind(hash.to_owned())
-                    .build()
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected()
-                    == 1;
-                let row = sqlx::QueryBuilder::<$db>::new("SELECT * FROM oauth_codes WHERE hash = ")
-                    .push_bind(hash.to_owned())
-                    .build()
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let out = match row.as_ref().map(code_from).transpose()? {
-                    Some(c) if won => {
-                        insert_grant_in!($db, &mut *tx, grant);
-                        insert_refresh_in!($db, &mut *tx, refresh);
-                        CodeUse::Fresh(c)
-                    }
-                    Some(c) => CodeUse::Reused(c),
-                    None => CodeUse::Unknown,
-                };
-                tx.commit().await?;
-                Ok(out)
-            }
-
-            async fn insert_grant(
-                &self,
-                g: &OAuthGrant,
-                refresh: Option<&RefreshToken>,
-            ) -> crate::Result<()> {
-                let mut tx = self.begin_write().await?;
-                insert_grant_in!($db, &mut *tx, g);
-                if let Some(rt) = refresh {
-                    insert_refresh_in!($db, &mut *tx, rt);
-                }
-                tx.commit().await?;
-                Ok(())
-            }
-
-            async fn get_grant(&self, id: &str) -> crate::Result<Option<OAuthGrant>> {
-                let row = sqlx::QueryBuilder::<$db>::new("SELECT * FROM oauth_grants WHERE id = ")
-                    .push_bind(id.to_owned())
-                    .build()
-                    .fetch_optional(&self.pool)
-                    .await?;
-                row.as_ref().map(grant_from).transpose()
-            }
-
-            async fn revoke_grant(&self, id: &str, now_ms: i64, reason: &str) -> crate::Result<bool> {
-                let r = sqlx::QueryBuilder::<$db>::new("UPDATE oauth_grants SET revoked_at = ")
-                    .push_bind(now_ms)
-                    .push(", revoked_reason = ")
-                    .push_bind(reason.to_owned())
-                    .push(" WHERE revoked_at IS NULL AND id = ")
-                    .push_bind(id.to_owned())
-                    .build()
-                    .execute(&self.pool)
-                    .await?;
-                Ok(r.rows_affected() == 1)
-            }
-
-            async fn use_refresh(
-                &self,
-                hash: &str,
-                successor: &RefreshToken,
-                now_ms: i64,
-            ) -> crate::Result<RefreshUse> {
-                let mut tx = self.begin_write().await?;
-                let won = sqlx::QueryBuilder::<$db>::new("UPDATE oauth_refresh_tokens SET used_at = ")
-                    .push_bind(now_ms)
-                    .push(" WHERE used_at IS NULL AND hash = ")
-                    .push_bind(hash.to_owned())
-                    .build()
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected()
-                    == 1;
-                let row = sqlx::QueryBuilder::<$db>::new(
-                    "SELECT * FROM oauth_refresh_tokens WHERE hash = ",
-                )
-                .push_bind(hash.to_owned())
-                .build()
-                .fetch_optional(&mut *tx)
-                .await?;
-                let out = match row.as_ref().map(refresh_from).transpose()? {
-                    Some(rt) if won => {
-                        // The successor belongs to the same family.
-                        let next = RefreshToken { grant_id: rt.grant_id.clone(), ..successor.clone() };
-                        insert_refresh_in!($db, &mut *tx, &next);
-                        RefreshUse::Fresh(rt)
-                    }
-                    Some(rt) => RefreshUse::Reused(rt),
-                    None => RefreshUse::Unknown,
-                };
-                tx.commit().await?;
-                Ok(out)
-            }
-
-            async fn get_refresh(&self, hash: &str) -> crate::Result<Option<RefreshToken>> {
-                let row = sqlx::QueryBuilder::<$db>::new(
-                    "SELECT * FROM oauth_refresh_tokens WHERE hash = ",
-                )
-                .push_bind(hash.to_owned())
-                .build()
-                .fetch_optional(&self.pool)
-                .await?;
-                row.as_ref().map(refresh_from).transpose()
-            }
-
-            async fn revoke_access_token(
-                &self,
-                jti: &str,
-                grant_id: &str,
-                expires_at_ms: i64,
-            ) -> crate::Result<()> {
-                let mut q = sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO oauth_revoked_tokens (jti, grant_id, expires_at) ",
-                );
-                q.push_values([()], |mut b, ()| {
-                    b.push_bind(jti.to_owned())
-                        .push_bind(grant_id.to_owned())
-                        .push_bind(expires_at_ms);
-                });
-                q.push(" ON CONFLICT (jti) DO NOTHING");
-                q.build().execute(&self.pool).await?;
-                Ok(())
-            }
-
-            async fn access_token_revoked(&self, jti: &str) -> crate::Result<bool> {
-                let row = sqlx::QueryBuilder::<$db>::new(
-                    "SELECT jti FROM oauth_revoked_tokens WHERE jti = ",
-                )
-                .push_bind(jti.to_owned())
-                .build()
-                .fetch_optional(&self.pool)
-                .await?;
-                Ok(row.is_some())
-            }
-
-            async fn has_consent(
-                &self,
-                user_id: &str,
-                client_id: &str,
-                scope: &str,
-            ) -> crate::Result<bool> {
-                let row = sqlx::QueryBuilder::<$db>::new(
-                    "SELECT created_at FROM oauth_consents WHERE user_id = ",
-                )
-                .push_bind(user_id.to_owned())
-                .push(" AND client_id = ")
-                .push_bind(client_id.to_owned())
-                .push(" AND scope = ")
-                .push_bind(scope.to_owned())
-                .build()
-                .fetch_optional(&self.pool)
-                .await?;
-                Ok(row.is_some())
-            }
-
-            async fn insert_consent(
-                &self,
-                user_id: &str,
-                client_id: &str,
-                scope: &str,
-                now_ms: i64,
-            ) -> crate::Result<()> {
-                let mut q = sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO oauth_consents (user_id, client_id, scope, created_at) ",
-                );
-                q.push_values([()], |mut b, ()| {
-                    b.push_bind(user_id.to_owned())
-                        .push_bind(client_id.to_owned())
-                        .push_bind(scope.to_owned())
-                        .push_bind(now_ms);
-                });
-                q.push(" ON CONFLICT (user_id, client_id, scope) DO NOTHING");
-                q.build().execute(&self.pool).await?;
-                Ok(())
-            }
-
-            async fn signing_keys(&self) -> crate::Result<Vec<SigningKey>> {
-                let rows = sqlx::QueryBuilder::<$db>::new(
-                    "SELECT * FROM oauth_signing_keys ORDER BY created_at DESC, kid DESC",
-                )
-                .build()
-                .fetch_all(&self.pool)
-                .await?;
-                rows.iter().map(signing_key_from).collect()
-            }
-
-            async fn add_signing_key(&self, k: &SigningKey, retire_before_ms: i64) -> crate::Result<()> {
-                let mut tx = self.begin_write().await?;
-                sqlx::QueryBuilder::<$db>::new("UPDATE oauth_signing_keys SET retired_at = ")
-                    .push_bind(k.created_at_ms)
-                    .push(" WHERE retired_at IS NULL AND created_at < ")
-                    .push_bind(retire_before_ms)
-                    .build()
-                    .execute(&mut *tx)
-                    .await?;
-                let mut q = sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO oauth_signing_keys (kid, alg, private_key, public_x, created_at, \
-                     retired_at) ",
-                );
-                q.push_values([()], |mut b, ()| {
-                    b.push_bind(k.kid.clone())
-                        .push_bind(k.alg.clone())
-                        .push_bind(k.private_key.clone())
-                        .push_bind(k.public_x.clone())
-                        .push_bind(k.created_at_ms)
-                        .push_bind(k.retired_at_ms);
-                });
-                q.build().execute(&mut *tx).await?;
-                tx.commit().await?;
-                Ok(())
-            }
-
-            async fn shared_secret(
-                &self,
-                name: &str,
-                candidate: &str,
-                now_ms: i64,
-            ) -> crate::Result<String> {
-                let mut q = sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO server_secrets (name, value, created_at) ",
-                );
-                q.push_values([()], |mut b, ()| {
-                    b.push_bind(name.to_owned())
-                        .push_bind(candidate.to_owned())
-                        .push_bind(now_ms);
-                });
-                q.push(" ON CONFLICT (name) DO NOTHING");
-                q.build().execute(&self.pool).await?;
-                let row = sqlx::QueryBuilder::<$db>::new("SELECT value FROM server_secrets WHERE name = ")
-                    .push_bind(name.to_owned())
-                    .build()
-                    .fetch_one(&self.pool)
-                    .await?;
-                Ok(row.try_get("value")?)
-            }
-
-            async fn get_login_throttle(
-                &self,
-                subject: &str,
-            ) -> crate::Result<Option<LoginThrottle>> {
-                let row: Option<(i64, i64, i64)> = sqlx::QueryBuilder::<$db>::new(
-                    "SELECT failures, last_at, next_at FROM login_throttle WHERE subject = ",
-                )
-                .push_bind(subject.to_owned())
-                .build_query_as()
-                .fetch_optional(&self.pool)
-                .await?;
-                Ok(row.map(|(failures, last_ms, next_ms)| LoginThrottle {
-                    failures: u32::try_from(failures.max(0)).unwrap_or(u32::MAX),
-                    last_ms,
-                    next_ms,
-                }))
-            }
-
-            async fn swap_login_throttle(
-                &self,
-                subject: &str,
-                expected: Option<&LoginThrottle>,
-                new: Option<&LoginThrottle>,
-            ) -> crate::Result<bool> {
-                let mut q = match (expected, new) {
-                    (None, None) => return Ok(true),
-                    (None, Some(n)) => {
-                        let mut q = sqlx::QueryBuilder::<$db>::new(
-                            "INSERT INTO login_throttle (subject, failures, last_at, next_at) ",
-                        );
-                        q.push_values([()], |mut b, ()| {
-                            b.push_bind(subject.to_owned())
-                                .push_bind(i64::from(n.failures))
-                                .push_bind(n.last_ms)
-                                .push_bind(n.next_ms);
-                        });
-                        q.push(" ON CONFLICT (subject) DO NOTHING");
-                        q
-                    }
-                    (Some(e), new) => {
-                        let mut q = match new {
-                            Some(n) => {
-                                let mut q = sqlx::QueryBuilder::<$db>::new(
-                                    "UPDATE login_throttle SET failures = ",
-                                );
-                                q.push_bind(i64::from(n.failures))
-                                    .push(", last_at = ")
-                                    .push_bind(n.last_ms)
-                                    .push(", next_at = ")
-                                    .push_bind(n.next_ms);
-                                q
-                            }
-                            None => sqlx::QueryBuilder::<$db>::new("DELETE FROM login_throttle"),
-                        };
-                        q.push(" WHERE subject = ")
-                            .push_bind(subject.to_owned())
-                            .push(" AND failures = ")
-                            .push_bind(i64::from(e.failures))
-                            .push(" AND last_at = ")
-                            .push_bind(e.last_ms)
-                            .push(" AND next_at = ")
-                            .push_bind(e.next_ms);
-                        q
-                    }
-                };
-                Ok(q.build().execute(&self.pool).await?.rows_affected() == 1)
-            }
-
-            async fn prune_login_throttles(&self, before_ms: i64) -> crate::Result<u64> {
-                Ok(
-                    sqlx::QueryBuilder::<$db>::new("DELETE FROM login_throttle WHERE last_at < ")
-                        .push_bind(before_ms)
-                        .build()
-                        .execute(&self.pool)
-                        .await?
-                        .rows_affected(),
-                )
-            }
+        Sql::new("UPDATE oauth_grants SET revoked_at = ")
+            .push_bind(now_ms)
+            .push(", revoked_reason = 'client_deleted' WHERE revoked_at IS NULL AND client_id = ")
+            .push_bind(id.to_owned())
+            .build()?
+            .execute(&mut *tx)
+            .await?;
+        let r = Sql::new("DELETE FROM oauth_clients WHERE id = ")
+            .push_bind(id.to_owned())
+            .build()?
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        if r.rows_affected() == 0 {
+            return Ok(Vec::new());
         }
-    };
-}
+        let mut out = grants;
+        out.insert(0, id.to_owned());
+        Ok(out)
+    }
 
-macro_rules! insert_grant_in {
-    ($db:ty, $exec:expr, $g:expr) => {{
-        let g: &OAuthGrant = $g;
-        let mut q = sqlx::QueryBuilder::<$db>::new(
-            "INSERT INTO oauth_grants (id, client_id, tenant_id, user_id, scope, \
-             created_at, expires_at, revoked_at, revoked_reason) ",
+    async fn get_user_by_email(&self, tenant_id: &str, email: &str) -> crate::Result<Option<User>> {
+        let row = Sql::new("SELECT * FROM users WHERE tenant_id = ")
+            .push_bind(tenant_id.to_owned())
+            .push(" AND email = ")
+            .push_bind(email.to_owned())
+            .build()?
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn insert_code(&self, c: &AuthCode) -> crate::Result<()> {
+        let mut q = Sql::new(
+            "INSERT INTO oauth_codes (hash, client_id, tenant_id, user_id, redirect_uri, \
+             challenge, scope, created_at, expires_at, used_at, grant_id) ",
         );
         q.push_values([()], |mut b, ()| {
-            b.push_bind(g.id.clone())
-                .push_bind(g.client_id.clone())
-                .push_bind(g.tenant_id.clone())
-                .push_bind(g.user_id.clone())
-                .push_bind(g.scope.clone())
-                .push_bind(g.created_at_ms)
-                .push_bind(g.expires_at_ms)
-                .push_bind(g.revoked_at_ms)
-                .push_bind(g.revoked_reason.clone());
+            b.push_bind(c.hash.clone())
+                .push_bind(c.client_id.clone())
+                .push_bind(c.tenant_id.clone())
+                .push_bind(c.user_id.clone())
+                .push_bind(c.redirect_uri.clone())
+                .push_bind(c.challenge.clone())
+                .push_bind(c.scope.clone())
+                .push_bind(c.created_at_ms)
+                .push_bind(c.expires_at_ms)
+                .push_bind(c.used_at_ms)
+                .push_bind(c.grant_id.clone());
         });
-        q.build().execute($exec).await?;
-    }};
-}
+        q.build()?.execute(&self.pool).await?;
+        Ok(())
+    }
 
-macro_rules! insert_refresh_in {
-    ($db:ty, $exec:expr, $rt:expr) => {{
-        let rt: &RefreshToken = $rt;
-        let mut q = sqlx::QueryBuilder::<$db>::new(
-            "INSERT INTO oauth_refresh_tokens (hash, grant_id, created_at, used_at) ",
+    async fn get_code(&self, hash: &str) -> crate::Result<Option<AuthCode>> {
+        let row = Sql::new("SELECT * FROM oauth_codes WHERE hash = ")
+            .push_bind(hash.to_owned())
+            .build()?
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(code_from).transpose()
+    }
+
+    async fn use_code(
+        &self,
+        hash: &str,
+        grant: &OAuthGrant,
+        refresh: &RefreshToken,
+        now_ms: i64,
+    ) -> crate::Result<CodeUse> {
+        // One transaction: a reuse that races this exchange waits for it and then
+        // finds the grant stored, so revoking it cannot miss.
+        let mut tx = self.begin_write().await?;
+        let won = Sql::new("UPDATE oauth_codes SET used_at = ")
+            .push_bind(now_ms)
+            .push(", grant_id = ")
+            .push_bind(grant.id.clone())
+            .push(" WHERE used_at IS NULL AND hash = ")
+            .push_bind(hash.to_owned())
+            .build()?
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        let row = Sql::new("SELECT * FROM oauth_codes WHERE hash = ")
+            .push_bind(hash.to_owned())
+            .build()?
+            .fetch_optional(&mut *tx)
+            .await?;
+        let out = match row.as_ref().map(code_from).transpose()? {
+            Some(c) if won => {
+                insert_grant(&mut tx, grant).await?;
+                insert_refresh(&mut tx, refresh).await?;
+                CodeUse::Fresh(c)
+            }
+            Some(c) => CodeUse::Reused(c),
+            None => CodeUse::Unknown,
+        };
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn insert_grant(
+        &self,
+        g: &OAuthGrant,
+        refresh: Option<&RefreshToken>,
+    ) -> crate::Result<()> {
+        let mut tx = self.begin_write().await?;
+        insert_grant(&mut tx, g).await?;
+        if let Some(rt) = refresh {
+            insert_refresh(&mut tx, rt).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn get_grant(&self, id: &str) -> crate::Result<Option<OAuthGrant>> {
+        let row = Sql::new("SELECT * FROM oauth_grants WHERE id = ")
+            .push_bind(id.to_owned())
+            .build()?
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(grant_from).transpose()
+    }
+
+    async fn revoke_grant(&self, id: &str, now_ms: i64, reason: &str) -> crate::Result<bool> {
+        let r = Sql::new("UPDATE oauth_grants SET revoked_at = ")
+            .push_bind(now_ms)
+            .push(", revoked_reason = ")
+            .push_bind(reason.to_owned())
+            .push(" WHERE revoked_at IS NULL AND id = ")
+            .push_bind(id.to_owned())
+            .build()?
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn use_refresh(
+        &self,
+        hash: &str,
+        successor: &RefreshToken,
+        now_ms: i64,
+    ) -> crate::Result<RefreshUse> {
+        let mut tx = self.begin_write().await?;
+        let won = Sql::new("UPDATE oauth_refresh_tokens SET used_at = ")
+            .push_bind(now_ms)
+            .push(" WHERE used_at IS NULL AND hash = ")
+            .push_bind(hash.to_owned())
+            .build()?
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+            == 1;
+        let row = Sql::new("SELECT * FROM oauth_refresh_tokens WHERE hash = ")
+            .push_bind(hash.to_owned())
+            .build()?
+            .fetch_optional(&mut *tx)
+            .await?;
+        let out = match row.as_ref().map(refresh_from).transpose()? {
+            Some(rt) if won => {
+                // The successor belongs to the same family.
+                let next = RefreshToken {
+                    grant_id: rt.grant_id.clone(),
+                    ..successor.clone()
+                };
+                insert_refresh(&mut tx, &next).await?;
+                RefreshUse::Fresh(rt)
+            }
+            Some(rt) => RefreshUse::Reused(rt),
+            None => RefreshUse::Unknown,
+        };
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn get_refresh(&self, hash: &str) -> crate::Result<Option<RefreshToken>> {
+        let row = Sql::new("SELECT * FROM oauth_refresh_tokens WHERE hash = ")
+            .push_bind(hash.to_owned())
+            .build()?
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(refresh_from).transpose()
+    }
+
+    async fn revoke_access_token(
+        &self,
+        jti: &str,
+        grant_id: &str,
+        expires_at_ms: i64,
+    ) -> crate::Result<()> {
+        let mut q = Sql::new("INSERT INTO oauth_revoked_tokens (jti, grant_id, expires_at) ");
+        q.push_values([()], |mut b, ()| {
+            b.push_bind(jti.to_owned())
+                .push_bind(grant_id.to_owned())
+                .push_bind(expires_at_ms);
+        });
+        q.push(" ON CONFLICT (jti) DO NOTHING");
+        q.build()?.execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn access_token_revoked(&self, jti: &str) -> crate::Result<bool> {
+        let row = Sql::new("SELECT jti FROM oauth_revoked_tokens WHERE jti = ")
+            .push_bind(jti.to_owned())
+            .build()?
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    async fn has_consent(
+        &self,
+        user_id: &str,
+        client_id: &str,
+        scope: &str,
+    ) -> crate::Result<bool> {
+        let row = Sql::new("SELECT created_at FROM oauth_consents WHERE user_id = ")
+            .push_bind(user_id.to_owned())
+            .push(" AND client_id = ")
+            .push_bind(client_id.to_owned())
+            .push(" AND scope = ")
+            .push_bind(scope.to_owned())
+            .build()?
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    async fn insert_consent(
+        &self,
+        user_id: &str,
+        client_id: &str,
+        scope: &str,
+        now_ms: i64,
+    ) -> crate::Result<()> {
+        let mut q = Sql::new("INSERT INTO oauth_consents (user_id, client_id, scope, created_at) ");
+        q.push_values([()], |mut b, ()| {
+            b.push_bind(user_id.to_owned())
+                .push_bind(client_id.to_owned())
+                .push_bind(scope.to_owned())
+                .push_bind(now_ms);
+        });
+        q.push(" ON CONFLICT (user_id, client_id, scope) DO NOTHING");
+        q.build()?.execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn signing_keys(&self) -> crate::Result<Vec<SigningKey>> {
+        let rows = Sql::new("SELECT * FROM oauth_signing_keys ORDER BY created_at DESC, kid DESC")
+            .build()?
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(signing_key_from).collect()
+    }
+
+    async fn add_signing_key(&self, k: &SigningKey, retire_before_ms: i64) -> crate::Result<()> {
+        let mut tx = self.begin_write().await?;
+        Sql::new("UPDATE oauth_signing_keys SET retired_at = ")
+            .push_bind(k.created_at_ms)
+            .push(" WHERE retired_at IS NULL AND created_at < ")
+            .push_bind(retire_before_ms)
+            .build()?
+            .execute(&mut *tx)
+            .await?;
+        let mut q = Sql::new(
+            "INSERT INTO oauth_signing_keys (kid, alg, private_key, public_x, created_at, \
+             retired_at) ",
         );
         q.push_values([()], |mut b, ()| {
-            b.push_bind(rt.hash.clone())
-                .push_bind(rt.grant_id.clone())
-                .push_bind(rt.created_at_ms)
-                .push_bind(rt.used_at_ms);
+            b.push_bind(k.kid.clone())
+                .push_bind(k.alg.clone())
+                .push_bind(k.private_key.clone())
+                .push_bind(k.public_x.clone())
+                .push_bind(k.created_at_ms)
+                .push_bind(k.retired_at_ms);
         });
-        q.build().execute($exec).await?;
-    }};
+        q.build()?.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn shared_secret(
+        &self,
+        name: &str,
+        candidate: &str,
+        now_ms: i64,
+    ) -> crate::Result<String> {
+        let mut q = Sql::new("INSERT INTO server_secrets (name, value, created_at) ");
+        q.push_values([()], |mut b, ()| {
+            b.push_bind(name.to_owned())
+                .push_bind(candidate.to_owned())
+                .push_bind(now_ms);
+        });
+        q.push(" ON CONFLICT (name) DO NOTHING");
+        q.build()?.execute(&self.pool).await?;
+        let row = Sql::new("SELECT value FROM server_secrets WHERE name = ")
+            .push_bind(name.to_owned())
+            .build()?
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("value")?)
+    }
+
+    async fn get_login_throttle(&self, subject: &str) -> crate::Result<Option<LoginThrottle>> {
+        let row: Option<(i64, i64, i64)> =
+            Sql::new("SELECT failures, last_at, next_at FROM login_throttle WHERE subject = ")
+                .push_bind(subject.to_owned())
+                .build_query_as()?
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(failures, last_ms, next_ms)| LoginThrottle {
+            failures: u32::try_from(failures.max(0)).unwrap_or(u32::MAX),
+            last_ms,
+            next_ms,
+        }))
+    }
+
+    async fn swap_login_throttle(
+        &self,
+        subject: &str,
+        expected: Option<&LoginThrottle>,
+        new: Option<&LoginThrottle>,
+    ) -> crate::Result<bool> {
+        let mut q = match (expected, new) {
+            (None, None) => return Ok(true),
+            (None, Some(n)) => {
+                let mut q =
+                    Sql::new("INSERT INTO login_throttle (subject, failures, last_at, next_at) ");
+                q.push_values([()], |mut b, ()| {
+                    b.push_bind(subject.to_owned())
+                        .push_bind(i64::from(n.failures))
+                        .push_bind(n.last_ms)
+                        .push_bind(n.next_ms);
+                });
+                q.push(" ON CONFLICT (subject) DO NOTHING");
+                q
+            }
+            (Some(e), new) => {
+                let mut q = match new {
+                    Some(n) => {
+                        let mut q = Sql::new("UPDATE login_throttle SET failures = ");
+                        q.push_bind(i64::from(n.failures))
+                            .push(", last_at = ")
+                            .push_bind(n.last_ms)
+                            .push(", next_at = ")
+                            .push_bind(n.next_ms);
+                        q
+                    }
+                    None => Sql::new("DELETE FROM login_throttle"),
+                };
+                q.push(" WHERE subject = ")
+                    .push_bind(subject.to_owned())
+                    .push(" AND failures = ")
+                    .push_bind(i64::from(e.failures))
+                    .push(" AND last_at = ")
+                    .push_bind(e.last_ms)
+                    .push(" AND next_at = ")
+                    .push_bind(e.next_ms);
+                q
+            }
+        };
+        Ok(q.build()?.execute(&self.pool).await?.rows_affected() == 1)
+    }
+
+    async fn prune_login_throttles(&self, before_ms: i64) -> crate::Result<u64> {
+        Ok(Sql::new("DELETE FROM login_throttle WHERE last_at < ")
+            .push_bind(before_ms)
+            .build()?
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
 }
 
-oauth_methods!(crate::SqliteStore, sqlx::Sqlite);
-oauth_methods!(crate::PgStore, sqlx::Postgres);
+/// Inserts a grant inside the caller's transaction.
+async fn insert_grant(conn: &mut sqlx::AnyConnection, g: &OAuthGrant) -> crate::Result<()> {
+    let mut q = Sql::new(
+        "INSERT INTO oauth_grants (id, client_id, tenant_id, user_id, scope, \
+         created_at, expires_at, revoked_at, revoked_reason) ",
+    );
+    q.push_values([()], |mut b, ()| {
+        b.push_bind(g.id.as_str())
+            .push_bind(g.client_id.as_str())
+            .push_bind(g.tenant_id.as_str())
+            .push_bind(g.user_id.as_deref())
+            .push_bind(g.scope.as_str())
+            .push_bind(g.created_at_ms)
+            .push_bind(g.expires_at_ms)
+            .push_bind(g.revoked_at_ms)
+            .push_bind(g.revoked_reason.as_deref());
+    });
+    q.build()?.execute(conn).await?;
+    Ok(())
+}
+
+/// Inserts a refresh token inside the caller's transaction.
+async fn insert_refresh(conn: &mut sqlx::AnyConnection, rt: &RefreshToken) -> crate::Result<()> {
+    let mut q = Sql::new("INSERT INTO oauth_refresh_tokens (hash, grant_id, created_at, used_at) ");
+    q.push_values([()], |mut b, ()| {
+        b.push_bind(rt.hash.as_str())
+            .push_bind(rt.grant_id.as_str())
+            .push_bind(rt.created_at_ms)
+            .push_bind(rt.used_at_ms);
+    });
+    q.build()?.execute(conn).await?;
+    Ok(())
+}

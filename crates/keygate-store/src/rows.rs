@@ -1,28 +1,9 @@
-//! Rows to records, for every backend: the decoders are generic over the row type, so SQLite
-//! and PostgreSQL share one mapping (their schemas have the same shape).
+//! Rows to records: one mapping for both backends (their schemas have the same shape).
 
 use crate::{KeyRecord, Result, StoreError, Tenant, User};
 use keygate_core::{IpAllowList, KeyHash, KeyStatus, Kind, OriginList, RateLimit, ScopeSet};
-use sqlx::{ColumnIndex, Decode, Row, Type};
-
-/// The bounds a backend's row type meets for the columns keygate stores.
-macro_rules! row_fn {
-    ($(#[$m:meta])* fn $name:ident($r:ident) -> $out:ty $body:block) => {
-        $(#[$m])*
-        pub(crate) fn $name<'r, R>($r: &'r R) -> Result<$out>
-        where
-            R: Row,
-            &'static str: ColumnIndex<R>,
-            String: Decode<'r, R::Database> + Type<R::Database>,
-            Option<String>: Decode<'r, R::Database> + Type<R::Database>,
-            i64: Decode<'r, R::Database> + Type<R::Database>,
-            Option<i64>: Decode<'r, R::Database> + Type<R::Database>,
-            Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
-        {
-            $body
-        }
-    };
-}
+use sqlx::any::AnyRow;
+use sqlx::Row;
 
 pub(crate) fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -40,9 +21,8 @@ pub(crate) fn parse_list(s: &str, what: &str) -> Result<Vec<String>> {
     serde_json::from_str(s).map_err(|e| StoreError::corrupt(format!("{what}: {e}")))
 }
 
-row_fn! {
 /// A tenant row.
-fn tenant_from_row(r) -> Tenant {
+pub(crate) fn tenant_from_row(r: &AnyRow) -> Result<Tenant> {
     Ok(Tenant {
         id: r.try_get("id")?,
         name: r.try_get("name")?,
@@ -51,11 +31,9 @@ fn tenant_from_row(r) -> Tenant {
         created_at_ms: r.try_get("created_at")?,
     })
 }
-}
 
-row_fn! {
 /// A user row.
-fn user_from_row(r) -> User {
+pub(crate) fn user_from_row(r: &AnyRow) -> Result<User> {
     Ok(User {
         id: r.try_get("id")?,
         tenant_id: r.try_get("tenant_id")?,
@@ -66,11 +44,9 @@ fn user_from_row(r) -> User {
         created_at_ms: r.try_get("created_at")?,
     })
 }
-}
 
-row_fn! {
 /// A key row joined with its family.
-fn key_from_row(r) -> KeyRecord {
+pub(crate) fn key_from_row(r: &AnyRow) -> Result<KeyRecord> {
     let corrupt =
         |what: &str, e: &dyn std::fmt::Display| StoreError::corrupt(format!("{what}: {e}"));
     let kind: String = r.try_get("kind")?;
@@ -125,11 +101,9 @@ fn key_from_row(r) -> KeyRecord {
         revoked_at_ms: r.try_get("revoked_at")?,
     })
 }
-}
 
-row_fn! {
 /// An audit event row.
-fn audit_from_row(r) -> keygate_core::AuditEvent {
+pub(crate) fn audit_from_row(r: &AnyRow) -> Result<keygate_core::AuditEvent> {
     Ok(keygate_core::AuditEvent {
         id: r.try_get("id")?,
         node: r.try_get("node")?,
@@ -156,5 +130,4 @@ fn audit_from_row(r) -> keygate_core::AuditEvent {
         hash: r.try_get("hash")?,
         line: None,
     })
-}
 }

@@ -2,19 +2,15 @@
 //! `audit.rs` for the pattern).
 
 use crate::rows::{json_list, parse_list, to_u64};
+use crate::sql::Sql;
 use crate::{Delivery, PageRequest, WebhookEndpoint};
+use sqlx::any::AnyRow;
 use sqlx::Row;
 
 const DELIVERY_COLUMNS: &str = "id, endpoint_id, tenant_id, event_id, event_type, payload, \
     attempts, status, next_at, last_status, last_error, created_at, delivered_at";
 
-fn endpoint_from<R: Row>(r: &R) -> crate::Result<WebhookEndpoint>
-where
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
-    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-{
+fn endpoint_from(r: &AnyRow) -> crate::Result<WebhookEndpoint> {
     let events: String = r.try_get("events")?;
     Ok(WebhookEndpoint {
         id: r.try_get("id")?,
@@ -28,14 +24,7 @@ where
     })
 }
 
-fn delivery_from<R: Row>(r: &R) -> crate::Result<Delivery>
-where
-    for<'a> &'a str: sqlx::ColumnIndex<R>,
-    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-    for<'a> Option<i64>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
-{
+fn delivery_from(r: &AnyRow) -> crate::Result<Delivery> {
     Ok(Delivery {
         id: r.try_get("id")?,
         endpoint_id: r.try_get("endpoint_id")?,
@@ -53,197 +42,187 @@ where
     })
 }
 
-macro_rules! webhook_methods {
-    ($store:ty, $db:ty) => {
-        #[async_trait::async_trait]
-        impl crate::WebhookStore for $store {
-            async fn insert_webhook(&self, w: &WebhookEndpoint) -> crate::Result<()> {
-                let mut q = sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO webhook_endpoints (id, tenant_id, url, secret, events, enabled, \
-                     disabled_reason, created_at) ",
-                );
-                q.push_values([()], |mut b, ()| {
-                    b.push_bind(w.id.clone())
-                        .push_bind(w.tenant_id.clone())
-                        .push_bind(w.url.clone())
-                        .push_bind(w.secret.clone())
-                        .push_bind(json_list(w.events.clone()))
-                        .push_bind(i64::from(w.enabled))
-                        .push_bind(w.disabled_reason.clone())
-                        .push_bind(w.created_at_ms);
-                });
-                q.build().execute(&self.pool).await?;
-                Ok(())
-            }
+#[async_trait::async_trait]
+impl crate::WebhookStore for crate::SqlStore {
+    async fn insert_webhook(&self, w: &WebhookEndpoint) -> crate::Result<()> {
+        let mut q = Sql::new(
+            "INSERT INTO webhook_endpoints (id, tenant_id, url, secret, events, enabled, \
+             disabled_reason, created_at) ",
+        );
+        q.push_values([()], |mut b, ()| {
+            b.push_bind(w.id.clone())
+                .push_bind(w.tenant_id.clone())
+                .push_bind(w.url.clone())
+                .push_bind(w.secret.clone())
+                .push_bind(json_list(w.events.clone()))
+                .push_bind(i64::from(w.enabled))
+                .push_bind(w.disabled_reason.clone())
+                .push_bind(w.created_at_ms);
+        });
+        q.build()?.execute(&self.pool).await?;
+        Ok(())
+    }
 
-            async fn list_webhooks(
-                &self,
-                tenant_id: &str,
-                page: &PageRequest,
-            ) -> crate::Result<Vec<WebhookEndpoint>> {
-                let mut q =
-                    sqlx::QueryBuilder::<$db>::new("SELECT * FROM webhook_endpoints WHERE tenant_id = ");
-                q.push_bind(tenant_id.to_owned());
-                if let Some(c) = &page.cursor {
-                    q.push(" AND id < ").push_bind(c.clone());
-                }
-                q.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(page.limit));
-                let rows = q.build().fetch_all(&self.pool).await?;
-                rows.iter().map(endpoint_from).collect()
-            }
+    async fn list_webhooks(
+        &self,
+        tenant_id: &str,
+        page: &PageRequest,
+    ) -> crate::Result<Vec<WebhookEndpoint>> {
+        let mut q = Sql::new("SELECT * FROM webhook_endpoints WHERE tenant_id = ");
+        q.push_bind(tenant_id.to_owned());
+        if let Some(c) = &page.cursor {
+            q.push(" AND id < ").push_bind(c.clone());
+        }
+        q.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(page.limit));
+        let rows = q.build()?.fetch_all(&self.pool).await?;
+        rows.iter().map(endpoint_from).collect()
+    }
 
-            async fn get_webhook(&self, id: &str) -> crate::Result<Option<WebhookEndpoint>> {
-                let row = sqlx::QueryBuilder::<$db>::new("SELECT * FROM webhook_endpoints WHERE id = ")
-                    .push_bind(id.to_owned())
-                    .build()
-                    .fetch_optional(&self.pool)
-                    .await?;
-                row.as_ref().map(endpoint_from).transpose()
-            }
+    async fn get_webhook(&self, id: &str) -> crate::Result<Option<WebhookEndpoint>> {
+        let row = Sql::new("SELECT * FROM webhook_endpoints WHERE id = ")
+            .push_bind(id.to_owned())
+            .build()?
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(endpoint_from).transpose()
+    }
 
-            async fn delete_webhook(&self, id: &str) -> crate::Result<bool> {
-                let mut tx = self.begin_write().await?;
-                sqlx::QueryBuilder::<$db>::new(
-                    "UPDATE webhook_deliveries SET status = 'failed', last_error = 'endpoint deleted' \
-                     WHERE status = 'pending' AND endpoint_id = ",
-                )
-                .push_bind(id.to_owned())
-                .build()
-                .execute(&mut *tx)
+    async fn delete_webhook(&self, id: &str) -> crate::Result<bool> {
+        let mut tx = self.begin_write().await?;
+        Sql::new(
+            "UPDATE webhook_deliveries SET status = 'failed', last_error = 'endpoint deleted' \
+             WHERE status = 'pending' AND endpoint_id = ",
+        )
+        .push_bind(id.to_owned())
+        .build()?
+        .execute(&mut *tx)
+        .await?;
+        let r = Sql::new("DELETE FROM webhook_endpoints WHERE id = ")
+            .push_bind(id.to_owned())
+            .build()?
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn set_webhook_enabled(
+        &self,
+        id: &str,
+        enabled: bool,
+        reason: Option<&str>,
+    ) -> crate::Result<bool> {
+        let r = Sql::new("UPDATE webhook_endpoints SET enabled = ")
+            .push_bind(i64::from(enabled))
+            .push(", disabled_reason = ")
+            .push_bind(reason.map(str::to_owned))
+            .push(" WHERE id = ")
+            .push_bind(id.to_owned())
+            .build()?
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn enqueue_deliveries(&self, ds: &[Delivery]) -> crate::Result<()> {
+        if ds.is_empty() {
+            return Ok(());
+        }
+        let mut q = Sql::new(format!(
+            "INSERT INTO webhook_deliveries ({DELIVERY_COLUMNS}) "
+        ));
+        q.push_values(ds.iter(), |mut b, d| {
+            b.push_bind(d.id.clone())
+                .push_bind(d.endpoint_id.clone())
+                .push_bind(d.tenant_id.clone())
+                .push_bind(d.event_id.clone())
+                .push_bind(d.event_type.clone())
+                .push_bind(d.payload.clone())
+                .push_bind(i64::from(d.attempts))
+                .push_bind(d.status.clone())
+                .push_bind(d.next_at_ms)
+                .push_bind(d.last_status)
+                .push_bind(d.last_error.clone())
+                .push_bind(d.created_at_ms)
+                .push_bind(d.delivered_at_ms);
+        });
+        q.build()?.execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now_ms: i64,
+        lease_until_ms: i64,
+        limit: u32,
+    ) -> crate::Result<Vec<Delivery>> {
+        let mut q = Sql::new(format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE status = 'pending' AND next_at <= "
+        ));
+        q.push_bind(now_ms)
+            .push(" ORDER BY next_at LIMIT ")
+            .push_bind(i64::from(limit));
+        let rows = q.build()?.fetch_all(&self.pool).await?;
+        let mut out = Vec::new();
+        for d in rows.iter().map(delivery_from) {
+            let mut d = d?;
+            // Claimed only if no other node moved it first.
+            let r = Sql::new("UPDATE webhook_deliveries SET next_at = ")
+                .push_bind(lease_until_ms)
+                .push(" WHERE id = ")
+                .push_bind(d.id.clone())
+                .push(" AND status = 'pending' AND next_at = ")
+                .push_bind(d.next_at_ms)
+                .build()?
+                .execute(&self.pool)
                 .await?;
-                let r = sqlx::QueryBuilder::<$db>::new("DELETE FROM webhook_endpoints WHERE id = ")
-                    .push_bind(id.to_owned())
-                    .build()
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok(r.rows_affected() == 1)
-            }
-
-            async fn set_webhook_enabled(
-                &self,
-                id: &str,
-                enabled: bool,
-                reason: Option<&str>,
-            ) -> crate::Result<bool> {
-                let r = sqlx::QueryBuilder::<$db>::new("UPDATE webhook_endpoints SET enabled = ")
-                    .push_bind(i64::from(enabled))
-                    .push(", disabled_reason = ")
-                    .push_bind(reason.map(str::to_owned))
-                    .push(" WHERE id = ")
-                    .push_bind(id.to_owned())
-                    .build()
-                    .execute(&self.pool)
-                    .await?;
-                Ok(r.rows_affected() == 1)
-            }
-
-            async fn enqueue_deliveries(&self, ds: &[Delivery]) -> crate::Result<()> {
-                if ds.is_empty() {
-                    return Ok(());
-                }
-                let mut q = sqlx::QueryBuilder::<$db>::new(format!(
-                    "INSERT INTO webhook_deliveries ({DELIVERY_COLUMNS}) "
-                ));
-                q.push_values(ds.iter(), |mut b, d| {
-                    b.push_bind(d.id.clone())
-                        .push_bind(d.endpoint_id.clone())
-                        .push_bind(d.tenant_id.clone())
-                        .push_bind(d.event_id.clone())
-                        .push_bind(d.event_type.clone())
-                        .push_bind(d.payload.clone())
-                        .push_bind(i64::from(d.attempts))
-                        .push_bind(d.status.clone())
-                        .push_bind(d.next_at_ms)
-                        .push_bind(d.last_status)
-                        .push_bind(d.last_error.clone())
-                        .push_bind(d.created_at_ms)
-                        .push_bind(d.delivered_at_ms);
-                });
-                q.build().execute(&self.pool).await?;
-                Ok(())
-            }
-
-            async fn claim_deliveries(
-                &self,
-                now_ms: i64,
-                lease_until_ms: i64,
-                limit: u32,
-            ) -> crate::Result<Vec<Delivery>> {
-                let mut q = sqlx::QueryBuilder::<$db>::new(format!(
-                    "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE status = 'pending' AND next_at <= "
-                ));
-                q.push_bind(now_ms)
-                    .push(" ORDER BY next_at LIMIT ")
-                    .push_bind(i64::from(limit));
-                let rows = q.build().fetch_all(&self.pool).await?;
-                let mut out = Vec::new();
-                for d in rows.iter().map(delivery_from) {
-                    let mut d = d?;
-                    // Claimed only if no other node moved it first.
-                    let r = sqlx::QueryBuilder::<$db>::new("UPDATE webhook_deliveries SET next_at = ")
-                        .push_bind(lease_until_ms)
-                        .push(" WHERE id = ")
-                        .push_bind(d.id.clone())
-                        .push(" AND status = 'pending' AND next_at = ")
-                        .push_bind(d.next_at_ms)
-                        .build()
-                        .execute(&self.pool)
-                        .await?;
-                    if r.rows_affected() == 1 {
-                        d.next_at_ms = lease_until_ms;
-                        out.push(d);
-                    }
-                }
-                Ok(out)
-            }
-
-            async fn finish_delivery(
-                &self,
-                d: &Delivery,
-                claimed_until_ms: i64,
-            ) -> crate::Result<bool> {
-                let r = sqlx::QueryBuilder::<$db>::new("UPDATE webhook_deliveries SET attempts = ")
-                    .push_bind(i64::from(d.attempts))
-                    .push(", status = ")
-                    .push_bind(d.status.clone())
-                    .push(", next_at = ")
-                    .push_bind(d.next_at_ms)
-                    .push(", last_status = ")
-                    .push_bind(d.last_status)
-                    .push(", last_error = ")
-                    .push_bind(d.last_error.clone())
-                    .push(", delivered_at = ")
-                    .push_bind(d.delivered_at_ms)
-                    .push(" WHERE id = ")
-                    .push_bind(d.id.clone())
-                    .push(" AND status = 'pending' AND next_at = ")
-                    .push_bind(claimed_until_ms)
-                    .build()
-                    .execute(&self.pool)
-                    .await?;
-                Ok(r.rows_affected() == 1)
-            }
-
-            async fn list_deliveries(
-                &self,
-                endpoint_id: &str,
-                page: &PageRequest,
-            ) -> crate::Result<Vec<Delivery>> {
-                let mut q = sqlx::QueryBuilder::<$db>::new(format!(
-                    "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE endpoint_id = "
-                ));
-                q.push_bind(endpoint_id.to_owned());
-                if let Some(c) = &page.cursor {
-                    q.push(" AND id < ").push_bind(c.clone());
-                }
-                q.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(page.limit));
-                let rows = q.build().fetch_all(&self.pool).await?;
-                rows.iter().map(delivery_from).collect()
+            if r.rows_affected() == 1 {
+                d.next_at_ms = lease_until_ms;
+                out.push(d);
             }
         }
-    };
-}
+        Ok(out)
+    }
 
-webhook_methods!(crate::SqliteStore, sqlx::Sqlite);
-webhook_methods!(crate::PgStore, sqlx::Postgres);
+    async fn finish_delivery(&self, d: &Delivery, claimed_until_ms: i64) -> crate::Result<bool> {
+        let r = Sql::new("UPDATE webhook_deliveries SET attempts = ")
+            .push_bind(i64::from(d.attempts))
+            .push(", status = ")
+            .push_bind(d.status.clone())
+            .push(", next_at = ")
+            .push_bind(d.next_at_ms)
+            .push(", last_status = ")
+            .push_bind(d.last_status)
+            .push(", last_error = ")
+            .push_bind(d.last_error.clone())
+            .push(", delivered_at = ")
+            .push_bind(d.delivered_at_ms)
+            .push(" WHERE id = ")
+            .push_bind(d.id.clone())
+            .push(" AND status = 'pending' AND next_at = ")
+            .push_bind(claimed_until_ms)
+            .build()?
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn list_deliveries(
+        &self,
+        endpoint_id: &str,
+        page: &PageRequest,
+    ) -> crate::Result<Vec<Delivery>> {
+        let mut q = Sql::new(format!(
+            "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE endpoint_id = "
+        ));
+        q.push_bind(endpoint_id.to_owned());
+        if let Some(c) = &page.cursor {
+            q.push(" AND id < ").push_bind(c.clone());
+        }
+        q.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(page.limit));
+        let rows = q.build()?.fetch_all(&self.pool).await?;
+        rows.iter().map(delivery_from).collect()
+    }
+}

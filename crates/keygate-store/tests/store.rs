@@ -7,11 +7,10 @@ use keygate_core::{
     AuditEvent, ChainProblem, IpAllowList, KeyHash, KeyStatus, Kind, OriginList, ScopeSet,
 };
 use keygate_store::{
-    verify_audit, AuditFilter, KeyFilter, KeyRecord, PageRequest, PgStore, RawEvent, SqliteStore,
-    Store, StoreErrorKind, Tenant, UsageOf, UsageRow, User, Withdrawal, CHAIN_TAGGED,
+    verify_audit, AuditFilter, KeyFilter, KeyRecord, PageRequest, RawEvent, SqlStore, Store,
+    StoreErrorKind, Tenant, UsageOf, UsageRow, User, Withdrawal, CHAIN_TAGGED,
 };
 use std::future::Future;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -22,9 +21,10 @@ fn pg_url() -> String {
 
 /// Direct SQL on the database behind a store (to play the attacker who edits rows).
 #[derive(Clone)]
-enum Raw {
-    Sqlite(sqlx::SqlitePool),
-    Pg(sqlx::PgPool),
+struct Raw {
+    pool: sqlx::AnyPool,
+    /// The PostgreSQL schema's URL, to open more stores on it; `None` on SQLite.
+    pg_url: Option<String>,
 }
 
 impl Raw {
@@ -32,32 +32,23 @@ impl Raw {
     async fn column(&self, col: &str, first_seq: i64) -> Vec<u8> {
         let sql =
             format!("SELECT {col} FROM audit_blocks WHERE node = 'n1' AND first_seq = {first_seq}");
-        match self {
-            Raw::Sqlite(p) => sqlx::query_scalar(&sql).fetch_one(p).await,
-            Raw::Pg(p) => sqlx::query_scalar(&sql).fetch_one(p).await,
-        }
-        .expect("block column")
+        sqlx::query_scalar(&sql)
+            .fetch_one(&self.pool)
+            .await
+            .expect("block column")
     }
 
     /// Overwrites that column; returns how many rows changed.
     async fn set_column(&self, col: &str, first_seq: i64, bytes: &[u8]) -> u64 {
         let sql =
             format!("UPDATE audit_blocks SET {col} = $1 WHERE node = 'n1' AND first_seq = $2");
-        match self {
-            Raw::Sqlite(p) => sqlx::query(&sql)
-                .bind(bytes)
-                .bind(first_seq)
-                .execute(p)
-                .await
-                .map(|r| r.rows_affected()),
-            Raw::Pg(p) => sqlx::query(&sql)
-                .bind(bytes)
-                .bind(first_seq)
-                .execute(p)
-                .await
-                .map(|r| r.rows_affected()),
-        }
-        .expect("sql")
+        sqlx::query(&sql)
+            .bind(bytes)
+            .bind(first_seq)
+            .execute(&self.pool)
+            .await
+            .expect("sql")
+            .rows_affected()
     }
 
     /// The events of that block, as text.
@@ -83,18 +74,11 @@ impl Raw {
     }
 
     async fn exec(&self, sql: &str) -> u64 {
-        match self {
-            Raw::Sqlite(p) => sqlx::query(sql)
-                .execute(p)
-                .await
-                .expect("sql")
-                .rows_affected(),
-            Raw::Pg(p) => sqlx::query(sql)
-                .execute(p)
-                .await
-                .expect("sql")
-                .rows_affected(),
-        }
+        sqlx::query(sql)
+            .execute(&self.pool)
+            .await
+            .expect("sql")
+            .rows_affected()
     }
 }
 
@@ -105,11 +89,14 @@ where
     Fut: Future<Output = ()>,
 {
     let dir = tempfile::tempdir().expect("tempdir");
-    let sqlite = SqliteStore::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
+    let sqlite = SqlStore::sqlite(&format!("sqlite://{}", dir.path().join("t.db").display()))
         .await
         .expect("sqlite");
     sqlite.migrate().await.expect("migrate sqlite");
-    let raw = Raw::Sqlite(sqlite.pool().clone());
+    let raw = Raw {
+        pool: sqlite.pool().clone(),
+        pg_url: None,
+    };
     body(Arc::new(sqlite), raw).await;
 
     static N: AtomicU64 = AtomicU64::new(0);
@@ -128,18 +115,19 @@ where
         .execute(&admin)
         .await
         .expect("create schema");
-    let opts = sqlx::postgres::PgConnectOptions::from_str(&pg_url())
-        .expect("url")
-        .options([("search_path", schema.as_str())]);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
-        .connect_with(opts)
+    let base = pg_url();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+    let pg = SqlStore::postgres(&url, 8, std::time::Duration::from_secs(5))
         .await
         .expect("pool");
-    let pg = PgStore::from_pool(pool.clone());
     pg.migrate().await.expect("migrate postgres");
-    body(Arc::new(pg), Raw::Pg(pool.clone())).await;
-    pool.close().await;
+    let raw = Raw {
+        pool: pg.pool().clone(),
+        pg_url: Some(url),
+    };
+    body(Arc::new(pg), raw.clone()).await;
+    raw.pool.close().await;
     sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(&admin)
         .await
@@ -330,6 +318,18 @@ async fn keys_round_trip_filter_and_change_safely() {
                 .len(),
             1
         );
+        // `%`, `_` and `\` in a search are characters, not patterns.
+        for literal in ["KEY%1", "E_K", "key\\", "%"] {
+            let named = KeyFilter {
+                name_contains: Some(literal.into()),
+                ..f("t_a")
+            };
+            assert_eq!(
+                s.list_keys(&named, &page(10, None)).await.expect("list"),
+                vec![],
+                "{literal}"
+            );
+        }
         let paged = s
             .list_keys(&f("t_a"), &page(1, Some("key_2")))
             .await
@@ -1083,14 +1083,13 @@ async fn put_back_as_rows(raw: &Raw, events: &[AuditEvent]) {
 async fn two_nodes_moving_old_rows_at_once_keep_every_event_once() {
     on_both(|s, raw| async move {
         // SQLite is one node's store.
-        let Raw::Pg(pool) = &raw else { return };
+        let Some(url) = &raw.pg_url else { return };
         let c = chain_of("n1", 2_400, 1_800_000_000_000);
         s.append_audit(&c).await.expect("append");
         put_back_as_rows(&raw, &c).await;
-        let (a, b) = (
-            PgStore::from_pool(pool.clone()),
-            PgStore::from_pool(pool.clone()),
-        );
+        let open = || SqlStore::postgres(url, 4, std::time::Duration::from_secs(5));
+        let (a, b) = tokio::join!(open(), open());
+        let (a, b) = (a.expect("node a"), b.expect("node b"));
         let (x, y) = tokio::join!(a.migrate(), b.migrate());
         x.expect("node a");
         y.expect("node b");

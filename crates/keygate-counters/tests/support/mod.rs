@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test file uses its own part of this module
 
 use keygate_core::{Charge, KeyHash, KeyStatus, Kind, RateLimit};
-use keygate_store::{KeyRecord, SqliteStore, Store, Tenant};
+use keygate_store::{KeyRecord, SqlStore, Store, Tenant};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -14,17 +14,16 @@ pub const T0: i64 = 1_700_000_040_000;
 /// A fresh SQLite store in its own temporary directory.
 pub struct Db {
     pub store: Arc<dyn Store>,
-    pool: sqlx::SqlitePool,
+    pool: sqlx::AnyPool,
     _dir: tempfile::TempDir,
 }
 
 impl Db {
     pub async fn open() -> Self {
         let dir = tempfile::tempdir().expect("tempdir for the SQLite store");
-        let sqlite =
-            SqliteStore::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
-                .await
-                .expect("open the SQLite store");
+        let sqlite = SqlStore::sqlite(&format!("sqlite://{}", dir.path().join("t.db").display()))
+            .await
+            .expect("open the SQLite store");
         sqlite.migrate().await.expect("migrate the SQLite store");
         let pool = sqlite.pool().clone();
         Self {
@@ -127,7 +126,7 @@ impl Db {
     /// A plan change: the tenant's pool becomes `credits` (the Store trait has no call that
     /// turns an unlimited pool into a limited one, so this is raw SQL).
     pub async fn set_credits(&self, id: &str, credits: Option<u64>) {
-        let n = sqlx::query("UPDATE tenants SET credits = ? WHERE id = ?")
+        let n = sqlx::query("UPDATE tenants SET credits = $1 WHERE id = $2")
             .bind(credits.map(|c| i64::try_from(c).expect("credits fit an i64")))
             .bind(id)
             .execute(&self.pool)

@@ -1,68 +1,22 @@
-//! The embedded store: one SQLite file in WAL mode.
+//! Tenants, users, keys, and the credits they hold: the [`Store`] methods, once for both
+//! backends (see `sql.rs`).
 
 use crate::rows::{json_list, key_from_row, tenant_from_row, to_i64, to_u64, user_from_row};
-use crate::{Grant, KeyFilter, KeyRecord, PageRequest, Result, Store, Tenant, User, Withdrawal};
+use crate::sql::{contains_pattern, Sql};
+use crate::{
+    Grant, KeyFilter, KeyRecord, PageRequest, Result, SqlStore, Store, Tenant, User, Withdrawal,
+};
 use async_trait::async_trait;
 use keygate_core::KeyHash;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{QueryBuilder, Row, Sqlite};
-use std::str::FromStr;
-use std::time::Duration;
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-
-/// SQLite implementation of [`Store`].
-#[derive(Debug, Clone)]
-pub struct SqliteStore {
-    pub(crate) pool: SqlitePool,
-}
-
-impl SqliteStore {
-    /// Opens (creating if missing) the database at `url` (`sqlite://keygate.db`,
-    /// `sqlite:///abs/path.db`) in WAL mode.
-    pub async fn connect(url: &str) -> Result<Self> {
-        let opts = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(8)
-            .min_connections(1)
-            // A file on this machine, not a server that may have hung up: checking each
-            // connection before use only costs a round trip to its thread.
-            .test_before_acquire(false)
-            .connect_with(opts)
-            .await?;
-        Ok(Self { pool })
-    }
-
-    /// The underlying pool (for tests and tools).
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
-    /// A transaction that holds the write lock from its first statement (`BEGIN IMMEDIATE`).
-    /// A deferred one that reads first and writes later cannot upgrade its lock once another
-    /// connection (the audit shipper, the last-used writer) has written meanwhile: SQLite
-    /// answers `SQLITE_BUSY` at once, past `busy_timeout`, and the call would fail with 503.
-    pub(crate) async fn begin_write(
-        &self,
-    ) -> std::result::Result<sqlx::Transaction<'static, Sqlite>, sqlx::Error> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await
-    }
-}
+use sqlx::{Any, Row};
 
 const KEY_SELECT: &str =
     "SELECT k.*, f.budget, f.spent FROM keys k JOIN key_families f ON f.id = k.family_id";
 
 #[async_trait]
-impl Store for SqliteStore {
+impl Store for SqlStore {
     async fn migrate(&self) -> Result<()> {
-        MIGRATOR.run(&self.pool).await?;
+        self.run_migrations().await?;
         let moved = self.convert_row_audit().await?;
         if moved > 0 {
             tracing::info!("moved {moved} audit events from rows into blocks");
@@ -72,7 +26,7 @@ impl Store for SqliteStore {
 
     async fn insert_tenant(&self, t: &Tenant) -> Result<()> {
         sqlx::query(
-            "INSERT INTO tenants (id, name, plan, credits, created_at) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO tenants (id, name, plan, credits, created_at) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(&t.id)
         .bind(&t.name)
@@ -85,7 +39,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_tenant(&self, id: &str) -> Result<Option<Tenant>> {
-        let row = sqlx::query("SELECT * FROM tenants WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM tenants WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -94,7 +48,7 @@ impl Store for SqliteStore {
 
     async fn list_tenants(&self, page: &PageRequest) -> Result<Vec<Tenant>> {
         let rows = sqlx::query(
-            "SELECT * FROM tenants WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2",
+            "SELECT * FROM tenants WHERE (CAST($1 AS TEXT) IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
         )
         .bind(page.cursor.as_deref())
         .bind(i64::from(page.limit))
@@ -105,8 +59,8 @@ impl Store for SqliteStore {
 
     async fn add_tenant_credits(&self, id: &str, amount: u64) -> Result<Option<Tenant>> {
         let row = sqlx::query(
-            "UPDATE tenants SET credits = CASE WHEN credits IS NULL THEN NULL ELSE credits + ?1 END \
-             WHERE id = ?2 AND (credits IS NULL OR credits + ?1 <= 1000000000000000) RETURNING *",
+            "UPDATE tenants SET credits = CASE WHEN credits IS NULL THEN NULL ELSE credits + $1 END \
+             WHERE id = $2 AND (credits IS NULL OR credits + $1 <= 1000000000000000) RETURNING *",
         )
         .bind(to_i64(amount))
         .bind(id)
@@ -118,7 +72,7 @@ impl Store for SqliteStore {
     async fn insert_user(&self, u: &User) -> Result<()> {
         sqlx::query(
             "INSERT INTO users (id, tenant_id, email, name, plan, password_hash, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&u.id)
         .bind(&u.tenant_id)
@@ -133,7 +87,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_user(&self, id: &str) -> Result<Option<User>> {
-        let row = sqlx::query("SELECT * FROM users WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM users WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -142,8 +96,8 @@ impl Store for SqliteStore {
 
     async fn list_users(&self, tenant_id: &str, page: &PageRequest) -> Result<Vec<User>> {
         let rows = sqlx::query(
-            "SELECT * FROM users WHERE tenant_id = ?1 AND (?2 IS NULL OR id < ?2) \
-             ORDER BY id DESC LIMIT ?3",
+            "SELECT * FROM users WHERE tenant_id = $1 AND (CAST($2 AS TEXT) IS NULL OR id < $2) \
+             ORDER BY id DESC LIMIT $3",
         )
         .bind(tenant_id)
         .bind(page.cursor.as_deref())
@@ -156,7 +110,7 @@ impl Store for SqliteStore {
     async fn insert_key(&self, k: &KeyRecord) -> Result<()> {
         let mut tx = self.begin_write().await?;
         if k.family_id == k.id {
-            sqlx::query("INSERT INTO key_families (id, budget, spent) VALUES (?, ?, ?)")
+            sqlx::query("INSERT INTO key_families (id, budget, spent) VALUES ($1, $2, $3)")
                 .bind(&k.family_id)
                 .bind(k.budget.map(to_i64))
                 .bind(to_i64(k.budget_withdrawn))
@@ -169,7 +123,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_key(&self, id: &str) -> Result<Option<KeyRecord>> {
-        let row = sqlx::query(&format!("{KEY_SELECT} WHERE k.id = ?"))
+        let row = sqlx::query(&format!("{KEY_SELECT} WHERE k.id = $1"))
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -177,7 +131,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>> {
-        let row = sqlx::query(&format!("{KEY_SELECT} WHERE k.hash = ?"))
+        let row = sqlx::query(&format!("{KEY_SELECT} WHERE k.hash = $1"))
             .bind(&hash.as_bytes()[..])
             .fetch_optional(&self.pool)
             .await?;
@@ -185,7 +139,7 @@ impl Store for SqliteStore {
     }
 
     async fn list_keys(&self, f: &KeyFilter, page: &PageRequest) -> Result<Vec<KeyRecord>> {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(KEY_SELECT);
+        let mut q = Sql::new(KEY_SELECT);
         q.push(" WHERE 1 = 1");
         if let Some(t) = &f.tenant_id {
             q.push(" AND k.tenant_id = ").push_bind(t.clone());
@@ -200,25 +154,25 @@ impl Store for SqliteStore {
             q.push(" AND k.user_id = ").push_bind(u.clone());
         }
         if let Some(n) = &f.name_contains {
-            q.push(" AND instr(lower(k.name), lower(")
-                .push_bind(n.clone())
-                .push(")) > 0");
+            q.push(" AND lower(k.name) LIKE lower(")
+                .push_bind(contains_pattern(n))
+                .push(") ESCAPE '\\'");
         }
         if let Some(c) = &page.cursor {
             q.push(" AND k.id < ").push_bind(c.clone());
         }
         q.push(" ORDER BY k.id DESC LIMIT ")
             .push_bind(i64::from(page.limit));
-        let rows = q.build().fetch_all(&self.pool).await?;
+        let rows = q.build()?.fetch_all(&self.pool).await?;
         rows.iter().map(key_from_row).collect()
     }
 
     async fn update_key(&self, k: &KeyRecord, expected_updated_at: i64) -> Result<bool> {
         let mut tx = self.begin_write().await?;
         let done = sqlx::query(
-            "UPDATE keys SET name = ?, scopes = ?, allowed_ips = ?, allowed_origins = ?, \
-             rate_limit = ?, rate_window = ?, expires_at = ?, rotation_days = ?, metadata = ?, \
-             updated_at = ? WHERE id = ? AND updated_at = ? AND status IN ('active', 'grace')",
+            "UPDATE keys SET name = $1, scopes = $2, allowed_ips = $3, allowed_origins = $4, \
+             rate_limit = $5, rate_window = $6, expires_at = $7, rotation_days = $8, metadata = $9, \
+             updated_at = $10 WHERE id = $11 AND updated_at = $12 AND status IN ('active', 'grace')",
         )
         .bind(&k.name)
         .bind(json_list(k.scopes.to_strings()))
@@ -239,7 +193,7 @@ impl Store for SqliteStore {
         if !done {
             return Ok(false);
         }
-        sqlx::query("UPDATE key_families SET budget = ? WHERE id = ?")
+        sqlx::query("UPDATE key_families SET budget = $1 WHERE id = $2")
             .bind(k.budget.map(to_i64))
             .bind(&k.family_id)
             .execute(&mut *tx)
@@ -256,9 +210,9 @@ impl Store for SqliteStore {
     ) -> Result<bool> {
         let mut tx = self.begin_write().await?;
         let changed = sqlx::query(
-            "UPDATE keys SET status = 'grace', rotated_to = ?1, updated_at = ?2, \
-             expires_at = CASE WHEN expires_at IS NOT NULL AND expires_at < ?3 THEN expires_at ELSE ?3 END \
-             WHERE id = ?4 AND status IN ('active', 'grace') AND rotated_to IS NULL",
+            "UPDATE keys SET status = 'grace', rotated_to = $1, updated_at = $2, \
+             expires_at = CASE WHEN expires_at IS NOT NULL AND expires_at < $3 THEN expires_at ELSE $3 END \
+             WHERE id = $4 AND status IN ('active', 'grace') AND rotated_to IS NULL",
         )
         .bind(&successor.id)
         .bind(successor.created_at_ms)
@@ -277,8 +231,8 @@ impl Store for SqliteStore {
 
     async fn revoke_key(&self, id: &str, now_ms: i64) -> Result<Option<KeyRecord>> {
         sqlx::query(
-            "UPDATE keys SET status = 'revoked', revoked_at = COALESCE(revoked_at, ?1), updated_at = ?1 \
-             WHERE id = ?2",
+            "UPDATE keys SET status = 'revoked', revoked_at = COALESCE(revoked_at, $1), updated_at = $1 \
+             WHERE id = $2",
         )
         .bind(now_ms)
         .bind(id)
@@ -294,7 +248,7 @@ impl Store for SqliteStore {
         let mut tx = self.begin_write().await?;
         for (id, at) in used {
             sqlx::query(
-                "UPDATE keys SET last_used_at = ?1 WHERE id = ?2 AND (last_used_at IS NULL OR last_used_at < ?1)",
+                "UPDATE keys SET last_used_at = $1 WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $1)",
             )
             .bind(at)
             .bind(id)
@@ -317,9 +271,9 @@ impl Store for SqliteStore {
         // records exactly what this statement took: one atomic statement, no read-modify-write.
         let row = sqlx::query(
             "UPDATE key_families SET \
-               last_grant = CASE WHEN budget IS NULL THEN ?1 ELSE MIN(?1, MAX(budget - spent, 0)) END, \
-               spent = spent + CASE WHEN budget IS NULL THEN 0 ELSE MIN(?1, MAX(budget - spent, 0)) END \
-             WHERE id = ?2 RETURNING last_grant, budget - spent AS remaining",
+               last_grant = CASE WHEN budget IS NULL THEN $1 ELSE (CASE WHEN budget - spent <= 0 THEN 0 WHEN budget - spent < $1 THEN budget - spent ELSE $1 END) END, \
+               spent = spent + CASE WHEN budget IS NULL THEN 0 ELSE (CASE WHEN budget - spent <= 0 THEN 0 WHEN budget - spent < $1 THEN budget - spent ELSE $1 END) END \
+             WHERE id = $2 RETURNING last_grant, budget - spent AS remaining",
         )
         .bind(to_i64(want))
         .bind(family_id)
@@ -340,7 +294,7 @@ impl Store for SqliteStore {
     }
 
     async fn refund_budget(&self, family_id: &str, amount: u64) -> Result<()> {
-        sqlx::query("UPDATE key_families SET spent = MAX(spent - ?1, 0) WHERE id = ?2")
+        sqlx::query("UPDATE key_families SET spent = CASE WHEN spent > $1 THEN spent - $1 ELSE 0 END WHERE id = $2")
             .bind(to_i64(amount))
             .bind(family_id)
             .execute(&self.pool)
@@ -351,9 +305,9 @@ impl Store for SqliteStore {
     async fn withdraw_credits(&self, tenant_id: &str, want: u64) -> Result<Withdrawal> {
         let row = sqlx::query(
             "UPDATE tenants SET \
-               last_grant = CASE WHEN credits IS NULL THEN -1 ELSE MIN(?1, MAX(credits, 0)) END, \
-               credits = CASE WHEN credits IS NULL THEN NULL ELSE credits - MIN(?1, MAX(credits, 0)) END \
-             WHERE id = ?2 RETURNING last_grant, credits",
+               last_grant = CASE WHEN credits IS NULL THEN -1 ELSE (CASE WHEN credits <= 0 THEN 0 WHEN credits < $1 THEN credits ELSE $1 END) END, \
+               credits = CASE WHEN credits IS NULL THEN NULL ELSE credits - (CASE WHEN credits <= 0 THEN 0 WHEN credits < $1 THEN credits ELSE $1 END) END \
+             WHERE id = $2 RETURNING last_grant, credits",
         )
         .bind(to_i64(want))
         .bind(tenant_id)
@@ -378,9 +332,17 @@ impl Store for SqliteStore {
         }
     }
 
+    async fn publish_change(&self, change: &str) -> Result<()> {
+        self.notify(change).await
+    }
+
+    async fn subscribe(&self) -> Result<Option<Box<dyn crate::ChangeFeed>>> {
+        self.listen().await
+    }
+
     async fn refund_credits(&self, tenant_id: &str, amount: u64) -> Result<()> {
         sqlx::query(
-            "UPDATE tenants SET credits = credits + ?1 WHERE id = ?2 AND credits IS NOT NULL",
+            "UPDATE tenants SET credits = credits + $1 WHERE id = $2 AND credits IS NOT NULL",
         )
         .bind(to_i64(amount))
         .bind(tenant_id)
@@ -390,12 +352,12 @@ impl Store for SqliteStore {
     }
 }
 
-async fn insert_key_row(tx: &mut sqlx::Transaction<'_, Sqlite>, k: &KeyRecord) -> Result<()> {
+async fn insert_key_row(tx: &mut sqlx::Transaction<'_, Any>, k: &KeyRecord) -> Result<()> {
     sqlx::query(
         "INSERT INTO keys (id, family_id, tenant_id, user_id, kind, name, hash, display, scopes, \
          allowed_ips, allowed_origins, rate_limit, rate_window, expires_at, rotation_days, metadata, \
          status, rotated_from, rotated_to, created_at, updated_at, last_used_at, revoked_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
     )
     .bind(&k.id)
     .bind(&k.family_id)
