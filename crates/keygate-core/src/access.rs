@@ -5,6 +5,7 @@
 use crate::decision::Code;
 use crate::key::Kind;
 use crate::scope::ScopeSet;
+use crate::{FamilyId, TenantId, UserId};
 
 /// The operator's tenant: its `sk` key with `*` may act in every tenant.
 pub const OPERATOR_TENANT: &str = "default";
@@ -13,13 +14,13 @@ pub const OPERATOR_TENANT: &str = "default";
 #[derive(Debug, Clone, Copy)]
 pub struct Actor<'a> {
     /// The key's tenant.
-    pub tenant_id: &'a str,
+    pub tenant_id: &'a TenantId,
     /// The key's kind.
     pub kind: Kind,
     /// The key's user (`ut` keys).
-    pub user_id: Option<&'a str>,
+    pub user_id: Option<&'a UserId>,
     /// The key's rotation family (a key and its successors).
-    pub family_id: &'a str,
+    pub family_id: &'a FamilyId,
     /// The key's scopes.
     pub scopes: &'a ScopeSet,
 }
@@ -34,13 +35,13 @@ pub struct Refused {
 }
 
 /// Where a call acts, once the rules allowed it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target<'r> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target<'a> {
     /// The caller's own tenant.
-    Own(&'r str),
+    Own(&'a TenantId),
     /// Another tenant the operator named: it acts there if that tenant exists (else the
     /// answer is as for a tenant it may not see).
-    IfExists(&'r str),
+    IfExists(TenantId),
     /// Every tenant (the operator listing without naming one).
     Every,
     /// A tenant the caller may not see: answered as if it did not exist.
@@ -50,7 +51,7 @@ pub enum Target<'r> {
 impl<'a> Actor<'a> {
     /// The user a `ut` key acts for: on the key routes it sees and manages only that user's
     /// keys (a user has a plan, not a tenant's management rights).
-    pub fn own_user(&self) -> Option<&'a str> {
+    pub fn own_user(&self) -> Option<&'a UserId> {
         match self.kind {
             Kind::Ut => self.user_id,
             _ => None,
@@ -81,20 +82,20 @@ impl<'a> Actor<'a> {
     }
 
     /// Whether records of `tenant_id` are visible to the actor.
-    pub fn sees(&self, tenant_id: &str) -> bool {
+    pub fn sees(&self, tenant_id: &TenantId) -> bool {
         self.is_operator() || tenant_id == self.tenant_id
     }
 
     /// Whether a key of `tenant_id` and `user_id` is visible: in a visible tenant and, for a
     /// `ut` key, one of its own user's.
-    pub fn sees_key(&self, tenant_id: &str, user_id: Option<&str>) -> bool {
+    pub fn sees_key(&self, tenant_id: &TenantId, user_id: Option<&UserId>) -> bool {
         self.sees(tenant_id) && self.own_user().is_none_or(|u| user_id == Some(u))
     }
 
     /// Whether the actor may change, rotate or revoke a key of rotation family `family_id`:
     /// a user token cannot extend or re-issue itself (a session key must end with its
     /// session); another key of the user can.
-    pub fn may_change(&self, family_id: &str) -> Result<(), Refused> {
+    pub fn may_change(&self, family_id: &FamilyId) -> Result<(), Refused> {
         if self.own_user().is_some() && self.family_id == family_id {
             Err(Refused {
                 code: Code::ForbiddenScope,
@@ -105,25 +106,20 @@ impl<'a> Actor<'a> {
         }
     }
 
-    /// The tenant to act in: `requested` if the actor may, or its own.
-    pub fn act_in<'r>(&self, requested: Option<&'r str>) -> Target<'r>
-    where
-        'a: 'r,
-    {
+    /// The tenant to act in: `requested` (a tenant id as the caller wrote it) if the actor
+    /// may, or its own.
+    pub fn act_in(&self, requested: Option<&str>) -> Target<'a> {
         match requested {
             None => Target::Own(self.tenant_id),
-            Some(t) if t == self.tenant_id => Target::Own(t),
-            Some(t) if self.is_operator() => Target::IfExists(t),
+            Some(t) if self.tenant_id == t => Target::Own(self.tenant_id),
+            Some(t) if self.is_operator() => Target::IfExists(TenantId::from(t)),
             Some(_) => Target::Hidden,
         }
     }
 
     /// The tenant a listing is limited to: every tenant for the operator naming none, else
     /// [`Actor::act_in`].
-    pub fn listing<'r>(&self, requested: Option<&'r str>) -> Target<'r>
-    where
-        'a: 'r,
-    {
+    pub fn listing(&self, requested: Option<&str>) -> Target<'a> {
         if self.is_operator() && requested.is_none() {
             return Target::Every;
         }
@@ -139,45 +135,74 @@ mod tests {
         ScopeSet::parse(s).expect("scopes")
     }
 
-    fn actor<'a>(tenant: &'a str, kind: Kind, user: Option<&'a str>, s: &'a ScopeSet) -> Actor<'a> {
-        Actor {
-            tenant_id: tenant,
-            kind,
-            user_id: user,
-            family_id: "fam_self",
-            scopes: s,
+    /// A calling key's fields, owned, for [`Actor`] to borrow.
+    struct Key {
+        tenant: TenantId,
+        kind: Kind,
+        user: Option<UserId>,
+        family: FamilyId,
+        scopes: ScopeSet,
+    }
+
+    impl Key {
+        fn actor(&self) -> Actor<'_> {
+            Actor {
+                tenant_id: &self.tenant,
+                kind: self.kind,
+                user_id: self.user.as_ref(),
+                family_id: &self.family,
+                scopes: &self.scopes,
+            }
         }
+    }
+
+    fn key(tenant: &str, kind: Kind, user: Option<&str>, s: &[&str]) -> Key {
+        Key {
+            tenant: tenant.into(),
+            kind,
+            user: user.map(UserId::from),
+            family: "fam_self".into(),
+            scopes: scopes(s),
+        }
+    }
+
+    fn t(id: &str) -> TenantId {
+        id.into()
     }
 
     #[test]
     fn only_a_star_sk_key_of_the_default_tenant_is_the_operator() {
-        let all = scopes(&["*"]);
-        let some = scopes(&["keys:read"]);
-        assert!(actor("default", Kind::Sk, None, &all).is_operator());
-        assert!(!actor("default", Kind::Sk, None, &some).is_operator());
-        assert!(!actor("default", Kind::Ut, Some("usr_1"), &all).is_operator());
-        assert!(!actor("tnt_a", Kind::Sk, None, &all).is_operator());
+        assert!(key("default", Kind::Sk, None, &["*"]).actor().is_operator());
+        assert!(!key("default", Kind::Sk, None, &["keys:read"])
+            .actor()
+            .is_operator());
+        assert!(!key("default", Kind::Ut, Some("usr_1"), &["*"])
+            .actor()
+            .is_operator());
+        assert!(!key("tnt_a", Kind::Sk, None, &["*"]).actor().is_operator());
     }
 
     #[test]
     fn a_tenant_key_sees_and_acts_only_in_its_own_tenant() {
-        let all = scopes(&["*"]);
-        let a = actor("tnt_a", Kind::Sk, None, &all);
-        assert!(a.sees("tnt_a") && !a.sees("tnt_b"));
-        assert_eq!(a.act_in(None), Target::Own("tnt_a"));
-        assert_eq!(a.act_in(Some("tnt_a")), Target::Own("tnt_a"));
+        let k = key("tnt_a", Kind::Sk, None, &["*"]);
+        let a = k.actor();
+        let own = t("tnt_a");
+        assert!(a.sees(&own) && !a.sees(&t("tnt_b")));
+        assert_eq!(a.act_in(None), Target::Own(&own));
+        assert_eq!(a.act_in(Some("tnt_a")), Target::Own(&own));
         assert_eq!(a.act_in(Some("tnt_b")), Target::Hidden);
-        assert_eq!(a.listing(None), Target::Own("tnt_a"));
-        let op = actor("default", Kind::Sk, None, &all);
-        assert_eq!(op.act_in(Some("tnt_b")), Target::IfExists("tnt_b"));
+        assert_eq!(a.listing(None), Target::Own(&own));
+        let op = key("default", Kind::Sk, None, &["*"]);
+        let op = op.actor();
+        assert_eq!(op.act_in(Some("tnt_b")), Target::IfExists(t("tnt_b")));
         assert_eq!(op.listing(None), Target::Every);
-        assert_eq!(op.listing(Some("tnt_b")), Target::IfExists("tnt_b"));
+        assert_eq!(op.listing(Some("tnt_b")), Target::IfExists(t("tnt_b")));
     }
 
     #[test]
     fn a_key_manages_only_scopes_it_holds() {
-        let held = scopes(&["keys:read", "keys:write"]);
-        let a = actor("tnt_a", Kind::Sk, None, &held);
+        let k = key("tnt_a", Kind::Sk, None, &["keys:read", "keys:write"]);
+        let a = k.actor();
         assert!(a.may_manage(&scopes(&["keys:read"])).is_ok());
         let star = a.may_manage(&scopes(&["*"])).expect_err("refused");
         assert_eq!(star.code, Code::ForbiddenScope);
@@ -186,20 +211,23 @@ mod tests {
 
     #[test]
     fn a_user_token_sees_only_its_users_keys_and_cannot_change_itself() {
-        let all = scopes(&["*"]);
-        let u = actor("tnt_a", Kind::Ut, Some("usr_1"), &all);
-        assert!(u.sees_key("tnt_a", Some("usr_1")));
-        assert!(!u.sees_key("tnt_a", Some("usr_2")));
-        assert!(!u.sees_key("tnt_a", None));
-        assert!(!u.sees_key("tnt_b", Some("usr_1")));
-        assert!(u.may_change("fam_other").is_ok());
+        let k = key("tnt_a", Kind::Ut, Some("usr_1"), &["*"]);
+        let u = k.actor();
+        let (a, b) = (t("tnt_a"), t("tnt_b"));
+        let (u1, u2) = (UserId::from("usr_1"), UserId::from("usr_2"));
+        assert!(u.sees_key(&a, Some(&u1)));
+        assert!(!u.sees_key(&a, Some(&u2)));
+        assert!(!u.sees_key(&a, None));
+        assert!(!u.sees_key(&b, Some(&u1)));
+        assert!(u.may_change(&"fam_other".into()).is_ok());
         assert_eq!(
-            u.may_change("fam_self").expect_err("refused").code,
+            u.may_change(&"fam_self".into()).expect_err("refused").code,
             Code::ForbiddenScope
         );
         // An sk key may change its own family (rotating itself is how it is replaced).
-        let s = actor("tnt_a", Kind::Sk, None, &all);
-        assert!(s.may_change("fam_self").is_ok());
-        assert!(s.sees_key("tnt_a", Some("usr_2")));
+        let k = key("tnt_a", Kind::Sk, None, &["*"]);
+        let s = k.actor();
+        assert!(s.may_change(&"fam_self".into()).is_ok());
+        assert!(s.sees_key(&a, Some(&u2)));
     }
 }

@@ -9,7 +9,7 @@
 //! plan feature → scope → then the stateful counters, in the caller: rate limit → key budget →
 //! tenant credits.
 
-use crate::{IpAllowList, Kind, OriginList, RateLimit, ScopeSet};
+use crate::{IpAllowList, KeyId, Kind, OriginList, RateLimit, ScopeSet, TenantId, UserId};
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 
@@ -226,11 +226,11 @@ impl RouteClass {
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyPolicy {
     /// `key_…` id.
-    pub id: String,
+    pub id: KeyId,
     /// Owning tenant id.
-    pub tenant_id: String,
+    pub tenant_id: TenantId,
     /// Owning user (for `ut`).
-    pub user_id: Option<String>,
+    pub user_id: Option<UserId>,
     /// Kind.
     pub kind: Kind,
     /// Stored status.

@@ -13,6 +13,7 @@ pub mod access;
 pub mod audit;
 pub mod base62;
 pub mod decision;
+pub mod ids;
 pub mod ip;
 pub mod issue;
 pub mod key;
@@ -24,6 +25,7 @@ pub mod scope;
 
 pub use audit::{verify_chain, AuditEvent, ChainBreak, ChainProblem};
 pub use decision::{decide, Charge, Code, KeyPolicy, KeyStatus, RequestFacts, RouteClass};
+pub use ids::{FamilyId, Id, KeyId, TenantId, UserId};
 pub use ip::IpAllowList;
 pub use key::{KeyFormat, KeyHash, KeyHasher, Kind, ParsedKey};
 pub use name::name_problem;

@@ -18,7 +18,7 @@ mod shared;
 
 pub use shared::{SharedCounters, SharedError};
 
-use keygate_core::{Charge, Code, RateDecision, WindowState};
+use keygate_core::{Charge, Code, FamilyId, RateDecision, TenantId, WindowState};
 use keygate_store::{Store, StoreError, Withdrawal};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -98,7 +98,7 @@ pub struct Refused {
     pub rate: Option<RateDecision>,
 }
 
-type Map<V> = RwLock<HashMap<String, Arc<V>>>;
+type Map<K, V> = RwLock<HashMap<K, Arc<V>>>;
 
 /// The counters of one key (its family's rate window and budget lease, its tenant's pool
 /// lease), resolved once and kept with the cached key so the hot path does no map lookups.
@@ -109,13 +109,13 @@ pub struct Handles {
     pool: Arc<Lease>,
 }
 
-fn get_or_insert<V: Default>(map: &Map<V>, key: &str) -> Arc<V> {
+fn get_or_insert<K: Eq + std::hash::Hash + Clone, V: Default>(map: &Map<K, V>, key: &K) -> Arc<V> {
     if let Some(v) = map.read().unwrap_or_else(|p| p.into_inner()).get(key) {
         return v.clone();
     }
     map.write()
         .unwrap_or_else(|p| p.into_inner())
-        .entry(key.to_owned())
+        .entry(key.clone())
         .or_default()
         .clone()
 }
@@ -124,9 +124,11 @@ fn get_or_insert<V: Default>(map: &Map<V>, key: &str) -> Arc<V> {
 #[derive(Debug)]
 pub struct Counters {
     store: Arc<dyn Store>,
-    windows: Map<Mutex<WindowState>>,
-    budgets: Map<Lease>,
-    pools: Map<Lease>,
+    windows: Map<FamilyId, Mutex<WindowState>>,
+    /// Free-standing windows (per client IP on public routes).
+    named: Map<String, Mutex<WindowState>>,
+    budgets: Map<FamilyId, Lease>,
+    pools: Map<TenantId, Lease>,
 }
 
 impl Counters {
@@ -135,13 +137,14 @@ impl Counters {
         Self {
             store,
             windows: RwLock::default(),
+            named: RwLock::default(),
             budgets: RwLock::default(),
             pools: RwLock::default(),
         }
     }
 
     /// The counters of a key of `family_id` in `tenant_id`.
-    pub fn handles(&self, family_id: &str, tenant_id: &str) -> Handles {
+    pub fn handles(&self, family_id: &FamilyId, tenant_id: &TenantId) -> Handles {
         Handles {
             window: get_or_insert(&self.windows, family_id),
             budget: get_or_insert(&self.budgets, family_id),
@@ -157,8 +160,8 @@ impl Counters {
     pub async fn meter_with(
         &self,
         h: &Handles,
-        family_id: &str,
-        tenant_id: &str,
+        family_id: &FamilyId,
+        tenant_id: &TenantId,
         charge: &Charge,
         now_ms: i64,
     ) -> Result<Metered, Refused> {
@@ -224,8 +227,8 @@ impl Counters {
     async fn meter_slow(
         &self,
         h: &Handles,
-        family_id: &str,
-        tenant_id: &str,
+        family_id: &FamilyId,
+        tenant_id: &TenantId,
         charge: &Charge,
         rate: Option<RateDecision>,
     ) -> Result<Metered, Refused> {
@@ -242,7 +245,7 @@ impl Counters {
                 cost.max((cap / 50).min(MAX_LEASE))
             };
             let store = self.store.clone();
-            let fam = family_id.to_owned();
+            let fam = family_id.clone();
             let got = take(lease, cost, want, move |w| {
                 let store = store.clone();
                 let fam = fam.clone();
@@ -267,7 +270,7 @@ impl Counters {
             let hint = lease.snapshot().store_remaining;
             let want = cost.max((hint / 50).min(MAX_LEASE));
             let store = self.store.clone();
-            let tid = tenant_id.to_owned();
+            let tid = tenant_id.clone();
             let got = take(lease, cost, want, move |w| {
                 let store = store.clone();
                 let tid = tid.clone();
@@ -326,13 +329,13 @@ impl Counters {
         rl: &keygate_core::RateLimit,
         now_ms: i64,
     ) -> RateDecision {
-        let w = get_or_insert(&self.windows, name);
+        let w = get_or_insert(&self.named, &name.to_owned());
         let mut st = lock(&w);
         st.check(rl, now_ms, 1)
     }
 
     /// Credits of `family_id`'s budget leased to this node and not yet spent.
-    pub fn budget_leased(&self, family_id: &str) -> u64 {
+    pub fn budget_leased(&self, family_id: &FamilyId) -> u64 {
         self.budgets
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -341,7 +344,7 @@ impl Counters {
     }
 
     /// Credits of `tenant_id`'s pool leased to this node and not yet spent.
-    pub fn credits_leased(&self, tenant_id: &str) -> u64 {
+    pub fn credits_leased(&self, tenant_id: &TenantId) -> u64 {
         self.pools
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -351,7 +354,7 @@ impl Counters {
 
     /// Returns this node's lease on a family's budget to the store and forgets that the store
     /// was empty: call before changing the budget, so the new cap applies to true spending.
-    pub async fn release_budget(&self, family_id: &str) -> Result<(), StoreError> {
+    pub async fn release_budget(&self, family_id: &FamilyId) -> Result<(), StoreError> {
         let lease = self
             .budgets
             .read()
@@ -365,7 +368,7 @@ impl Counters {
     }
 
     /// Forgets that a tenant's pool was empty or unlimited (after a top-up or plan change).
-    pub fn pool_changed(&self, tenant_id: &str) {
+    pub fn pool_changed(&self, tenant_id: &TenantId) {
         if let Some(l) = self
             .pools
             .read()
@@ -409,12 +412,17 @@ impl Counters {
     /// Drops rate windows that have not been touched for two windows and that no cached key
     /// holds any more (memory bound; a held window must stay the family's only one).
     pub fn sweep(&self, now_ms: i64, max_window_ms: i64) {
+        let kept = |w: &Arc<Mutex<WindowState>>| {
+            Arc::strong_count(w) > 1 || lock(w).start_ms + 2 * max_window_ms > now_ms
+        };
         self.windows
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, w| {
-                Arc::strong_count(w) > 1 || lock(w).start_ms + 2 * max_window_ms > now_ms
-            });
+            .retain(|_, w| kept(w));
+        self.named
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, w| kept(w));
     }
 }
 

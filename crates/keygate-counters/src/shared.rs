@@ -17,7 +17,7 @@
 //! this node's in-process rate windows.
 
 use crate::{Metered, Refused};
-use keygate_core::{Charge, Code, RateLimit, WindowState};
+use keygate_core::{Charge, Code, FamilyId, RateLimit, TenantId, WindowState};
 use keygate_store::{Store, Withdrawal};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::collections::{HashMap, HashSet};
@@ -119,7 +119,7 @@ return out
 
 /// One decision waiting for its batch.
 struct Job {
-    tenant_id: String,
+    tenant_id: TenantId,
     keys: [String; 3],
     args: [i64; 6],
     reply: oneshot::Sender<Result<[i64; 6], String>>,
@@ -131,7 +131,7 @@ pub struct SharedCounters {
     store: Arc<dyn Store>,
     prefix: String,
     jobs: mpsc::Sender<Job>,
-    unlimited: RwLock<HashSet<String>>,
+    unlimited: RwLock<HashSet<TenantId>>,
     /// What the store had left of a budget or pool at its last lease, by lease key, and when
     /// this node learnt it: kept for a second (see [`SharedCounters::shown`]).
     remainders: RwLock<HashMap<String, (u64, Instant)>>,
@@ -154,6 +154,13 @@ impl std::fmt::Display for SharedError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// Whose remainder a figure shows: a family's budget or a tenant's pool.
+#[derive(Clone, Copy)]
+enum Owner<'a> {
+    Budget(&'a FamilyId),
+    Pool(&'a TenantId),
 }
 
 impl SharedCounters {
@@ -186,13 +193,18 @@ impl SharedCounters {
     }
 
     /// The rate window, budget lease and pool lease of a family.
-    fn keys(&self, family_id: &str, tenant_id: &str) -> [String; 3] {
+    fn keys(&self, family_id: &FamilyId, tenant_id: &TenantId) -> [String; 3] {
         let p = &self.prefix;
         [
             format!("{p}:{{{tenant_id}}}:w:{family_id}"),
             format!("{p}:{{{tenant_id}}}:b:{family_id}"),
-            format!("{p}:{{{tenant_id}}}:p"),
+            self.pool_key(tenant_id),
         ]
+    }
+
+    /// The pool lease of a tenant.
+    fn pool_key(&self, tenant_id: &TenantId) -> String {
+        format!("{}:{{{tenant_id}}}:p", self.prefix)
     }
 
     /// Where Redis keeps what the store had left of a budget (`…:bs:{family}`) or pool
@@ -213,7 +225,7 @@ impl SharedCounters {
         map.entry(key.to_owned()).or_default().clone()
     }
 
-    fn pool_unlimited(&self, tenant_id: &str) -> bool {
+    fn pool_unlimited(&self, tenant_id: &TenantId) -> bool {
         self.unlimited
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -222,12 +234,12 @@ impl SharedCounters {
 
     /// Forgets what this node knew of a tenant's pool (after a top-up or plan change): that it
     /// was unlimited, and what the store had left of it.
-    pub fn pool_changed(&self, tenant_id: &str) {
+    pub fn pool_changed(&self, tenant_id: &TenantId) {
         self.unlimited
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(tenant_id);
-        let [_, _, pk] = self.keys("-", tenant_id);
+        let pk = self.pool_key(tenant_id);
         self.remainders
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -236,9 +248,9 @@ impl SharedCounters {
 
     /// After this node changed a tenant's pool in the store: drops the remainder Redis keeps
     /// for it, so that no node shows the old one (each reads the store again).
-    pub async fn pool_remainder_changed(&self, tenant_id: &str) {
+    pub async fn pool_remainder_changed(&self, tenant_id: &TenantId) {
         self.pool_changed(tenant_id);
-        let [_, _, pk] = self.keys("-", tenant_id);
+        let pk = self.pool_key(tenant_id);
         let mut con = self.redis.clone();
         let r: Result<(), _> = redis::cmd("DEL")
             .arg(Self::remainder_key(&pk))
@@ -254,8 +266,8 @@ impl SharedCounters {
     /// Redis cannot be reached but the call is free (the caller then limits locally).
     pub async fn meter(
         &self,
-        family_id: &str,
-        tenant_id: &str,
+        family_id: &FamilyId,
+        tenant_id: &TenantId,
         charge: &Charge,
         now_ms: i64,
     ) -> Result<Option<Metered>, Refused> {
@@ -274,7 +286,7 @@ impl SharedCounters {
         while std::time::Instant::now() < deadline {
             let (reply, rx) = oneshot::channel();
             let job = Job {
-                tenant_id: tenant_id.to_owned(),
+                tenant_id: tenant_id.clone(),
                 keys: keys.clone(),
                 args: [
                     now_ms,
@@ -311,12 +323,12 @@ impl SharedCounters {
                 0 => {
                     let budget_remaining = match charge.budget {
                         None => None,
-                        Some(_) => Some(self.shown(v[4], bk, family_id, true).await),
+                        Some(_) => Some(self.shown(v[4], bk, Owner::Budget(family_id)).await),
                     };
                     let credits_remaining = if self.pool_unlimited(tenant_id) || charge.cost == 0 {
                         None
                     } else {
-                        Some(self.shown(v[5], pk, tenant_id, false).await)
+                        Some(self.shown(v[5], pk, Owner::Pool(tenant_id)).await)
                     };
                     return Ok(Some(Metered {
                         rate,
@@ -376,7 +388,7 @@ impl SharedCounters {
                             self.unlimited
                                 .write()
                                 .unwrap_or_else(|p| p.into_inner())
-                                .insert(tenant_id.to_owned());
+                                .insert(tenant_id.clone());
                         }
                         Ok(Withdrawal::Granted(g)) if g.granted == 0 => {
                             return Err(Refused {
@@ -403,7 +415,7 @@ impl SharedCounters {
     /// lease. That remainder changes only when some node leases, so this node keeps it for a
     /// second (no Redis read on the hot path); it reads Redis after that, and the store (a
     /// withdrawal of nothing) when Redis does not know it either.
-    async fn shown(&self, lease: i64, lease_key: &str, owner: &str, budget: bool) -> u64 {
+    async fn shown(&self, lease: i64, lease_key: &str, owner: Owner<'_>) -> u64 {
         let lease = u64::try_from(lease).unwrap_or(0);
         let kept = self
             .remainders
@@ -422,19 +434,21 @@ impl SharedCounters {
         let r = match kept.ok().flatten().and_then(|r| u64::try_from(r).ok()) {
             Some(r) => Some(r),
             None => {
-                let read = if budget {
-                    self.store
-                        .withdraw_budget(owner, 0)
+                let read = match owner {
+                    Owner::Budget(family_id) => self
+                        .store
+                        .withdraw_budget(family_id, 0)
                         .await
-                        .map(|g| Some(g.remaining))
-                } else {
-                    self.store
-                        .withdraw_credits(owner, 0)
-                        .await
-                        .map(|w| match w {
-                            Withdrawal::Granted(g) => Some(g.remaining),
-                            Withdrawal::Unlimited => None,
-                        })
+                        .map(|g| Some(g.remaining)),
+                    Owner::Pool(tenant_id) => {
+                        self.store
+                            .withdraw_credits(tenant_id, 0)
+                            .await
+                            .map(|w| match w {
+                                Withdrawal::Granted(g) => Some(g.remaining),
+                                Withdrawal::Unlimited => None,
+                            })
+                    }
                 };
                 let r = read.ok().flatten();
                 if let Some(r) = r {
@@ -505,7 +519,13 @@ impl SharedCounters {
 
     /// Gives an allowed charge's money back (the gateway could not reach the upstream).
     /// Only what `metered` (this meter's own answer) says was charged is given back.
-    pub async fn refund(&self, family_id: &str, tenant_id: &str, cost: u64, metered: &Metered) {
+    pub async fn refund(
+        &self,
+        family_id: &FamilyId,
+        tenant_id: &TenantId,
+        cost: u64,
+        metered: &Metered,
+    ) {
         if cost == 0 {
             return;
         }
@@ -527,8 +547,8 @@ impl SharedCounters {
     /// Moves a family's Redis lease back to the store (before its budget changes).
     pub async fn release_budget(
         &self,
-        family_id: &str,
-        tenant_id: &str,
+        family_id: &FamilyId,
+        tenant_id: &TenantId,
     ) -> Result<(), SharedError> {
         let [_, bk, _] = self.keys(family_id, tenant_id);
         let bsk = Self::remainder_key(&bk);
@@ -559,14 +579,14 @@ impl SharedCounters {
     }
 
     /// Credits of a family's budget leased into Redis and not yet spent.
-    pub async fn budget_leased(&self, family_id: &str, tenant_id: &str) -> u64 {
+    pub async fn budget_leased(&self, family_id: &FamilyId, tenant_id: &TenantId) -> u64 {
         let [_, bk, _] = self.keys(family_id, tenant_id);
         self.get_u64(&bk).await
     }
 
     /// Credits of a tenant's pool leased into Redis and not yet spent.
-    pub async fn credits_leased(&self, tenant_id: &str) -> u64 {
-        let [_, _, pk] = self.keys("-", tenant_id);
+    pub async fn credits_leased(&self, tenant_id: &TenantId) -> u64 {
+        let pk = self.pool_key(tenant_id);
         self.get_u64(&pk).await
     }
 

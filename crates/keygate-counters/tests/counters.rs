@@ -6,7 +6,7 @@
 
 mod support;
 
-use keygate_core::{Charge, Code, RateDecision, RateLimit};
+use keygate_core::{Charge, Code, FamilyId, RateDecision, RateLimit, TenantId};
 use keygate_counters::{Counters, Metered, Refused};
 use std::sync::Arc;
 use support::{charge, limited, Db, T0};
@@ -18,8 +18,9 @@ async fn meter(
     ch: &Charge,
     now_ms: i64,
 ) -> Result<Metered, Refused> {
-    let h = c.handles(family, tenant);
-    c.meter_with(&h, family, tenant, ch, now_ms).await
+    let (family, tenant) = (FamilyId::from(family), TenantId::from(tenant));
+    let h = c.handles(&family, &tenant);
+    c.meter_with(&h, &family, &tenant, ch, now_ms).await
 }
 
 fn refused(code: Code) -> Result<Metered, Refused> {
@@ -47,7 +48,11 @@ async fn a_budget_lease_is_a_fiftieth_of_the_budget_at_most_1000_and_at_least_th
             .await
             .expect("allowed");
         assert_eq!(db.spent(fam).await, lease, "{fam}: the first lease");
-        assert_eq!(c.budget_leased(fam), lease - cost, "{fam}: lease left");
+        assert_eq!(
+            c.budget_leased(&fam.into()),
+            lease - cost,
+            "{fam}: lease left"
+        );
         assert_eq!(m.budget_remaining, Some(budget - cost), "{fam}: shown");
         assert_eq!(m.credits_remaining, None, "{fam}: unlimited pool");
     }
@@ -55,10 +60,16 @@ async fn a_budget_lease_is_a_fiftieth_of_the_budget_at_most_1000_and_at_least_th
     // takes the next lease.
     let k100 = charge(Some(100), 1);
     let m = meter(&c, "k100", "t", &k100, T0).await.expect("allowed");
-    assert_eq!((db.spent("k100").await, c.budget_leased("k100")), (2, 0));
+    assert_eq!(
+        (db.spent("k100").await, c.budget_leased(&"k100".into())),
+        (2, 0)
+    );
     assert_eq!(m.budget_remaining, Some(98));
     let m = meter(&c, "k100", "t", &k100, T0).await.expect("allowed");
-    assert_eq!((db.spent("k100").await, c.budget_leased("k100")), (4, 1));
+    assert_eq!(
+        (db.spent("k100").await, c.budget_leased(&"k100".into())),
+        (4, 1)
+    );
     assert_eq!(m.budget_remaining, Some(97));
 }
 
@@ -75,13 +86,13 @@ async fn a_pool_lease_is_the_cost_first_then_a_fiftieth_of_what_the_store_has_le
     // Nothing known of the pool yet: the first withdrawal is the cost alone.
     let m = meter(&c, "kb", "big", &one, T0).await.expect("allowed");
     assert_eq!(db.credits("big").await, Some(99_999));
-    assert_eq!(c.credits_leased("big"), 0);
+    assert_eq!(c.credits_leased(&"big".into()), 0);
     assert_eq!(m.credits_remaining, Some(99_999));
     assert_eq!(m.budget_remaining, None, "a key without a budget");
     // Then 99_999 / 50 = 1_999, capped at 1_000.
     let m = meter(&c, "kb", "big", &one, T0).await.expect("allowed");
     assert_eq!(db.credits("big").await, Some(98_999));
-    assert_eq!(c.credits_leased("big"), 999);
+    assert_eq!(c.credits_leased(&"big".into()), 999);
     assert_eq!(m.credits_remaining, Some(99_998));
 
     let m = meter(&c, "ks", "small", &one, T0).await.expect("allowed");
@@ -90,7 +101,7 @@ async fn a_pool_lease_is_the_cost_first_then_a_fiftieth_of_what_the_store_has_le
     // 199 / 50 = 3.
     let m = meter(&c, "ks", "small", &one, T0).await.expect("allowed");
     assert_eq!(db.credits("small").await, Some(196));
-    assert_eq!(c.credits_leased("small"), 2);
+    assert_eq!(c.credits_leased(&"small".into()), 2);
     assert_eq!(m.credits_remaining, Some(198));
 }
 
@@ -119,7 +130,7 @@ async fn a_budget_of_100_allows_exactly_100_calls_then_budget_exhausted() {
     }
     c.flush().await.expect("flush");
     assert_eq!(db.spent("k").await, 100, "the whole budget, no more");
-    assert_eq!(c.budget_leased("k"), 0);
+    assert_eq!(c.budget_leased(&"k".into()), 0);
 }
 
 #[tokio::test]
@@ -165,11 +176,11 @@ async fn a_pool_refusal_gives_the_key_budget_back() {
     }
     // The refused calls cost the key's budget nothing.
     db.store
-        .add_tenant_credits("t", 100)
+        .add_tenant_credits(&"t".into(), 100)
         .await
         .expect("top up")
         .expect("tenant");
-    c.pool_changed("t");
+    c.pool_changed(&"t".into());
     let m = meter(&c, "k", "t", &ch, T0)
         .await
         .expect("allowed after a top-up");
@@ -227,9 +238,9 @@ async fn a_refund_gives_back_exactly_what_was_charged() {
     db.tenant("t", Some(50)).await;
     db.key("k", "t", Some(10)).await;
     let c = Counters::new(db.store.clone());
-    let h = c.handles("k", "t");
+    let h = c.handles(&"k".into(), &"t".into());
     let m = c
-        .meter_with(&h, "k", "t", &charge(Some(10), 4), T0)
+        .meter_with(&h, &"k".into(), &"t".into(), &charge(Some(10), 4), T0)
         .await
         .expect("allowed");
     assert_eq!(
@@ -238,7 +249,7 @@ async fn a_refund_gives_back_exactly_what_was_charged() {
     );
     c.refund(&h, 4, &m);
     let m = c
-        .meter_with(&h, "k", "t", &charge(Some(10), 1), T0)
+        .meter_with(&h, &"k".into(), &"t".into(), &charge(Some(10), 1), T0)
         .await
         .expect("allowed");
     assert_eq!(
@@ -257,21 +268,28 @@ async fn a_refund_of_a_spent_budget_allows_exactly_that_much_again() {
     db.tenant("t", None).await;
     db.key("k", "t", Some(5)).await;
     let c = Counters::new(db.store.clone());
-    let h = c.handles("k", "t");
+    let h = c.handles(&"k".into(), &"t".into());
     let ch = charge(Some(5), 1);
     let mut last = None;
     for _ in 0..5 {
-        last = Some(c.meter_with(&h, "k", "t", &ch, T0).await.expect("allowed"));
+        last = Some(
+            c.meter_with(&h, &"k".into(), &"t".into(), &ch, T0)
+                .await
+                .expect("allowed"),
+        );
     }
     assert_eq!(
-        c.meter_with(&h, "k", "t", &ch, T0).await,
+        c.meter_with(&h, &"k".into(), &"t".into(), &ch, T0).await,
         refused(Code::BudgetExhausted)
     );
     c.refund(&h, 1, &last.expect("five calls were allowed"));
-    let m = c.meter_with(&h, "k", "t", &ch, T0).await.expect("refunded");
+    let m = c
+        .meter_with(&h, &"k".into(), &"t".into(), &ch, T0)
+        .await
+        .expect("refunded");
     assert_eq!(m.budget_remaining, Some(0));
     assert_eq!(
-        c.meter_with(&h, "k", "t", &ch, T0).await,
+        c.meter_with(&h, &"k".into(), &"t".into(), &ch, T0).await,
         refused(Code::BudgetExhausted),
         "one credit refunded, one call more"
     );
@@ -285,25 +303,29 @@ async fn a_refund_leaves_alone_what_the_charge_did_not_draw_from() {
     db.tenant("t", None).await;
     db.key("k", "t", None).await;
     let c = Counters::new(db.store.clone());
-    let h = c.handles("k", "t");
+    let h = c.handles(&"k".into(), &"t".into());
     let m = c
-        .meter_with(&h, "k", "t", &charge(None, 5), T0)
+        .meter_with(&h, &"k".into(), &"t".into(), &charge(None, 5), T0)
         .await
         .expect("no budget, unlimited pool");
     assert_eq!((m.budget_remaining, m.credits_remaining), (None, None));
     c.refund(&h, 5, &m);
-    assert_eq!(c.budget_leased("k"), 0, "no budget: nothing to give back");
     assert_eq!(
-        c.credits_leased("t"),
+        c.budget_leased(&"k".into()),
+        0,
+        "no budget: nothing to give back"
+    );
+    assert_eq!(
+        c.credits_leased(&"t".into()),
         0,
         "unlimited pool: nothing to give back"
     );
     // A free call is never refunded.
     db.tenant("t2", Some(10)).await;
     db.key("k2", "t2", Some(10)).await;
-    let h2 = c.handles("k2", "t2");
+    let h2 = c.handles(&"k2".into(), &"t2".into());
     let paid = c
-        .meter_with(&h2, "k2", "t2", &charge(Some(10), 1), T0)
+        .meter_with(&h2, &"k2".into(), &"t2".into(), &charge(Some(10), 1), T0)
         .await
         .expect("allowed");
     c.refund(&h2, 0, &paid);
@@ -326,15 +348,21 @@ async fn flush_returns_every_unused_lease_to_the_store() {
         meter(&c, "k", "t", &ch, T0).await.expect("allowed");
     }
     // Leases: the budget 20 (1_000 / 50); the pool 1, then 9_999 / 50 = 199.
-    assert_eq!((db.spent("k").await, c.budget_leased("k")), (20, 13));
     assert_eq!(
-        (db.credits("t").await, c.credits_leased("t")),
+        (db.spent("k").await, c.budget_leased(&"k".into())),
+        (20, 13)
+    );
+    assert_eq!(
+        (db.credits("t").await, c.credits_leased(&"t".into())),
         (Some(9_800), 193)
     );
     c.flush().await.expect("flush");
     assert_eq!(db.spent("k").await, 7, "initial − spent");
     assert_eq!(db.credits("t").await, Some(9_993), "initial − spent");
-    assert_eq!((c.budget_leased("k"), c.credits_leased("t")), (0, 0));
+    assert_eq!(
+        (c.budget_leased(&"k".into()), c.credits_leased(&"t".into())),
+        (0, 0)
+    );
     // The counters keep working after a flush, and a second flush returns the new leases.
     let m = meter(&c, "k", "t", &ch, T0).await.expect("allowed");
     assert_eq!(
@@ -358,9 +386,9 @@ async fn release_budget_returns_the_lease_so_a_new_cap_applies_to_what_was_spent
     meter(&c, "k", "t", &charge(Some(100), 1), T0)
         .await
         .expect("allowed");
-    assert_eq!((db.spent("k").await, c.budget_leased("k")), (2, 1));
-    c.release_budget("k").await.expect("release");
-    assert_eq!((db.spent("k").await, c.budget_leased("k")), (1, 0));
+    assert_eq!((db.spent("k").await, c.budget_leased(&"k".into())), (2, 1));
+    c.release_budget(&"k".into()).await.expect("release");
+    assert_eq!((db.spent("k").await, c.budget_leased(&"k".into())), (1, 0));
 
     // A spent budget raised from 5 to 8 allows exactly 3 more once released; until then this
     // node remembers that the store had nothing left.
@@ -378,7 +406,7 @@ async fn release_budget_returns_the_lease_so_a_new_cap_applies_to_what_was_spent
         refused(Code::BudgetExhausted),
         "not released: the node still knows the store as empty"
     );
-    c.release_budget("small").await.expect("release");
+    c.release_budget(&"small".into()).await.expect("release");
     let eight = charge(Some(8), 1);
     for left in [2, 1, 0] {
         let m = meter(&c, "small", "t", &eight, T0).await.expect("raised");
@@ -391,7 +419,9 @@ async fn release_budget_returns_the_lease_so_a_new_cap_applies_to_what_was_spent
     c.flush().await.expect("flush");
     assert_eq!(db.spent("small").await, 8);
     // Releasing a family this node never used is a no-op.
-    c.release_budget("never-used").await.expect("release");
+    c.release_budget(&"never-used".into())
+        .await
+        .expect("release");
 }
 
 #[tokio::test]
@@ -409,7 +439,7 @@ async fn pool_changed_forgets_that_a_pool_was_empty() {
         refused(Code::InsufficientCredits)
     );
     db.store
-        .add_tenant_credits("t", 5)
+        .add_tenant_credits(&"t".into(), 5)
         .await
         .expect("top up")
         .expect("tenant");
@@ -418,7 +448,7 @@ async fn pool_changed_forgets_that_a_pool_was_empty() {
         refused(Code::InsufficientCredits),
         "not told: the node still knows the pool as empty"
     );
-    c.pool_changed("t");
+    c.pool_changed(&"t".into());
     for left in (0..5).rev() {
         let m = meter(&c, "k", "t", &ch, T0).await.expect("topped up");
         assert_eq!(m.credits_remaining, Some(left));
@@ -430,7 +460,7 @@ async fn pool_changed_forgets_that_a_pool_was_empty() {
     c.flush().await.expect("flush");
     assert_eq!(db.credits("t").await, Some(0));
     // Telling a node of a tenant it never saw is a no-op.
-    c.pool_changed("never-seen");
+    c.pool_changed(&"never-seen".into());
 }
 
 #[tokio::test]
@@ -448,7 +478,7 @@ async fn pool_changed_forgets_that_a_pool_was_unlimited() {
         .expect("still unlimited here");
     assert_eq!(m.credits_remaining, None, "not told of the plan change");
     assert_eq!(db.credits("t").await, Some(3), "and nothing drawn");
-    c.pool_changed("t");
+    c.pool_changed(&"t".into());
     for left in [2, 1, 0] {
         let m = meter(&c, "k", "t", &ch, T0).await.expect("limited now");
         assert_eq!(m.credits_remaining, Some(left));
@@ -526,8 +556,11 @@ async fn after_a_top_up_the_credits_shown_include_it() {
         .await
         .expect("allowed");
     assert_eq!(m.credits_remaining, Some(999));
-    db.store.add_tenant_credits("t", 500).await.expect("top-up");
-    c.pool_changed("t");
+    db.store
+        .add_tenant_credits(&"t".into(), 500)
+        .await
+        .expect("top-up");
+    c.pool_changed(&"t".into());
     let m = meter(&c, "k", "t", &charge(None, 1), T0)
         .await
         .expect("allowed");
@@ -556,7 +589,7 @@ async fn a_free_call_after_a_budget_change_reports_the_new_budget_left() {
         .await
         .expect("allowed");
     assert_eq!(m.budget_remaining, Some(9));
-    c.release_budget("k").await.expect("release");
+    c.release_budget(&"k".into()).await.expect("release");
     db.set_budget("k", 20).await;
     let m = meter(&c, "k", "t", &charge(Some(20), 0), T0)
         .await
@@ -757,11 +790,13 @@ async fn sweep_drops_only_windows_that_are_old_and_not_held() {
     // A window held by a key's handles is never dropped, however old: the family must keep
     // one window.
     let ch = limited(1, 60, None, 0);
-    let h = c.handles("k", "t");
-    c.meter_with(&h, "k", "t", &ch, T0).await.expect("allowed");
+    let h = c.handles(&"k".into(), &"t".into());
+    c.meter_with(&h, &"k".into(), &"t".into(), &ch, T0)
+        .await
+        .expect("allowed");
     c.sweep(later, 400);
     assert_eq!(
-        c.meter_with(&h, "k", "t", &ch, later)
+        c.meter_with(&h, &"k".into(), &"t".into(), &ch, later)
             .await
             .map_err(|r| r.code),
         Err(Code::RateLimited),
@@ -791,12 +826,12 @@ async fn spend_concurrently(c: &Arc<Counters>, budget: u64) -> Vec<Result<Metere
         let c = c.clone();
         let start = start.clone();
         tasks.push(tokio::spawn(async move {
-            let h = c.handles("k", "t");
+            let h = c.handles(&"k".into(), &"t".into());
             start.wait().await;
             let mut out = Vec::new();
             for _ in 0..4 {
                 out.push(
-                    c.meter_with(&h, "k", "t", &charge(Some(budget), 1), T0)
+                    c.meter_with(&h, &"k".into(), &"t".into(), &charge(Some(budget), 1), T0)
                         .await,
                 );
                 tokio::task::yield_now().await;

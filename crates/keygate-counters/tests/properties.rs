@@ -72,7 +72,7 @@ async fn run(
     db.tenant("t", pool).await;
     db.key("k", "t", Some(budget)).await;
     let c = Counters::new(db.store.clone());
-    let h = c.handles("k", "t");
+    let h = c.handles(&"k".into(), &"t".into());
     // The model: what is left of the budget and the pool, and what the node has charged.
     let (mut b, mut p) = (budget, pool);
     let (mut charged, mut refunded) = (0u64, 0u64);
@@ -81,7 +81,13 @@ async fn run(
         match *op {
             Op::Charge { cost, refund } => {
                 let got = c
-                    .meter_with(&h, "k", "t", &charge(Some(budget), cost), T0)
+                    .meter_with(
+                        &h,
+                        &"k".into(),
+                        &"t".into(),
+                        &charge(Some(budget), cost),
+                        T0,
+                    )
                     .await;
                 let fits_budget = cost <= b;
                 let fits_pool = p.is_none_or(|p| cost <= p);
@@ -137,8 +143,8 @@ async fn run(
                 }
             }
             Op::Flush => c.flush().await.expect("flush"),
-            Op::ReleaseBudget => c.release_budget("k").await.expect("release"),
-            Op::PoolChanged => c.pool_changed("t"),
+            Op::ReleaseBudget => c.release_budget(&"k".into()).await.expect("release"),
+            Op::PoolChanged => c.pool_changed(&"t".into()),
         }
         prop_assert!(
             charged - refunded <= budget,
@@ -152,7 +158,10 @@ async fn run(
     let net = charged - refunded;
     prop_assert_eq!(budget - db.spent("k").await, budget - net, "budget balance");
     prop_assert_eq!(db.credits("t").await, pool.map(|p| p - net), "pool balance");
-    prop_assert_eq!((c.budget_leased("k"), c.credits_leased("t")), (0, 0));
+    prop_assert_eq!(
+        (c.budget_leased(&"k".into()), c.credits_leased(&"t".into())),
+        (0, 0)
+    );
     Ok(())
 }
 

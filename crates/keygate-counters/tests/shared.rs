@@ -6,7 +6,7 @@
 
 mod support;
 
-use keygate_core::{Charge, Code};
+use keygate_core::{Charge, Code, FamilyId, TenantId};
 use keygate_counters::{Counters, Metered, Refused, SharedCounters};
 use redis::aio::MultiplexedConnection;
 use std::sync::Arc;
@@ -29,8 +29,8 @@ fn need_redis(e: impl std::fmt::Display) -> String {
 struct World {
     db: Db,
     prefix: String,
-    tenant: String,
-    family: String,
+    tenant: TenantId,
+    family: FamilyId,
 }
 
 impl World {
@@ -43,8 +43,8 @@ impl World {
         Self {
             db,
             prefix,
-            tenant,
-            family,
+            tenant: tenant.into(),
+            family: family.into(),
         }
     }
 

@@ -11,7 +11,7 @@
 
 use crate::clock::now_ms;
 use crate::engine::Engine;
-use keygate_core::{Code, Kind};
+use keygate_core::{Code, KeyId, Kind, TenantId};
 use keygate_store::{Alert, RawEvent, UsageOf};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -30,9 +30,9 @@ const PROBING: &[Code] = &[
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seen {
     /// Key.
-    pub key: String,
+    pub key: KeyId,
     /// Its tenant.
-    pub tenant: String,
+    pub tenant: TenantId,
     /// Decision code.
     pub code: Code,
     /// The minute (Unix ms) they fall in.
@@ -91,8 +91,8 @@ pub fn summarize(events: &[&RawEvent<'_>]) -> Vec<Seen> {
             Some((g, i)) if g == group => i,
             _ => *index.entry(group).or_insert_with(|| {
                 out.push(Seen {
-                    key: key.to_string(),
-                    tenant: tenant.to_string(),
+                    key: KeyId::from(&**key),
+                    tenant: TenantId::from(&**tenant),
                     code,
                     minute,
                     first_ms: h.at_ms,
@@ -166,8 +166,8 @@ fn network(ip: &str) -> Option<String> {
 pub async fn raise(
     state: &Engine,
     kind: &str,
-    tenant_id: &str,
-    key_id: Option<&str>,
+    tenant_id: &TenantId,
+    key_id: Option<&KeyId>,
     dedupe: String,
     message: String,
     mut data: serde_json::Value,
@@ -176,8 +176,8 @@ pub async fn raise(
     data["message"] = message.clone().into();
     let alert = Alert {
         id: crate::ids::new_id("alr", now),
-        tenant_id: tenant_id.to_owned(),
-        key_id: key_id.map(str::to_owned),
+        tenant_id: tenant_id.to_string(),
+        key_id: key_id.map(KeyId::to_string),
         kind: kind.to_owned(),
         dedupe,
         message,
@@ -206,12 +206,12 @@ pub async fn raise(
 impl Rules {
     async fn observe(&mut self, state: &Engine, seen: &[Seen]) {
         let cfg = &state.config.alerts;
-        let mut budget_keys: HashSet<&str> = HashSet::new();
-        let mut tenants: HashSet<&str> = HashSet::new();
-        let mut spikes: Vec<(&str, &str, i64, u32)> = Vec::new();
-        let mut exhausted: Vec<(&str, &str)> = Vec::new();
+        let mut budget_keys: HashSet<&KeyId> = HashSet::new();
+        let mut tenants: HashSet<&TenantId> = HashSet::new();
+        let mut spikes: Vec<(&KeyId, &TenantId, i64, u32)> = Vec::new();
+        let mut exhausted: Vec<(&KeyId, &TenantId)> = Vec::new();
         for s in seen {
-            let (key, tenant, code, minute) = (&*s.key, &*s.tenant, s.code, s.minute);
+            let (key, tenant, code, minute) = (&s.key, &s.tenant, s.code, s.minute);
             if PROBING.contains(&code) && cfg.refusal_burst > 0 {
                 let n = self.refusals.entry((slot(key), minute)).or_default();
                 let before = *n;
@@ -303,7 +303,7 @@ impl Rules {
             let before = state
                 .store
                 .usage(
-                    &UsageOf::Key(key.to_owned()),
+                    &UsageOf::Key(key.clone()),
                     60_000,
                     minute - 3_600_000,
                     minute,

@@ -6,8 +6,8 @@ use crate::clock::now_ms;
 use crate::config::{Config, PlanConfig, RouteConfig, Upstream};
 use http::HeaderValue;
 use keygate_core::{
-    decide, Code, KeyFormat, KeyHash, KeyHasher, KeyPolicy, Kind, NormalPath, PathPattern,
-    RateDecision, RequestFacts,
+    decide, Code, FamilyId, KeyFormat, KeyHash, KeyHasher, KeyId, KeyPolicy, Kind, NormalPath,
+    PathPattern, RateDecision, RequestFacts, TenantId, UserId,
 };
 use keygate_counters::{Counters, Metered};
 use keygate_store::{KeyRecord, Store};
@@ -207,11 +207,11 @@ pub struct Change<'a> {
     /// What happened (`key.created`, `user.deleted`, …).
     pub action: &'a str,
     /// The tenant the records belong to.
-    pub tenant_id: &'a str,
+    pub tenant_id: &'a TenantId,
     /// The key concerned, if any.
-    pub key_id: Option<&'a str>,
+    pub key_id: Option<&'a KeyId>,
     /// The user concerned, if any.
-    pub user_id: Option<&'a str>,
+    pub user_id: Option<&'a UserId>,
     /// Details (JSON).
     pub detail: &'a serde_json::Value,
 }
@@ -406,13 +406,13 @@ impl Engine {
     }
 
     /// A family's budget changed: drop its keys here and on every other node.
-    pub async fn family_changed(&self, family_id: &str) {
+    pub async fn family_changed(&self, family_id: &FamilyId) {
         self.invalidate_family(family_id);
         self.publish(format!("family:{family_id}")).await;
     }
 
     /// A tenant's pool changed (top-up): forget "empty" here and on every other node.
-    pub async fn tenant_changed(&self, tenant_id: &str) {
+    pub async fn tenant_changed(&self, tenant_id: &TenantId) {
         self.counters.pool_changed(tenant_id);
         if let Some(s) = &self.shared {
             s.pool_remainder_changed(tenant_id).await;
@@ -437,11 +437,12 @@ impl Engine {
                 Some(hash) => self.invalidate(&hash),
                 None => self.invalidate_all(),
             },
-            Some(("family", f)) => self.invalidate_family(f),
+            Some(("family", f)) => self.invalidate_family(&FamilyId::from(f)),
             Some(("tenant", t)) => {
-                self.counters.pool_changed(t);
+                let t = TenantId::from(t);
+                self.counters.pool_changed(&t);
                 if let Some(s) = &self.shared {
-                    s.pool_changed(t);
+                    s.pool_changed(&t);
                 }
             }
             _ => self.invalidate_all(),
@@ -456,12 +457,12 @@ impl Engine {
     }
 
     /// Drops every cached key of a rotation family (they share one budget).
-    pub fn invalidate_family(&self, family_id: &str) {
+    pub fn invalidate_family(&self, family_id: &FamilyId) {
         self.cache_gen.fetch_add(1, Ordering::AcqRel);
         let hashes: Vec<KeyHash> = self
             .cache
             .iter()
-            .filter(|(_, k)| k.record.family_id == family_id)
+            .filter(|(_, k)| k.record.family_id == *family_id)
             .map(|(h, _)| *h)
             .collect();
         for h in hashes {
@@ -475,7 +476,7 @@ impl Engine {
         &self,
         credential: Result<Option<&str>, Code>,
         facts: &RequestFacts<'_>,
-        visible_tenant: Option<&str>,
+        visible_tenant: Option<&TenantId>,
     ) -> Result<Allowed, Denied> {
         let token = credential
             .map_err(Denied::code)?
@@ -496,7 +497,7 @@ impl Engine {
             Err(_) => return Err(Denied::code(Code::MalformedKey)),
         };
         // Other tenants' keys look unknown.
-        let key = key.filter(|k| visible_tenant.is_none_or(|t| t == k.record.tenant_id));
+        let key = key.filter(|k| visible_tenant.is_none_or(|t| k.record.tenant_id == *t));
         let charge = match decide(key.as_ref().map(|k| &k.policy), facts) {
             Ok(c) => c,
             Err(code) => {
@@ -585,7 +586,7 @@ impl Engine {
         &self,
         credential: Result<Option<&str>, Code>,
         facts: &RequestFacts<'_>,
-        visible_tenant: Option<&str>,
+        visible_tenant: Option<&TenantId>,
     ) -> Decided<Allowed> {
         // Latency is sampled for the histogram (one decision in 32), but every audit event
         // carries its own.
@@ -694,7 +695,7 @@ impl Engine {
         &self,
         credential: Result<Option<&str>, Code>,
         facts: &RequestFacts<'_>,
-        visible_tenant: Option<&str>,
+        visible_tenant: Option<&TenantId>,
     ) -> Result<Allowed, Denied> {
         let decided = self.decide(credential, facts, visible_tenant).await;
         self.settle(decided, None).await
@@ -799,10 +800,10 @@ impl Engine {
         if crate::webhooks::EVENT_TYPES.contains(&c.action) {
             let mut data = serde_json::json!({"tenant_id": c.tenant_id, "actor": c.actor});
             if let Some(k) = c.key_id {
-                data["key_id"] = k.into();
+                data["key_id"] = k.as_str().into();
             }
             if let Some(u) = c.user_id {
-                data["user_id"] = u.into();
+                data["user_id"] = u.as_str().into();
             }
             data["detail"] = c.detail.clone();
             if let Err(e) = self.emit(c.tenant_id, c.action, data, None).await {
@@ -819,11 +820,11 @@ impl Engine {
         let r = crate::request_id::RequestId::with_current(|rid| {
             log.record(keygate_audit::Line {
                 at_ms: now_ms(),
-                tenant_id: Some(c.tenant_id),
+                tenant_id: Some(c.tenant_id.as_str()),
                 actor: c.actor,
                 action: c.action,
-                key_id: c.key_id,
-                user_id: c.user_id,
+                key_id: c.key_id.map(KeyId::as_str),
+                user_id: c.user_id.map(UserId::as_str),
                 request_id: rid,
                 detail: Some(&detail),
                 ..keygate_audit::Line::default()
@@ -889,7 +890,7 @@ pub async fn run_touch_flusher(
 }
 
 async fn flush_touches(store: &dyn Store, batch: &mut Vec<Arc<CachedKey>>) {
-    let rows: Vec<(String, i64)> = batch
+    let rows: Vec<(KeyId, i64)> = batch
         .iter()
         .map(|k| {
             k.touch_pending.store(false, Ordering::Release);

@@ -6,7 +6,10 @@
 use crate::clock::parse_rfc3339;
 use crate::config::Config;
 use crate::ids::{new_id, os_fill};
-use keygate_core::{KeyFormat, KeyHasher, KeyStatus, Kind, OriginList, RateLimit, ScopeSet};
+use keygate_core::{
+    FamilyId, KeyFormat, KeyHasher, KeyId, KeyStatus, Kind, OriginList, RateLimit, ScopeSet,
+    TenantId, UserId,
+};
 use keygate_store::{KeyRecord, Store};
 
 /// Longest TTL / expiry distance accepted: 10 years.
@@ -96,7 +99,7 @@ pub fn check_expiry(
 pub async fn check_plan_scopes(
     config: &Config,
     store: &dyn Store,
-    user_id: &str,
+    user_id: &UserId,
     scopes: &ScopeSet,
 ) -> Result<(), IssueError> {
     let Some(user) = store.get_user(user_id).await? else {
@@ -135,7 +138,7 @@ impl crate::engine::Engine {
 pub async fn build_key(
     issuer: &Issuer<'_>,
     store: &dyn Store,
-    tenant_id: &str,
+    tenant_id: &TenantId,
     body: CreateKey,
     now_ms: i64,
 ) -> Result<(String, KeyRecord), IssueError> {
@@ -156,8 +159,8 @@ pub async fn build_key(
                 "sk keys have no user; use a ut key for a user",
             ))
         }
-        (Some(uid), _) => match store.get_user(uid).await? {
-            Some(u) if u.tenant_id == tenant_id => Some(u),
+        (Some(uid), _) => match store.get_user(&UserId::from(uid.as_str())).await? {
+            Some(u) if u.tenant_id == *tenant_id => Some(u),
             _ => return Err(IssueError::invalid("user_id names no user of this tenant")),
         },
         (None, _) => None,
@@ -234,11 +237,11 @@ pub async fn build_key(
     }
     let metadata = check_metadata(body.metadata)?;
     let plaintext = issuer.format.generate(kind, os_fill);
-    let id = new_id("key", now_ms);
+    let id = KeyId::from(new_id("key", now_ms));
     let record = KeyRecord {
-        family_id: id.clone(),
+        family_id: FamilyId::started_by(&id),
         id,
-        tenant_id: tenant_id.to_owned(),
+        tenant_id: tenant_id.clone(),
         user_id: user.map(|u| u.id),
         kind,
         name,
@@ -267,7 +270,7 @@ pub async fn build_key(
 /// A successor for `old` with the same settings, a new secret, and the same lifetime length.
 pub fn successor(issuer: &Issuer<'_>, old: &KeyRecord, now_ms: i64) -> (String, KeyRecord) {
     let plaintext = issuer.format.generate(old.kind, os_fill);
-    let id = new_id("key", now_ms);
+    let id = KeyId::from(new_id("key", now_ms));
     let expires_at_ms = old
         .expires_at_ms
         .map(|e| now_ms + (e - old.created_at_ms).max(0));

@@ -9,7 +9,7 @@ use crate::engine::{CachedKey, Engine};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
-use keygate_core::{Code, IpAllowList, KeyStatus, Kind, OriginList, ScopeSet};
+use keygate_core::{Code, FamilyId, IpAllowList, KeyId, KeyStatus, Kind, OriginList, ScopeSet};
 use keygate_oauth::jwt::{AccessClaims, KeyMaterial, Keyring, VerifyError};
 use keygate_store::{KeyRecord, OAuthGrant, SigningKey, Store};
 use serde::de::DeserializeOwned;
@@ -200,15 +200,16 @@ impl OAuth {
             iss: self.issuer.clone(),
             sub: grant
                 .user_id
-                .clone()
-                .unwrap_or_else(|| grant.client_id.clone()),
+                .as_deref()
+                .unwrap_or(&grant.client_id)
+                .to_owned(),
             aud: self.audience.clone(),
             exp: iat.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX / 2)),
             iat,
             jti: format!("at_{}", crate::ids::random_base62(22)),
             client_id: grant.client_id.clone(),
             scope: scope.to_owned(),
-            tenant_id: grant.tenant_id.clone(),
+            tenant_id: grant.tenant_id.to_string(),
             grant_id: grant.id.clone(),
         };
         Ok((self.keyring().sign(&claims)?, ttl))
@@ -361,8 +362,9 @@ impl Engine {
         };
         let now = now_ms();
         let record = KeyRecord {
-            id: grant.id.clone(),
-            family_id: grant.id.clone(),
+            // A token's family is its grant: refreshed tokens share one rate window.
+            id: KeyId::of_grant(&grant.id),
+            family_id: FamilyId::of_grant(&grant.id),
             tenant_id: grant.tenant_id.clone(),
             user_id: grant.user_id.clone(),
             kind: if grant.user_id.is_some() {

@@ -46,7 +46,7 @@ pub async fn refresh(state: &Engine) -> Result<(), keygate_store::StoreError> {
             if keys.len() < 500 {
                 break;
             }
-            cursor = keys.last().map(|k| k.id.clone());
+            cursor = keys.last().map(|k| k.id.to_string());
         }
     }
     all.sort();

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 /// Keys whose rotation could not be delivered, and when to try each again (so that keys of a
 /// tenant without a working endpoint do not crowd out everyone else's).
-pub type Backoff = HashMap<String, i64>;
+pub type Backoff = HashMap<keygate_core::KeyId, i64>;
 
 /// Takes or renews the rotation lease; `false` if another node holds it.
 async fn hold_lease(state: &Engine) -> bool {
@@ -223,7 +223,7 @@ async fn rotate_one(
         .map(|(endpoint_id, status)| keygate_store::Delivery {
             id: crate::ids::new_id("dlv", now),
             endpoint_id,
-            tenant_id: old.tenant_id.clone(),
+            tenant_id: old.tenant_id.to_string(),
             event_id: msg_id.clone(),
             event_type: "key.rotated".into(),
             payload: data("[sent once, not stored]".into()),
@@ -260,7 +260,7 @@ pub async fn commit_rotation(
     if ok {
         let grace = (grace_until - succ.created_at_ms).max(0) / 1000;
         let detail = serde_json::json!({"successor": succ.id, "grace_seconds": grace, "automatic": !webhook});
-        let (tenant, user) = (&old.tenant_id, old.user_id.as_deref());
+        let (tenant, user) = (&old.tenant_id, old.user_id.as_ref());
         if webhook {
             st.record_change(crate::engine::Change {
                 actor,

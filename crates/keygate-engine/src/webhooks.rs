@@ -142,7 +142,7 @@ impl Engine {
     /// (or only for `only`, a test-send). Returns the deliveries queued.
     pub async fn emit(
         &self,
-        tenant_id: &str,
+        tenant_id: &keygate_core::TenantId,
         event_type: &str,
         data: serde_json::Value,
         only: Option<&str>,
@@ -179,7 +179,7 @@ impl Engine {
             .map(|w| Delivery {
                 id: crate::ids::new_id("dlv", now),
                 endpoint_id: w.id.clone(),
-                tenant_id: tenant_id.to_owned(),
+                tenant_id: tenant_id.to_string(),
                 event_id: event_id.clone(),
                 event_type: event_type.to_owned(),
                 payload: payload.clone(),

@@ -32,7 +32,7 @@ fn bench(c: &mut Criterion) {
         let (plaintext, record) = keygate_engine::issue::build_key(
             &issuer,
             &*state.store,
-            "default",
+            &"default".into(),
             body,
             keygate_engine::clock::now_ms(),
         )

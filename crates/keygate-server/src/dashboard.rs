@@ -25,6 +25,7 @@ use keygate_api::{
     ErrorBody, IssuedKey, KeyView, ListView, RateLimitBody, RotateKey, TenantView, TestEvent,
     UpdateKey, UsageBucket, UsageView, WebhookView,
 };
+use keygate_core::{KeyId, TenantId};
 use keygate_engine::clock::now_ms;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -410,18 +411,18 @@ async fn start_session(state: &AppState, session: Session, peer: SocketAddr) -> 
 /// Ends a password session's key at once, through the store (not through the key itself,
 /// whose scopes may not allow it), with its audit event.
 async fn end_session_key(state: &AppState, id: &str) {
-    let (st, key_id) = (state.clone(), id.to_owned());
+    let (st, key_id) = (state.clone(), KeyId::from(id));
     let ended = crate::routes::detached(async move {
         if let Some(rec) = st.store.revoke_key(&key_id, now_ms()).await? {
             st.key_changed(&rec.hash).await;
             let detail = serde_json::json!({"via": "dashboard sign-out"});
-            let actor = rec.user_id.clone().unwrap_or_else(|| "system".into());
+            let actor = rec.user_id.as_deref().unwrap_or("system").to_owned();
             st.record_change(keygate_engine::engine::Change {
                 actor: &actor,
                 action: "key.revoked",
                 tenant_id: &rec.tenant_id,
                 key_id: Some(&rec.id),
-                user_id: rec.user_id.as_deref(),
+                user_id: rec.user_id.as_ref(),
                 detail: &detail,
             })
             .await;
@@ -448,8 +449,7 @@ async fn password_login(
         .get("tenant")
         .map(|t| t.trim())
         .filter(|t| !t.is_empty())
-        .unwrap_or(crate::routes::DEFAULT_TENANT)
-        .to_owned();
+        .map_or_else(crate::routes::default_tenant, TenantId::from);
     let email = f
         .get("email")
         .map(|e| e.trim().to_ascii_lowercase())
@@ -508,7 +508,7 @@ async fn password_login(
     let body = keygate_engine::issue::CreateKey {
         kind: "ut".into(),
         name: format!("dashboard session of {}", user.email),
-        user_id: Some(user.id.clone()),
+        user_id: Some(user.id.to_string()),
         scopes: Some(scopes),
         // Page views are API calls: the user's plan's rate limit is for their own keys.
         rate_limit: Some(keygate_engine::issue::RateLimitBody {
@@ -537,13 +537,13 @@ async fn password_login(
         st.store.insert_key(&rec).await?;
         let detail =
             serde_json::json!({"kind": "ut", "name": rec.name, "via": "dashboard sign-in"});
-        let actor = rec.user_id.clone().unwrap_or_default();
+        let actor = rec.user_id.as_deref().unwrap_or_default().to_owned();
         st.record_change(keygate_engine::engine::Change {
             actor: &actor,
             action: "key.created",
             tenant_id: &rec.tenant_id,
             key_id: Some(&rec.id),
-            user_id: rec.user_id.as_deref(),
+            user_id: rec.user_id.as_ref(),
             detail: &detail,
         })
         .await;
@@ -561,7 +561,7 @@ async fn password_login(
         key: plaintext,
         sid: keygate_engine::ids::random_base62(24),
         exp: now + SESSION_TTL_MS,
-        session_key_id: Some(record.id.clone()),
+        session_key_id: Some(record.id.to_string()),
     };
     let res = start_session(state, session, peer).await;
     if !res.status().is_redirection() {

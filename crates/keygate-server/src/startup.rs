@@ -9,7 +9,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use keygate_core::{KeyFormat, KeyHasher};
+use keygate_core::{KeyFormat, KeyHasher, TenantId};
 use keygate_counters::Counters;
 use keygate_engine::clock::now_ms;
 use keygate_engine::config::Config;
@@ -81,7 +81,7 @@ pub fn key_tools(config: &Config) -> Result<(KeyFormat, KeyHasher), StartupError
 pub async fn bootstrap(config: &Config, store: &dyn Store) -> Result<Option<String>, StartupError> {
     let fail = |e: &dyn std::fmt::Display| StartupError(format!("bootstrap: {e}"));
     if store
-        .get_tenant(DEFAULT_TENANT)
+        .get_tenant(&TenantId::from(DEFAULT_TENANT))
         .await
         .map_err(|e| fail(&e))?
         .is_some()
@@ -121,9 +121,10 @@ pub async fn bootstrap(config: &Config, store: &dyn Store) -> Result<Option<Stri
         scopes: Some(vec!["*".into()]),
         ..CreateKey::default()
     };
-    let (plaintext, record) = issue::build_key(&issuer, store, DEFAULT_TENANT, body, now)
-        .await
-        .map_err(|e| fail(&ApiError::from(e).message))?;
+    let (plaintext, record) =
+        issue::build_key(&issuer, store, &TenantId::from(DEFAULT_TENANT), body, now)
+            .await
+            .map_err(|e| fail(&ApiError::from(e).message))?;
     store.insert_key(&record).await.map_err(|e| fail(&e))?;
     Ok(Some(plaintext))
 }

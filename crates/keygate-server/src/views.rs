@@ -24,11 +24,11 @@ pub fn key_view(state: &Engine, k: &KeyRecord, now_ms: i64) -> KeyView {
     });
     let status = k.status.at(k.expires_at_ms, now_ms).as_str().to_owned();
     KeyView {
-        id: k.id.clone(),
+        id: k.id.to_string(),
         name: k.name.clone(),
         kind: k.kind.as_str().to_owned(),
-        tenant_id: k.tenant_id.clone(),
-        user_id: k.user_id.clone(),
+        tenant_id: k.tenant_id.to_string(),
+        user_id: k.user_id.as_deref().map(str::to_owned),
         start: k.display.clone(),
         scopes: k.scopes.to_strings(),
         allowed_ips: k.allowed_ips.to_strings(),
@@ -42,8 +42,8 @@ pub fn key_view(state: &Engine, k: &KeyRecord, now_ms: i64) -> KeyView {
         rotation_days: k.rotation_days,
         metadata: k.metadata.clone(),
         status,
-        rotated_from: k.rotated_from.clone(),
-        rotated_to: k.rotated_to.clone(),
+        rotated_from: k.rotated_from.as_deref().map(str::to_owned),
+        rotated_to: k.rotated_to.as_deref().map(str::to_owned),
         created_at: rfc3339(k.created_at_ms),
         updated_at: rfc3339(k.updated_at_ms),
         last_used_at: k.last_used_at_ms.map(rfc3339),
@@ -54,7 +54,7 @@ pub fn key_view(state: &Engine, k: &KeyRecord, now_ms: i64) -> KeyView {
 /// Builds the view; the balance includes credits this node holds leased and unspent.
 pub fn tenant_view(state: &Engine, t: &Tenant) -> TenantView {
     TenantView {
-        id: t.id.clone(),
+        id: t.id.to_string(),
         name: t.name.clone(),
         plan: t.plan.clone(),
         credits: t.credits.map(|c| c + state.counters.credits_leased(&t.id)),
@@ -64,8 +64,8 @@ pub fn tenant_view(state: &Engine, t: &Tenant) -> TenantView {
 
 pub fn user_view(u: &User) -> UserView {
     UserView {
-        id: u.id.clone(),
-        tenant_id: u.tenant_id.clone(),
+        id: u.id.to_string(),
+        tenant_id: u.tenant_id.to_string(),
         email: u.email.clone(),
         name: u.name.clone(),
         plan: u.plan.clone(),

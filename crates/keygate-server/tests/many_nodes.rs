@@ -130,6 +130,7 @@ async fn a_budget_of_1000_grants_exactly_1000_across_three_nodes() {
     // The pool was drawn by exactly 1,000: what the store holds plus what Redis holds.
     let state = nodes[0].app_state();
     let shared = state.shared.as_ref().expect("redis counters");
+    let tid = keygate_core::TenantId::from(tid);
     let in_store = state
         .store
         .get_tenant(&tid)

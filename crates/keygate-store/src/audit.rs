@@ -882,8 +882,8 @@ impl crate::AuditStore for crate::SqlStore {
         until_ms: i64,
     ) -> crate::Result<Vec<UsageRow>> {
         let (col, id) = match of {
-            UsageOf::Key(k) => ("key_id", k),
-            UsageOf::Tenant(t) => ("tenant_id", t),
+            UsageOf::Key(k) => ("key_id", k.as_str()),
+            UsageOf::Tenant(t) => ("tenant_id", t.as_str()),
         };
         let mut q = Sql::new("SELECT (minute / ");
         q.push_bind(bucket_ms)
@@ -893,7 +893,7 @@ impl crate::AuditStore for crate::SqlStore {
                 " AS bucket, code, CAST(SUM(requests) AS BIGINT), CAST(SUM(credits) AS BIGINT) \
                  FROM usage_minutes WHERE {col} = "
             ))
-            .push_bind(id.clone())
+            .push_bind(id)
             .push(" AND minute >= ")
             .push_bind(since_ms)
             .push(" AND minute < ")

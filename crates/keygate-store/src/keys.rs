@@ -7,7 +7,7 @@ use crate::{
     Grant, KeyFilter, KeyRecord, PageRequest, Result, SqlStore, Store, Tenant, User, Withdrawal,
 };
 use async_trait::async_trait;
-use keygate_core::KeyHash;
+use keygate_core::{FamilyId, KeyHash, KeyId, TenantId, UserId};
 use sqlx::{Any, Row};
 
 const KEY_SELECT: &str =
@@ -28,7 +28,7 @@ impl Store for SqlStore {
         sqlx::query(
             "INSERT INTO tenants (id, name, plan, credits, created_at) VALUES ($1, $2, $3, $4, $5)",
         )
-        .bind(&t.id)
+        .bind(t.id.as_str())
         .bind(&t.name)
         .bind(&t.plan)
         .bind(t.credits.map(to_i64))
@@ -38,9 +38,9 @@ impl Store for SqlStore {
         Ok(())
     }
 
-    async fn get_tenant(&self, id: &str) -> Result<Option<Tenant>> {
+    async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>> {
         let row = sqlx::query("SELECT * FROM tenants WHERE id = $1")
-            .bind(id)
+            .bind(id.as_str())
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(tenant_from_row).transpose()
@@ -57,13 +57,13 @@ impl Store for SqlStore {
         rows.iter().map(tenant_from_row).collect()
     }
 
-    async fn add_tenant_credits(&self, id: &str, amount: u64) -> Result<Option<Tenant>> {
+    async fn add_tenant_credits(&self, id: &TenantId, amount: u64) -> Result<Option<Tenant>> {
         let row = sqlx::query(
             "UPDATE tenants SET credits = CASE WHEN credits IS NULL THEN NULL ELSE credits + $1 END \
              WHERE id = $2 AND (credits IS NULL OR credits + $1 <= 1000000000000000) RETURNING *",
         )
         .bind(to_i64(amount))
-        .bind(id)
+        .bind(id.as_str())
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(tenant_from_row).transpose()
@@ -74,8 +74,8 @@ impl Store for SqlStore {
             "INSERT INTO users (id, tenant_id, email, name, plan, password_hash, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
-        .bind(&u.id)
-        .bind(&u.tenant_id)
+        .bind(u.id.as_str())
+        .bind(u.tenant_id.as_str())
         .bind(&u.email)
         .bind(&u.name)
         .bind(&u.plan)
@@ -86,20 +86,20 @@ impl Store for SqlStore {
         Ok(())
     }
 
-    async fn get_user(&self, id: &str) -> Result<Option<User>> {
+    async fn get_user(&self, id: &UserId) -> Result<Option<User>> {
         let row = sqlx::query("SELECT * FROM users WHERE id = $1")
-            .bind(id)
+            .bind(id.as_str())
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(user_from_row).transpose()
     }
 
-    async fn list_users(&self, tenant_id: &str, page: &PageRequest) -> Result<Vec<User>> {
+    async fn list_users(&self, tenant_id: &TenantId, page: &PageRequest) -> Result<Vec<User>> {
         let rows = sqlx::query(
             "SELECT * FROM users WHERE tenant_id = $1 AND (CAST($2 AS TEXT) IS NULL OR id < $2) \
              ORDER BY id DESC LIMIT $3",
         )
-        .bind(tenant_id)
+        .bind(tenant_id.as_str())
         .bind(page.cursor.as_deref())
         .bind(i64::from(page.limit))
         .fetch_all(&self.pool)
@@ -109,9 +109,9 @@ impl Store for SqlStore {
 
     async fn insert_key(&self, k: &KeyRecord) -> Result<()> {
         let mut tx = self.begin_write().await?;
-        if k.family_id == k.id {
+        if k.starts_family() {
             sqlx::query("INSERT INTO key_families (id, budget, spent) VALUES ($1, $2, $3)")
-                .bind(&k.family_id)
+                .bind(k.family_id.as_str())
                 .bind(k.budget.map(to_i64))
                 .bind(to_i64(k.budget_withdrawn))
                 .execute(&mut *tx)
@@ -122,9 +122,9 @@ impl Store for SqlStore {
         Ok(())
     }
 
-    async fn get_key(&self, id: &str) -> Result<Option<KeyRecord>> {
+    async fn get_key(&self, id: &KeyId) -> Result<Option<KeyRecord>> {
         let row = sqlx::query(&format!("{KEY_SELECT} WHERE k.id = $1"))
-            .bind(id)
+            .bind(id.as_str())
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(key_from_row).transpose()
@@ -142,7 +142,7 @@ impl Store for SqlStore {
         let mut q = Sql::new(KEY_SELECT);
         q.push(" WHERE 1 = 1");
         if let Some(t) = &f.tenant_id {
-            q.push(" AND k.tenant_id = ").push_bind(t.clone());
+            q.push(" AND k.tenant_id = ").push_bind(t.as_str());
         }
         if let Some(kind) = f.kind {
             q.push(" AND k.kind = ").push_bind(kind.as_str());
@@ -151,7 +151,7 @@ impl Store for SqlStore {
             q.push(" AND k.status = ").push_bind(s.as_str());
         }
         if let Some(u) = &f.user_id {
-            q.push(" AND k.user_id = ").push_bind(u.clone());
+            q.push(" AND k.user_id = ").push_bind(u.as_str());
         }
         if let Some(n) = &f.name_contains {
             q.push(" AND lower(k.name) LIKE lower(")
@@ -184,7 +184,7 @@ impl Store for SqlStore {
         .bind(k.rotation_days.map(i64::from))
         .bind(serde_json::Value::Object(k.metadata.clone()).to_string())
         .bind(k.updated_at_ms)
-        .bind(&k.id)
+        .bind(k.id.as_str())
         .bind(expected_updated_at)
         .execute(&mut *tx)
         .await?
@@ -195,7 +195,7 @@ impl Store for SqlStore {
         }
         sqlx::query("UPDATE key_families SET budget = $1 WHERE id = $2")
             .bind(k.budget.map(to_i64))
-            .bind(&k.family_id)
+            .bind(k.family_id.as_str())
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -204,7 +204,7 @@ impl Store for SqlStore {
 
     async fn rotate_key(
         &self,
-        old_id: &str,
+        old_id: &KeyId,
         grace_until_ms: i64,
         successor: &KeyRecord,
     ) -> Result<bool> {
@@ -214,10 +214,10 @@ impl Store for SqlStore {
              expires_at = CASE WHEN expires_at IS NOT NULL AND expires_at < $3 THEN expires_at ELSE $3 END \
              WHERE id = $4 AND status IN ('active', 'grace') AND rotated_to IS NULL",
         )
-        .bind(&successor.id)
+        .bind(successor.id.as_str())
         .bind(successor.created_at_ms)
         .bind(grace_until_ms)
-        .bind(old_id)
+        .bind(old_id.as_str())
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -229,19 +229,19 @@ impl Store for SqlStore {
         Ok(true)
     }
 
-    async fn revoke_key(&self, id: &str, now_ms: i64) -> Result<Option<KeyRecord>> {
+    async fn revoke_key(&self, id: &KeyId, now_ms: i64) -> Result<Option<KeyRecord>> {
         sqlx::query(
             "UPDATE keys SET status = 'revoked', revoked_at = COALESCE(revoked_at, $1), updated_at = $1 \
              WHERE id = $2",
         )
         .bind(now_ms)
-        .bind(id)
+        .bind(id.as_str())
         .execute(&self.pool)
         .await?;
         self.get_key(id).await
     }
 
-    async fn touch_keys(&self, used: &[(String, i64)]) -> Result<()> {
+    async fn touch_keys(&self, used: &[(KeyId, i64)]) -> Result<()> {
         if used.is_empty() {
             return Ok(());
         }
@@ -251,7 +251,7 @@ impl Store for SqlStore {
                 "UPDATE keys SET last_used_at = $1 WHERE id = $2 AND (last_used_at IS NULL OR last_used_at < $1)",
             )
             .bind(at)
-            .bind(id)
+            .bind(id.as_str())
             .execute(&mut *tx)
             .await?;
         }
@@ -266,7 +266,7 @@ impl Store for SqlStore {
         Ok(to_u64(n))
     }
 
-    async fn withdraw_budget(&self, family_id: &str, want: u64) -> Result<Grant> {
+    async fn withdraw_budget(&self, family_id: &FamilyId, want: u64) -> Result<Grant> {
         // SET expressions all read the row as it was before the update, so `last_grant`
         // records exactly what this statement took: one atomic statement, no read-modify-write.
         let row = sqlx::query(
@@ -276,7 +276,7 @@ impl Store for SqlStore {
              WHERE id = $2 RETURNING last_grant, budget - spent AS remaining",
         )
         .bind(to_i64(want))
-        .bind(family_id)
+        .bind(family_id.as_str())
         .fetch_optional(&self.pool)
         .await?;
         match row {
@@ -293,16 +293,16 @@ impl Store for SqlStore {
         }
     }
 
-    async fn refund_budget(&self, family_id: &str, amount: u64) -> Result<()> {
+    async fn refund_budget(&self, family_id: &FamilyId, amount: u64) -> Result<()> {
         sqlx::query("UPDATE key_families SET spent = CASE WHEN spent > $1 THEN spent - $1 ELSE 0 END WHERE id = $2")
             .bind(to_i64(amount))
-            .bind(family_id)
+            .bind(family_id.as_str())
             .execute(&self.pool)
             .await?;
         Ok(())
     }
 
-    async fn withdraw_credits(&self, tenant_id: &str, want: u64) -> Result<Withdrawal> {
+    async fn withdraw_credits(&self, tenant_id: &TenantId, want: u64) -> Result<Withdrawal> {
         let row = sqlx::query(
             "UPDATE tenants SET \
                last_grant = CASE WHEN credits IS NULL THEN -1 ELSE (CASE WHEN credits <= 0 THEN 0 WHEN credits < $1 THEN credits ELSE $1 END) END, \
@@ -310,7 +310,7 @@ impl Store for SqlStore {
              WHERE id = $2 RETURNING last_grant, credits",
         )
         .bind(to_i64(want))
-        .bind(tenant_id)
+        .bind(tenant_id.as_str())
         .fetch_optional(&self.pool)
         .await?;
         match row {
@@ -340,12 +340,12 @@ impl Store for SqlStore {
         self.listen().await
     }
 
-    async fn refund_credits(&self, tenant_id: &str, amount: u64) -> Result<()> {
+    async fn refund_credits(&self, tenant_id: &TenantId, amount: u64) -> Result<()> {
         sqlx::query(
             "UPDATE tenants SET credits = credits + $1 WHERE id = $2 AND credits IS NOT NULL",
         )
         .bind(to_i64(amount))
-        .bind(tenant_id)
+        .bind(tenant_id.as_str())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -359,10 +359,10 @@ async fn insert_key_row(tx: &mut sqlx::Transaction<'_, Any>, k: &KeyRecord) -> R
          status, rotated_from, rotated_to, created_at, updated_at, last_used_at, revoked_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
     )
-    .bind(&k.id)
-    .bind(&k.family_id)
-    .bind(&k.tenant_id)
-    .bind(&k.user_id)
+    .bind(k.id.as_str())
+    .bind(k.family_id.as_str())
+    .bind(k.tenant_id.as_str())
+    .bind(k.user_id.as_deref())
     .bind(k.kind.as_str())
     .bind(&k.name)
     .bind(&k.hash.as_bytes()[..])
@@ -376,8 +376,8 @@ async fn insert_key_row(tx: &mut sqlx::Transaction<'_, Any>, k: &KeyRecord) -> R
     .bind(k.rotation_days.map(i64::from))
     .bind(serde_json::Value::Object(k.metadata.clone()).to_string())
     .bind(k.status.as_str())
-    .bind(&k.rotated_from)
-    .bind(&k.rotated_to)
+    .bind(k.rotated_from.as_deref())
+    .bind(k.rotated_to.as_deref())
     .bind(k.created_at_ms)
     .bind(k.updated_at_ms)
     .bind(k.last_used_at_ms)

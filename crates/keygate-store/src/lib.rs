@@ -28,7 +28,7 @@ pub use sql::{Backend, SqlStore};
 pub use types::*;
 
 use async_trait::async_trait;
-use keygate_core::KeyHash;
+use keygate_core::{FamilyId, KeyHash, KeyId, TenantId, UserId};
 
 /// What went wrong in the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,7 +168,7 @@ pub trait WebhookStore {
     /// A tenant's webhook endpoints, newest first.
     async fn list_webhooks(
         &self,
-        tenant_id: &str,
+        tenant_id: &TenantId,
         page: &PageRequest,
     ) -> Result<Vec<WebhookEndpoint>>;
     /// One endpoint.
@@ -251,7 +251,7 @@ pub trait OAuthStore {
     /// the grants it revoked, or nothing if there was no such client.
     async fn delete_client(&self, id: &str, now_ms: i64) -> Result<Vec<String>>;
     /// A user of a tenant by (lower-case) email.
-    async fn get_user_by_email(&self, tenant_id: &str, email: &str) -> Result<Option<User>>;
+    async fn get_user_by_email(&self, tenant_id: &TenantId, email: &str) -> Result<Option<User>>;
     /// Stores an authorization code.
     async fn insert_code(&self, c: &AuthCode) -> Result<()>;
     /// A code by hash (not consumed).
@@ -332,25 +332,25 @@ pub trait Store:
     /// Inserts a tenant. `Conflict` if the id exists.
     async fn insert_tenant(&self, t: &Tenant) -> Result<()>;
     /// Reads a tenant.
-    async fn get_tenant(&self, id: &str) -> Result<Option<Tenant>>;
+    async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>>;
     /// Lists tenants, newest first.
     async fn list_tenants(&self, page: &PageRequest) -> Result<Vec<Tenant>>;
     /// Adds `amount` credits to a tenant's pool (an unlimited pool stays unlimited; a balance
     /// never exceeds 10^15). Returns the tenant after the change, `None` if it does not exist
     /// or the balance would exceed the cap.
-    async fn add_tenant_credits(&self, id: &str, amount: u64) -> Result<Option<Tenant>>;
+    async fn add_tenant_credits(&self, id: &TenantId, amount: u64) -> Result<Option<Tenant>>;
 
     /// Inserts a user. `Conflict` if the email is taken in the tenant.
     async fn insert_user(&self, u: &User) -> Result<()>;
     /// Reads a user.
-    async fn get_user(&self, id: &str) -> Result<Option<User>>;
+    async fn get_user(&self, id: &UserId) -> Result<Option<User>>;
     /// Lists a tenant's users, newest first.
-    async fn list_users(&self, tenant_id: &str, page: &PageRequest) -> Result<Vec<User>>;
+    async fn list_users(&self, tenant_id: &TenantId, page: &PageRequest) -> Result<Vec<User>>;
 
     /// Inserts a new key (and its family, when `family_id == id`).
     async fn insert_key(&self, k: &KeyRecord) -> Result<()>;
     /// Reads a key by id.
-    async fn get_key(&self, id: &str) -> Result<Option<KeyRecord>>;
+    async fn get_key(&self, id: &KeyId) -> Result<Option<KeyRecord>>;
     /// Reads a key by the hash of its plaintext.
     async fn get_key_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>>;
     /// Lists keys matching `filter`, newest first.
@@ -365,27 +365,27 @@ pub trait Store:
     /// active or in grace any more (a concurrent revoke or rotate won).
     async fn rotate_key(
         &self,
-        old_id: &str,
+        old_id: &KeyId,
         grace_until_ms: i64,
         successor: &KeyRecord,
     ) -> Result<bool>;
     /// Revokes a key now. Returns the revoked record, `None` if it does not exist.
-    async fn revoke_key(&self, id: &str, now_ms: i64) -> Result<Option<KeyRecord>>;
+    async fn revoke_key(&self, id: &KeyId, now_ms: i64) -> Result<Option<KeyRecord>>;
     /// Records last use, for many keys at once (a batch from the write-behind queue).
-    async fn touch_keys(&self, used: &[(String, i64)]) -> Result<()>;
+    async fn touch_keys(&self, used: &[(KeyId, i64)]) -> Result<()>;
     /// Number of keys (to tell a fresh database).
     async fn count_keys(&self) -> Result<u64>;
 
     /// Withdraws up to `want` credits from a family's budget atomically: how many were
     /// granted (0 when spent) and how many remain in the store after it. Families without a
     /// budget grant `want` and report `u64::MAX` remaining.
-    async fn withdraw_budget(&self, family_id: &str, want: u64) -> Result<Grant>;
+    async fn withdraw_budget(&self, family_id: &FamilyId, want: u64) -> Result<Grant>;
     /// Returns unused leased credits to a family's budget.
-    async fn refund_budget(&self, family_id: &str, amount: u64) -> Result<()>;
+    async fn refund_budget(&self, family_id: &FamilyId, amount: u64) -> Result<()>;
     /// Withdraws up to `want` credits from a tenant's pool atomically.
-    async fn withdraw_credits(&self, tenant_id: &str, want: u64) -> Result<Withdrawal>;
+    async fn withdraw_credits(&self, tenant_id: &TenantId, want: u64) -> Result<Withdrawal>;
     /// Returns unused leased credits to a tenant's pool.
-    async fn refund_credits(&self, tenant_id: &str, amount: u64) -> Result<()>;
+    async fn refund_credits(&self, tenant_id: &TenantId, amount: u64) -> Result<()>;
 
     /// Tells every node sharing this store that something changed (`key:<hash hex>`,
     /// `family:<id>`, `tenant:<id>`, `cors`). A store that only one node uses does nothing.

@@ -4,7 +4,7 @@
 //! `UPDATE … WHERE used_at IS NULL`, so of two nodes racing with the same token exactly one wins
 //! and the other sees a reuse.
 
-use crate::rows::{json_list, parse_list, user_from_row};
+use crate::rows::{id, json_list, opt_id, parse_list, user_from_row};
 use crate::sql::Sql;
 use crate::{
     AuthCode, CodeUse, LoginThrottle, OAuthClient, OAuthGrant, PageRequest, RefreshToken,
@@ -18,7 +18,7 @@ fn client_from(r: &AnyRow) -> crate::Result<OAuthClient> {
     let scopes: String = r.try_get("scopes")?;
     Ok(OAuthClient {
         id: r.try_get("id")?,
-        tenant_id: r.try_get("tenant_id")?,
+        tenant_id: id(r, "tenant_id")?,
         name: r.try_get("name")?,
         client_type: r.try_get("client_type")?,
         secret_hash: r.try_get("secret_hash")?,
@@ -32,8 +32,8 @@ fn code_from(r: &AnyRow) -> crate::Result<AuthCode> {
     Ok(AuthCode {
         hash: r.try_get("hash")?,
         client_id: r.try_get("client_id")?,
-        tenant_id: r.try_get("tenant_id")?,
-        user_id: r.try_get("user_id")?,
+        tenant_id: id(r, "tenant_id")?,
+        user_id: id(r, "user_id")?,
         redirect_uri: r.try_get("redirect_uri")?,
         challenge: r.try_get("challenge")?,
         scope: r.try_get("scope")?,
@@ -48,8 +48,8 @@ fn grant_from(r: &AnyRow) -> crate::Result<OAuthGrant> {
     Ok(OAuthGrant {
         id: r.try_get("id")?,
         client_id: r.try_get("client_id")?,
-        tenant_id: r.try_get("tenant_id")?,
-        user_id: r.try_get("user_id")?,
+        tenant_id: id(r, "tenant_id")?,
+        user_id: opt_id(r, "user_id")?,
         scope: r.try_get("scope")?,
         created_at_ms: r.try_get("created_at")?,
         expires_at_ms: r.try_get("expires_at")?,
@@ -87,7 +87,7 @@ impl crate::OAuthStore for crate::SqlStore {
         );
         q.push_values([()], |mut b, ()| {
             b.push_bind(c.id.clone())
-                .push_bind(c.tenant_id.clone())
+                .push_bind(c.tenant_id.as_str())
                 .push_bind(c.name.clone())
                 .push_bind(c.client_type.clone())
                 .push_bind(c.secret_hash.clone())
@@ -158,9 +158,13 @@ impl crate::OAuthStore for crate::SqlStore {
         Ok(out)
     }
 
-    async fn get_user_by_email(&self, tenant_id: &str, email: &str) -> crate::Result<Option<User>> {
+    async fn get_user_by_email(
+        &self,
+        tenant_id: &keygate_core::TenantId,
+        email: &str,
+    ) -> crate::Result<Option<User>> {
         let row = Sql::new("SELECT * FROM users WHERE tenant_id = ")
-            .push_bind(tenant_id.to_owned())
+            .push_bind(tenant_id.as_str())
             .push(" AND email = ")
             .push_bind(email.to_owned())
             .build()?
@@ -177,8 +181,8 @@ impl crate::OAuthStore for crate::SqlStore {
         q.push_values([()], |mut b, ()| {
             b.push_bind(c.hash.clone())
                 .push_bind(c.client_id.clone())
-                .push_bind(c.tenant_id.clone())
-                .push_bind(c.user_id.clone())
+                .push_bind(c.tenant_id.as_str())
+                .push_bind(c.user_id.as_str())
                 .push_bind(c.redirect_uri.clone())
                 .push_bind(c.challenge.clone())
                 .push_bind(c.scope.clone())

@@ -1,7 +1,7 @@
 //! Rows to records: one mapping for both backends (their schemas have the same shape).
 
 use crate::{KeyRecord, Result, StoreError, Tenant, User};
-use keygate_core::{IpAllowList, KeyHash, KeyStatus, Kind, OriginList, RateLimit, ScopeSet};
+use keygate_core::{Id, IpAllowList, KeyHash, KeyStatus, Kind, OriginList, RateLimit, ScopeSet};
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
@@ -11,6 +11,16 @@ pub(crate) fn to_i64(v: u64) -> i64 {
 
 pub(crate) fn to_u64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+/// A typed id from a text column.
+pub(crate) fn id<K>(r: &AnyRow, col: &str) -> Result<Id<K>> {
+    Ok(Id::from(r.try_get::<String, _>(col)?))
+}
+
+/// A typed id from a nullable text column.
+pub(crate) fn opt_id<K>(r: &AnyRow, col: &str) -> Result<Option<Id<K>>> {
+    Ok(r.try_get::<Option<String>, _>(col)?.map(Id::from))
 }
 
 pub(crate) fn json_list(v: Vec<String>) -> String {
@@ -24,7 +34,7 @@ pub(crate) fn parse_list(s: &str, what: &str) -> Result<Vec<String>> {
 /// A tenant row.
 pub(crate) fn tenant_from_row(r: &AnyRow) -> Result<Tenant> {
     Ok(Tenant {
-        id: r.try_get("id")?,
+        id: id(r, "id")?,
         name: r.try_get("name")?,
         plan: r.try_get("plan")?,
         credits: r.try_get::<Option<i64>, _>("credits")?.map(to_u64),
@@ -35,8 +45,8 @@ pub(crate) fn tenant_from_row(r: &AnyRow) -> Result<Tenant> {
 /// A user row.
 pub(crate) fn user_from_row(r: &AnyRow) -> Result<User> {
     Ok(User {
-        id: r.try_get("id")?,
-        tenant_id: r.try_get("tenant_id")?,
+        id: id(r, "id")?,
+        tenant_id: id(r, "tenant_id")?,
         email: r.try_get("email")?,
         name: r.try_get("name")?,
         plan: r.try_get("plan")?,
@@ -73,10 +83,10 @@ pub(crate) fn key_from_row(r: &AnyRow) -> Result<KeyRecord> {
         _ => None,
     };
     Ok(KeyRecord {
-        id: r.try_get("id")?,
-        family_id: r.try_get("family_id")?,
-        tenant_id: r.try_get("tenant_id")?,
-        user_id: r.try_get("user_id")?,
+        id: id(r, "id")?,
+        family_id: id(r, "family_id")?,
+        tenant_id: id(r, "tenant_id")?,
+        user_id: opt_id(r, "user_id")?,
         kind: Kind::parse(&kind).map_err(|e| corrupt("kind", &e))?,
         name: r.try_get("name")?,
         hash: KeyHash::from_slice(&hash).ok_or_else(|| StoreError::corrupt("hash length"))?,
@@ -93,8 +103,8 @@ pub(crate) fn key_from_row(r: &AnyRow) -> Result<KeyRecord> {
             .map(|d| u32::try_from(d).unwrap_or(u32::MAX)),
         metadata: serde_json::from_str(&metadata).map_err(|e| corrupt("metadata", &e))?,
         status: KeyStatus::parse(&status).ok_or_else(|| StoreError::corrupt("status"))?,
-        rotated_from: r.try_get("rotated_from")?,
-        rotated_to: r.try_get("rotated_to")?,
+        rotated_from: opt_id(r, "rotated_from")?,
+        rotated_to: opt_id(r, "rotated_to")?,
         created_at_ms: r.try_get("created_at")?,
         updated_at_ms: r.try_get("updated_at")?,
         last_used_at_ms: r.try_get("last_used_at")?,

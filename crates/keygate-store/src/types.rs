@@ -1,12 +1,15 @@
 //! Records as they cross the store boundary.
 
-use keygate_core::{IpAllowList, KeyHash, KeyStatus, Kind, OriginList, RateLimit, ScopeSet};
+use keygate_core::{
+    FamilyId, IpAllowList, KeyHash, KeyId, KeyStatus, Kind, OriginList, RateLimit, ScopeSet,
+    TenantId, UserId,
+};
 
 /// A tenant: an organisation with a plan and a credit pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {
     /// `tnt_…`, or `default` for the operator's tenant.
-    pub id: String,
+    pub id: TenantId,
     /// Display name.
     pub name: String,
     /// Plan name (from config).
@@ -22,9 +25,9 @@ pub struct Tenant {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
     /// `usr_…`.
-    pub id: String,
+    pub id: UserId,
     /// Owning tenant.
-    pub tenant_id: String,
+    pub tenant_id: TenantId,
     /// Email, unique within the tenant.
     pub email: String,
     /// Display name.
@@ -41,13 +44,13 @@ pub struct User {
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyRecord {
     /// `key_…`.
-    pub id: String,
+    pub id: KeyId,
     /// The rotation family (the first key's id): one budget and rate window for the family.
-    pub family_id: String,
+    pub family_id: FamilyId,
     /// Owning tenant.
-    pub tenant_id: String,
+    pub tenant_id: TenantId,
     /// Owning user (for `ut`).
-    pub user_id: Option<String>,
+    pub user_id: Option<UserId>,
     /// Kind.
     pub kind: Kind,
     /// Display name.
@@ -77,9 +80,9 @@ pub struct KeyRecord {
     /// Stored status (`active`, `grace`, `revoked`).
     pub status: KeyStatus,
     /// Predecessor in rotation.
-    pub rotated_from: Option<String>,
+    pub rotated_from: Option<KeyId>,
     /// Successor in rotation.
-    pub rotated_to: Option<String>,
+    pub rotated_to: Option<KeyId>,
     /// Creation time, Unix ms.
     pub created_at_ms: i64,
     /// Last change, Unix ms.
@@ -90,17 +93,25 @@ pub struct KeyRecord {
     pub revoked_at_ms: Option<i64>,
 }
 
+impl KeyRecord {
+    /// Whether this key began its family (its family has its id): rotation successors join
+    /// their predecessor's family instead.
+    pub fn starts_family(&self) -> bool {
+        self.family_id.as_str() == self.id.as_str()
+    }
+}
+
 /// Filters for listing keys.
 #[derive(Debug, Clone, Default)]
 pub struct KeyFilter {
     /// Only this tenant's keys (always set except for the operator listing everything).
-    pub tenant_id: Option<String>,
+    pub tenant_id: Option<TenantId>,
     /// Only this kind.
     pub kind: Option<Kind>,
     /// Only this stored status.
     pub status: Option<KeyStatus>,
     /// Only this user's keys.
-    pub user_id: Option<String>,
+    pub user_id: Option<UserId>,
     /// Name contains this text.
     pub name_contains: Option<String>,
 }
@@ -139,12 +150,12 @@ pub struct AuditFilter {
 /// The events a user may read of the audit log: those whose actor is the user or one of the
 /// user's keys, and those about the user or one of the user's keys. Another user's events,
 /// and the tenant's other events, are not theirs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditOwner {
     /// The user (`usr_…`).
-    pub user_id: String,
+    pub user_id: UserId,
     /// Every key of the user, revoked and expired ones included.
-    pub key_ids: std::collections::BTreeSet<String>,
+    pub key_ids: std::collections::BTreeSet<KeyId>,
 }
 
 impl AuditOwner {
@@ -161,9 +172,9 @@ impl AuditOwner {
 #[derive(Debug, Clone)]
 pub enum UsageOf {
     /// One key.
-    Key(String),
+    Key(KeyId),
     /// A whole tenant.
-    Tenant(String),
+    Tenant(TenantId),
 }
 
 /// Requests and credits in one time bucket for one decision code.
@@ -185,7 +196,7 @@ pub struct WebhookEndpoint {
     /// `whk_…`
     pub id: String,
     /// Owner.
-    pub tenant_id: String,
+    pub tenant_id: TenantId,
     /// Where deliveries go.
     pub url: String,
     /// Signing secret (`whsec_…`); shown once by the API.
@@ -283,7 +294,7 @@ pub struct OAuthClient {
     /// `cli_…` (the `client_id`).
     pub id: String,
     /// Owner.
-    pub tenant_id: String,
+    pub tenant_id: TenantId,
     /// Display name (shown on the consent page).
     pub name: String,
     /// `public` (no secret, PKCE required) or `confidential`.
@@ -306,9 +317,9 @@ pub struct AuthCode {
     /// The client it was issued to.
     pub client_id: String,
     /// Tenant.
-    pub tenant_id: String,
+    pub tenant_id: TenantId,
     /// The user who approved it.
-    pub user_id: String,
+    pub user_id: UserId,
     /// The redirect URI of the authorization request.
     pub redirect_uri: String,
     /// The S256 code challenge.
@@ -344,9 +355,9 @@ pub struct OAuthGrant {
     /// Client.
     pub client_id: String,
     /// Tenant.
-    pub tenant_id: String,
+    pub tenant_id: TenantId,
     /// The user, for the authorization-code grant.
-    pub user_id: Option<String>,
+    pub user_id: Option<UserId>,
     /// Scope (space separated).
     pub scope: String,
     /// Unix ms.

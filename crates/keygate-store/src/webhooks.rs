@@ -14,7 +14,7 @@ fn endpoint_from(r: &AnyRow) -> crate::Result<WebhookEndpoint> {
     let events: String = r.try_get("events")?;
     Ok(WebhookEndpoint {
         id: r.try_get("id")?,
-        tenant_id: r.try_get("tenant_id")?,
+        tenant_id: crate::rows::id(r, "tenant_id")?,
         url: r.try_get("url")?,
         secret: r.try_get("secret")?,
         events: parse_list(&events, "webhook events")?,
@@ -51,7 +51,7 @@ impl crate::WebhookStore for crate::SqlStore {
         );
         q.push_values([()], |mut b, ()| {
             b.push_bind(w.id.clone())
-                .push_bind(w.tenant_id.clone())
+                .push_bind(w.tenant_id.as_str())
                 .push_bind(w.url.clone())
                 .push_bind(w.secret.clone())
                 .push_bind(json_list(w.events.clone()))
@@ -65,11 +65,11 @@ impl crate::WebhookStore for crate::SqlStore {
 
     async fn list_webhooks(
         &self,
-        tenant_id: &str,
+        tenant_id: &keygate_core::TenantId,
         page: &PageRequest,
     ) -> crate::Result<Vec<WebhookEndpoint>> {
         let mut q = Sql::new("SELECT * FROM webhook_endpoints WHERE tenant_id = ");
-        q.push_bind(tenant_id.to_owned());
+        q.push_bind(tenant_id.as_str());
         if let Some(c) = &page.cursor {
             q.push(" AND id < ").push_bind(c.clone());
         }

@@ -196,10 +196,10 @@ async fn tenants_and_users_round_trip() {
             .expect_err("duplicate");
         assert_eq!(dup.kind, StoreErrorKind::Conflict);
         assert_eq!(
-            s.get_tenant("t_a").await.expect("get"),
+            s.get_tenant(&"t_a".into()).await.expect("get"),
             Some(tenant("t_a", Some(10)))
         );
-        assert_eq!(s.get_tenant("nope").await.expect("get"), None);
+        assert_eq!(s.get_tenant(&"nope".into()).await.expect("get"), None);
         let first = s.list_tenants(&page(1, None)).await.expect("list");
         assert_eq!(first.len(), 1);
         assert_eq!(first[0].id, "t_b");
@@ -209,21 +209,21 @@ async fn tenants_and_users_round_trip() {
             vec!["t_a"]
         );
         assert_eq!(
-            s.add_tenant_credits("t_a", 5)
+            s.add_tenant_credits(&"t_a".into(), 5)
                 .await
                 .expect("add")
                 .and_then(|t| t.credits),
             Some(15)
         );
         assert_eq!(
-            s.add_tenant_credits("t_b", 5)
+            s.add_tenant_credits(&"t_b".into(), 5)
                 .await
                 .expect("add")
                 .map(|t| t.credits),
             Some(None)
         );
         assert!(
-            s.add_tenant_credits("t_a", 1_000_000_000_000_000)
+            s.add_tenant_credits(&"t_a".into(), 1_000_000_000_000_000)
                 .await
                 .expect("add")
                 .is_none(),
@@ -248,13 +248,18 @@ async fn tenants_and_users_round_trip() {
             .await
             .expect_err("same email");
         assert_eq!(dup.kind, StoreErrorKind::Conflict);
-        assert_eq!(s.get_user("usr_1").await.expect("get"), Some(u.clone()));
         assert_eq!(
-            s.list_users("t_a", &page(10, None)).await.expect("list"),
+            s.get_user(&"usr_1".into()).await.expect("get"),
+            Some(u.clone())
+        );
+        assert_eq!(
+            s.list_users(&"t_a".into(), &page(10, None))
+                .await
+                .expect("list"),
             vec![u]
         );
         assert!(s
-            .list_users("t_b", &page(10, None))
+            .list_users(&"t_b".into(), &page(10, None))
             .await
             .expect("list")
             .is_empty());
@@ -278,7 +283,10 @@ async fn keys_round_trip_filter_and_change_safely() {
             .await
             .expect_err("same hash");
         assert_eq!(dup.kind, StoreErrorKind::Conflict);
-        assert_eq!(s.get_key("key_1").await.expect("get"), Some(k1.clone()));
+        assert_eq!(
+            s.get_key(&"key_1".into()).await.expect("get"),
+            Some(k1.clone())
+        );
         assert_eq!(
             s.get_key_by_hash(&KeyHash([2; 32])).await.expect("get"),
             Some(k2.clone())
@@ -347,7 +355,11 @@ async fn keys_round_trip_filter_and_change_safely() {
         changed.status = KeyStatus::Revoked;
         assert!(s.update_key(&changed, 10).await.expect("update"));
         assert!(!s.update_key(&changed, 10).await.expect("stale update"));
-        let now = s.get_key("key_1").await.expect("get").expect("exists");
+        let now = s
+            .get_key(&"key_1".into())
+            .await
+            .expect("get")
+            .expect("exists");
         assert_eq!(now.name, "renamed");
         assert_eq!(now.budget, Some(70));
         assert_eq!(now.status, KeyStatus::Active);
@@ -356,24 +368,35 @@ async fn keys_round_trip_filter_and_change_safely() {
         let mut succ = key("key_5", "t_a", Kind::Sk, Some(70), 5);
         succ.family_id = "key_1".into();
         succ.rotated_from = Some("key_1".into());
-        assert!(s.rotate_key("key_1", 5_000, &succ).await.expect("rotate"));
+        assert!(s
+            .rotate_key(&"key_1".into(), 5_000, &succ)
+            .await
+            .expect("rotate"));
         let mut again = key("key_6", "t_a", Kind::Sk, None, 6);
         again.family_id = "key_1".into();
         assert!(!s
-            .rotate_key("key_1", 5_000, &again)
+            .rotate_key(&"key_1".into(), 5_000, &again)
             .await
             .expect("second rotate"));
-        let old = s.get_key("key_1").await.expect("get").expect("exists");
+        let old = s
+            .get_key(&"key_1".into())
+            .await
+            .expect("get")
+            .expect("exists");
         assert_eq!(
             (old.status, old.expires_at_ms, old.rotated_to.as_deref()),
             (KeyStatus::Grace, Some(5_000), Some("key_5"))
         );
-        let new = s.get_key("key_5").await.expect("get").expect("exists");
+        let new = s
+            .get_key(&"key_5".into())
+            .await
+            .expect("get")
+            .expect("exists");
         assert_eq!(new.budget, Some(70), "the family shares the budget");
 
         // Revoke wins over a later update.
         let revoked = s
-            .revoke_key("key_2", 30)
+            .revoke_key(&"key_2".into(), 30)
             .await
             .expect("revoke")
             .expect("exists");
@@ -389,7 +412,7 @@ async fn keys_round_trip_filter_and_change_safely() {
             .await
             .expect("touch");
         assert_eq!(
-            s.get_key("key_3")
+            s.get_key(&"key_3".into())
                 .await
                 .expect("get")
                 .and_then(|k| k.last_used_at_ms),
@@ -419,11 +442,15 @@ async fn concurrent_withdrawals_never_overspend() {
             let s = s.clone();
             tasks.push(tokio::spawn(async move {
                 let b = s
-                    .withdraw_budget("key_b", 3)
+                    .withdraw_budget(&"key_b".into(), 3)
                     .await
                     .expect("withdraw")
                     .granted;
-                let c = match s.withdraw_credits("t_pool", 3).await.expect("withdraw") {
+                let c = match s
+                    .withdraw_credits(&"t_pool".into(), 3)
+                    .await
+                    .expect("withdraw")
+                {
                     Withdrawal::Granted(g) => g.granted,
                     Withdrawal::Unlimited => panic!("limited pool"),
                 };
@@ -439,28 +466,36 @@ async fn concurrent_withdrawals_never_overspend() {
         assert_eq!(budget, 100, "exactly the budget, never more");
         assert_eq!(credits, 100, "exactly the pool, never more");
         assert_eq!(
-            s.withdraw_budget("key_b", 1)
+            s.withdraw_budget(&"key_b".into(), 1)
                 .await
                 .expect("withdraw")
                 .granted,
             0
         );
-        s.refund_budget("key_b", 4).await.expect("refund");
-        let g = s.withdraw_budget("key_b", 10).await.expect("withdraw");
+        s.refund_budget(&"key_b".into(), 4).await.expect("refund");
+        let g = s
+            .withdraw_budget(&"key_b".into(), 10)
+            .await
+            .expect("withdraw");
         assert_eq!((g.granted, g.remaining), (4, 0));
-        let g = s.withdraw_budget("key_u", 10).await.expect("withdraw");
+        let g = s
+            .withdraw_budget(&"key_u".into(), 10)
+            .await
+            .expect("withdraw");
         assert_eq!(
             (g.granted, g.remaining),
             (10, u64::MAX),
             "no budget: nothing to count"
         );
         assert_eq!(
-            s.withdraw_credits("t_free", 10).await.expect("withdraw"),
+            s.withdraw_credits(&"t_free".into(), 10)
+                .await
+                .expect("withdraw"),
             Withdrawal::Unlimited
         );
-        s.refund_credits("t_pool", 7).await.expect("refund");
+        s.refund_credits(&"t_pool".into(), 7).await.expect("refund");
         assert_eq!(
-            s.get_tenant("t_pool")
+            s.get_tenant(&"t_pool".into())
                 .await
                 .expect("get")
                 .and_then(|t| t.credits),
@@ -1455,7 +1490,9 @@ async fn a_transaction_that_reads_first_does_not_fail_beside_another_writer() {
             let s = s.clone();
             tokio::spawn(async move {
                 for _ in 0..400 {
-                    s.withdraw_budget("key_busy", 1).await.expect("withdraw");
+                    s.withdraw_budget(&"key_busy".into(), 1)
+                        .await
+                        .expect("withdraw");
                 }
             })
         };

@@ -475,6 +475,7 @@ async fn keys(
             budget,
             ttl_seconds,
         } => {
+            let tenant = keygate_core::TenantId::from(tenant);
             if store
                 .get_tenant(&tenant)
                 .await
@@ -513,11 +514,11 @@ async fn keys(
                 node: format!("cli_{}", keygate_engine::ids::random_base62(8)),
                 seq: 1,
                 at_ms: now,
-                tenant_id: Some(record.tenant_id.clone()),
+                tenant_id: Some(record.tenant_id.to_string()),
                 actor: "system".into(),
                 action: "key.created".into(),
-                key_id: Some(record.id.clone()),
-                user_id: record.user_id.clone(),
+                key_id: Some(record.id.to_string()),
+                user_id: record.user_id.as_deref().map(str::to_owned),
                 detail: Some(
                     serde_json::json!({"kind": record.kind.as_str(), "name": record.name, "scopes": record.scopes.to_strings(), "via": "cli"})
                         .to_string(),
@@ -736,7 +737,7 @@ async fn scan_paths(
                         keygate_core::KeyStatus::Grace => "grace",
                         _ => "active",
                     };
-                    (k.id, status)
+                    (k.id.into_string(), status)
                 }
             },
             (None, Some(r)) => {

@@ -86,7 +86,7 @@ impl Db {
     /// Credits the store counts as withdrawn from family `id`'s budget (spent or leased).
     pub async fn spent(&self, id: &str) -> u64 {
         self.store
-            .get_key(id)
+            .get_key(&id.into())
             .await
             .expect("get key")
             .expect("the key exists")
@@ -96,7 +96,7 @@ impl Db {
     /// Credits the store holds in tenant `id`'s pool (`None`: unlimited).
     pub async fn credits(&self, id: &str) -> Option<u64> {
         self.store
-            .get_tenant(id)
+            .get_tenant(&id.into())
             .await
             .expect("get tenant")
             .expect("the tenant exists")
@@ -107,7 +107,7 @@ impl Db {
     pub async fn set_budget(&self, id: &str, budget: u64) {
         let mut k = self
             .store
-            .get_key(id)
+            .get_key(&id.into())
             .await
             .expect("get key")
             .expect("the key exists");

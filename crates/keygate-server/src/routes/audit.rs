@@ -10,7 +10,7 @@ use crate::views::{
 };
 use axum::extract::State;
 use axum::http::StatusCode;
-use keygate_core::{AuditEvent, RouteClass};
+use keygate_core::{AuditEvent, RouteClass, TenantId, UserId};
 use keygate_engine::clock::now_ms;
 use keygate_store::{AuditFilter, AuditOwner, KeyFilter, UsageOf};
 use serde::Deserialize;
@@ -84,14 +84,18 @@ fn time_param(name: &str, v: Option<&str>) -> Result<Option<i64>, ApiError> {
 /// What a `ut` key may read of its tenant's log: its user's events (see [`AuditOwner`]). A
 /// user's token holds the user's rights, not the tenant's: the admin's and other users'
 /// events are not its to read. `sk` keys read the whole tenant's log.
-async fn owner_of(state: &AppState, tenant: &str, user: &str) -> Result<AuditOwner, ApiError> {
+async fn owner_of(
+    state: &AppState,
+    tenant: &TenantId,
+    user: &UserId,
+) -> Result<AuditOwner, ApiError> {
     let mut owner = AuditOwner {
-        user_id: user.to_owned(),
+        user_id: user.clone(),
         key_ids: Default::default(),
     };
     let filter = KeyFilter {
-        tenant_id: Some(tenant.to_owned()),
-        user_id: Some(user.to_owned()),
+        tenant_id: Some(tenant.clone()),
+        user_id: Some(user.clone()),
         ..KeyFilter::default()
     };
     let mut page = keygate_store::PageRequest {
@@ -101,7 +105,7 @@ async fn owner_of(state: &AppState, tenant: &str, user: &str) -> Result<AuditOwn
     loop {
         let keys = state.store.list_keys(&filter, &page).await?;
         let done = keys.len() < page.limit as usize;
-        page.cursor = keys.last().map(|k| k.id.clone());
+        page.cursor = keys.last().map(|k| k.id.to_string());
         owner.key_ids.extend(keys.into_iter().map(|k| k.id));
         if done {
             return Ok(owner);
@@ -138,7 +142,7 @@ pub async fn list(
         None => None,
     };
     let filter = AuditFilter {
-        tenant_id,
+        tenant_id: tenant_id.map(String::from),
         owner,
         key_id: q.key_id,
         user_id: q.user_id,

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use keygate_api::{RotateKey, UpdateKey};
-use keygate_core::{KeyStatus, Kind, RouteClass};
+use keygate_core::{KeyId, KeyStatus, Kind, RouteClass, UserId};
 use keygate_engine::clock::now_ms;
 use keygate_engine::issue::{self, CreateKey};
 use keygate_engine::rotation::commit_rotation;
@@ -28,8 +28,8 @@ impl AppState {
         caller: &Caller,
         id: &str,
     ) -> Result<KeyRecord, ApiError> {
-        match self.store.get_key(id).await? {
-            Some(k) if caller.actor().sees_key(&k.tenant_id, k.user_id.as_deref()) => Ok(k),
+        match self.store.get_key(&KeyId::from(id)).await? {
+            Some(k) if caller.actor().sees_key(&k.tenant_id, k.user_id.as_ref()) => Ok(k),
             _ => Err(ApiError::not_found("key")),
         }
     }
@@ -62,10 +62,10 @@ pub async fn create(
                 "a user token makes pk and ut keys for its own user, not sk keys",
             ));
         }
-        if body.user_id.as_deref().is_some_and(|u| u != own) {
+        if body.user_id.as_deref().is_some_and(|u| own != u) {
             return Err(ApiError::not_found("user"));
         }
-        body.user_id = Some(own.to_owned());
+        body.user_id = Some(own.to_string());
     }
     let now = now_ms();
     if matches!(Kind::parse(&body.kind), Ok(Kind::Sk))
@@ -92,7 +92,7 @@ pub async fn create(
             action: "key.created",
             tenant_id: &rec.tenant_id,
             key_id: Some(&rec.id),
-            user_id: rec.user_id.as_deref(),
+            user_id: rec.user_id.as_ref(),
             detail: &detail,
         })
         .await;
@@ -175,8 +175,8 @@ pub async fn list(
             .map_err(|_| bad("status must be active, grace or revoked"))?,
         // A user token lists its own user's keys only.
         user_id: match caller.own_user() {
-            Some(own) => Some(own.to_owned()),
-            None => q.user_id.clone(),
+            Some(own) => Some(own.clone()),
+            None => q.user_id.as_deref().map(UserId::from),
         },
         name_contains: q.name.clone(),
     };
@@ -329,7 +329,7 @@ pub async fn update(
                 action: "key.updated",
                 tenant_id: &rec.tenant_id,
                 key_id: Some(&rec.id),
-                user_id: rec.user_id.as_deref(),
+                user_id: rec.user_id.as_ref(),
                 detail: &detail,
             })
             .await;
@@ -472,7 +472,7 @@ pub async fn revoke(
                 action: "key.revoked",
                 tenant_id: &k.tenant_id,
                 key_id: Some(&k.id),
-                user_id: k.user_id.as_deref(),
+                user_id: k.user_id.as_ref(),
                 detail: &serde_json::json!({}),
             })
             .await;

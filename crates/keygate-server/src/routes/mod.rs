@@ -18,7 +18,7 @@ use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, Method};
 use keygate_core::access::{Actor, Target};
-use keygate_core::{Kind, RouteClass};
+use keygate_core::{FamilyId, Kind, RouteClass, TenantId, UserId};
 use keygate_engine::engine::CachedKey;
 use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
@@ -41,6 +41,11 @@ pub(crate) async fn detached<T: Send + 'static>(
 
 /// The operator's tenant.
 pub const DEFAULT_TENANT: &str = keygate_core::access::OPERATOR_TENANT;
+
+/// The operator's tenant, as an id.
+pub fn default_tenant() -> TenantId {
+    TenantId::from(DEFAULT_TENANT)
+}
 
 /// Request context every handler can extract: method, headers, the TCP peer.
 #[derive(Debug)]
@@ -95,19 +100,19 @@ impl Caller {
         Actor {
             tenant_id: &r.tenant_id,
             kind: r.kind,
-            user_id: r.user_id.as_deref(),
+            user_id: r.user_id.as_ref(),
             family_id: &r.family_id,
             scopes: &r.scopes,
         }
     }
 
     /// The caller's tenant.
-    pub fn tenant(&self) -> &str {
+    pub fn tenant(&self) -> &TenantId {
         &self.key.record.tenant_id
     }
 
     /// See [`Actor::own_user`].
-    pub fn own_user(&self) -> Option<&str> {
+    pub fn own_user(&self) -> Option<&UserId> {
         self.actor().own_user()
     }
 
@@ -127,12 +132,12 @@ impl Caller {
     }
 
     /// [`Actor::may_change`] as an answer.
-    pub fn require_may_change(&self, family_id: &str) -> Result<(), ApiError> {
+    pub fn require_may_change(&self, family_id: &FamilyId) -> Result<(), ApiError> {
         self.actor().may_change(family_id).map_err(refused)
     }
 
     /// See [`Actor::sees`].
-    pub fn sees(&self, tenant_id: &str) -> bool {
+    pub fn sees(&self, tenant_id: &TenantId) -> bool {
         self.actor().sees(tenant_id)
     }
 
@@ -141,7 +146,7 @@ impl Caller {
         &self,
         state: &AppState,
         requested: Option<&str>,
-    ) -> Result<Option<String>, ApiError> {
+    ) -> Result<Option<TenantId>, ApiError> {
         resolve(state, self.actor().listing(requested)).await
     }
 
@@ -151,7 +156,7 @@ impl Caller {
         &self,
         state: &AppState,
         requested: Option<&str>,
-    ) -> Result<String, ApiError> {
+    ) -> Result<TenantId, ApiError> {
         resolve(state, self.actor().act_in(requested))
             .await?
             .ok_or_else(|| ApiError::not_found("tenant"))
@@ -164,12 +169,12 @@ fn refused(r: keygate_core::access::Refused) -> ApiError {
 
 /// A target tenant made concrete: `None` for every tenant; an operator's named tenant must
 /// exist.
-async fn resolve(state: &AppState, target: Target<'_>) -> Result<Option<String>, ApiError> {
+async fn resolve(state: &AppState, target: Target<'_>) -> Result<Option<TenantId>, ApiError> {
     match target {
         Target::Every => Ok(None),
-        Target::Own(t) => Ok(Some(t.to_owned())),
-        Target::IfExists(t) => match state.store.get_tenant(t).await? {
-            Some(_) => Ok(Some(t.to_owned())),
+        Target::Own(t) => Ok(Some(t.clone())),
+        Target::IfExists(t) => match state.store.get_tenant(&t).await? {
+            Some(_) => Ok(Some(t)),
             None => Err(ApiError::not_found("tenant")),
         },
         Target::Hidden => Err(ApiError::not_found("tenant")),

@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use keygate_core::RouteClass;
+use keygate_core::{FamilyId, KeyId, RouteClass, TenantId, UserId};
 use keygate_engine::clock::now_ms;
 use keygate_oauth::{ct_eq, grant, redirect, scope, token_hash, ErrorCode};
 use keygate_store::{
@@ -244,8 +244,8 @@ struct AuthRequest {
 /// A login on the authorization pages, sealed into a cookie.
 #[derive(Debug, Serialize, Deserialize)]
 struct Session {
-    user_id: String,
-    tenant_id: String,
+    user_id: UserId,
+    tenant_id: TenantId,
 }
 
 /// What the authorization endpoint answers before it can trust the redirect URI.
@@ -828,7 +828,7 @@ fn mint(
 
 async fn revoke_family(state: &AppState, grant_id: &str, reason: &str) -> Result<bool, StoreError> {
     let revoked = state.store.revoke_grant(grant_id, now_ms(), reason).await?;
-    state.family_changed(grant_id).await;
+    state.family_changed(&FamilyId::of_grant(grant_id)).await;
     Ok(revoked)
 }
 
@@ -842,7 +842,7 @@ async fn code_reused(state: &AppState, c: &AuthCode) -> Result<OAuthError, OAuth
                 actor: "system",
                 action: "oauth.code_reuse",
                 tenant_id: &c.tenant_id,
-                key_id: Some(g),
+                key_id: Some(&KeyId::of_grant(g)),
                 user_id: Some(&c.user_id),
                 detail: &detail,
             })
@@ -908,8 +908,8 @@ async fn exchange_code(
             actor: "system",
             action: "oauth.authorized",
             tenant_id: &grant.tenant_id,
-            key_id: Some(&grant.id),
-            user_id: grant.user_id.as_deref(),
+            key_id: Some(&KeyId::of_grant(&grant.id)),
+            user_id: grant.user_id.as_ref(),
             detail: &detail,
         })
         .await;
@@ -957,7 +957,7 @@ async fn refresh(
                 state,
                 "oauth.refresh_reuse",
                 &grant.tenant_id,
-                Some(&grant.id),
+                Some(&KeyId::of_grant(&grant.id)),
                 format!("refresh_reuse:{}", grant.id),
                 format!(
                     "a refresh token of client {} was used twice; every token of the grant is revoked",
@@ -1109,8 +1109,8 @@ async fn revoke_inner(
                         actor: "system",
                         action: "oauth.revoked",
                         tenant_id: &g.tenant_id,
-                        key_id: Some(&g.id),
-                        user_id: g.user_id.as_deref(),
+                        key_id: Some(&KeyId::of_grant(&g.id)),
+                        user_id: g.user_id.as_ref(),
                         detail: &detail,
                     })
                     .await;
@@ -1121,15 +1121,15 @@ async fn revoke_inner(
                 .store
                 .revoke_access_token(&c.jti, &g.id, c.exp.saturating_mul(1000))
                 .await?;
-            state.family_changed(&g.id).await;
+            state.family_changed(&FamilyId::of_grant(&g.id)).await;
             let detail = serde_json::json!({"client_id": client.id, "grant_id": g.id, "jti": c.jti, "token_type": "access_token"});
             state
                 .record_change(keygate_engine::engine::Change {
                     actor: "system",
                     action: "oauth.revoked",
                     tenant_id: &g.tenant_id,
-                    key_id: Some(&g.id),
-                    user_id: g.user_id.as_deref(),
+                    key_id: Some(&KeyId::of_grant(&g.id)),
+                    user_id: g.user_id.as_ref(),
                     detail: &detail,
                 })
                 .await;
@@ -1166,7 +1166,7 @@ async fn introspect_inner(
     let p = form_body(&ctx.headers, body)?;
     let bearer = crate::state::bearer(&ctx.headers).ok().flatten().is_some();
     // Which tenants' tokens the caller may see (`None`: every tenant).
-    let sees: Option<String> = if bearer {
+    let sees: Option<TenantId> = if bearer {
         let caller = ctx
             .caller(state, INTROSPECT, RouteClass::TokenManagement)
             .await
@@ -1174,7 +1174,7 @@ async fn introspect_inner(
         if caller.key.record.kind != keygate_core::Kind::Sk {
             return Err(OAuthError::client(false));
         }
-        (!caller.is_operator()).then(|| caller.tenant().to_owned())
+        (!caller.is_operator()).then(|| caller.tenant().clone())
     } else {
         let client = authenticate_client(state, &ctx.headers, &p).await?;
         if client.secret_hash.is_none() {
@@ -1184,7 +1184,7 @@ async fn introspect_inner(
     };
     let token = p.require("token")?;
     let inactive = serde_json::json!({"active": false});
-    let visible = |g: &OAuthGrant| sees.as_deref().is_none_or(|t| t == g.tenant_id);
+    let visible = |g: &OAuthGrant| sees.as_ref().is_none_or(|t| *t == g.tenant_id);
     let now = now_ms();
     Ok(match find_token(state, token, false).await? {
         Found::Access(c, g) if visible(&g) => {
@@ -1208,7 +1208,7 @@ async fn introspect_inner(
                 serde_json::json!({
                     "active": true, "token_type": "refresh_token", "scope": g.scope,
                     "client_id": g.client_id,
-                    "sub": g.user_id.clone().unwrap_or_else(|| g.client_id.clone()),
+                    "sub": g.user_id.as_deref().unwrap_or(&g.client_id),
                     "exp": g.expires_at_ms / 1000, "iat": rt.created_at_ms / 1000,
                     "iss": state.oauth.issuer, "tenant_id": g.tenant_id, "grant_id": g.id,
                 })

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use keygate_api::CreateClient;
-use keygate_core::{RouteClass, ScopeSet};
+use keygate_core::{FamilyId, RouteClass, ScopeSet};
 use keygate_engine::clock::now_ms;
 use keygate_store::OAuthClient;
 use serde::Deserialize;
@@ -26,7 +26,7 @@ fn client_view(c: &OAuthClient, secret: Option<String>) -> ClientView {
         client_type: c.client_type.clone(),
         redirect_uris: c.redirect_uris.clone(),
         scopes: c.scopes.clone(),
-        tenant_id: c.tenant_id.clone(),
+        tenant_id: c.tenant_id.to_string(),
         created_at: rfc3339(c.created_at_ms),
         client_secret: secret,
     }
@@ -239,7 +239,7 @@ pub async fn delete(
     detached(async move {
         let gone = st.store.delete_client(&c.id, now_ms()).await?;
         for grant in gone.iter().skip(1) {
-            st.family_changed(grant).await;
+            st.family_changed(&FamilyId::of_grant(grant)).await;
         }
         if !gone.is_empty() {
             let detail = serde_json::json!({"client_id": c.id, "grants_revoked": gone.len() - 1});
@@ -295,7 +295,7 @@ pub async fn rotate_signing_key(
         st.record_change(keygate_engine::engine::Change {
             actor: &actor,
             action: "oauth.signing_key_rotated",
-            tenant_id: super::DEFAULT_TENANT,
+            tenant_id: &super::default_tenant(),
             key_id: None,
             user_id: None,
             detail: &detail,

@@ -32,7 +32,7 @@ pub async fn ready(State(state): State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
     let store_ok = state
         .store
-        .get_tenant(crate::routes::DEFAULT_TENANT)
+        .get_tenant(&crate::routes::default_tenant())
         .await
         .is_ok();
     let redis_ok = match &state.shared {

@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use keygate_api::CreateTenant;
-use keygate_core::RouteClass;
+use keygate_core::{RouteClass, TenantId};
 use keygate_engine::clock::now_ms;
 use keygate_engine::issue::{self, CreateKey};
 use keygate_store::Tenant;
@@ -67,7 +67,7 @@ pub async fn create(
     }
     let now = now_ms();
     let tenant = Tenant {
-        id: keygate_engine::ids::new_id("tnt", now),
+        id: keygate_engine::ids::new_id("tnt", now).into(),
         name,
         plan,
         credits,
@@ -174,7 +174,7 @@ pub async fn list(
 pub async fn get(
     State(state): State<AppState>,
     ctx: Ctx,
-    Path(id): Path<String>,
+    Path(id): Path<TenantId>,
 ) -> Result<axum::Json<TenantView>, ApiError> {
     let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
     match state.store.get_tenant(&id).await? {
@@ -206,7 +206,7 @@ pub struct TopUp {
 pub async fn top_up(
     State(state): State<AppState>,
     ctx: Ctx,
-    Path(id): Path<String>,
+    Path(id): Path<TenantId>,
     Json(body): Json<TopUp>,
 ) -> Result<axum::Json<TenantView>, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Billing).await?;

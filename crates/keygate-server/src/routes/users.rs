@@ -7,7 +7,7 @@ use crate::views::{ListView, UserView};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use keygate_core::RouteClass;
+use keygate_core::{RouteClass, TenantId, UserId};
 use keygate_engine::clock::now_ms;
 use keygate_store::User;
 use serde::Deserialize;
@@ -68,7 +68,7 @@ pub enum PasswordCheck {
 /// same work as a wrong password, so the answer time does not tell which it was.
 pub async fn check_password(
     state: &AppState,
-    tenant_id: &str,
+    tenant_id: &TenantId,
     email: &str,
     password: &str,
 ) -> PasswordCheck {
@@ -190,7 +190,7 @@ pub async fn create(
     };
     let now = now_ms();
     let user = User {
-        id: keygate_engine::ids::new_id("usr", now),
+        id: keygate_engine::ids::new_id("usr", now).into(),
         tenant_id: tenant,
         email,
         name,
@@ -289,7 +289,7 @@ pub async fn list(
 pub async fn get(
     State(state): State<AppState>,
     ctx: Ctx,
-    Path(id): Path<String>,
+    Path(id): Path<UserId>,
 ) -> Result<axum::Json<UserView>, ApiError> {
     let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
     match state.store.get_user(&id).await? {

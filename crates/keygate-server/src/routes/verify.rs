@@ -100,9 +100,9 @@ pub async fn verify(
     let answer = VerifyAnswer {
         valid: code == Code::Valid,
         code: code.as_str().into(),
-        key_id: key.map(|k| k.record.id.clone()),
-        tenant_id: key.map(|k| k.record.tenant_id.clone()),
-        user_id: key.and_then(|k| k.record.user_id.clone()),
+        key_id: key.map(|k| k.record.id.to_string()),
+        tenant_id: key.map(|k| k.record.tenant_id.to_string()),
+        user_id: key.and_then(|k| k.record.user_id.as_deref().map(str::to_owned)),
         kind: key.map(|k| k.record.kind.as_str().into()),
         scopes: key.map(|k| k.record.scopes.to_strings()),
         ratelimit: rate.map(|r| RateView {

@@ -22,7 +22,7 @@ pub const WRITE: &str = "webhooks:write";
 fn webhook_view(w: &WebhookEndpoint, with_secret: bool) -> WebhookView {
     WebhookView {
         id: w.id.clone(),
-        tenant_id: w.tenant_id.clone(),
+        tenant_id: w.tenant_id.to_string(),
         url: w.url.clone(),
         events: w.events.clone(),
         enabled: w.enabled,
