@@ -25,13 +25,13 @@ impl crate::AlertStore for crate::SqlStore {
             "INSERT INTO alerts (id, tenant_id, key_id, kind, dedupe, message, data, at) ",
         );
         q.push_values([()], |mut b, ()| {
-            b.push_bind(a.id.clone())
-                .push_bind(a.tenant_id.clone())
-                .push_bind(a.key_id.clone())
-                .push_bind(a.kind.clone())
-                .push_bind(a.dedupe.clone())
-                .push_bind(a.message.clone())
-                .push_bind(a.data.clone())
+            b.push_bind(&a.id)
+                .push_bind(&a.tenant_id)
+                .push_bind(&a.key_id)
+                .push_bind(&a.kind)
+                .push_bind(&a.dedupe)
+                .push_bind(&a.message)
+                .push_bind(&a.data)
                 .push_bind(a.at_ms);
         });
         q.push(" ON CONFLICT (dedupe) DO NOTHING");
@@ -45,13 +45,9 @@ impl crate::AlertStore for crate::SqlStore {
     ) -> crate::Result<Vec<Alert>> {
         let mut q = Sql::new("SELECT * FROM alerts WHERE 1 = 1");
         if let Some(t) = tenant_id {
-            q.push(" AND tenant_id = ").push_bind(t.to_owned());
+            q.push(" AND tenant_id = ").push_bind(t);
         }
-        if let Some(c) = &page.cursor {
-            q.push(" AND id < ").push_bind(c.clone());
-        }
-        q.push(" ORDER BY id DESC LIMIT ")
-            .push_bind(i64::from(page.limit));
+        q.page("id", page);
         let rows = q.build()?.fetch_all(&self.pool).await?;
         rows.iter().map(alert_from).collect()
     }
@@ -65,17 +61,17 @@ impl crate::AlertStore for crate::SqlStore {
     ) -> crate::Result<Option<bool>> {
         let mut tx = self.begin_write().await?;
         let before: i64 = Sql::new("SELECT COUNT(*) FROM key_sightings WHERE key_id = ")
-            .push_bind(key_id.to_owned())
+            .push_bind(key_id)
             .push(" AND kind = ")
-            .push_bind(kind.to_owned())
+            .push_bind(kind)
             .build_query_scalar()?
             .fetch_one(&mut *tx)
             .await?;
         let mut q = Sql::new("INSERT INTO key_sightings (key_id, kind, value, first_seen) ");
         q.push_values([()], |mut b, ()| {
-            b.push_bind(key_id.to_owned())
-                .push_bind(kind.to_owned())
-                .push_bind(value.to_owned())
+            b.push_bind(key_id)
+                .push_bind(kind)
+                .push_bind(value)
                 .push_bind(at_ms);
         });
         q.push(" ON CONFLICT (key_id, kind, value) DO NOTHING");
@@ -93,14 +89,12 @@ impl crate::AlertStore for crate::SqlStore {
     ) -> crate::Result<bool> {
         let mut q = Sql::new("INSERT INTO leases (name, holder, until) ");
         q.push_values([()], |mut b, ()| {
-            b.push_bind(name.to_owned())
-                .push_bind(holder.to_owned())
-                .push_bind(until_ms);
+            b.push_bind(name).push_bind(holder).push_bind(until_ms);
         });
         q.push(" ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until WHERE leases.until < ")
             .push_bind(now_ms)
             .push(" OR leases.holder = ")
-            .push_bind(holder.to_owned());
+            .push_bind(holder);
         Ok(q.build()?.execute(&self.pool).await?.rows_affected() == 1)
     }
 

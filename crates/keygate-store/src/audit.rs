@@ -670,7 +670,7 @@ impl crate::AuditStore for crate::SqlStore {
         }
         for (node, evs) in by_node {
             let head: Option<i64> = Sql::new("SELECT seq FROM audit_heads WHERE node = ")
-                .push_bind(node.to_owned())
+                .push_bind(node)
                 .build_query_scalar()?
                 .fetch_optional(&mut *tx)
                 .await?;
@@ -706,7 +706,7 @@ impl crate::AuditStore for crate::SqlStore {
         for (node, evs) in by_node {
             let head: Option<(i64, String)> =
                 Sql::new("SELECT seq, hash FROM audit_heads WHERE node = ")
-                    .push_bind(node.to_owned())
+                    .push_bind(node)
                     .build_query_as()?
                     .fetch_optional(&mut *tx)
                     .await?;

@@ -47,13 +47,11 @@ impl Store for SqlStore {
     }
 
     async fn list_tenants(&self, page: &PageRequest) -> Result<Vec<Tenant>> {
-        let rows = sqlx::query(
-            "SELECT * FROM tenants WHERE (CAST($1 AS TEXT) IS NULL OR id < $1) ORDER BY id DESC LIMIT $2",
-        )
-        .bind(page.cursor.as_deref())
-        .bind(i64::from(page.limit))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = Sql::new("SELECT * FROM tenants WHERE 1 = 1")
+            .page("id", page)
+            .build()?
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(tenant_from_row).collect()
     }
 
@@ -95,15 +93,12 @@ impl Store for SqlStore {
     }
 
     async fn list_users(&self, tenant_id: &TenantId, page: &PageRequest) -> Result<Vec<User>> {
-        let rows = sqlx::query(
-            "SELECT * FROM users WHERE tenant_id = $1 AND (CAST($2 AS TEXT) IS NULL OR id < $2) \
-             ORDER BY id DESC LIMIT $3",
-        )
-        .bind(tenant_id.as_str())
-        .bind(page.cursor.as_deref())
-        .bind(i64::from(page.limit))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = Sql::new("SELECT * FROM users WHERE tenant_id = ")
+            .push_bind(tenant_id.as_str())
+            .page("id", page)
+            .build()?
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(user_from_row).collect()
     }
 
@@ -158,11 +153,7 @@ impl Store for SqlStore {
                 .push_bind(contains_pattern(n))
                 .push(") ESCAPE '\\'");
         }
-        if let Some(c) = &page.cursor {
-            q.push(" AND k.id < ").push_bind(c.clone());
-        }
-        q.push(" ORDER BY k.id DESC LIMIT ")
-            .push_bind(i64::from(page.limit));
+        q.page("k.id", page);
         let rows = q.build()?.fetch_all(&self.pool).await?;
         rows.iter().map(key_from_row).collect()
     }

@@ -86,11 +86,11 @@ impl crate::OAuthStore for crate::SqlStore {
              redirect_uris, scopes, created_at) ",
         );
         q.push_values([()], |mut b, ()| {
-            b.push_bind(c.id.clone())
+            b.push_bind(&c.id)
                 .push_bind(c.tenant_id.as_str())
-                .push_bind(c.name.clone())
-                .push_bind(c.client_type.clone())
-                .push_bind(c.secret_hash.clone())
+                .push_bind(&c.name)
+                .push_bind(&c.client_type)
+                .push_bind(&c.secret_hash)
                 .push_bind(json_list(c.redirect_uris.clone()))
                 .push_bind(json_list(c.scopes.clone()))
                 .push_bind(c.created_at_ms);
@@ -101,7 +101,7 @@ impl crate::OAuthStore for crate::SqlStore {
 
     async fn get_client(&self, id: &str) -> crate::Result<Option<OAuthClient>> {
         let row = Sql::new("SELECT * FROM oauth_clients WHERE id = ")
-            .push_bind(id.to_owned())
+            .push_bind(id)
             .build()?
             .fetch_optional(&self.pool)
             .await?;
@@ -115,13 +115,9 @@ impl crate::OAuthStore for crate::SqlStore {
     ) -> crate::Result<Vec<OAuthClient>> {
         let mut q = Sql::new("SELECT * FROM oauth_clients WHERE 1 = 1");
         if let Some(t) = tenant_id {
-            q.push(" AND tenant_id = ").push_bind(t.to_owned());
+            q.push(" AND tenant_id = ").push_bind(t);
         }
-        if let Some(c) = &page.cursor {
-            q.push(" AND id < ").push_bind(c.clone());
-        }
-        q.push(" ORDER BY id DESC LIMIT ")
-            .push_bind(i64::from(page.limit));
+        q.page("id", page);
         let rows = q.build()?.fetch_all(&self.pool).await?;
         rows.iter().map(client_from).collect()
     }
@@ -130,7 +126,7 @@ impl crate::OAuthStore for crate::SqlStore {
         let mut tx = self.begin_write().await?;
         let grants: Vec<String> =
             Sql::new("SELECT id FROM oauth_grants WHERE revoked_at IS NULL AND client_id = ")
-                .push_bind(id.to_owned())
+                .push_bind(id)
                 .build()?
                 .fetch_all(&mut *tx)
                 .await?
@@ -140,12 +136,12 @@ impl crate::OAuthStore for crate::SqlStore {
         Sql::new("UPDATE oauth_grants SET revoked_at = ")
             .push_bind(now_ms)
             .push(", revoked_reason = 'client_deleted' WHERE revoked_at IS NULL AND client_id = ")
-            .push_bind(id.to_owned())
+            .push_bind(id)
             .build()?
             .execute(&mut *tx)
             .await?;
         let r = Sql::new("DELETE FROM oauth_clients WHERE id = ")
-            .push_bind(id.to_owned())
+            .push_bind(id)
             .build()?
             .execute(&mut *tx)
             .await?;
@@ -166,7 +162,7 @@ impl crate::OAuthStore for crate::SqlStore {
         let row = Sql::new("SELECT * FROM users WHERE tenant_id = ")
             .push_bind(tenant_id.as_str())
             .push(" AND email = ")
-            .push_bind(email.to_owned())
+            .push_bind(email)
             .build()?
             .fetch_optional(&self.pool)
             .await?;
@@ -179,17 +175,17 @@ impl crate::OAuthStore for crate::SqlStore {
              challenge, scope, created_at, expires_at, used_at, grant_id) ",
         );
         q.push_values([()], |mut b, ()| {
-            b.push_bind(c.hash.clone())
-                .push_bind(c.client_id.clone())
+            b.push_bind(&c.hash)
+                .push_bind(&c.client_id)
                 .push_bind(c.tenant_id.as_str())
                 .push_bind(c.user_id.as_str())
-                .push_bind(c.redirect_uri.clone())
-                .push_bind(c.challenge.clone())
-                .push_bind(c.scope.clone())
+                .push_bind(&c.redirect_uri)
+                .push_bind(&c.challenge)
+                .push_bind(&c.scope)
                 .push_bind(c.created_at_ms)
                 .push_bind(c.expires_at_ms)
                 .push_bind(c.used_at_ms)
-                .push_bind(c.grant_id.clone());
+                .push_bind(&c.grant_id);
         });
         q.build()?.execute(&self.pool).await?;
         Ok(())
@@ -197,7 +193,7 @@ impl crate::OAuthStore for crate::SqlStore {
 
     async fn get_code(&self, hash: &str) -> crate::Result<Option<AuthCode>> {
         let row = Sql::new("SELECT * FROM oauth_codes WHERE hash = ")
-            .push_bind(hash.to_owned())
+            .push_bind(hash)
             .build()?
             .fetch_optional(&self.pool)
             .await?;
@@ -217,16 +213,16 @@ impl crate::OAuthStore for crate::SqlStore {
         let won = Sql::new("UPDATE oauth_codes SET used_at = ")
             .push_bind(now_ms)
             .push(", grant_id = ")
-            .push_bind(grant.id.clone())
+            .push_bind(&grant.id)
             .push(" WHERE used_at IS NULL AND hash = ")
-            .push_bind(hash.to_owned())
+            .push_bind(hash)
             .build()?
             .execute(&mut *tx)
             .await?
             .rows_affected()
             == 1;
         let row = Sql::new("SELECT * FROM oauth_codes WHERE hash = ")
-            .push_bind(hash.to_owned())
+            .push_bind(hash)
             .build()?
             .fetch_optional(&mut *tx)
             .await?;
@@ -259,7 +255,7 @@ impl crate::OAuthStore for crate::SqlStore {
 
     async fn get_grant(&self, id: &str) -> crate::Result<Option<OAuthGrant>> {
         let row = Sql::new("SELECT * FROM oauth_grants WHERE id = ")
-            .push_bind(id.to_owned())
+            .push_bind(id)
             .build()?
             .fetch_optional(&self.pool)
             .await?;
@@ -270,9 +266,9 @@ impl crate::OAuthStore for crate::SqlStore {
         let r = Sql::new("UPDATE oauth_grants SET revoked_at = ")
             .push_bind(now_ms)
             .push(", revoked_reason = ")
-            .push_bind(reason.to_owned())
+            .push_bind(reason)
             .push(" WHERE revoked_at IS NULL AND id = ")
-            .push_bind(id.to_owned())
+            .push_bind(id)
             .build()?
             .execute(&self.pool)
             .await?;
@@ -289,14 +285,14 @@ impl crate::OAuthStore for crate::SqlStore {
         let won = Sql::new("UPDATE oauth_refresh_tokens SET used_at = ")
             .push_bind(now_ms)
             .push(" WHERE used_at IS NULL AND hash = ")
-            .push_bind(hash.to_owned())
+            .push_bind(hash)
             .build()?
             .execute(&mut *tx)
             .await?
             .rows_affected()
             == 1;
         let row = Sql::new("SELECT * FROM oauth_refresh_tokens WHERE hash = ")
-            .push_bind(hash.to_owned())
+            .push_bind(hash)
             .build()?
             .fetch_optional(&mut *tx)
             .await?;
@@ -319,7 +315,7 @@ impl crate::OAuthStore for crate::SqlStore {
 
     async fn get_refresh(&self, hash: &str) -> crate::Result<Option<RefreshToken>> {
         let row = Sql::new("SELECT * FROM oauth_refresh_tokens WHERE hash = ")
-            .push_bind(hash.to_owned())
+            .push_bind(hash)
             .build()?
             .fetch_optional(&self.pool)
             .await?;
@@ -334,8 +330,8 @@ impl crate::OAuthStore for crate::SqlStore {
     ) -> crate::Result<()> {
         let mut q = Sql::new("INSERT INTO oauth_revoked_tokens (jti, grant_id, expires_at) ");
         q.push_values([()], |mut b, ()| {
-            b.push_bind(jti.to_owned())
-                .push_bind(grant_id.to_owned())
+            b.push_bind(jti)
+                .push_bind(grant_id)
                 .push_bind(expires_at_ms);
         });
         q.push(" ON CONFLICT (jti) DO NOTHING");
@@ -345,7 +341,7 @@ impl crate::OAuthStore for crate::SqlStore {
 
     async fn access_token_revoked(&self, jti: &str) -> crate::Result<bool> {
         let row = Sql::new("SELECT jti FROM oauth_revoked_tokens WHERE jti = ")
-            .push_bind(jti.to_owned())
+            .push_bind(jti)
             .build()?
             .fetch_optional(&self.pool)
             .await?;
@@ -359,11 +355,11 @@ impl crate::OAuthStore for crate::SqlStore {
         scope: &str,
     ) -> crate::Result<bool> {
         let row = Sql::new("SELECT created_at FROM oauth_consents WHERE user_id = ")
-            .push_bind(user_id.to_owned())
+            .push_bind(user_id)
             .push(" AND client_id = ")
-            .push_bind(client_id.to_owned())
+            .push_bind(client_id)
             .push(" AND scope = ")
-            .push_bind(scope.to_owned())
+            .push_bind(scope)
             .build()?
             .fetch_optional(&self.pool)
             .await?;
@@ -379,9 +375,9 @@ impl crate::OAuthStore for crate::SqlStore {
     ) -> crate::Result<()> {
         let mut q = Sql::new("INSERT INTO oauth_consents (user_id, client_id, scope, created_at) ");
         q.push_values([()], |mut b, ()| {
-            b.push_bind(user_id.to_owned())
-                .push_bind(client_id.to_owned())
-                .push_bind(scope.to_owned())
+            b.push_bind(user_id)
+                .push_bind(client_id)
+                .push_bind(scope)
                 .push_bind(now_ms);
         });
         q.push(" ON CONFLICT (user_id, client_id, scope) DO NOTHING");
@@ -411,10 +407,10 @@ impl crate::OAuthStore for crate::SqlStore {
              retired_at) ",
         );
         q.push_values([()], |mut b, ()| {
-            b.push_bind(k.kid.clone())
-                .push_bind(k.alg.clone())
-                .push_bind(k.private_key.clone())
-                .push_bind(k.public_x.clone())
+            b.push_bind(&k.kid)
+                .push_bind(&k.alg)
+                .push_bind(&k.private_key)
+                .push_bind(&k.public_x)
                 .push_bind(k.created_at_ms)
                 .push_bind(k.retired_at_ms);
         });
@@ -431,14 +427,12 @@ impl crate::OAuthStore for crate::SqlStore {
     ) -> crate::Result<String> {
         let mut q = Sql::new("INSERT INTO server_secrets (name, value, created_at) ");
         q.push_values([()], |mut b, ()| {
-            b.push_bind(name.to_owned())
-                .push_bind(candidate.to_owned())
-                .push_bind(now_ms);
+            b.push_bind(name).push_bind(candidate).push_bind(now_ms);
         });
         q.push(" ON CONFLICT (name) DO NOTHING");
         q.build()?.execute(&self.pool).await?;
         let row = Sql::new("SELECT value FROM server_secrets WHERE name = ")
-            .push_bind(name.to_owned())
+            .push_bind(name)
             .build()?
             .fetch_one(&self.pool)
             .await?;
@@ -448,7 +442,7 @@ impl crate::OAuthStore for crate::SqlStore {
     async fn get_login_throttle(&self, subject: &str) -> crate::Result<Option<LoginThrottle>> {
         let row: Option<(i64, i64, i64)> =
             Sql::new("SELECT failures, last_at, next_at FROM login_throttle WHERE subject = ")
-                .push_bind(subject.to_owned())
+                .push_bind(subject)
                 .build_query_as()?
                 .fetch_optional(&self.pool)
                 .await?;
@@ -471,7 +465,7 @@ impl crate::OAuthStore for crate::SqlStore {
                 let mut q =
                     Sql::new("INSERT INTO login_throttle (subject, failures, last_at, next_at) ");
                 q.push_values([()], |mut b, ()| {
-                    b.push_bind(subject.to_owned())
+                    b.push_bind(subject)
                         .push_bind(i64::from(n.failures))
                         .push_bind(n.last_ms)
                         .push_bind(n.next_ms);
@@ -493,7 +487,7 @@ impl crate::OAuthStore for crate::SqlStore {
                     None => Sql::new("DELETE FROM login_throttle"),
                 };
                 q.push(" WHERE subject = ")
-                    .push_bind(subject.to_owned())
+                    .push_bind(subject)
                     .push(" AND failures = ")
                     .push_bind(i64::from(e.failures))
                     .push(" AND last_at = ")

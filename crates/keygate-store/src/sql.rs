@@ -241,6 +241,17 @@ impl<'a> Sql<'a> {
         self
     }
 
+    /// Appends keyset pagination over `id_col`: rows before the page's cursor, newest first,
+    /// at most its limit.
+    pub(crate) fn page(&mut self, id_col: &str, page: &'a crate::PageRequest) -> &mut Self {
+        if let Some(c) = &page.cursor {
+            self.push(format_args!(" AND {id_col} < "))
+                .push_bind(c.as_str());
+        }
+        self.push(format_args!(" ORDER BY {id_col} DESC LIMIT "))
+            .push_bind(i64::from(page.limit))
+    }
+
     /// Appends `VALUES (…), (…)`, one group per item; `row` binds an item's values.
     pub(crate) fn push_values<I, F>(&mut self, items: I, mut row: F) -> &mut Self
     where

@@ -50,13 +50,13 @@ impl crate::WebhookStore for crate::SqlStore {
              disabled_reason, created_at) ",
         );
         q.push_values([()], |mut b, ()| {
-            b.push_bind(w.id.clone())
+            b.push_bind(&w.id)
                 .push_bind(w.tenant_id.as_str())
-                .push_bind(w.url.clone())
-                .push_bind(w.secret.clone())
+                .push_bind(&w.url)
+                .push_bind(&w.secret)
                 .push_bind(json_list(w.events.clone()))
                 .push_bind(i64::from(w.enabled))
-                .push_bind(w.disabled_reason.clone())
+                .push_bind(&w.disabled_reason)
                 .push_bind(w.created_at_ms);
         });
         q.build()?.execute(&self.pool).await?;
@@ -70,18 +70,14 @@ impl crate::WebhookStore for crate::SqlStore {
     ) -> crate::Result<Vec<WebhookEndpoint>> {
         let mut q = Sql::new("SELECT * FROM webhook_endpoints WHERE tenant_id = ");
         q.push_bind(tenant_id.as_str());
-        if let Some(c) = &page.cursor {
-            q.push(" AND id < ").push_bind(c.clone());
-        }
-        q.push(" ORDER BY id DESC LIMIT ")
-            .push_bind(i64::from(page.limit));
+        q.page("id", page);
         let rows = q.build()?.fetch_all(&self.pool).await?;
         rows.iter().map(endpoint_from).collect()
     }
 
     async fn get_webhook(&self, id: &str) -> crate::Result<Option<WebhookEndpoint>> {
         let row = Sql::new("SELECT * FROM webhook_endpoints WHERE id = ")
-            .push_bind(id.to_owned())
+            .push_bind(id)
             .build()?
             .fetch_optional(&self.pool)
             .await?;
@@ -94,12 +90,12 @@ impl crate::WebhookStore for crate::SqlStore {
             "UPDATE webhook_deliveries SET status = 'failed', last_error = 'endpoint deleted' \
              WHERE status = 'pending' AND endpoint_id = ",
         )
-        .push_bind(id.to_owned())
+        .push_bind(id)
         .build()?
         .execute(&mut *tx)
         .await?;
         let r = Sql::new("DELETE FROM webhook_endpoints WHERE id = ")
-            .push_bind(id.to_owned())
+            .push_bind(id)
             .build()?
             .execute(&mut *tx)
             .await?;
@@ -118,7 +114,7 @@ impl crate::WebhookStore for crate::SqlStore {
             .push(", disabled_reason = ")
             .push_bind(reason.map(str::to_owned))
             .push(" WHERE id = ")
-            .push_bind(id.to_owned())
+            .push_bind(id)
             .build()?
             .execute(&self.pool)
             .await?;
@@ -133,17 +129,17 @@ impl crate::WebhookStore for crate::SqlStore {
             "INSERT INTO webhook_deliveries ({DELIVERY_COLUMNS}) "
         ));
         q.push_values(ds.iter(), |mut b, d| {
-            b.push_bind(d.id.clone())
-                .push_bind(d.endpoint_id.clone())
-                .push_bind(d.tenant_id.clone())
-                .push_bind(d.event_id.clone())
-                .push_bind(d.event_type.clone())
-                .push_bind(d.payload.clone())
+            b.push_bind(&d.id)
+                .push_bind(&d.endpoint_id)
+                .push_bind(&d.tenant_id)
+                .push_bind(&d.event_id)
+                .push_bind(&d.event_type)
+                .push_bind(&d.payload)
                 .push_bind(i64::from(d.attempts))
-                .push_bind(d.status.clone())
+                .push_bind(&d.status)
                 .push_bind(d.next_at_ms)
                 .push_bind(d.last_status)
-                .push_bind(d.last_error.clone())
+                .push_bind(&d.last_error)
                 .push_bind(d.created_at_ms)
                 .push_bind(d.delivered_at_ms);
         });
@@ -171,7 +167,7 @@ impl crate::WebhookStore for crate::SqlStore {
             let r = Sql::new("UPDATE webhook_deliveries SET next_at = ")
                 .push_bind(lease_until_ms)
                 .push(" WHERE id = ")
-                .push_bind(d.id.clone())
+                .push_bind(&d.id)
                 .push(" AND status = 'pending' AND next_at = ")
                 .push_bind(d.next_at_ms)
                 .build()?
@@ -189,17 +185,17 @@ impl crate::WebhookStore for crate::SqlStore {
         let r = Sql::new("UPDATE webhook_deliveries SET attempts = ")
             .push_bind(i64::from(d.attempts))
             .push(", status = ")
-            .push_bind(d.status.clone())
+            .push_bind(&d.status)
             .push(", next_at = ")
             .push_bind(d.next_at_ms)
             .push(", last_status = ")
             .push_bind(d.last_status)
             .push(", last_error = ")
-            .push_bind(d.last_error.clone())
+            .push_bind(&d.last_error)
             .push(", delivered_at = ")
             .push_bind(d.delivered_at_ms)
             .push(" WHERE id = ")
-            .push_bind(d.id.clone())
+            .push_bind(&d.id)
             .push(" AND status = 'pending' AND next_at = ")
             .push_bind(claimed_until_ms)
             .build()?
@@ -216,12 +212,8 @@ impl crate::WebhookStore for crate::SqlStore {
         let mut q = Sql::new(format!(
             "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries WHERE endpoint_id = "
         ));
-        q.push_bind(endpoint_id.to_owned());
-        if let Some(c) = &page.cursor {
-            q.push(" AND id < ").push_bind(c.clone());
-        }
-        q.push(" ORDER BY id DESC LIMIT ")
-            .push_bind(i64::from(page.limit));
+        q.push_bind(endpoint_id);
+        q.page("id", page);
         let rows = q.build()?.fetch_all(&self.pool).await?;
         rows.iter().map(delivery_from).collect()
     }
