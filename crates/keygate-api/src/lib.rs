@@ -142,6 +142,10 @@ pub struct TenantView {
     pub credits: Option<u64>,
     /// Created.
     pub created_at: String,
+    /// When the current plan started.
+    pub plan_started_at: String,
+    /// When the trial ends and the plan's `then` takes over; `null` off a trial.
+    pub trial_ends_at: Option<String>,
 }
 
 /// A user as shown (never the password hash).
@@ -159,6 +163,10 @@ pub struct UserView {
     pub plan: String,
     /// Created.
     pub created_at: String,
+    /// `owner` or `member` of the account.
+    pub role: String,
+    /// Whether the email address is verified.
+    pub verified: bool,
 }
 
 /// A page of a list.
@@ -399,6 +407,53 @@ pub struct CreateTenant {
     pub name: String,
     pub plan: Option<String>,
     pub credits: Option<u64>,
+}
+
+/// `PATCH /v1/tenants/{id}` body: what to change (operator only).
+#[derive(Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateTenant {
+    /// A new display name.
+    pub name: Option<String>,
+    /// A plan to start now (its trial and credit grant with it).
+    pub plan: Option<String>,
+}
+
+/// `POST /v1/signup` body.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignUp {
+    /// The owner's email address.
+    pub email: String,
+    /// At least 10 characters, not a common password.
+    pub password: String,
+    /// The owner's name.
+    pub name: Option<String>,
+    /// The account's name (default: the email address).
+    pub organisation: Option<String>,
+}
+
+impl std::fmt::Debug for SignUp {
+    // Not derived: the password stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignUp")
+            .field("email", &self.email)
+            .field("name", &self.name)
+            .field("organisation", &self.organisation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `POST /v1/signup` answer (201): the account, its owner and, for a new account, the owner's
+/// first key, shown once.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SignedUp {
+    /// The account.
+    pub account: Option<TenantView>,
+    /// Its owner.
+    pub user: Option<UserView>,
+    /// A `ut` key of the owner (absent when the address was registered already).
+    pub key: Option<String>,
 }
 
 /// `{"error": {"code", "message", "request_id"}}`: every refusal of keygate's own API.

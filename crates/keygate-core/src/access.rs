@@ -10,6 +10,35 @@ use crate::{FamilyId, TenantId, UserId};
 /// The operator's tenant: its `sk` key with `*` may act in every tenant.
 pub const OPERATOR_TENANT: &str = "default";
 
+/// A user's place in their account: the owner manages it (users, plan, webhooks), a member
+/// their own keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Made the account (sign-up) or was made its owner.
+    Owner,
+    /// Invited, or made by an admin key.
+    Member,
+}
+
+impl Role {
+    /// `owner` or `member`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Owner => "owner",
+            Self::Member => "member",
+        }
+    }
+
+    /// The role named `s`, if it is one.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "owner" => Some(Self::Owner),
+            "member" => Some(Self::Member),
+            _ => None,
+        }
+    }
+}
+
 /// The key a management call is made with, as the rules see it.
 #[derive(Debug, Clone, Copy)]
 pub struct Actor<'a> {

@@ -64,6 +64,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Throttling of password sign-ins.
     pub login: LoginConfig,
+    /// Sign-up.
+    pub signup: SignupConfig,
 }
 
 /// `[proxy]`: the proxies keygate believes. From any other peer, `X-Forwarded-For`,
@@ -347,13 +349,24 @@ impl std::fmt::Debug for KeysConfig {
 pub struct PlanConfig {
     /// Default rate limit for `ut` keys of users on this plan.
     pub rate_limit: Option<RateLimit>,
-    /// Whether keys on this plan may call the API at all (else `PLAN_FEATURE`).
+    /// Whether keys on this plan may call the API at all (else `PLAN_FEATURE`); the same as
+    /// leaving `api` out of `features`.
     pub api_access: bool,
-    /// Credits a new tenant on this plan starts with (`None`: unlimited).
+    /// What the plan includes; `None`: everything.
+    pub features: Option<Vec<Feature>>,
+    /// Credits granted when the plan starts: a new tenant's pool, added to the pool when a
+    /// tenant moves to the plan (`None`: unlimited).
     pub credits: Option<u64>,
     /// Scopes a `ut` key of a user on this plan may hold (and gets by default);
     /// `None`: any scope except `*`.
     pub scopes: Option<Vec<String>>,
+    /// The pool is refilled to this at the start of each month of the plan (unspent credits do
+    /// not roll over).
+    pub monthly_credits: Option<u64>,
+    /// A trial: the plan lasts this many days, then the account moves to `then`.
+    pub days: Option<u32>,
+    /// The plan a trial becomes.
+    pub then: Option<String>,
 }
 
 impl Default for PlanConfig {
@@ -361,8 +374,71 @@ impl Default for PlanConfig {
         Self {
             rate_limit: None,
             api_access: true,
+            features: None,
             credits: None,
             scopes: None,
+            monthly_credits: None,
+            days: None,
+            then: None,
+        }
+    }
+}
+
+impl PlanConfig {
+    /// Whether the plan includes `f`.
+    pub fn has(&self, f: Feature) -> bool {
+        (f != Feature::Api || self.api_access)
+            && self.features.as_ref().is_none_or(|all| all.contains(&f))
+    }
+}
+
+/// What a plan may include (`[plans.NAME] features`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Feature {
+    /// Calls to the API with the account's keys, on every entry point.
+    Api,
+    /// Webhook endpoints (`/v1/webhooks…`).
+    Webhooks,
+    /// OAuth clients of the account.
+    Oauth,
+    /// `sk` keys made by the account's users.
+    SkKeys,
+}
+
+impl Feature {
+    /// Its name in the config (`api`, `webhooks`, `oauth`, `sk_keys`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Api => "api",
+            Self::Webhooks => "webhooks",
+            Self::Oauth => "oauth",
+            Self::SkKeys => "sk_keys",
+        }
+    }
+}
+
+/// `[signup]`: people making their own accounts (`POST /v1/signup`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SignupConfig {
+    /// Whether anyone may sign up (off unless the operator turns it on).
+    pub enabled: bool,
+    /// The plan a new account starts on.
+    pub plan: String,
+    /// Sign-ups from one client address per hour, on each node.
+    pub per_ip_per_hour: u32,
+    /// How often a node looks for trials that ended, seconds.
+    pub plan_check_seconds: u64,
+}
+
+impl Default for SignupConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            plan: "trial".into(),
+            per_ip_per_hour: 5,
+            plan_check_seconds: 60,
         }
     }
 }
@@ -570,6 +646,19 @@ impl Default for Config {
             },
         );
         plans.insert("enterprise".into(), PlanConfig::default());
+        plans.insert(
+            "trial".into(),
+            PlanConfig {
+                rate_limit: Some(RateLimit {
+                    limit: 60,
+                    window_seconds: 60,
+                }),
+                credits: Some(1_000),
+                days: Some(28),
+                then: Some("free".into()),
+                ..PlanConfig::default()
+            },
+        );
         Self {
             listen: "127.0.0.1:8080".into(),
             database_url: "sqlite://keygate.db".into(),
@@ -594,6 +683,7 @@ impl Default for Config {
             forward_auth: ForwardAuthConfig::default(),
             metrics: MetricsConfig::default(),
             login: LoginConfig::default(),
+            signup: SignupConfig::default(),
         }
     }
 }
@@ -782,6 +872,32 @@ impl Config {
                 keygate_core::ScopeSet::parse(s)
                     .map_err(|e| ConfigError(format!("plans.{name}.scopes: {e}")))?;
             }
+            match (plan.days, &plan.then) {
+                (None, None) => {}
+                (Some(d), Some(then)) if d > 0 && d <= 3650 => {
+                    if then == name || !self.plans.contains_key(then) {
+                        return Err(ConfigError(format!(
+                            "plans.{name}.then must name another plan ({then:?})"
+                        )));
+                    }
+                }
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError(format!(
+                        "plans.{name}.days must be between 1 and 3650"
+                    )))
+                }
+                _ => {
+                    return Err(ConfigError(format!(
+                        "plans.{name}: days and then go together (a trial and what it becomes)"
+                    )))
+                }
+            }
+        }
+        if self.signup.enabled && !self.plans.contains_key(&self.signup.plan) {
+            return Err(ConfigError(format!(
+                "signup.plan names no plan ({:?})",
+                self.signup.plan
+            )));
         }
         Ok(Compiled { routes, trusted })
     }
@@ -867,6 +983,35 @@ mod compile {
             public: false,
             class: Default::default(),
         }
+    }
+
+    #[test]
+    fn a_trial_names_a_length_and_another_plan_and_signup_an_existing_plan() {
+        let with = |days: Option<u32>, then: Option<&str>| {
+            let mut c = Config::default();
+            let t = c.plans.get_mut("trial").expect("trial plan");
+            t.days = days;
+            t.then = then.map(Into::into);
+            c.compile().err().map(|e| e.0)
+        };
+        assert_eq!(with(Some(28), Some("free")), None);
+        assert_eq!(with(None, None), None);
+        for (days, then, says) in [
+            (Some(28), None, "days and then go together"),
+            (None, Some("free"), "days and then go together"),
+            (Some(0), Some("free"), "between 1 and 3650"),
+            (Some(28), Some("trial"), "another plan"),
+            (Some(28), Some("gold"), "another plan"),
+        ] {
+            let e = with(days, then).unwrap_or_default();
+            assert!(e.contains(says), "{days:?} {then:?}: {e}");
+        }
+        let mut c = Config::default();
+        c.signup.enabled = true;
+        c.signup.plan = "gold".into();
+        assert!(c.compile().is_err());
+        c.signup.enabled = false;
+        assert!(c.compile().is_ok(), "an unused sign-up plan is not checked");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! cache and its invalidation, and the change feed between nodes.
 
 use crate::clock::now_ms;
-use crate::config::{Config, PlanConfig, RouteConfig, Upstream};
+use crate::config::{Config, Feature, PlanConfig, RouteConfig, Upstream};
 use http::HeaderValue;
 use keygate_core::{
     decide, Code, FamilyId, KeyFormat, KeyHash, KeyHasher, KeyId, KeyPolicy, Kind, NormalPath,
@@ -273,19 +273,20 @@ impl Engine {
         &self,
         record: KeyRecord,
     ) -> Result<CachedKey, keygate_store::StoreError> {
-        let plan_name = match (&record.kind, &record.user_id) {
+        let account = self
+            .store
+            .get_tenant(&record.tenant_id)
+            .await?
+            .map_or_else(|| "free".to_owned(), |t| t.plan);
+        let account = self.plan(&account);
+        let user = match (&record.kind, &record.user_id) {
             (Kind::Ut, Some(uid)) => self.store.get_user(uid).await?.map(|u| u.plan),
             _ => None,
         };
-        let plan_name = match plan_name {
-            Some(p) => p,
-            None => self
-                .store
-                .get_tenant(&record.tenant_id)
-                .await?
-                .map_or_else(|| "free".to_owned(), |t| t.plan),
-        };
-        let plan = self.plan(&plan_name);
+        // A user token's limits are its user's plan's; what the key may do at all needs both
+        // the account's plan and the user's.
+        let plan = user.as_deref().map_or(account, |p| self.plan(p));
+        let api_access = account.has(Feature::Api) && plan.has(Feature::Api);
         let rate_limit = match record.kind {
             Kind::Ut => record.rate_limit.or(plan.rate_limit),
             _ => record.rate_limit,
@@ -302,7 +303,7 @@ impl Engine {
             rate_limit,
             budget: record.budget,
             expires_at_ms: record.expires_at_ms,
-            api_access: plan.api_access,
+            api_access,
             resource_only: false,
         };
         let hv =
@@ -411,6 +412,34 @@ impl Engine {
         self.publish(format!("family:{family_id}")).await;
     }
 
+    /// A tenant's plan changed: its keys are judged again (features, limits) and its pool
+    /// read again, here and on every other node.
+    pub async fn plan_changed(&self, tenant_id: &TenantId) {
+        self.forget_tenant(tenant_id);
+        if let Some(s) = &self.shared {
+            s.pool_remainder_changed(tenant_id).await;
+        }
+        self.publish(format!("plan:{tenant_id}")).await;
+    }
+
+    /// Drops a tenant's cached keys and what this node knew of its pool.
+    fn forget_tenant(&self, tenant_id: &TenantId) {
+        self.cache_gen.fetch_add(1, Ordering::AcqRel);
+        let hashes: Vec<KeyHash> = self
+            .cache
+            .iter()
+            .filter(|(_, k)| k.record.tenant_id == *tenant_id)
+            .map(|(h, _)| *h)
+            .collect();
+        for h in hashes {
+            self.cache.invalidate(&h);
+        }
+        self.counters.pool_changed(tenant_id);
+        if let Some(s) = &self.shared {
+            s.pool_changed(tenant_id);
+        }
+    }
+
     /// A tenant's pool changed (top-up): forget "empty" here and on every other node.
     pub async fn tenant_changed(&self, tenant_id: &TenantId) {
         self.counters.pool_changed(tenant_id);
@@ -438,6 +467,7 @@ impl Engine {
                 None => self.invalidate_all(),
             },
             Some(("family", f)) => self.invalidate_family(&FamilyId::from(f)),
+            Some(("plan", t)) => self.forget_tenant(&TenantId::from(t)),
             Some(("tenant", t)) => {
                 let t = TenantId::from(t);
                 self.counters.pool_changed(&t);
@@ -852,8 +882,12 @@ impl Engine {
 static FALLBACK_PLAN: PlanConfig = PlanConfig {
     rate_limit: None,
     api_access: true,
+    features: None,
     credits: None,
     scopes: None,
+    monthly_credits: None,
+    days: None,
+    then: None,
 };
 
 /// Writes last-used timestamps in batches, every `every`, until the channel closes; then

@@ -10,7 +10,7 @@ use keygate_core::{
     FamilyId, KeyFormat, KeyHasher, KeyId, KeyStatus, Kind, OriginList, RateLimit, ScopeSet,
     TenantId, UserId,
 };
-use keygate_store::{KeyRecord, Store};
+use keygate_store::{KeyRecord, Store, User};
 
 /// Longest TTL / expiry distance accepted: 10 years.
 const MAX_TTL_SECONDS: u64 = 10 * 365 * 86_400;
@@ -143,6 +143,40 @@ pub async fn build_key(
     now_ms: i64,
 ) -> Result<(String, KeyRecord), IssueError> {
     let kind = Kind::parse(&body.kind).map_err(|e| IssueError::invalid(e.message()))?;
+    let user = match (&body.user_id, kind) {
+        (Some(uid), Kind::Ut | Kind::Pk) => {
+            match store.get_user(&UserId::from(uid.as_str())).await? {
+                Some(u) if u.tenant_id == *tenant_id => Some(u),
+                _ => return Err(IssueError::invalid("user_id names no user of this tenant")),
+            }
+        }
+        _ => None,
+    };
+    build_key_for(issuer, tenant_id, body, user.as_ref(), now_ms)
+}
+
+/// [`build_key`] for a user already in hand (`body.user_id` names it): a new account's first
+/// key, made in the transaction that makes the user.
+pub fn build_key_for(
+    issuer: &Issuer<'_>,
+    tenant_id: &TenantId,
+    body: CreateKey,
+    user: Option<&User>,
+    now_ms: i64,
+) -> Result<(String, KeyRecord), IssueError> {
+    let kind = Kind::parse(&body.kind).map_err(|e| IssueError::invalid(e.message()))?;
+    // The user: required for ut, refused for sk, optional for pk; must be in the tenant.
+    match (&body.user_id, kind, user) {
+        (None, Kind::Ut, _) => return Err(IssueError::invalid("user_id is required for ut keys")),
+        (Some(_), Kind::Sk, _) => {
+            return Err(IssueError::invalid(
+                "sk keys have no user; use a ut key for a user",
+            ))
+        }
+        (Some(uid), _, Some(u)) if u.id == *uid && u.tenant_id == *tenant_id => {}
+        (Some(_), _, _) => return Err(IssueError::invalid("user_id names no user of this tenant")),
+        (None, _, _) => {}
+    }
     let name = check_name(&body.name)?;
     let preset =
         match body.preset.as_deref() {
@@ -151,20 +185,6 @@ pub async fn build_key(
                 IssueError::invalid("preset must be one of default, aidemo, widget")
             })?),
         };
-    // The user: required for ut, refused for sk, optional for pk; must be in the tenant.
-    let user = match (&body.user_id, kind) {
-        (None, Kind::Ut) => return Err(IssueError::invalid("user_id is required for ut keys")),
-        (Some(_), Kind::Sk) => {
-            return Err(IssueError::invalid(
-                "sk keys have no user; use a ut key for a user",
-            ))
-        }
-        (Some(uid), _) => match store.get_user(&UserId::from(uid.as_str())).await? {
-            Some(u) if u.tenant_id == *tenant_id => Some(u),
-            _ => return Err(IssueError::invalid("user_id names no user of this tenant")),
-        },
-        (None, _) => None,
-    };
     let user_plan = user.as_ref().map(|u| issuer.config.plans.get(&u.plan));
     let plan_scopes = user_plan.flatten().and_then(|p| p.scopes.clone());
     let scopes: Vec<String> = match (&body.scopes, preset) {
@@ -242,7 +262,7 @@ pub async fn build_key(
         family_id: FamilyId::started_by(&id),
         id,
         tenant_id: tenant_id.clone(),
-        user_id: user.map(|u| u.id),
+        user_id: user.map(|u| u.id.clone()),
         kind,
         name,
         hash: issuer.hasher.hash(&plaintext),

@@ -9,6 +9,7 @@
 //! network client is the webhook sender.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod alerts;
 pub mod audit;
 pub mod clock;

@@ -1,5 +1,5 @@
 //! The background tasks of a node, started together and stopped in order: the change feed,
-//! webhook deliveries, OAuth signing keys, automatic rotation, alerts, the audit shipper and
+//! webhook deliveries, OAuth signing keys, automatic rotation, trials ending, alerts, the audit shipper and
 //! the sweeper. Every one runs under [`supervise`]: a panic is logged and the task starts
 //! again, made afresh from what its closure holds.
 
@@ -19,6 +19,7 @@ pub struct Background {
     deliveries: JoinHandle<()>,
     signing_keys: JoinHandle<()>,
     rotation: JoinHandle<()>,
+    plans: JoinHandle<()>,
     alerts: JoinHandle<()>,
     shipper: Option<JoinHandle<()>>,
     sweeper: JoinHandle<()>,
@@ -53,6 +54,12 @@ impl Background {
             let (s, stop) = (engine.clone(), audit_stopped.clone());
             supervise(crate::rotation::ROTATION_TASK, move || {
                 crate::rotation::run_rotation(s.clone(), stop.clone())
+            })
+        };
+        let plans = {
+            let (s, stop) = (engine.clone(), audit_stopped.clone());
+            supervise(crate::accounts::PLANS_TASK, move || {
+                crate::accounts::run_plans(s.clone(), stop.clone())
             })
         };
         let (alert_tx, alert_rx) = mpsc::channel(64);
@@ -114,6 +121,7 @@ impl Background {
             deliveries,
             signing_keys,
             rotation,
+            plans,
             alerts,
             shipper,
             sweeper,
@@ -135,6 +143,7 @@ impl Background {
         }
         // Both stop at the signal; a rotation under way finishes its writes first.
         let _ = tokio::time::timeout(Duration::from_secs(5), self.rotation).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.plans).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.alerts).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.signing_keys).await;
         if let Err(e) = self.engine.counters.flush().await {

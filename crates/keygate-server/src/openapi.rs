@@ -271,6 +271,8 @@ impl utoipa::Modify for Security {
         crate::routes::tenants::create,
         crate::routes::tenants::list,
         crate::routes::tenants::get,
+        crate::routes::tenants::update,
+        crate::routes::signup::signup,
         crate::routes::tenants::top_up,
         crate::routes::audit::tenant_usage,
         crate::routes::users::create,

@@ -29,6 +29,7 @@ const OWN_PATHS: &[&str] = &[
     "/v1/keys",
     "/v1/tenants",
     "/v1/users",
+    "/v1/signup",
     "/v1/audit",
     "/v1/alerts",
     "/v1/webhooks",

@@ -101,6 +101,9 @@ pub async fn bootstrap(config: &Config, store: &dyn Store) -> Result<Option<Stri
             plan: plan.into(),
             credits: None,
             created_at_ms: now,
+            plan_started_at_ms: now,
+            trial_ends_at_ms: None,
+            refilled_months: 0,
         })
         .await;
     match created {
@@ -388,7 +391,9 @@ fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
 /// The HTTP surface except `/v1/auth` and gateway routes (see `server::Dispatch`).
 pub fn router(state: AppState) -> Router {
     use crate::dashboard;
-    use routes::{audit, keys, oauth, oauth_clients, status, tenants, users, verify, webhooks};
+    use routes::{
+        audit, keys, oauth, oauth_clients, signup, status, tenants, users, verify, webhooks,
+    };
     let body_limit = state.config.limits.max_body_bytes;
     let timeout = Duration::from_secs(state.config.limits.request_timeout_seconds.max(1));
     // Status, health and metrics take no middleware. `/v1/auth` is not routed here at all:
@@ -425,9 +430,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/webhooks/{id}/deliveries", get(webhooks::deliveries))
         .route("/v1/webhooks/{id}/test", post(webhooks::test))
         .route("/v1/tenants", post(tenants::create).get(tenants::list))
-        .route("/v1/tenants/{id}", get(tenants::get))
+        .route("/v1/tenants/{id}", get(tenants::get).patch(tenants::update))
         .route("/v1/tenants/{id}/credits", post(tenants::top_up))
         .route("/v1/users", post(users::create).get(users::list))
+        .route("/v1/signup", post(signup::signup))
         .route("/v1/users/{id}", get(users::get))
         .route(
             "/v1/oauth/clients",

@@ -59,6 +59,8 @@ pub fn tenant_view(state: &Engine, t: &Tenant) -> TenantView {
         plan: t.plan.clone(),
         credits: t.credits.map(|c| c + state.counters.credits_leased(&t.id)),
         created_at: rfc3339(t.created_at_ms),
+        plan_started_at: rfc3339(t.plan_started_at_ms),
+        trial_ends_at: t.trial_ends_at_ms.map(rfc3339),
     }
 }
 
@@ -70,5 +72,7 @@ pub fn user_view(u: &User) -> UserView {
         name: u.name.clone(),
         plan: u.plan.clone(),
         created_at: rfc3339(u.created_at_ms),
+        role: u.role.as_str().to_owned(),
+        verified: u.verified,
     }
 }

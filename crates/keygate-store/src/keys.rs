@@ -4,11 +4,12 @@
 use crate::rows::{json_list, key_from_row, tenant_from_row, to_i64, to_u64, user_from_row};
 use crate::sql::{contains_pattern, Sql};
 use crate::{
-    Grant, KeyFilter, KeyRecord, PageRequest, Result, SqlStore, Store, Tenant, User, Withdrawal,
+    Grant, KeyFilter, KeyRecord, PageRequest, Result, SqlStore, Store, Tenant, TenantChange, User,
+    Withdrawal,
 };
 use async_trait::async_trait;
 use keygate_core::{FamilyId, KeyHash, KeyId, TenantId, UserId};
-use sqlx::{Any, Row};
+use sqlx::{AnyConnection, Row};
 
 const KEY_SELECT: &str =
     "SELECT k.*, f.budget, f.spent FROM keys k JOIN key_families f ON f.id = k.family_id";
@@ -25,17 +26,7 @@ impl Store for SqlStore {
     }
 
     async fn insert_tenant(&self, t: &Tenant) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO tenants (id, name, plan, credits, created_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(t.id.as_str())
-        .bind(&t.name)
-        .bind(&t.plan)
-        .bind(t.credits.map(to_i64))
-        .bind(t.created_at_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        insert_tenant_row(&mut *self.pool.acquire().await?, t).await
     }
 
     async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>> {
@@ -68,20 +59,124 @@ impl Store for SqlStore {
     }
 
     async fn insert_user(&self, u: &User) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO users (id, tenant_id, email, name, plan, password_hash, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(u.id.as_str())
-        .bind(u.tenant_id.as_str())
-        .bind(&u.email)
-        .bind(&u.name)
-        .bind(&u.plan)
-        .bind(&u.password_hash)
-        .bind(u.created_at_ms)
-        .execute(&self.pool)
-        .await?;
+        insert_user_row(&mut *self.pool.acquire().await?, u).await
+    }
+
+    async fn sign_up(&self, t: &Tenant, u: &User, k: &KeyRecord) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        insert_tenant_row(&mut tx, t).await?;
+        insert_user_row(&mut tx, u).await?;
+        insert_family_row(&mut tx, k).await?;
+        insert_key_row(&mut tx, k).await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    async fn email_registered(&self, email: &str) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE email = $1")
+            .bind(email)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn change_tenant(&self, id: &TenantId, change: &TenantChange) -> Result<Option<Tenant>> {
+        let mut tx = self.begin_write().await?;
+        if let Some(p) = &change.plan {
+            // Users on the account's plan move with it (a user given a plan of their own keeps
+            // it).
+            let mut q = Sql::new("UPDATE users SET plan = ");
+            q.push_bind(p.plan.as_str())
+                .push(" WHERE tenant_id = ")
+                .push_bind(id.as_str())
+                .push(" AND plan = (SELECT plan FROM tenants WHERE id = ")
+                .push_bind(id.as_str())
+                .push(")");
+            q.build()?.execute(&mut *tx).await?;
+        }
+        let mut q = Sql::new("UPDATE tenants SET id = id");
+        if let Some(name) = &change.name {
+            q.push(", name = ").push_bind(name.as_str());
+        }
+        if let Some(p) = &change.plan {
+            q.push(", plan = ")
+                .push_bind(p.plan.as_str())
+                .push(", plan_started_at = ")
+                .push_bind(p.started_at_ms)
+                .push(", trial_ends_at = ")
+                .push_bind(p.trial_ends_at_ms)
+                .push(", refilled_months = 0");
+            match p.grant {
+                // An unlimited plan: the pool is unlimited too.
+                None => q.push(", credits = NULL"),
+                // The plan's grant is added to what the pool holds, up to the cap of 10^15.
+                Some(g) => q
+                    .push(", credits = CASE WHEN COALESCE(credits, 0) > 1000000000000000 - ")
+                    .push_bind(to_i64(g))
+                    .push(" THEN 1000000000000000 ELSE COALESCE(credits, 0) + ")
+                    .push_bind(to_i64(g))
+                    .push(" END"),
+            };
+        }
+        q.push(" WHERE id = ").push_bind(id.as_str());
+        if let Some((plan, ends)) = &change.if_trial {
+            q.push(" AND plan = ")
+                .push_bind(plan.as_str())
+                .push(" AND trial_ends_at = ")
+                .push_bind(*ends);
+        }
+        q.push(" RETURNING *");
+        let row = q.build()?.fetch_optional(&mut *tx).await?;
+        let Some(row) = row else {
+            // Not there, or another node changed it first: the users stay as they were.
+            return Ok(None);
+        };
+        let t = tenant_from_row(&row)?;
+        tx.commit().await?;
+        Ok(Some(t))
+    }
+
+    async fn tenants_on_plan(&self, plan: &str, after: &str, limit: u32) -> Result<Vec<Tenant>> {
+        let rows =
+            sqlx::query("SELECT * FROM tenants WHERE plan = $1 AND id > $2 ORDER BY id LIMIT $3")
+                .bind(plan)
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(tenant_from_row).collect()
+    }
+
+    async fn refill_credits(
+        &self,
+        id: &TenantId,
+        plan: &str,
+        month: u32,
+        credits: u64,
+    ) -> Result<Option<Tenant>> {
+        let row = sqlx::query(
+            "UPDATE tenants SET credits = $1, refilled_months = $2 \
+             WHERE id = $3 AND plan = $4 AND refilled_months < $2 RETURNING *",
+        )
+        .bind(to_i64(credits.min(1_000_000_000_000_000)))
+        .bind(i64::from(month))
+        .bind(id.as_str())
+        .bind(plan)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(tenant_from_row).transpose()
+    }
+
+    async fn trials_ending(&self, before_ms: i64, limit: u32) -> Result<Vec<Tenant>> {
+        let rows =
+            Sql::new("SELECT * FROM tenants WHERE trial_ends_at IS NOT NULL AND trial_ends_at <= ")
+                .push_bind(before_ms)
+                .push(" ORDER BY trial_ends_at LIMIT ")
+                .push_bind(i64::from(limit))
+                .build()?
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(tenant_from_row).collect()
     }
 
     async fn get_user(&self, id: &UserId) -> Result<Option<User>> {
@@ -104,14 +199,7 @@ impl Store for SqlStore {
 
     async fn insert_key(&self, k: &KeyRecord) -> Result<()> {
         let mut tx = self.begin_write().await?;
-        if k.starts_family() {
-            sqlx::query("INSERT INTO key_families (id, budget, spent) VALUES ($1, $2, $3)")
-                .bind(k.family_id.as_str())
-                .bind(k.budget.map(to_i64))
-                .bind(to_i64(k.budget_withdrawn))
-                .execute(&mut *tx)
-                .await?;
-        }
+        insert_family_row(&mut tx, k).await?;
         insert_key_row(&mut tx, k).await?;
         tx.commit().await?;
         Ok(())
@@ -343,7 +431,56 @@ impl Store for SqlStore {
     }
 }
 
-async fn insert_key_row(tx: &mut sqlx::Transaction<'_, Any>, k: &KeyRecord) -> Result<()> {
+async fn insert_tenant_row(conn: &mut AnyConnection, t: &Tenant) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO tenants (id, name, plan, credits, created_at, plan_started_at, trial_ends_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(t.id.as_str())
+    .bind(&t.name)
+    .bind(&t.plan)
+    .bind(t.credits.map(to_i64))
+    .bind(t.created_at_ms)
+    .bind(t.plan_started_at_ms)
+    .bind(t.trial_ends_at_ms)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn insert_user_row(conn: &mut AnyConnection, u: &User) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO users (id, tenant_id, email, name, plan, password_hash, created_at, role, \
+         verified) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(u.id.as_str())
+    .bind(u.tenant_id.as_str())
+    .bind(&u.email)
+    .bind(&u.name)
+    .bind(&u.plan)
+    .bind(&u.password_hash)
+    .bind(u.created_at_ms)
+    .bind(u.role.as_str())
+    .bind(i64::from(u.verified))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The family row of a key that starts one (a rotation successor joins its predecessor's).
+async fn insert_family_row(conn: &mut AnyConnection, k: &KeyRecord) -> Result<()> {
+    if k.starts_family() {
+        sqlx::query("INSERT INTO key_families (id, budget, spent) VALUES ($1, $2, $3)")
+            .bind(k.family_id.as_str())
+            .bind(k.budget.map(to_i64))
+            .bind(to_i64(k.budget_withdrawn))
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn insert_key_row(conn: &mut AnyConnection, k: &KeyRecord) -> Result<()> {
     sqlx::query(
         "INSERT INTO keys (id, family_id, tenant_id, user_id, kind, name, hash, display, scopes, \
          allowed_ips, allowed_origins, rate_limit, rate_window, expires_at, rotation_days, metadata, \
@@ -373,7 +510,7 @@ async fn insert_key_row(tx: &mut sqlx::Transaction<'_, Any>, k: &KeyRecord) -> R
     .bind(k.updated_at_ms)
     .bind(k.last_used_at_ms)
     .bind(k.revoked_at_ms)
-    .execute(&mut **tx)
+    .execute(conn)
     .await?;
     Ok(())
 }

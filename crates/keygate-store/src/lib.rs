@@ -342,6 +342,30 @@ pub trait Store:
 
     /// Inserts a user. `Conflict` if the email is taken in the tenant.
     async fn insert_user(&self, u: &User) -> Result<()>;
+    /// A new account in one transaction: its tenant, its first user and that user's first
+    /// key (with its family). Nothing is written if any of them fails.
+    async fn sign_up(&self, t: &Tenant, u: &User, k: &KeyRecord) -> Result<()>;
+    /// Whether any user of any tenant has this email address.
+    async fn email_registered(&self, email: &str) -> Result<bool>;
+    /// Renames a tenant and/or starts a plan for it. With `if_trial`, only if the tenant is
+    /// still on that plan with that trial end: of several nodes ending the same trial, one
+    /// changes it. Returns the tenant after the change; `None` if it does not exist or the
+    /// condition failed.
+    async fn change_tenant(&self, id: &TenantId, change: &TenantChange) -> Result<Option<Tenant>>;
+    /// Tenants whose trial ends at or before `before_ms`, soonest first.
+    async fn trials_ending(&self, before_ms: i64, limit: u32) -> Result<Vec<Tenant>>;
+    /// Tenants on `plan`, by id after `after` (a page of at most `limit`).
+    async fn tenants_on_plan(&self, plan: &str, after: &str, limit: u32) -> Result<Vec<Tenant>>;
+    /// Sets a tenant's pool to `credits` for month `month` of its plan, if it is still on
+    /// `plan` and that month was not refilled yet: of several nodes, one refills. Returns the
+    /// tenant after the refill.
+    async fn refill_credits(
+        &self,
+        id: &TenantId,
+        plan: &str,
+        month: u32,
+        credits: u64,
+    ) -> Result<Option<Tenant>>;
     /// Reads a user.
     async fn get_user(&self, id: &UserId) -> Result<Option<User>>;
     /// Lists a tenant's users, newest first.

@@ -1,6 +1,7 @@
 //! Rows to records: one mapping for both backends (their schemas have the same shape).
 
 use crate::{KeyRecord, Result, StoreError, Tenant, User};
+use keygate_core::access::Role;
 use keygate_core::{Id, IpAllowList, KeyHash, KeyStatus, Kind, OriginList, RateLimit, ScopeSet};
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -39,6 +40,9 @@ pub(crate) fn tenant_from_row(r: &AnyRow) -> Result<Tenant> {
         plan: r.try_get("plan")?,
         credits: r.try_get::<Option<i64>, _>("credits")?.map(to_u64),
         created_at_ms: r.try_get("created_at")?,
+        plan_started_at_ms: r.try_get("plan_started_at")?,
+        trial_ends_at_ms: r.try_get("trial_ends_at")?,
+        refilled_months: u32::try_from(r.try_get::<i64, _>("refilled_months")?).unwrap_or(0),
     })
 }
 
@@ -52,6 +56,9 @@ pub(crate) fn user_from_row(r: &AnyRow) -> Result<User> {
         plan: r.try_get("plan")?,
         password_hash: r.try_get("password_hash")?,
         created_at_ms: r.try_get("created_at")?,
+        role: Role::parse(&r.try_get::<String, _>("role")?)
+            .ok_or_else(|| StoreError::corrupt("role"))?,
+        verified: r.try_get::<i64, _>("verified")? != 0,
     })
 }
 

@@ -1,5 +1,6 @@
 //! Records as they cross the store boundary.
 
+use keygate_core::access::Role;
 use keygate_core::{
     FamilyId, IpAllowList, KeyHash, KeyId, KeyStatus, Kind, OriginList, RateLimit, ScopeSet,
     TenantId, UserId,
@@ -19,6 +20,36 @@ pub struct Tenant {
     pub credits: Option<u64>,
     /// Creation time, Unix ms.
     pub created_at_ms: i64,
+    /// When the current plan started, Unix ms.
+    pub plan_started_at_ms: i64,
+    /// When the trial ends and the plan's `then` takes over, Unix ms; `None` off a trial.
+    pub trial_ends_at_ms: Option<i64>,
+    /// How many months of the current plan the pool was refilled for (`monthly_credits`).
+    pub refilled_months: u32,
+}
+
+/// A change to a tenant ([`crate::Store::change_tenant`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantChange {
+    /// A new display name.
+    pub name: Option<String>,
+    /// A plan to start.
+    pub plan: Option<PlanStart>,
+    /// Only if the tenant is on this plan with this trial end (ending a trial, once).
+    pub if_trial: Option<(String, i64)>,
+}
+
+/// A plan starting for a tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanStart {
+    /// The plan's name.
+    pub plan: String,
+    /// When it starts, Unix ms.
+    pub started_at_ms: i64,
+    /// When its trial ends, for a trial.
+    pub trial_ends_at_ms: Option<i64>,
+    /// Credits it grants, added to the pool (capped at 10^15); `None`: an unlimited pool.
+    pub grant: Option<u64>,
 }
 
 /// A user of a tenant.
@@ -38,6 +69,10 @@ pub struct User {
     pub password_hash: Option<String>,
     /// Creation time, Unix ms.
     pub created_at_ms: i64,
+    /// Owner or member of the account.
+    pub role: Role,
+    /// Whether the email address is verified (always, unless sign-up asks for it).
+    pub verified: bool,
 }
 
 /// A key record. Holds the hash of the key, never the key.

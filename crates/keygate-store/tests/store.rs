@@ -2,13 +2,14 @@
 //! once on a fresh PostgreSQL schema (127.0.0.1:5432, or `KEYGATE_TEST_POSTGRES_URL`).
 //! PostgreSQL is required: without it these tests fail and say so.
 
+use keygate_core::access::Role;
 use keygate_core::audit::{event_id, hex, line_hash, unhex, GENESIS};
 use keygate_core::{
     AuditEvent, ChainProblem, IpAllowList, KeyHash, KeyStatus, Kind, OriginList, ScopeSet,
 };
 use keygate_store::{
-    verify_audit, AuditFilter, KeyFilter, KeyRecord, PageRequest, RawEvent, SqlStore, Store,
-    StoreErrorKind, Tenant, UsageOf, UsageRow, User, Withdrawal, CHAIN_TAGGED,
+    verify_audit, AuditFilter, KeyFilter, KeyRecord, PageRequest, PlanStart, RawEvent, SqlStore,
+    Store, StoreErrorKind, Tenant, TenantChange, UsageOf, UsageRow, User, Withdrawal, CHAIN_TAGGED,
 };
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -141,6 +142,9 @@ fn tenant(id: &str, credits: Option<u64>) -> Tenant {
         plan: "free".into(),
         credits,
         created_at_ms: 1,
+        plan_started_at_ms: 1,
+        trial_ends_at_ms: None,
+        refilled_months: 0,
     }
 }
 
@@ -238,6 +242,8 @@ async fn tenants_and_users_round_trip() {
             plan: "free".into(),
             password_hash: Some("$argon2id$…".into()),
             created_at_ms: 3,
+            role: Role::Owner,
+            verified: false,
         };
         s.insert_user(&u).await.expect("user");
         let dup = s
@@ -1512,6 +1518,117 @@ async fn a_transaction_that_reads_first_does_not_fail_beside_another_writer() {
             assert_eq!(gone.first(), Some(&c.id));
         }
         writer.await.expect("writer");
+    })
+    .await;
+}
+
+/// A sign-up writes its tenant, user and key together or not at all; a trial ends once, with
+/// the users on the account's plan, however many nodes try.
+#[tokio::test]
+async fn accounts_are_made_whole_and_trials_end_once() {
+    on_both(|s, _raw| async move {
+        let mut t = tenant("t_new", Some(1_000));
+        t.plan = "trial".into();
+        t.trial_ends_at_ms = Some(50);
+        let owner = User {
+            id: "usr_o".into(),
+            tenant_id: "t_new".into(),
+            email: "o@example.com".into(),
+            name: None,
+            plan: "trial".into(),
+            password_hash: None,
+            created_at_ms: 1,
+            role: Role::Owner,
+            verified: true,
+        };
+        let mut k = key("key_o", "t_new", Kind::Ut, None, 7);
+        k.user_id = Some("usr_o".into());
+        s.sign_up(&t, &owner, &k).await.expect("sign up");
+        assert!(s.email_registered("o@example.com").await.expect("lookup"));
+        assert!(!s.email_registered("x@example.com").await.expect("lookup"));
+        // The same key hash again: the whole second account is refused, nothing of it stays.
+        let mut t2 = tenant("t_dup", None);
+        t2.plan = "trial".into();
+        let u2 = User {
+            id: "usr_d".into(),
+            tenant_id: "t_dup".into(),
+            email: "d@example.com".into(),
+            ..owner.clone()
+        };
+        let mut k2 = key("key_d", "t_dup", Kind::Ut, None, 7);
+        k2.user_id = Some("usr_d".into());
+        assert_eq!(
+            s.sign_up(&t2, &u2, &k2).await.expect_err("same hash").kind,
+            StoreErrorKind::Conflict
+        );
+        assert_eq!(s.get_tenant(&"t_dup".into()).await.expect("get"), None);
+        assert!(!s.email_registered("d@example.com").await.expect("lookup"));
+
+        let due = s.trials_ending(60, 10).await.expect("due");
+        assert_eq!(
+            due.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+            ["t_new"]
+        );
+        assert!(s.trials_ending(49, 10).await.expect("due").is_empty());
+        let end = TenantChange {
+            name: None,
+            plan: Some(PlanStart {
+                plan: "free".into(),
+                started_at_ms: 50,
+                trial_ends_at_ms: None,
+                grant: Some(100),
+            }),
+            if_trial: Some(("trial".into(), 50)),
+        };
+        let id = "t_new".into();
+        let (a, b) = tokio::join!(s.change_tenant(&id, &end), s.change_tenant(&id, &end));
+        let ended: Vec<Tenant> = [a, b]
+            .into_iter()
+            .filter_map(|r| r.expect("change"))
+            .collect();
+        assert_eq!(ended.len(), 1, "one of two racers ends the trial");
+        let t = &ended[0];
+        assert_eq!(
+            (
+                t.plan.as_str(),
+                t.trial_ends_at_ms,
+                t.plan_started_at_ms,
+                t.credits
+            ),
+            ("free", None, 50, Some(1_100))
+        );
+        let u = s
+            .get_user(&"usr_o".into())
+            .await
+            .expect("get")
+            .expect("user");
+        assert_eq!(u.plan, "free", "the owner moved with the account");
+        assert!(s.trials_ending(i64::MAX, 10).await.expect("due").is_empty());
+        // A rename only; an unlimited plan makes the pool unlimited.
+        let renamed = s
+            .change_tenant(
+                &"t_new".into(),
+                &TenantChange {
+                    name: Some("Renamed".into()),
+                    plan: Some(PlanStart {
+                        plan: "enterprise".into(),
+                        started_at_ms: 60,
+                        trial_ends_at_ms: None,
+                        grant: None,
+                    }),
+                    if_trial: None,
+                },
+            )
+            .await
+            .expect("change")
+            .expect("tenant");
+        assert_eq!((renamed.name.as_str(), renamed.credits), ("Renamed", None));
+        assert_eq!(
+            s.change_tenant(&"nope".into(), &TenantChange::default())
+                .await
+                .expect("change"),
+            None
+        );
     })
     .await;
 }

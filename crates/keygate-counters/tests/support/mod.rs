@@ -42,6 +42,9 @@ impl Db {
                 plan: "free".into(),
                 credits,
                 created_at_ms: 1,
+                plan_started_at_ms: 1,
+                trial_ends_at_ms: None,
+                refilled_months: 0,
             })
             .await
             .expect("insert tenant");

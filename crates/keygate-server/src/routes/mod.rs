@@ -6,6 +6,7 @@ pub mod audit;
 pub mod keys;
 pub mod oauth;
 pub mod oauth_clients;
+pub mod signup;
 pub mod status;
 pub mod tenants;
 pub mod users;
@@ -134,6 +135,29 @@ impl Caller {
     /// [`Actor::may_change`] as an answer.
     pub fn require_may_change(&self, family_id: &FamilyId) -> Result<(), ApiError> {
         self.actor().may_change(family_id).map_err(refused)
+    }
+
+    /// 403 `PLAN_FEATURE` unless the caller's account's plan includes `feature`.
+    pub async fn require_feature(
+        &self,
+        state: &AppState,
+        feature: keygate_engine::config::Feature,
+    ) -> Result<(), ApiError> {
+        let plan = state
+            .store
+            .get_tenant(self.tenant())
+            .await?
+            .map_or_else(|| "free".to_owned(), |t| t.plan);
+        if state.plan(&plan).has(feature) {
+            return Ok(());
+        }
+        Err(ApiError::because(
+            keygate_core::Code::PlanFeature,
+            format!(
+                "the account's plan ({plan}) does not include {}",
+                feature.as_str()
+            ),
+        ))
     }
 
     /// See [`Actor::sees`].

@@ -7,11 +7,11 @@ use crate::views::{CreatedTenant, IssuedKey, ListView, TenantView};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use keygate_api::CreateTenant;
+use keygate_api::{CreateTenant, UpdateTenant};
 use keygate_core::{RouteClass, TenantId};
 use keygate_engine::clock::now_ms;
 use keygate_engine::issue::{self, CreateKey};
-use keygate_store::Tenant;
+use keygate_store::{Tenant, TenantChange};
 use serde::Deserialize;
 
 /// Scope to read tenants.
@@ -69,9 +69,12 @@ pub async fn create(
     let tenant = Tenant {
         id: keygate_engine::ids::new_id("tnt", now).into(),
         name,
+        trial_ends_at_ms: state.plan_start(&plan, now).trial_ends_at_ms,
+        refilled_months: 0,
         plan,
         credits,
         created_at_ms: now,
+        plan_started_at_ms: now,
     };
     let key_body = CreateKey {
         kind: "sk".into(),
@@ -180,6 +183,57 @@ pub async fn get(
     match state.store.get_tenant(&id).await? {
         Some(t) if caller.sees(&t.id) => Ok(axum::Json(crate::views::tenant_view(&state, &t))),
         _ => Err(ApiError::not_found("tenant")),
+    }
+}
+
+/// `PATCH /v1/tenants/{id}`: operator only. A plan starts at once on every node: its trial, its
+/// credit grant (added to the pool), and its features and limits for the account's keys.
+#[utoipa::path(
+    operation_id = "tenants_update",
+    patch,
+    path = "/v1/tenants/{id}",
+    tag = "tenants",
+    summary = "Rename a tenant or change its plan (operator only)",
+    description = "Needs scope `tenants:write`. A plan change takes effect at once on every node, is audited (`tenant.plan_changed`) and sent to webhooks.",
+    params(("id" = String, Path, description = "Tenant id")),
+    request_body = UpdateTenant,
+    responses((status = 200, body = TenantView), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
+pub async fn update(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<TenantId>,
+    Json(body): Json<UpdateTenant>,
+) -> Result<axum::Json<TenantView>, ApiError> {
+    let caller = ctx.caller(&state, WRITE, RouteClass::Billing).await?;
+    if !caller.is_operator() {
+        if caller.sees(&id) {
+            return Err(operator_only());
+        }
+        return Err(ApiError::not_found("tenant"));
+    }
+    let name = body.name.as_deref().map(issue::check_name).transpose()?;
+    if let Some(p) = &body.plan {
+        if !state.config.plans.contains_key(p) {
+            return Err(ApiError::invalid("plan is not one of the configured plans"));
+        }
+    }
+    let Some(before) = state.store.get_tenant(&id).await? else {
+        return Err(ApiError::not_found("tenant"));
+    };
+    let change = TenantChange {
+        name,
+        plan: body.plan.as_deref().map(|p| state.plan_start(p, now_ms())),
+        if_trial: None,
+    };
+    let (st, actor) = (state.clone(), caller.key.record.id.clone());
+    let after =
+        super::detached(async move { st.change_tenant(&id, &change, &actor, &before).await })
+            .await?;
+    match after {
+        Some(t) => Ok(axum::Json(crate::views::tenant_view(&state, &t))),
+        None => Err(ApiError::not_found("tenant")),
     }
 }
 

@@ -7,6 +7,7 @@ use crate::views::{ListView, UserView};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use keygate_core::access::Role;
 use keygate_core::{RouteClass, TenantId, UserId};
 use keygate_engine::clock::now_ms;
 use keygate_store::User;
@@ -16,6 +17,23 @@ use serde::Deserialize;
 pub const READ: &str = "users:read";
 /// Scope to create users.
 pub const WRITE: &str = "users:write";
+
+/// `raw` as an email address keygate stores (trimmed, lower case), or 400.
+pub(crate) fn email_address(raw: &str) -> Result<String, ApiError> {
+    let email = raw.trim().to_ascii_lowercase();
+    let valid = email.len() <= 254
+        && email
+            .split_once('@')
+            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'))
+        && !email.contains(char::is_whitespace)
+        // Shown in the dashboard and named in its session keys: the display-name rule.
+        && keygate_core::name_problem(&email).is_none();
+    if valid {
+        Ok(email)
+    } else {
+        Err(ApiError::invalid("email must be a valid address"))
+    }
+}
 
 /// `POST /v1/users` body. `Debug` hides the password.
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -162,17 +180,7 @@ pub async fn create(
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
     let tenant = caller.act_in(&state, body.tenant_id.as_deref()).await?;
-    let email = body.email.trim().to_ascii_lowercase();
-    let valid_email = email.len() <= 254
-        && email
-            .split_once('@')
-            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'))
-        && !email.contains(char::is_whitespace)
-        // Shown in the dashboard and named in its session keys: the display-name rule.
-        && keygate_core::name_problem(&email).is_none();
-    if !valid_email {
-        return Err(ApiError::invalid("email must be a valid address"));
-    }
+    let email = email_address(&body.email)?;
     let plan = body.plan.unwrap_or_else(|| "free".to_owned());
     if !state.config.plans.contains_key(&plan) {
         return Err(ApiError::invalid("plan is not one of the configured plans"));
@@ -197,6 +205,8 @@ pub async fn create(
         plan,
         password_hash,
         created_at_ms: now,
+        role: Role::Member,
+        verified: true,
     };
     let (st, u, actor) = (state.clone(), user.clone(), caller.key.record.id.clone());
     // The write and its audit event run to completion even if the client goes away; a

@@ -10,6 +10,7 @@ use axum::response::IntoResponse;
 use keygate_api::CreateWebhook;
 use keygate_core::RouteClass;
 use keygate_engine::clock::now_ms;
+use keygate_engine::config::Feature;
 use keygate_engine::webhooks::{EVENT_TYPES, SUCCESSOR_EVENT};
 use keygate_store::{Delivery, WebhookEndpoint};
 use serde::Deserialize;
@@ -106,6 +107,7 @@ pub async fn create(
     Json(body): Json<CreateWebhook>,
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Webhook).await?;
+    caller.require_feature(&state, Feature::Webhooks).await?;
     let tenant = caller.act_in(&state, body.tenant_id.as_deref()).await?;
     check_url(&state, &body.url)?;
     let events = check_events(body.events)?;
@@ -178,6 +180,7 @@ pub async fn list(
     Query(q): Query<ListQuery>,
 ) -> Result<axum::Json<ListView<WebhookView>>, ApiError> {
     let caller = ctx.caller(&state, READ, RouteClass::Webhook).await?;
+    caller.require_feature(&state, Feature::Webhooks).await?;
     let page = PageQuery {
         limit: q.limit,
         cursor: q.cursor,
@@ -217,6 +220,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<axum::Json<WebhookView>, ApiError> {
     let caller = ctx.caller(&state, READ, RouteClass::Webhook).await?;
+    caller.require_feature(&state, Feature::Webhooks).await?;
     let w = visible(&state, &caller, &id).await?;
     Ok(axum::Json(webhook_view(&w, false)))
 }
@@ -248,6 +252,7 @@ pub async fn update(
     Json(body): Json<UpdateWebhook>,
 ) -> Result<axum::Json<WebhookView>, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Webhook).await?;
+    caller.require_feature(&state, Feature::Webhooks).await?;
     let w = visible(&state, &caller, &id).await?;
     may_manage(&caller, &w.events, "changing an endpoint subscribed to")?;
     let (st, actor) = (state.clone(), caller.key.record.id.clone());
@@ -291,6 +296,7 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Webhook).await?;
+    caller.require_feature(&state, Feature::Webhooks).await?;
     let w = visible(&state, &caller, &id).await?;
     may_manage(&caller, &w.events, "deleting an endpoint subscribed to")?;
     let (st, actor) = (state.clone(), caller.key.record.id.clone());
@@ -331,6 +337,7 @@ pub async fn deliveries(
     Query(q): Query<PageQuery>,
 ) -> Result<axum::Json<ListView<DeliveryView>>, ApiError> {
     let caller = ctx.caller(&state, READ, RouteClass::Webhook).await?;
+    caller.require_feature(&state, Feature::Webhooks).await?;
     let w = visible(&state, &caller, &id).await?;
     let page = q.page()?;
     let items = state.store.list_deliveries(&w.id, &page).await?;
@@ -359,6 +366,7 @@ pub async fn test(
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Webhook).await?;
+    caller.require_feature(&state, Feature::Webhooks).await?;
     let w = visible(&state, &caller, &id).await?;
     let data = serde_json::json!({"webhook_id": w.id, "message": "a test event from keygate"});
     let queued = state

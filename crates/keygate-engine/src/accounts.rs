@@ -1,0 +1,278 @@
+//! Accounts over time: a plan starting, and trials that end. A trial that ends moves its
+//! account to the plan's `then` on one node (a conditional update), and every node drops what
+//! it held of the account's keys and pool at once.
+
+use crate::clock::now_ms;
+use crate::engine::{Change, Engine};
+use keygate_core::TenantId;
+use keygate_store::{PlanStart, StoreError, Tenant, TenantChange};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The supervised task that ends trials ([`run_plans`]).
+pub const PLANS_TASK: &str = "plans";
+
+/// How long before a trial ends its account hears of it (`tenant.trial_ending`).
+pub const TRIAL_WARNING_MS: i64 = 3 * 86_400_000;
+
+impl Engine {
+    /// `plan` starting at `at_ms`: its trial end, and the credits it grants.
+    pub fn plan_start(&self, plan: &str, at_ms: i64) -> PlanStart {
+        let p = self.plan(plan);
+        PlanStart {
+            plan: plan.to_owned(),
+            started_at_ms: at_ms,
+            trial_ends_at_ms: p
+                .days
+                .map(|d| at_ms.saturating_add(i64::from(d) * 86_400_000)),
+            grant: p.credits,
+        }
+    }
+
+    /// Applies `change` to a tenant and, when it started a plan, records it
+    /// (`tenant.plan_changed`, audit and webhook) and has every node judge the account's keys
+    /// again. `None`: no such tenant, or its condition failed (another node was first).
+    pub async fn change_tenant(
+        &self,
+        id: &TenantId,
+        change: &TenantChange,
+        actor: &str,
+        before: &Tenant,
+    ) -> Result<Option<Tenant>, StoreError> {
+        let Some(after) = self.store.change_tenant(id, change).await? else {
+            return Ok(None);
+        };
+        if change.plan.is_some() {
+            let detail = serde_json::json!({
+                "from": before.plan,
+                "to": after.plan,
+                "credits": after.credits,
+                "trial_ends_at": after.trial_ends_at_ms.map(crate::clock::rfc3339),
+                "reason": if change.if_trial.is_some() { "trial_ended" } else { "changed" },
+            });
+            self.record_change(Change {
+                actor,
+                action: "tenant.plan_changed",
+                tenant_id: id,
+                key_id: None,
+                user_id: None,
+                detail: &detail,
+            })
+            .await;
+            self.plan_changed(id).await;
+        }
+        Ok(Some(after))
+    }
+}
+
+/// Ends the trials that are over and warns the accounts whose trial ends within
+/// [`TRIAL_WARNING_MS`]. Returns how many trials this node ended.
+pub async fn end_trials(engine: &Engine) -> usize {
+    let now = now_ms();
+    let due = match engine.store.trials_ending(now, 100).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!("trials not checked (store): {e}");
+            return 0;
+        }
+    };
+    let mut ended = 0;
+    for t in &due {
+        let Some(ends) = t.trial_ends_at_ms else {
+            continue;
+        };
+        // A plan that left the config still ends in the default one.
+        let then = engine
+            .config
+            .plans
+            .get(&t.plan)
+            .and_then(|p| p.then.clone())
+            .unwrap_or_else(|| "free".to_owned());
+        let change = TenantChange {
+            name: None,
+            plan: Some(engine.plan_start(&then, ends)),
+            if_trial: Some((t.plan.clone(), ends)),
+        };
+        match engine.change_tenant(&t.id, &change, "system", t).await {
+            Ok(Some(_)) => ended += 1,
+            Ok(None) => {}
+            Err(e) => tracing::warn!(tenant = %t.id, "trial not ended (store): {e}"),
+        }
+    }
+    let soon = match engine
+        .store
+        .trials_ending(now.saturating_add(TRIAL_WARNING_MS), 100)
+        .await
+    {
+        Ok(s) => s,
+        Err(_) => return ended,
+    };
+    for t in soon {
+        let Some(ends) = t.trial_ends_at_ms.filter(|e| *e > now) else {
+            continue;
+        };
+        let when = crate::clock::rfc3339(ends);
+        crate::alerts::raise(
+            engine,
+            "tenant.trial_ending",
+            &t.id,
+            None,
+            format!("trial_ending:{}:{ends}", t.id),
+            format!("the trial of {} ends at {when}", t.id),
+            serde_json::json!({"plan": t.plan, "trial_ends_at": when}),
+        )
+        .await;
+    }
+    ended
+}
+
+/// Whole months from `from_ms` to `to_ms` (UTC): a month has passed on the same day of the
+/// month at the same time of day, or on the month's last day when it has fewer days.
+pub fn months_between(from_ms: i64, to_ms: i64) -> u32 {
+    let at = |ms: i64| {
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    };
+    let (a, b) = (at(from_ms), at(to_ms));
+    if b <= a {
+        return 0;
+    }
+    let mut n = (b.year() - a.year()) * 12 + i32::from(u8::from(b.month()))
+        - i32::from(u8::from(a.month()));
+    // Not yet this month's anniversary: compare day and time, the day capped at the month's end.
+    let last_day = b.month().length(b.year());
+    let anniversary = (a.day().min(last_day), a.time());
+    if (b.day(), b.time()) < anniversary {
+        n -= 1;
+    }
+    u32::try_from(n).unwrap_or(0)
+}
+
+/// Refills the pools of plans with `monthly_credits` whose month turned: the pool is set to
+/// the plan's amount (unspent credits do not roll over), once per month across nodes.
+/// Returns how many this node refilled.
+pub async fn refill_pools(engine: &Engine) -> usize {
+    let now = now_ms();
+    let mut refilled = 0;
+    for (plan, cfg) in &engine.config.plans {
+        let Some(amount) = cfg.monthly_credits else {
+            continue;
+        };
+        let mut after = String::new();
+        loop {
+            let page = match engine.store.tenants_on_plan(plan, &after, 500).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!("pools not refilled (store): {e}");
+                    return refilled;
+                }
+            };
+            for t in &page {
+                let month = months_between(t.plan_started_at_ms, now);
+                if month <= t.refilled_months {
+                    continue;
+                }
+                match engine
+                    .store
+                    .refill_credits(&t.id, plan, month, amount)
+                    .await
+                {
+                    Ok(Some(after)) => {
+                        refilled += 1;
+                        let detail = serde_json::json!({
+                            "plan": plan, "month": month, "credits": after.credits,
+                            "before": t.credits,
+                        });
+                        engine
+                            .record_change(Change {
+                                actor: "system",
+                                action: "tenant.credits_refilled",
+                                tenant_id: &t.id,
+                                key_id: None,
+                                user_id: None,
+                                detail: &detail,
+                            })
+                            .await;
+                        engine.tenant_changed(&t.id).await;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(tenant = %t.id, "pool not refilled (store): {e}"),
+                }
+            }
+            match page.last() {
+                Some(t) if page.len() == 500 => after = t.id.to_string(),
+                _ => break,
+            }
+        }
+    }
+    refilled
+}
+
+/// Ends trials and refills monthly pools every `signup.plan_check_seconds` until `stop` fires.
+pub async fn run_plans(engine: Arc<Engine>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(
+        engine.config.signup.plan_check_seconds.max(1),
+    ));
+    loop {
+        crate::supervisor::checkpoint(PLANS_TASK);
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        end_trials(&engine).await;
+        refill_pools(&engine).await;
+    }
+}
+
+/// Why `password` may not be an account's, if it may not: 10 to 1,024 characters, and not
+/// guessable: Dropbox's zxcvbn estimator must score it at least 3 of 4 ("safely
+/// unguessable"), with `known` (the email address, the names) counted as known to an attacker.
+pub fn password_problem(password: &str, known: &[&str]) -> Option<&'static str> {
+    if password.chars().count() < 10 || password.len() > 1024 {
+        return Some("password must be 10 to 1024 characters");
+    }
+    // The estimator's work grows with the length; 100 characters decide.
+    let scored: String = password.chars().take(100).collect();
+    if u8::from(zxcvbn::zxcvbn(&scored, known).score()) < 3 {
+        return Some(
+            "password is too easy to guess (a common password, a name or a pattern): choose a longer, less common one",
+        );
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{months_between, password_problem};
+
+    #[test]
+    fn a_month_passes_on_the_same_day_and_time_or_the_months_last_day() {
+        let ms = |s: &str| crate::clock::parse_rfc3339(s).expect("time");
+        let jan31 = ms("2026-01-31T10:00:00Z");
+        assert_eq!(months_between(jan31, ms("2026-02-27T23:00:00Z")), 0);
+        assert_eq!(months_between(jan31, ms("2026-02-28T10:00:00Z")), 1);
+        assert_eq!(months_between(jan31, ms("2026-03-31T09:59:59Z")), 1);
+        assert_eq!(months_between(jan31, ms("2026-03-31T10:00:00Z")), 2);
+        assert_eq!(months_between(jan31, ms("2027-01-31T10:00:00Z")), 12);
+        assert_eq!(months_between(jan31, jan31 - 1), 0);
+    }
+
+    #[test]
+    fn short_common_and_personal_passwords_are_refused() {
+        for bad in [
+            "short",
+            "password123",
+            "qwertyuiop",
+            "1234567890",
+            "iloveyou2024",
+            "ada.lovelace",
+        ] {
+            assert!(
+                password_problem(bad, &["ada.lovelace@example.com", "Ada"]).is_some(),
+                "{bad}"
+            );
+        }
+        assert!(password_problem(&"x".repeat(1025), &[]).is_some());
+        assert_eq!(password_problem("plum-violin-87-harbour", &[]), None);
+    }
+}

@@ -1,0 +1,529 @@
+//! Accounts: sign-up, plans and their features, plan changes and trials that end, on SQLite
+//! and on two nodes sharing PostgreSQL and Redis.
+
+mod support;
+
+use keygate_engine::config::{Feature, PlanConfig};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use support::{error_code, eventually, TestApp};
+
+const PASSWORD: &str = "plum-violin-87-harbour";
+
+/// Sign-up on, three sign-ups an hour per address, a `things` route, and plans without the
+/// API (`noapi`) or without webhooks (`nohooks`).
+fn accounts(c: &mut keygate_server::Config) {
+    c.signup.enabled = true;
+    c.signup.per_ip_per_hour = 3;
+    c.signup.plan_check_seconds = 1;
+    c.routes.push(keygate_engine::config::RouteConfig {
+        path: "/v1/things/*".into(),
+        methods: vec![],
+        upstream: None,
+        scope: Some("things:read".into()),
+        cost: 1,
+        public: false,
+        class: Default::default(),
+    });
+    c.plans.insert(
+        "noapi".into(),
+        PlanConfig {
+            features: Some(vec![Feature::Webhooks]),
+            ..PlanConfig::default()
+        },
+    );
+    c.plans.insert(
+        "monthly".into(),
+        PlanConfig {
+            credits: Some(100),
+            monthly_credits: Some(500),
+            ..PlanConfig::default()
+        },
+    );
+    c.plans.insert(
+        "nohooks".into(),
+        PlanConfig {
+            features: Some(vec![Feature::Api]),
+            ..PlanConfig::default()
+        },
+    );
+}
+
+async fn sign_up(app: &TestApp, from: &str, body: Value) -> reqwest::Response {
+    app.client
+        .post(app.url("/v1/signup"))
+        .header("X-Forwarded-For", from)
+        .json(&body)
+        .send()
+        .await
+        .expect("request")
+}
+
+/// A call to the `things` route with `key`.
+async fn thing(app: &TestApp, key: &str) -> reqwest::Response {
+    app.auth(Some(key), &[("X-Original-URI", "/v1/things/1")])
+        .await
+}
+
+async fn tenant_count(app: &TestApp) -> usize {
+    let v: Value = app.get("/v1/tenants").await.json().await.expect("json");
+    v["data"].as_array().map_or(0, Vec::len)
+}
+
+async fn actions(app: &TestApp, tenant: &str) -> Vec<String> {
+    let v: Value = app
+        .get(&format!("/v1/audit?tenant_id={tenant}&limit=100"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    v["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["action"].as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn signing_up_makes_an_account_its_owner_and_a_key_that_works_at_once() {
+    let app = TestApp::spawn_with(accounts).await;
+    let before = tenant_count(&app).await;
+    let started = Instant::now();
+    let r = sign_up(
+        &app,
+        "203.0.113.1",
+        json!({"email": "Ada@Example.com", "password": PASSWORD, "name": "Ada", "organisation": "Engines Ltd"}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let v: Value = r.json().await.expect("json");
+    let key = v["key"].as_str().expect("a key, once").to_owned();
+    assert!(key.starts_with("kg_ut_"), "{key}");
+    assert_eq!(v["account"]["name"], "Engines Ltd");
+    assert_eq!(v["account"]["plan"], "trial");
+    assert_eq!(v["account"]["credits"], 1000);
+    assert!(v["account"]["trial_ends_at"].is_string(), "{v}");
+    assert_eq!(v["user"]["email"], "ada@example.com");
+    assert_eq!(v["user"]["role"], "owner");
+    assert!(
+        v.to_string().find("password").is_none(),
+        "no password or hash: {v}"
+    );
+    // The first call works at once, on the route the key was made for.
+    let r = thing(&app, &key).await;
+    assert_eq!(r.status(), StatusCode::OK, "{:?}", r.headers());
+    println!("sign-up to first allowed call: {:?}", started.elapsed());
+    let tenant = v["account"]["id"].as_str().expect("id").to_owned();
+    // The audit log is shipped to the store behind the answers: wait for it.
+    eventually(|| async {
+        let events = actions(&app, &tenant).await;
+        ["tenant.created", "user.created", "key.created"]
+            .iter()
+            .all(|a| events.iter().any(|e| e == a))
+    })
+    .await;
+    assert_eq!(tenant_count(&app).await, before + 1);
+
+    // The same address again: the same status and shape, no account, no key.
+    let r = sign_up(
+        &app,
+        "203.0.113.2",
+        json!({"email": "ada@example.com", "password": PASSWORD}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v, json!({"account": null, "user": null, "key": null}));
+    assert_eq!(tenant_count(&app).await, before + 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_sign_ups_get_clear_errors_change_nothing_and_are_limited_per_address() {
+    let app = TestApp::spawn_with(accounts).await;
+    let before = tenant_count(&app).await;
+    for (i, (body, says)) in [
+        (
+            json!({"email": "not-an-address", "password": PASSWORD}),
+            "email",
+        ),
+        (
+            json!({"email": "a@example.com", "password": "password123"}),
+            "password",
+        ),
+        (
+            json!({"email": "a@example.com", "password": "short"}),
+            "password",
+        ),
+        (
+            json!({"email": "ada.lovelace@example.com", "password": "lovelaceexample"}),
+            "password",
+        ),
+        (
+            json!({"email": "a@example.com", "password": PASSWORD, "name": "x\u{202e}y"}),
+            "name",
+        ),
+        (
+            json!({"email": "a@example.com", "password": PASSWORD, "plan": "enterprise"}),
+            "",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = sign_up(&app, &format!("198.51.100.{i}"), body.clone()).await;
+        assert!(r.status().is_client_error(), "{body}: {}", r.status());
+        let v: Value = r.json().await.expect("json error");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{body}: {v}");
+    }
+    let r = app
+        .client
+        .post(app.url("/v1/signup"))
+        .header("Content-Type", "text/plain")
+        .body("email=a@example.com")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(tenant_count(&app).await, before, "nothing was made");
+
+    // Three an hour from one address, whatever they carry; another address is not affected.
+    for _ in 0..3 {
+        let r = sign_up(&app, "192.0.2.9", json!({"email": "x", "password": "y"})).await;
+        assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    }
+    let r = sign_up(
+        &app,
+        "192.0.2.9",
+        json!({"email": "b@example.com", "password": PASSWORD}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .expect("Retry-After");
+    // A sliding window of an hour: the weight of the previous hour can push the wait past
+    // this hour's end, never past two.
+    assert!((1..=7200).contains(&wait), "{wait}");
+    assert_eq!(error_code(r).await, "RATE_LIMITED");
+    let r = sign_up(
+        &app,
+        "192.0.2.10",
+        json!({"email": "b@example.com", "password": PASSWORD}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    app.stop().await;
+
+    // Off unless the operator turns it on.
+    let app = TestApp::spawn().await;
+    let r = sign_up(
+        &app,
+        "192.0.2.11",
+        json!({"email": "c@example.com", "password": PASSWORD}),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_plan_lacking_a_feature_answers_plan_feature_and_a_plan_change_applies_at_once() {
+    let app = TestApp::spawn_with(accounts).await;
+    let v: Value = sign_up(
+        &app,
+        "203.0.113.5",
+        json!({"email": "b@example.com", "password": PASSWORD}),
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    let (ut, tenant) = (
+        v["key"].as_str().expect("key").to_owned(),
+        v["account"]["id"].as_str().expect("id").to_owned(),
+    );
+    let (sk, _) = app
+        .create_key(json!({"kind": "sk", "name": "hooks", "tenant_id": tenant, "scopes": ["webhooks:read"]}))
+        .await;
+    let hooks = |key: String| {
+        let app = &app;
+        async move {
+            app.as_key(&key)
+                .get(app.url("/v1/webhooks"))
+                .send()
+                .await
+                .expect("request")
+        }
+    };
+    assert_eq!(thing(&app, &ut).await.status(), StatusCode::OK);
+    assert_eq!(hooks(sk.clone()).await.status(), StatusCode::OK);
+
+    // No webhooks on this plan: the webhook routes say why; the API still answers.
+    let r = app
+        .patch(&format!("/v1/tenants/{tenant}"), json!({"plan": "nohooks"}))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let t: Value = r.json().await.expect("json");
+    assert_eq!(
+        (t["plan"].as_str(), &t["trial_ends_at"]),
+        (Some("nohooks"), &Value::Null)
+    );
+    let r = hooks(sk.clone()).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let e: Value = r.json().await.expect("json");
+    assert_eq!(e["error"]["code"], "PLAN_FEATURE");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("webhooks"),
+        "{e}"
+    );
+    assert_eq!(thing(&app, &ut).await.status(), StatusCode::OK);
+
+    // No API: the key that worked a moment ago (and is cached) is refused at once.
+    app.patch(&format!("/v1/tenants/{tenant}"), json!({"plan": "noapi"}))
+        .await;
+    let r = thing(&app, &ut).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_eq!(r.headers()["x-keygate-code"], "PLAN_FEATURE");
+    let r = app
+        .patch(
+            &format!("/v1/tenants/{tenant}"),
+            json!({"plan": "trial", "name": "Back"}),
+        )
+        .await;
+    let t: Value = r.json().await.expect("json");
+    assert_eq!(
+        (t["plan"].as_str(), t["name"].as_str()),
+        (Some("trial"), Some("Back"))
+    );
+    assert!(t["trial_ends_at"].is_string());
+    assert_eq!(thing(&app, &ut).await.status(), StatusCode::OK);
+    eventually(|| async {
+        let events = actions(&app, &tenant).await;
+        events
+            .iter()
+            .filter(|a| *a == "tenant.plan_changed")
+            .count()
+            == 3
+    })
+    .await;
+
+    // Only the operator changes plans; bad input changes nothing.
+    let (admin, _) = app
+        .create_key(json!({"kind": "sk", "name": "admin", "tenant_id": tenant, "scopes": ["*"]}))
+        .await;
+    let r = app
+        .client
+        .patch(app.url(&format!("/v1/tenants/{tenant}")))
+        .bearer_auth(&admin)
+        .json(&json!({"plan": "enterprise"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    for (body, status) in [
+        (json!({"plan": "gold"}), StatusCode::BAD_REQUEST),
+        (json!({"credits": 5}), StatusCode::BAD_REQUEST),
+        (json!({"name": ""}), StatusCode::BAD_REQUEST),
+    ] {
+        let r = app
+            .patch(&format!("/v1/tenants/{tenant}"), body.clone())
+            .await;
+        assert_eq!(r.status().as_u16() / 100, status.as_u16() / 100, "{body}");
+    }
+    let r = app
+        .patch("/v1/tenants/tnt_nope", json!({"plan": "trial"}))
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let t: Value = app
+        .get(&format!("/v1/tenants/{tenant}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (t["plan"].as_str(), t["name"].as_str()),
+        (Some("trial"), Some("Back"))
+    );
+    app.stop().await;
+}
+
+/// Moves a tenant's trial end to `at_ms` behind keygate's back (a trial of days cannot be
+/// waited for in a test).
+async fn set_trial_end(db_url: &str, tenant: &str, at_ms: i64) {
+    set_time(db_url, tenant, "trial_ends_at", at_ms).await;
+}
+
+/// Sets a tenant's time `column` (`trial_ends_at`, `plan_started_at`) to `at_ms`.
+async fn set_time(db_url: &str, tenant: &str, column: &str, at_ms: i64) {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(db_url).await.expect("database");
+    let n = sqlx::query(&format!("UPDATE tenants SET {column} = $1 WHERE id = $2"))
+        .bind(at_ms)
+        .bind(tenant)
+        .execute(&pool)
+        .await
+        .expect("update")
+        .rows_affected();
+    assert_eq!(n, 1);
+    pool.close().await;
+}
+
+async fn tenant_of(app: &TestApp, tenant: &str) -> Value {
+    app.get(&format!("/v1/tenants/{tenant}"))
+        .await
+        .json()
+        .await
+        .expect("json")
+}
+
+#[tokio::test]
+async fn a_trial_warns_three_days_before_and_then_becomes_its_next_plan() {
+    let app = TestApp::spawn_with(accounts).await;
+    let v: Value = sign_up(
+        &app,
+        "203.0.113.6",
+        json!({"email": "c@example.com", "password": PASSWORD}),
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    let (ut, tenant) = (
+        v["key"].as_str().expect("key").to_owned(),
+        v["account"]["id"].as_str().expect("id").to_owned(),
+    );
+    let now = keygate_engine::clock::now_ms();
+    set_trial_end(&app.db_url(), &tenant, now + 86_400_000).await;
+    eventually(|| async {
+        let v: Value = app.get("/v1/alerts").await.json().await.expect("json");
+        v["data"].as_array().into_iter().flatten().any(|a| {
+            a["kind"] == "tenant.trial_ending" && a["tenant_id"].as_str() == Some(tenant.as_str())
+        })
+    })
+    .await;
+    set_trial_end(&app.db_url(), &tenant, now - 1).await;
+    eventually(|| async { tenant_of(&app, &tenant).await["plan"] == "free" }).await;
+    let t = tenant_of(&app, &tenant).await;
+    assert_eq!(t["trial_ends_at"], Value::Null);
+    // 1,000 left of the trial's grant plus the free plan's 1,000 (less the calls made).
+    assert_eq!(t["credits"], 2000);
+    assert_eq!(thing(&app, &ut).await.status(), StatusCode::OK);
+    eventually(|| async {
+        let events = actions(&app, &tenant).await;
+        events
+            .iter()
+            .filter(|a| *a == "tenant.plan_changed")
+            .count()
+            == 1
+    })
+    .await;
+    app.stop().await;
+}
+
+/// Two nodes on PostgreSQL and Redis: a plan change on one reaches keys cached on the other at
+/// once, and a trial ends once although both nodes look for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_see_a_plan_change_at_once_and_end_a_trial_once() {
+    let redis =
+        std::env::var("KEYGATE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("kgacc{}", keygate_engine::ids::random_base62(8));
+    let (r, p) = (redis.clone(), prefix.clone());
+    let a = TestApp::spawn_postgres(move |c| {
+        accounts(c);
+        c.redis_url = r;
+        c.redis_prefix = p;
+    })
+    .await;
+    let b = TestApp::spawn_on(a.db_url(), move |c| {
+        accounts(c);
+        c.redis_url = redis;
+        c.redis_prefix = prefix;
+    })
+    .await
+    .with_root(a.root.clone());
+    let v: Value = sign_up(
+        &a,
+        "203.0.113.7",
+        json!({"email": "d@example.com", "password": PASSWORD}),
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    let (ut, tenant) = (
+        v["key"].as_str().expect("key").to_owned(),
+        v["account"]["id"].as_str().expect("id").to_owned(),
+    );
+    assert_eq!(thing(&b, &ut).await.status(), StatusCode::OK, "cached on b");
+    let r = a
+        .patch(&format!("/v1/tenants/{tenant}"), json!({"plan": "noapi"}))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let changed = Instant::now();
+    while thing(&b, &ut).await.status() == StatusCode::OK {
+        assert!(
+            changed.elapsed() < Duration::from_secs(1),
+            "b still answers 200 a second after the change (the feed would take milliseconds)"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!(
+        "plan change on a refused on b after {:?}",
+        changed.elapsed()
+    );
+    assert_eq!(
+        thing(&b, &ut).await.headers()["x-keygate-code"],
+        "PLAN_FEATURE"
+    );
+
+    a.patch(&format!("/v1/tenants/{tenant}"), json!({"plan": "trial"}))
+        .await;
+    set_trial_end(&a.db_url(), &tenant, keygate_engine::clock::now_ms() - 1).await;
+    eventually(|| async { tenant_of(&b, &tenant).await["plan"] == "free" }).await;
+    let count = || async {
+        let events = actions(&a, &tenant).await;
+        events
+            .iter()
+            .filter(|e| *e == "tenant.plan_changed")
+            .count()
+    };
+    eventually(|| async { count().await >= 3 }).await;
+
+    // A monthly plan started two months ago: the pool is refilled to 500, once.
+    a.patch(&format!("/v1/tenants/{tenant}"), json!({"plan": "monthly"}))
+        .await;
+    let two_months = 62 * 86_400_000;
+    set_time(
+        &a.db_url(),
+        &tenant,
+        "plan_started_at",
+        keygate_engine::clock::now_ms() - two_months,
+    )
+    .await;
+    eventually(|| async { tenant_of(&b, &tenant).await["credits"] == 500 }).await;
+    let refills = || async {
+        let events = actions(&a, &tenant).await;
+        events
+            .iter()
+            .filter(|e| *e == "tenant.credits_refilled")
+            .count()
+    };
+    eventually(|| async { refills().await >= 1 }).await;
+    // What must not happen cannot be waited for: give both nodes (checking every second) two
+    // more rounds, then count again.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(count().await, 4, "noapi, trial, free once, monthly");
+    assert_eq!(refills().await, 1, "one refill for the month, on one node");
+    assert_eq!(tenant_of(&a, &tenant).await["credits"], 500);
+    a.stop().await;
+    b.stop().await;
+}
