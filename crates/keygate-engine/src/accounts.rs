@@ -25,7 +25,8 @@ impl Engine {
             trial_ends_at_ms: p
                 .days
                 .map(|d| at_ms.saturating_add(i64::from(d) * 86_400_000)),
-            grant: p.credits,
+            // A monthly plan without its own grant starts with its first month.
+            grant: p.credits.or(p.monthly_credits),
         }
     }
 
@@ -42,7 +43,18 @@ impl Engine {
         let Some(after) = self.store.change_tenant(id, change).await? else {
             return Ok(None);
         };
-        if change.plan.is_some() {
+        if change.plan.is_none() {
+            let detail = serde_json::json!({"name": after.name});
+            self.record_change(Change {
+                actor,
+                action: "tenant.updated",
+                tenant_id: id,
+                key_id: None,
+                user_id: None,
+                detail: &detail,
+            })
+            .await;
+        } else {
             let detail = serde_json::json!({
                 "from": before.plan,
                 "to": after.plan,
@@ -174,7 +186,7 @@ pub async fn refill_pools(engine: &Engine) -> usize {
                 }
                 match engine
                     .store
-                    .refill_credits(&t.id, plan, month, amount)
+                    .refill_credits(&t.id, plan, t.plan_started_at_ms, month, amount)
                     .await
                 {
                     Ok(Some(after)) => {

@@ -361,7 +361,7 @@ pub struct PlanConfig {
     /// `None`: any scope except `*`.
     pub scopes: Option<Vec<String>>,
     /// The pool is refilled to this at the start of each month of the plan (unspent credits do
-    /// not roll over).
+    /// not roll over); also the grant when the plan starts if `credits` is not set.
     pub monthly_credits: Option<u64>,
     /// A trial: the plan lasts this many days, then the account moves to `then`.
     pub days: Option<u32>,
@@ -398,22 +398,16 @@ impl PlanConfig {
 pub enum Feature {
     /// Calls to the API with the account's keys, on every entry point.
     Api,
-    /// Webhook endpoints (`/v1/webhooks…`).
+    /// Making and changing webhook endpoints, and deliveries to them.
     Webhooks,
-    /// OAuth clients of the account.
-    Oauth,
-    /// `sk` keys made by the account's users.
-    SkKeys,
 }
 
 impl Feature {
-    /// Its name in the config (`api`, `webhooks`, `oauth`, `sk_keys`).
+    /// Its name in the config (`api`, `webhooks`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Api => "api",
             Self::Webhooks => "webhooks",
-            Self::Oauth => "oauth",
-            Self::SkKeys => "sk_keys",
         }
     }
 }

@@ -152,6 +152,12 @@ impl Engine {
         data: serde_json::Value,
         only: Option<&str>,
     ) -> Result<Vec<Delivery>, keygate_store::StoreError> {
+        // An account whose plan lacks webhooks gets none (its endpoints stay, to be listed and
+        // deleted, and deliveries resume if the plan changes back).
+        let plan = self.store.get_tenant(tenant_id).await?.map(|t| t.plan);
+        if plan.is_some_and(|p| !self.plan(&p).has(crate::config::Feature::Webhooks)) {
+            return Ok(Vec::new());
+        }
         let mut endpoints = Vec::new();
         let mut page = PageRequest {
             cursor: None,

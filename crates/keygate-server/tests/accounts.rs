@@ -26,6 +26,16 @@ fn accounts(c: &mut keygate_server::Config) {
         public: false,
         class: Default::default(),
     });
+    // The upstream's own admin routes: a stranger's first key must get none of their scopes.
+    c.routes.push(keygate_engine::config::RouteConfig {
+        path: "/v1/admin/*".into(),
+        methods: vec![],
+        upstream: None,
+        scope: Some("admin:all".into()),
+        cost: 0,
+        public: false,
+        class: keygate_core::RouteClass::Admin,
+    });
     c.plans.insert(
         "noapi".into(),
         PlanConfig {
@@ -107,6 +117,17 @@ async fn signing_up_makes_an_account_its_owner_and_a_key_that_works_at_once() {
     assert!(v["account"]["trial_ends_at"].is_string(), "{v}");
     assert_eq!(v["user"]["email"], "ada@example.com");
     assert_eq!(v["user"]["role"], "owner");
+    assert_eq!(
+        v["user"]["verified"], false,
+        "no email confirmed the address"
+    );
+    let verified: Value = app
+        .post("/v1/keys/verify", json!({"key": key}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(verified["scopes"], json!(["things:read"]), "{verified}");
     assert!(
         v.to_string().find("password").is_none(),
         "no password or hash: {v}"
@@ -249,9 +270,20 @@ async fn a_plan_lacking_a_feature_answers_plan_feature_and_a_plan_change_applies
         v["account"]["id"].as_str().expect("id").to_owned(),
     );
     let (sk, _) = app
-        .create_key(json!({"kind": "sk", "name": "hooks", "tenant_id": tenant, "scopes": ["webhooks:read"]}))
+        .create_key(json!({"kind": "sk", "name": "hooks", "tenant_id": tenant, "scopes": ["webhooks:read", "webhooks:write"]}))
         .await;
-    let hooks = |key: String| {
+    let add_hook = |key: String| {
+        let app = &app;
+        async move {
+            app.as_key(&key)
+                .post(app.url("/v1/webhooks"))
+                .json(&json!({"url": "https://hooks.example.com/k", "events": ["*"]}))
+                .send()
+                .await
+                .expect("request")
+        }
+    };
+    let list_hooks = |key: String| {
         let app = &app;
         async move {
             app.as_key(&key)
@@ -261,8 +293,23 @@ async fn a_plan_lacking_a_feature_answers_plan_feature_and_a_plan_change_applies
                 .expect("request")
         }
     };
+    // A user of the account with a plan of their own: it stays theirs when the account's
+    // plan changes, and their key still needs the account's plan to have the API.
+    let bob: Value = app
+        .post(
+            "/v1/users",
+            json!({"email": "bob@example.com", "plan": "pro", "tenant_id": tenant}),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    let (bob_key, _) = app
+        .create_key(json!({"kind": "ut", "name": "bob", "tenant_id": tenant, "user_id": bob["id"], "scopes": ["things:read"]}))
+        .await;
     assert_eq!(thing(&app, &ut).await.status(), StatusCode::OK);
-    assert_eq!(hooks(sk.clone()).await.status(), StatusCode::OK);
+    assert_eq!(thing(&app, &bob_key).await.status(), StatusCode::OK);
+    assert_eq!(add_hook(sk.clone()).await.status(), StatusCode::CREATED);
 
     // No webhooks on this plan: the webhook routes say why; the API still answers.
     let r = app
@@ -274,7 +321,7 @@ async fn a_plan_lacking_a_feature_answers_plan_feature_and_a_plan_change_applies
         (t["plan"].as_str(), &t["trial_ends_at"]),
         (Some("nohooks"), &Value::Null)
     );
-    let r = hooks(sk.clone()).await;
+    let r = add_hook(sk.clone()).await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
     let e: Value = r.json().await.expect("json");
     assert_eq!(e["error"]["code"], "PLAN_FEATURE");
@@ -285,14 +332,30 @@ async fn a_plan_lacking_a_feature_answers_plan_feature_and_a_plan_change_applies
             .contains("webhooks"),
         "{e}"
     );
+    // What the account made stays listable (and deletable) on the way down.
+    let listed: Value = list_hooks(sk.clone()).await.json().await.expect("json");
+    assert_eq!(listed["data"].as_array().map(Vec::len), Some(1), "{listed}");
     assert_eq!(thing(&app, &ut).await.status(), StatusCode::OK);
 
-    // No API: the key that worked a moment ago (and is cached) is refused at once.
+    // No API: the keys that worked a moment ago (and are cached) are refused at once, the
+    // key of a user whose own plan has the API too.
     app.patch(&format!("/v1/tenants/{tenant}"), json!({"plan": "noapi"}))
         .await;
-    let r = thing(&app, &ut).await;
-    assert_eq!(r.status(), StatusCode::FORBIDDEN);
-    assert_eq!(r.headers()["x-keygate-code"], "PLAN_FEATURE");
+    for key in [&ut, &bob_key] {
+        let r = thing(&app, key).await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(r.headers()["x-keygate-code"], "PLAN_FEATURE");
+    }
+    let bob: Value = app
+        .get(&format!(
+            "/v1/users/{}",
+            bob["id"].as_str().unwrap_or_default()
+        ))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(bob["plan"], "pro", "a plan of their own stays");
     let r = app
         .patch(
             &format!("/v1/tenants/{tenant}"),
@@ -306,6 +369,22 @@ async fn a_plan_lacking_a_feature_answers_plan_feature_and_a_plan_change_applies
     );
     assert!(t["trial_ends_at"].is_string());
     assert_eq!(thing(&app, &ut).await.status(), StatusCode::OK);
+    // The same plan again (a retried request) grants nothing and restarts nothing (the call
+    // above spent a credit since).
+    let again: Value = app
+        .patch(&format!("/v1/tenants/{tenant}"), json!({"plan": "trial"}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (&again["trial_ends_at"], &again["plan_started_at"]),
+        (&t["trial_ends_at"], &t["plan_started_at"])
+    );
+    assert!(
+        again["credits"].as_u64() <= t["credits"].as_u64(),
+        "{again} {t}"
+    );
     eventually(|| async {
         let events = actions(&app, &tenant).await;
         events
@@ -402,14 +481,27 @@ async fn a_trial_warns_three_days_before_and_then_becomes_its_next_plan() {
         v["account"]["id"].as_str().expect("id").to_owned(),
     );
     let now = keygate_engine::clock::now_ms();
-    set_trial_end(&app.db_url(), &tenant, now + 86_400_000).await;
-    eventually(|| async {
+    let warned = || async {
         let v: Value = app.get("/v1/alerts").await.json().await.expect("json");
-        v["data"].as_array().into_iter().flatten().any(|a| {
-            a["kind"] == "tenant.trial_ending" && a["tenant_id"].as_str() == Some(tenant.as_str())
-        })
-    })
-    .await;
+        v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| {
+                a["kind"] == "tenant.trial_ending"
+                    && a["tenant_id"].as_str() == Some(tenant.as_str())
+            })
+            .count()
+    };
+    // Four days out: no warning (the check runs every second; let it run twice).
+    set_trial_end(&app.db_url(), &tenant, now + 4 * 86_400_000).await;
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    assert_eq!(warned().await, 0, "warned more than three days before");
+    set_trial_end(&app.db_url(), &tenant, now + 86_400_000).await;
+    eventually(|| async { warned().await > 0 }).await;
+    // Two more rounds of the check: still one warning for this trial end.
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    assert_eq!(warned().await, 1, "warned once");
     set_trial_end(&app.db_url(), &tenant, now - 1).await;
     eventually(|| async { tenant_of(&app, &tenant).await["plan"] == "free" }).await;
     let t = tenant_of(&app, &tenant).await;

@@ -73,15 +73,35 @@ impl Store for SqlStore {
     }
 
     async fn email_registered(&self, email: &str) -> Result<bool> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE email = $1")
-            .bind(email)
-            .fetch_one(&self.pool)
-            .await?;
+        let n: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE email = $1 AND role = 'owner'")
+                .bind(email)
+                .fetch_one(&self.pool)
+                .await?;
         Ok(n > 0)
     }
 
     async fn change_tenant(&self, id: &TenantId, change: &TenantChange) -> Result<Option<Tenant>> {
+        // The tenant as it is, locked until the end (SQLite's write transaction holds the
+        // whole file; PostgreSQL's row lock makes a racing change wait and then read this
+        // one's result, so the users below move from the plan the tenant really had).
+        let mut q = Sql::new("SELECT plan, trial_ends_at FROM tenants WHERE id = ");
+        q.push_bind(id.as_str());
+        if self.backend() == crate::Backend::Postgres {
+            q.push(" FOR UPDATE");
+        }
         let mut tx = self.begin_write().await?;
+        let Some(row) = q.build()?.fetch_optional(&mut *tx).await? else {
+            return Ok(None);
+        };
+        let old_plan: String = row.try_get("plan")?;
+        let old_end: Option<i64> = row.try_get("trial_ends_at")?;
+        if let Some((plan, ends)) = &change.if_trial {
+            if old_plan != *plan || old_end != Some(*ends) {
+                // Another node ended this trial first.
+                return Ok(None);
+            }
+        }
         if let Some(p) = &change.plan {
             // Users on the account's plan move with it (a user given a plan of their own keeps
             // it).
@@ -89,9 +109,8 @@ impl Store for SqlStore {
             q.push_bind(p.plan.as_str())
                 .push(" WHERE tenant_id = ")
                 .push_bind(id.as_str())
-                .push(" AND plan = (SELECT plan FROM tenants WHERE id = ")
-                .push_bind(id.as_str())
-                .push(")");
+                .push(" AND plan = ")
+                .push_bind(old_plan.as_str());
             q.build()?.execute(&mut *tx).await?;
         }
         let mut q = Sql::new("UPDATE tenants SET id = id");
@@ -151,17 +170,19 @@ impl Store for SqlStore {
         &self,
         id: &TenantId,
         plan: &str,
+        started_at_ms: i64,
         month: u32,
         credits: u64,
     ) -> Result<Option<Tenant>> {
         let row = sqlx::query(
-            "UPDATE tenants SET credits = $1, refilled_months = $2 \
-             WHERE id = $3 AND plan = $4 AND refilled_months < $2 RETURNING *",
+            "UPDATE tenants SET credits = $1, refilled_months = $2 WHERE id = $3 AND plan = $4 \
+             AND plan_started_at = $5 AND refilled_months < $2 RETURNING *",
         )
         .bind(to_i64(credits.min(1_000_000_000_000_000)))
         .bind(i64::from(month))
         .bind(id.as_str())
         .bind(plan)
+        .bind(started_at_ms)
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(tenant_from_row).transpose()

@@ -345,7 +345,8 @@ pub trait Store:
     /// A new account in one transaction: its tenant, its first user and that user's first
     /// key (with its family). Nothing is written if any of them fails.
     async fn sign_up(&self, t: &Tenant, u: &User, k: &KeyRecord) -> Result<()>;
-    /// Whether any user of any tenant has this email address.
+    /// Whether an account's owner has this email address (members of other accounts do not
+    /// count: sign-up must not tell who is a member where).
     async fn email_registered(&self, email: &str) -> Result<bool>;
     /// Renames a tenant and/or starts a plan for it. With `if_trial`, only if the tenant is
     /// still on that plan with that trial end: of several nodes ending the same trial, one
@@ -357,12 +358,14 @@ pub trait Store:
     /// Tenants on `plan`, by id after `after` (a page of at most `limit`).
     async fn tenants_on_plan(&self, plan: &str, after: &str, limit: u32) -> Result<Vec<Tenant>>;
     /// Sets a tenant's pool to `credits` for month `month` of its plan, if it is still on
-    /// `plan` and that month was not refilled yet: of several nodes, one refills. Returns the
-    /// tenant after the refill.
+    /// `plan`, started at `started_at_ms`, and that month was not refilled yet: of several
+    /// nodes, one refills, and a plan restarted meanwhile is left alone. Returns the tenant
+    /// after the refill.
     async fn refill_credits(
         &self,
         id: &TenantId,
         plan: &str,
+        started_at_ms: i64,
         month: u32,
         credits: u64,
     ) -> Result<Option<Tenant>>;

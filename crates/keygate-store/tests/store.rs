@@ -1603,8 +1603,55 @@ async fn accounts_are_made_whole_and_trials_end_once() {
             .expect("get")
             .expect("user");
         assert_eq!(u.plan, "free", "the owner moved with the account");
+        // A month's refill: once, and not for a plan that restarted since it was read.
+        let on_free = s.tenants_on_plan("free", "", 10).await.expect("list");
+        assert_eq!(
+            on_free.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+            ["t_new"]
+        );
+        assert!(s
+            .tenants_on_plan("free", "t_new", 10)
+            .await
+            .expect("list")
+            .is_empty());
+        let stale = s
+            .refill_credits(&id, "free", 49, 1, 700)
+            .await
+            .expect("refill");
+        assert_eq!(stale, None, "another start of the plan");
+        let refilled = s
+            .refill_credits(&id, "free", 50, 1, 700)
+            .await
+            .expect("refill");
+        assert_eq!(
+            refilled.map(|t| (t.credits, t.refilled_months)),
+            Some((Some(700), 1))
+        );
+        assert_eq!(
+            s.refill_credits(&id, "free", 50, 1, 700)
+                .await
+                .expect("again"),
+            None
+        );
+        // One account per owner address, also when two sign-ups race past the lookup.
+        let mut t3 = tenant("t_same", None);
+        t3.plan = "trial".into();
+        let u3 = User {
+            id: "usr_s".into(),
+            tenant_id: "t_same".into(),
+            ..owner.clone()
+        };
+        let mut k3 = key("key_s", "t_same", Kind::Ut, None, 9);
+        k3.user_id = Some("usr_s".into());
+        assert_eq!(
+            s.sign_up(&t3, &u3, &k3)
+                .await
+                .expect_err("same owner address")
+                .kind,
+            StoreErrorKind::Conflict
+        );
         assert!(s.trials_ending(i64::MAX, 10).await.expect("due").is_empty());
-        // A rename only; an unlimited plan makes the pool unlimited.
+        // A rename with a plan change; an unlimited plan makes the pool unlimited.
         let renamed = s
             .change_tenant(
                 &"t_new".into(),

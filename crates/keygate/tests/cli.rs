@@ -232,10 +232,13 @@ async fn every_answered_request_survives_kill_9_in_the_audit_log() {
         "only {} answers before the kill",
         answered.len()
     );
-    assert_eq!(
-        exported(&db).len(),
-        0,
-        "nothing was shipped before the kill"
+    // The shipper's first round runs at start (it ships what an earlier run left): it may
+    // catch the first few answers. Every other answer must come back from the segments.
+    let shipped = exported(&db).len();
+    assert!(
+        shipped * 10 < answered.len(),
+        "{shipped} of {} answers were shipped before the kill: the test must replay segments",
+        answered.len()
     );
     eprintln!("{} answers before kill -9", answered.len());
 

@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use keygate_api::{SignUp, SignedUp};
 use keygate_core::access::Role;
-use keygate_core::{Code, RateLimit, TenantId, UserId};
+use keygate_core::{Code, RateLimit, RouteClass, TenantId, UserId};
 use keygate_engine::accounts::password_problem;
 use keygate_engine::clock::now_ms;
 use keygate_engine::engine::Change;
@@ -47,9 +47,15 @@ pub async fn signup(
             limit: cfg.per_ip_per_hour,
             window_seconds: 3600,
         };
-        let who = ctx
-            .peer
-            .map_or_else(|| "unknown".to_owned(), |ip| ip.to_string());
+        // An IPv6 client holds a /64 at least: count per /64.
+        let who = match ctx.peer {
+            Some(std::net::IpAddr::V6(v6)) => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+            Some(ip) => ip.to_string(),
+            None => "unknown".to_owned(),
+        };
         let rate = state
             .counters
             .check_named(&format!("signup:{who}"), &limit, now);
@@ -104,7 +110,8 @@ pub async fn signup(
         password_hash: Some(password_hash),
         created_at_ms: now,
         role: Role::Owner,
-        verified: true,
+        // No email has confirmed the address yet (see docs/accounts.md).
+        verified: false,
     };
     let scopes = first_key_scopes(&state, &user);
     let (plaintext, key) = issue::build_key_for(
@@ -174,8 +181,9 @@ fn nothing() -> SignedUp {
     }
 }
 
-/// The first key's scopes: the plan's list, else every scope the configured routes ask for,
-/// so the key works at once on the API behind keygate.
+/// The first key's scopes: the plan's list, else every scope the configured normal routes ask
+/// for, so the key works at once on the API behind keygate. Admin, billing, webhook and
+/// token-management routes are the operator's: a stranger's key gets none of their scopes.
 fn first_key_scopes(state: &AppState, user: &User) -> Option<Vec<String>> {
     if state.plan(&user.plan).scopes.is_some() {
         return None;
@@ -184,6 +192,7 @@ fn first_key_scopes(state: &AppState, user: &User) -> Option<Vec<String>> {
         .config
         .routes
         .iter()
+        .filter(|r| r.class == RouteClass::Normal)
         .filter_map(|r| r.scope.clone())
         .filter(|s| s != "*")
         .collect();

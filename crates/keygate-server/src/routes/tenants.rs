@@ -61,7 +61,10 @@ pub async fn create(
                 .join(", ")
         )));
     };
-    let credits = body.credits.or(plan_cfg.credits);
+    let credits = body
+        .credits
+        .or(plan_cfg.credits)
+        .or(plan_cfg.monthly_credits);
     if credits.is_some_and(|c| c > 1_000_000_000_000_000) {
         return Err(ApiError::invalid("credits must be at most 10^15"));
     }
@@ -222,9 +225,15 @@ pub async fn update(
     let Some(before) = state.store.get_tenant(&id).await? else {
         return Err(ApiError::not_found("tenant"));
     };
+    // The plan the tenant is on already is no change: a retried request must not grant its
+    // credits again or restart its trial.
     let change = TenantChange {
         name,
-        plan: body.plan.as_deref().map(|p| state.plan_start(p, now_ms())),
+        plan: body
+            .plan
+            .as_deref()
+            .filter(|p| *p != before.plan)
+            .map(|p| state.plan_start(p, now_ms())),
         if_trial: None,
     };
     let (st, actor) = (state.clone(), caller.key.record.id.clone());

@@ -180,7 +180,6 @@ pub async fn list(
     Query(q): Query<ListQuery>,
 ) -> Result<axum::Json<ListView<WebhookView>>, ApiError> {
     let caller = ctx.caller(&state, READ, RouteClass::Webhook).await?;
-    caller.require_feature(&state, Feature::Webhooks).await?;
     let page = PageQuery {
         limit: q.limit,
         cursor: q.cursor,
@@ -220,7 +219,6 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<axum::Json<WebhookView>, ApiError> {
     let caller = ctx.caller(&state, READ, RouteClass::Webhook).await?;
-    caller.require_feature(&state, Feature::Webhooks).await?;
     let w = visible(&state, &caller, &id).await?;
     Ok(axum::Json(webhook_view(&w, false)))
 }
@@ -296,7 +294,6 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Webhook).await?;
-    caller.require_feature(&state, Feature::Webhooks).await?;
     let w = visible(&state, &caller, &id).await?;
     may_manage(&caller, &w.events, "deleting an endpoint subscribed to")?;
     let (st, actor) = (state.clone(), caller.key.record.id.clone());
@@ -337,7 +334,6 @@ pub async fn deliveries(
     Query(q): Query<PageQuery>,
 ) -> Result<axum::Json<ListView<DeliveryView>>, ApiError> {
     let caller = ctx.caller(&state, READ, RouteClass::Webhook).await?;
-    caller.require_feature(&state, Feature::Webhooks).await?;
     let w = visible(&state, &caller, &id).await?;
     let page = q.page()?;
     let items = state.store.list_deliveries(&w.id, &page).await?;
