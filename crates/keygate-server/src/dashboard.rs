@@ -293,6 +293,8 @@ fn csrf_ok(who: &Signed, f: &HashMap<String, String>) -> bool {
 struct LoginPage {
     csrf: String,
     error: Option<String>,
+    /// Whether to offer sign-up.
+    signup: bool,
 }
 
 fn login_page(state: &AppState, error: Option<String>, status: StatusCode) -> Response {
@@ -300,6 +302,7 @@ fn login_page(state: &AppState, error: Option<String>, status: StatusCode) -> Re
     let mut r = render(&LoginPage {
         csrf: csrf.clone(),
         error,
+        signup: state.config.signup.enabled,
     });
     *r.status_mut() = status;
     r.headers_mut().append(
@@ -307,6 +310,159 @@ fn login_page(state: &AppState, error: Option<String>, status: StatusCode) -> Re
         set_cookie(state, LOGIN_CSRF_COOKIE, &csrf, 3600),
     );
     r
+}
+
+// ---------------------------------------------------------------------------------------
+// Sign up.
+
+#[derive(Template, Default)]
+#[template(path = "dashboard/signup.html")]
+struct SignupPage {
+    csrf: String,
+    error: Option<String>,
+    email: String,
+    name: String,
+    organisation: String,
+    done: Option<SignedUpPage>,
+}
+
+/// A new account, shown once.
+struct SignedUpPage {
+    account: String,
+    tenant: String,
+    key: String,
+    curl: String,
+    plan: String,
+    trial_ends_at: Option<String>,
+    credits: String,
+}
+
+/// The sign-up form, with a fresh CSRF token in its cookie.
+fn signup_page(state: &AppState, mut page: SignupPage, status: StatusCode) -> Response {
+    let csrf = keygate_engine::ids::random_base62(32);
+    page.csrf = csrf.clone();
+    let mut r = render(&page);
+    *r.status_mut() = status;
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(state, LOGIN_CSRF_COOKIE, &csrf, 3600),
+    );
+    r
+}
+
+/// A first request with `key`: the first normal route (the API behind keygate), else the
+/// forward-auth check, on the host the browser used.
+fn first_request(state: &AppState, headers: &HeaderMap, key: &str) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic()))
+        .map_or_else(|| state.config.listen.clone(), str::to_owned);
+    let route = state
+        .config
+        .routes
+        .iter()
+        .find(|r| r.class == keygate_core::RouteClass::Normal && !r.public);
+    let (method, path) = match route {
+        Some(r) => (
+            r.methods.first().cloned().unwrap_or_else(|| "GET".into()),
+            r.path.trim_end_matches('*').to_owned(),
+        ),
+        None => ("GET".into(), "/v1/auth".into()),
+    };
+    let method = if method.eq_ignore_ascii_case("GET") {
+        String::new()
+    } else {
+        format!("-X {} ", method.to_ascii_uppercase())
+    };
+    format!("curl {method}-H 'Authorization: Bearer {key}' http://{host}{path}")
+}
+
+/// `GET /dashboard/signup`
+pub async fn signup_form(State(state): State<AppState>) -> Response {
+    if !state.config.signup.enabled {
+        return login_page(
+            &state,
+            Some("Sign-up is off on this deployment.".into()),
+            StatusCode::NOT_FOUND,
+        );
+    }
+    signup_page(&state, SignupPage::default(), StatusCode::OK)
+}
+
+/// `POST /dashboard/signup`: makes the account as `POST /v1/signup` does and shows its first
+/// key once, with a ready command for the first request.
+pub async fn signup(
+    State(state): State<AppState>,
+    ctx: crate::routes::Ctx,
+    body: Bytes,
+) -> Response {
+    if !state.config.signup.enabled {
+        return login_page(
+            &state,
+            Some("Sign-up is off on this deployment.".into()),
+            StatusCode::NOT_FOUND,
+        );
+    }
+    let f = form(&body);
+    let field = |k: &str| f.get(k).map(|v| v.trim().to_owned()).unwrap_or_default();
+    let mut page = SignupPage {
+        email: field("email"),
+        name: field("name"),
+        organisation: field("organisation"),
+        ..SignupPage::default()
+    };
+    let csrf_ok = match (f.get("csrf"), cookie(&ctx.headers, LOGIN_CSRF_COOKIE)) {
+        (Some(a), Some(b)) => keygate_oauth::ct_eq(a, b),
+        _ => false,
+    };
+    if !csrf_ok {
+        page.error = Some("The form expired; try again.".into());
+        return signup_page(&state, page, StatusCode::FORBIDDEN);
+    }
+    let optional = |v: &str| (!v.is_empty()).then(|| v.to_owned());
+    let body = keygate_api::SignUp {
+        email: page.email.clone(),
+        password: f.get("password").cloned().unwrap_or_default(),
+        name: optional(&page.name),
+        organisation: optional(&page.organisation),
+    };
+    match crate::routes::signup::create_account(&state, ctx.peer, body).await {
+        Ok(keygate_api::SignedUp {
+            account: Some(account),
+            key: Some(key),
+            ..
+        }) => {
+            let done = SignedUpPage {
+                curl: first_request(&state, &ctx.headers, &key),
+                account: account.name,
+                tenant: account.id,
+                key,
+                plan: account.plan,
+                trial_ends_at: account.trial_ends_at,
+                credits: account
+                    .credits
+                    .map_or_else(|| "Unlimited credits.".into(), |c| format!("{c} credits.")),
+            };
+            let mut r = render(&SignupPage {
+                done: Some(done),
+                ..SignupPage::default()
+            });
+            // The key is on this page only: no cache may keep it.
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            *r.status_mut() = StatusCode::CREATED;
+            r
+        }
+        Ok(_) => {
+            page.error = Some("This address has an account already: sign in instead.".into());
+            signup_page(&state, page, StatusCode::OK)
+        }
+        Err(e) => {
+            page.error = Some(e.message.into_owned());
+            signup_page(&state, page, e.status)
+        }
+    }
 }
 
 /// `GET /dashboard` and `GET /dashboard/login`
@@ -1662,6 +1818,29 @@ pub(crate) mod tests {
             LoginPage {
                 csrf: evil(),
                 error: Some(evil()),
+                signup: true,
+            }
+            .render(),
+            SignupPage {
+                csrf: evil(),
+                error: Some(evil()),
+                email: evil(),
+                name: evil(),
+                organisation: evil(),
+                done: None,
+            }
+            .render(),
+            SignupPage {
+                done: Some(SignedUpPage {
+                    account: evil(),
+                    tenant: evil(),
+                    key: evil(),
+                    curl: evil(),
+                    plan: evil(),
+                    trial_ends_at: Some(evil()),
+                    credits: evil(),
+                }),
+                ..SignupPage::default()
             }
             .render(),
             KeysPage {

@@ -464,6 +464,10 @@ pub fn router(state: AppState) -> Router {
             "/dashboard/login",
             get(dashboard::home).post(dashboard::login),
         )
+        .route(
+            "/dashboard/signup",
+            get(dashboard::signup_form).post(dashboard::signup),
+        )
         .route("/dashboard/logout", post(dashboard::logout))
         .route("/dashboard/app.js", get(dashboard::app_js))
         .route(

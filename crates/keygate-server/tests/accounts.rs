@@ -619,3 +619,134 @@ async fn two_nodes_see_a_plan_change_at_once_and_end_a_trial_once() {
     a.stop().await;
     b.stop().await;
 }
+
+/// The value of cookie `name` set by `r`.
+fn set_cookie(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| c.strip_prefix(&format!("{name}=")))
+        .and_then(|c| c.split(';').next())
+        .expect("cookie")
+        .to_owned()
+}
+
+fn csrf_of(html: &str) -> String {
+    html.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("csrf field")
+        .to_owned()
+}
+
+/// The page a person fills in: the sign-in page offers it, and it shows the first key once
+/// with a command that works as shown.
+#[tokio::test]
+async fn the_sign_up_page_shows_the_first_key_once_with_a_working_first_request() {
+    let app = TestApp::spawn_with(accounts).await;
+    let login = app
+        .client
+        .get(app.url("/dashboard/login"))
+        .send()
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("page");
+    assert!(
+        login.contains("href=\"/dashboard/signup\""),
+        "linked from sign-in"
+    );
+    let page = app
+        .client
+        .get(app.url("/dashboard/signup"))
+        .send()
+        .await
+        .expect("request");
+    let cookie = set_cookie(&page, "kg_dash_csrf");
+    let csrf = csrf_of(&page.text().await.expect("page"));
+    let submit = |form: Vec<(&'static str, String)>, cookie: String| {
+        app.client
+            .post(app.url("/dashboard/signup"))
+            .header("Cookie", format!("kg_dash_csrf={cookie}"))
+            .header("X-Forwarded-For", "203.0.113.30")
+            .form(&form)
+    };
+    // A weak password: the form comes back with the reason and what was typed, minus the
+    // password.
+    let r = submit(
+        vec![
+            ("csrf", csrf.clone()),
+            ("email", "eve@example.com".into()),
+            ("password", "password123".into()),
+            ("organisation", "<b>Eve</b> & Co".into()),
+        ],
+        cookie.clone(),
+    )
+    .send()
+    .await
+    .expect("request");
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let again = r.text().await.expect("page");
+    assert!(again.contains("too easy to guess"), "{again}");
+    assert!(
+        again.contains("value=\"&lt;b&gt;Eve&lt;/b&gt; &amp; Co\""),
+        "escaped: {again}"
+    );
+    assert!(!again.contains("password123"));
+    // A forged form (no matching cookie) makes nothing.
+    let r = submit(
+        vec![
+            ("csrf", "forged".into()),
+            ("email", "eve@example.com".into()),
+            ("password", PASSWORD.into()),
+        ],
+        cookie.clone(),
+    )
+    .send()
+    .await
+    .expect("request");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
+    let r = submit(
+        vec![
+            ("csrf", csrf),
+            ("email", "eve@example.com".into()),
+            ("password", PASSWORD.into()),
+            ("organisation", "Eve & Co".into()),
+        ],
+        cookie,
+    )
+    .send()
+    .await
+    .expect("request");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let done = r.text().await.expect("page");
+    let key = done
+        .split("id=\"secret\">")
+        .nth(1)
+        .and_then(|s| s.split('<').next())
+        .expect("the key on the page")
+        .to_owned();
+    assert!(key.starts_with("kg_ut_"), "{key}");
+    let curl = done
+        .split("id=\"curl\">")
+        .nth(1)
+        .and_then(|s| s.split('<').next())
+        .expect("the first request on the page")
+        .replace("&#x27;", "'")
+        .replace("&#39;", "'");
+    let expected = format!(
+        "curl -H 'Authorization: Bearer {key}' http://{}/v1/things/",
+        app.addr
+    );
+    assert_eq!(curl, expected);
+    // The command as shown: the route it names accepts the key.
+    let r = app
+        .auth(Some(&key), &[("X-Original-URI", "/v1/things/")])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    app.stop().await;
+}

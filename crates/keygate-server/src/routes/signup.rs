@@ -37,6 +37,18 @@ pub async fn signup(
     ctx: Ctx,
     Json(body): Json<SignUp>,
 ) -> Result<impl IntoResponse, ApiError> {
+    let made = create_account(&state, ctx.peer, body).await?;
+    Ok((StatusCode::CREATED, axum::Json(made)))
+}
+
+/// Makes an account for `body`, from client address `peer` (the API and the dashboard's
+/// sign-up page both call this). An address registered already gets [`SignedUp`] with
+/// nothing in it.
+pub(crate) async fn create_account(
+    state: &AppState,
+    peer: Option<std::net::IpAddr>,
+    body: SignUp,
+) -> Result<SignedUp, ApiError> {
     let cfg = &state.config.signup;
     if !cfg.enabled {
         return Err(ApiError::not_found("route"));
@@ -48,7 +60,7 @@ pub async fn signup(
             window_seconds: 3600,
         };
         // An IPv6 client holds a /64 at least: count per /64.
-        let who = match ctx.peer {
+        let who = match peer {
             Some(std::net::IpAddr::V6(v6)) => {
                 let s = v6.segments();
                 format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
@@ -87,7 +99,7 @@ pub async fn signup(
     let password_hash = super::users::hash_password(body.password).await?;
     if state.store.email_registered(&email).await? {
         tracing::info!("sign-up with an address registered already");
-        return Ok((StatusCode::CREATED, axum::Json(nothing())));
+        return Ok(nothing());
     }
     let plan = cfg.plan.clone();
     let start = state.plan_start(&plan, now);
@@ -113,7 +125,7 @@ pub async fn signup(
         // No email has confirmed the address yet (see docs/accounts.md).
         verified: false,
     };
-    let scopes = first_key_scopes(&state, &user);
+    let scopes = first_key_scopes(state, &user);
     let (plaintext, key) = issue::build_key_for(
         &state.issuer(),
         &tenant.id,
@@ -160,16 +172,13 @@ pub async fn signup(
     })
     .await?;
     if !made {
-        return Ok((StatusCode::CREATED, axum::Json(nothing())));
+        return Ok(nothing());
     }
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(SignedUp {
-            account: Some(crate::views::tenant_view(&state, &tenant)),
-            user: Some(crate::views::user_view(&user)),
-            key: Some(plaintext),
-        }),
-    ))
+    Ok(SignedUp {
+        account: Some(crate::views::tenant_view(state, &tenant)),
+        user: Some(crate::views::user_view(&user)),
+        key: Some(plaintext),
+    })
 }
 
 /// The answer to a sign-up that made nothing (the address is registered already).
