@@ -70,6 +70,19 @@ async fn sign_up(app: &TestApp, from: &str, body: Value) -> reqwest::Response {
         .expect("request")
 }
 
+/// A new account of `email`, signed up from `from`: its first key and its id.
+async fn account(app: &TestApp, from: &str, email: &str) -> (String, String) {
+    let v: Value = sign_up(app, from, json!({"email": email, "password": PASSWORD}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    (
+        v["key"].as_str().expect("key").to_owned(),
+        v["account"]["id"].as_str().expect("id").to_owned(),
+    )
+}
+
 /// A call to the `things` route with `key`.
 async fn thing(app: &TestApp, key: &str) -> reqwest::Response {
     app.auth(Some(key), &[("X-Original-URI", "/v1/things/1")])
@@ -256,19 +269,7 @@ async fn bad_sign_ups_get_clear_errors_change_nothing_and_are_limited_per_addres
 #[tokio::test]
 async fn a_plan_lacking_a_feature_answers_plan_feature_and_a_plan_change_applies_at_once() {
     let app = TestApp::spawn_with(accounts).await;
-    let v: Value = sign_up(
-        &app,
-        "203.0.113.5",
-        json!({"email": "b@example.com", "password": PASSWORD}),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
-    let (ut, tenant) = (
-        v["key"].as_str().expect("key").to_owned(),
-        v["account"]["id"].as_str().expect("id").to_owned(),
-    );
+    let (ut, tenant) = account(&app, "203.0.113.5", "b@example.com").await;
     let (sk, _) = app
         .create_key(json!({"kind": "sk", "name": "hooks", "tenant_id": tenant, "scopes": ["webhooks:read", "webhooks:write"]}))
         .await;
@@ -467,19 +468,7 @@ async fn tenant_of(app: &TestApp, tenant: &str) -> Value {
 #[tokio::test]
 async fn a_trial_warns_three_days_before_and_then_becomes_its_next_plan() {
     let app = TestApp::spawn_with(accounts).await;
-    let v: Value = sign_up(
-        &app,
-        "203.0.113.6",
-        json!({"email": "c@example.com", "password": PASSWORD}),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
-    let (ut, tenant) = (
-        v["key"].as_str().expect("key").to_owned(),
-        v["account"]["id"].as_str().expect("id").to_owned(),
-    );
+    let (ut, tenant) = account(&app, "203.0.113.6", "c@example.com").await;
     let now = keygate_engine::clock::now_ms();
     let warned = || async {
         let v: Value = app.get("/v1/alerts").await.json().await.expect("json");
@@ -542,19 +531,7 @@ async fn two_nodes_see_a_plan_change_at_once_and_end_a_trial_once() {
     })
     .await
     .with_root(a.root.clone());
-    let v: Value = sign_up(
-        &a,
-        "203.0.113.7",
-        json!({"email": "d@example.com", "password": PASSWORD}),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
-    let (ut, tenant) = (
-        v["key"].as_str().expect("key").to_owned(),
-        v["account"]["id"].as_str().expect("id").to_owned(),
-    );
+    let (ut, tenant) = account(&a, "203.0.113.7", "d@example.com").await;
     assert_eq!(thing(&b, &ut).await.status(), StatusCode::OK, "cached on b");
     let r = a
         .patch(&format!("/v1/tenants/{tenant}"), json!({"plan": "noapi"}))

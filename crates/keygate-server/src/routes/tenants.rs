@@ -26,6 +26,16 @@ fn operator_only() -> ApiError {
     )
 }
 
+/// Only the operator changes a tenant's plan or pool; others are told so about their own
+/// tenant, and that any other tenant does not exist.
+fn operator_on(caller: &super::Caller, id: &TenantId) -> Result<(), ApiError> {
+    match (caller.is_operator(), caller.sees(id)) {
+        (true, _) => Ok(()),
+        (false, true) => Err(operator_only()),
+        (false, false) => Err(ApiError::not_found("tenant")),
+    }
+}
+
 /// `POST /v1/tenants`
 #[utoipa::path(
     operation_id = "tenants_create",
@@ -210,12 +220,7 @@ pub async fn update(
     Json(body): Json<UpdateTenant>,
 ) -> Result<axum::Json<TenantView>, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Billing).await?;
-    if !caller.is_operator() {
-        if caller.sees(&id) {
-            return Err(operator_only());
-        }
-        return Err(ApiError::not_found("tenant"));
-    }
+    operator_on(&caller, &id)?;
     let name = body.name.as_deref().map(issue::check_name).transpose()?;
     if let Some(p) = &body.plan {
         if !state.config.plans.contains_key(p) {
@@ -273,12 +278,7 @@ pub async fn top_up(
     Json(body): Json<TopUp>,
 ) -> Result<axum::Json<TenantView>, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Billing).await?;
-    if !caller.is_operator() {
-        if caller.sees(&id) {
-            return Err(operator_only());
-        }
-        return Err(ApiError::not_found("tenant"));
-    }
+    operator_on(&caller, &id)?;
     if body.amount == 0 || body.amount > 1_000_000_000_000 {
         return Err(ApiError::invalid(
             "amount must be between 1 and 1000000000000",
