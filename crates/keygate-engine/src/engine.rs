@@ -291,13 +291,31 @@ impl Engine {
             Kind::Ut => record.rate_limit.or(plan.rate_limit),
             _ => record.rate_limit,
         };
+        // A user token holds at most what its user's plan allows now: a plan that started
+        // after the key was made narrows it (issuance checked the plan of that day).
+        let scopes = match (record.kind, &plan.scopes) {
+            (Kind::Ut, Some(allowed)) => match keygate_core::ScopeSet::parse(allowed) {
+                Ok(allowed) => {
+                    let kept: Vec<String> = record
+                        .scopes
+                        .to_strings()
+                        .into_iter()
+                        .filter(|s| allowed.allows(s))
+                        .collect();
+                    keygate_core::ScopeSet::parse(&kept).unwrap_or_default()
+                }
+                // Checked when the config was loaded.
+                Err(_) => keygate_core::ScopeSet::default(),
+            },
+            _ => record.scopes.clone(),
+        };
         let policy = KeyPolicy {
             id: record.id.clone(),
             tenant_id: record.tenant_id.clone(),
             user_id: record.user_id.clone(),
             kind: record.kind,
             status: record.status,
-            scopes: record.scopes.clone(),
+            scopes: scopes.clone(),
             allowed_ips: record.allowed_ips.clone(),
             allowed_origins: record.allowed_origins.clone(),
             rate_limit,
@@ -312,7 +330,7 @@ impl Engine {
             id_header: hv(&record.id),
             tenant_header: hv(&record.tenant_id),
             user_header: record.user_id.as_deref().map(hv),
-            scopes_header: hv(&record.scopes.to_strings().join(" ")),
+            scopes_header: hv(&scopes.to_strings().join(" ")),
             policy_header: rate_limit.map(|r| policy_value(r.limit, r.window_seconds)),
             counters: self.counters.handles(&record.family_id, &record.tenant_id),
             cached_at: std::time::Instant::now(),

@@ -52,6 +52,13 @@ fn accounts(c: &mut keygate_server::Config) {
         },
     );
     c.plans.insert(
+        "narrow".into(),
+        PlanConfig {
+            scopes: Some(vec!["other:read".into()]),
+            ..PlanConfig::default()
+        },
+    );
+    c.plans.insert(
         "nohooks".into(),
         PlanConfig {
             features: Some(vec![Feature::Api]),
@@ -725,5 +732,28 @@ async fn the_sign_up_page_shows_the_first_key_once_with_a_working_first_request(
         .auth(Some(&key), &[("X-Original-URI", "/v1/things/")])
         .await;
     assert_eq!(r.status(), StatusCode::OK);
+    app.stop().await;
+}
+
+/// A plan with a shorter scope list narrows the keys its users made before it started.
+#[tokio::test]
+async fn a_plan_with_fewer_scopes_narrows_the_keys_made_before_it() {
+    let app = TestApp::spawn_with(accounts).await;
+    let (ut, tenant) = account(&app, "203.0.113.40", "f@example.com").await;
+    assert_eq!(thing(&app, &ut).await.status(), StatusCode::OK);
+    let r = app
+        .patch(&format!("/v1/tenants/{tenant}"), json!({"plan": "narrow"}))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = thing(&app, &ut).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_eq!(r.headers()["x-keygate-code"], "FORBIDDEN_SCOPE");
+    app.patch(&format!("/v1/tenants/{tenant}"), json!({"plan": "trial"}))
+        .await;
+    assert_eq!(
+        thing(&app, &ut).await.status(),
+        StatusCode::OK,
+        "the key's own scopes are kept"
+    );
     app.stop().await;
 }
