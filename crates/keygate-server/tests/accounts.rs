@@ -7,7 +7,7 @@ use keygate_engine::config::{Feature, PlanConfig};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use support::{error_code, eventually, TestApp};
+use support::{csrf_of, error_code, eventually, TestApp};
 
 const PASSWORD: &str = "plum-violin-87-harbour";
 
@@ -613,14 +613,6 @@ fn set_cookie(r: &reqwest::Response, name: &str) -> String {
         .find_map(|c| c.strip_prefix(&format!("{name}=")))
         .and_then(|c| c.split(';').next())
         .expect("cookie")
-        .to_owned()
-}
-
-fn csrf_of(html: &str) -> String {
-    html.split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .expect("csrf field")
         .to_owned()
 }
 

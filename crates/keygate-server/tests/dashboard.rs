@@ -7,7 +7,7 @@ mod support;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use support::TestApp;
+use support::{csrf_of, TestApp};
 
 struct Session {
     http: reqwest::Client,
@@ -57,14 +57,6 @@ impl Session {
             .unwrap_or_default();
         (status, loc, r.text().await.expect("body"))
     }
-}
-
-fn csrf_of(html: &str) -> String {
-    html.split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|s| s.split('"').next())
-        .expect("csrf field")
-        .to_owned()
 }
 
 #[tokio::test]

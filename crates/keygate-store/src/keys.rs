@@ -30,11 +30,8 @@ impl Store for SqlStore {
     }
 
     async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>> {
-        let row = sqlx::query("SELECT * FROM tenants WHERE id = $1")
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(tenant_from_row).transpose()
+        self.row_where("SELECT * FROM tenants WHERE id = $1", id, tenant_from_row)
+            .await
     }
 
     async fn list_tenants(&self, page: &PageRequest) -> Result<Vec<Tenant>> {
@@ -201,11 +198,8 @@ impl Store for SqlStore {
     }
 
     async fn get_user(&self, id: &UserId) -> Result<Option<User>> {
-        let row = sqlx::query("SELECT * FROM users WHERE id = $1")
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(user_from_row).transpose()
+        self.row_where("SELECT * FROM users WHERE id = $1", id, user_from_row)
+            .await
     }
 
     async fn list_users(&self, tenant_id: &TenantId, page: &PageRequest) -> Result<Vec<User>> {

@@ -100,12 +100,8 @@ impl crate::OAuthStore for crate::SqlStore {
     }
 
     async fn get_client(&self, id: &str) -> crate::Result<Option<OAuthClient>> {
-        let row = Sql::new("SELECT * FROM oauth_clients WHERE id = ")
-            .push_bind(id)
-            .build()?
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(client_from).transpose()
+        self.row_where("SELECT * FROM oauth_clients WHERE id = $1", id, client_from)
+            .await
     }
 
     async fn list_clients(
@@ -192,12 +188,8 @@ impl crate::OAuthStore for crate::SqlStore {
     }
 
     async fn get_code(&self, hash: &str) -> crate::Result<Option<AuthCode>> {
-        let row = Sql::new("SELECT * FROM oauth_codes WHERE hash = ")
-            .push_bind(hash)
-            .build()?
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(code_from).transpose()
+        self.row_where("SELECT * FROM oauth_codes WHERE hash = $1", hash, code_from)
+            .await
     }
 
     async fn use_code(
@@ -254,12 +246,8 @@ impl crate::OAuthStore for crate::SqlStore {
     }
 
     async fn get_grant(&self, id: &str) -> crate::Result<Option<OAuthGrant>> {
-        let row = Sql::new("SELECT * FROM oauth_grants WHERE id = ")
-            .push_bind(id)
-            .build()?
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(grant_from).transpose()
+        self.row_where("SELECT * FROM oauth_grants WHERE id = $1", id, grant_from)
+            .await
     }
 
     async fn revoke_grant(&self, id: &str, now_ms: i64, reason: &str) -> crate::Result<bool> {
@@ -314,12 +302,12 @@ impl crate::OAuthStore for crate::SqlStore {
     }
 
     async fn get_refresh(&self, hash: &str) -> crate::Result<Option<RefreshToken>> {
-        let row = Sql::new("SELECT * FROM oauth_refresh_tokens WHERE hash = ")
-            .push_bind(hash)
-            .build()?
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(refresh_from).transpose()
+        self.row_where(
+            "SELECT * FROM oauth_refresh_tokens WHERE hash = $1",
+            hash,
+            refresh_from,
+        )
+        .await
     }
 
     async fn revoke_access_token(

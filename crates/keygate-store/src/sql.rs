@@ -153,6 +153,20 @@ impl SqlStore {
         self.pool.begin_with(self.backend.begin_write()).await
     }
 
+    /// The one row `sql` (a statement with one placeholder, `$1`) finds for `value`, decoded.
+    pub(crate) async fn row_where<T>(
+        &self,
+        sql: &'static str,
+        value: &str,
+        decode: fn(&sqlx::any::AnyRow) -> Result<T>,
+    ) -> Result<Option<T>> {
+        let row = sqlx::query(sql)
+            .bind(value)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(decode).transpose()
+    }
+
     /// Applies the backend's pending migrations.
     pub(crate) async fn run_migrations(&self) -> Result<()> {
         self.backend.migrations().run(&self.pool).await?;

@@ -76,12 +76,12 @@ impl crate::WebhookStore for crate::SqlStore {
     }
 
     async fn get_webhook(&self, id: &str) -> crate::Result<Option<WebhookEndpoint>> {
-        let row = Sql::new("SELECT * FROM webhook_endpoints WHERE id = ")
-            .push_bind(id)
-            .build()?
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(endpoint_from).transpose()
+        self.row_where(
+            "SELECT * FROM webhook_endpoints WHERE id = $1",
+            id,
+            endpoint_from,
+        )
+        .await
     }
 
     async fn delete_webhook(&self, id: &str) -> crate::Result<bool> {

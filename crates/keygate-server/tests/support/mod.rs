@@ -297,6 +297,15 @@ impl TestApp {
 }
 
 /// The `error.code` of a JSON refusal.
+/// The CSRF token of the first form of a page.
+pub fn csrf_of(html: &str) -> String {
+    html.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("csrf field")
+        .to_owned()
+}
+
 pub async fn error_code(r: Response) -> String {
     let v: Value = r.json().await.expect("json error body");
     v["error"]["code"].as_str().unwrap_or_default().to_string()
