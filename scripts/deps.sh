@@ -2,8 +2,8 @@
 # Installs the real programs the tests drive, when they are missing: nginx and Caddy (the
 # forward-auth tests), Chromium (the browser test), wrk (the load test), the browser test's
 # npm packages, and Python's authlib (the OAuth client the OAuth flow test drives),
-# schemathesis and openapi-spec-validator (the OpenAPI tests). Needs root for apt-get (as on
-# CI); elsewhere prints what to install.
+# schemathesis and openapi-spec-validator (the OpenAPI tests), aiosmtpd (the SMTP server the
+# email tests read). Needs root for apt-get (as on CI); elsewhere prints what to install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
@@ -23,11 +23,11 @@ fi
 if [ -f tests/browser/package.json ] && [ ! -d tests/browser/node_modules/playwright-core ]; then
   (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 fi
-if ! python3 -c 'import authlib, requests, schemathesis, openapi_spec_validator' 2>/dev/null; then
+if ! python3 -c 'import authlib, requests, schemathesis, openapi_spec_validator, aiosmtpd' 2>/dev/null; then
   if command -v python3 >/dev/null; then
-    python3 -m pip install -q --disable-pip-version-check authlib requests schemathesis openapi-spec-validator \
-      || echo "could not install the Python test tools (pip install authlib requests schemathesis openapi-spec-validator)" >&2
+    python3 -m pip install -q --disable-pip-version-check authlib requests schemathesis openapi-spec-validator aiosmtpd \
+      || echo "could not install the Python test tools (pip install authlib requests schemathesis openapi-spec-validator aiosmtpd)" >&2
   else
-    echo "missing python3 (authlib, schemathesis, openapi-spec-validator) for the OAuth and OpenAPI tests" >&2
+    echo "missing python3 (authlib, schemathesis, openapi-spec-validator, aiosmtpd) for the OAuth, OpenAPI and email tests" >&2
   fi
 fi

@@ -146,6 +146,9 @@ pub struct TenantView {
     pub plan_started_at: String,
     /// When the trial ends and the plan's `then` takes over; `null` off a trial.
     pub trial_ends_at: Option<String>,
+    /// False until the owner opens the emailed link (`[signup] verify_email`); meanwhile the
+    /// account's keys answer `ACCOUNT_UNVERIFIED` on the API.
+    pub verified: bool,
 }
 
 /// A user as shown (never the password hash).
@@ -454,6 +457,38 @@ pub struct SignedUp {
     pub user: Option<UserView>,
     /// A `ut` key of the owner (absent when the address was registered already).
     pub key: Option<String>,
+}
+
+/// `GET /v1/signup/verify` answer: the address that is now verified.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Verified {
+    /// Its user.
+    pub user: UserView,
+}
+
+/// `POST /v1/password/forgot` body.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForgotPassword {
+    /// The address to send a reset link to (if it belongs to a user).
+    pub email: String,
+}
+
+/// `POST /v1/password/reset` body.
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResetPassword {
+    /// The token of the emailed link.
+    pub token: String,
+    /// The new password: at least 10 characters, not a common password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for ResetPassword {
+    // Not derived: neither the token nor the password goes to a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResetPassword").finish_non_exhaustive()
+    }
 }
 
 /// `{"error": {"code", "message", "request_id"}}`: every refusal of keygate's own API.

@@ -30,7 +30,7 @@ fn policy() -> KeyPolicy {
         }),
         budget: Some(2_000),
         expires_at_ms: Some(i64::MAX),
-        api_access: true,
+        plan_gate: None,
         resource_only: false,
     }
 }
@@ -58,6 +58,7 @@ fn bench(c: &mut Criterion) {
         tenant_id: None,
         cost: 1,
         now_ms: 1_700_000_000_000,
+        management: false,
     };
 
     c.bench_function("parse", |b| {

@@ -45,6 +45,8 @@ pub enum Code {
     TenantMismatch,
     /// The key's plan does not include this feature (e.g. API access).
     PlanFeature,
+    /// The account's email address is not verified yet (`[signup] verify_email`).
+    AccountUnverified,
     /// Over the key's rate limit.
     RateLimited,
     /// A backing store is down and the answer cannot be given safely.
@@ -53,7 +55,7 @@ pub enum Code {
 
 impl Code {
     /// Every code, in declaration order.
-    pub const ALL: [Code; 16] = [
+    pub const ALL: [Code; 17] = [
         Code::Valid,
         Code::MissingKey,
         Code::MalformedKey,
@@ -68,6 +70,7 @@ impl Code {
         Code::BlockedForKeyType,
         Code::TenantMismatch,
         Code::PlanFeature,
+        Code::AccountUnverified,
         Code::RateLimited,
         Code::Unavailable,
     ];
@@ -94,6 +97,7 @@ impl Code {
             Code::BlockedForKeyType => "BLOCKED_FOR_KEY_TYPE",
             Code::TenantMismatch => "TENANT_MISMATCH",
             Code::PlanFeature => "PLAN_FEATURE",
+            Code::AccountUnverified => "ACCOUNT_UNVERIFIED",
             Code::RateLimited => "RATE_LIMITED",
             Code::Unavailable => "UNAVAILABLE",
         }
@@ -114,7 +118,8 @@ impl Code {
             | Code::IpNotAllowed
             | Code::BlockedForKeyType
             | Code::TenantMismatch
-            | Code::PlanFeature => 403,
+            | Code::PlanFeature
+            | Code::AccountUnverified => 403,
             Code::RateLimited => 429,
             Code::Unavailable => 503,
         }
@@ -139,6 +144,9 @@ impl Code {
             Code::BlockedForKeyType => "publishable keys may not call this endpoint",
             Code::TenantMismatch => "X-Tenant-Id does not match the key's tenant",
             Code::PlanFeature => "the key's plan does not include API access",
+            Code::AccountUnverified => {
+                "the account's email address is not verified yet: open the link in the email"
+            }
             Code::RateLimited => "rate limit exceeded",
             Code::Unavailable => "a backing service is unavailable; try again shortly",
         }
@@ -247,8 +255,10 @@ pub struct KeyPolicy {
     pub budget: Option<u64>,
     /// Expiry in Unix milliseconds (for a key in grace, the end of the grace period).
     pub expires_at_ms: Option<i64>,
-    /// Whether the key's plan allows API access at all.
-    pub api_access: bool,
+    /// Why the key's account may not call the API now (`PLAN_FEATURE`: its plan lacks `api`;
+    /// `ACCOUNT_UNVERIFIED`), if it may not. keygate's own API ([`RequestFacts::management`])
+    /// stays open, so a user can still see why and change it.
+    pub plan_gate: Option<Code>,
     /// For the resource API only (an OAuth access token): refused on every route class but
     /// `Normal`, like a publishable key, so it cannot manage keygate itself.
     pub resource_only: bool,
@@ -282,6 +292,9 @@ pub struct RequestFacts<'a> {
     pub cost: u64,
     /// Now, Unix milliseconds.
     pub now_ms: i64,
+    /// A call to keygate's own API (management, the dashboard), not to the API behind it:
+    /// the account's plan gate ([`KeyPolicy::plan_gate`]) does not apply.
+    pub management: bool,
 }
 
 /// What an allowed request must still pass through the counters.
@@ -336,8 +349,8 @@ pub fn decide(key: Option<&KeyPolicy>, req: &RequestFacts<'_>) -> Result<Charge,
     if key.resource_only && req.route_class != RouteClass::Normal {
         return Err(Code::BlockedForKeyType);
     }
-    if !key.api_access {
-        return Err(Code::PlanFeature);
+    if let Some(gate) = key.plan_gate.filter(|_| !req.management) {
+        return Err(gate);
     }
     if let Some(scope) = req.scope {
         // `*` is honoured only on secret keys, even if one slipped into another kind's record.
@@ -388,7 +401,7 @@ mod tests {
             rate_limit: None,
             budget: Some(10),
             expires_at_ms: Some(2_000),
-            api_access: true,
+            plan_gate: None,
             resource_only: false,
         }
     }
@@ -404,6 +417,7 @@ mod tests {
             tenant_id: None,
             cost: 1,
             now_ms: 1_000,
+            management: false,
         }
     }
 
@@ -442,9 +456,18 @@ mod tests {
         let mut f = facts();
         f.route_class = RouteClass::Admin;
         assert_eq!(decide(Some(&pk()), &f), Err(Code::BlockedForKeyType));
-        let mut k = pk();
-        k.api_access = false;
-        assert_eq!(decide(Some(&k), &facts()), Err(Code::PlanFeature));
+        for gate in [Code::PlanFeature, Code::AccountUnverified] {
+            let mut k = pk();
+            k.plan_gate = Some(gate);
+            assert_eq!(decide(Some(&k), &facts()), Err(gate));
+            // keygate's own API stays open to the key (the pk is then refused for its class).
+            let mut own = facts();
+            own.management = true;
+            assert_eq!(
+                decide(Some(&k), &own),
+                Ok(decide(Some(&pk()), &facts()).expect("ok"))
+            );
+        }
         let mut f = facts();
         f.scope = Some("ocr:write");
         assert_eq!(decide(Some(&pk()), &f), Err(Code::ForbiddenScope));

@@ -261,6 +261,43 @@ impl SharedCounters {
         }
     }
 
+    /// A rate window of its own for `name` (sign-ups and password resets per client address),
+    /// shared by every node: the same script, at no cost. `Err` when Redis cannot be reached.
+    pub async fn check_named(
+        &self,
+        name: &str,
+        rl: &RateLimit,
+        now_ms: i64,
+    ) -> Result<keygate_core::RateDecision, SharedError> {
+        let p = &self.prefix;
+        // Its own hash tag, apart from every tenant's keys; the budget and pool keys are never
+        // read at cost 0.
+        let tag = format!("{p}:{{n:{name}}}");
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            tenant_id: TenantId::from(format!("n:{name}")),
+            keys: [format!("{tag}:w"), format!("{tag}:b"), format!("{tag}:p")],
+            args: [
+                now_ms,
+                i64::from(rl.limit),
+                i64::from(rl.window_seconds) * 1000,
+                0,
+                0,
+                1,
+            ],
+            reply,
+        };
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| SharedError("batcher stopped".into()))?;
+        let v = rx
+            .await
+            .unwrap_or_else(|_| Err("batch dropped".into()))
+            .map_err(SharedError)?;
+        Ok(decision(*rl, v[1], v[2], v[3], now_ms))
+    }
+
     /// Rate limit, key budget, tenant credits, for every node at once. `Err` with
     /// `UNAVAILABLE` when Redis cannot be reached and money is involved; `Ok(None)` when
     /// Redis cannot be reached but the call is free (the caller then limits locally).

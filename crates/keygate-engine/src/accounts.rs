@@ -4,8 +4,13 @@
 
 use crate::clock::now_ms;
 use crate::engine::{Change, Engine};
-use keygate_core::TenantId;
-use keygate_store::{PlanStart, StoreError, Tenant, TenantChange};
+use crate::mail::{token_hash, NewLink};
+use keygate_core::access::Role;
+use keygate_core::{KeyId, KeyStatus, Kind, TenantId};
+use keygate_store::{
+    EmailPurpose, KeyFilter, KeyRecord, PageRequest, PlanStart, StoreError, Tenant, TenantChange,
+    User,
+};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +19,13 @@ pub const PLANS_TASK: &str = "plans";
 
 /// How long before a trial ends its account hears of it (`tenant.trial_ending`).
 pub const TRIAL_WARNING_MS: i64 = 3 * 86_400_000;
+
+/// How long a password-reset link works.
+pub const RESET_LINK_MS: i64 = 30 * 60_000;
+
+/// The metadata entry that marks a dashboard password session's key (a password reset ends
+/// those keys).
+pub const SESSION_MARK: &str = "dashboard_session";
 
 impl Engine {
     /// `plan` starting at `at_ms`: its trial end, and the credits it grants.
@@ -74,6 +86,228 @@ impl Engine {
             self.plan_changed(id).await;
         }
         Ok(Some(after))
+    }
+}
+
+impl Engine {
+    /// Emails `user` the link that verifies their address (and their account, if they own
+    /// it). Nothing is sent without `[smtp]`.
+    pub async fn send_verification(&self, user: &User) -> Result<(), StoreError> {
+        let Some(mailer) = &self.mailer else {
+            return Ok(());
+        };
+        let ttl_ms = i64::from(self.config.signup.verify_link_hours) * 3_600_000;
+        let (token, record) = NewLink {
+            purpose: EmailPurpose::Verify,
+            tenant_id: &user.tenant_id,
+            user_id: Some(&user.id),
+            email: &user.email,
+            role: None,
+            ttl_ms,
+        }
+        .make(now_ms());
+        self.store.insert_email_token(&record).await?;
+        let link = format!("{}/v1/signup/verify?token={token}", self.oauth.issuer);
+        let hours = self.config.signup.verify_link_hours;
+        mailer.send_later(
+            &user.email,
+            "Verify your email address",
+            format!(
+                "Welcome to keygate.\n\nOpen this link to verify your address; your API keys \
+                 work once it is verified:\n\n{link}\n\nThe link works once, for {hours} hours. \
+                 If you did not sign up, ignore this email.\n"
+            ),
+            "verification",
+        );
+        Ok(())
+    }
+
+    /// Tells the owner of `email` that someone signed up with it again (the sign-up's answer
+    /// does not say that the address is registered).
+    pub fn send_already_registered(&self, email: &str) {
+        let Some(mailer) = &self.mailer else {
+            return;
+        };
+        let base = &self.oauth.issuer;
+        mailer.send_later(
+            email,
+            "Someone tried to sign up with your address",
+            format!(
+                "Someone, maybe you, tried to make a keygate account with this address. It has \
+                 an account already, so none was made.\n\nSign in: {base}/dashboard/login\n\
+                 Forgot your password? {base}/dashboard/forgot\n\nIf it was not you, you need \
+                 do nothing.\n"
+            ),
+            "already registered",
+        );
+    }
+
+    /// Emails a password-reset link to each user with `email` who signs in with a password
+    /// (an address may belong to users of several accounts; at most 10).
+    pub async fn send_reset(&self, email: &str) -> Result<(), StoreError> {
+        let Some(mailer) = &self.mailer else {
+            return Ok(());
+        };
+        let now = now_ms();
+        for user in self.store.users_with_email(email, 10).await? {
+            if user.password_hash.is_none() {
+                continue;
+            }
+            let (token, record) = NewLink {
+                purpose: EmailPurpose::Reset,
+                tenant_id: &user.tenant_id,
+                user_id: Some(&user.id),
+                email: &user.email,
+                role: None,
+                ttl_ms: RESET_LINK_MS,
+            }
+            .make(now);
+            self.store.insert_email_token(&record).await?;
+            let link = format!("{}/dashboard/reset?token={token}", self.oauth.issuer);
+            mailer.send_later(
+                &user.email,
+                "Reset your password",
+                format!(
+                    "Someone, maybe you, asked to reset the password of your keygate account \
+                     ({}).\n\nChoose a new password here:\n\n{link}\n\nThe link works once, \
+                     for 30 minutes, and signs you out everywhere. If you did not ask, ignore \
+                     this email: your password stays as it is.\n",
+                    user.tenant_id
+                ),
+                "password reset",
+            );
+        }
+        Ok(())
+    }
+
+    /// Opens a verification link: the user's address is verified and, when they own the
+    /// account, its keys work on every node at once. `None`: unknown, used or expired.
+    pub async fn verify_email(&self, token: &str) -> Result<Option<User>, StoreError> {
+        let Some(user) = self
+            .store
+            .redeem_verification(&token_hash(token), now_ms())
+            .await?
+        else {
+            return Ok(None);
+        };
+        let detail = serde_json::json!({"email": user.email});
+        self.record_change(Change {
+            actor: user.id.as_str(),
+            action: "user.verified",
+            tenant_id: &user.tenant_id,
+            key_id: None,
+            user_id: Some(&user.id),
+            detail: &detail,
+        })
+        .await;
+        if user.role == Role::Owner {
+            self.plan_changed(&user.tenant_id).await;
+        }
+        Ok(Some(user))
+    }
+
+    /// Uses a reset link: the password becomes `password_hash`, and every session the user
+    /// had ends (sign-in pages by `sessions_from`, dashboard sessions with their keys).
+    /// `None`: unknown, used or expired.
+    pub async fn reset_password(
+        &self,
+        token: &str,
+        password_hash: &str,
+    ) -> Result<Option<User>, StoreError> {
+        let Some(user) = self
+            .store
+            .redeem_reset(&token_hash(token), password_hash, now_ms())
+            .await?
+        else {
+            return Ok(None);
+        };
+        self.record_change(Change {
+            actor: user.id.as_str(),
+            action: "user.password_reset",
+            tenant_id: &user.tenant_id,
+            key_id: None,
+            user_id: Some(&user.id),
+            detail: &serde_json::json!({}),
+        })
+        .await;
+        let filter = KeyFilter {
+            tenant_id: Some(user.tenant_id.clone()),
+            kind: Some(Kind::Ut),
+            status: Some(KeyStatus::Active),
+            user_id: Some(user.id.clone()),
+            name_contains: None,
+        };
+        let mut page = PageRequest {
+            cursor: None,
+            limit: 500,
+        };
+        loop {
+            let keys = self.store.list_keys(&filter, &page).await?;
+            for k in keys
+                .iter()
+                .filter(|k| k.metadata.get(SESSION_MARK) == Some(&serde_json::Value::Bool(true)))
+            {
+                self.revoke_now(&k.id, user.id.as_str(), "password reset")
+                    .await?;
+            }
+            match keys.last() {
+                Some(k) if keys.len() == 500 => page.cursor = Some(k.id.to_string()),
+                _ => break,
+            }
+        }
+        Ok(Some(user))
+    }
+
+    /// One more of `what` (`signup`, `forgot`) from `ip`'s network within the hour, against
+    /// `[signup] per_ip_per_hour`: counted in Redis for every node when it is configured (this
+    /// node's own count while Redis cannot be reached), else on this node.
+    pub async fn per_network_hourly(
+        &self,
+        what: &str,
+        ip: Option<std::net::IpAddr>,
+    ) -> Option<keygate_core::RateDecision> {
+        let limit = self.config.signup.per_ip_per_hour;
+        if limit == 0 {
+            return None;
+        }
+        let rl = keygate_core::RateLimit {
+            limit,
+            window_seconds: 3600,
+        };
+        let who = ip.map_or_else(|| "unknown".to_owned(), crate::login::network_of);
+        let name = format!("{what}:{who}");
+        let now = now_ms();
+        if let Some(shared) = &self.shared {
+            match shared.check_named(&name, &rl, now).await {
+                Ok(d) => return Some(d),
+                Err(e) => tracing::warn!("{what} limit counted on this node only (redis: {e})"),
+            }
+        }
+        Some(self.counters.check_named(&name, &rl, now))
+    }
+
+    /// Revokes a key at once on every node, with its audit event (`via` says why).
+    pub async fn revoke_now(
+        &self,
+        id: &KeyId,
+        actor: &str,
+        via: &str,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        let Some(rec) = self.store.revoke_key(id, now_ms()).await? else {
+            return Ok(None);
+        };
+        self.key_changed(&rec.hash).await;
+        let detail = serde_json::json!({ "via": via });
+        self.record_change(Change {
+            actor,
+            action: "key.revoked",
+            tenant_id: &rec.tenant_id,
+            key_id: Some(&rec.id),
+            user_id: rec.user_id.as_ref(),
+            detail: &detail,
+        })
+        .await;
+        Ok(Some(rec))
     }
 }
 

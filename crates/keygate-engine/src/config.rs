@@ -66,6 +66,8 @@ pub struct Config {
     pub login: LoginConfig,
     /// Sign-up.
     pub signup: SignupConfig,
+    /// Outgoing email.
+    pub smtp: SmtpConfig,
 }
 
 /// `[proxy]`: the proxies keygate believes. From any other peer, `X-Forwarded-For`,
@@ -420,10 +422,16 @@ pub struct SignupConfig {
     pub enabled: bool,
     /// The plan a new account starts on.
     pub plan: String,
-    /// Sign-ups from one client address per hour, on each node.
+    /// Sign-ups from one client address per hour (across nodes when Redis is configured);
+    /// also the limit of password-reset requests.
     pub per_ip_per_hour: u32,
     /// How often a node looks for trials that ended, seconds.
     pub plan_check_seconds: u64,
+    /// A new account's keys answer `ACCOUNT_UNVERIFIED` until its owner opens the link
+    /// emailed to them (needs `[smtp] url`).
+    pub verify_email: bool,
+    /// How long a verification link works, hours.
+    pub verify_link_hours: u32,
 }
 
 impl Default for SignupConfig {
@@ -433,7 +441,46 @@ impl Default for SignupConfig {
             plan: "trial".into(),
             per_ip_per_hour: 5,
             plan_check_seconds: 60,
+            verify_email: false,
+            verify_link_hours: 48,
         }
+    }
+}
+
+/// `[smtp]`: how keygate sends email (verification, password reset, invitations).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmtpConfig {
+    /// `smtp://host:port` (plain; `?tls=required` for STARTTLS) or `smtps://host:port`, with
+    /// `user:password@` when the server wants them. Empty: no email is sent.
+    pub url: String,
+    /// The sender, `Name <address>`.
+    pub from: String,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            from: "keygate <no-reply@localhost>".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for SmtpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry the SMTP password.
+        let url = match self.url.split_once('@') {
+            Some((scheme_user, host)) => {
+                let scheme = scheme_user.split("://").next().unwrap_or_default();
+                format!("{scheme}://<redacted>@{host}")
+            }
+            None => self.url.clone(),
+        };
+        f.debug_struct("SmtpConfig")
+            .field("url", &url)
+            .field("from", &self.from)
+            .finish()
     }
 }
 
@@ -678,6 +725,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             login: LoginConfig::default(),
             signup: SignupConfig::default(),
+            smtp: SmtpConfig::default(),
         }
     }
 }
@@ -887,6 +935,17 @@ impl Config {
                 }
             }
         }
+        if self.signup.verify_email && self.smtp.url.is_empty() {
+            return Err(ConfigError(
+                "signup.verify_email needs smtp.url (the link is sent by email)".into(),
+            ));
+        }
+        if !(1..=720).contains(&self.signup.verify_link_hours) {
+            return Err(ConfigError(
+                "signup.verify_link_hours must be between 1 and 720".into(),
+            ));
+        }
+        crate::mail::Mailer::new(&self.smtp).map_err(|e| ConfigError(format!("smtp: {e}")))?;
         if self.signup.enabled && !self.plans.contains_key(&self.signup.plan) {
             return Err(ConfigError(format!(
                 "signup.plan names no plan ({:?})",

@@ -100,6 +100,8 @@ pub struct Engine {
     /// Whether changes from other nodes are reaching this node (always true for a store only
     /// one node uses). While false, cached keys are re-read after `cache.unsynced_ttl_seconds`.
     pub feed_ok: AtomicBool,
+    /// Outgoing email (`[smtp]`), when configured.
+    pub mailer: Option<crate::mail::Mailer>,
 }
 
 /// An allowed request.
@@ -273,12 +275,9 @@ impl Engine {
         &self,
         record: KeyRecord,
     ) -> Result<CachedKey, keygate_store::StoreError> {
-        let account = self
-            .store
-            .get_tenant(&record.tenant_id)
-            .await?
-            .map_or_else(|| "free".to_owned(), |t| t.plan);
-        let account = self.plan(&account);
+        let tenant = self.store.get_tenant(&record.tenant_id).await?;
+        let verified = tenant.as_ref().is_none_or(|t| t.verified);
+        let account = self.plan(tenant.as_ref().map_or("free", |t| t.plan.as_str()));
         let user = match (&record.kind, &record.user_id) {
             (Kind::Ut, Some(uid)) => self.store.get_user(uid).await?.map(|u| u.plan),
             _ => None,
@@ -286,7 +285,13 @@ impl Engine {
         // A user token's limits are its user's plan's; what the key may do at all needs both
         // the account's plan and the user's.
         let plan = user.as_deref().map_or(account, |p| self.plan(p));
-        let api_access = account.has(Feature::Api) && plan.has(Feature::Api);
+        let plan_gate = if !verified {
+            Some(Code::AccountUnverified)
+        } else if !(account.has(Feature::Api) && plan.has(Feature::Api)) {
+            Some(Code::PlanFeature)
+        } else {
+            None
+        };
         let rate_limit = match record.kind {
             Kind::Ut => record.rate_limit.or(plan.rate_limit),
             _ => record.rate_limit,
@@ -321,7 +326,7 @@ impl Engine {
             rate_limit,
             budget: record.budget,
             expires_at_ms: record.expires_at_ms,
-            api_access,
+            plan_gate,
             resource_only: false,
         };
         let hv =

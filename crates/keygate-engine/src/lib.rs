@@ -18,6 +18,7 @@ pub mod engine;
 pub mod ids;
 pub mod issue;
 pub mod login;
+pub mod mail;
 pub mod metrics;
 pub mod oauth;
 pub mod origins;

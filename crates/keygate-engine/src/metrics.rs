@@ -8,7 +8,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
 /// Every code gets its counter, in `Code::ALL` order.
-const CODES: [Code; 16] = Code::ALL;
+const CODES: [Code; 17] = Code::ALL;
 
 /// The metric handles of this process.
 #[derive(Debug)]

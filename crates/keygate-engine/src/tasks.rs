@@ -110,6 +110,10 @@ impl Background {
                             {
                                 tracing::warn!("could not prune old sign-in failures: {e}");
                             }
+                            // Used links are kept until they expire, then forgotten.
+                            if let Err(e) = s.store.prune_email_tokens(now_ms()).await {
+                                tracing::warn!("could not prune expired email links: {e}");
+                            }
                         }
                     }
                 }

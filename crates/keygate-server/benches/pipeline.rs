@@ -53,6 +53,7 @@ fn bench(c: &mut Criterion) {
         tenant_id: None,
         cost: 1,
         now_ms: now,
+        management: false,
     };
     // Warm the cache and the leases.
     rt.block_on(async {

@@ -58,6 +58,8 @@ struct Signed {
     session: Session,
     csrf: String,
     peer: Option<SocketAddr>,
+    /// The `Set-Cookie` that ends the session in the browser.
+    ended: HeaderValue,
 }
 
 fn aead_key(state: &AppState) -> Option<ring::aead::LessSafeKey> {
@@ -113,6 +115,7 @@ fn signed(state: &AppState, headers: &HeaderMap, peer: Option<SocketAddr>) -> Op
         session,
         csrf,
         peer,
+        ended: set_cookie(state, SESSION_COOKIE, "", 0),
     })
 }
 
@@ -270,6 +273,14 @@ struct ErrorPage<'a> {
 }
 
 fn error_page(who: &Signed, status: StatusCode, message: String, back: &str) -> Response {
+    if status == StatusCode::UNAUTHORIZED {
+        // The session's key no longer works (revoked by a sign-out elsewhere or a password
+        // reset, expired): the session is over.
+        let mut r = to_login();
+        r.headers_mut()
+            .append(header::SET_COOKIE, who.ended.clone());
+        return r;
+    }
     let mut r = render(&ErrorPage {
         csrf: &who.csrf,
         message,
@@ -348,6 +359,154 @@ fn signup_page(state: &AppState, mut page: SignupPage, status: StatusCode) -> Re
         set_cookie(state, LOGIN_CSRF_COOKIE, &csrf, 3600),
     );
     r
+}
+
+// Forgot password, and the emailed link's page.
+
+#[derive(Template, Default)]
+#[template(path = "dashboard/password.html")]
+struct PasswordPage {
+    csrf: String,
+    error: Option<String>,
+    /// The reset link's token (the form that sets a new password).
+    token: Option<String>,
+    /// What happened (the form is done).
+    notice: Option<String>,
+}
+
+fn password_page(state: &AppState, mut page: PasswordPage, status: StatusCode) -> Response {
+    let csrf = keygate_engine::ids::random_base62(32);
+    page.csrf = csrf.clone();
+    let mut r = render(&page);
+    *r.status_mut() = status;
+    // The link's token is on this page: no cache may keep it, no Referer may carry it.
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(state, LOGIN_CSRF_COOKIE, &csrf, 3600),
+    );
+    r
+}
+
+fn form_csrf_ok(f: &HashMap<String, String>, headers: &HeaderMap) -> bool {
+    match (f.get("csrf"), cookie(headers, LOGIN_CSRF_COOKIE)) {
+        (Some(a), Some(b)) => keygate_oauth::ct_eq(a, b),
+        _ => false,
+    }
+}
+
+/// `GET /dashboard/forgot`
+pub async fn forgot_form(State(state): State<AppState>) -> Response {
+    password_page(&state, PasswordPage::default(), StatusCode::OK)
+}
+
+/// `POST /dashboard/forgot`: as `POST /v1/password/forgot`.
+pub async fn forgot(
+    State(state): State<AppState>,
+    ctx: crate::routes::Ctx,
+    body: Bytes,
+) -> Response {
+    let f = form(&body);
+    let fail = |error: String, status| {
+        password_page(
+            &state,
+            PasswordPage {
+                error: Some(error),
+                ..PasswordPage::default()
+            },
+            status,
+        )
+    };
+    if !form_csrf_ok(&f, &ctx.headers) {
+        return fail("The form expired; try again.".into(), StatusCode::FORBIDDEN);
+    }
+    let email = f.get("email").map_or("", |e| e.trim());
+    match crate::routes::signup::forgot(&state, ctx.peer, email).await {
+        Ok(()) => password_page(
+            &state,
+            PasswordPage {
+                notice: Some(
+                    "If an account uses this address, an email with a link is on its way. The link works for 30 minutes."
+                        .into(),
+                ),
+                ..PasswordPage::default()
+            },
+            StatusCode::ACCEPTED,
+        ),
+        Err(e) => fail(e.message.into_owned(), e.status),
+    }
+}
+
+/// `GET /dashboard/reset?token=…`: the emailed link; the token is spent only by the form.
+pub async fn reset_form(
+    State(state): State<AppState>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    let token = query(q.as_deref())
+        .get("token")
+        .cloned()
+        .filter(|t| !t.is_empty() && t.len() <= 128);
+    let Some(token) = token else {
+        return password_page(
+            &state,
+            PasswordPage {
+                error: Some("The link is incomplete: ask for a new one.".into()),
+                ..PasswordPage::default()
+            },
+            StatusCode::BAD_REQUEST,
+        );
+    };
+    password_page(
+        &state,
+        PasswordPage {
+            token: Some(token),
+            ..PasswordPage::default()
+        },
+        StatusCode::OK,
+    )
+}
+
+/// `POST /dashboard/reset`: as `POST /v1/password/reset`.
+pub async fn reset(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let f = form(&body);
+    let token = f.get("token").cloned().unwrap_or_default();
+    let again = |error: String, status| {
+        password_page(
+            &state,
+            PasswordPage {
+                error: Some(error),
+                token: Some(token.clone()),
+                ..PasswordPage::default()
+            },
+            status,
+        )
+    };
+    if !form_csrf_ok(&f, &headers) {
+        return again("The form expired; try again.".into(), StatusCode::FORBIDDEN);
+    }
+    let body = keygate_api::ResetPassword {
+        token: token.clone(),
+        password: f.get("password").cloned().unwrap_or_default(),
+    };
+    match crate::routes::signup::reset_with(&state, body).await {
+        Ok(user) => password_page(
+            &state,
+            PasswordPage {
+                notice: Some(format!(
+                    "Your password is changed, and every session of yours has ended. Sign in to organisation {} as {}.",
+                    user.tenant_id, user.email
+                )),
+                ..PasswordPage::default()
+            },
+            StatusCode::OK,
+        ),
+        Err(e) => again(e.message.into_owned(), e.status),
+    }
 }
 
 /// A first request with `key`: the first normal route (the API behind keygate), else the
@@ -455,7 +614,11 @@ pub async fn signup(
             r
         }
         Ok(_) => {
-            page.error = Some("This address has an account already: sign in instead.".into());
+            // The address has an account: its owner is emailed; the page does not say more.
+            page.error = Some(
+                "No account was made. If this address has one already, an email to it says how to sign in."
+                    .into(),
+            );
             signup_page(&state, page, StatusCode::OK)
         }
         Err(e) => {
@@ -534,6 +697,7 @@ async fn start_session(state: &AppState, session: Session, peer: SocketAddr) -> 
         csrf: String::new(),
         session,
         peer: Some(peer),
+        ended: set_cookie(state, SESSION_COOKIE, "", 0),
     };
     // The key must work for at least reading its own tenant's keys.
     let probe: Result<ListView<KeyView>, _> =
@@ -569,20 +733,14 @@ async fn start_session(state: &AppState, session: Session, peer: SocketAddr) -> 
 async fn end_session_key(state: &AppState, id: &str) {
     let (st, key_id) = (state.clone(), KeyId::from(id));
     let ended = crate::routes::detached(async move {
-        if let Some(rec) = st.store.revoke_key(&key_id, now_ms()).await? {
-            st.key_changed(&rec.hash).await;
-            let detail = serde_json::json!({"via": "dashboard sign-out"});
-            let actor = rec.user_id.as_deref().unwrap_or("system").to_owned();
-            st.record_change(keygate_engine::engine::Change {
-                actor: &actor,
-                action: "key.revoked",
-                tenant_id: &rec.tenant_id,
-                key_id: Some(&rec.id),
-                user_id: rec.user_id.as_ref(),
-                detail: &detail,
-            })
-            .await;
-        }
+        // The session's own key: its user is the actor.
+        let actor = st
+            .store
+            .get_key(&key_id)
+            .await?
+            .and_then(|k| k.user_id)
+            .map_or_else(|| "system".to_owned(), |u| u.to_string());
+        st.revoke_now(&key_id, &actor, "dashboard sign-out").await?;
         Ok(())
     })
     .await;
@@ -672,6 +830,11 @@ async fn password_login(
             window_seconds: 60,
         }),
         ttl_seconds: Some(u64::try_from(SESSION_TTL_MS / 1000).unwrap_or(43_200)),
+        // A password reset ends the keys that carry this mark.
+        metadata: Some(serde_json::Map::from_iter([(
+            keygate_engine::accounts::SESSION_MARK.to_owned(),
+            serde_json::Value::Bool(true),
+        )])),
         ..keygate_engine::issue::CreateKey::default()
     };
     let (plaintext, record) =

@@ -159,6 +159,7 @@ async fn handle_inner(
             tenant_id: None,
             cost: 0,
             now_ms: now,
+            management: false,
         };
         let decided = state.decide_public(&facts).await;
         let d = match state.settle(decided, None).await {
@@ -189,6 +190,7 @@ async fn handle_inner(
         tenant_id: str_header(h, &X_TENANT_ID),
         cost: route.config.cost,
         now_ms: now,
+        management: false,
     };
     let allowed = match state.authorize(crate::state::bearer(h), &facts, None).await {
         Ok(a) => a,

@@ -41,7 +41,7 @@ pub enum Refusals {
     /// The caller may not.
     #[response(
         status = 403,
-        description = "`FORBIDDEN_SCOPE`, `BLOCKED_FOR_KEY_TYPE`, `IP_NOT_ALLOWED`, `ORIGIN_NOT_ALLOWED`, `TENANT_MISMATCH`, `PLAN_FEATURE`"
+        description = "`FORBIDDEN_SCOPE`, `BLOCKED_FOR_KEY_TYPE`, `IP_NOT_ALLOWED`, `ORIGIN_NOT_ALLOWED`, `TENANT_MISMATCH`, `PLAN_FEATURE`, `ACCOUNT_UNVERIFIED`"
     )]
     Forbidden(ErrorBody),
     /// Missing, or another tenant's.
@@ -273,6 +273,9 @@ impl utoipa::Modify for Security {
         crate::routes::tenants::get,
         crate::routes::tenants::update,
         crate::routes::signup::signup,
+        crate::routes::signup::verify_email,
+        crate::routes::signup::forgot_password,
+        crate::routes::signup::reset_password,
         crate::routes::tenants::top_up,
         crate::routes::audit::tenant_usage,
         crate::routes::users::create,

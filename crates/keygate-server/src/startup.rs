@@ -104,6 +104,7 @@ pub async fn bootstrap(config: &Config, store: &dyn Store) -> Result<Option<Stri
             plan_started_at_ms: now,
             trial_ends_at_ms: None,
             refilled_months: 0,
+            verified: true,
         })
         .await;
     match created {
@@ -255,6 +256,7 @@ impl Application {
             cors: keygate_engine::origins::CorsIndex::default(),
             cache_gen: std::sync::atomic::AtomicU64::new(0),
             feed_ok: std::sync::atomic::AtomicBool::new(true),
+            mailer: keygate_engine::mail::Mailer::new(&config.smtp).map_err(StartupError)?,
             config,
         });
         let state = AppState(Arc::new(Shared {
@@ -434,6 +436,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tenants/{id}/credits", post(tenants::top_up))
         .route("/v1/users", post(users::create).get(users::list))
         .route("/v1/signup", post(signup::signup))
+        .route("/v1/signup/verify", get(signup::verify_email))
+        .route("/v1/password/forgot", post(signup::forgot_password))
+        .route("/v1/password/reset", post(signup::reset_password))
         .route("/v1/users/{id}", get(users::get))
         .route(
             "/v1/oauth/clients",
@@ -467,6 +472,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/dashboard/signup",
             get(dashboard::signup_form).post(dashboard::signup),
+        )
+        .route(
+            "/dashboard/forgot",
+            get(dashboard::forgot_form).post(dashboard::forgot),
+        )
+        .route(
+            "/dashboard/reset",
+            get(dashboard::reset_form).post(dashboard::reset),
         )
         .route("/dashboard/logout", post(dashboard::logout))
         .route("/dashboard/app.js", get(dashboard::app_js))

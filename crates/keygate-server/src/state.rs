@@ -68,5 +68,6 @@ pub fn management_facts<'a>(
             .and_then(|v| v.to_str().ok()),
         cost: 0,
         now_ms: now_ms(),
+        management: true,
     }
 }

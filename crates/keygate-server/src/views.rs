@@ -61,6 +61,7 @@ pub fn tenant_view(state: &Engine, t: &Tenant) -> TenantView {
         created_at: rfc3339(t.created_at_ms),
         plan_started_at: rfc3339(t.plan_started_at_ms),
         trial_ends_at: t.trial_ends_at_ms.map(rfc3339),
+        verified: t.verified,
     }
 }
 

@@ -6,58 +6,7 @@ mod support;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use std::collections::HashMap;
-use support::{csrf_of, TestApp};
-
-struct Session {
-    http: reqwest::Client,
-    cookies: HashMap<String, String>,
-}
-
-impl Session {
-    fn new() -> Self {
-        Self {
-            http: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .expect("client"),
-            cookies: HashMap::new(),
-        }
-    }
-
-    fn header(&self) -> String {
-        self.cookies
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("; ")
-    }
-
-    async fn send(&mut self, req: reqwest::RequestBuilder) -> (StatusCode, String, String) {
-        let r = req
-            .header("cookie", self.header())
-            .send()
-            .await
-            .expect("send");
-        for v in r.headers().get_all("set-cookie") {
-            let v = v.to_str().expect("cookie");
-            let (k, rest) = v.split_once('=').expect("cookie");
-            let value = rest.split(';').next().unwrap_or("").to_owned();
-            if value.is_empty() {
-                self.cookies.remove(k);
-            } else {
-                self.cookies.insert(k.to_owned(), value);
-            }
-        }
-        let status = r.status();
-        let loc = r
-            .headers()
-            .get("location")
-            .map(|l| l.to_str().unwrap_or("").to_owned())
-            .unwrap_or_default();
-        (status, loc, r.text().await.expect("body"))
-    }
-}
+use support::{csrf_of, Session, TestApp};
 
 #[tokio::test]
 async fn a_user_signs_in_with_a_password_and_the_session_key_ends_with_the_session() {

@@ -4,8 +4,8 @@
 use crate::rows::{json_list, key_from_row, tenant_from_row, to_i64, to_u64, user_from_row};
 use crate::sql::{contains_pattern, Sql};
 use crate::{
-    Grant, KeyFilter, KeyRecord, PageRequest, Result, SqlStore, Store, Tenant, TenantChange, User,
-    Withdrawal,
+    EmailToken, Grant, KeyFilter, KeyRecord, PageRequest, Result, SqlStore, Store, Tenant,
+    TenantChange, User, Withdrawal,
 };
 use async_trait::async_trait;
 use keygate_core::{FamilyId, KeyHash, KeyId, TenantId, UserId};
@@ -200,6 +200,91 @@ impl Store for SqlStore {
     async fn get_user(&self, id: &UserId) -> Result<Option<User>> {
         self.row_where("SELECT * FROM users WHERE id = $1", id, user_from_row)
             .await
+    }
+
+    async fn users_with_email(&self, email: &str, limit: u32) -> Result<Vec<User>> {
+        let rows = sqlx::query("SELECT * FROM users WHERE email = $1 ORDER BY created_at LIMIT $2")
+            .bind(email)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(user_from_row).collect()
+    }
+
+    async fn insert_email_token(&self, t: &EmailToken) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO email_tokens (hash, purpose, tenant_id, user_id, email, role, created_at, \
+             expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&t.hash)
+        .bind(t.purpose.as_str())
+        .bind(t.tenant_id.as_str())
+        .bind(t.user_id.as_deref())
+        .bind(&t.email)
+        .bind(t.role.map(|r| r.as_str()))
+        .bind(t.created_at_ms)
+        .bind(t.expires_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn redeem_verification(&self, hash: &str, now_ms: i64) -> Result<Option<User>> {
+        let mut tx = self.begin_write().await?;
+        let Some(user_id) = spend_token(&mut tx, hash, "verify", now_ms).await? else {
+            return Ok(None);
+        };
+        let Some(row) = sqlx::query("UPDATE users SET verified = 1 WHERE id = $1 RETURNING *")
+            .bind(&user_id)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let user = user_from_row(&row)?;
+        if user.role == keygate_core::access::Role::Owner {
+            sqlx::query("UPDATE tenants SET verified = 1 WHERE id = $1")
+                .bind(user.tenant_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(Some(user))
+    }
+
+    async fn redeem_reset(
+        &self,
+        hash: &str,
+        password_hash: &str,
+        now_ms: i64,
+    ) -> Result<Option<User>> {
+        let mut tx = self.begin_write().await?;
+        let Some(user_id) = spend_token(&mut tx, hash, "reset", now_ms).await? else {
+            return Ok(None);
+        };
+        // Opening the link proves the address as well as a verification link would.
+        let Some(row) = sqlx::query(
+            "UPDATE users SET password_hash = $1, sessions_from = $2, verified = 1 WHERE id = $3 \
+             RETURNING *",
+        )
+        .bind(password_hash)
+        .bind(now_ms)
+        .bind(&user_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        tx.commit().await?;
+        user_from_row(&row).map(Some)
+    }
+
+    async fn prune_email_tokens(&self, before_ms: i64) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM email_tokens WHERE expires_at < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn list_users(&self, tenant_id: &TenantId, page: &PageRequest) -> Result<Vec<User>> {
@@ -448,8 +533,8 @@ impl Store for SqlStore {
 
 async fn insert_tenant_row(conn: &mut AnyConnection, t: &Tenant) -> Result<()> {
     sqlx::query(
-        "INSERT INTO tenants (id, name, plan, credits, created_at, plan_started_at, trial_ends_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO tenants (id, name, plan, credits, created_at, plan_started_at, trial_ends_at, \
+         verified) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(t.id.as_str())
     .bind(&t.name)
@@ -458,15 +543,35 @@ async fn insert_tenant_row(conn: &mut AnyConnection, t: &Tenant) -> Result<()> {
     .bind(t.created_at_ms)
     .bind(t.plan_started_at_ms)
     .bind(t.trial_ends_at_ms)
+    .bind(i64::from(t.verified))
     .execute(conn)
     .await?;
     Ok(())
 }
 
+/// Marks a live link of `purpose` used, once: the user it acts for, if it was live.
+async fn spend_token(
+    conn: &mut AnyConnection,
+    hash: &str,
+    purpose: &str,
+    now_ms: i64,
+) -> Result<Option<String>> {
+    let user: Option<Option<String>> = sqlx::query_scalar(
+        "UPDATE email_tokens SET used_at = $1 WHERE hash = $2 AND purpose = $3 \
+         AND used_at IS NULL AND expires_at > $1 RETURNING user_id",
+    )
+    .bind(now_ms)
+    .bind(hash)
+    .bind(purpose)
+    .fetch_optional(conn)
+    .await?;
+    Ok(user.flatten())
+}
+
 async fn insert_user_row(conn: &mut AnyConnection, u: &User) -> Result<()> {
     sqlx::query(
         "INSERT INTO users (id, tenant_id, email, name, plan, password_hash, created_at, role, \
-         verified) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+         verified, sessions_from) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(u.id.as_str())
     .bind(u.tenant_id.as_str())
@@ -477,6 +582,7 @@ async fn insert_user_row(conn: &mut AnyConnection, u: &User) -> Result<()> {
     .bind(u.created_at_ms)
     .bind(u.role.as_str())
     .bind(i64::from(u.verified))
+    .bind(u.sessions_from_ms)
     .execute(conn)
     .await?;
     Ok(())

@@ -371,6 +371,24 @@ pub trait Store:
     ) -> Result<Option<Tenant>>;
     /// Reads a user.
     async fn get_user(&self, id: &UserId) -> Result<Option<User>>;
+    /// Users with this address in any account (at most `limit`), oldest first.
+    async fn users_with_email(&self, email: &str, limit: u32) -> Result<Vec<User>>;
+    /// Keeps a one-use link's token (its hash).
+    async fn insert_email_token(&self, t: &EmailToken) -> Result<()>;
+    /// Spends a verification link: the user's address, and the account when the user owns
+    /// it, are verified. `None`: no such link, used already, or expired.
+    async fn redeem_verification(&self, hash: &str, now_ms: i64) -> Result<Option<User>>;
+    /// Spends a reset link: the user's password becomes `password_hash` and the sessions
+    /// they started before `now_ms` end (`sessions_from`). `None`: no such link, used
+    /// already, or expired.
+    async fn redeem_reset(
+        &self,
+        hash: &str,
+        password_hash: &str,
+        now_ms: i64,
+    ) -> Result<Option<User>>;
+    /// Forgets links that expired before `before_ms`.
+    async fn prune_email_tokens(&self, before_ms: i64) -> Result<u64>;
     /// Lists a tenant's users, newest first.
     async fn list_users(&self, tenant_id: &TenantId, page: &PageRequest) -> Result<Vec<User>>;
 

@@ -43,6 +43,7 @@ pub(crate) fn tenant_from_row(r: &AnyRow) -> Result<Tenant> {
         plan_started_at_ms: r.try_get("plan_started_at")?,
         trial_ends_at_ms: r.try_get("trial_ends_at")?,
         refilled_months: u32::try_from(r.try_get::<i64, _>("refilled_months")?).unwrap_or(0),
+        verified: r.try_get::<i64, _>("verified")? != 0,
     })
 }
 
@@ -59,6 +60,7 @@ pub(crate) fn user_from_row(r: &AnyRow) -> Result<User> {
         role: Role::parse(&r.try_get::<String, _>("role")?)
             .ok_or_else(|| StoreError::corrupt("role"))?,
         verified: r.try_get::<i64, _>("verified")? != 0,
+        sessions_from_ms: r.try_get("sessions_from")?,
     })
 }
 

@@ -26,6 +26,9 @@ pub struct Tenant {
     pub trial_ends_at_ms: Option<i64>,
     /// How many months of the current plan the pool was refilled for (`monthly_credits`).
     pub refilled_months: u32,
+    /// Whether the account may call the API: false from a sign-up with
+    /// `[signup] verify_email` until its owner opens the link (`ACCOUNT_UNVERIFIED`).
+    pub verified: bool,
 }
 
 /// A change to a tenant ([`crate::Store::change_tenant`]).
@@ -73,6 +76,51 @@ pub struct User {
     pub role: Role,
     /// Whether the email address is verified (always, unless sign-up asks for it).
     pub verified: bool,
+    /// Sessions the user started before this (Unix ms) are over: a password reset sets it.
+    pub sessions_from_ms: i64,
+}
+
+/// What a one-use link sent by email is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmailPurpose {
+    /// Verifies the address of an account's owner.
+    Verify,
+    /// Sets a new password.
+    Reset,
+    /// Makes a member of an account.
+    Invite,
+}
+
+impl EmailPurpose {
+    /// As stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Verify => "verify",
+            Self::Reset => "reset",
+            Self::Invite => "invite",
+        }
+    }
+}
+
+/// A one-use link sent by email: the store keeps the SHA-256 of its token, never the token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmailToken {
+    /// SHA-256 of the token, hex.
+    pub hash: String,
+    /// What it is for.
+    pub purpose: EmailPurpose,
+    /// The account.
+    pub tenant_id: TenantId,
+    /// The user it acts for (`None` for an invitation: the user does not exist yet).
+    pub user_id: Option<UserId>,
+    /// The address it was sent to.
+    pub email: String,
+    /// The role an invitation gives.
+    pub role: Option<Role>,
+    /// Made, Unix ms.
+    pub created_at_ms: i64,
+    /// Unusable from then, Unix ms.
+    pub expires_at_ms: i64,
 }
 
 /// A key record. Holds the hash of the key, never the key.

@@ -8,8 +8,9 @@ use keygate_core::{
     AuditEvent, ChainProblem, IpAllowList, KeyHash, KeyStatus, Kind, OriginList, ScopeSet,
 };
 use keygate_store::{
-    verify_audit, AuditFilter, KeyFilter, KeyRecord, PageRequest, PlanStart, RawEvent, SqlStore,
-    Store, StoreErrorKind, Tenant, TenantChange, UsageOf, UsageRow, User, Withdrawal, CHAIN_TAGGED,
+    verify_audit, AuditFilter, EmailPurpose, EmailToken, KeyFilter, KeyRecord, PageRequest,
+    PlanStart, RawEvent, SqlStore, Store, StoreErrorKind, Tenant, TenantChange, UsageOf, UsageRow,
+    User, Withdrawal, CHAIN_TAGGED,
 };
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -145,6 +146,7 @@ fn tenant(id: &str, credits: Option<u64>) -> Tenant {
         plan_started_at_ms: 1,
         trial_ends_at_ms: None,
         refilled_months: 0,
+        verified: true,
     }
 }
 
@@ -244,6 +246,7 @@ async fn tenants_and_users_round_trip() {
             created_at_ms: 3,
             role: Role::Owner,
             verified: false,
+            sessions_from_ms: 0,
         };
         s.insert_user(&u).await.expect("user");
         let dup = s
@@ -1540,6 +1543,7 @@ async fn accounts_are_made_whole_and_trials_end_once() {
             created_at_ms: 1,
             role: Role::Owner,
             verified: true,
+            sessions_from_ms: 0,
         };
         let mut k = key("key_o", "t_new", Kind::Ut, None, 7);
         k.user_id = Some("usr_o".into());
@@ -1676,6 +1680,111 @@ async fn accounts_are_made_whole_and_trials_end_once() {
                 .expect("change"),
             None
         );
+    })
+    .await;
+}
+
+/// A link sent by email works once, before it expires, for its purpose only; verifying the
+/// owner verifies the account, a member only themself; a reset sets the password and the time
+/// from which the user's sessions count.
+#[tokio::test]
+async fn email_links_work_once_before_they_expire_for_their_purpose() {
+    on_both(|s, _raw| async move {
+        let mut t = tenant("t_mail", Some(10));
+        t.verified = false;
+        let owner = User {
+            id: "usr_mo".into(),
+            tenant_id: "t_mail".into(),
+            email: "mo@example.com".into(),
+            name: None,
+            plan: "free".into(),
+            password_hash: Some("old".into()),
+            created_at_ms: 1,
+            role: Role::Owner,
+            verified: false,
+            sessions_from_ms: 0,
+        };
+        let member = User {
+            id: "usr_mm".into(),
+            email: "mm@example.com".into(),
+            role: Role::Member,
+            ..owner.clone()
+        };
+        let mut k = key("key_mail", "t_mail", Kind::Ut, None, 9);
+        k.user_id = Some("usr_mo".into());
+        s.sign_up(&t, &owner, &k).await.expect("sign up");
+        s.insert_user(&member).await.expect("member");
+        let link = |hash: &str, purpose, user: &str, expires| EmailToken {
+            hash: hash.into(),
+            purpose,
+            tenant_id: "t_mail".into(),
+            user_id: Some(user.into()),
+            email: "x@example.com".into(),
+            role: None,
+            created_at_ms: 1,
+            expires_at_ms: expires,
+        };
+        for l in [
+            link("h_member", EmailPurpose::Verify, "usr_mm", 100),
+            link("h_owner", EmailPurpose::Verify, "usr_mo", 100),
+            link("h_reset", EmailPurpose::Reset, "usr_mo", 100),
+            link("h_old", EmailPurpose::Reset, "usr_mo", 10),
+        ] {
+            s.insert_email_token(&l).await.expect("insert");
+        }
+        let verified = |id: &'static str| {
+            let s = s.clone();
+            async move {
+                s.get_tenant(&id.into())
+                    .await
+                    .expect("get")
+                    .expect("t")
+                    .verified
+            }
+        };
+        // A reset link does not verify, a verification link does not reset.
+        assert_eq!(s.redeem_verification("h_reset", 50).await.expect("r"), None);
+        assert_eq!(s.redeem_reset("h_owner", "new", 50).await.expect("r"), None);
+        let m = s.redeem_verification("h_member", 50).await.expect("r");
+        assert_eq!(m.map(|u| (u.id, u.verified)), Some(("usr_mm".into(), true)));
+        assert!(
+            !verified("t_mail").await,
+            "a member does not verify the account"
+        );
+        let o = s.redeem_verification("h_owner", 50).await.expect("r");
+        assert_eq!(o.map(|u| u.verified), Some(true));
+        assert!(verified("t_mail").await);
+        assert_eq!(
+            s.redeem_verification("h_owner", 51).await.expect("r"),
+            None,
+            "once"
+        );
+
+        assert_eq!(
+            s.redeem_reset("h_old", "new", 50).await.expect("r"),
+            None,
+            "expired"
+        );
+        let u = s
+            .redeem_reset("h_reset", "new", 60)
+            .await
+            .expect("r")
+            .expect("reset");
+        assert_eq!(
+            (u.password_hash.as_deref(), u.sessions_from_ms),
+            (Some("new"), 60)
+        );
+        assert_eq!(
+            s.redeem_reset("h_reset", "newer", 61).await.expect("r"),
+            None
+        );
+        let found = s
+            .users_with_email("mm@example.com", 10)
+            .await
+            .expect("find");
+        assert_eq!(found.len(), 1);
+        // Expired links are forgotten; live ones stay.
+        assert_eq!(s.prune_email_tokens(50).await.expect("prune"), 1);
     })
     .await;
 }

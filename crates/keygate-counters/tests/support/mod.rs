@@ -45,6 +45,7 @@ impl Db {
                 plan_started_at_ms: 1,
                 trial_ends_at_ms: None,
                 refilled_months: 0,
+                verified: true,
             })
             .await
             .expect("insert tenant");

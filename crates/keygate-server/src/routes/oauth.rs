@@ -246,6 +246,10 @@ struct AuthRequest {
 struct Session {
     user_id: UserId,
     tenant_id: TenantId,
+    /// When the user signed in, Unix ms: a session from before the user's `sessions_from`
+    /// (a password reset) is over.
+    #[serde(default)]
+    at_ms: i64,
 }
 
 /// What the authorization endpoint answers before it can trust the redirect URI.
@@ -402,7 +406,7 @@ async fn session_user(
         return Ok(None);
     }
     match state.store.get_user(&s.user_id).await {
-        Ok(u) => Ok(u.filter(|u| u.tenant_id == client.tenant_id)),
+        Ok(u) => Ok(u.filter(|u| u.tenant_id == client.tenant_id && s.at_ms >= u.sessions_from_ms)),
         Err(e) => {
             tracing::error!("oauth store error: {e}");
             Err(error_page(
@@ -665,6 +669,7 @@ pub async fn authorize_submit(
             let session = Session {
                 user_id: user.id.clone(),
                 tenant_id: user.tenant_id.clone(),
+                at_ms: now_ms(),
             };
             let sealed = state.oauth.seal(
                 "session",

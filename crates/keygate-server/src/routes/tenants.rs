@@ -84,6 +84,7 @@ pub async fn create(
         name,
         trial_ends_at_ms: state.plan_start(&plan, now).trial_ends_at_ms,
         refilled_months: 0,
+        verified: true,
         plan,
         credits,
         created_at_ms: now,

@@ -207,6 +207,7 @@ pub async fn create(
         created_at_ms: now,
         role: Role::Member,
         verified: true,
+        sessions_from_ms: 0,
     };
     let (st, u, actor) = (state.clone(), user.clone(), caller.key.record.id.clone());
     // The write and its audit event run to completion even if the client goes away; a

@@ -78,6 +78,7 @@ pub async fn verify(
         tenant_id: body.tenant_id.as_deref(),
         cost,
         now_ms: now_ms(),
+        management: false,
     };
     let credential = if body.key.is_empty() {
         Ok(None)
@@ -279,6 +280,7 @@ async fn decide_forward_auth(
             tenant_id: None,
             cost: 0,
             now_ms: now_ms(),
+            management: false,
         };
         let decided = state.decide_public(&public).await;
         return match state.settle(decided, holder).await {
@@ -315,6 +317,7 @@ async fn decide_forward_auth(
         tenant_id: header(h, &X_TENANT_ID),
         cost: route.map_or(proxy_cost.unwrap_or(DEFAULT_COST), |r| r.config.cost),
         now_ms: now_ms(),
+        management: false,
     };
     let decided = state.decide(bearer(h), &facts, None).await;
     match state.settle(decided, holder).await {

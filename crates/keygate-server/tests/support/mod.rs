@@ -296,7 +296,6 @@ impl TestApp {
     }
 }
 
-/// The `error.code` of a JSON refusal.
 /// The CSRF token of the first form of a page.
 pub fn csrf_of(html: &str) -> String {
     html.split("name=\"csrf\" value=\"")
@@ -306,6 +305,7 @@ pub fn csrf_of(html: &str) -> String {
         .to_owned()
 }
 
+/// The `error.code` of a JSON refusal.
 pub async fn error_code(r: Response) -> String {
     let v: Value = r.json().await.expect("json error body");
     v["error"]["code"].as_str().unwrap_or_default().to_string()
@@ -326,5 +326,59 @@ where
     }
     panic!("condition not met within 10 s");
 }
+/// A browser's cookie jar over plain HTTP (no redirects followed): the dashboard's forms.
+pub struct Session {
+    pub http: reqwest::Client,
+    pub cookies: std::collections::HashMap<String, String>,
+}
+
+impl Session {
+    pub fn new() -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("client"),
+            cookies: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The `Cookie` header of the jar.
+    pub fn header(&self) -> String {
+        self.cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Sends `req` with the jar's cookies and keeps those it sets: status, Location, body.
+    pub async fn send(&mut self, req: reqwest::RequestBuilder) -> (StatusCode, String, String) {
+        let r = req
+            .header("cookie", self.header())
+            .send()
+            .await
+            .expect("send");
+        for v in r.headers().get_all("set-cookie") {
+            let v = v.to_str().expect("cookie");
+            let (k, rest) = v.split_once('=').expect("cookie");
+            let value = rest.split(';').next().unwrap_or("").to_owned();
+            if value.is_empty() {
+                self.cookies.remove(k);
+            } else {
+                self.cookies.insert(k.to_owned(), value);
+            }
+        }
+        let status = r.status();
+        let loc = r
+            .headers()
+            .get("location")
+            .map(|l| l.to_str().unwrap_or("").to_owned())
+            .unwrap_or_default();
+        (status, loc, r.text().await.expect("body"))
+    }
+}
+
+pub mod smtp;
 pub mod upstream;
 pub mod wsgi;
