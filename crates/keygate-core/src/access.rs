@@ -52,6 +52,8 @@ pub struct Actor<'a> {
     pub family_id: &'a FamilyId,
     /// The key's scopes.
     pub scopes: &'a ScopeSet,
+    /// A `ut` key of the account's owner: it sees every key and event of the account.
+    pub owner: bool,
 }
 
 /// Why an actor may not do what it asked: the code and a message safe to show.
@@ -87,6 +89,16 @@ impl<'a> Actor<'a> {
         }
     }
 
+    /// The user whose records alone the actor sees: a member's `ut` key sees its own; the
+    /// owner's sees the whole account, as an `sk` key does.
+    pub fn sees_only(&self) -> Option<&'a UserId> {
+        if self.owner {
+            None
+        } else {
+            self.own_user()
+        }
+    }
+
     /// The operator: a `sk` key with `*` in [`OPERATOR_TENANT`]; may act in any tenant.
     pub fn is_operator(&self) -> bool {
         self.tenant_id == OPERATOR_TENANT && self.kind == Kind::Sk && self.scopes.has_all()
@@ -116,9 +128,9 @@ impl<'a> Actor<'a> {
     }
 
     /// Whether a key of `tenant_id` and `user_id` is visible: in a visible tenant and, for a
-    /// `ut` key, one of its own user's.
+    /// member's `ut` key, one of its own user's ([`Actor::sees_only`]).
     pub fn sees_key(&self, tenant_id: &TenantId, user_id: Option<&UserId>) -> bool {
-        self.sees(tenant_id) && self.own_user().is_none_or(|u| user_id == Some(u))
+        self.sees(tenant_id) && self.sees_only().is_none_or(|u| user_id == Some(u))
     }
 
     /// Whether the actor may change, rotate or revoke a key of rotation family `family_id`:
@@ -171,6 +183,7 @@ mod tests {
         user: Option<UserId>,
         family: FamilyId,
         scopes: ScopeSet,
+        owner: bool,
     }
 
     impl Key {
@@ -181,6 +194,7 @@ mod tests {
                 user_id: self.user.as_ref(),
                 family_id: &self.family,
                 scopes: &self.scopes,
+                owner: self.owner,
             }
         }
     }
@@ -192,6 +206,7 @@ mod tests {
             user: user.map(UserId::from),
             family: "fam_self".into(),
             scopes: scopes(s),
+            owner: false,
         }
     }
 
@@ -258,5 +273,12 @@ mod tests {
         let s = k.actor();
         assert!(s.may_change(&"fam_self".into()).is_ok());
         assert!(s.sees_key(&a, Some(&u2)));
+        // The owner's token sees every key of the account, still none of another.
+        let mut k = key("tnt_a", Kind::Ut, Some("usr_1"), &["*"]);
+        k.owner = true;
+        let o = k.actor();
+        assert_eq!((o.sees_only(), o.own_user()), (None, Some(&u1)));
+        assert!(o.sees_key(&a, Some(&u2)) && o.sees_key(&a, None));
+        assert!(!o.sees_key(&b, Some(&u1)));
     }
 }

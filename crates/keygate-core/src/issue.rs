@@ -108,10 +108,14 @@ pub fn check_origins(origins: &[String]) -> Result<OriginList, InvalidInput> {
     OriginList::parse(origins)
 }
 
-/// Checks that `scopes` lie within a plan's `allowed` scopes.
+/// Checks that `scopes` lie within a plan's `allowed` scopes (keygate's own management scopes
+/// aside: a plan bounds the API behind keygate).
 pub fn within_plan(allowed: &[String], scopes: &ScopeSet) -> Result<(), InvalidInput> {
     let allowed = ScopeSet::parse(allowed)?;
-    if scopes.is_subset_of(&allowed) {
+    if scopes
+        .iter()
+        .all(|s| crate::scope::is_keygate_scope(s.as_str()) || allowed.allows(s.as_str()))
+    {
         Ok(())
     } else {
         Err(invalid("scopes exceed what the user's plan allows"))
@@ -161,8 +165,14 @@ mod tests {
     fn a_plan_bounds_the_scopes() {
         let plan = strings(&["docs:read", "llm:generate"]);
         let ok = ScopeSet::parse(&strings(&["docs:read"])).expect("scopes");
-        let over = ScopeSet::parse(&strings(&["keys:write"])).expect("scopes");
+        let over = ScopeSet::parse(&strings(&["docs:read", "ocr:read"])).expect("scopes");
         assert!(within_plan(&plan, &ok).is_ok());
         assert!(within_plan(&plan, &over).is_err());
+        // keygate's own scopes are not the API's: a plan's list does not bound them.
+        let own = ScopeSet::parse(&strings(&["docs:read", "keys:write", "audit:read"])).expect("s");
+        assert!(within_plan(&plan, &own).is_ok());
+        assert!(crate::scope::is_keygate_scope("webhooks:read"));
+        assert!(!crate::scope::is_keygate_scope("keysmith:read"));
+        assert!(!crate::scope::is_keygate_scope("docs:read"));
     }
 }

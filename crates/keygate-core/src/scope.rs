@@ -9,6 +9,18 @@ pub const ALL: &str = "*";
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Scope(String);
 
+/// The resources of keygate's own management API: a scope `resource:action` on one of these
+/// is keygate's (`keys:write`, `audit:read`, …), not the API's behind it. A plan's `scopes`
+/// bound the latter only.
+pub const KEYGATE_RESOURCES: [&str; 6] = ["keys", "users", "tenants", "audit", "webhooks", "oauth"];
+
+/// Whether `scope` is one of keygate's own ([`KEYGATE_RESOURCES`]).
+pub fn is_keygate_scope(scope: &str) -> bool {
+    scope
+        .split_once(':')
+        .is_some_and(|(resource, _)| KEYGATE_RESOURCES.contains(&resource))
+}
+
 impl Scope {
     /// Parses a scope, refusing anything outside the allowed alphabet.
     pub fn parse(s: &str) -> Result<Self, InvalidInput> {

@@ -286,6 +286,26 @@ impl Engine {
         Some(self.counters.check_named(&name, &rl, now))
     }
 
+    /// The API scopes a user on `plan` may hold: the plan's `scopes`, else every scope the
+    /// configured normal routes ask for. Admin, billing, webhook and token-management routes
+    /// are the operator's: a user gets none of their scopes.
+    pub fn plan_api_scopes(&self, plan: &str) -> Vec<String> {
+        if let Some(s) = &self.plan(plan).scopes {
+            return s.clone();
+        }
+        let mut scopes: Vec<String> = self
+            .config
+            .routes
+            .iter()
+            .filter(|r| r.class == keygate_core::RouteClass::Normal)
+            .filter_map(|r| r.scope.clone())
+            .filter(|s| s != "*")
+            .collect();
+        scopes.sort_unstable();
+        scopes.dedup();
+        scopes
+    }
+
     /// Revokes a key at once on every node, with its audit event (`via` says why).
     pub async fn revoke_now(
         &self,

@@ -369,6 +369,15 @@ pub struct PlanConfig {
     pub days: Option<u32>,
     /// The plan a trial becomes.
     pub then: Option<String>,
+    /// Ceilings for keys the account's users make themselves (not for keys an admin `sk`
+    /// key makes): at most this many live keys in the account.
+    pub max_keys: Option<u32>,
+    /// A user's key carries a budget of at most this many credits (and this one when it
+    /// names none).
+    pub max_budget: Option<u64>,
+    /// A user's key expires within this many days (and after this many when it names no
+    /// expiry).
+    pub max_ttl_days: Option<u32>,
 }
 
 impl Default for PlanConfig {
@@ -382,6 +391,9 @@ impl Default for PlanConfig {
             monthly_credits: None,
             days: None,
             then: None,
+            max_keys: None,
+            max_budget: None,
+            max_ttl_days: None,
         }
     }
 }
@@ -402,14 +414,20 @@ pub enum Feature {
     Api,
     /// Making and changing webhook endpoints, and deliveries to them.
     Webhooks,
+    /// Registering OAuth clients of the account.
+    Oauth,
+    /// Secret (`sk`) keys made by the account's owner.
+    SkKeys,
 }
 
 impl Feature {
-    /// Its name in the config (`api`, `webhooks`).
+    /// Its name in the config (`api`, `webhooks`, `oauth`, `sk_keys`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Api => "api",
             Self::Webhooks => "webhooks",
+            Self::Oauth => "oauth",
+            Self::SkKeys => "sk_keys",
         }
     }
 }
@@ -687,6 +705,34 @@ impl Default for Config {
             },
         );
         plans.insert("enterprise".into(), PlanConfig::default());
+        // The shape of a product that sells API access by plan (docs/accounts.md).
+        plans.insert(
+            "starter".into(),
+            PlanConfig {
+                rate_limit: Some(RateLimit {
+                    limit: 300,
+                    window_seconds: 60,
+                }),
+                features: Some(vec![Feature::Api]),
+                monthly_credits: Some(10_000),
+                max_keys: Some(20),
+                max_ttl_days: Some(365),
+                ..PlanConfig::default()
+            },
+        );
+        plans.insert(
+            "professional".into(),
+            PlanConfig {
+                rate_limit: Some(RateLimit {
+                    limit: 1_200,
+                    window_seconds: 60,
+                }),
+                features: Some(vec![Feature::Api, Feature::Webhooks, Feature::Oauth]),
+                monthly_credits: Some(100_000),
+                max_keys: Some(100),
+                ..PlanConfig::default()
+            },
+        );
         plans.insert(
             "trial".into(),
             PlanConfig {
@@ -913,6 +959,16 @@ impl Config {
             if let Some(s) = &plan.scopes {
                 keygate_core::ScopeSet::parse(s)
                     .map_err(|e| ConfigError(format!("plans.{name}.scopes: {e}")))?;
+            }
+            let ceiling_ok = plan.max_keys.is_none_or(|n| n >= 1)
+                && plan
+                    .max_budget
+                    .is_none_or(|n| (1..=1_000_000_000_000_000).contains(&n))
+                && plan.max_ttl_days.is_none_or(|d| (1..=36_500).contains(&d));
+            if !ceiling_ok {
+                return Err(ConfigError(format!(
+                    "plans.{name}: max_keys, max_budget and max_ttl_days must be at least 1 (max_ttl_days at most 36500)"
+                )));
             }
             match (plan.days, &plan.then) {
                 (None, None) => {}

@@ -44,6 +44,8 @@ pub struct CachedKey {
     /// An OAuth access token (its record is built from the token and its grant; there is no
     /// key row to keep a last-used time on).
     pub token: bool,
+    /// A `ut` key of its account's owner.
+    pub owner: bool,
 }
 
 /// A compiled `[[routes]]` entry.
@@ -279,9 +281,13 @@ impl Engine {
         let verified = tenant.as_ref().is_none_or(|t| t.verified);
         let account = self.plan(tenant.as_ref().map_or("free", |t| t.plan.as_str()));
         let user = match (&record.kind, &record.user_id) {
-            (Kind::Ut, Some(uid)) => self.store.get_user(uid).await?.map(|u| u.plan),
+            (Kind::Ut, Some(uid)) => self.store.get_user(uid).await?,
             _ => None,
         };
+        let owner = user
+            .as_ref()
+            .is_some_and(|u| u.role == keygate_core::access::Role::Owner);
+        let user = user.map(|u| u.plan);
         // A user token's limits are its user's plan's; what the key may do at all needs both
         // the account's plan and the user's.
         let plan = user.as_deref().map_or(account, |p| self.plan(p));
@@ -305,7 +311,7 @@ impl Engine {
                         .scopes
                         .to_strings()
                         .into_iter()
-                        .filter(|s| allowed.allows(s))
+                        .filter(|s| keygate_core::scope::is_keygate_scope(s) || allowed.allows(s))
                         .collect();
                     keygate_core::ScopeSet::parse(&kept).unwrap_or_default()
                 }
@@ -342,6 +348,7 @@ impl Engine {
             last_used: AtomicI64::new(record.last_used_at_ms.unwrap_or(0)),
             touch_pending: AtomicBool::new(false),
             token: false,
+            owner,
             policy,
             record,
         })
@@ -911,6 +918,9 @@ static FALLBACK_PLAN: PlanConfig = PlanConfig {
     monthly_credits: None,
     days: None,
     then: None,
+    max_keys: None,
+    max_budget: None,
+    max_ttl_days: None,
 };
 
 /// Writes last-used timestamps in batches, every `every`, until the channel closes; then

@@ -204,12 +204,7 @@ pub fn build_key_for(
     };
     let scopes = check_scopes(kind, &scopes)?;
     if let (Kind::Ut, Some(allowed)) = (kind, &plan_scopes) {
-        let allowed = ScopeSet::parse(allowed).map_err(|e| IssueError::invalid(e.message()))?;
-        if !scopes.is_subset_of(&allowed) {
-            return Err(IssueError::invalid(
-                "scopes exceed what the user's plan allows",
-            ));
-        }
+        within_plan(allowed, &scopes)?;
     }
     let allowed_ips = check_ips(body.allowed_ips.as_deref().unwrap_or_default())?;
     let allowed_origins = match (&body.allowed_origins, kind, preset) {
@@ -309,4 +304,217 @@ pub fn successor(issuer: &Issuer<'_>, old: &KeyRecord, now_ms: i64) -> (String, 
         ..old.clone()
     };
     (plaintext, record)
+}
+
+/// Whether rate limit `a` lets more calls through over time than `b`.
+fn looser(a: RateLimit, b: RateLimit) -> bool {
+    u64::from(a.limit) * u64::from(b.window_seconds)
+        > u64::from(b.limit) * u64::from(a.window_seconds)
+}
+
+/// Fits a key a user makes for themself to their plan's ceilings: what the request left out
+/// gets the plan's value (budget `max_budget`, expiry `max_ttl_days`, the plan's rate limit);
+/// what it asked beyond them is refused.
+pub fn fit_to_plan(
+    rec: &mut KeyRecord,
+    plan: &crate::config::PlanConfig,
+    now_ms: i64,
+) -> Result<(), IssueError> {
+    if let Some(max) = plan.max_budget {
+        match rec.budget {
+            None => rec.budget = Some(max),
+            Some(b) if b > max => {
+                return Err(IssueError::invalid(format!(
+                    "budget exceeds what your plan allows a key ({max} credits)"
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(days) = plan.max_ttl_days {
+        let last = now_ms.saturating_add(i64::from(days) * 86_400_000);
+        match rec.expires_at_ms {
+            None => rec.expires_at_ms = Some(last),
+            Some(e) if e > last => {
+                return Err(IssueError::invalid(format!(
+                    "the key would outlive what your plan allows ({days} days)"
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(max) = plan.rate_limit {
+        match rec.rate_limit {
+            None => rec.rate_limit = Some(max),
+            Some(r) if looser(r, max) => {
+                return Err(IssueError::invalid(format!(
+                    "rate_limit is looser than your plan allows ({} per {} s)",
+                    max.limit, max.window_seconds
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Checks that a user's change of their key only tightens it: fewer scopes, a sub-list of the
+/// allowed addresses and origins, a rate limit, budget and expiry no looser than before.
+/// Loosening what an admin set is for an admin.
+pub fn only_tightens(before: &KeyRecord, after: &KeyRecord) -> Result<(), IssueError> {
+    let refuse = |what: &str| {
+        Err(IssueError::invalid(format!(
+            "{what}: a user may only tighten a key (ask an admin to loosen it)"
+        )))
+    };
+    if !after.scopes.is_subset_of(&before.scopes) {
+        return refuse("scopes");
+    }
+    let sub_list = |b: Vec<String>, a: Vec<String>| {
+        // An empty list allows every address (not for a pk's origins, which always has one).
+        b.is_empty() || (!a.is_empty() && a.iter().all(|x| b.contains(x)))
+    };
+    if !sub_list(
+        before.allowed_ips.to_strings(),
+        after.allowed_ips.to_strings(),
+    ) {
+        return refuse("allowed_ips");
+    }
+    if !sub_list(
+        before.allowed_origins.to_strings(),
+        after.allowed_origins.to_strings(),
+    ) {
+        return refuse("allowed_origins");
+    }
+    match (before.rate_limit, after.rate_limit) {
+        (Some(_), None) => return refuse("rate_limit"),
+        (Some(b), Some(a)) if looser(a, b) => return refuse("rate_limit"),
+        _ => {}
+    }
+    match (before.budget, after.budget) {
+        (Some(_), None) => return refuse("budget"),
+        (Some(b), Some(a)) if a > b => return refuse("budget"),
+        _ => {}
+    }
+    match (before.expires_at_ms, after.expires_at_ms) {
+        (Some(_), None) => return refuse("expires_at"),
+        (Some(b), Some(a)) if a > b => return refuse("expires_at"),
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod ceilings {
+    use super::*;
+    use crate::config::PlanConfig;
+
+    fn record() -> KeyRecord {
+        KeyRecord {
+            id: KeyId::from("key_1"),
+            family_id: FamilyId::from("key_1"),
+            tenant_id: TenantId::from("t"),
+            user_id: Some(UserId::from("usr_1")),
+            kind: Kind::Ut,
+            name: "k".into(),
+            hash: keygate_core::KeyHash([0; 32]),
+            display: "kg_ut_…".into(),
+            scopes: ScopeSet::parse(&["a:read", "b:read"]).expect("scopes"),
+            allowed_ips: keygate_core::IpAllowList::default(),
+            allowed_origins: OriginList::default(),
+            rate_limit: Some(RateLimit {
+                limit: 60,
+                window_seconds: 60,
+            }),
+            budget: Some(100),
+            budget_withdrawn: 0,
+            expires_at_ms: Some(10_000),
+            rotation_days: None,
+            metadata: serde_json::Map::new(),
+            status: KeyStatus::Active,
+            rotated_from: None,
+            rotated_to: None,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            last_used_at_ms: None,
+            revoked_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_users_key_gets_the_plans_ceilings_and_cannot_pass_them() {
+        let plan = PlanConfig {
+            max_budget: Some(500),
+            max_ttl_days: Some(30),
+            rate_limit: Some(RateLimit {
+                limit: 60,
+                window_seconds: 60,
+            }),
+            ..PlanConfig::default()
+        };
+        let mut open = record();
+        (open.budget, open.expires_at_ms, open.rate_limit) = (None, None, None);
+        fit_to_plan(&mut open, &plan, 1_000).expect("fits");
+        assert_eq!(open.budget, Some(500));
+        assert_eq!(open.expires_at_ms, Some(1_000 + 30 * 86_400_000));
+        assert_eq!(open.rate_limit, plan.rate_limit);
+        let mut r = record();
+        r.budget = Some(501);
+        assert!(fit_to_plan(&mut r, &plan, 1_000).is_err(), "budget");
+        let mut r = record();
+        r.expires_at_ms = Some(1_001 + 30 * 86_400_000);
+        assert!(fit_to_plan(&mut r, &plan, 1_000).is_err(), "lifetime");
+        let mut r = record();
+        // 2 a second is looser than 60 a minute, whatever the window.
+        r.rate_limit = Some(RateLimit {
+            limit: 2,
+            window_seconds: 1,
+        });
+        assert!(fit_to_plan(&mut r, &plan, 1_000).is_err(), "rate");
+        let mut r = record();
+        r.rate_limit = Some(RateLimit {
+            limit: 30,
+            window_seconds: 60,
+        });
+        assert!(fit_to_plan(&mut r, &plan, 1_000).is_ok(), "tighter is fine");
+    }
+
+    #[test]
+    fn a_users_change_may_only_tighten() {
+        let before = record();
+        let tighter = |f: &dyn Fn(&mut KeyRecord)| {
+            let mut a = record();
+            f(&mut a);
+            only_tightens(&before, &a)
+        };
+        assert!(tighter(&|a| a.budget = Some(50)).is_ok());
+        assert!(tighter(&|a| a.expires_at_ms = Some(5_000)).is_ok());
+        assert!(tighter(&|a| a.scopes = ScopeSet::parse(&["a:read"]).expect("s")).is_ok());
+        assert!(tighter(&|a| a.allowed_ips = check_ips(&["10.0.0.1".into()]).expect("ip")).is_ok());
+        for loosen in [
+            &(|a: &mut KeyRecord| a.budget = None) as &dyn Fn(&mut KeyRecord),
+            &|a| a.budget = Some(101),
+            &|a| a.expires_at_ms = None,
+            &|a| a.expires_at_ms = Some(10_001),
+            &|a| a.rate_limit = None,
+            &|a| {
+                a.rate_limit = Some(RateLimit {
+                    limit: 61,
+                    window_seconds: 60,
+                })
+            },
+            &|a| a.scopes = ScopeSet::parse(&["a:read", "c:read"]).expect("s"),
+        ] {
+            assert!(tighter(loosen).is_err());
+        }
+        // From an IP list, dropping it (every address) or adding one loosens.
+        let mut listed = record();
+        listed.allowed_ips = check_ips(&["10.0.0.1".into()]).expect("ip");
+        let mut none = listed.clone();
+        none.allowed_ips = keygate_core::IpAllowList::default();
+        assert!(only_tightens(&listed, &none).is_err());
+        let mut more = listed.clone();
+        more.allowed_ips = check_ips(&["10.0.0.1".into(), "10.0.0.2".into()]).expect("ip");
+        assert!(only_tightens(&listed, &more).is_err());
+    }
 }

@@ -47,11 +47,20 @@ struct Session {
     session_key_id: Option<String>,
 }
 
-/// What a user signed in with a password does in the dashboard: see their own keys (a `ut`
-/// key sees only its user's keys), their budgets, usage and settings. Making and changing
-/// keys needs an `sk` key: keygate has no finer rights for users yet, and a user allowed to
-/// write keys could mint keys beyond what an admin gave them.
-const USER_SESSION_SCOPES: &[&str] = &["keys:read"];
+/// What a user signed in with a password does in the dashboard: see and make their own keys
+/// (a member's `ut` key sees only its user's keys) within their plan. The session key also
+/// holds the plan's API scopes, the most any key the user makes may hold; a change by the
+/// user only tightens a key (`only_tightens`).
+const USER_SESSION_SCOPES: &[&str] = &["keys:read", "keys:write"];
+
+/// What an account's owner's session adds: the account's audit log and usage, its users, and
+/// its webhooks (where the plan has them).
+const OWNER_SESSION_SCOPES: &[&str] = &[
+    "audit:read",
+    "users:read",
+    "webhooks:read",
+    "webhooks:write",
+];
 
 /// The signed-in user of a request.
 struct Signed {
@@ -809,10 +818,14 @@ async fn password_login(
         }
     };
     attempt.succeeded(state).await;
-    let scopes: Vec<String> = USER_SESSION_SCOPES
+    let mut scopes: Vec<String> = USER_SESSION_SCOPES
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
+    if user.role == keygate_core::access::Role::Owner {
+        scopes.extend(OWNER_SESSION_SCOPES.iter().map(|s| (*s).to_owned()));
+    }
+    scopes.extend(state.plan_api_scopes(&user.plan));
     let issuer = keygate_engine::issue::Issuer {
         config: &state.config,
         format: &state.format,

@@ -59,6 +59,20 @@ fn accounts(c: &mut keygate_server::Config) {
         },
     );
     c.plans.insert(
+        "capped".into(),
+        PlanConfig {
+            features: Some(vec![Feature::Api]),
+            max_keys: Some(5),
+            max_budget: Some(500),
+            max_ttl_days: Some(30),
+            rate_limit: Some(keygate_core::RateLimit {
+                limit: 60,
+                window_seconds: 60,
+            }),
+            ..PlanConfig::default()
+        },
+    );
+    c.plans.insert(
         "nohooks".into(),
         PlanConfig {
             features: Some(vec![Feature::Api]),
@@ -746,6 +760,363 @@ async fn a_plan_with_fewer_scopes_narrows_the_keys_made_before_it() {
         thing(&app, &ut).await.status(),
         StatusCode::OK,
         "the key's own scopes are kept"
+    );
+    app.stop().await;
+}
+
+/// `POST /v1/keys` as `key`: status and body.
+async fn make(app: &TestApp, key: &str, body: Value) -> (StatusCode, Value) {
+    let r = app
+        .as_key(key)
+        .post(app.url("/v1/keys"))
+        .json(&body)
+        .send()
+        .await
+        .expect("create");
+    (r.status(), r.json().await.expect("json"))
+}
+
+/// `PATCH /v1/keys/{id}` as `key`: status and body.
+async fn change(app: &TestApp, key: &str, id: &str, body: Value) -> (StatusCode, Value) {
+    let r = app
+        .client
+        .patch(app.url(&format!("/v1/keys/{id}")))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .expect("patch");
+    (r.status(), r.json().await.expect("json"))
+}
+
+#[tokio::test]
+async fn users_make_their_own_keys_within_the_plan_and_cannot_break_its_ceilings() {
+    let app = TestApp::spawn_with(accounts).await;
+    let (_, tenant) = account(&app, "203.0.113.50", "own@example.com").await;
+    app.patch(&format!("/v1/tenants/{tenant}"), json!({"plan": "capped"}))
+        .await;
+    let users: Value = app
+        .get(&format!("/v1/users?tenant_id={tenant}"))
+        .await
+        .json()
+        .await
+        .expect("users");
+    let owner_id = users["data"][0]["id"].as_str().expect("owner").to_owned();
+    // A member of the account, made by the operator.
+    let r = app
+        .post(
+            "/v1/users",
+            json!({"email": "mem@example.com", "tenant_id": tenant, "plan": "capped"}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let member_id = r.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    // What a password session holds: keys:read and keys:write, and the plan's API scopes.
+    let token_of = |user: &str| {
+        json!({"kind": "ut", "name": "session-like", "tenant_id": tenant, "user_id": user,
+               "scopes": ["keys:read", "keys:write", "things:read"]})
+    };
+    let (owner, owner_key) = app.create_key(token_of(&owner_id)).await;
+    let (member, _) = app.create_key(token_of(&member_id)).await;
+    // Live keys now: the first key and these two (max_keys is 5).
+
+    // Nothing asked beyond scopes: the plan's ceilings become the key's limits.
+    let (st, v) = make(
+        &app,
+        &member,
+        json!({"kind": "ut", "name": "mine", "scopes": ["things:read"]}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let mine = v["id"].as_str().expect("id").to_owned();
+    assert_eq!(v["user_id"], member_id.as_str());
+    assert_eq!(v["budget"]["limit"], 500);
+    assert_eq!(v["rate_limit"], json!({"limit": 60, "window_seconds": 60}));
+    let expires = keygate_engine::clock::parse_rfc3339(v["expires_at"].as_str().expect("expiry"))
+        .expect("time");
+    let in_30_days = keygate_engine::clock::now_ms() + 30 * 86_400_000;
+    assert!((in_30_days - expires).abs() < 60_000, "{v}");
+
+    // Each ceiling, tried from above: refused, and nothing made.
+    let before = app.key_count().await;
+    for (body, code) in [
+        (
+            json!({"kind": "ut", "name": "x", "scopes": ["things:read"], "budget": 501}),
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({"kind": "ut", "name": "x", "scopes": ["things:read"], "ttl_seconds": 31 * 86_400}),
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({"kind": "ut", "name": "x", "scopes": ["things:read"], "rate_limit": {"limit": 2, "window_seconds": 1}}),
+            "INVALID_REQUEST",
+        ),
+        (
+            json!({"kind": "ut", "name": "x", "scopes": ["admin:all"]}),
+            "FORBIDDEN_SCOPE",
+        ),
+        (
+            json!({"kind": "sk", "name": "x", "scopes": ["things:read"]}),
+            "FORBIDDEN_SCOPE",
+        ),
+        (
+            json!({"kind": "ut", "name": "x", "scopes": ["things:read"], "user_id": owner_id}),
+            "NOT_FOUND",
+        ),
+        (
+            json!({"kind": "ut", "name": "x", "scopes": ["things:read"], "metadata": {"dashboard_session": true}}),
+            "INVALID_REQUEST",
+        ),
+    ] {
+        let (st, v) = make(&app, &member, body.clone()).await;
+        assert!(st.is_client_error(), "{body}: {st} {v}");
+        assert_eq!(v["error"]["code"], code, "{body}: {v}");
+    }
+    // The owner may make an sk only where the plan has sk_keys.
+    let (st, v) = make(
+        &app,
+        &owner,
+        json!({"kind": "sk", "name": "x", "scopes": ["things:read"]}),
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("PLAN_FEATURE")),
+        "{v}"
+    );
+    assert_eq!(app.key_count().await, before);
+
+    // The fifth live key fits; a sixth does not.
+    let (st, v) = make(
+        &app,
+        &owner,
+        json!({"kind": "pk", "name": "widget", "preset": "aidemo", "scopes": ["things:read"]}),
+    )
+    .await;
+    assert_eq!(
+        st,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "a preset's budget of 2000 passes the plan's: {v}"
+    );
+    let (st, v) = make(
+        &app,
+        &owner,
+        json!({"kind": "pk", "name": "widget", "scopes": ["things:read"],
+                                            "allowed_origins": ["https://app.example"]}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["budget"]["limit"], 500);
+    let (st, v) = make(
+        &app,
+        &owner,
+        json!({"kind": "ut", "name": "sixth", "scopes": ["things:read"]}),
+    )
+    .await;
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("PLAN_FEATURE")),
+        "{v}"
+    );
+
+    // A member sees and changes its own keys only; the owner sees the account's.
+    let listed = |key: String| {
+        let app = &app;
+        async move {
+            let v: Value = app
+                .as_key(&key)
+                .get(app.url("/v1/keys?limit=100"))
+                .send()
+                .await
+                .expect("list")
+                .json()
+                .await
+                .expect("json");
+            v["data"]
+                .as_array()
+                .expect("keys")
+                .iter()
+                .map(|k| k["id"].as_str().expect("id").to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let member_sees = listed(member.clone()).await;
+    assert!(
+        member_sees.contains(&mine)
+            && !member_sees
+                .iter()
+                .any(|k| k == owner_key["id"].as_str().expect("id"))
+    );
+    assert!(
+        listed(owner.clone()).await.contains(&mine),
+        "the owner sees a member's key"
+    );
+    let owners = owner_key["id"].as_str().expect("id");
+    let (st, _) = change(&app, &member, owners, json!({"budget": 1})).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+
+    // A change by a user only tightens; loosening what the key has is refused, unchanged.
+    for loosen in [
+        json!({"budget": 501}),
+        json!({"budget": null}),
+        json!({"expires_at": null}),
+        json!({"rate_limit": null}),
+        json!({"rate_limit": {"limit": 600, "window_seconds": 60}}),
+        json!({"scopes": ["things:read", "admin:all"]}),
+    ] {
+        let (st, v) = change(&app, &member, &mine, loosen.clone()).await;
+        assert!(st.is_client_error(), "{loosen}: {st} {v}");
+    }
+    let (st, v) = change(
+        &app,
+        &member,
+        &mine,
+        json!({"budget": 100, "rate_limit": {"limit": 10, "window_seconds": 60}}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["budget"]["limit"], 100);
+    // An admin's key made for the member: the member cannot loosen it either.
+    let (_, admin_made) = app
+        .create_key(
+            json!({"kind": "ut", "name": "by admin", "tenant_id": tenant, "user_id": member_id,
+                           "scopes": ["things:read"], "budget": 50}),
+        )
+        .await;
+    let id = admin_made["id"].as_str().expect("id");
+    let (st, _) = change(&app, &member, id, json!({"budget": 60})).await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    let k: Value = app
+        .get(&format!("/v1/keys/{id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(k["budget"]["limit"], 50);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_signed_in_user_makes_a_key_in_the_dashboard_and_sessions_do_not_count_as_keys() {
+    let app = TestApp::spawn_with(accounts).await;
+    let (_, tenant) = account(&app, "203.0.113.60", "dash@example.com").await;
+    app.patch(&format!("/v1/tenants/{tenant}"), json!({"plan": "capped"}))
+        .await;
+    // Six sign-ins: six session keys, none of them counted against max_keys (5).
+    let mut s = support::Session::new();
+    for _ in 0..6 {
+        s = support::Session::new();
+        let (_, _, page) = s.send(s.http.get(app.url("/dashboard/login"))).await;
+        let req = s.http.post(app.url("/dashboard/login")).form(&[
+            ("csrf", csrf_of(&page).as_str()),
+            ("method", "password"),
+            ("tenant", tenant.as_str()),
+            ("email", "dash@example.com"),
+            ("password", PASSWORD),
+        ]);
+        let (st, _, _) = s.send(req).await;
+        assert_eq!(st, StatusCode::SEE_OTHER);
+    }
+    let (_, _, keys) = s.send(s.http.get(app.url("/dashboard/keys"))).await;
+    let csrf = csrf_of(&keys);
+    let http = s.http.clone();
+    let form = |name: &'static str, budget: &'static str, csrf: String| {
+        http.post(app.url("/dashboard/keys")).form(&[
+            ("csrf", csrf.as_str()),
+            ("name", name),
+            ("kind", "ut"),
+            ("scopes", "things:read"),
+            ("budget", budget),
+        ])
+    };
+    let req = form("too rich", "9999", csrf.clone());
+    let (st, _, page) = s.send(req).await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        page.contains("budget exceeds what your plan allows"),
+        "{page}"
+    );
+    let req = form("from the dashboard", "100", csrf);
+    let (st, _, page) = s.send(req).await;
+    assert_eq!(st, StatusCode::OK, "{page}");
+    let key = page
+        .split("kg_ut_")
+        .nth(1)
+        .and_then(|rest| rest.split(['<', '"', ' ']).next())
+        .map(|k| format!("kg_ut_{k}"))
+        .expect("the new key on the page");
+    assert_eq!(thing(&app, &key).await.status(), StatusCode::OK);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn oauth_clients_and_an_owners_sk_keys_need_their_plan_features() {
+    let app = TestApp::spawn_with(accounts).await;
+    let (_, tenant) = account(&app, "203.0.113.70", "feat@example.com").await;
+    let (admin, _) = app
+        .create_key(
+            json!({"kind": "sk", "name": "tenant admin", "tenant_id": tenant,
+                           "scopes": ["oauth:write", "oauth:read", "things:read"]}),
+        )
+        .await;
+    let client = || {
+        app.as_key(&admin)
+            .post(app.url("/v1/oauth/clients"))
+            .json(&json!({"name": "app", "type": "public",
+                          "redirect_uris": ["https://app.example/cb"], "scopes": ["things:read"]}))
+            .send()
+    };
+    // The trial has every feature.
+    let r = client().await.expect("create");
+    assert_eq!(
+        r.status(),
+        StatusCode::CREATED,
+        "{}",
+        r.text().await.expect("body")
+    );
+    app.patch(&format!("/v1/tenants/{tenant}"), json!({"plan": "nohooks"}))
+        .await;
+    let r = client().await.expect("create");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], "PLAN_FEATURE");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("oauth"),
+        "{v}"
+    );
+
+    // The owner's own sk key: on the trial (every feature), yes; a member never.
+    let (_, tenant) = account(&app, "203.0.113.71", "sk@example.com").await;
+    let users: Value = app
+        .get(&format!("/v1/users?tenant_id={tenant}"))
+        .await
+        .json()
+        .await
+        .expect("users");
+    let owner_id = users["data"][0]["id"].as_str().expect("owner").to_owned();
+    let (owner, _) = app
+        .create_key(
+            json!({"kind": "ut", "name": "o", "tenant_id": tenant, "user_id": owner_id,
+                           "scopes": ["keys:write", "things:read"]}),
+        )
+        .await;
+    let (st, v) = make(
+        &app,
+        &owner,
+        json!({"kind": "sk", "name": "server", "scopes": ["things:read"]}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        (v["kind"].as_str(), v["user_id"].as_str()),
+        (Some("sk"), None)
     );
     app.stop().await;
 }

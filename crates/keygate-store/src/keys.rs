@@ -438,6 +438,21 @@ impl Store for SqlStore {
         Ok(())
     }
 
+    async fn count_live_keys(&self, tenant_id: &TenantId, now_ms: i64, mark: &str) -> Result<u64> {
+        // Metadata is stored as serde_json writes it: `"mark":true`, no spaces.
+        let marked = format!("%{}:true%", serde_json::Value::from(mark));
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM keys WHERE tenant_id = $1 AND status <> 'revoked' \
+             AND (expires_at IS NULL OR expires_at > $2) AND metadata NOT LIKE $3",
+        )
+        .bind(tenant_id.as_str())
+        .bind(now_ms)
+        .bind(marked)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(to_u64(n))
+    }
+
     async fn count_keys(&self) -> Result<u64> {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM keys")
             .fetch_one(&self.pool)

@@ -420,6 +420,9 @@ pub trait Store:
     async fn touch_keys(&self, used: &[(KeyId, i64)]) -> Result<()>;
     /// Number of keys (to tell a fresh database).
     async fn count_keys(&self) -> Result<u64>;
+    /// Live keys of a tenant (neither revoked nor expired at `now_ms`), leaving out those
+    /// whose metadata holds `mark: true` (dashboard session keys).
+    async fn count_live_keys(&self, tenant_id: &TenantId, now_ms: i64, mark: &str) -> Result<u64>;
 
     /// Withdraws up to `want` credits from a family's budget atomically: how many were
     /// granted (0 when spent) and how many remain in the store after it. Families without a

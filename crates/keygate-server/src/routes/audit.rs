@@ -137,7 +137,7 @@ pub async fn list(
     }
     .page()?;
     let tenant_id = caller.scope(&state, q.tenant_id.as_deref()).await?;
-    let owner = match caller.own_user() {
+    let owner = match caller.sees_only() {
         Some(user) => Some(owner_of(&state, caller.tenant(), user).await?),
         None => None,
     };
@@ -284,10 +284,11 @@ pub async fn tenant_usage(
     ))
 }
 
-/// Refuses a user token (`ut`) on what covers the whole tenant (its usage, its alerts): a user
-/// sees its own keys' usage (`/v1/keys/{id}/usage`) and events, not other users'.
+/// Refuses a member's token (`ut`) on what covers the whole tenant (its usage, its alerts): a
+/// member sees its own keys' usage (`/v1/keys/{id}/usage`) and events, not other users'; the
+/// owner sees the account's.
 fn tenant_wide(caller: &super::Caller) -> Result<(), ApiError> {
-    match caller.own_user() {
+    match caller.sees_only() {
         None => Ok(()),
         Some(_) => Err(ApiError::because(
             keygate_core::Code::ForbiddenScope,

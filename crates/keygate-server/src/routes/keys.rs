@@ -54,19 +54,12 @@ pub async fn create(
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
     let tenant = caller.act_in(&state, body.tenant_id.as_deref()).await?;
-    if let Some(own) = caller.own_user() {
-        // A user token makes keys for its own user only, and never a secret key.
-        if matches!(Kind::parse(&body.kind), Ok(Kind::Sk)) {
-            return Err(ApiError::because(
-                keygate_core::Code::ForbiddenScope,
-                "a user token makes pk and ut keys for its own user, not sk keys",
-            ));
-        }
-        if body.user_id.as_deref().is_some_and(|u| own != u) {
-            return Err(ApiError::not_found("user"));
-        }
-        body.user_id = Some(own.to_string());
-    }
+    reserved_metadata(body.metadata.as_ref())?;
+    // A user token makes keys for its own user, within the user's plan (`fit_to_plan`).
+    let maker = match caller.own_user() {
+        Some(own) => Some(self_service(&state, &caller, own, &tenant, &mut body).await?),
+        None => None,
+    };
     let now = now_ms();
     if matches!(Kind::parse(&body.kind), Ok(Kind::Sk))
         && body.scopes.is_none()
@@ -75,9 +68,12 @@ pub async fn create(
         // A secret key made without a scope list gets the caller's scopes, never more.
         body.scopes = Some(caller.key.record.scopes.to_strings());
     }
-    let (plaintext, record) =
+    let (plaintext, mut record) =
         issue::build_key(&state.issuer(), &*state.store, &tenant, body, now).await?;
     caller.require_covers(&record.scopes)?;
+    if let Some(plan) = &maker {
+        issue::fit_to_plan(&mut record, state.plan(plan), now)?;
+    }
     let st = state.clone();
     let (rec, actor) = (record.clone(), caller.key.record.id.clone());
     detached(async move {
@@ -110,6 +106,93 @@ pub async fn create(
             record: view,
         }),
     ))
+}
+
+/// Metadata may not claim to be a dashboard session's (a password reset ends those keys, and
+/// `max_keys` does not count them).
+fn reserved_metadata(
+    m: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> Result<(), ApiError> {
+    let mark = format!("\"{}\"", keygate_engine::accounts::SESSION_MARK);
+    match m {
+        Some(m)
+            if serde_json::Value::Object(m.clone())
+                .to_string()
+                .contains(&mark) =>
+        {
+            Err(ApiError::invalid(format!(
+                "metadata may not hold {mark}: keygate reserves it"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The rules for a key a user makes for themself: for their own user, never an `sk` unless
+/// the user owns the account and its plan has `sk_keys`, and no more live keys than the
+/// account's plan's `max_keys`. Returns the plan whose ceilings the key must fit.
+async fn self_service(
+    state: &AppState,
+    caller: &Caller,
+    own: &UserId,
+    tenant: &keygate_core::TenantId,
+    body: &mut CreateKey,
+) -> Result<String, ApiError> {
+    use keygate_engine::config::Feature;
+    let user = state
+        .store
+        .get_user(own)
+        .await?
+        .ok_or_else(|| ApiError::not_found("user"))?;
+    let account = state
+        .store
+        .get_tenant(tenant)
+        .await?
+        .ok_or_else(|| ApiError::not_found("tenant"))?;
+    let plan = state.plan(&account.plan);
+    if matches!(Kind::parse(&body.kind), Ok(Kind::Sk)) {
+        if !caller.key.owner {
+            return Err(ApiError::because(
+                keygate_core::Code::ForbiddenScope,
+                "a member makes pk and ut keys for themself; sk keys are the account owner's",
+            ));
+        }
+        if !plan.has(Feature::SkKeys) {
+            return Err(ApiError::because(
+                keygate_core::Code::PlanFeature,
+                format!(
+                    "the account's plan ({}) does not include sk_keys",
+                    account.plan
+                ),
+            ));
+        }
+        if body.user_id.is_some() {
+            return Err(ApiError::invalid(
+                "sk keys have no user; use a ut key for a user",
+            ));
+        }
+    } else {
+        if body.user_id.as_deref().is_some_and(|u| own != u) {
+            return Err(ApiError::not_found("user"));
+        }
+        body.user_id = Some(own.to_string());
+    }
+    if let Some(max) = plan.max_keys {
+        let live = state
+            .store
+            .count_live_keys(tenant, now_ms(), keygate_engine::accounts::SESSION_MARK)
+            .await?;
+        if live >= u64::from(max) {
+            return Err(ApiError::because(
+                keygate_core::Code::PlanFeature,
+                format!(
+                    "the account has {live} live keys, the most its plan ({}) allows: revoke one first",
+                    account.plan
+                ),
+            ));
+        }
+    }
+    Ok(user.plan)
 }
 
 /// `GET /v1/keys` filters.
@@ -173,8 +256,8 @@ pub async fn list(
             .map(|s| s.ok_or(()))
             .transpose()
             .map_err(|_| bad("status must be active, grace or revoked"))?,
-        // A user token lists its own user's keys only.
-        user_id: match caller.own_user() {
+        // A member's token lists its own user's keys only; the owner's, the account's.
+        user_id: match caller.sees_only() {
             Some(own) => Some(own.clone()),
             None => q.user_id.as_deref().map(UserId::from),
         },
@@ -236,6 +319,8 @@ pub async fn update(
     let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
     let mut k = state.visible_key(&caller, &id).await?;
     caller.require_may_change(&k.family_id)?;
+    reserved_metadata(body.metadata.as_ref())?;
+    let before = k.clone();
     let now = now_ms();
     if k.status == KeyStatus::Revoked {
         return Err(ApiError::conflict(
@@ -297,6 +382,9 @@ pub async fn update(
     }
     if body.metadata.is_some() {
         k.metadata = issue::check_metadata(body.metadata)?;
+    }
+    if caller.own_user().is_some() {
+        issue::only_tightens(&before, &k)?;
     }
     k.updated_at_ms = now;
     // The write and the cache invalidation run to completion even if the client goes away.

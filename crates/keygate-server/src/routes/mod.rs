@@ -104,6 +104,7 @@ impl Caller {
             user_id: r.user_id.as_ref(),
             family_id: &r.family_id,
             scopes: &r.scopes,
+            owner: self.key.owner,
         }
     }
 
@@ -115,6 +116,11 @@ impl Caller {
     /// See [`Actor::own_user`].
     pub fn own_user(&self) -> Option<&UserId> {
         self.actor().own_user()
+    }
+
+    /// See [`Actor::sees_only`].
+    pub fn sees_only(&self) -> Option<&UserId> {
+        self.actor().sees_only()
     }
 
     /// See [`Actor::is_operator`].

@@ -52,6 +52,9 @@ pub async fn create(
     let caller = ctx
         .caller(&state, WRITE, RouteClass::TokenManagement)
         .await?;
+    caller
+        .require_feature(&state, keygate_engine::config::Feature::Oauth)
+        .await?;
     let tenant = caller.act_in(&state, body.tenant_id.as_deref()).await?;
     let name = keygate_engine::issue::check_name(&body.name)?;
     let public = match body.client_type.as_str() {

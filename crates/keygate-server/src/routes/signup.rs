@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use keygate_api::{ForgotPassword, ResetPassword, SignUp, SignedUp, Verified};
 use keygate_core::access::Role;
-use keygate_core::{Code, RouteClass, TenantId, UserId};
+use keygate_core::{Code, TenantId, UserId};
 use keygate_engine::accounts::password_problem;
 use keygate_engine::clock::now_ms;
 use keygate_engine::engine::Change;
@@ -110,7 +110,8 @@ pub(crate) async fn create_account(
         verified: false,
         sessions_from_ms: 0,
     };
-    let scopes = first_key_scopes(state, &user);
+    // The plan's API scopes, so the key works at once on the API behind keygate.
+    let scopes = Some(state.plan_api_scopes(&user.plan));
     let (plaintext, key) = issue::build_key_for(
         &state.issuer(),
         &tenant.id,
@@ -307,24 +308,4 @@ fn nothing() -> SignedUp {
         user: None,
         key: None,
     }
-}
-
-/// The first key's scopes: the plan's list, else every scope the configured normal routes ask
-/// for, so the key works at once on the API behind keygate. Admin, billing, webhook and
-/// token-management routes are the operator's: a stranger's key gets none of their scopes.
-fn first_key_scopes(state: &AppState, user: &User) -> Option<Vec<String>> {
-    if state.plan(&user.plan).scopes.is_some() {
-        return None;
-    }
-    let mut scopes: Vec<String> = state
-        .config
-        .routes
-        .iter()
-        .filter(|r| r.class == RouteClass::Normal)
-        .filter_map(|r| r.scope.clone())
-        .filter(|s| s != "*")
-        .collect();
-    scopes.sort_unstable();
-    scopes.dedup();
-    Some(scopes)
 }
