@@ -25,7 +25,7 @@ use keygate_api::{
     ErrorBody, IssuedKey, KeyView, ListView, RateLimitBody, RotateKey, TenantView, TestEvent,
     UpdateKey, UsageBucket, UsageView, WebhookView,
 };
-use keygate_core::{KeyId, TenantId};
+use keygate_core::{KeyId, TenantId, UserId};
 use keygate_engine::clock::now_ms;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -344,6 +344,8 @@ struct SignupPage {
     name: String,
     organisation: String,
     done: Option<SignedUpPage>,
+    /// The new owner is signed in (a session cookie comes with the page).
+    signed_in: bool,
 }
 
 /// A new account, shown once.
@@ -598,9 +600,17 @@ pub async fn signup(
     match crate::routes::signup::create_account(&state, ctx.peer, body).await {
         Ok(keygate_api::SignedUp {
             account: Some(account),
+            user: Some(user),
             key: Some(key),
-            ..
         }) => {
+            // The person is signed in: a password session as after a sign-in.
+            let signed_in = match state.store.get_user(&UserId::from(user.id.as_str())).await {
+                Ok(Some(u)) => user_session(&state, &u, "dashboard sign-up")
+                    .await
+                    .ok()
+                    .and_then(|s| seal_session(&state, &s)),
+                _ => None,
+            };
             let done = SignedUpPage {
                 curl: first_request(&state, &ctx.headers, &key),
                 account: account.name,
@@ -614,11 +624,18 @@ pub async fn signup(
             };
             let mut r = render(&SignupPage {
                 done: Some(done),
+                signed_in: signed_in.is_some(),
                 ..SignupPage::default()
             });
             // The key is on this page only: no cache may keep it.
             r.headers_mut()
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            if let Some(sealed) = signed_in {
+                r.headers_mut().append(
+                    header::SET_COOKIE,
+                    set_cookie(&state, SESSION_COOKIE, &sealed, SESSION_TTL_MS / 1000),
+                );
+            }
             *r.status_mut() = StatusCode::CREATED;
             r
         }
@@ -758,6 +775,92 @@ async fn end_session_key(state: &AppState, id: &str) {
     }
 }
 
+/// A password session of `user`: a `ut` key of the user, valid for the session only, made
+/// and stored (with its `key.created` event, `via`), for the dashboard to call the API with.
+/// Refused: the message and status to show.
+async fn user_session(
+    state: &AppState,
+    user: &keygate_store::User,
+    via: &'static str,
+) -> Result<Session, (String, StatusCode)> {
+    let mut scopes: Vec<String> = USER_SESSION_SCOPES
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    if user.role == keygate_core::access::Role::Owner {
+        scopes.extend(OWNER_SESSION_SCOPES.iter().map(|s| (*s).to_owned()));
+    }
+    scopes.extend(state.plan_api_scopes(&user.plan));
+    let issuer = keygate_engine::issue::Issuer {
+        config: &state.config,
+        format: &state.format,
+        hasher: &state.hasher,
+    };
+    let now = now_ms();
+    let body = keygate_engine::issue::CreateKey {
+        kind: "ut".into(),
+        name: format!("dashboard session of {}", user.email),
+        user_id: Some(user.id.to_string()),
+        scopes: Some(scopes),
+        // Page views are API calls: the user's plan's rate limit is for their own keys.
+        rate_limit: Some(keygate_engine::issue::RateLimitBody {
+            limit: 1_000,
+            window_seconds: 60,
+        }),
+        ttl_seconds: Some(u64::try_from(SESSION_TTL_MS / 1000).unwrap_or(43_200)),
+        // A password reset ends the keys that carry this mark.
+        metadata: Some(serde_json::Map::from_iter([(
+            keygate_engine::accounts::SESSION_MARK.to_owned(),
+            serde_json::Value::Bool(true),
+        )])),
+        ..keygate_engine::issue::CreateKey::default()
+    };
+    let (plaintext, record) =
+        match keygate_engine::issue::build_key(&issuer, &*state.store, &user.tenant_id, body, now)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                return Err((
+                    format!(
+                        "Your plan does not allow the dashboard: {}",
+                        crate::error::ApiError::from(e).message
+                    ),
+                    StatusCode::FORBIDDEN,
+                ))
+            }
+        };
+    let (st, rec) = (state.clone(), record.clone());
+    let stored = crate::routes::detached(async move {
+        st.store.insert_key(&rec).await?;
+        let detail = serde_json::json!({"kind": "ut", "name": rec.name, "via": via});
+        let actor = rec.user_id.as_deref().unwrap_or_default().to_owned();
+        st.record_change(keygate_engine::engine::Change {
+            actor: &actor,
+            action: "key.created",
+            tenant_id: &rec.tenant_id,
+            key_id: Some(&rec.id),
+            user_id: rec.user_id.as_ref(),
+            detail: &detail,
+        })
+        .await;
+        Ok(())
+    })
+    .await;
+    if stored.is_err() {
+        return Err((
+            "Try again in a moment.".into(),
+            StatusCode::SERVICE_UNAVAILABLE,
+        ));
+    }
+    Ok(Session {
+        key: plaintext,
+        sid: keygate_engine::ids::random_base62(24),
+        exp: now + SESSION_TTL_MS,
+        session_key_id: Some(record.id.to_string()),
+    })
+}
+
 /// A sign-in with a user's email and password: a `ut` key of the user, valid for the session
 /// only, is made for the dashboard to call the API with (so every action is the user's in the
 /// audit log, and the user sees and manages only their own keys); it ends at sign-out.
@@ -818,87 +921,15 @@ async fn password_login(
         }
     };
     attempt.succeeded(state).await;
-    let mut scopes: Vec<String> = USER_SESSION_SCOPES
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-    if user.role == keygate_core::access::Role::Owner {
-        scopes.extend(OWNER_SESSION_SCOPES.iter().map(|s| (*s).to_owned()));
-    }
-    scopes.extend(state.plan_api_scopes(&user.plan));
-    let issuer = keygate_engine::issue::Issuer {
-        config: &state.config,
-        format: &state.format,
-        hasher: &state.hasher,
+    let session = match user_session(state, &user, "dashboard sign-in").await {
+        Ok(s) => s,
+        Err((message, status)) => return login_page(state, Some(message), status),
     };
-    let now = now_ms();
-    let body = keygate_engine::issue::CreateKey {
-        kind: "ut".into(),
-        name: format!("dashboard session of {}", user.email),
-        user_id: Some(user.id.to_string()),
-        scopes: Some(scopes),
-        // Page views are API calls: the user's plan's rate limit is for their own keys.
-        rate_limit: Some(keygate_engine::issue::RateLimitBody {
-            limit: 1_000,
-            window_seconds: 60,
-        }),
-        ttl_seconds: Some(u64::try_from(SESSION_TTL_MS / 1000).unwrap_or(43_200)),
-        // A password reset ends the keys that carry this mark.
-        metadata: Some(serde_json::Map::from_iter([(
-            keygate_engine::accounts::SESSION_MARK.to_owned(),
-            serde_json::Value::Bool(true),
-        )])),
-        ..keygate_engine::issue::CreateKey::default()
-    };
-    let (plaintext, record) =
-        match keygate_engine::issue::build_key(&issuer, &*state.store, &tenant, body, now).await {
-            Ok(m) => m,
-            Err(e) => {
-                return login_page(
-                    state,
-                    Some(format!(
-                        "Your plan does not allow the dashboard: {}",
-                        crate::error::ApiError::from(e).message
-                    )),
-                    StatusCode::FORBIDDEN,
-                )
-            }
-        };
-    let (st, rec) = (state.clone(), record.clone());
-    let stored = crate::routes::detached(async move {
-        st.store.insert_key(&rec).await?;
-        let detail =
-            serde_json::json!({"kind": "ut", "name": rec.name, "via": "dashboard sign-in"});
-        let actor = rec.user_id.as_deref().unwrap_or_default().to_owned();
-        st.record_change(keygate_engine::engine::Change {
-            actor: &actor,
-            action: "key.created",
-            tenant_id: &rec.tenant_id,
-            key_id: Some(&rec.id),
-            user_id: rec.user_id.as_ref(),
-            detail: &detail,
-        })
-        .await;
-        Ok(())
-    })
-    .await;
-    if stored.is_err() {
-        return login_page(
-            state,
-            Some("Try again in a moment.".into()),
-            StatusCode::SERVICE_UNAVAILABLE,
-        );
-    }
-    let session = Session {
-        key: plaintext,
-        sid: keygate_engine::ids::random_base62(24),
-        exp: now + SESSION_TTL_MS,
-        session_key_id: Some(record.id.to_string()),
-    };
+    let record_id = session.session_key_id.clone().unwrap_or_default();
     let res = start_session(state, session, peer).await;
     if !res.status().is_redirection() {
         // The key was refused (the plan has no API access, …): it must not outlive this page.
-        end_session_key(state, &record.id).await;
+        end_session_key(state, &record_id).await;
     }
     res
 }

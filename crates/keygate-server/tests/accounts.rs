@@ -713,7 +713,19 @@ async fn the_sign_up_page_shows_the_first_key_once_with_a_working_first_request(
     .expect("request");
     assert_eq!(r.status(), StatusCode::CREATED);
     assert_eq!(r.headers()["cache-control"], "no-store");
+    // The new owner is signed in: the page sets a session cookie that opens their keys.
+    let session = set_cookie_value(&r, "kg_dash").expect("a session cookie");
     let done = r.text().await.expect("page");
+    assert!(done.contains("You are signed in"), "{done}");
+    let keys = app
+        .client
+        .get(app.url("/dashboard/keys"))
+        .header("Cookie", format!("kg_dash={session}"))
+        .send()
+        .await
+        .expect("keys page");
+    assert_eq!(keys.status(), StatusCode::OK);
+    assert!(keys.text().await.expect("page").contains("first key"));
     let key = done
         .split("id=\"secret\">")
         .nth(1)
@@ -1119,4 +1131,14 @@ async fn oauth_clients_and_an_owners_sk_keys_need_their_plan_features() {
         (Some("sk"), None)
     );
     app.stop().await;
+}
+
+/// The value a response sets for cookie `name`, if it sets one.
+fn set_cookie_value(r: &reqwest::Response, name: &str) -> Option<String> {
+    r.headers().get_all("set-cookie").iter().find_map(|v| {
+        let v = v.to_str().ok()?;
+        let (k, rest) = v.split_once('=')?;
+        let value = rest.split(';').next()?;
+        (k == name && !value.is_empty()).then(|| value.to_owned())
+    })
 }
