@@ -2035,6 +2035,19 @@ pub(crate) mod tests {
                 name: evil(),
                 organisation: evil(),
                 done: None,
+                signed_in: false,
+            }
+            .render(),
+            PasswordPage {
+                csrf: evil(),
+                error: Some(evil()),
+                token: Some(evil()),
+                notice: None,
+            }
+            .render(),
+            PasswordPage {
+                notice: Some(evil()),
+                ..PasswordPage::default()
             }
             .render(),
             SignupPage {
