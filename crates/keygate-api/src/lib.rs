@@ -466,6 +466,18 @@ pub struct Verified {
     pub user: UserView,
 }
 
+/// `POST /v1/users/invite` body.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InviteUser {
+    /// Where the invitation goes.
+    pub email: String,
+    /// `member` (the only role an invitation gives).
+    pub role: Option<String>,
+    /// The account (an admin `sk` key of the operator names it; others act in their own).
+    pub tenant_id: Option<String>,
+}
+
 /// `POST /v1/password/forgot` body.
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -23,6 +23,9 @@ pub const TRIAL_WARNING_MS: i64 = 3 * 86_400_000;
 /// How long a password-reset link works.
 pub const RESET_LINK_MS: i64 = 30 * 60_000;
 
+/// How long an invitation link works.
+pub const INVITE_LINK_MS: i64 = 7 * 86_400_000;
+
 /// The metadata entry that marks a dashboard password session's key (a password reset ends
 /// those keys).
 pub const SESSION_MARK: &str = "dashboard_session";
@@ -178,6 +181,121 @@ impl Engine {
             );
         }
         Ok(())
+    }
+
+    /// Emails `email` a link that makes them a member of `tenant` (`inviter` names who asks).
+    /// Nothing is sent (and `false` returned) without `[smtp]`.
+    pub async fn send_invite(
+        &self,
+        tenant: &Tenant,
+        email: &str,
+        inviter: &str,
+    ) -> Result<bool, StoreError> {
+        let Some(mailer) = &self.mailer else {
+            return Ok(false);
+        };
+        let (token, record) = NewLink {
+            purpose: EmailPurpose::Invite,
+            tenant_id: &tenant.id,
+            user_id: None,
+            email,
+            role: Some(Role::Member),
+            ttl_ms: INVITE_LINK_MS,
+        }
+        .make(now_ms());
+        self.store.insert_email_token(&record).await?;
+        let link = format!("{}/dashboard/invite?token={token}", self.oauth.issuer);
+        mailer.send_later(
+            email,
+            "You are invited to a keygate account",
+            format!(
+                "{inviter} invites you to the keygate account {} ({}).\n\nAccept and choose \
+                 your password here:\n\n{link}\n\nThe link works once, for 7 days. If you \
+                 did not expect this, ignore this email.\n",
+                tenant.name, tenant.id
+            ),
+            "invitation",
+        );
+        Ok(true)
+    }
+
+    /// Accepts an invitation: `user` (its id, name and password) becomes a member of the
+    /// link's account. `None`: unknown, used or expired; a conflict: a user of the account
+    /// has the address already.
+    pub async fn accept_invite(
+        &self,
+        token: &str,
+        user: &User,
+    ) -> Result<Option<User>, StoreError> {
+        let Some(made) = self
+            .store
+            .redeem_invite(&token_hash(token), user, now_ms())
+            .await?
+        else {
+            return Ok(None);
+        };
+        let detail = serde_json::json!({"role": "member", "via": "invitation"});
+        self.record_change(Change {
+            actor: made.id.as_str(),
+            action: "user.created",
+            tenant_id: &made.tenant_id,
+            key_id: None,
+            user_id: Some(&made.id),
+            detail: &detail,
+        })
+        .await;
+        Ok(Some(made))
+    }
+
+    /// Removes a member of an account: they cannot sign in any more, and every key of theirs
+    /// is revoked on every node at once. `None`: no such live member.
+    pub async fn remove_member(
+        &self,
+        id: &keygate_core::UserId,
+        actor: &str,
+    ) -> Result<Option<User>, StoreError> {
+        let Some(user) = self.store.remove_user(id, now_ms()).await? else {
+            return Ok(None);
+        };
+        let filter = KeyFilter {
+            tenant_id: Some(user.tenant_id.clone()),
+            kind: None,
+            status: None,
+            user_id: Some(user.id.clone()),
+            name_contains: None,
+        };
+        let mut page = PageRequest {
+            cursor: None,
+            limit: 500,
+        };
+        let mut revoked = 0u64;
+        loop {
+            let keys = self.store.list_keys(&filter, &page).await?;
+            for k in keys.iter().filter(|k| k.status != KeyStatus::Revoked) {
+                if self
+                    .revoke_now(&k.id, actor, "user removed")
+                    .await?
+                    .is_some()
+                {
+                    revoked += 1;
+                }
+            }
+            match keys.last() {
+                Some(k) if keys.len() == 500 => page.cursor = Some(k.id.to_string()),
+                _ => break,
+            }
+        }
+        let detail = serde_json::json!({"email": user.email, "keys_revoked": revoked});
+        self.record_change(Change {
+            actor,
+            action: "user.removed",
+            tenant_id: &user.tenant_id,
+            key_id: None,
+            user_id: Some(&user.id),
+            detail: &detail,
+        })
+        .await;
+        Ok(Some(user))
     }
 
     /// Opens a verification link: the user's address is verified and, when they own the

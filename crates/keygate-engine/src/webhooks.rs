@@ -37,6 +37,7 @@ pub const EVENT_TYPES: &[&str] = &[
     "tenant.trial_ending",
     "tenant.credits_refilled",
     "user.created",
+    "user.removed",
     "alert.unusual_activity",
     "oauth.refresh_reuse",
     "webhook.test",

@@ -53,11 +53,13 @@ struct Session {
 /// user only tightens a key (`only_tightens`).
 const USER_SESSION_SCOPES: &[&str] = &["keys:read", "keys:write"];
 
-/// What an account's owner's session adds: the account's audit log and usage, its users, and
-/// its webhooks (where the plan has them).
+/// What an account's owner's session adds: the account's audit log and usage, its users
+/// (inviting and removing members; `POST /v1/users` refuses user tokens), and its webhooks
+/// (where the plan has them).
 const OWNER_SESSION_SCOPES: &[&str] = &[
     "audit:read",
     "users:read",
+    "users:write",
     "webhooks:read",
     "webhooks:write",
 ];
@@ -518,6 +520,176 @@ pub async fn reset(State(state): State<AppState>, headers: HeaderMap, body: Byte
         ),
         Err(e) => again(e.message.into_owned(), e.status),
     }
+}
+
+// An invitation's link.
+
+#[derive(Template, Default)]
+#[template(path = "dashboard/invite.html")]
+struct InvitePage {
+    csrf: String,
+    error: Option<String>,
+    token: String,
+}
+
+fn invite_page(state: &AppState, mut page: InvitePage, status: StatusCode) -> Response {
+    // The same headers as the reset link's page: a token is on it.
+    let csrf = keygate_engine::ids::random_base62(32);
+    page.csrf = csrf.clone();
+    let mut r = render(&page);
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r.headers_mut().insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(state, LOGIN_CSRF_COOKIE, &csrf, 3600),
+    );
+    r
+}
+
+/// `GET /dashboard/invite?token=…`: the invitation's form; the token is spent only by it.
+pub async fn invite_form(
+    State(state): State<AppState>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Response {
+    let token = query(q.as_deref())
+        .get("token")
+        .cloned()
+        .filter(|t| !t.is_empty() && t.len() <= 128);
+    match token {
+        Some(token) => invite_page(
+            &state,
+            InvitePage {
+                token,
+                ..InvitePage::default()
+            },
+            StatusCode::OK,
+        ),
+        None => invite_page(
+            &state,
+            InvitePage {
+                error: Some("The link is incomplete: ask for a new invitation.".into()),
+                ..InvitePage::default()
+            },
+            StatusCode::BAD_REQUEST,
+        ),
+    }
+}
+
+/// `POST /dashboard/invite`: accepts the invitation (a member of the account, on its plan)
+/// and signs the new member in.
+pub async fn invite_accept(
+    State(state): State<AppState>,
+    ctx: crate::routes::Ctx,
+    body: Bytes,
+) -> Response {
+    let f = form(&body);
+    let token = f.get("token").cloned().unwrap_or_default();
+    let again = |error: String, status, token: String| {
+        invite_page(
+            &state,
+            InvitePage {
+                error: Some(error),
+                token,
+                ..InvitePage::default()
+            },
+            status,
+        )
+    };
+    if !form_csrf_ok(&f, &ctx.headers) {
+        return again(
+            "The form expired; try again.".into(),
+            StatusCode::FORBIDDEN,
+            token,
+        );
+    }
+    if token.is_empty() || token.len() > 128 {
+        return again(
+            "The link does not work: ask for a new invitation.".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            String::new(),
+        );
+    }
+    let name = match f.get("name").map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        None => None,
+        Some(n) => match keygate_engine::issue::check_name(n) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                let e = crate::error::ApiError::from(e);
+                return again(e.message.into_owned(), e.status, token);
+            }
+        },
+    };
+    let password = f.get("password").cloned().unwrap_or_default();
+    if let Some(problem) = keygate_engine::accounts::password_problem(&password, &[]) {
+        return again(problem.into(), StatusCode::UNPROCESSABLE_ENTITY, token);
+    }
+    let hash = match crate::routes::users::hash_password(password).await {
+        Ok(h) => h,
+        Err(e) => return again(e.message.into_owned(), e.status, token),
+    };
+    let now = now_ms();
+    let user = keygate_store::User {
+        id: UserId::from(keygate_engine::ids::new_id("usr", now)),
+        // The link's account, address, role and plan are the store's to fill in.
+        tenant_id: TenantId::from(""),
+        email: String::new(),
+        name,
+        plan: String::new(),
+        password_hash: Some(hash),
+        created_at_ms: now,
+        role: keygate_core::access::Role::Member,
+        verified: true,
+        sessions_from_ms: now,
+        removed_at_ms: None,
+    };
+    let (st, t) = (state.clone(), token.clone());
+    let made = crate::routes::detached(async move {
+        match st.accept_invite(&t, &user).await {
+            Ok(made) => Ok(Ok(made)),
+            Err(e) if e.kind == keygate_store::StoreErrorKind::Conflict => Ok(Err(())),
+            Err(e) => Err(e),
+        }
+    })
+    .await;
+    let user = match made {
+        Ok(Ok(Some(u))) => u,
+        Ok(Ok(None)) => return again(
+            "The link does not work: it was used already or has expired. Ask for a new invitation."
+                .into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            String::new(),
+        ),
+        Ok(Err(())) => {
+            return again(
+                "This address is a user of the account already: sign in instead.".into(),
+                StatusCode::CONFLICT,
+                String::new(),
+            )
+        }
+        Err(e) => return again(e.message.into_owned(), e.status, token),
+    };
+    let session = match user_session(&state, &user, "invitation").await {
+        Ok(s) => s,
+        Err((message, status)) => return login_page(&state, Some(message), status),
+    };
+    let Some(sealed) = seal_session(&state, &session) else {
+        return login_page(
+            &state,
+            Some("Try again.".into()),
+            StatusCode::SERVICE_UNAVAILABLE,
+        );
+    };
+    let mut r = Redirect::to("/dashboard/keys").into_response();
+    r.headers_mut().append(
+        header::SET_COOKIE,
+        set_cookie(&state, SESSION_COOKIE, &sealed, SESSION_TTL_MS / 1000),
+    );
+    r
 }
 
 /// A first request with `key`: the first normal route (the API behind keygate), else the
@@ -2048,6 +2220,12 @@ pub(crate) mod tests {
             PasswordPage {
                 notice: Some(evil()),
                 ..PasswordPage::default()
+            }
+            .render(),
+            InvitePage {
+                csrf: evil(),
+                error: Some(evil()),
+                token: evil(),
             }
             .render(),
             SignupPage {

@@ -272,6 +272,8 @@ impl utoipa::Modify for Security {
         crate::routes::tenants::list,
         crate::routes::tenants::get,
         crate::routes::tenants::update,
+        crate::routes::users::invite,
+        crate::routes::users::remove,
         crate::routes::signup::signup,
         crate::routes::signup::verify_email,
         crate::routes::signup::forgot_password,

@@ -439,7 +439,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/signup/verify", get(signup::verify_email))
         .route("/v1/password/forgot", post(signup::forgot_password))
         .route("/v1/password/reset", post(signup::reset_password))
-        .route("/v1/users/{id}", get(users::get))
+        .route("/v1/users/invite", post(users::invite))
+        .route("/v1/users/{id}", get(users::get).delete(users::remove))
         .route(
             "/v1/oauth/clients",
             post(oauth_clients::create).get(oauth_clients::list),
@@ -476,6 +477,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/dashboard/forgot",
             get(dashboard::forgot_form).post(dashboard::forgot),
+        )
+        .route(
+            "/dashboard/invite",
+            get(dashboard::invite_form).post(dashboard::invite_accept),
         )
         .route(
             "/dashboard/reset",

@@ -441,3 +441,225 @@ async fn two_nodes_share_the_sign_up_limit_and_see_a_verification_at_once() {
     // Far under the fallback re-read of an unsynced cache.
     assert!(opened.elapsed() < Duration::from_millis(1000));
 }
+
+#[tokio::test]
+async fn the_owner_invites_a_member_once_and_removing_them_revokes_their_keys() {
+    let smtp = Smtp::start().await;
+    let app = TestApp::spawn_with(with_email(&smtp, false)).await;
+    let v: Value = sign_up(&app, "203.0.113.1", "boss@example.com")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let tenant = v["account"]["id"].as_str().expect("id").to_owned();
+    let owner_id = v["user"]["id"].as_str().expect("id").to_owned();
+    let manage = json!([
+        "users:read",
+        "users:write",
+        "keys:read",
+        "keys:write",
+        "things:read"
+    ]);
+    let (owner, _) = app
+        .create_key(json!({"kind": "ut", "name": "owner", "tenant_id": tenant,
+                           "user_id": owner_id, "scopes": manage}))
+        .await;
+    let invite = |key: String, body: Value| {
+        let app = &app;
+        async move {
+            app.as_key(&key)
+                .post(app.url("/v1/users/invite"))
+                .json(&body)
+                .send()
+                .await
+                .expect("invite")
+        }
+    };
+    for (body, status) in [
+        (json!({"email": "not an address"}), 422),
+        (json!({"email": "mo@example.com", "role": "owner"}), 422),
+        (json!({"email": "boss@example.com"}), 409),
+    ] {
+        assert_eq!(
+            invite(owner.clone(), body.clone()).await.status().as_u16(),
+            status,
+            "{body}"
+        );
+    }
+    let r = invite(owner.clone(), json!({"email": "Mo@Example.com"})).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let mail = smtp.nth_to("mo@example.com", 1).await;
+    assert_eq!(mail["subject"], "You are invited to a keygate account");
+    assert!(mail["text"]
+        .as_str()
+        .expect("text")
+        .contains("boss@example.com"));
+    let link = link_in(&mail, "/dashboard/invite?token=");
+
+    // Accepting: a member of the account, signed in at once.
+    let mut s = Session::new();
+    let (st, _, form) = s.send(s.http.get(app.url(&link))).await;
+    assert_eq!(st, StatusCode::OK);
+    let http = s.http.clone();
+    let accept = |csrf: String, password: &'static str| {
+        http.post(app.url("/dashboard/invite")).form(&[
+            ("csrf", csrf.as_str()),
+            ("token", token_of(&link).as_str()),
+            ("name", "Mo"),
+            ("password", password),
+        ])
+    };
+    let req = accept(csrf_of(&form), "password123");
+    let (st, _, form) = s.send(req).await;
+    assert_eq!(
+        st,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "a weak password spends nothing"
+    );
+    let req = accept(csrf_of(&form), "wren-copper-42-lantern");
+    let (st, loc, _) = s.send(req).await;
+    assert_eq!(
+        (st, loc.as_str()),
+        (StatusCode::SEE_OTHER, "/dashboard/keys")
+    );
+    let (st, _, keys) = s.send(s.http.get(app.url("/dashboard/keys"))).await;
+    assert_eq!(st, StatusCode::OK, "{keys}");
+    // Used twice: refused, nothing made.
+    let mut again = Session::new();
+    let (_, _, form) = again.send(again.http.get(app.url(&link))).await;
+    let req = again.http.post(app.url("/dashboard/invite")).form(&[
+        ("csrf", csrf_of(&form).as_str()),
+        ("token", token_of(&link).as_str()),
+        ("password", "another-wren-43-lantern"),
+    ]);
+    let (st, _, page) = again.send(req).await;
+    assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(page.contains("used already"), "{page}");
+    let users: Value = app
+        .as_key(&owner)
+        .get(app.url("/v1/users"))
+        .send()
+        .await
+        .expect("users")
+        .json()
+        .await
+        .expect("json");
+    let members: Vec<&Value> = users["data"]
+        .as_array()
+        .expect("users")
+        .iter()
+        .filter(|u| u["email"] == "mo@example.com")
+        .collect();
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0]["role"], "member");
+    let member_id = members[0]["id"].as_str().expect("id").to_owned();
+
+    // A member neither invites nor removes.
+    let (member, _) = app
+        .create_key(json!({"kind": "ut", "name": "member", "tenant_id": tenant,
+                           "user_id": member_id, "scopes": manage}))
+        .await;
+    let r = invite(member.clone(), json!({"email": "x@example.com"})).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let remove = |key: String, id: String| {
+        let app = &app;
+        async move {
+            app.client
+                .delete(app.url(&format!("/v1/users/{id}")))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .expect("remove")
+                .status()
+        }
+    };
+    assert_eq!(
+        remove(member.clone(), owner_id.clone()).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        remove(owner.clone(), owner_id.clone()).await,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    // Another account's owner does not see the member at all.
+    let other: Value = sign_up(&app, "203.0.113.2", "rival@example.com")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let (rival, _) = app
+        .create_key(
+            json!({"kind": "ut", "name": "rival", "tenant_id": other["account"]["id"],
+                           "user_id": other["user"]["id"], "scopes": manage}),
+        )
+        .await;
+    assert_eq!(
+        remove(rival, member_id.clone()).await,
+        StatusCode::NOT_FOUND
+    );
+
+    // Removed: the member's keys are revoked at once, the session ends, sign-in fails.
+    let (_, member_key) = app
+        .create_key(json!({"kind": "ut", "name": "api", "tenant_id": tenant,
+                           "user_id": member_id, "scopes": ["things:read"]}))
+        .await;
+    let api_key = member_key["key"].as_str().expect("key").to_owned();
+    assert_eq!(thing(&app, &api_key).await.status(), StatusCode::OK);
+    assert_eq!(
+        remove(owner.clone(), member_id.clone()).await,
+        StatusCode::NO_CONTENT
+    );
+    let r = thing(&app, &api_key).await;
+    assert_eq!(error_code(r).await, "REVOKED");
+    let (st, loc, _) = s.send(s.http.get(app.url("/dashboard/keys"))).await;
+    assert_eq!(
+        (st, loc.as_str()),
+        (StatusCode::SEE_OTHER, "/dashboard/login")
+    );
+    let (st, _) =
+        dashboard_sign_in(&app, &tenant, "mo@example.com", "wren-copper-42-lantern").await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        remove(owner.clone(), member_id.clone()).await,
+        StatusCode::NOT_FOUND
+    );
+    let r = app
+        .as_key(&owner)
+        .get(app.url(&format!("/v1/users/{member_id}")))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let removed = || async {
+        let v: Value = app
+            .get(&format!("/v1/audit?tenant_id={tenant}&action=user.removed"))
+            .await
+            .json()
+            .await
+            .expect("json");
+        v["data"].as_array().map_or(0, Vec::len)
+    };
+    eventually(|| async { removed().await == 1 }).await;
+
+    // Invited again, the same person comes back as the same user, with no old key alive.
+    let r = invite(owner.clone(), json!({"email": "mo@example.com"})).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let link = link_in(&smtp.nth_to("mo@example.com", 2).await, "token=");
+    let mut back = Session::new();
+    let (_, _, form) = back.send(back.http.get(app.url(&link))).await;
+    let req = back.http.post(app.url("/dashboard/invite")).form(&[
+        ("csrf", csrf_of(&form).as_str()),
+        ("token", token_of(&link).as_str()),
+        ("password", "third-wren-45-lantern"),
+    ]);
+    let (st, _, _) = back.send(req).await;
+    assert_eq!(st, StatusCode::SEE_OTHER);
+    let u: Value = app
+        .get(&format!("/v1/users/{member_id}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(u["email"], "mo@example.com");
+    assert_eq!(error_code(thing(&app, &api_key).await).await, "REVOKED");
+}

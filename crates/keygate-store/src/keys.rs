@@ -203,11 +203,14 @@ impl Store for SqlStore {
     }
 
     async fn users_with_email(&self, email: &str, limit: u32) -> Result<Vec<User>> {
-        let rows = sqlx::query("SELECT * FROM users WHERE email = $1 ORDER BY created_at LIMIT $2")
-            .bind(email)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT * FROM users WHERE email = $1 AND removed_at IS NULL ORDER BY created_at \
+             LIMIT $2",
+        )
+        .bind(email)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(user_from_row).collect()
     }
 
@@ -279,6 +282,71 @@ impl Store for SqlStore {
         user_from_row(&row).map(Some)
     }
 
+    async fn redeem_invite(&self, hash: &str, user: &User, now_ms: i64) -> Result<Option<User>> {
+        let mut tx = self.begin_write().await?;
+        let spent: Option<(String, String)> = sqlx::query_as(
+            "UPDATE email_tokens SET used_at = $1 WHERE hash = $2 AND purpose = 'invite' \
+             AND used_at IS NULL AND expires_at > $1 RETURNING tenant_id, email",
+        )
+        .bind(now_ms)
+        .bind(hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((tenant_id, email)) = spent else {
+            return Ok(None);
+        };
+        let plan: Option<String> = sqlx::query_scalar("SELECT plan FROM tenants WHERE id = $1")
+            .bind(&tenant_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(plan) = plan else {
+            return Ok(None);
+        };
+        let back = sqlx::query(
+            "UPDATE users SET removed_at = NULL, name = $1, password_hash = $2, plan = $3, \
+             role = 'member', verified = 1, sessions_from = $4 WHERE tenant_id = $5 AND email = $6 \
+             AND removed_at IS NOT NULL RETURNING *",
+        )
+        .bind(&user.name)
+        .bind(&user.password_hash)
+        .bind(&plan)
+        .bind(now_ms)
+        .bind(&tenant_id)
+        .bind(&email)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let made = match back {
+            Some(row) => user_from_row(&row)?,
+            None => {
+                let made = User {
+                    tenant_id: TenantId::from(tenant_id),
+                    email,
+                    plan,
+                    role: keygate_core::access::Role::Member,
+                    verified: true,
+                    removed_at_ms: None,
+                    ..user.clone()
+                };
+                insert_user_row(&mut tx, &made).await?;
+                made
+            }
+        };
+        tx.commit().await?;
+        Ok(Some(made))
+    }
+
+    async fn remove_user(&self, id: &UserId, now_ms: i64) -> Result<Option<User>> {
+        let row = sqlx::query(
+            "UPDATE users SET removed_at = $1, password_hash = NULL, sessions_from = $1 \
+             WHERE id = $2 AND removed_at IS NULL AND role <> 'owner' RETURNING *",
+        )
+        .bind(now_ms)
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
     async fn prune_email_tokens(&self, before_ms: i64) -> Result<u64> {
         let done = sqlx::query("DELETE FROM email_tokens WHERE expires_at < $1")
             .bind(before_ms)
@@ -288,7 +356,7 @@ impl Store for SqlStore {
     }
 
     async fn list_users(&self, tenant_id: &TenantId, page: &PageRequest) -> Result<Vec<User>> {
-        let rows = Sql::new("SELECT * FROM users WHERE tenant_id = ")
+        let rows = Sql::new("SELECT * FROM users WHERE removed_at IS NULL AND tenant_id = ")
             .push_bind(tenant_id.as_str())
             .page("id", page)
             .build()?

@@ -387,6 +387,15 @@ pub trait Store:
         password_hash: &str,
         now_ms: i64,
     ) -> Result<Option<User>>;
+    /// Spends an invitation: the invited address becomes a member of the link's account, on
+    /// the account's plan, as `user` describes (its id, name, password); a user removed
+    /// before with that address comes back instead (same id, old keys still revoked).
+    /// `None`: no such link, used already, or expired. A conflict: the address is a live user
+    /// of the account already (the link stays unused).
+    async fn redeem_invite(&self, hash: &str, user: &User, now_ms: i64) -> Result<Option<User>>;
+    /// Removes a member: they can no longer sign in and their sessions end. `None`: no such
+    /// live member (owners are not removed).
+    async fn remove_user(&self, id: &UserId, now_ms: i64) -> Result<Option<User>>;
     /// Forgets links that expired before `before_ms`.
     async fn prune_email_tokens(&self, before_ms: i64) -> Result<u64>;
     /// Lists a tenant's users, newest first.

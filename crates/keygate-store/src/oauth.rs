@@ -155,7 +155,7 @@ impl crate::OAuthStore for crate::SqlStore {
         tenant_id: &keygate_core::TenantId,
         email: &str,
     ) -> crate::Result<Option<User>> {
-        let row = Sql::new("SELECT * FROM users WHERE tenant_id = ")
+        let row = Sql::new("SELECT * FROM users WHERE removed_at IS NULL AND tenant_id = ")
             .push_bind(tenant_id.as_str())
             .push(" AND email = ")
             .push_bind(email)

@@ -61,6 +61,7 @@ pub(crate) fn user_from_row(r: &AnyRow) -> Result<User> {
             .ok_or_else(|| StoreError::corrupt("role"))?,
         verified: r.try_get::<i64, _>("verified")? != 0,
         sessions_from_ms: r.try_get("sessions_from")?,
+        removed_at_ms: r.try_get("removed_at")?,
     })
 }
 

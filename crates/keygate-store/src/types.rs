@@ -78,6 +78,8 @@ pub struct User {
     pub verified: bool,
     /// Sessions the user started before this (Unix ms) are over: a password reset sets it.
     pub sessions_from_ms: i64,
+    /// When the account's owner or an admin removed the user (their keys were revoked then).
+    pub removed_at_ms: Option<i64>,
 }
 
 /// What a one-use link sent by email is for.

@@ -247,6 +247,7 @@ async fn tenants_and_users_round_trip() {
             role: Role::Owner,
             verified: false,
             sessions_from_ms: 0,
+            removed_at_ms: None,
         };
         s.insert_user(&u).await.expect("user");
         let dup = s
@@ -1544,6 +1545,7 @@ async fn accounts_are_made_whole_and_trials_end_once() {
             role: Role::Owner,
             verified: true,
             sessions_from_ms: 0,
+            removed_at_ms: None,
         };
         let mut k = key("key_o", "t_new", Kind::Ut, None, 7);
         k.user_id = Some("usr_o".into());
@@ -1703,6 +1705,7 @@ async fn email_links_work_once_before_they_expire_for_their_purpose() {
             role: Role::Owner,
             verified: false,
             sessions_from_ms: 0,
+            removed_at_ms: None,
         };
         let member = User {
             id: "usr_mm".into(),

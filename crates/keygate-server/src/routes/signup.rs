@@ -109,6 +109,7 @@ pub(crate) async fn create_account(
         // No email has confirmed the address yet (see docs/accounts.md).
         verified: false,
         sessions_from_ms: 0,
+        removed_at_ms: None,
     };
     // The plan's API scopes, so the key works at once on the API behind keygate.
     let scopes = Some(state.plan_api_scopes(&user.plan));

@@ -179,6 +179,13 @@ pub async fn create(
     Json(body): Json<CreateUser>,
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
+    if caller.own_user().is_some() {
+        // A user may not choose another user's plan or password: the owner invites.
+        return Err(ApiError::because(
+            keygate_core::Code::ForbiddenScope,
+            "users are made by an admin key, or invited by the account's owner (POST /v1/users/invite)",
+        ));
+    }
     let tenant = caller.act_in(&state, body.tenant_id.as_deref()).await?;
     let email = email_address(&body.email)?;
     let plan = body.plan.unwrap_or_else(|| "free".to_owned());
@@ -208,6 +215,7 @@ pub async fn create(
         role: Role::Member,
         verified: true,
         sessions_from_ms: 0,
+        removed_at_ms: None,
     };
     let (st, u, actor) = (state.clone(), user.clone(), caller.key.record.id.clone());
     // The write and its audit event run to completion even if the client goes away; a
@@ -241,6 +249,139 @@ pub async fn create(
         StatusCode::CREATED,
         axum::Json(crate::views::user_view(&user)),
     ))
+}
+
+/// Who may invite and remove the members of an account: an admin key (`sk`), or the
+/// account's owner; never a member.
+fn manages_members(caller: &super::Caller) -> Result<(), ApiError> {
+    if caller.own_user().is_some() && !caller.key.owner {
+        return Err(ApiError::because(
+            keygate_core::Code::ForbiddenScope,
+            "only the account's owner or an admin key invites and removes users",
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /v1/users/invite`
+#[utoipa::path(
+    operation_id = "users_invite",
+    post,
+    path = "/v1/users/invite",
+    tag = "users",
+    summary = "Invite a member to the account by email",
+    description = "Needs scope `users:write`, as the account's owner or an admin key. 202: the address gets a link that works once, for 7 days, and makes a `member` on the account's plan. 409 when a user of the account has the address; 503 without `[smtp]`; 429 past 20 invitations an hour per account.",
+    request_body = keygate_api::InviteUser,
+    responses((status = 202), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
+pub async fn invite(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Json(body): Json<keygate_api::InviteUser>,
+) -> Result<StatusCode, ApiError> {
+    let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
+    manages_members(&caller)?;
+    let tenant_id = caller.act_in(&state, body.tenant_id.as_deref()).await?;
+    let email = email_address(&body.email)?;
+    if body.role.as_deref().is_some_and(|r| r != "member") {
+        return Err(ApiError::invalid(
+            "role must be member: an invitation makes a member",
+        ));
+    }
+    if state.mailer.is_none() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            "no email is configured ([smtp] url): invitations cannot be sent",
+        ));
+    }
+    let tenant = state
+        .store
+        .get_tenant(&tenant_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("tenant"))?;
+    if state
+        .store
+        .get_user_by_email(&tenant_id, &email)
+        .await?
+        .is_some()
+    {
+        return Err(ApiError::conflict("a user of the account has this address"));
+    }
+    let limit = keygate_core::RateLimit {
+        limit: 20,
+        window_seconds: 3600,
+    };
+    let rate = state
+        .counters
+        .check_named(&format!("invite:{tenant_id}"), &limit, now_ms());
+    if !rate.allowed {
+        return Err(ApiError::decision(
+            keygate_core::Code::RateLimited,
+            Some(rate),
+        ));
+    }
+    let inviter = match caller.own_user() {
+        Some(u) => state
+            .store
+            .get_user(u)
+            .await?
+            .map_or_else(|| "The account's owner".to_owned(), |u| u.email),
+        None => "An administrator".to_owned(),
+    };
+    let st = state.clone();
+    let (actor, em) = (caller.key.record.id.to_string(), email.clone());
+    super::detached(async move {
+        st.send_invite(&tenant, &em, &inviter).await?;
+        let detail = serde_json::json!({"email": em, "role": "member"});
+        st.record_change(keygate_engine::engine::Change {
+            actor: &actor,
+            action: "user.invited",
+            tenant_id: &tenant.id,
+            key_id: None,
+            user_id: None,
+            detail: &detail,
+        })
+        .await;
+        Ok(())
+    })
+    .await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// `DELETE /v1/users/{id}`
+#[utoipa::path(
+    operation_id = "users_remove",
+    delete,
+    path = "/v1/users/{id}",
+    tag = "users",
+    summary = "Remove a member: every key of theirs is revoked at once",
+    description = "Needs scope `users:write`, as the account's owner or an admin key. 204; the user can no longer sign in, their sessions end, their keys answer `REVOKED` on every node. The owner is not removed (422).",
+    params(("id" = String, Path, description = "User id")),
+    responses((status = 204), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
+pub async fn remove(
+    State(state): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<UserId>,
+) -> Result<StatusCode, ApiError> {
+    let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
+    manages_members(&caller)?;
+    let user = match state.store.get_user(&id).await? {
+        Some(u) if caller.sees(&u.tenant_id) && u.removed_at_ms.is_none() => u,
+        _ => return Err(ApiError::not_found("user")),
+    };
+    if user.role == Role::Owner {
+        return Err(ApiError::invalid("the account's owner cannot be removed"));
+    }
+    let st = state.clone();
+    let actor = caller.key.record.id.to_string();
+    super::detached(async move { st.remove_member(&id, &actor).await })
+        .await?
+        .ok_or_else(|| ApiError::not_found("user"))?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /v1/users`
@@ -304,7 +445,9 @@ pub async fn get(
 ) -> Result<axum::Json<UserView>, ApiError> {
     let caller = ctx.caller(&state, READ, RouteClass::Admin).await?;
     match state.store.get_user(&id).await? {
-        Some(u) if caller.sees(&u.tenant_id) => Ok(axum::Json(crate::views::user_view(&u))),
+        Some(u) if caller.sees(&u.tenant_id) && u.removed_at_ms.is_none() => {
+            Ok(axum::Json(crate::views::user_view(&u)))
+        }
         _ => Err(ApiError::not_found("user")),
     }
 }
