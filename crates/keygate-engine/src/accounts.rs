@@ -6,7 +6,7 @@ use crate::clock::now_ms;
 use crate::engine::{Change, Engine};
 use crate::mail::{token_hash, NewLink};
 use keygate_core::access::Role;
-use keygate_core::{KeyId, KeyStatus, Kind, TenantId};
+use keygate_core::{KeyId, KeyStatus, TenantId};
 use keygate_store::{
     EmailPurpose, KeyFilter, KeyRecord, PageRequest, PlanStart, StoreError, Tenant, TenantChange,
     User,
@@ -325,33 +325,48 @@ impl Engine {
     }
 
     /// Uses a reset link: the password becomes `password_hash`, and every session the user
-    /// had ends (sign-in pages by `sessions_from`, dashboard sessions with their keys).
-    /// `None`: unknown, used or expired.
+    /// had ends: sign-in pages by `sessions_from`, OAuth grants, dashboard sessions with their
+    /// keys. When the address was not verified before, this link is the first proof of who
+    /// owns the account, so every key made before it goes too (whoever signed up with
+    /// someone else's address keeps nothing). `None`: unknown, used or expired.
     pub async fn reset_password(
         &self,
         token: &str,
         password_hash: &str,
     ) -> Result<Option<User>, StoreError> {
-        let Some(user) = self
+        let Some(reset) = self
             .store
             .redeem_reset(&token_hash(token), password_hash, now_ms())
             .await?
         else {
             return Ok(None);
         };
+        let user = reset.user;
+        let detail = serde_json::json!({
+            "grants_revoked": reset.grants_revoked.len(),
+            "first_proof": !reset.was_verified,
+        });
         self.record_change(Change {
             actor: user.id.as_str(),
             action: "user.password_reset",
             tenant_id: &user.tenant_id,
             key_id: None,
             user_id: Some(&user.id),
-            detail: &serde_json::json!({}),
+            detail: &detail,
         })
         .await;
+        for g in &reset.grants_revoked {
+            self.family_changed(&keygate_core::FamilyId::of_grant(g))
+                .await;
+        }
+        let every_key = !reset.was_verified;
+        if every_key && user.role == Role::Owner {
+            self.plan_changed(&user.tenant_id).await;
+        }
         let filter = KeyFilter {
             tenant_id: Some(user.tenant_id.clone()),
-            kind: Some(Kind::Ut),
-            status: Some(KeyStatus::Active),
+            kind: None,
+            status: None,
             user_id: Some(user.id.clone()),
             name_contains: None,
         };
@@ -361,10 +376,11 @@ impl Engine {
         };
         loop {
             let keys = self.store.list_keys(&filter, &page).await?;
-            for k in keys
-                .iter()
-                .filter(|k| k.metadata.get(SESSION_MARK) == Some(&serde_json::Value::Bool(true)))
-            {
+            for k in keys.iter().filter(|k| {
+                k.status != KeyStatus::Revoked
+                    && (every_key
+                        || k.metadata.get(SESSION_MARK) == Some(&serde_json::Value::Bool(true)))
+            }) {
                 self.revoke_now(&k.id, user.id.as_str(), "password reset")
                     .await?;
             }

@@ -488,7 +488,8 @@ impl Default for SmtpConfig {
 impl std::fmt::Debug for SmtpConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The URL may carry the SMTP password.
-        let url = match self.url.split_once('@') {
+        // The last `@` ends the credentials (a password may hold one).
+        let url = match self.url.rsplit_once('@') {
             Some((scheme_user, host)) => {
                 let scheme = scheme_user.split("://").next().unwrap_or_default();
                 format!("{scheme}://<redacted>@{host}")
@@ -907,6 +908,17 @@ impl Config {
             let pattern = PathPattern::parse(&r.path).map_err(|e| named("path", &e))?;
             if let Some(s) = &r.scope {
                 keygate_core::Scope::parse(s).map_err(|e| named("scope", &e))?;
+                // keygate's own scopes are outside a plan's `scopes` and held by every owner's
+                // session: an API route may not share them.
+                if keygate_core::scope::is_keygate_scope(s) {
+                    return Err(named(
+                        "scope",
+                        &format!(
+                            "{s:?} is keygate's own (its resources are {}); give the API's route another name",
+                            keygate_core::scope::KEYGATE_RESOURCES.join(", ")
+                        ),
+                    ));
+                }
             }
             if r.cost > MAX_COST {
                 return Err(named("cost", &format!("must be at most {}", MAX_COST)));
@@ -1121,6 +1133,32 @@ mod compile {
         assert!(c.compile().is_err());
         c.signup.enabled = false;
         assert!(c.compile().is_ok(), "an unused sign-up plan is not checked");
+    }
+
+    #[test]
+    fn an_api_route_may_not_take_one_of_keygates_scopes_and_plan_ceilings_are_positive() {
+        let mut c = Config::default();
+        let mut r = route("/v1/users/*", None);
+        r.scope = Some("users:read".into());
+        c.routes = vec![r];
+        let e = c.compile().err().map(|e| e.0).unwrap_or_default();
+        assert!(e.contains("keygate's own"), "{e}");
+        c.routes[0].scope = Some("people:read".into());
+        assert!(c.compile().is_ok());
+        for set in [
+            |p: &mut PlanConfig| p.max_keys = Some(0),
+            |p: &mut PlanConfig| p.max_budget = Some(0),
+            |p: &mut PlanConfig| p.max_ttl_days = Some(36_501),
+        ] {
+            let mut c = Config::default();
+            set(c.plans.get_mut("starter").expect("starter"));
+            assert!(c.compile().is_err());
+        }
+        let mut c = Config::default();
+        c.signup.verify_email = true;
+        assert!(c.compile().is_err(), "verification needs smtp.url");
+        c.smtp.url = "smtp://127.0.0.1:2525".into();
+        assert!(c.compile().is_ok());
     }
 
     #[test]

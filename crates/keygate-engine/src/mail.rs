@@ -163,8 +163,9 @@ mod tests {
         assert!(Mailer::new(&c("smtp://127.0.0.1:2525", "not an address")).is_err());
         let shown = format!(
             "{:?}",
-            c("smtps://me:hunter2hunter2@mail.example:465", "a@b")
+            c("smtps://me:hunter2@hunter2@mail.example:465", "a@b")
         );
         assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("mail.example:465"), "{shown}");
     }
 }

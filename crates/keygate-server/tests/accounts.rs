@@ -1062,6 +1062,31 @@ async fn a_signed_in_user_makes_a_key_in_the_dashboard_and_sessions_do_not_count
         .map(|k| format!("kg_ut_{k}"))
         .expect("the new key on the page");
     assert_eq!(thing(&app, &key).await.status(), StatusCode::OK);
+
+    // A session's key never leaves its cookie: no user token rotates or changes it.
+    let sessions: Value = app
+        .get(&format!(
+            "/v1/keys?tenant_id={tenant}&name=dashboard%20session"
+        ))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let session_key = &sessions["data"][0];
+    let (owner, _) = app
+        .create_key(json!({"kind": "ut", "name": "owner", "tenant_id": tenant,
+                           "user_id": session_key["user_id"], "scopes": ["keys:write", "things:read"]}))
+        .await;
+    let id = session_key["id"].as_str().expect("id");
+    let r = app
+        .as_key(&owner)
+        .post(app.url(&format!("/v1/keys/{id}/rotate")))
+        .send()
+        .await
+        .expect("rotate");
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let (st, _) = change(&app, &owner, id, json!({"name": "mine now"})).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
     app.stop().await;
 }
 

@@ -663,3 +663,91 @@ async fn the_owner_invites_a_member_once_and_removing_them_revokes_their_keys() 
     assert_eq!(u["email"], "mo@example.com");
     assert_eq!(error_code(thing(&app, &api_key).await).await, "REVOKED");
 }
+
+#[tokio::test]
+async fn whoever_signs_up_with_someone_elses_address_keeps_nothing_once_its_owner_resets() {
+    let smtp = Smtp::start().await;
+    let app = TestApp::spawn_with(with_email(&smtp, true)).await;
+    let v: Value = sign_up(&app, "198.51.100.66", "victim@example.com")
+        .await
+        .json()
+        .await
+        .expect("json");
+    let tenant = v["account"]["id"].as_str().expect("id").to_owned();
+    let first = v["key"].as_str().expect("key").to_owned();
+    assert_eq!(
+        error_code(thing(&app, &first).await).await,
+        "ACCOUNT_UNVERIFIED"
+    );
+    // The squatter signs in (reading is allowed) but makes nothing while unverified.
+    let (st, mut squat) = dashboard_sign_in(&app, &tenant, "victim@example.com", PASSWORD).await;
+    assert_eq!(st, StatusCode::SEE_OTHER);
+    let (_, _, keys) = squat.send(squat.http.get(app.url("/dashboard/keys"))).await;
+    let req = squat.http.post(app.url("/dashboard/keys")).form(&[
+        ("csrf", csrf_of(&keys).as_str()),
+        ("name", "backdoor"),
+        ("kind", "ut"),
+        ("scopes", "things:read"),
+    ]);
+    let (st, _, page) = squat.send(req).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{page}");
+    assert!(page.contains("ACCOUNT_UNVERIFIED"), "{page}");
+
+    // The address's real owner asks for a reset: the link is the first proof.
+    let r = app
+        .client
+        .post(app.url("/v1/password/forgot"))
+        .json(&json!({"email": "victim@example.com"}))
+        .send()
+        .await
+        .expect("forgot");
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let mail = smtp
+        .to("victim@example.com")
+        .into_iter()
+        .find(|m| m["subject"] == "Reset your password");
+    let mail = match mail {
+        Some(m) => m,
+        None => smtp.nth_to("victim@example.com", 2).await,
+    };
+    let token = token_of(&link_in(&mail, "token="));
+    let r = app
+        .client
+        .post(app.url("/v1/password/reset"))
+        .json(&json!({"token": token, "password": "wren-copper-42-lantern"}))
+        .send()
+        .await
+        .expect("reset");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    // Every key made before the proof is gone, the squatter's session with it.
+    assert_eq!(error_code(thing(&app, &first).await).await, "REVOKED");
+    let (st, loc, _) = squat.send(squat.http.get(app.url("/dashboard/keys"))).await;
+    assert_eq!(
+        (st, loc.as_str()),
+        (StatusCode::SEE_OTHER, "/dashboard/login")
+    );
+    let t: Value = app
+        .get(&format!("/v1/tenants/{tenant}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(t["verified"], true, "the reset verified the account");
+    let (st, mut owner) = dashboard_sign_in(
+        &app,
+        &tenant,
+        "victim@example.com",
+        "wren-copper-42-lantern",
+    )
+    .await;
+    assert_eq!(st, StatusCode::SEE_OTHER);
+    let (_, _, keys) = owner.send(owner.http.get(app.url("/dashboard/keys"))).await;
+    let req = owner.http.post(app.url("/dashboard/keys")).form(&[
+        ("csrf", csrf_of(&keys).as_str()),
+        ("name", "mine"),
+        ("kind", "ut"),
+        ("scopes", "things:read"),
+    ]);
+    let (st, _, page) = owner.send(req).await;
+    assert_eq!(st, StatusCode::OK, "the verified owner makes keys: {page}");
+}

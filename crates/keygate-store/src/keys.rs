@@ -4,8 +4,8 @@
 use crate::rows::{json_list, key_from_row, tenant_from_row, to_i64, to_u64, user_from_row};
 use crate::sql::{contains_pattern, Sql};
 use crate::{
-    EmailToken, Grant, KeyFilter, KeyRecord, PageRequest, Result, SqlStore, Store, Tenant,
-    TenantChange, User, Withdrawal,
+    EmailToken, Grant, KeyFilter, KeyRecord, PageRequest, PasswordReset, Result, SqlStore, Store,
+    Tenant, TenantChange, User, Withdrawal,
 };
 use async_trait::async_trait;
 use keygate_core::{FamilyId, KeyHash, KeyId, TenantId, UserId};
@@ -260,11 +260,20 @@ impl Store for SqlStore {
         hash: &str,
         password_hash: &str,
         now_ms: i64,
-    ) -> Result<Option<User>> {
+    ) -> Result<Option<PasswordReset>> {
         let mut tx = self.begin_write().await?;
         let Some(user_id) = spend_token(&mut tx, hash, "reset", now_ms).await? else {
             return Ok(None);
         };
+        // Proven before: the user's address, or their account (which counts as verified
+        // unless sign-up asked for a proof that has not come yet).
+        let was_verified: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT u.verified, t.verified FROM users u JOIN tenants t ON t.id = u.tenant_id \
+             WHERE u.id = $1",
+        )
+        .bind(&user_id)
+        .fetch_optional(&mut *tx)
+        .await?;
         // Opening the link proves the address as well as a verification link would.
         let Some(row) = sqlx::query(
             "UPDATE users SET password_hash = $1, sessions_from = $2, verified = 1 WHERE id = $3 \
@@ -278,8 +287,27 @@ impl Store for SqlStore {
         else {
             return Ok(None);
         };
+        let user = user_from_row(&row)?;
+        if user.role == keygate_core::access::Role::Owner {
+            sqlx::query("UPDATE tenants SET verified = 1 WHERE id = $1")
+                .bind(user.tenant_id.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let grants_revoked: Vec<String> = sqlx::query_scalar(
+            "UPDATE oauth_grants SET revoked_at = $1, revoked_reason = 'password_reset' \
+             WHERE user_id = $2 AND revoked_at IS NULL RETURNING id",
+        )
+        .bind(now_ms)
+        .bind(&user_id)
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
-        user_from_row(&row).map(Some)
+        Ok(Some(PasswordReset {
+            user,
+            was_verified: was_verified.is_some_and(|(u, t)| u != 0 || t != 0),
+            grants_revoked,
+        }))
     }
 
     async fn redeem_invite(&self, hash: &str, user: &User, now_ms: i64) -> Result<Option<User>> {
@@ -507,11 +535,12 @@ impl Store for SqlStore {
     }
 
     async fn count_live_keys(&self, tenant_id: &TenantId, now_ms: i64, mark: &str) -> Result<u64> {
-        // Metadata is stored as serde_json writes it: `"mark":true`, no spaces.
-        let marked = format!("%{}:true%", serde_json::Value::from(mark));
+        // Metadata is stored as serde_json writes it: `"mark":true`, no spaces. `_` and `%`
+        // in the mark are literal (escaped), so `"dashboard-session"` is not mistaken for it.
+        let marked = contains_pattern(&format!("{}:true", serde_json::Value::from(mark)));
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM keys WHERE tenant_id = $1 AND status <> 'revoked' \
-             AND (expires_at IS NULL OR expires_at > $2) AND metadata NOT LIKE $3",
+             AND (expires_at IS NULL OR expires_at > $2) AND metadata NOT LIKE $3 ESCAPE '\\'",
         )
         .bind(tenant_id.as_str())
         .bind(now_ms)

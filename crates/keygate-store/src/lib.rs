@@ -378,15 +378,16 @@ pub trait Store:
     /// Spends a verification link: the user's address, and the account when the user owns
     /// it, are verified. `None`: no such link, used already, or expired.
     async fn redeem_verification(&self, hash: &str, now_ms: i64) -> Result<Option<User>>;
-    /// Spends a reset link: the user's password becomes `password_hash` and the sessions
-    /// they started before `now_ms` end (`sessions_from`). `None`: no such link, used
-    /// already, or expired.
+    /// Spends a reset link: the user's password becomes `password_hash`, the sessions they
+    /// started before `now_ms` end (`sessions_from`), their OAuth grants are revoked, and the
+    /// address (and the account, for its owner) counts as verified. `None`: no such link,
+    /// used already, or expired.
     async fn redeem_reset(
         &self,
         hash: &str,
         password_hash: &str,
         now_ms: i64,
-    ) -> Result<Option<User>>;
+    ) -> Result<Option<PasswordReset>>;
     /// Spends an invitation: the invited address becomes a member of the link's account, on
     /// the account's plan, as `user` describes (its id, name, password); a user removed
     /// before with that address comes back instead (same id, old keys still revoked).

@@ -82,6 +82,18 @@ pub struct User {
     pub removed_at_ms: Option<i64>,
 }
 
+/// What a password reset changed ([`crate::Store::redeem_reset`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PasswordReset {
+    /// The user, with the new password.
+    pub user: User,
+    /// Whether the user's address or their account was verified before: if neither, this
+    /// link is the first proof that whoever holds the account owns the address.
+    pub was_verified: bool,
+    /// The user's OAuth grants the reset revoked.
+    pub grants_revoked: Vec<String>,
+}
+
 /// What a one-use link sent by email is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EmailPurpose {

@@ -1768,15 +1768,20 @@ async fn email_links_work_once_before_they_expire_for_their_purpose() {
             None,
             "expired"
         );
-        let u = s
+        let r = s
             .redeem_reset("h_reset", "new", 60)
             .await
             .expect("r")
             .expect("reset");
         assert_eq!(
-            (u.password_hash.as_deref(), u.sessions_from_ms),
+            (r.user.password_hash.as_deref(), r.user.sessions_from_ms),
             (Some("new"), 60)
         );
+        assert!(
+            r.was_verified,
+            "the owner's verification link was opened above"
+        );
+        assert!(r.grants_revoked.is_empty());
         assert_eq!(
             s.redeem_reset("h_reset", "newer", 61).await.expect("r"),
             None
@@ -1788,6 +1793,57 @@ async fn email_links_work_once_before_they_expire_for_their_purpose() {
         assert_eq!(found.len(), 1);
         // Expired links are forgotten; live ones stay.
         assert_eq!(s.prune_email_tokens(50).await.expect("prune"), 1);
+    })
+    .await;
+}
+
+/// Live keys are counted without dashboard sessions, whose mark is matched exactly (`_` is no
+/// wildcard): a look-alike mark still counts.
+#[tokio::test]
+async fn live_keys_are_counted_without_session_keys_and_without_look_alikes_of_their_mark() {
+    on_both(|s, _raw| async move {
+        s.insert_tenant(&tenant("t_count", None))
+            .await
+            .expect("tenant");
+        let meta = |m: serde_json::Value| m.as_object().cloned().unwrap_or_default();
+        let mut n: u8 = 20;
+        for (id, m, expires, revoked) in [
+            ("key_c1", serde_json::json!({}), None, false),
+            (
+                "key_c2",
+                serde_json::json!({"dashboard_session": true}),
+                None,
+                false,
+            ),
+            (
+                "key_c3",
+                serde_json::json!({"dashboard-session": true}),
+                None,
+                false,
+            ),
+            (
+                "key_c4",
+                serde_json::json!({"dashboardXsession": true}),
+                None,
+                false,
+            ),
+            ("key_c5", serde_json::json!({}), Some(5), false),
+            ("key_c6", serde_json::json!({}), None, true),
+        ] {
+            n += 1;
+            let mut k = key(id, "t_count", Kind::Sk, None, n);
+            k.metadata = meta(m);
+            k.expires_at_ms = expires;
+            s.insert_key(&k).await.expect("insert");
+            if revoked {
+                s.revoke_key(&k.id, 1).await.expect("revoke");
+            }
+        }
+        let live = s
+            .count_live_keys(&"t_count".into(), 10, "dashboard_session")
+            .await
+            .expect("count");
+        assert_eq!(live, 3, "c1, and the two look-alikes");
     })
     .await;
 }

@@ -65,14 +65,30 @@ pub async fn create(
         && body.scopes.is_none()
         && body.preset.is_none()
     {
-        // A secret key made without a scope list gets the caller's scopes, never more.
-        body.scopes = Some(caller.key.record.scopes.to_strings());
+        // A secret key made without a scope list gets the caller's scopes, never more (an
+        // owner's own sk: the API's scopes only, see below).
+        let mut scopes = caller.key.record.scopes.to_strings();
+        if maker.is_some() {
+            scopes.retain(|s| !keygate_core::scope::is_keygate_scope(s));
+        }
+        body.scopes = Some(scopes);
     }
     let (plaintext, mut record) =
         issue::build_key(&state.issuer(), &*state.store, &tenant, body, now).await?;
     caller.require_covers(&record.scopes)?;
     if let Some(plan) = &maker {
         issue::fit_to_plan(&mut record, state.plan(plan), now)?;
+        // An owner's sk would make keys outside every ceiling: it calls the API only.
+        if record.kind == Kind::Sk
+            && record
+                .scopes
+                .iter()
+                .any(|s| keygate_core::scope::is_keygate_scope(s.as_str()))
+        {
+            return Err(ApiError::invalid(
+                "an sk key an owner makes holds the API's scopes only, none of keygate's (keys:, users:, …)",
+            ));
+        }
     }
     let st = state.clone();
     let (rec, actor) = (record.clone(), caller.key.record.id.clone());
@@ -114,10 +130,12 @@ fn reserved_metadata(
     m: Option<&serde_json::Map<String, serde_json::Value>>,
 ) -> Result<(), ApiError> {
     let mark = format!("\"{}\"", keygate_engine::accounts::SESSION_MARK);
+    // Case-insensitive, as SQLite's LIKE that leaves session keys out of `max_keys`.
     match m {
         Some(m)
             if serde_json::Value::Object(m.clone())
                 .to_string()
+                .to_ascii_lowercase()
                 .contains(&mark) =>
         {
             Err(ApiError::invalid(format!(
@@ -126,6 +144,30 @@ fn reserved_metadata(
         }
         _ => Ok(()),
     }
+}
+
+/// What a user token may not change or rotate, though it sees it: a key of another user (the
+/// owner sees them all; a rotation would hand the owner a key bound to a member), and a
+/// dashboard session's key, which ends with its session and never leaves its cookie.
+fn user_may_reissue(caller: &Caller, key: &KeyRecord) -> Result<(), ApiError> {
+    let Some(own) = caller.own_user() else {
+        return Ok(());
+    };
+    if key.user_id.as_ref() != Some(own) {
+        return Err(ApiError::because(
+            keygate_core::Code::ForbiddenScope,
+            "a user token changes and rotates its own user's keys only (it may revoke the account's as its owner)",
+        ));
+    }
+    if key.metadata.get(keygate_engine::accounts::SESSION_MARK)
+        == Some(&serde_json::Value::Bool(true))
+    {
+        return Err(ApiError::because(
+            keygate_core::Code::ForbiddenScope,
+            "a dashboard session's key ends with its session: it is neither changed nor rotated",
+        ));
+    }
+    Ok(())
 }
 
 /// The rules for a key a user makes for themself: for their own user, never an `sk` unless
@@ -319,6 +361,7 @@ pub async fn update(
     let caller = ctx.caller(&state, WRITE, RouteClass::Admin).await?;
     let mut k = state.visible_key(&caller, &id).await?;
     caller.require_may_change(&k.family_id)?;
+    user_may_reissue(&caller, &k)?;
     reserved_metadata(body.metadata.as_ref())?;
     let before = k.clone();
     let now = now_ms();
@@ -493,6 +536,7 @@ pub async fn rotate(
     let old = state.visible_key(&caller, &id).await?;
     caller.require_may_change(&old.family_id)?;
     caller.require_covers(&old.scopes)?;
+    user_may_reissue(&caller, &old)?;
     let now = now_ms();
     if old.status == KeyStatus::Revoked
         || old.rotated_to.is_some()
@@ -502,7 +546,14 @@ pub async fn rotate(
             "only an active key that was not rotated yet can be rotated",
         ));
     }
-    let (plaintext, successor) = issue::successor(&state.issuer(), &old, now);
+    let (plaintext, mut successor) = issue::successor(&state.issuer(), &old, now);
+    if let Some(own) = caller.own_user() {
+        // A user's successor is held to their plan as a new key would be (a rotation does
+        // not renew a lifetime past max_ttl_days).
+        if let Some(user) = state.store.get_user(own).await? {
+            issue::fit_to_plan(&mut successor, state.plan(&user.plan), now)?;
+        }
+    }
     let grace_until = now + (grace as i64) * 1000;
     let st = state.clone();
     let (old_rec, succ) = (old.clone(), successor.clone());

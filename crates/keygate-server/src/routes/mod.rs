@@ -240,6 +240,17 @@ impl Ctx {
                         a.key.token,
                     ));
                 }
+                // An account whose owner has not proven their address reads only: until then
+                // it may be someone else's address, and nothing made now should outlive that.
+                if a.key.policy.plan_gate == Some(keygate_core::Code::AccountUnverified)
+                    && scope.ends_with(":write")
+                {
+                    return Err(ApiError::refused(
+                        keygate_core::Code::AccountUnverified,
+                        None,
+                        false,
+                    ));
+                }
                 Ok(Caller { key: a.key })
             }
             Err(d) => Err(ApiError::denied(&d)),
