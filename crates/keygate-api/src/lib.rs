@@ -459,6 +459,42 @@ pub struct SignedUp {
     pub key: Option<String>,
 }
 
+/// A plan as its users see it: what it includes and its limits.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PlanView {
+    /// Its name.
+    pub name: String,
+    /// What it includes (`api`, `webhooks`, `oauth`, `sk_keys`).
+    pub features: Vec<String>,
+    /// The rate limit of its users' keys.
+    pub rate_limit: Option<RateLimitBody>,
+    /// Credits granted when it starts (`null`: an unlimited pool).
+    pub credits: Option<u64>,
+    /// The pool each month of the plan.
+    pub monthly_credits: Option<u64>,
+    /// Ceilings for keys the account's users make.
+    pub max_keys: Option<u32>,
+    /// A key's largest budget.
+    pub max_budget: Option<u64>,
+    /// A key's longest lifetime, days.
+    pub max_ttl_days: Option<u32>,
+    /// A trial's length, days.
+    pub days: Option<u32>,
+    /// The plan a trial becomes.
+    pub then: Option<String>,
+}
+
+/// `GET /v1/account`: the caller's account, its plan, and the plans that include the API.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AccountView {
+    /// The account.
+    pub account: TenantView,
+    /// Its plan.
+    pub plan: PlanView,
+    /// The configured plans that include API access.
+    pub plans_with_api: Vec<String>,
+}
+
 /// `GET /v1/signup/verify` answer: the address that is now verified.
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Verified {

@@ -1182,6 +1182,10 @@ fn options(values: &[&'static str], chosen: &str) -> Vec<Opt> {
 #[template(path = "dashboard/keys.html")]
 struct KeysPage {
     csrf: String,
+    /// The account's plan, as its users see it (password sessions).
+    plan: Option<String>,
+    /// Why the account's keys are refused on the API now, and what would change it.
+    notice: Option<String>,
     keys: Vec<KeyRow>,
     kinds: Vec<Opt>,
     statuses: Vec<Opt>,
@@ -1264,14 +1268,75 @@ pub async fn keys(
             start: k.start,
         })
         .collect();
+    // What the account's plan allows, and why its keys may be refused (a user's own view).
+    let (plan, notice) =
+        match api::<keygate_api::AccountView>(&state, &who, Method::GET, "/v1/account", None).await
+        {
+            Ok(a) if who.session.session_key_id.is_some() => {
+                (Some(plan_line(&a)), account_notice(&a))
+            }
+            _ => (None, None),
+        };
     render(&KeysPage {
         csrf: who.csrf,
+        plan,
+        notice,
         keys,
         kinds: options(&["sk", "ut", "pk"], &f["kind"]),
         statuses: options(&["active", "grace", "revoked", "expired"], &f["status"]),
         filter_name: f["name"].clone(),
         next,
     })
+}
+
+/// One line on the account's plan: its name, trial end, pool, features and key ceilings.
+fn plan_line(a: &keygate_api::AccountView) -> String {
+    let p = &a.plan;
+    let mut parts = vec![format!("Plan: {}", p.name)];
+    if let Some(t) = &a.account.trial_ends_at {
+        parts.push(format!(
+            "a trial until {t}, then {}",
+            p.then.as_deref().unwrap_or("free")
+        ));
+    }
+    parts.push(match a.account.credits {
+        Some(c) => format!("{c} credits left"),
+        None => "unlimited credits".into(),
+    });
+    parts.push(if p.features.is_empty() {
+        "includes: the dashboard only".into()
+    } else {
+        format!("includes: {}", p.features.join(", "))
+    });
+    if let Some(r) = &p.rate_limit {
+        parts.push(format!(
+            "{} calls per {} s per key",
+            r.limit, r.window_seconds
+        ));
+    }
+    if let Some(n) = p.max_keys {
+        parts.push(format!("up to {n} keys"));
+    }
+    parts.join(" · ")
+}
+
+/// Why the account's keys are refused on the API, and what would change that.
+fn account_notice(a: &keygate_api::AccountView) -> Option<String> {
+    if !a.account.verified {
+        return Some(
+            "Your email address is not verified yet: open the link we emailed you. Until then your keys answer ACCOUNT_UNVERIFIED on the API, and you cannot make keys."
+                .into(),
+        );
+    }
+    if !a.plan.features.iter().any(|f| f == "api") {
+        let with: Vec<&str> = a.plans_with_api.iter().map(String::as_str).collect();
+        return Some(format!(
+            "Your plan ({}) does not include API access: your keys answer PLAN_FEATURE on the API. Plans with API access: {}. Ask your administrator to change your plan.",
+            a.plan.name,
+            if with.is_empty() { "none on this deployment".into() } else { with.join(", ") }
+        ));
+    }
+    None
 }
 
 #[derive(Template)]
@@ -2243,6 +2308,8 @@ pub(crate) mod tests {
             .render(),
             KeysPage {
                 csrf: evil(),
+                plan: Some(evil()),
+                notice: Some(evil()),
                 keys: vec![KeyRow {
                     id: evil(),
                     name: evil(),

@@ -272,6 +272,7 @@ impl utoipa::Modify for Security {
         crate::routes::tenants::list,
         crate::routes::tenants::get,
         crate::routes::tenants::update,
+        crate::routes::tenants::account,
         crate::routes::users::invite,
         crate::routes::users::remove,
         crate::routes::signup::signup,

@@ -30,6 +30,7 @@ const OWN_PATHS: &[&str] = &[
     "/v1/tenants",
     "/v1/users",
     "/v1/signup",
+    "/v1/account",
     "/v1/password",
     "/v1/audit",
     "/v1/alerts",

@@ -435,6 +435,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tenants/{id}", get(tenants::get).patch(tenants::update))
         .route("/v1/tenants/{id}/credits", post(tenants::top_up))
         .route("/v1/users", post(users::create).get(users::list))
+        .route("/v1/account", get(tenants::account))
         .route("/v1/signup", post(signup::signup))
         .route("/v1/signup/verify", get(signup::verify_email))
         .route("/v1/password/forgot", post(signup::forgot_password))

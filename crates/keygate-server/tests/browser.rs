@@ -229,3 +229,122 @@ async fn the_dashboard_creates_shows_once_and_revokes_a_key_in_chromium() {
         assert!(shots.join(format!("{name}.png")).exists(), "{name}.png");
     }
 }
+
+/// The 30-second path of docs/accounts.md in Chromium, on `plan` (with email verification
+/// when `verify`): the driver's JSON, and the upstream.
+async fn thirty_seconds(plan: &str, verify: bool, shots: &str) -> (Value, upstream::Upstream) {
+    let up = upstream::spawn().await;
+    let smtp = support::smtp::Smtp::start().await;
+    let (url, smtp_url, plan_name) = (up.url(), smtp.url(), plan.to_owned());
+    let app = TestApp::spawn_with(move |c| {
+        c.routes.push(RouteConfig {
+            path: "/api/ocr/*".into(),
+            methods: vec!["POST".into()],
+            upstream: Some(url),
+            scope: Some("ocr:read".into()),
+            cost: 1,
+            public: false,
+            class: Default::default(),
+        });
+        c.signup.enabled = true;
+        c.signup.plan = plan_name;
+        c.signup.verify_email = verify;
+        c.smtp.url = smtp_url;
+        // A product that sells the API from Starter: free is the dashboard only.
+        c.plans.insert(
+            "basic".into(),
+            keygate_engine::config::PlanConfig {
+                features: Some(vec![]),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let pages = axum::Router::new()
+        .fallback(|| async { axum::response::Html("<!doctype html><title>site</title>") });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, pages).await;
+    });
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join(shots);
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let cfg = json!({
+        "base": app.url("").trim_end_matches('/'),
+        "gateway": app.url("/api/ocr/scan"),
+        "pageOrigin": format!("http://localhost:{port}"),
+        "mailDir": smtp.dir().display().to_string(),
+        "shots": shots.display().to_string(),
+        "email": "ada@example.com",
+        "password": "plum-violin-87-harbour",
+        "verify": verify,
+    });
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/browser");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg("signup.mjs")
+            .arg(cfg.to_string())
+            .current_dir(&dir)
+            .output()
+    })
+    .await
+    .expect("task")
+    .expect("node runs (is Node.js installed?)");
+    assert!(
+        out.status.success(),
+        "browser driver failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let res: Value = serde_json::from_slice(&out.stdout).expect("driver prints JSON");
+    assert!(res.get("error").is_none(), "{}", res["error"]);
+    app.stop().await;
+    drop(smtp);
+    (res, up)
+}
+
+#[tokio::test]
+async fn register_verify_make_a_key_and_call_the_api_from_a_page_in_chromium() {
+    let (res, up) = thirty_seconds("trial", true, "signup").await;
+    assert_eq!(
+        res["steps"],
+        json!(["signed up", "verified", "key created", "called"])
+    );
+    assert_eq!(res["firstKeyPrefix"], "kg_ut_");
+    assert_eq!(res["verifyStatus"], 200);
+    assert_eq!(res["notice"], Value::Null, "a verified trial has the API");
+    assert!(
+        res["plan"]
+            .as_str()
+            .is_some_and(|p| p.contains("Plan: trial")),
+        "{res}"
+    );
+    assert_eq!(res["keyPrefix"], "kg_pk_");
+    assert_eq!(res["call"]["status"], 200, "{res}");
+    assert_eq!(up.hits(), 1);
+    // A figure for the notes, not a target: the flow's wall-clock time in this browser.
+    eprintln!("the 30-second path took {} ms", res["ms"]);
+}
+
+#[tokio::test]
+async fn on_a_plan_without_the_api_the_first_call_says_why_and_the_dashboard_explains_it() {
+    let (res, up) = thirty_seconds("basic", false, "signup-no-api").await;
+    assert_eq!(res["steps"], json!(["signed up", "key created", "called"]));
+    assert_eq!(res["call"]["status"], 403, "{res}");
+    let body: Value =
+        serde_json::from_str(res["call"]["body"].as_str().expect("body")).expect("JSON refusal");
+    assert_eq!(body["error"]["code"], "PLAN_FEATURE");
+    let notice = res["notice"].as_str().unwrap_or_default();
+    assert!(
+        notice.contains("does not include API access") && notice.contains("starter"),
+        "{notice}"
+    );
+    assert!(
+        res["plan"]
+            .as_str()
+            .is_some_and(|p| p.contains("the dashboard only")),
+        "{res}"
+    );
+    assert_eq!(up.hits(), 0);
+}

@@ -61,6 +61,27 @@ pub async fn create(
         None => None,
     };
     let now = now_ms();
+    if let (Some(_), None, Some(p)) = (
+        &maker,
+        &body.scopes,
+        body.preset.as_deref().and_then(issue::preset),
+    ) {
+        // A user's preset key holds what of the preset the user may hold (a plan whose API has
+        // `ocr:read` only makes an AIDEMO key with `ocr:read`).
+        let held: Vec<String> = p
+            .scopes
+            .iter()
+            .filter(|s| caller.key.record.scopes.allows(s))
+            .map(|s| (*s).to_owned())
+            .collect();
+        if held.is_empty() {
+            return Err(ApiError::because(
+                keygate_core::Code::ForbiddenScope,
+                "none of the preset's scopes is within your plan",
+            ));
+        }
+        body.scopes = Some(held);
+    }
     if matches!(Kind::parse(&body.kind), Ok(Kind::Sk))
         && body.scopes.is_none()
         && body.preset.is_none()

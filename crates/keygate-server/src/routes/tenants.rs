@@ -176,6 +176,68 @@ pub async fn list(
     }))
 }
 
+/// `GET /v1/account`
+#[utoipa::path(
+    operation_id = "account_get",
+    get,
+    path = "/v1/account",
+    tag = "accounts",
+    summary = "The caller's account and its plan",
+    description = "Any key with `keys:read`: its own account, the plan's features and limits, and which plans include API access (so a user can see why a call answers `PLAN_FEATURE` and what would allow it).",
+    responses((status = 200, body = keygate_api::AccountView), crate::openapi::Refusals),
+    security(("bearer" = []))
+)]
+pub async fn account(
+    State(state): State<AppState>,
+    ctx: Ctx,
+) -> Result<axum::Json<keygate_api::AccountView>, ApiError> {
+    use keygate_engine::config::Feature;
+    let caller = ctx.caller(&state, "keys:read", RouteClass::Admin).await?;
+    let tenant = state
+        .store
+        .get_tenant(caller.tenant())
+        .await?
+        .ok_or_else(|| ApiError::not_found("tenant"))?;
+    let p = state.plan(&tenant.plan);
+    let all = [
+        Feature::Api,
+        Feature::Webhooks,
+        Feature::Oauth,
+        Feature::SkKeys,
+    ];
+    let plan = keygate_api::PlanView {
+        name: tenant.plan.clone(),
+        features: all
+            .iter()
+            .filter(|f| p.has(**f))
+            .map(|f| f.as_str().to_owned())
+            .collect(),
+        rate_limit: p.rate_limit.map(|r| keygate_api::RateLimitBody {
+            limit: r.limit,
+            window_seconds: r.window_seconds,
+        }),
+        credits: p.credits,
+        monthly_credits: p.monthly_credits,
+        max_keys: p.max_keys,
+        max_budget: p.max_budget,
+        max_ttl_days: p.max_ttl_days,
+        days: p.days,
+        then: p.then.clone(),
+    };
+    let plans_with_api = state
+        .config
+        .plans
+        .iter()
+        .filter(|(_, c)| c.has(Feature::Api))
+        .map(|(n, _)| n.clone())
+        .collect();
+    Ok(axum::Json(keygate_api::AccountView {
+        account: crate::views::tenant_view(&state, &tenant),
+        plan,
+        plans_with_api,
+    }))
+}
+
 /// `GET /v1/tenants/{id}`
 #[utoipa::path(
     operation_id = "tenants_get",

@@ -79,6 +79,11 @@ impl Smtp {
         Smtp { child, port, dir }
     }
 
+    /// The directory holding each message as JSON (what a browser driver reads).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
     /// `[smtp] url` for keygate.
     pub fn url(&self) -> String {
         format!("smtp://127.0.0.1:{}", self.port)
