@@ -257,34 +257,9 @@ impl Engine {
         let Some(user) = self.store.remove_user(id, now_ms()).await? else {
             return Ok(None);
         };
-        let filter = KeyFilter {
-            tenant_id: Some(user.tenant_id.clone()),
-            kind: None,
-            status: None,
-            user_id: Some(user.id.clone()),
-            name_contains: None,
-        };
-        let mut page = PageRequest {
-            cursor: None,
-            limit: 500,
-        };
-        let mut revoked = 0u64;
-        loop {
-            let keys = self.store.list_keys(&filter, &page).await?;
-            for k in keys.iter().filter(|k| k.status != KeyStatus::Revoked) {
-                if self
-                    .revoke_now(&k.id, actor, "user removed")
-                    .await?
-                    .is_some()
-                {
-                    revoked += 1;
-                }
-            }
-            match keys.last() {
-                Some(k) if keys.len() == 500 => page.cursor = Some(k.id.to_string()),
-                _ => break,
-            }
-        }
+        let revoked = self
+            .revoke_keys_of(&user, actor, "user removed", |_| true)
+            .await?;
         let detail = serde_json::json!({"email": user.email, "keys_revoked": revoked});
         self.record_change(Change {
             actor,
@@ -363,32 +338,10 @@ impl Engine {
         if every_key && user.role == Role::Owner {
             self.plan_changed(&user.tenant_id).await;
         }
-        let filter = KeyFilter {
-            tenant_id: Some(user.tenant_id.clone()),
-            kind: None,
-            status: None,
-            user_id: Some(user.id.clone()),
-            name_contains: None,
-        };
-        let mut page = PageRequest {
-            cursor: None,
-            limit: 500,
-        };
-        loop {
-            let keys = self.store.list_keys(&filter, &page).await?;
-            for k in keys.iter().filter(|k| {
-                k.status != KeyStatus::Revoked
-                    && (every_key
-                        || k.metadata.get(SESSION_MARK) == Some(&serde_json::Value::Bool(true)))
-            }) {
-                self.revoke_now(&k.id, user.id.as_str(), "password reset")
-                    .await?;
-            }
-            match keys.last() {
-                Some(k) if keys.len() == 500 => page.cursor = Some(k.id.to_string()),
-                _ => break,
-            }
-        }
+        self.revoke_keys_of(&user, user.id.as_str(), "password reset", |k| {
+            every_key || k.metadata.get(SESSION_MARK) == Some(&serde_json::Value::Bool(true))
+        })
+        .await?;
         Ok(Some(user))
     }
 
@@ -438,6 +391,45 @@ impl Engine {
         scopes.sort_unstable();
         scopes.dedup();
         scopes
+    }
+
+    /// Revokes, at once on every node, each live key of `user` that `which` picks (`via` says
+    /// why, in the audit log). Returns how many.
+    async fn revoke_keys_of(
+        &self,
+        user: &User,
+        actor: &str,
+        via: &str,
+        which: impl Fn(&KeyRecord) -> bool,
+    ) -> Result<u64, StoreError> {
+        let filter = KeyFilter {
+            tenant_id: Some(user.tenant_id.clone()),
+            kind: None,
+            status: None,
+            user_id: Some(user.id.clone()),
+            name_contains: None,
+        };
+        let mut page = PageRequest {
+            cursor: None,
+            limit: 500,
+        };
+        let mut revoked = 0;
+        loop {
+            let keys = self.store.list_keys(&filter, &page).await?;
+            for k in keys
+                .iter()
+                .filter(|k| k.status != KeyStatus::Revoked && which(k))
+            {
+                if self.revoke_now(&k.id, actor, via).await?.is_some() {
+                    revoked += 1;
+                }
+            }
+            match keys.last() {
+                Some(k) if keys.len() == 500 => page.cursor = Some(k.id.to_string()),
+                _ => break,
+            }
+        }
+        Ok(revoked)
     }
 
     /// Revokes a key at once on every node, with its audit event (`via` says why).

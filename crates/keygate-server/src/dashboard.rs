@@ -388,11 +388,15 @@ struct PasswordPage {
 }
 
 fn password_page(state: &AppState, mut page: PasswordPage, status: StatusCode) -> Response {
-    let csrf = keygate_engine::ids::random_base62(32);
-    page.csrf = csrf.clone();
-    let mut r = render(&page);
+    page.csrf = keygate_engine::ids::random_base62(32);
+    link_page(state, &page, &page.csrf, status)
+}
+
+/// A page that may hold an emailed link's token, with the CSRF cookie of its form: no cache
+/// may keep it, no Referer may carry it.
+fn link_page(state: &AppState, page: &impl Template, csrf: &str, status: StatusCode) -> Response {
+    let mut r = render(page);
     *r.status_mut() = status;
-    // The link's token is on this page: no cache may keep it, no Referer may carry it.
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r.headers_mut().insert(
@@ -401,7 +405,7 @@ fn password_page(state: &AppState, mut page: PasswordPage, status: StatusCode) -
     );
     r.headers_mut().append(
         header::SET_COOKIE,
-        set_cookie(state, LOGIN_CSRF_COOKIE, &csrf, 3600),
+        set_cookie(state, LOGIN_CSRF_COOKIE, csrf, 3600),
     );
     r
 }
@@ -533,22 +537,8 @@ struct InvitePage {
 }
 
 fn invite_page(state: &AppState, mut page: InvitePage, status: StatusCode) -> Response {
-    // The same headers as the reset link's page: a token is on it.
-    let csrf = keygate_engine::ids::random_base62(32);
-    page.csrf = csrf.clone();
-    let mut r = render(&page);
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r.headers_mut().insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    r.headers_mut().append(
-        header::SET_COOKIE,
-        set_cookie(state, LOGIN_CSRF_COOKIE, &csrf, 3600),
-    );
-    r
+    page.csrf = keygate_engine::ids::random_base62(32);
+    link_page(state, &page, &page.csrf, status)
 }
 
 /// `GET /dashboard/invite?token=…`: the invitation's form; the token is spent only by it.

@@ -45,6 +45,11 @@ async fn sign_up(app: &TestApp, from: &str, email: &str) -> reqwest::Response {
         .expect("request")
 }
 
+/// A sign-up's answer, as JSON.
+async fn signed_up(app: &TestApp, from: &str, email: &str) -> Value {
+    sign_up(app, from, email).await.json().await.expect("json")
+}
+
 async fn thing(app: &TestApp, key: &str) -> reqwest::Response {
     app.auth(Some(key), &[("X-Original-URI", "/v1/things/1")])
         .await
@@ -147,11 +152,7 @@ async fn an_accounts_keys_answer_account_unverified_until_the_emailed_link_is_op
 async fn an_expired_verification_link_does_not_work() {
     let smtp = Smtp::start().await;
     let app = TestApp::spawn_with(with_email(&smtp, true)).await;
-    let v: Value = sign_up(&app, "203.0.113.1", "bo@example.com")
-        .await
-        .json()
-        .await
-        .expect("json");
+    let v: Value = signed_up(&app, "203.0.113.1", "bo@example.com").await;
     let key = v["key"].as_str().expect("key").to_owned();
     let link = link_in(&smtp.nth_to("bo@example.com", 1).await, "/v1/signup/verify");
     let pool = sqlx::SqlitePool::connect(&app.db_url()).await.expect("db");
@@ -215,11 +216,7 @@ async fn dashboard_sign_in(
 async fn a_password_reset_link_works_once_within_30_minutes_and_ends_every_session() {
     let smtp = Smtp::start().await;
     let app = TestApp::spawn_with(with_email(&smtp, false)).await;
-    let v: Value = sign_up(&app, "203.0.113.1", "di@example.com")
-        .await
-        .json()
-        .await
-        .expect("json");
+    let v: Value = signed_up(&app, "203.0.113.1", "di@example.com").await;
     let tenant = v["account"]["id"].as_str().expect("id").to_owned();
     let api_key = v["key"].as_str().expect("key").to_owned();
     let (st, mut session) = dashboard_sign_in(&app, &tenant, "di@example.com", PASSWORD).await;
@@ -342,11 +339,7 @@ async fn a_password_reset_link_works_once_within_30_minutes_and_ends_every_sessi
 async fn the_dashboard_pages_ask_for_a_link_and_set_the_password() {
     let smtp = Smtp::start().await;
     let app = TestApp::spawn_with(with_email(&smtp, false)).await;
-    let v: Value = sign_up(&app, "203.0.113.1", "ed@example.com")
-        .await
-        .json()
-        .await
-        .expect("json");
+    let v: Value = signed_up(&app, "203.0.113.1", "ed@example.com").await;
     let tenant = v["account"]["id"].as_str().expect("id").to_owned();
     let mut s = Session::new();
     let (_, _, login) = s.send(s.http.get(app.url("/dashboard/login"))).await;
@@ -446,11 +439,7 @@ async fn two_nodes_share_the_sign_up_limit_and_see_a_verification_at_once() {
 async fn the_owner_invites_a_member_once_and_removing_them_revokes_their_keys() {
     let smtp = Smtp::start().await;
     let app = TestApp::spawn_with(with_email(&smtp, false)).await;
-    let v: Value = sign_up(&app, "203.0.113.1", "boss@example.com")
-        .await
-        .json()
-        .await
-        .expect("json");
+    let v: Value = signed_up(&app, "203.0.113.1", "boss@example.com").await;
     let tenant = v["account"]["id"].as_str().expect("id").to_owned();
     let owner_id = v["user"]["id"].as_str().expect("id").to_owned();
     let manage = json!([
@@ -582,11 +571,7 @@ async fn the_owner_invites_a_member_once_and_removing_them_revokes_their_keys() 
         StatusCode::UNPROCESSABLE_ENTITY
     );
     // Another account's owner does not see the member at all.
-    let other: Value = sign_up(&app, "203.0.113.2", "rival@example.com")
-        .await
-        .json()
-        .await
-        .expect("json");
+    let other: Value = signed_up(&app, "203.0.113.2", "rival@example.com").await;
     let (rival, _) = app
         .create_key(
             json!({"kind": "ut", "name": "rival", "tenant_id": other["account"]["id"],
@@ -668,11 +653,7 @@ async fn the_owner_invites_a_member_once_and_removing_them_revokes_their_keys() 
 async fn whoever_signs_up_with_someone_elses_address_keeps_nothing_once_its_owner_resets() {
     let smtp = Smtp::start().await;
     let app = TestApp::spawn_with(with_email(&smtp, true)).await;
-    let v: Value = sign_up(&app, "198.51.100.66", "victim@example.com")
-        .await
-        .json()
-        .await
-        .expect("json");
+    let v: Value = signed_up(&app, "198.51.100.66", "victim@example.com").await;
     let tenant = v["account"]["id"].as_str().expect("id").to_owned();
     let first = v["key"].as_str().expect("key").to_owned();
     assert_eq!(

@@ -245,12 +245,7 @@ impl Store for SqlStore {
             return Ok(None);
         };
         let user = user_from_row(&row)?;
-        if user.role == keygate_core::access::Role::Owner {
-            sqlx::query("UPDATE tenants SET verified = 1 WHERE id = $1")
-                .bind(user.tenant_id.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
+        verify_owners_account(&mut tx, &user).await?;
         tx.commit().await?;
         Ok(Some(user))
     }
@@ -288,12 +283,7 @@ impl Store for SqlStore {
             return Ok(None);
         };
         let user = user_from_row(&row)?;
-        if user.role == keygate_core::access::Role::Owner {
-            sqlx::query("UPDATE tenants SET verified = 1 WHERE id = $1")
-                .bind(user.tenant_id.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
+        verify_owners_account(&mut tx, &user).await?;
         let grants_revoked: Vec<String> = sqlx::query_scalar(
             "UPDATE oauth_grants SET revoked_at = $1, revoked_reason = 'password_reset' \
              WHERE user_id = $2 AND revoked_at IS NULL RETURNING id",
@@ -658,6 +648,17 @@ async fn insert_tenant_row(conn: &mut AnyConnection, t: &Tenant) -> Result<()> {
     .bind(i64::from(t.verified))
     .execute(conn)
     .await?;
+    Ok(())
+}
+
+/// A proven address of the account's owner verifies the account.
+async fn verify_owners_account(conn: &mut AnyConnection, user: &User) -> Result<()> {
+    if user.role == keygate_core::access::Role::Owner {
+        sqlx::query("UPDATE tenants SET verified = 1 WHERE id = $1")
+            .bind(user.tenant_id.as_str())
+            .execute(conn)
+            .await?;
+    }
     Ok(())
 }
 
