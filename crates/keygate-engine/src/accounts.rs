@@ -208,11 +208,13 @@ impl Engine {
         mailer.send_later(
             email,
             "You are invited to a keygate account",
+            // The account's name is the account's own text: it stays out of an email that goes
+            // to a stranger.
             format!(
-                "{inviter} invites you to the keygate account {} ({}).\n\nAccept and choose \
-                 your password here:\n\n{link}\n\nThe link works once, for 7 days. If you \
-                 did not expect this, ignore this email.\n",
-                tenant.name, tenant.id
+                "{inviter} invites you to a keygate account ({}).\n\nAccept and choose your \
+                 password here:\n\n{link}\n\nThe link works once, for 7 days. If you did \
+                 not expect this, ignore this email.\n",
+                tenant.id
             ),
             "invitation",
         );
@@ -254,9 +256,16 @@ impl Engine {
         id: &keygate_core::UserId,
         actor: &str,
     ) -> Result<Option<User>, StoreError> {
-        let Some(user) = self.store.remove_user(id, now_ms()).await? else {
+        let Some((user, grants)) = self.store.remove_user(id, now_ms()).await? else {
             return Ok(None);
         };
+        for g in &grants {
+            self.family_changed(&keygate_core::FamilyId::of_grant(g))
+                .await;
+        }
+        // Every node judges the account's keys and tokens again: a key of the user made while
+        // this ran, or a token of theirs, is refused as revoked (see `cached_key`).
+        self.plan_changed(&user.tenant_id).await;
         let revoked = self
             .revoke_keys_of(&user, actor, "user removed", |_| true)
             .await?;
@@ -271,6 +280,13 @@ impl Engine {
         })
         .await;
         Ok(Some(user))
+    }
+
+    /// Whether an emailed link of `purpose` would work now; spends nothing.
+    pub async fn link_live(&self, token: &str, purpose: EmailPurpose) -> Result<bool, StoreError> {
+        self.store
+            .email_token_live(&token_hash(token), purpose.as_str(), now_ms())
+            .await
     }
 
     /// Opens a verification link: the user's address is verified and, when they own the
@@ -353,24 +369,31 @@ impl Engine {
         what: &str,
         ip: Option<std::net::IpAddr>,
     ) -> Option<keygate_core::RateDecision> {
-        let limit = self.config.signup.per_ip_per_hour;
+        let who = ip.map_or_else(|| "unknown".to_owned(), crate::login::network_of);
+        self.hourly(&format!("{what}:{who}"), self.config.signup.per_ip_per_hour)
+            .await
+    }
+
+    /// One more of `name` within the hour, at most `limit` (0: no limit): counted in Redis for
+    /// every node when it is configured (this node's own count while Redis cannot be
+    /// reached), else on this node.
+    pub async fn hourly(&self, name: &str, limit: u32) -> Option<keygate_core::RateDecision> {
         if limit == 0 {
             return None;
         }
+        let what = name.split(':').next().unwrap_or(name);
         let rl = keygate_core::RateLimit {
             limit,
             window_seconds: 3600,
         };
-        let who = ip.map_or_else(|| "unknown".to_owned(), crate::login::network_of);
-        let name = format!("{what}:{who}");
         let now = now_ms();
         if let Some(shared) = &self.shared {
-            match shared.check_named(&name, &rl, now).await {
+            match shared.check_named(name, &rl, now).await {
                 Ok(d) => return Some(d),
                 Err(e) => tracing::warn!("{what} limit counted on this node only (redis: {e})"),
             }
         }
-        Some(self.counters.check_named(&name, &rl, now))
+        Some(self.counters.check_named(name, &rl, now))
     }
 
     /// The API scopes a user on `plan` may hold: the plan's `scopes`, else every scope the

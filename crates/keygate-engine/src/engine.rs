@@ -287,6 +287,9 @@ impl Engine {
         let owner = user
             .as_ref()
             .is_some_and(|u| u.role == keygate_core::access::Role::Owner);
+        // A removed user's keys are revoked by the removal; one made while it ran, or a token
+        // of theirs, is refused all the same.
+        let removed = user.as_ref().is_some_and(|u| u.removed_at_ms.is_some());
         let user = user.map(|u| u.plan);
         // A user token's limits are its user's plan's; what the key may do at all needs both
         // the account's plan and the user's.
@@ -325,7 +328,11 @@ impl Engine {
             tenant_id: record.tenant_id.clone(),
             user_id: record.user_id.clone(),
             kind: record.kind,
-            status: record.status,
+            status: if removed {
+                keygate_core::KeyStatus::Revoked
+            } else {
+                record.status
+            },
             scopes: scopes.clone(),
             allowed_ips: record.allowed_ips.clone(),
             allowed_origins: record.allowed_origins.clone(),

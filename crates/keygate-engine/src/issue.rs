@@ -146,7 +146,7 @@ pub async fn build_key(
     let user = match (&body.user_id, kind) {
         (Some(uid), Kind::Ut | Kind::Pk) => {
             match store.get_user(&UserId::from(uid.as_str())).await? {
-                Some(u) if u.tenant_id == *tenant_id => Some(u),
+                Some(u) if u.tenant_id == *tenant_id && u.removed_at_ms.is_none() => Some(u),
                 _ => return Err(IssueError::invalid("user_id names no user of this tenant")),
             }
         }

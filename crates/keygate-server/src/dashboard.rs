@@ -618,6 +618,20 @@ pub async fn invite_accept(
     if let Some(problem) = keygate_engine::accounts::password_problem(&password, &[]) {
         return again(problem.into(), StatusCode::UNPROCESSABLE_ENTITY, token);
     }
+    // A dead link costs no Argon2 work.
+    if !matches!(
+        state
+            .link_live(&token, keygate_store::EmailPurpose::Invite)
+            .await,
+        Ok(true)
+    ) {
+        return again(
+            "The link does not work: it was used already or has expired. Ask for a new invitation."
+                .into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            String::new(),
+        );
+    }
     let hash = match crate::routes::users::hash_password(password).await {
         Ok(h) => h,
         Err(e) => return again(e.message.into_owned(), e.status, token),
@@ -663,6 +677,12 @@ pub async fn invite_accept(
         }
         Err(e) => return again(e.message.into_owned(), e.status, token),
     };
+    // The browser's earlier session (if any) ends: this one replaces it.
+    if let Some(old) = signed(&state, &ctx.headers, None) {
+        if let Some(id) = &old.session.session_key_id {
+            end_session_key(&state, id).await;
+        }
+    }
     let session = match user_session(&state, &user, "invitation").await {
         Ok(s) => s,
         Err((message, status)) => return login_page(&state, Some(message), status),

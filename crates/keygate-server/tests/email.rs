@@ -475,8 +475,19 @@ async fn the_owner_invites_a_member_once_and_removing_them_revokes_their_keys() 
             "{body}"
         );
     }
-    let r = invite(owner.clone(), json!({"email": "Mo@Example.com"})).await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // Three invitations to one address an hour, whatever the account sends elsewhere.
+    for _ in 0..3 {
+        let r = invite(owner.clone(), json!({"email": "spam@example.com"})).await;
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+    let r = invite(owner.clone(), json!({"email": "spam@example.com"})).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Mo is invited twice ("I did not get it"); accepting one spends the other.
+    for _ in 0..2 {
+        let r = invite(owner.clone(), json!({"email": "Mo@Example.com"})).await;
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+    let spare = link_in(&smtp.nth_to("mo@example.com", 2).await, "token=");
     let mail = smtp.nth_to("mo@example.com", 1).await;
     assert_eq!(mail["subject"], "You are invited to a keygate account");
     assert!(mail["text"]
@@ -524,6 +535,18 @@ async fn the_owner_invites_a_member_once_and_removing_them_revokes_their_keys() 
     let (st, _, page) = again.send(req).await;
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(page.contains("used already"), "{page}");
+    let (_, _, form) = again.send(again.http.get(app.url(&spare))).await;
+    let req = again.http.post(app.url("/dashboard/invite")).form(&[
+        ("csrf", csrf_of(&form).as_str()),
+        ("token", token_of(&spare).as_str()),
+        ("password", "another-wren-43-lantern"),
+    ]);
+    let (st, _, _) = again.send(req).await;
+    assert_eq!(
+        st,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "the other invitation was spent"
+    );
     let users: Value = app
         .as_key(&owner)
         .get(app.url("/v1/users"))
@@ -609,6 +632,18 @@ async fn the_owner_invites_a_member_once_and_removing_them_revokes_their_keys() 
         StatusCode::NOT_FOUND
     );
     let r = app
+        .post(
+            "/v1/keys",
+            json!({"kind": "ut", "name": "late", "tenant_id": tenant, "user_id": member_id,
+                   "scopes": ["things:read"]}),
+        )
+        .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "no key for a removed user"
+    );
+    let r = app
         .as_key(&owner)
         .get(app.url(&format!("/v1/users/{member_id}")))
         .send()
@@ -629,7 +664,7 @@ async fn the_owner_invites_a_member_once_and_removing_them_revokes_their_keys() 
     // Invited again, the same person comes back as the same user, with no old key alive.
     let r = invite(owner.clone(), json!({"email": "mo@example.com"})).await;
     assert_eq!(r.status(), StatusCode::ACCEPTED);
-    let link = link_in(&smtp.nth_to("mo@example.com", 2).await, "token=");
+    let link = link_in(&smtp.nth_to("mo@example.com", 3).await, "token=");
     let mut back = Session::new();
     let (_, _, form) = back.send(back.http.get(app.url(&link))).await;
     let req = back.http.post(app.url("/dashboard/invite")).form(&[

@@ -272,7 +272,7 @@ impl Store for SqlStore {
         // Opening the link proves the address as well as a verification link would.
         let Some(row) = sqlx::query(
             "UPDATE users SET password_hash = $1, sessions_from = $2, verified = 1 WHERE id = $3 \
-             RETURNING *",
+             AND removed_at IS NULL RETURNING *",
         )
         .bind(password_hash)
         .bind(now_ms)
@@ -284,14 +284,7 @@ impl Store for SqlStore {
         };
         let user = user_from_row(&row)?;
         verify_owners_account(&mut tx, &user).await?;
-        let grants_revoked: Vec<String> = sqlx::query_scalar(
-            "UPDATE oauth_grants SET revoked_at = $1, revoked_reason = 'password_reset' \
-             WHERE user_id = $2 AND revoked_at IS NULL RETURNING id",
-        )
-        .bind(now_ms)
-        .bind(&user_id)
-        .fetch_all(&mut *tx)
-        .await?;
+        let grants_revoked = revoke_grants_of(&mut tx, &user.id, now_ms, "password_reset").await?;
         tx.commit().await?;
         Ok(Some(PasswordReset {
             user,
@@ -313,6 +306,8 @@ impl Store for SqlStore {
         let Some((tenant_id, email)) = spent else {
             return Ok(None);
         };
+        // The other invitations of this address are spent with it.
+        spend_invitations(&mut tx, &TenantId::from(tenant_id.as_str()), &email, now_ms).await?;
         let plan: Option<String> = sqlx::query_scalar("SELECT plan FROM tenants WHERE id = $1")
             .bind(&tenant_id)
             .fetch_optional(&mut *tx)
@@ -353,16 +348,38 @@ impl Store for SqlStore {
         Ok(Some(made))
     }
 
-    async fn remove_user(&self, id: &UserId, now_ms: i64) -> Result<Option<User>> {
-        let row = sqlx::query(
+    async fn remove_user(&self, id: &UserId, now_ms: i64) -> Result<Option<(User, Vec<String>)>> {
+        let mut tx = self.begin_write().await?;
+        let Some(row) = sqlx::query(
             "UPDATE users SET removed_at = $1, password_hash = NULL, sessions_from = $1 \
              WHERE id = $2 AND removed_at IS NULL AND role <> 'owner' RETURNING *",
         )
         .bind(now_ms)
         .bind(id.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let user = user_from_row(&row)?;
+        // No invitation sent before brings them back.
+        spend_invitations(&mut tx, &user.tenant_id, &user.email, now_ms).await?;
+        let grants = revoke_grants_of(&mut tx, &user.id, now_ms, "user_removed").await?;
+        tx.commit().await?;
+        Ok(Some((user, grants)))
+    }
+
+    async fn email_token_live(&self, hash: &str, purpose: &str, now_ms: i64) -> Result<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM email_tokens WHERE hash = $1 AND purpose = $2 \
+             AND used_at IS NULL AND expires_at > $3",
+        )
+        .bind(hash)
+        .bind(purpose)
+        .bind(now_ms)
+        .fetch_one(&self.pool)
         .await?;
-        row.as_ref().map(user_from_row).transpose()
+        Ok(n > 0)
     }
 
     async fn prune_email_tokens(&self, before_ms: i64) -> Result<u64> {
@@ -649,6 +666,43 @@ async fn insert_tenant_row(conn: &mut AnyConnection, t: &Tenant) -> Result<()> {
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Marks every unused invitation of `email` to `tenant_id` used.
+async fn spend_invitations(
+    conn: &mut AnyConnection,
+    tenant_id: &TenantId,
+    email: &str,
+    now_ms: i64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE email_tokens SET used_at = $1 WHERE purpose = 'invite' AND tenant_id = $2 \
+         AND email = $3 AND used_at IS NULL",
+    )
+    .bind(now_ms)
+    .bind(tenant_id.as_str())
+    .bind(email)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Revokes every live OAuth grant of a user: the ids.
+async fn revoke_grants_of(
+    conn: &mut AnyConnection,
+    user_id: &UserId,
+    now_ms: i64,
+    reason: &str,
+) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "UPDATE oauth_grants SET revoked_at = $1, revoked_reason = $2 \
+         WHERE user_id = $3 AND revoked_at IS NULL RETURNING id",
+    )
+    .bind(now_ms)
+    .bind(reason)
+    .bind(user_id.as_str())
+    .fetch_all(conn)
+    .await?)
 }
 
 /// A proven address of the account's owner verifies the account.

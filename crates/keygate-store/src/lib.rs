@@ -394,9 +394,13 @@ pub trait Store:
     /// `None`: no such link, used already, or expired. A conflict: the address is a live user
     /// of the account already (the link stays unused).
     async fn redeem_invite(&self, hash: &str, user: &User, now_ms: i64) -> Result<Option<User>>;
-    /// Removes a member: they can no longer sign in and their sessions end. `None`: no such
-    /// live member (owners are not removed).
-    async fn remove_user(&self, id: &UserId, now_ms: i64) -> Result<Option<User>>;
+    /// Removes a member: they can no longer sign in, their sessions end, their OAuth grants
+    /// are revoked (the ids come back) and no invitation sent before brings them back.
+    /// `None`: no such live member (owners are not removed).
+    async fn remove_user(&self, id: &UserId, now_ms: i64) -> Result<Option<(User, Vec<String>)>>;
+    /// Whether a link of `purpose` with this hash would work now (unused, unexpired); spends
+    /// nothing. Lets a form refuse a dead link before the Argon2 work a password costs.
+    async fn email_token_live(&self, hash: &str, purpose: &str, now_ms: i64) -> Result<bool>;
     /// Forgets links that expired before `before_ms`.
     async fn prune_email_tokens(&self, before_ms: i64) -> Result<u64>;
     /// Lists a tenant's users, newest first.

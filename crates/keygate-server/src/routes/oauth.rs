@@ -406,7 +406,11 @@ async fn session_user(
         return Ok(None);
     }
     match state.store.get_user(&s.user_id).await {
-        Ok(u) => Ok(u.filter(|u| u.tenant_id == client.tenant_id && s.at_ms >= u.sessions_from_ms)),
+        Ok(u) => Ok(u.filter(|u| {
+            u.tenant_id == client.tenant_id
+                && s.at_ms >= u.sessions_from_ms
+                && u.removed_at_ms.is_none()
+        })),
         Err(e) => {
             tracing::error!("oauth store error: {e}");
             Err(error_page(

@@ -295,6 +295,13 @@ pub(crate) async fn reset_with(state: &AppState, body: ResetPassword) -> Result<
     if let Some(problem) = password_problem(&body.password, &[]) {
         return Err(ApiError::invalid(problem));
     }
+    // A dead link costs no Argon2 work (a flood of made-up tokens cannot take every turn).
+    if !state
+        .link_live(&body.token, keygate_store::EmailPurpose::Reset)
+        .await?
+    {
+        return Err(bad_link());
+    }
     let hash = super::users::hash_password(body.password).await?;
     let (st, token) = (state.clone(), body.token);
     super::detached(async move { st.reset_password(&token, &hash).await })

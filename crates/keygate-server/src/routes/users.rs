@@ -270,7 +270,7 @@ fn manages_members(caller: &super::Caller) -> Result<(), ApiError> {
     path = "/v1/users/invite",
     tag = "users",
     summary = "Invite a member to the account by email",
-    description = "Needs scope `users:write`, as the account's owner or an admin key. 202: the address gets a link that works once, for 7 days, and makes a `member` on the account's plan. 409 when a user of the account has the address; 503 without `[smtp]`; 429 past 20 invitations an hour per account.",
+    description = "Needs scope `users:write`, as the account's owner or an admin key. 202: the address gets a link that works once, for 7 days, and makes a `member` on the account's plan. 409 when a user of the account has the address; 503 without `[smtp]`; 429 past 20 invitations an hour per account, or 3 to one address.",
     request_body = keygate_api::InviteUser,
     responses((status = 202), crate::openapi::Refusals),
     security(("bearer" = []))
@@ -309,18 +309,18 @@ pub async fn invite(
     {
         return Err(ApiError::conflict("a user of the account has this address"));
     }
-    let limit = keygate_core::RateLimit {
-        limit: 20,
-        window_seconds: 3600,
-    };
-    let rate = state
-        .counters
-        .check_named(&format!("invite:{tenant_id}"), &limit, now_ms());
-    if !rate.allowed {
-        return Err(ApiError::decision(
-            keygate_core::Code::RateLimited,
-            Some(rate),
-        ));
+    // 20 an hour per account and 3 per address, on every node together: an account cannot
+    // flood one inbox, nor many.
+    for (name, limit) in [
+        (format!("invite:{tenant_id}"), 20),
+        (format!("invite-to:{email}"), 3),
+    ] {
+        if let Some(rate) = state.hourly(&name, limit).await.filter(|r| !r.allowed) {
+            return Err(ApiError::decision(
+                keygate_core::Code::RateLimited,
+                Some(rate),
+            ));
+        }
     }
     let inviter = match caller.own_user() {
         Some(u) => state
