@@ -1167,3 +1167,58 @@ fn set_cookie_value(r: &reqwest::Response, name: &str) -> Option<String> {
         (k == name && !value.is_empty()).then(|| value.to_owned())
     })
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_makes_never_pass_max_keys() {
+    parallel_makes(TestApp::spawn_with(accounts).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_makes_never_pass_max_keys_on_postgres() {
+    parallel_makes(TestApp::spawn_postgres(accounts).await).await;
+}
+
+async fn parallel_makes(app: TestApp) {
+    let (_, tenant) = account(&app, "203.0.113.80", "race@example.com").await;
+    app.patch(&format!("/v1/tenants/{tenant}"), json!({"plan": "capped"}))
+        .await;
+    let users: Value = app
+        .get(&format!("/v1/users?tenant_id={tenant}"))
+        .await
+        .json()
+        .await
+        .expect("users");
+    let (owner, _) = app
+        .create_key(json!({"kind": "ut", "name": "owner", "tenant_id": tenant,
+                           "user_id": users["data"][0]["id"], "scopes": ["keys:write", "things:read"]}))
+        .await;
+    // Live: the first key and this one; max_keys is 5, so 3 of 12 at once may pass.
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let (client, url, owner) = (app.client.clone(), app.url("/v1/keys"), owner.clone());
+        set.spawn(async move {
+            let r = client
+                .post(url)
+                .bearer_auth(owner)
+                .json(&json!({"kind": "ut", "name": format!("k{i}"), "scopes": ["things:read"]}))
+                .send()
+                .await
+                .expect("create");
+            (r.status(), r.json::<Value>().await.expect("json"))
+        });
+    }
+    let answers = set.join_all().await;
+    let made = answers
+        .iter()
+        .filter(|(st, _)| *st == StatusCode::CREATED)
+        .count();
+    assert_eq!(made, 3, "{answers:?}");
+    for (st, v) in answers.iter().filter(|(st, _)| *st != StatusCode::CREATED) {
+        assert_eq!(
+            (*st, v["error"]["code"].as_str()),
+            (StatusCode::FORBIDDEN, Some("PLAN_FEATURE")),
+            "{v}"
+        );
+    }
+    app.stop().await;
+}

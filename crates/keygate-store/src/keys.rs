@@ -542,19 +542,25 @@ impl Store for SqlStore {
     }
 
     async fn count_live_keys(&self, tenant_id: &TenantId, now_ms: i64, mark: &str) -> Result<u64> {
-        // Metadata is stored as serde_json writes it: `"mark":true`, no spaces. `_` and `%`
-        // in the mark are literal (escaped), so `"dashboard-session"` is not mistaken for it.
-        let marked = contains_pattern(&format!("{}:true", serde_json::Value::from(mark)));
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM keys WHERE tenant_id = $1 AND status <> 'revoked' \
-             AND (expires_at IS NULL OR expires_at > $2) AND metadata NOT LIKE $3 ESCAPE '\\'",
-        )
-        .bind(tenant_id.as_str())
-        .bind(now_ms)
-        .bind(marked)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(to_u64(n))
+        live_keys(&mut *self.pool.acquire().await?, tenant_id, now_ms, mark).await
+    }
+
+    async fn insert_key_capped(&self, k: &KeyRecord, max: u64, mark: &str) -> Result<bool> {
+        let mut tx = self.begin_write().await?;
+        if self.backend() == crate::Backend::Postgres {
+            // One maker per tenant at a time (SQLite's write transaction holds the file).
+            sqlx::query("SELECT id FROM tenants WHERE id = $1 FOR UPDATE")
+                .bind(k.tenant_id.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+        }
+        if live_keys(&mut tx, &k.tenant_id, k.created_at_ms, mark).await? >= max {
+            return Ok(false);
+        }
+        insert_family_row(&mut tx, k).await?;
+        insert_key_row(&mut tx, k).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn count_keys(&self) -> Result<u64> {
@@ -666,6 +672,28 @@ async fn insert_tenant_row(conn: &mut AnyConnection, t: &Tenant) -> Result<()> {
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Live keys of a tenant at `now_ms`, leaving out those whose metadata holds `mark: true`.
+async fn live_keys(
+    conn: &mut AnyConnection,
+    tenant_id: &TenantId,
+    now_ms: i64,
+    mark: &str,
+) -> Result<u64> {
+    // Metadata is stored as serde_json writes it: `"mark":true`, no spaces. `_` and `%` in
+    // the mark are literal (escaped), so `"dashboard-session"` is not mistaken for it.
+    let marked = contains_pattern(&format!("{}:true", serde_json::Value::from(mark)));
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM keys WHERE tenant_id = $1 AND status <> 'revoked' \
+         AND (expires_at IS NULL OR expires_at > $2) AND metadata NOT LIKE $3 ESCAPE '\\'",
+    )
+    .bind(tenant_id.as_str())
+    .bind(now_ms)
+    .bind(marked)
+    .fetch_one(conn)
+    .await?;
+    Ok(to_u64(n))
 }
 
 /// Marks every unused invitation of `email` to `tenant_id` used.

@@ -437,6 +437,10 @@ pub trait Store:
     /// Live keys of a tenant (neither revoked nor expired at `now_ms`), leaving out those
     /// whose metadata holds `mark: true` (dashboard session keys).
     async fn count_live_keys(&self, tenant_id: &TenantId, now_ms: i64, mark: &str) -> Result<u64>;
+    /// Inserts a key only while its tenant has fewer than `max` live keys (as
+    /// [`Store::count_live_keys`] counts them at the key's creation time), counting and
+    /// inserting in one transaction that holds the tenant: `false` when it has `max` already.
+    async fn insert_key_capped(&self, k: &KeyRecord, max: u64, mark: &str) -> Result<bool>;
 
     /// Withdraws up to `want` credits from a family's budget atomically: how many were
     /// granted (0 when spent) and how many remain in the store after it. Families without a

@@ -97,7 +97,7 @@ pub async fn create(
     let (plaintext, mut record) =
         issue::build_key(&state.issuer(), &*state.store, &tenant, body, now).await?;
     caller.require_covers(&record.scopes)?;
-    if let Some(plan) = &maker {
+    if let Some((plan, _)) = &maker {
         issue::fit_to_plan(&mut record, state.plan(plan), now)?;
         // An owner's sk would make keys outside every ceiling: it calls the API only.
         if record.kind == Kind::Sk
@@ -113,8 +113,22 @@ pub async fn create(
     }
     let st = state.clone();
     let (rec, actor) = (record.clone(), caller.key.record.id.clone());
-    detached(async move {
-        st.store.insert_key(&rec).await?;
+    let cap = maker.as_ref().and_then(|(_, max)| *max);
+    let inserted = detached(async move {
+        match cap {
+            // Counted and inserted in one transaction: parallel requests cannot pass the cap.
+            Some(max) => {
+                let mark = keygate_engine::accounts::SESSION_MARK;
+                if !st
+                    .store
+                    .insert_key_capped(&rec, u64::from(max), mark)
+                    .await?
+                {
+                    return Ok(false);
+                }
+            }
+            None => st.store.insert_key(&rec).await?,
+        }
         let detail = serde_json::json!({
             "kind": rec.kind.as_str(),
             "name": rec.name,
@@ -131,9 +145,15 @@ pub async fn create(
         .await;
         st.key_changed(&rec.hash).await;
         keygate_engine::origins::pk_changed(&st, rec.kind).await;
-        Ok(())
+        Ok(true)
     })
     .await?;
+    if !inserted {
+        return Err(ApiError::because(
+            keygate_core::Code::PlanFeature,
+            "the account has as many live keys as its plan allows: revoke one first",
+        ));
+    }
     tracing::info!(key_id = %record.id, tenant = %record.tenant_id, kind = %record.kind, actor = %caller.key.record.id, "key created");
     let view = crate::views::key_view(&state, &record, now);
     Ok((
@@ -193,14 +213,15 @@ fn user_may_reissue(caller: &Caller, key: &KeyRecord) -> Result<(), ApiError> {
 
 /// The rules for a key a user makes for themself: for their own user, never an `sk` unless
 /// the user owns the account and its plan has `sk_keys`, and no more live keys than the
-/// account's plan's `max_keys`. Returns the plan whose ceilings the key must fit.
+/// account's plan's `max_keys`. Returns the plan whose ceilings the key must fit, and the
+/// account's `max_keys` (checked here, and again in the transaction that inserts the key).
 async fn self_service(
     state: &AppState,
     caller: &Caller,
     own: &UserId,
     tenant: &keygate_core::TenantId,
     body: &mut CreateKey,
-) -> Result<String, ApiError> {
+) -> Result<(String, Option<u32>), ApiError> {
     use keygate_engine::config::Feature;
     let user = state
         .store
@@ -255,7 +276,7 @@ async fn self_service(
             ));
         }
     }
-    Ok(user.plan)
+    Ok((user.plan, plan.max_keys))
 }
 
 /// `GET /v1/keys` filters.
