@@ -12,7 +12,6 @@ use keygate_store::{EmailPurpose, EmailToken};
 use lettre::message::header::ContentType;
 use lettre::message::Mailbox;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use sha2::{Digest, Sha256};
 use std::time::Duration;
 
 /// How long keygate waits on the SMTP server for one message.
@@ -81,11 +80,9 @@ impl Mailer {
     }
 }
 
-/// The SHA-256 of a link's token, hex: what the store keeps and looks up.
-pub fn token_hash(token: &str) -> String {
-    let digest = Sha256::digest(token.as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
+/// The SHA-256 of a link's token, hex: what the store keeps and looks up (as for OAuth codes
+/// and refresh tokens).
+pub use keygate_oauth::token_hash;
 
 /// A new one-use link's token (shown once, in the email) and its record.
 #[derive(Debug)]

@@ -410,6 +410,8 @@ fn link_page(state: &AppState, page: &impl Template, csrf: &str, status: StatusC
     r
 }
 
+/// Checks a sign-in, sign-up or emailed-link form's CSRF token against its cookie (double
+/// submit: these forms come before any session).
 fn form_csrf_ok(f: &HashMap<String, String>, headers: &HeaderMap) -> bool {
     match (f.get("csrf"), cookie(headers, LOGIN_CSRF_COOKIE)) {
         (Some(a), Some(b)) => keygate_oauth::ct_eq(a, b),
@@ -764,11 +766,7 @@ pub async fn signup(
         organisation: field("organisation"),
         ..SignupPage::default()
     };
-    let csrf_ok = match (f.get("csrf"), cookie(&ctx.headers, LOGIN_CSRF_COOKIE)) {
-        (Some(a), Some(b)) => keygate_oauth::ct_eq(a, b),
-        _ => false,
-    };
-    if !csrf_ok {
+    if !form_csrf_ok(&f, &ctx.headers) {
         page.error = Some("The form expired; try again.".into());
         return signup_page(&state, page, StatusCode::FORBIDDEN);
     }
@@ -856,11 +854,7 @@ pub async fn login(
     body: Bytes,
 ) -> Response {
     let f = form(&body);
-    let csrf_ok = match (f.get("csrf"), cookie(&headers, LOGIN_CSRF_COOKIE)) {
-        (Some(a), Some(b)) => keygate_oauth::ct_eq(a, b),
-        _ => false,
-    };
-    if !csrf_ok {
+    if !form_csrf_ok(&f, &headers) {
         return login_page(
             &state,
             Some("The form expired; sign in again.".into()),
@@ -1279,14 +1273,15 @@ pub async fn keys(
         })
         .collect();
     // What the account's plan allows, and why its keys may be refused (a user's own view).
-    let (plan, notice) =
-        match api::<keygate_api::AccountView>(&state, &who, Method::GET, "/v1/account", None).await
-        {
-            Ok(a) if who.session.session_key_id.is_some() => {
-                (Some(plan_line(&a)), account_notice(&a))
-            }
-            _ => (None, None),
-        };
+    // A key's sign-in (an admin) has no plan line: no call for it.
+    let account = match who.session.session_key_id {
+        Some(_) => api::<keygate_api::AccountView>(&state, &who, Method::GET, "/v1/account", None)
+            .await
+            .ok(),
+        None => None,
+    };
+    let plan = account.as_ref().map(plan_line);
+    let notice = account.as_ref().and_then(account_notice);
     render(&KeysPage {
         csrf: who.csrf,
         plan,

@@ -7,7 +7,7 @@ use keygate_engine::config::{Feature, PlanConfig};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use support::{csrf_of, error_code, eventually, TestApp};
+use support::{csrf_of, error_code, eventually, thing, TestApp};
 
 const PASSWORD: &str = "plum-violin-87-harbour";
 
@@ -17,15 +17,7 @@ fn accounts(c: &mut keygate_server::Config) {
     c.signup.enabled = true;
     c.signup.per_ip_per_hour = 3;
     c.signup.plan_check_seconds = 1;
-    c.routes.push(keygate_engine::config::RouteConfig {
-        path: "/v1/things/*".into(),
-        methods: vec![],
-        upstream: None,
-        scope: Some("things:read".into()),
-        cost: 1,
-        public: false,
-        class: Default::default(),
-    });
+    c.routes.push(support::things_route());
     // The upstream's own admin routes: a stranger's first key must get none of their scopes.
     c.routes.push(keygate_engine::config::RouteConfig {
         path: "/v1/admin/*".into(),
@@ -102,12 +94,6 @@ async fn account(app: &TestApp, from: &str, email: &str) -> (String, String) {
         v["key"].as_str().expect("key").to_owned(),
         v["account"]["id"].as_str().expect("id").to_owned(),
     )
-}
-
-/// A call to the `things` route with `key`.
-async fn thing(app: &TestApp, key: &str) -> reqwest::Response {
-    app.auth(Some(key), &[("X-Original-URI", "/v1/things/1")])
-        .await
 }
 
 async fn tenant_count(app: &TestApp) -> usize {

@@ -9,20 +9,25 @@ use serde_json::{json, Value};
 use std::path::Path;
 use support::{upstream, TestApp};
 
+/// `POST /api/ocr/*` to `upstream`, scope `ocr:read`, cost 1.
+fn ocr_route(upstream: String) -> RouteConfig {
+    RouteConfig {
+        path: "/api/ocr/*".into(),
+        methods: vec!["POST".into()],
+        upstream: Some(upstream),
+        scope: Some("ocr:read".into()),
+        cost: 1,
+        public: false,
+        class: Default::default(),
+    }
+}
+
 #[tokio::test]
 async fn a_browser_page_calls_the_gateway_with_a_publishable_key() {
     let up = upstream::spawn().await;
     let url = up.url();
     let app = TestApp::spawn_with(|c| {
-        c.routes.push(RouteConfig {
-            path: "/api/ocr/*".into(),
-            methods: vec!["POST".into()],
-            upstream: Some(url),
-            scope: Some("ocr:read".into()),
-            cost: 1,
-            public: false,
-            class: Default::default(),
-        });
+        c.routes.push(ocr_route(url));
     })
     .await;
     // The pages: a blank document served on 127.0.0.1, reached as two origins.
@@ -117,15 +122,7 @@ async fn the_dashboard_creates_shows_once_and_revokes_a_key_in_chromium() {
     let up = upstream::spawn().await;
     let url = up.url();
     let app = TestApp::spawn_with(|c| {
-        c.routes.push(RouteConfig {
-            path: "/api/ocr/*".into(),
-            methods: vec!["POST".into()],
-            upstream: Some(url),
-            scope: Some("ocr:read".into()),
-            cost: 1,
-            public: false,
-            class: Default::default(),
-        });
+        c.routes.push(ocr_route(url));
     })
     .await;
     // Screenshots are test artifacts: target/tmp/dashboard/*.png.
@@ -237,15 +234,7 @@ async fn thirty_seconds(plan: &str, verify: bool, shots: &str) -> (Value, upstre
     let smtp = support::smtp::Smtp::start().await;
     let (url, smtp_url, plan_name) = (up.url(), smtp.url(), plan.to_owned());
     let app = TestApp::spawn_with(move |c| {
-        c.routes.push(RouteConfig {
-            path: "/api/ocr/*".into(),
-            methods: vec!["POST".into()],
-            upstream: Some(url),
-            scope: Some("ocr:read".into()),
-            cost: 1,
-            public: false,
-            class: Default::default(),
-        });
+        c.routes.push(ocr_route(url));
         c.signup.enabled = true;
         c.signup.plan = plan_name;
         c.signup.verify_email = verify;

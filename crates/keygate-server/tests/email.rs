@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use support::smtp::{link_in, token_of, Smtp};
-use support::{csrf_of, error_code, eventually, Session, TestApp};
+use support::{csrf_of, error_code, eventually, thing, Session, TestApp};
 
 const PASSWORD: &str = "plum-violin-87-harbour";
 
@@ -23,15 +23,7 @@ fn with_email(smtp: &Smtp, verify: bool) -> impl FnOnce(&mut keygate_server::Con
         c.signup.per_ip_per_hour = 3;
         c.smtp.url = url;
         c.smtp.from = "keygate <no-reply@keygate.test>".into();
-        c.routes.push(keygate_engine::config::RouteConfig {
-            path: "/v1/things/*".into(),
-            methods: vec![],
-            upstream: None,
-            scope: Some("things:read".into()),
-            cost: 1,
-            public: false,
-            class: Default::default(),
-        });
+        c.routes.push(support::things_route());
     }
 }
 
@@ -48,11 +40,6 @@ async fn sign_up(app: &TestApp, from: &str, email: &str) -> reqwest::Response {
 /// A sign-up's answer, as JSON.
 async fn signed_up(app: &TestApp, from: &str, email: &str) -> Value {
     sign_up(app, from, email).await.json().await.expect("json")
-}
-
-async fn thing(app: &TestApp, key: &str) -> reqwest::Response {
-    app.auth(Some(key), &[("X-Original-URI", "/v1/things/1")])
-        .await
 }
 
 async fn open(app: &TestApp, path: &str) -> reqwest::Response {
@@ -684,6 +671,20 @@ async fn the_owner_invites_a_member_once_and_removing_them_revokes_their_keys() 
     assert_eq!(error_code(thing(&app, &api_key).await).await, "REVOKED");
 }
 
+/// Makes a `ut` key named `name` on the dashboard's keys page, signed in as `s`: the status
+/// and page.
+async fn make_in_dashboard(app: &TestApp, s: &mut Session, name: &str) -> (StatusCode, String) {
+    let (_, _, keys) = s.send(s.http.get(app.url("/dashboard/keys"))).await;
+    let req = s.http.post(app.url("/dashboard/keys")).form(&[
+        ("csrf", csrf_of(&keys).as_str()),
+        ("name", name),
+        ("kind", "ut"),
+        ("scopes", "things:read"),
+    ]);
+    let (st, _, page) = s.send(req).await;
+    (st, page)
+}
+
 #[tokio::test]
 async fn whoever_signs_up_with_someone_elses_address_keeps_nothing_once_its_owner_resets() {
     let smtp = Smtp::start().await;
@@ -698,14 +699,7 @@ async fn whoever_signs_up_with_someone_elses_address_keeps_nothing_once_its_owne
     // The squatter signs in (reading is allowed) but makes nothing while unverified.
     let (st, mut squat) = dashboard_sign_in(&app, &tenant, "victim@example.com", PASSWORD).await;
     assert_eq!(st, StatusCode::SEE_OTHER);
-    let (_, _, keys) = squat.send(squat.http.get(app.url("/dashboard/keys"))).await;
-    let req = squat.http.post(app.url("/dashboard/keys")).form(&[
-        ("csrf", csrf_of(&keys).as_str()),
-        ("name", "backdoor"),
-        ("kind", "ut"),
-        ("scopes", "things:read"),
-    ]);
-    let (st, _, page) = squat.send(req).await;
+    let (st, page) = make_in_dashboard(&app, &mut squat, "backdoor").await;
     assert_eq!(st, StatusCode::FORBIDDEN, "{page}");
     assert!(page.contains("ACCOUNT_UNVERIFIED"), "{page}");
 
@@ -757,13 +751,6 @@ async fn whoever_signs_up_with_someone_elses_address_keeps_nothing_once_its_owne
     )
     .await;
     assert_eq!(st, StatusCode::SEE_OTHER);
-    let (_, _, keys) = owner.send(owner.http.get(app.url("/dashboard/keys"))).await;
-    let req = owner.http.post(app.url("/dashboard/keys")).form(&[
-        ("csrf", csrf_of(&keys).as_str()),
-        ("name", "mine"),
-        ("kind", "ut"),
-        ("scopes", "things:read"),
-    ]);
-    let (st, _, page) = owner.send(req).await;
+    let (st, page) = make_in_dashboard(&app, &mut owner, "mine").await;
     assert_eq!(st, StatusCode::OK, "the verified owner makes keys: {page}");
 }

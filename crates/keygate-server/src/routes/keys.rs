@@ -151,7 +151,10 @@ pub async fn create(
     if !inserted {
         return Err(ApiError::because(
             keygate_core::Code::PlanFeature,
-            "the account has as many live keys as its plan allows: revoke one first",
+            format!(
+                "the account has {} live keys, the most its plan allows: revoke one first",
+                cap.unwrap_or_default()
+            ),
         ));
     }
     tracing::info!(key_id = %record.id, tenant = %record.tenant_id, kind = %record.kind, actor = %caller.key.record.id, "key created");
@@ -174,8 +177,8 @@ fn reserved_metadata(
     // Case-insensitive, as SQLite's LIKE that leaves session keys out of `max_keys`.
     match m {
         Some(m)
-            if serde_json::Value::Object(m.clone())
-                .to_string()
+            if serde_json::to_string(m)
+                .unwrap_or_default()
                 .to_ascii_lowercase()
                 .contains(&mark) =>
         {
@@ -214,7 +217,7 @@ fn user_may_reissue(caller: &Caller, key: &KeyRecord) -> Result<(), ApiError> {
 /// The rules for a key a user makes for themself: for their own user, never an `sk` unless
 /// the user owns the account and its plan has `sk_keys`, and no more live keys than the
 /// account's plan's `max_keys`. Returns the plan whose ceilings the key must fit, and the
-/// account's `max_keys` (checked here, and again in the transaction that inserts the key).
+/// account's `max_keys` (held by the transaction that inserts the key).
 async fn self_service(
     state: &AppState,
     caller: &Caller,
@@ -260,21 +263,6 @@ async fn self_service(
             return Err(ApiError::not_found("user"));
         }
         body.user_id = Some(own.to_string());
-    }
-    if let Some(max) = plan.max_keys {
-        let live = state
-            .store
-            .count_live_keys(tenant, now_ms(), keygate_engine::accounts::SESSION_MARK)
-            .await?;
-        if live >= u64::from(max) {
-            return Err(ApiError::because(
-                keygate_core::Code::PlanFeature,
-                format!(
-                    "the account has {live} live keys, the most its plan ({}) allows: revoke one first",
-                    account.plan
-                ),
-            ));
-        }
     }
     Ok((user.plan, plan.max_keys))
 }

@@ -296,6 +296,25 @@ impl TestApp {
     }
 }
 
+/// `/v1/things/*`, scope `things:read`, cost 1: the API behind keygate in the accounts tests.
+pub fn things_route() -> keygate_engine::config::RouteConfig {
+    keygate_engine::config::RouteConfig {
+        path: "/v1/things/*".into(),
+        methods: vec![],
+        upstream: None,
+        scope: Some("things:read".into()),
+        cost: 1,
+        public: false,
+        class: Default::default(),
+    }
+}
+
+/// A forward-auth call to the `things` route with `key`.
+pub async fn thing(app: &TestApp, key: &str) -> Response {
+    app.auth(Some(key), &[("X-Original-URI", "/v1/things/1")])
+        .await
+}
+
 /// The CSRF token of the first form of a page.
 pub fn csrf_of(html: &str) -> String {
     html.split("name=\"csrf\" value=\"")
