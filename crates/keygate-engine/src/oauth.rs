@@ -11,11 +11,11 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use keygate_core::{Code, FamilyId, IpAllowList, KeyId, KeyStatus, Kind, OriginList, ScopeSet};
 use keygate_oauth::jwt::{AccessClaims, KeyMaterial, Keyring, VerifyError};
-use keygate_store::{KeyRecord, OAuthGrant, SigningKey, Store};
+use keygate_store::{KeyRecord, OAuthClient, OAuthGrant, SigningKey, Store, StoreError};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::Sha256;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// How long a retired signing key stays published beyond the access-token lifetime (covers a
@@ -33,6 +33,20 @@ pub struct OAuth {
     keyring: RwLock<Arc<Keyring>>,
     last_reload_ms: AtomicI64,
     seal_key: Vec<u8>,
+    /// Clients by id, read once and kept until the change feed says they changed.
+    clients: moka::sync::Cache<String, Arc<CachedClient>>,
+    /// Bumped by every client invalidation (see `Engine::fill`).
+    clients_gen: AtomicU64,
+}
+
+/// A client as this node knows it, with its standing `client_credentials` grant once a token
+/// was asked for: the token endpoint's hot path reads neither from the store.
+#[derive(Debug)]
+pub struct CachedClient {
+    /// The client.
+    pub client: OAuthClient,
+    cached_at: std::time::Instant,
+    standing: tokio::sync::OnceCell<OAuthGrant>,
 }
 
 impl std::fmt::Debug for OAuth {
@@ -97,9 +111,23 @@ impl OAuth {
             )),
             last_reload_ms: AtomicI64::new(0),
             seal_key,
+            clients: moka::sync::Cache::new(100_000),
+            clients_gen: AtomicU64::new(0),
         };
         oauth.reload(config, store).await?;
         Ok(oauth)
+    }
+
+    /// Drops a client from this node's cache (deleted here or on another node).
+    pub fn forget_client(&self, id: &str) {
+        self.clients_gen.fetch_add(1, Ordering::AcqRel);
+        self.clients.invalidate(id);
+    }
+
+    /// Drops every cached client (the change feed was interrupted).
+    pub fn forget_clients(&self) {
+        self.clients_gen.fetch_add(1, Ordering::AcqRel);
+        self.clients.invalidate_all();
     }
 
     /// The signing key and every published public key.
@@ -186,14 +214,15 @@ impl OAuth {
         URL_SAFE_NO_PAD.encode(m.finalize().into_bytes())
     }
 
-    /// Signs an access token for `grant` with `scope`; answers the token and its lifetime.
+    /// Signs an access token for `grant` with `scope`; answers the token, its lifetime and its
+    /// `jti`.
     pub fn mint_access(
         &self,
         config: &Config,
         grant: &OAuthGrant,
         scope: &str,
         now_ms: i64,
-    ) -> Result<(String, u64), String> {
+    ) -> Result<(String, u64, String), String> {
         let ttl = config.oauth.access_token_ttl_seconds;
         let iat = now_ms / 1000;
         let claims = AccessClaims {
@@ -212,7 +241,8 @@ impl OAuth {
             tenant_id: grant.tenant_id.to_string(),
             grant_id: grant.id.clone(),
         };
-        Ok((self.keyring().sign(&claims)?, ttl))
+        let token = self.keyring().sign(&claims)?;
+        Ok((token, ttl, claims.jti))
     }
 
     /// Verifies an access token, re-reading the signing keys once if it names a key this node
@@ -318,6 +348,62 @@ pub async fn run_signing_keys(
 }
 
 impl Engine {
+    /// A client by id: from this node's cache (kept until the change feed says the client
+    /// changed, or `cache.unsynced_ttl_seconds` while the feed is down), else the store.
+    pub async fn oauth_client(&self, id: &str) -> Result<Option<Arc<CachedClient>>, StoreError> {
+        if let Some(c) = self.oauth.clients.get(id) {
+            let fresh = std::time::Duration::from_secs(self.config.cache.unsynced_ttl_seconds);
+            if self.feed_ok.load(Ordering::Relaxed) || c.cached_at.elapsed() < fresh {
+                return Ok(Some(c));
+            }
+        }
+        let gen = self.oauth.clients_gen.load(Ordering::Acquire);
+        let Some(client) = self.store.get_client(id).await? else {
+            return Ok(None);
+        };
+        let cached = Arc::new(CachedClient {
+            client,
+            cached_at: std::time::Instant::now(),
+            standing: tokio::sync::OnceCell::new(),
+        });
+        if self.oauth.clients_gen.load(Ordering::Acquire) == gen {
+            self.oauth.clients.insert(id.to_owned(), cached.clone());
+            if self.oauth.clients_gen.load(Ordering::Acquire) != gen {
+                self.oauth.clients.invalidate(id);
+            }
+        }
+        Ok(Some(cached))
+    }
+
+    /// The client's standing `client_credentials` grant (read or made once per node and
+    /// client; see `OAuthStore::client_grant`).
+    pub async fn standing_grant(&self, c: &CachedClient) -> Result<OAuthGrant, StoreError> {
+        c.standing
+            .get_or_try_init(|| async {
+                let now = now_ms();
+                let candidate = OAuthGrant {
+                    id: crate::ids::new_id("grt", now),
+                    client_id: c.client.id.clone(),
+                    tenant_id: c.client.tenant_id.clone(),
+                    user_id: None,
+                    scope: keygate_oauth::scope::join(&c.client.scopes),
+                    created_at_ms: now,
+                    expires_at_ms: keygate_store::STANDING_GRANT_EXPIRES,
+                    revoked_at_ms: None,
+                    revoked_reason: None,
+                };
+                self.store.client_grant(&candidate).await
+            })
+            .await
+            .cloned()
+    }
+
+    /// A client was deleted: drop it here and on every other node.
+    pub async fn client_changed(&self, id: &str) {
+        self.oauth.forget_client(id);
+        self.publish(format!("client:{id}")).await;
+    }
+
     /// The pipeline's step for a JWT access token: a cached entry (by the token's hash, so a
     /// token is verified once per node, not once per request), else signature, issuer,
     /// audience and expiry, then its grant and revocation from the store. Revocations reach

@@ -3,7 +3,7 @@
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -82,9 +82,17 @@ pub enum VerifyError {
     Expired,
 }
 
+/// The key that signs: kept parsed, with its JWT header already encoded.
+struct Signer {
+    kid: String,
+    pair: ring::signature::Ed25519KeyPair,
+    /// `base64url({"alg":"EdDSA","typ":"at+jwt","kid":…})` followed by `.`.
+    header: String,
+}
+
 /// The signing key in use and every public key still published.
 pub struct Keyring {
-    signer: Option<(String, EncodingKey)>,
+    signer: Option<Signer>,
     verifiers: HashMap<String, DecodingKey>,
     jwks: serde_json::Value,
 }
@@ -92,7 +100,7 @@ pub struct Keyring {
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Keyring")
-            .field("signer", &self.signer.as_ref().map(|(k, _)| k))
+            .field("signer", &self.signer.as_ref().map(|s| &s.kid))
             .field("verifiers", &self.verifiers.keys().collect::<Vec<_>>())
             .finish()
     }
@@ -109,9 +117,16 @@ impl Keyring {
                 let der = STANDARD
                     .decode(&k.pkcs8)
                     .map_err(|_| format!("signing key {} is not base64", k.kid))?;
-                ring::signature::Ed25519KeyPair::from_pkcs8(&der)
+                let pair = ring::signature::Ed25519KeyPair::from_pkcs8(&der)
                     .map_err(|_| format!("signing key {} is not an Ed25519 key", k.kid))?;
-                signer = Some((k.kid.clone(), EncodingKey::from_ed_der(&der)));
+                let header = serde_json::json!({"alg": "EdDSA", "typ": TYP, "kid": k.kid});
+                let mut header = URL_SAFE_NO_PAD.encode(header.to_string());
+                header.push('.');
+                signer = Some(Signer {
+                    kid: k.kid.clone(),
+                    pair,
+                    header,
+                });
             }
             let dk = DecodingKey::from_ed_components(&k.x)
                 .map_err(|e| format!("public key {}: {e}", k.kid))?;
@@ -135,16 +150,23 @@ impl Keyring {
 
     /// The id of the key that signs.
     pub fn signing_kid(&self) -> Option<&str> {
-        self.signer.as_ref().map(|(k, _)| k.as_str())
+        self.signer.as_ref().map(|s| s.kid.as_str())
     }
 
-    /// Signs an access token.
+    /// Signs an access token (RFC 7515 compact serialization). Written here rather than
+    /// through `jsonwebtoken::encode`, which parses the PKCS#8 key into a ring key pair again
+    /// on every call; this keeps the pair and the encoded header ready, leaving the claims'
+    /// JSON, two base64 encodings and the signature.
     pub fn sign(&self, claims: &AccessClaims) -> Result<String, String> {
-        let (kid, key) = self.signer.as_ref().ok_or("no active signing key")?;
-        let mut header = Header::new(Algorithm::EdDSA);
-        header.typ = Some(TYP.to_owned());
-        header.kid = Some(kid.clone());
-        jsonwebtoken::encode(&header, claims, key).map_err(|e| e.to_string())
+        let s = self.signer.as_ref().ok_or("no active signing key")?;
+        let payload = serde_json::to_vec(claims).map_err(|e| e.to_string())?;
+        let mut jwt = String::with_capacity(s.header.len() + payload.len() * 4 / 3 + 90);
+        jwt.push_str(&s.header);
+        URL_SAFE_NO_PAD.encode_string(&payload, &mut jwt);
+        let sig = s.pair.sign(jwt.as_bytes());
+        jwt.push('.');
+        URL_SAFE_NO_PAD.encode_string(sig.as_ref(), &mut jwt);
+        Ok(jwt)
     }
 
     /// Checks signature, `typ`, issuer, audience and expiry (no leeway: the same clock

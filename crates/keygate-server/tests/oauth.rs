@@ -763,7 +763,7 @@ async fn access_tokens_are_judged_like_keys() {
         revoked_reason: None,
     };
     let two_hours_ago = keygate_engine::clock::now_ms() - 7_200_000;
-    let (expired, _) = state
+    let (expired, _, _) = state
         .oauth
         .mint_access(&state.config, &g, "docs:read", two_hours_ago)
         .expect("mint");
@@ -1152,6 +1152,16 @@ async fn failed_sign_ins_slow_the_account_down_but_never_lock_its_owner_out() {
     }
 }
 
+/// The key id `/v1/auth` answers for a token it allows.
+async fn key_id_of(app: &TestApp, token: &str) -> String {
+    let r = app.auth(Some(token), &[("X-Keygate-Scope", "docs:read")]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    r.headers()["x-keygate-key-id"]
+        .to_str()
+        .expect("ascii")
+        .to_owned()
+}
+
 #[tokio::test]
 async fn tokens_issued_on_one_node_work_and_die_on_every_node() {
     // Several nodes must share one issuer (the default is each node's own address).
@@ -1198,6 +1208,48 @@ async fn tokens_issued_on_one_node_work_and_die_on_every_node() {
         .expect("json");
     assert_eq!(ja, jb);
     assert_eq!(auth_status(&b, token, "docs:read").await.0, StatusCode::OK);
+    // Every client_credentials token of a client is of its one standing grant, whichever node
+    // issued it: one key id (one rate window), and no row written per token.
+    let cc = |node: &'static str| {
+        let app = if node == "a" { &a } else { &b };
+        async move {
+            let (s, t) = token_call(
+                app,
+                &[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", id),
+                    ("client_secret", secret),
+                ],
+            )
+            .await;
+            assert_eq!(s, StatusCode::OK, "{t}");
+            t["access_token"].as_str().expect("token").to_owned()
+        }
+    };
+    let (second, third) = (cc("a").await, cc("b").await);
+    let grant = key_id_of(&b, token).await;
+    assert!(grant.starts_with("grt_"), "{grant}");
+    assert_eq!(key_id_of(&a, &second).await, grant);
+    assert_eq!(key_id_of(&b, &third).await, grant);
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&a.db_url()).await.expect("database");
+    let grants: i64 = sqlx::query_scalar("SELECT count(*) FROM oauth_grants WHERE client_id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(grants, 1);
+    // Each token issued is an audit event naming its jti.
+    eventually(|| async {
+        let v: Value = a
+            .get("/v1/audit?action=oauth.client_credentials")
+            .await
+            .json()
+            .await
+            .expect("json");
+        v["data"].as_array().is_some_and(|e| e.len() == 3)
+    })
+    .await;
     // Revoked on A: refused on B at once (the change feed, not the cache TTL).
     let r = a
         .client
@@ -1216,6 +1268,33 @@ async fn tokens_issued_on_one_node_work_and_die_on_every_node() {
         auth_status(&a, token, "docs:read").await,
         (StatusCode::UNAUTHORIZED, "REVOKED".into())
     );
+    // Revoking one token leaves the client's others working.
+    assert_eq!(auth_status(&b, &third, "docs:read").await.0, StatusCode::OK);
+    // Deleted on A: B, which holds the client in its cache, refuses it at once, and every
+    // token of it.
+    assert_eq!(
+        a.delete(&format!("/v1/oauth/clients/{id}")).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    eventually(|| async {
+        let (s, v) = token_call(
+            &b,
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", id),
+                ("client_secret", secret),
+            ],
+        )
+        .await;
+        s == StatusCode::UNAUTHORIZED && v["error"] == "invalid_client"
+    })
+    .await;
+    for t in [&second, &third] {
+        assert_eq!(
+            auth_status(&b, t, "docs:read").await,
+            (StatusCode::UNAUTHORIZED, "REVOKED".into())
+        );
+    }
 }
 
 #[tokio::test]

@@ -245,6 +245,35 @@ impl crate::OAuthStore for crate::SqlStore {
         Ok(())
     }
 
+    async fn client_grant(&self, candidate: &OAuthGrant) -> crate::Result<OAuthGrant> {
+        let mut tx = self.begin_write().await?;
+        let row = Sql::new("SELECT * FROM oauth_grants WHERE revoked_at IS NULL AND user_id IS NULL")
+            .push(" AND expires_at = ")
+            .push_bind(crate::STANDING_GRANT_EXPIRES)
+            .push(" AND client_id = ")
+            .push_bind(&candidate.client_id)
+            .push(" ORDER BY created_at DESC LIMIT 1")
+            .build()?
+            .fetch_optional(&mut *tx)
+            .await?;
+        let grant = match row.as_ref().map(grant_from).transpose()? {
+            Some(g) => g,
+            None => {
+                let g = OAuthGrant {
+                    user_id: None,
+                    expires_at_ms: crate::STANDING_GRANT_EXPIRES,
+                    revoked_at_ms: None,
+                    revoked_reason: None,
+                    ..candidate.clone()
+                };
+                insert_grant(&mut tx, &g).await?;
+                g
+            }
+        };
+        tx.commit().await?;
+        Ok(grant)
+    }
+
     async fn get_grant(&self, id: &str) -> crate::Result<Option<OAuthGrant>> {
         self.row_where("SELECT * FROM oauth_grants WHERE id = $1", id, grant_from)
             .await

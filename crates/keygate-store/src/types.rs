@@ -444,7 +444,12 @@ pub enum CodeUse {
     Unknown,
 }
 
-/// A grant: one token family (every token issued from one code or one client-credentials call).
+/// `expires_at` of a client's standing `client_credentials` grant: it lasts as long as the
+/// client (each token carries its own `exp`).
+pub const STANDING_GRANT_EXPIRES: i64 = i64::MAX;
+
+/// A grant: one token family (every token issued from one code, or every client-credentials
+/// token of one client: its standing grant).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OAuthGrant {
     /// `grt_…`

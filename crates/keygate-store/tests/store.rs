@@ -1441,9 +1441,33 @@ async fn oauth_clients_and_signing_keys_round_trip() {
             revoked_reason: None,
         };
         s.insert_grant(&grant, None).await.expect("grant");
+        // The standing client_credentials grant: made once, found again (not the per-code
+        // grant above, which has a user-less expiry of its own), revoked with the client.
+        let standing = |id: &str| keygate_store::OAuthGrant {
+            id: id.into(),
+            created_at_ms: 3,
+            ..grant.clone()
+        };
+        let made = s.client_grant(&standing("grt_s")).await.expect("standing");
+        assert_eq!(made.id, "grt_s");
+        assert_eq!(made.expires_at_ms, keygate_store::STANDING_GRANT_EXPIRES);
         assert_eq!(
-            s.delete_client("cli_1", 5).await.expect("delete"),
-            vec!["cli_1".to_owned(), "grt_1".to_owned()]
+            s.client_grant(&standing("grt_t")).await.expect("again").id,
+            "grt_s"
+        );
+        assert_eq!(
+            s.get_grant("grt_s").await.expect("get"),
+            Some(made.clone())
+        );
+        let mut gone = s.delete_client("cli_1", 5).await.expect("delete");
+        gone[1..].sort();
+        assert_eq!(gone, ["cli_1", "grt_1", "grt_s"]);
+        assert_eq!(
+            s.get_grant("grt_s")
+                .await
+                .expect("get")
+                .and_then(|g| g.revoked_at_ms),
+            Some(5)
         );
         assert_eq!(
             s.get_grant("grt_1")

@@ -8,6 +8,8 @@
 //! redirect URI cannot be trusted, which gets an error page and never a redirect.
 
 use super::{detached, Ctx};
+use keygate_engine::oauth::CachedClient;
+use std::sync::Arc;
 use crate::headers::cookie;
 use crate::state::AppState;
 use axum::body::Bytes;
@@ -170,7 +172,7 @@ async fn authenticate_client(
     state: &AppState,
     headers: &HeaderMap,
     p: &Params,
-) -> Result<OAuthClient, OAuthError> {
+) -> Result<Arc<CachedClient>, OAuthError> {
     let basic = match headers.get(header::AUTHORIZATION) {
         None => None,
         Some(v) => {
@@ -198,10 +200,10 @@ async fn authenticate_client(
         (None, Some(id), secret) => (id.to_owned(), secret.map(str::to_owned), false),
         (None, None, _) => return Err(OAuthError::client(false)),
     };
-    let Some(client) = state.store.get_client(&id).await? else {
+    let Some(cached) = state.oauth_client(&id).await? else {
         return Err(OAuthError::client(used_basic));
     };
-    let ok = match (&client.secret_hash, secret) {
+    let ok = match (&cached.client.secret_hash, secret) {
         (Some(h), Some(s)) => ct_eq(&token_hash(&s), h),
         (None, None) => true,
         _ => false,
@@ -209,7 +211,7 @@ async fn authenticate_client(
     if !ok {
         return Err(OAuthError::client(used_basic));
     }
-    Ok(client)
+    Ok(cached)
 }
 
 fn decode_basic(cred: &str) -> Option<(String, String)> {
@@ -808,11 +810,12 @@ async fn token_inner(
 ) -> Result<TokenResponse, OAuthError> {
     let p = form_body(headers, body)?;
     let grant_type = p.require("grant_type")?.to_owned();
-    let client = authenticate_client(state, headers, &p).await?;
+    let cached = authenticate_client(state, headers, &p).await?;
+    let client = &cached.client;
     match grant_type.as_str() {
-        "authorization_code" => exchange_code(state, &client, &p).await,
-        "refresh_token" => refresh(state, &client, &p).await,
-        "client_credentials" => client_credentials(state, &client, &p).await,
+        "authorization_code" => exchange_code(state, client, &p).await,
+        "refresh_token" => refresh(state, client, &p).await,
+        "client_credentials" => client_credentials(state, &cached, &p).await,
         _ => Err(OAuthError::new(
             ErrorCode::UnsupportedGrantType,
             "grant_type must be authorization_code, refresh_token or client_credentials",
@@ -825,7 +828,7 @@ fn mint(
     grant: &OAuthGrant,
     scope: &str,
     now: i64,
-) -> Result<(String, u64), OAuthError> {
+) -> Result<(String, u64, String), OAuthError> {
     state
         .oauth
         .mint_access(&state.config, grant, scope, now)
@@ -909,7 +912,7 @@ async fn exchange_code(
         // Another exchange of the same code won the race: the code was used twice.
         CodeUse::Reused(c) => return Err(code_reused(state, &c).await?),
     }
-    let (access, ttl) = mint(state, &grant, &grant.scope, now)?;
+    let (access, ttl, _) = mint(state, &grant, &grant.scope, now)?;
     let detail =
         serde_json::json!({"client_id": client.id, "grant_id": grant.id, "scope": grant.scope});
     state
@@ -980,7 +983,7 @@ async fn refresh(
             ));
         }
     }
-    let (access, ttl) = mint(state, &grant, &scope, now)?;
+    let (access, ttl, _) = mint(state, &grant, &scope, now)?;
     Ok(TokenResponse {
         access_token: access,
         token_type: "Bearer",
@@ -992,9 +995,10 @@ async fn refresh(
 
 async fn client_credentials(
     state: &AppState,
-    client: &OAuthClient,
+    cached: &CachedClient,
     p: &Params,
 ) -> Result<TokenResponse, OAuthError> {
+    let client = &cached.client;
     if client.secret_hash.is_none() {
         return Err(OAuthError::new(
             ErrorCode::UnauthorizedClient,
@@ -1011,27 +1015,26 @@ async fn client_credentials(
             ))
         }
     };
+    // Every token of the client belongs to its standing grant: nothing is written per token.
+    let grant = state.standing_grant(cached).await?;
+    let scope = scope::join(&scope);
     let now = now_ms();
-    let ttl = i64::try_from(state.config.oauth.access_token_ttl_seconds).unwrap_or(i64::MAX / 2000);
-    let grant = OAuthGrant {
-        id: keygate_engine::ids::new_id("grt", now),
-        client_id: client.id.clone(),
-        tenant_id: client.tenant_id.clone(),
+    let (access, ttl, jti) = mint(state, &grant, &scope, now)?;
+    let detail = serde_json::json!({"client_id": client.id, "grant_id": grant.id, "jti": jti, "scope": scope});
+    state.audit_change(keygate_engine::engine::Change {
+        actor: "system",
+        action: "oauth.client_credentials",
+        tenant_id: &grant.tenant_id,
+        key_id: Some(&KeyId::of_grant(&grant.id)),
         user_id: None,
-        scope: scope::join(&scope),
-        created_at_ms: now,
-        expires_at_ms: now.saturating_add(ttl.saturating_mul(1000)),
-        revoked_at_ms: None,
-        revoked_reason: None,
-    };
-    state.store.insert_grant(&grant, None).await?;
-    let (access, ttl) = mint(state, &grant, &grant.scope, now)?;
+        detail: &detail,
+    });
     Ok(TokenResponse {
         access_token: access,
         token_type: "Bearer",
         expires_in: ttl,
         refresh_token: None,
-        scope: grant.scope,
+        scope,
     })
 }
 
@@ -1105,7 +1108,8 @@ async fn revoke_inner(
     body: &Bytes,
 ) -> Result<(), OAuthError> {
     let p = form_body(headers, body)?;
-    let client = authenticate_client(state, headers, &p).await?;
+    let cached = authenticate_client(state, headers, &p).await?;
+    let client = &cached.client;
     let token = p.require("token")?;
     match find_token(state, token, true).await? {
         Found::Refresh(_, g) if g.client_id == client.id => {
@@ -1185,11 +1189,11 @@ async fn introspect_inner(
         }
         (!caller.is_operator()).then(|| caller.tenant().clone())
     } else {
-        let client = authenticate_client(state, &ctx.headers, &p).await?;
-        if client.secret_hash.is_none() {
+        let cached = authenticate_client(state, &ctx.headers, &p).await?;
+        if cached.client.secret_hash.is_none() {
             return Err(OAuthError::client(false));
         }
-        Some(client.tenant_id)
+        Some(cached.client.tenant_id.clone())
     };
     let token = p.require("token")?;
     let inactive = serde_json::json!({"active": false});

@@ -241,6 +241,7 @@ pub async fn delete(
     let (st, actor) = (state.clone(), caller.key.record.id.clone());
     detached(async move {
         let gone = st.store.delete_client(&c.id, now_ms()).await?;
+        st.client_changed(&c.id).await;
         for grant in gone.iter().skip(1) {
             st.family_changed(&FamilyId::of_grant(grant)).await;
         }
