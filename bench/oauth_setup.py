@@ -1,5 +1,12 @@
-"""Setup for bench/oauth.sh (not measured): a user, a public and a confidential client, and
-N grants obtained through the real login + consent + PKCE flow. Prints shell assignments."""
+"""Setup for bench/oauth.sh and bench/compare.sh (not measured): a user, a public and a
+confidential client, and N grants obtained through the real login + consent + PKCE flow.
+Prints shell assignments.
+
+    oauth_setup.py BASE ROOT N                   # everything
+    oauth_setup.py BASE ROOT N PUBLIC_CLIENT_ID  # N new grants of that client only (REFRESH):
+                                                 # a refresh run leaves its families' last
+                                                 # tokens unknown to the next run
+"""
 
 import base64
 import hashlib
@@ -38,10 +45,14 @@ def hidden(text):
     return p.fields
 
 
-post("/v1/users", {"email": "bench@example.com", "password": "bench password 1", "plan": "enterprise"})
-public = post("/v1/oauth/clients", {"name": "bench", "type": "public", "redirect_uris": ["http://127.0.0.1/cb"], "scopes": ["docs:read"]})
-conf = post("/v1/oauth/clients", {"name": "bench-backend", "type": "confidential", "redirect_uris": [], "scopes": ["docs:read"]})
-sk = post("/v1/keys", {"kind": "sk", "name": "bench", "scopes": ["docs:read"]})["key"]
+GRANTS_ONLY = len(sys.argv) > 4
+if GRANTS_ONLY:
+    public = {"client_id": sys.argv[4]}
+else:
+    post("/v1/users", {"email": "bench@example.com", "password": "bench password 1", "plan": "enterprise"})
+    public = post("/v1/oauth/clients", {"name": "bench", "type": "public", "redirect_uris": ["http://127.0.0.1/cb"], "scopes": ["docs:read"]})
+    conf = post("/v1/oauth/clients", {"name": "bench-backend", "type": "confidential", "redirect_uris": [], "scopes": ["docs:read"]})
+    sk = post("/v1/keys", {"kind": "sk", "name": "bench", "scopes": ["docs:read"]})["key"]
 
 browser = requests.Session()
 refresh, access = [], None
@@ -62,9 +73,11 @@ for i in range(N):
     refresh.append(t["refresh_token"])
     access = t["access_token"]
 
+print(f"REFRESH='{' '.join(refresh)}'")
+if GRANTS_ONLY:
+    sys.exit(0)
 print(f"CLIENT_ID={public['client_id']}")
 print(f"CONF_ID={conf['client_id']}")
 print(f"CONF_SECRET={conf['client_secret']}")
 print(f"SK={sk}")
 print(f"ACCESS={access}")
-print(f"REFRESH='{' '.join(refresh)}'")

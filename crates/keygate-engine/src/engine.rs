@@ -44,6 +44,8 @@ pub struct CachedKey {
     /// An OAuth access token (its record is built from the token and its grant; there is no
     /// key row to keep a last-used time on).
     pub token: bool,
+    /// The token's verified claims (OAuth access tokens only): introspection answers from them.
+    pub claims: Option<Box<keygate_oauth::jwt::AccessClaims>>,
     /// A `ut` key of its account's owner.
     pub owner: bool,
 }
@@ -355,6 +357,7 @@ impl Engine {
             last_used: AtomicI64::new(record.last_used_at_ms.unwrap_or(0)),
             touch_pending: AtomicBool::new(false),
             token: false,
+            claims: None,
             owner,
             policy,
             record,

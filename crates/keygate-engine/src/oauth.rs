@@ -398,6 +398,26 @@ impl Engine {
             .cloned()
     }
 
+    /// Introspection of an access token (RFC 7662): `Some((claims, active))` for a token this
+    /// server signed, `None` for anything else. A token seen before is answered from this
+    /// node's cache (verified once; revocations reach it through the change feed).
+    pub async fn introspect_access(
+        &self,
+        token: &str,
+    ) -> Result<Option<(AccessClaims, bool)>, Code> {
+        let cached = match self.lookup_token(token).await {
+            Ok(Some(c)) => c,
+            // Expired, malformed, forged or not ours: not active, and nothing to tell.
+            Ok(None) | Err(Code::Expired | Code::MalformedKey) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some(claims) = cached.claims.as_deref() else {
+            return Ok(None);
+        };
+        let active = cached.record.status == KeyStatus::Active && claims.exp > now_ms() / 1000;
+        Ok(Some((claims.clone(), active)))
+    }
+
     /// A client was deleted: drop it here and on every other node.
     pub async fn client_changed(&self, id: &str) {
         self.oauth.forget_client(id);
@@ -484,6 +504,7 @@ impl Engine {
         };
         let mut cached = self.cached_key(record).await.map_err(unavailable)?;
         cached.token = true;
+        cached.claims = Some(Box::new(claims));
         cached.policy.resource_only = true;
         let cached = Arc::new(cached);
         self.fill(

@@ -771,6 +771,18 @@ async fn access_tokens_are_judged_like_keys() {
         auth_status(app, &expired, "docs:read").await,
         (StatusCode::UNAUTHORIZED, "EXPIRED".into())
     );
+    let r = app
+        .client
+        .post(app.url("/oauth/introspect"))
+        .bearer_auth(&app.root)
+        .form(&[("token", expired.as_str())])
+        .send()
+        .await
+        .expect("introspect");
+    assert_eq!(
+        r.json::<Value>().await.expect("json"),
+        json!({"active": false})
+    );
     assert_eq!(
         auth_status(app, "eyJ.eyJ.x", "docs:read").await.0,
         StatusCode::UNAUTHORIZED
@@ -1154,7 +1166,9 @@ async fn failed_sign_ins_slow_the_account_down_but_never_lock_its_owner_out() {
 
 /// The key id `/v1/auth` answers for a token it allows.
 async fn key_id_of(app: &TestApp, token: &str) -> String {
-    let r = app.auth(Some(token), &[("X-Keygate-Scope", "docs:read")]).await;
+    let r = app
+        .auth(Some(token), &[("X-Keygate-Scope", "docs:read")])
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     r.headers()["x-keygate-key-id"]
         .to_str()
@@ -1268,6 +1282,29 @@ async fn tokens_issued_on_one_node_work_and_die_on_every_node() {
         auth_status(&a, token, "docs:read").await,
         (StatusCode::UNAUTHORIZED, "REVOKED".into())
     );
+    // Introspection on B, which had the token cached, says so too.
+    let introspect = |app: &TestApp, t: &str| {
+        app.client
+            .post(app.url("/oauth/introspect"))
+            .basic_auth(id, Some(secret))
+            .form(&[("token", t)])
+            .send()
+    };
+    let v: Value = introspect(&b, token)
+        .await
+        .expect("introspect")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v, json!({"active": false}));
+    let v: Value = introspect(&b, &third)
+        .await
+        .expect("introspect")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(v["active"], true, "{v}");
+    assert_eq!(v["grant_id"], grant.as_str());
     // Revoking one token leaves the client's others working.
     assert_eq!(auth_status(&b, &third, "docs:read").await.0, StatusCode::OK);
     // Deleted on A: B, which holds the client in its cache, refuses it at once, and every

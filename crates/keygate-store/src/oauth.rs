@@ -247,15 +247,16 @@ impl crate::OAuthStore for crate::SqlStore {
 
     async fn client_grant(&self, candidate: &OAuthGrant) -> crate::Result<OAuthGrant> {
         let mut tx = self.begin_write().await?;
-        let row = Sql::new("SELECT * FROM oauth_grants WHERE revoked_at IS NULL AND user_id IS NULL")
-            .push(" AND expires_at = ")
-            .push_bind(crate::STANDING_GRANT_EXPIRES)
-            .push(" AND client_id = ")
-            .push_bind(&candidate.client_id)
-            .push(" ORDER BY created_at DESC LIMIT 1")
-            .build()?
-            .fetch_optional(&mut *tx)
-            .await?;
+        let row =
+            Sql::new("SELECT * FROM oauth_grants WHERE revoked_at IS NULL AND user_id IS NULL")
+                .push(" AND expires_at = ")
+                .push_bind(crate::STANDING_GRANT_EXPIRES)
+                .push(" AND client_id = ")
+                .push_bind(&candidate.client_id)
+                .push(" ORDER BY created_at DESC LIMIT 1")
+                .build()?
+                .fetch_optional(&mut *tx)
+                .await?;
         let grant = match row.as_ref().map(grant_from).transpose()? {
             Some(g) => g,
             None => {

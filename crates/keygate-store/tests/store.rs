@@ -1455,10 +1455,7 @@ async fn oauth_clients_and_signing_keys_round_trip() {
             s.client_grant(&standing("grt_t")).await.expect("again").id,
             "grt_s"
         );
-        assert_eq!(
-            s.get_grant("grt_s").await.expect("get"),
-            Some(made.clone())
-        );
+        assert_eq!(s.get_grant("grt_s").await.expect("get"), Some(made.clone()));
         let mut gone = s.delete_client("cli_1", 5).await.expect("delete");
         gone[1..].sort();
         assert_eq!(gone, ["cli_1", "grt_1", "grt_s"]);

@@ -8,8 +8,6 @@
 //! redirect URI cannot be trusted, which gets an error page and never a redirect.
 
 use super::{detached, Ctx};
-use keygate_engine::oauth::CachedClient;
-use std::sync::Arc;
 use crate::headers::cookie;
 use crate::state::AppState;
 use axum::body::Bytes;
@@ -18,6 +16,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use keygate_core::{FamilyId, KeyId, RouteClass, TenantId, UserId};
 use keygate_engine::clock::now_ms;
+use keygate_engine::oauth::CachedClient;
 use keygate_oauth::{ct_eq, grant, redirect, scope, token_hash, ErrorCode};
 use keygate_store::{
     AuthCode, CodeUse, OAuthClient, OAuthGrant, RefreshToken, RefreshUse, StoreError, User,
@@ -25,6 +24,7 @@ use keygate_store::{
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// The scope an `sk` key needs to call the introspection endpoint.
 pub const INTROSPECT: &str = "oauth:introspect";
@@ -1199,13 +1199,16 @@ async fn introspect_inner(
     let inactive = serde_json::json!({"active": false});
     let visible = |g: &OAuthGrant| sees.as_ref().is_none_or(|t| *t == g.tenant_id);
     let now = now_ms();
-    Ok(match find_token(state, token, false).await? {
-        Found::Access(c, g) if visible(&g) => {
-            let revoked =
-                g.revoked_at_ms.is_some() || state.store.access_token_revoked(&c.jti).await?;
-            if revoked {
-                inactive
-            } else {
+    if keygate_oauth::jwt::looks_like_jwt(token) {
+        // An access token: the pipeline's cache answers (verified once per node).
+        let found = state.introspect_access(token).await.map_err(|_| {
+            OAuthError::new(
+                ErrorCode::TemporarilyUnavailable,
+                "the authorization server cannot answer now",
+            )
+        })?;
+        return Ok(match found {
+            Some((c, true)) if sees.as_ref().is_none_or(|t| t.as_str() == c.tenant_id) => {
                 serde_json::json!({
                     "active": true, "token_type": "access_token", "scope": c.scope,
                     "client_id": c.client_id, "sub": c.sub, "exp": c.exp, "iat": c.iat,
@@ -1213,7 +1216,10 @@ async fn introspect_inner(
                     "grant_id": c.grant_id,
                 })
             }
-        }
+            _ => inactive,
+        });
+    }
+    Ok(match find_token(state, token, false).await? {
         Found::Refresh(rt, g) if visible(&g) => {
             if rt.used_at_ms.is_some() || g.revoked_at_ms.is_some() || g.expires_at_ms <= now {
                 inactive
