@@ -300,22 +300,18 @@ impl crate::OAuthStore for crate::SqlStore {
         now_ms: i64,
     ) -> crate::Result<RefreshUse> {
         let mut tx = self.begin_write().await?;
+        // One statement consumes the token and reads it back; only a token not consumed here
+        // is read again, to tell a reuse from an unknown token.
         let won = Sql::new("UPDATE oauth_refresh_tokens SET used_at = ")
             .push_bind(now_ms)
             .push(" WHERE used_at IS NULL AND hash = ")
             .push_bind(hash)
-            .build()?
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-            == 1;
-        let row = Sql::new("SELECT * FROM oauth_refresh_tokens WHERE hash = ")
-            .push_bind(hash)
+            .push(" RETURNING *")
             .build()?
             .fetch_optional(&mut *tx)
             .await?;
-        let out = match row.as_ref().map(refresh_from).transpose()? {
-            Some(rt) if won => {
+        let out = match won.as_ref().map(refresh_from).transpose()? {
+            Some(rt) => {
                 // The successor belongs to the same family.
                 let next = RefreshToken {
                     grant_id: rt.grant_id.clone(),
@@ -324,8 +320,17 @@ impl crate::OAuthStore for crate::SqlStore {
                 insert_refresh(&mut tx, &next).await?;
                 RefreshUse::Fresh(rt)
             }
-            Some(rt) => RefreshUse::Reused(rt),
-            None => RefreshUse::Unknown,
+            None => {
+                let row = Sql::new("SELECT * FROM oauth_refresh_tokens WHERE hash = ")
+                    .push_bind(hash)
+                    .build()?
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                match row.as_ref().map(refresh_from).transpose()? {
+                    Some(rt) => RefreshUse::Reused(rt),
+                    None => RefreshUse::Unknown,
+                }
+            }
         };
         tx.commit().await?;
         Ok(out)

@@ -20,6 +20,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
 use sqlx::{Any, AnyPool, Arguments, ConnectOptions, Connection, Encode, Executor, FromRow, Type};
 use std::fmt::Write as _;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -65,6 +66,38 @@ pub struct SqlStore {
     backend: Backend,
     /// Where PostgreSQL's change feed connects (the pool's URL); `None` on SQLite.
     listen_url: Option<String>,
+    /// SQLite: one write transaction at a time, queued here in order. SQLite has one write
+    /// lock; a connection that finds it taken sleeps in its busy handler (1, 2, 5 … 100 ms
+    /// steps), so writers racing for it waited up to 100 ms for a lock freed in one. Queued
+    /// here, the next writer starts the moment the last one commits.
+    write_gate: Option<Arc<tokio::sync::Mutex<()>>>,
+}
+
+/// A write transaction (see [`SqlStore::begin_write`]): derefs to its connection, holds the
+/// SQLite write gate until it is committed or dropped.
+pub(crate) struct WriteTx {
+    tx: sqlx::Transaction<'static, Any>,
+    _gate: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl WriteTx {
+    /// Commits, then lets the next writer in.
+    pub(crate) async fn commit(self) -> std::result::Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = sqlx::AnyConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
+    }
 }
 
 impl std::fmt::Debug for SqlStore {
@@ -112,6 +145,7 @@ impl SqlStore {
             pool,
             backend: Backend::Sqlite,
             listen_url: None,
+            write_gate: Some(Arc::new(tokio::sync::Mutex::new(()))),
         })
     }
 
@@ -132,6 +166,7 @@ impl SqlStore {
             pool,
             backend: Backend::Postgres,
             listen_url: Some(url.to_owned()),
+            write_gate: None,
         })
     }
 
@@ -147,10 +182,13 @@ impl SqlStore {
 
     /// A transaction for work that writes (see [`Backend::begin_write`] for why SQLite's
     /// differs).
-    pub(crate) async fn begin_write(
-        &self,
-    ) -> std::result::Result<sqlx::Transaction<'static, Any>, sqlx::Error> {
-        self.pool.begin_with(self.backend.begin_write()).await
+    pub(crate) async fn begin_write(&self) -> std::result::Result<WriteTx, sqlx::Error> {
+        let gate = match &self.write_gate {
+            Some(g) => Some(g.clone().lock_owned().await),
+            None => None,
+        };
+        let tx = self.pool.begin_with(self.backend.begin_write()).await?;
+        Ok(WriteTx { tx, _gate: gate })
     }
 
     /// The one row `sql` (a statement with one placeholder, `$1`) finds for `value`, decoded.
