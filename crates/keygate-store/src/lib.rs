@@ -277,8 +277,9 @@ pub trait OAuthStore {
     async fn get_grant(&self, id: &str) -> Result<Option<OAuthGrant>>;
     /// Revokes a grant (every token of the family); false if it was already revoked.
     async fn revoke_grant(&self, id: &str, now_ms: i64, reason: &str) -> Result<bool>;
-    /// Consumes a refresh token and stores its successor (in the same family) in one
-    /// transaction; a token used before is answered as `Reused` and nothing is stored.
+    /// Consumes a refresh token and stores its successor (in the same family: the presented
+    /// token's grant, whatever `successor.grant_id` says); a token used before is answered as
+    /// `Reused` and no successor is kept.
     async fn use_refresh(
         &self,
         hash: &str,
@@ -287,6 +288,8 @@ pub trait OAuthStore {
     ) -> Result<RefreshUse>;
     /// A refresh token by hash.
     async fn get_refresh(&self, hash: &str) -> Result<Option<RefreshToken>>;
+    /// A refresh token by hash with its grant, in one read.
+    async fn get_refresh_grant(&self, hash: &str) -> Result<Option<(RefreshToken, OAuthGrant)>>;
     /// Revokes one access token by `jti`.
     async fn revoke_access_token(
         &self,

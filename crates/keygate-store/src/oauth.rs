@@ -299,41 +299,70 @@ impl crate::OAuthStore for crate::SqlStore {
         successor: &RefreshToken,
         now_ms: i64,
     ) -> crate::Result<RefreshUse> {
-        let mut tx = self.begin_write().await?;
-        // One statement consumes the token and reads it back; only a token not consumed here
-        // is read again, to tell a reuse from an unknown token.
+        // Two statements and no transaction (on SQLite, behind the write gate): the successor
+        // is stored first, in the presented token's family, only while that token is unused;
+        // then the token is consumed by a conditional update. Whoever's update does not win
+        // deletes its successor. A crash between the two leaves either the presented token
+        // unused (the client retries it) or a successor no one knows the value of: nothing
+        // that works twice, nothing a client holds lost.
+        let _gate = self.write_gate().await;
+        Sql::new("INSERT INTO oauth_refresh_tokens (hash, grant_id, created_at, used_at) SELECT ")
+            .push_bind(successor.hash.as_str())
+            .push(", grant_id, ")
+            .push_bind(successor.created_at_ms)
+            .push(", NULL FROM oauth_refresh_tokens WHERE used_at IS NULL AND hash = ")
+            .push_bind(hash)
+            .build()?
+            .execute(&self.pool)
+            .await?;
         let won = Sql::new("UPDATE oauth_refresh_tokens SET used_at = ")
             .push_bind(now_ms)
             .push(" WHERE used_at IS NULL AND hash = ")
             .push_bind(hash)
             .push(" RETURNING *")
             .build()?
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&self.pool)
             .await?;
-        let out = match won.as_ref().map(refresh_from).transpose()? {
-            Some(rt) => {
-                // The successor belongs to the same family.
-                let next = RefreshToken {
-                    grant_id: rt.grant_id.clone(),
-                    ..successor.clone()
-                };
-                insert_refresh(&mut tx, &next).await?;
-                RefreshUse::Fresh(rt)
-            }
-            None => {
-                let row = Sql::new("SELECT * FROM oauth_refresh_tokens WHERE hash = ")
-                    .push_bind(hash)
-                    .build()?
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                match row.as_ref().map(refresh_from).transpose()? {
-                    Some(rt) => RefreshUse::Reused(rt),
-                    None => RefreshUse::Unknown,
-                }
-            }
+        if let Some(rt) = won.as_ref().map(refresh_from).transpose()? {
+            return Ok(RefreshUse::Fresh(rt));
+        }
+        Sql::new("DELETE FROM oauth_refresh_tokens WHERE used_at IS NULL AND hash = ")
+            .push_bind(successor.hash.as_str())
+            .build()?
+            .execute(&self.pool)
+            .await?;
+        let row = Sql::new("SELECT * FROM oauth_refresh_tokens WHERE hash = ")
+            .push_bind(hash)
+            .build()?
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row.as_ref().map(refresh_from).transpose()? {
+            Some(rt) => RefreshUse::Reused(rt),
+            None => RefreshUse::Unknown,
+        })
+    }
+
+    async fn get_refresh_grant(
+        &self,
+        hash: &str,
+    ) -> crate::Result<Option<(RefreshToken, OAuthGrant)>> {
+        let row = Sql::new(
+            "SELECT r.hash AS r_hash, r.grant_id AS r_grant_id, r.created_at AS r_created_at, \
+             r.used_at AS r_used_at, g.* FROM oauth_refresh_tokens r \
+             JOIN oauth_grants g ON g.id = r.grant_id WHERE r.hash = ",
+        )
+        .push_bind(hash)
+        .build()?
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        let rt = RefreshToken {
+            hash: r.try_get("r_hash")?,
+            grant_id: r.try_get("r_grant_id")?,
+            created_at_ms: r.try_get("r_created_at")?,
+            used_at_ms: r.try_get("r_used_at")?,
         };
-        tx.commit().await?;
-        Ok(out)
+        Ok(Some((rt, grant_from(&r)?)))
     }
 
     async fn get_refresh(&self, hash: &str) -> crate::Result<Option<RefreshToken>> {

@@ -183,12 +183,18 @@ impl SqlStore {
     /// A transaction for work that writes (see [`Backend::begin_write`] for why SQLite's
     /// differs).
     pub(crate) async fn begin_write(&self) -> std::result::Result<WriteTx, sqlx::Error> {
-        let gate = match &self.write_gate {
-            Some(g) => Some(g.clone().lock_owned().await),
-            None => None,
-        };
+        let gate = self.write_gate().await;
         let tx = self.pool.begin_with(self.backend.begin_write()).await?;
         Ok(WriteTx { tx, _gate: gate })
+    }
+
+    /// SQLite's write gate (see `write_gate`), for writes made of single statements outside a
+    /// transaction; `None` on PostgreSQL.
+    pub(crate) async fn write_gate(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        match &self.write_gate {
+            Some(g) => Some(g.clone().lock_owned().await),
+            None => None,
+        }
     }
 
     /// The one row `sql` (a statement with one placeholder, `$1`) finds for `value`, decoded.

@@ -1315,6 +1315,11 @@ async fn oauth_codes_and_refresh_tokens_are_single_use_across_racers() {
         s.insert_grant(&grant, Some(&refresh("r0", "grt_a")))
             .await
             .expect("grant");
+        assert_eq!(
+            s.get_refresh_grant("r0").await.expect("read"),
+            Some((refresh("r0", "grt_a"), grant.clone()))
+        );
+        assert_eq!(s.get_refresh_grant("r9").await.expect("read"), None);
         let mut tasks = Vec::new();
         for i in 0..8 {
             let s = s.clone();

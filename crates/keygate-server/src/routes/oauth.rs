@@ -942,10 +942,7 @@ async fn refresh(
     let presented = token_hash(p.require("refresh_token")?);
     let invalid = || OAuthError::grant(grant::INVALID_REFRESH);
     // Checked before it is consumed, so another client cannot burn this client's token.
-    let Some(rt) = state.store.get_refresh(&presented).await? else {
-        return Err(invalid());
-    };
-    let Some(grant) = state.store.get_grant(&rt.grant_id).await? else {
+    let Some((_, grant)) = state.store.get_refresh_grant(&presented).await? else {
         return Err(invalid());
     };
     let now = now_ms();
