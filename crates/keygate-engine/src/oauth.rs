@@ -46,7 +46,7 @@ pub struct CachedClient {
     /// The client.
     pub client: OAuthClient,
     cached_at: std::time::Instant,
-    standing: tokio::sync::OnceCell<OAuthGrant>,
+    standing: std::sync::OnceLock<OAuthGrant>,
 }
 
 impl std::fmt::Debug for OAuth {
@@ -111,7 +111,14 @@ impl OAuth {
             )),
             last_reload_ms: AtomicI64::new(0),
             seal_key,
-            clients: moka::sync::Cache::new(100_000),
+            // Kept like keys: dropped by the change feed, and in any case after the key
+            // cache's TTL (a deletion whose message was lost does not live forever).
+            clients: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_secs(
+                    config.cache.ttl_seconds.max(1),
+                ))
+                .build(),
             clients_gen: AtomicU64::new(0),
         };
         oauth.reload(config, store).await?;
@@ -364,7 +371,7 @@ impl Engine {
         let cached = Arc::new(CachedClient {
             client,
             cached_at: std::time::Instant::now(),
-            standing: tokio::sync::OnceCell::new(),
+            standing: std::sync::OnceLock::new(),
         });
         if self.oauth.clients_gen.load(Ordering::Acquire) == gen {
             self.oauth.clients.insert(id.to_owned(), cached.clone());
@@ -376,31 +383,36 @@ impl Engine {
     }
 
     /// The client's standing `client_credentials` grant (read or made once per node and
-    /// client; see `OAuthStore::client_grant`).
-    pub async fn standing_grant(&self, c: &CachedClient) -> Result<OAuthGrant, StoreError> {
-        c.standing
-            .get_or_try_init(|| async {
-                let now = now_ms();
-                let candidate = OAuthGrant {
-                    id: crate::ids::new_id("grt", now),
-                    client_id: c.client.id.clone(),
-                    tenant_id: c.client.tenant_id.clone(),
-                    user_id: None,
-                    scope: keygate_oauth::scope::join(&c.client.scopes),
-                    created_at_ms: now,
-                    expires_at_ms: keygate_store::STANDING_GRANT_EXPIRES,
-                    revoked_at_ms: None,
-                    revoked_reason: None,
-                };
-                self.store.client_grant(&candidate).await
-            })
-            .await
-            .cloned()
+    /// client; see `OAuthStore::client_grant`); `None` when the client was deleted meanwhile.
+    pub async fn standing_grant(&self, c: &CachedClient) -> Result<Option<OAuthGrant>, StoreError> {
+        if let Some(g) = c.standing.get() {
+            return Ok(Some(g.clone()));
+        }
+        let now = now_ms();
+        let candidate = OAuthGrant {
+            id: crate::ids::new_id("grt", now),
+            client_id: c.client.id.clone(),
+            tenant_id: c.client.tenant_id.clone(),
+            user_id: None,
+            scope: keygate_oauth::scope::join(&c.client.scopes),
+            created_at_ms: now,
+            expires_at_ms: keygate_store::STANDING_GRANT_EXPIRES,
+            revoked_at_ms: None,
+            revoked_reason: None,
+        };
+        match self.store.client_grant(&candidate).await? {
+            Some(g) => Ok(Some(c.standing.get_or_init(|| g).clone())),
+            None => {
+                self.oauth.forget_client(&c.client.id);
+                Ok(None)
+            }
+        }
     }
 
     /// Introspection of an access token (RFC 7662): `Some((claims, active))` for a token this
     /// server signed, `None` for anything else. A token seen before is answered from this
-    /// node's cache (verified once; revocations reach it through the change feed).
+    /// node's cache (verified once; revocations reach it through the change feed, as they
+    /// reach the pipeline).
     pub async fn introspect_access(
         &self,
         token: &str,

@@ -1335,6 +1335,53 @@ async fn tokens_issued_on_one_node_work_and_die_on_every_node() {
 }
 
 #[tokio::test]
+async fn a_client_deleted_behind_a_nodes_back_gets_no_new_grant() {
+    let fx = setup(|_| {}).await;
+    let app = &fx.app;
+    // The node caches the client (an introspection authenticates it) before any token.
+    let r = app
+        .client
+        .post(app.url("/oauth/introspect"))
+        .basic_auth(&fx.conf_id, Some(&fx.conf_secret))
+        .form(&[("token", "nothing")])
+        .send()
+        .await
+        .expect("introspect");
+    assert_eq!(r.status(), StatusCode::OK);
+    // Deleted in the store with no change-feed message (as if it were lost): the cached
+    // client authenticates, but no standing grant is made for a client that is gone.
+    let gone = app
+        .app_state()
+        .store
+        .delete_client(&fx.conf_id, keygate_engine::clock::now_ms())
+        .await
+        .expect("delete");
+    assert_eq!(gone.first(), Some(&fx.conf_id));
+    let (s, v) = token_call(
+        app,
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", &fx.conf_id),
+            ("client_secret", &fx.conf_secret),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    assert_eq!(v["error"], "invalid_client");
+    // … and the node forgot it: the next call reads the store.
+    let (s, _) = token_call(
+        app,
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", &fx.conf_id),
+            ("client_secret", &fx.conf_secret),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
 async fn an_access_token_refused_on_a_management_route_is_told_tokens_may_not_call_it() {
     let fx = setup(|_| {}).await;
     let app = &fx.app;

@@ -269,10 +269,10 @@ pub trait OAuthStore {
     async fn insert_grant(&self, g: &OAuthGrant, refresh: Option<&RefreshToken>) -> Result<()>;
     /// The standing grant of a confidential client's `client_credentials` tokens (no user,
     /// expiring [`STANDING_GRANT_EXPIRES`]): the client's live one, else `candidate` stored
-    /// as it. Its tokens share its id (their rate window and their `X-Keygate-Key-Id`), so
+    /// as it; `None` when the client no longer exists. Its tokens share its id (their rate window and their `X-Keygate-Key-Id`), so
     /// issuing a token writes nothing; deleting the client revokes it. Two nodes racing may
     /// each make one: both are valid and both are revoked with the client.
-    async fn client_grant(&self, candidate: &OAuthGrant) -> Result<OAuthGrant>;
+    async fn client_grant(&self, candidate: &OAuthGrant) -> Result<Option<OAuthGrant>>;
     /// A grant by id.
     async fn get_grant(&self, id: &str) -> Result<Option<OAuthGrant>>;
     /// Revokes a grant (every token of the family); false if it was already revoked.

@@ -120,31 +120,29 @@ impl crate::OAuthStore for crate::SqlStore {
 
     async fn delete_client(&self, id: &str, now_ms: i64) -> crate::Result<Vec<String>> {
         let mut tx = self.begin_write().await?;
-        let grants: Vec<String> =
-            Sql::new("SELECT id FROM oauth_grants WHERE revoked_at IS NULL AND client_id = ")
-                .push_bind(id)
-                .build()?
-                .fetch_all(&mut *tx)
-                .await?
-                .iter()
-                .map(|r| r.try_get::<String, _>("id"))
-                .collect::<Result<_, _>>()?;
-        Sql::new("UPDATE oauth_grants SET revoked_at = ")
-            .push_bind(now_ms)
-            .push(", revoked_reason = 'client_deleted' WHERE revoked_at IS NULL AND client_id = ")
-            .push_bind(id)
-            .build()?
-            .execute(&mut *tx)
-            .await?;
+        // The client row goes first: on PostgreSQL that locks it, so a grant being made for it
+        // (which reads the row `FOR SHARE`, see `client_live`) either committed before and is
+        // revoked below, or waits and then finds no client.
         let r = Sql::new("DELETE FROM oauth_clients WHERE id = ")
             .push_bind(id)
             .build()?
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
         if r.rows_affected() == 0 {
             return Ok(Vec::new());
         }
+        let grants: Vec<String> = Sql::new("UPDATE oauth_grants SET revoked_at = ")
+            .push_bind(now_ms)
+            .push(", revoked_reason = 'client_deleted' WHERE revoked_at IS NULL AND client_id = ")
+            .push_bind(id)
+            .push(" RETURNING id")
+            .build()?
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<_, _>>()?;
+        tx.commit().await?;
         let mut out = grants;
         out.insert(0, id.to_owned());
         Ok(out)
@@ -202,6 +200,11 @@ impl crate::OAuthStore for crate::SqlStore {
         // One transaction: a reuse that races this exchange waits for it and then
         // finds the grant stored, so revoking it cannot miss.
         let mut tx = self.begin_write().await?;
+        // A code of a client deleted meanwhile (another node may still have had the client
+        // cached) makes no grant.
+        if !client_live(&mut tx, self.backend(), &grant.client_id).await? {
+            return Ok(CodeUse::Unknown);
+        }
         let won = Sql::new("UPDATE oauth_codes SET used_at = ")
             .push_bind(now_ms)
             .push(", grant_id = ")
@@ -245,8 +248,11 @@ impl crate::OAuthStore for crate::SqlStore {
         Ok(())
     }
 
-    async fn client_grant(&self, candidate: &OAuthGrant) -> crate::Result<OAuthGrant> {
+    async fn client_grant(&self, candidate: &OAuthGrant) -> crate::Result<Option<OAuthGrant>> {
         let mut tx = self.begin_write().await?;
+        if !client_live(&mut tx, self.backend(), &candidate.client_id).await? {
+            return Ok(None);
+        }
         let row =
             Sql::new("SELECT * FROM oauth_grants WHERE revoked_at IS NULL AND user_id IS NULL")
                 .push(" AND expires_at = ")
@@ -272,7 +278,7 @@ impl crate::OAuthStore for crate::SqlStore {
             }
         };
         tx.commit().await?;
-        Ok(grant)
+        Ok(Some(grant))
     }
 
     async fn get_grant(&self, id: &str) -> crate::Result<Option<OAuthGrant>> {
@@ -305,7 +311,7 @@ impl crate::OAuthStore for crate::SqlStore {
         // deletes its successor. A crash between the two leaves either the presented token
         // unused (the client retries it) or a successor no one knows the value of: nothing
         // that works twice, nothing a client holds lost.
-        let _gate = self.write_gate().await;
+        let _gate = self.write_gate().await?;
         Sql::new("INSERT INTO oauth_refresh_tokens (hash, grant_id, created_at, used_at) SELECT ")
             .push_bind(successor.hash.as_str())
             .push(", grant_id, ")
@@ -326,20 +332,26 @@ impl crate::OAuthStore for crate::SqlStore {
         if let Some(rt) = won.as_ref().map(refresh_from).transpose()? {
             return Ok(RefreshUse::Fresh(rt));
         }
-        Sql::new("DELETE FROM oauth_refresh_tokens WHERE used_at IS NULL AND hash = ")
-            .push_bind(successor.hash.as_str())
-            .build()?
-            .execute(&self.pool)
-            .await?;
         let row = Sql::new("SELECT * FROM oauth_refresh_tokens WHERE hash = ")
             .push_bind(hash)
             .build()?
             .fetch_optional(&self.pool)
             .await?;
-        Ok(match row.as_ref().map(refresh_from).transpose()? {
+        let out = match row.as_ref().map(refresh_from).transpose()? {
             Some(rt) => RefreshUse::Reused(rt),
             None => RefreshUse::Unknown,
-        })
+        };
+        // The successor no one will hold. Failing to delete it leaves an unused row whose
+        // value nobody knows: the reuse must still be answered.
+        let gone = Sql::new("DELETE FROM oauth_refresh_tokens WHERE used_at IS NULL AND hash = ")
+            .push_bind(successor.hash.as_str())
+            .build()?
+            .execute(&self.pool)
+            .await;
+        if let Err(e) = gone {
+            tracing::warn!("could not delete an unissued refresh token: {e}");
+        }
+        Ok(out)
     }
 
     async fn get_refresh_grant(
@@ -560,6 +572,22 @@ impl crate::OAuthStore for crate::SqlStore {
             .await?
             .rows_affected())
     }
+}
+
+/// Whether the client exists, read inside the caller's write transaction; on PostgreSQL the
+/// row is held `FOR SHARE` until it ends, so a `delete_client` waits for the grant being made
+/// (and then revokes it) or this waits for the delete (and finds no client).
+async fn client_live(
+    conn: &mut sqlx::AnyConnection,
+    backend: crate::Backend,
+    client_id: &str,
+) -> crate::Result<bool> {
+    let mut q = Sql::new("SELECT id FROM oauth_clients WHERE id = ");
+    q.push_bind(client_id);
+    if backend == crate::Backend::Postgres {
+        q.push(" FOR SHARE");
+    }
+    Ok(q.build()?.fetch_optional(conn).await?.is_some())
 }
 
 /// Inserts a grant inside the caller's transaction.

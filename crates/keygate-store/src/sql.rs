@@ -183,18 +183,25 @@ impl SqlStore {
     /// A transaction for work that writes (see [`Backend::begin_write`] for why SQLite's
     /// differs).
     pub(crate) async fn begin_write(&self) -> std::result::Result<WriteTx, sqlx::Error> {
-        let gate = self.write_gate().await;
+        let gate = self.write_gate().await?;
         let tx = self.pool.begin_with(self.backend.begin_write()).await?;
         Ok(WriteTx { tx, _gate: gate })
     }
 
     /// SQLite's write gate (see `write_gate`), for writes made of single statements outside a
     /// transaction; `None` on PostgreSQL.
-    pub(crate) async fn write_gate(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
-        match &self.write_gate {
-            Some(g) => Some(g.clone().lock_owned().await),
-            None => None,
-        }
+    /// A writer waits for its turn at most as long as SQLite's `busy_timeout` would have let
+    /// it, then fails (503) rather than queue without end behind a stalled one.
+    pub(crate) async fn write_gate(
+        &self,
+    ) -> std::result::Result<Option<tokio::sync::OwnedMutexGuard<()>>, sqlx::Error> {
+        let Some(g) = &self.write_gate else {
+            return Ok(None);
+        };
+        tokio::time::timeout(Duration::from_secs(5), g.clone().lock_owned())
+            .await
+            .map(Some)
+            .map_err(|_| sqlx::Error::PoolTimedOut)
     }
 
     /// The one row `sql` (a statement with one placeholder, `$1`) finds for `value`, decoded.

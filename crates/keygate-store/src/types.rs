@@ -440,7 +440,7 @@ pub enum CodeUse {
     Fresh(AuthCode),
     /// It had been used before (its `grant_id` is the grant to revoke).
     Reused(AuthCode),
-    /// No such code.
+    /// No such code, or its client was deleted.
     Unknown,
 }
 

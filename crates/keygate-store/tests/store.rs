@@ -1219,8 +1219,24 @@ fn refresh(hash: &str, grant: &str) -> keygate_store::RefreshToken {
 
 #[tokio::test]
 async fn oauth_codes_and_refresh_tokens_are_single_use_across_racers() {
-    use keygate_store::{AuthCode, CodeUse, OAuthGrant, RefreshUse};
+    use keygate_store::{AuthCode, CodeUse, OAuthClient, OAuthGrant, RefreshUse};
     on_both(|s, _| async move {
+        // Codes make grants only for a client that exists.
+        s.insert_tenant(&tenant("default", None))
+            .await
+            .expect("tenant");
+        s.insert_client(&OAuthClient {
+            id: "cli_1".into(),
+            tenant_id: "default".into(),
+            name: "Portal".into(),
+            client_type: "public".into(),
+            secret_hash: None,
+            redirect_uris: vec!["https://a.example/cb".into()],
+            scopes: vec!["docs:read".into()],
+            created_at_ms: 1,
+        })
+        .await
+        .expect("client");
         let code = AuthCode {
             hash: "c1".into(),
             client_id: "cli_1".into(),
@@ -1400,6 +1416,21 @@ async fn oauth_codes_and_refresh_tokens_are_single_use_across_racers() {
             s.shared_secret("x", "second", 2).await.expect("secret"),
             "first"
         );
+
+        // A code outstanding when its client is deleted makes no grant.
+        let late = AuthCode {
+            hash: "c9".into(),
+            ..code.clone()
+        };
+        s.insert_code(&late).await.expect("insert code");
+        s.delete_client("cli_1", 8).await.expect("delete");
+        assert_eq!(
+            s.use_code("c9", &grant_n(9), &refresh("rc_9", "grt_9"), 9)
+                .await
+                .expect("use"),
+            CodeUse::Unknown
+        );
+        assert!(s.get_grant("grt_9").await.expect("get").is_none());
     })
     .await;
 }
@@ -1453,12 +1484,19 @@ async fn oauth_clients_and_signing_keys_round_trip() {
             created_at_ms: 3,
             ..grant.clone()
         };
-        let made = s.client_grant(&standing("grt_s")).await.expect("standing");
+        let made = s
+            .client_grant(&standing("grt_s"))
+            .await
+            .expect("standing")
+            .expect("client exists");
         assert_eq!(made.id, "grt_s");
         assert_eq!(made.expires_at_ms, keygate_store::STANDING_GRANT_EXPIRES);
         assert_eq!(
-            s.client_grant(&standing("grt_t")).await.expect("again").id,
-            "grt_s"
+            s.client_grant(&standing("grt_t"))
+                .await
+                .expect("again")
+                .map(|g| g.id),
+            Some("grt_s".to_owned())
         );
         assert_eq!(s.get_grant("grt_s").await.expect("get"), Some(made.clone()));
         let mut gone = s.delete_client("cli_1", 5).await.expect("delete");
@@ -1471,6 +1509,12 @@ async fn oauth_clients_and_signing_keys_round_trip() {
                 .and_then(|g| g.revoked_at_ms),
             Some(5)
         );
+        // A client gone gets no standing grant.
+        assert_eq!(
+            s.client_grant(&standing("grt_u")).await.expect("read"),
+            None
+        );
+        assert!(s.get_grant("grt_u").await.expect("get").is_none());
         assert_eq!(
             s.get_grant("grt_1")
                 .await

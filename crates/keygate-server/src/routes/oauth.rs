@@ -1013,7 +1013,10 @@ async fn client_credentials(
         }
     };
     // Every token of the client belongs to its standing grant: nothing is written per token.
-    let grant = state.standing_grant(cached).await?;
+    let Some(grant) = state.standing_grant(cached).await? else {
+        // Deleted since this node cached it.
+        return Err(OAuthError::client(false));
+    };
     let scope = scope::join(&scope);
     let now = now_ms();
     let (access, ttl, jti) = mint(state, &grant, &scope, now)?;
