@@ -225,6 +225,19 @@ async fn code_for(fx: &Fixture, browser: &mut Browser, redirect: &str) -> String
     loc.expect("location")
 }
 
+/// `client_credentials` with the secret in the body.
+async fn cc_call(app: &TestApp, id: &str, secret: &str) -> (StatusCode, Value) {
+    token_call(
+        app,
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", id),
+            ("client_secret", secret),
+        ],
+    )
+    .await
+}
+
 async fn token_call(app: &TestApp, form: &[(&str, &str)]) -> (StatusCode, Value) {
     let r = app
         .client
@@ -789,15 +802,7 @@ async fn access_tokens_are_judged_like_keys() {
     );
 
     // client_credentials: an `sk`-like token of the client's tenant, no user, no refresh.
-    let (s, cc) = token_call(
-        app,
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_id", &fx.conf_id),
-            ("client_secret", &fx.conf_secret),
-        ],
-    )
-    .await;
+    let (s, cc) = cc_call(app, &fx.conf_id, &fx.conf_secret).await;
     assert_eq!(s, StatusCode::OK, "{cc}");
     assert!(cc.get("refresh_token").is_none());
     let cc_token = cc["access_token"].as_str().expect("access");
@@ -908,15 +913,7 @@ async fn signing_key_rotation_keeps_old_tokens_valid() {
     let fx = setup(|_| {}).await;
     let app = &fx.app;
     let cc = || async {
-        let (s, v) = token_call(
-            app,
-            &[
-                ("grant_type", "client_credentials"),
-                ("client_id", &fx.conf_id),
-                ("client_secret", &fx.conf_secret),
-            ],
-        )
-        .await;
+        let (s, v) = cc_call(app, &fx.conf_id, &fx.conf_secret).await;
         assert_eq!(s, StatusCode::OK);
         v["access_token"].as_str().expect("token").to_owned()
     };
@@ -1196,15 +1193,7 @@ async fn tokens_issued_on_one_node_work_and_die_on_every_node() {
         client["client_id"].as_str().expect("id"),
         client["client_secret"].as_str().expect("secret"),
     );
-    let (s, t) = token_call(
-        &a,
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_id", id),
-            ("client_secret", secret),
-        ],
-    )
-    .await;
+    let (s, t) = cc_call(&a, id, secret).await;
     assert_eq!(s, StatusCode::OK, "{t}");
     let token = t["access_token"].as_str().expect("token");
     // Both nodes publish the same keys and accept the token.
@@ -1227,15 +1216,7 @@ async fn tokens_issued_on_one_node_work_and_die_on_every_node() {
     let cc = |node: &'static str| {
         let app = if node == "a" { &a } else { &b };
         async move {
-            let (s, t) = token_call(
-                app,
-                &[
-                    ("grant_type", "client_credentials"),
-                    ("client_id", id),
-                    ("client_secret", secret),
-                ],
-            )
-            .await;
+            let (s, t) = cc_call(app, id, secret).await;
             assert_eq!(s, StatusCode::OK, "{t}");
             t["access_token"].as_str().expect("token").to_owned()
         }
@@ -1314,15 +1295,7 @@ async fn tokens_issued_on_one_node_work_and_die_on_every_node() {
         StatusCode::NO_CONTENT
     );
     eventually(|| async {
-        let (s, v) = token_call(
-            &b,
-            &[
-                ("grant_type", "client_credentials"),
-                ("client_id", id),
-                ("client_secret", secret),
-            ],
-        )
-        .await;
+        let (s, v) = cc_call(&b, id, secret).await;
         s == StatusCode::UNAUTHORIZED && v["error"] == "invalid_client"
     })
     .await;
@@ -1357,27 +1330,11 @@ async fn a_client_deleted_behind_a_nodes_back_gets_no_new_grant() {
         .await
         .expect("delete");
     assert_eq!(gone.first(), Some(&fx.conf_id));
-    let (s, v) = token_call(
-        app,
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_id", &fx.conf_id),
-            ("client_secret", &fx.conf_secret),
-        ],
-    )
-    .await;
+    let (s, v) = cc_call(app, &fx.conf_id, &fx.conf_secret).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
     assert_eq!(v["error"], "invalid_client");
     // … and the node forgot it: the next call reads the store.
-    let (s, _) = token_call(
-        app,
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_id", &fx.conf_id),
-            ("client_secret", &fx.conf_secret),
-        ],
-    )
-    .await;
+    let (s, _) = cc_call(app, &fx.conf_id, &fx.conf_secret).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 }
 
@@ -1385,15 +1342,7 @@ async fn a_client_deleted_behind_a_nodes_back_gets_no_new_grant() {
 async fn an_access_token_refused_on_a_management_route_is_told_tokens_may_not_call_it() {
     let fx = setup(|_| {}).await;
     let app = &fx.app;
-    let (_, t) = token_call(
-        app,
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_id", &fx.conf_id),
-            ("client_secret", &fx.conf_secret),
-        ],
-    )
-    .await;
+    let (_, t) = cc_call(app, &fx.conf_id, &fx.conf_secret).await;
     let token = t["access_token"].as_str().expect("token");
     for path in ["/v1/keys", "/v1/audit", "/v1/webhooks", "/v1/oauth/clients"] {
         let r = app
@@ -1434,15 +1383,7 @@ async fn a_key_cannot_delete_an_oauth_client_whose_scopes_it_does_not_hold() {
     let fx = setup(|_| {}).await;
     let app = &fx.app;
     // A live token of the confidential client (scope docs:read).
-    let (_, t) = token_call(
-        app,
-        &[
-            ("grant_type", "client_credentials"),
-            ("client_id", &fx.conf_id),
-            ("client_secret", &fx.conf_secret),
-        ],
-    )
-    .await;
+    let (_, t) = cc_call(app, &fx.conf_id, &fx.conf_secret).await;
     let token = t["access_token"].as_str().expect("token").to_owned();
     assert_eq!(
         auth_status(app, &token, "docs:read").await.0,
