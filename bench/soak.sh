@@ -58,8 +58,14 @@ H=(-H "Authorization: Bearer $PK" -H "Origin: https://claude.ai" -H "X-Keygate-S
 taskset -c 1 wrk -t1 -c32 -d5s "${H[@]}" "$BASE/v1/auth" >"$WORK/max.txt"
 MAX=$(awk '/Requests\/sec/ {printf "%d", $2}' "$WORK/max.txt")
 PROBED=$(awk '/requests in/ {print $1}' "$WORK/max.txt")   # these are in the key's usage too
-CONNS=$(( (MAX / 2 + 639) / 640 ))   # a connection makes about 640 calls/s with its 1 ms pause
 echo 'function delay() return 1 end' >"$WORK/delay.lua"
+# Connections for half the maximum: a guess (a connection makes about 640 calls/s with its
+# 1 ms pause on an embedded node), corrected by 10 s at that guess.
+CONNS=$(( (MAX / 2 + 639) / 640 ))
+taskset -c 1 wrk -t1 -c"$CONNS" -d10s -s "$WORK/delay.lua" "${H[@]}" "$BASE/v1/auth" >"$WORK/calibrate.txt"
+GOT=$(awk '/Requests\/sec/ {printf "%d", $2}' "$WORK/calibrate.txt")
+PROBED=$(( PROBED + $(awk '/requests in/ {print $1}' "$WORK/calibrate.txt") ))
+CONNS=$(( (CONNS * MAX / 2 + GOT - 1) / GOT ))
 
 # Churn: create, rotate (1 s grace) and revoke a key every 200 ms; count what failed.
 python3 - "$BASE" "$ROOT" "$WORK/stop" >"$WORK/churn" <<'PY' &
