@@ -508,7 +508,7 @@ impl Engine {
             },
             Some(("family", f)) => self.invalidate_family(&FamilyId::from(f)),
             Some(("plan", t)) => self.forget_tenant(&TenantId::from(t)),
-            Some(("client", id)) => self.oauth.forget_client(id),
+            Some(("client", id)) => self.forget_client(id),
             Some(("tenant", t)) => {
                 let t = TenantId::from(t);
                 self.counters.pool_changed(&t);
@@ -525,7 +525,7 @@ impl Engine {
         self.cache_gen.fetch_add(1, Ordering::AcqRel);
         self.cache.invalidate_all();
         self.negative.invalidate_all();
-        self.oauth.forget_clients();
+        self.oauth.clients.invalidate_all();
     }
 
     /// Drops every cached key of a rotation family (they share one budget).

@@ -15,7 +15,7 @@ use keygate_store::{KeyRecord, OAuthClient, OAuthGrant, SigningKey, Store, Store
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::Sha256;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// How long a retired signing key stays published beyond the access-token lifetime (covers a
@@ -33,10 +33,9 @@ pub struct OAuth {
     keyring: RwLock<Arc<Keyring>>,
     last_reload_ms: AtomicI64,
     seal_key: Vec<u8>,
-    /// Clients by id, read once and kept until the change feed says they changed.
-    clients: moka::sync::Cache<String, Arc<CachedClient>>,
-    /// Bumped by every client invalidation (see `Engine::fill`).
-    clients_gen: AtomicU64,
+    /// Clients by id, read once and kept until the change feed says they changed (filled
+    /// and dropped under the engine's `cache_gen`, like keys).
+    pub(crate) clients: moka::sync::Cache<String, Arc<CachedClient>>,
 }
 
 /// A client as this node knows it, with its standing `client_credentials` grant once a token
@@ -119,22 +118,9 @@ impl OAuth {
                     config.cache.ttl_seconds.max(1),
                 ))
                 .build(),
-            clients_gen: AtomicU64::new(0),
         };
         oauth.reload(config, store).await?;
         Ok(oauth)
-    }
-
-    /// Drops a client from this node's cache (deleted here or on another node).
-    pub fn forget_client(&self, id: &str) {
-        self.clients_gen.fetch_add(1, Ordering::AcqRel);
-        self.clients.invalidate(id);
-    }
-
-    /// Drops every cached client (the change feed was interrupted).
-    pub fn forget_clients(&self) {
-        self.clients_gen.fetch_add(1, Ordering::AcqRel);
-        self.clients.invalidate_all();
     }
 
     /// The signing key and every published public key.
@@ -364,7 +350,7 @@ impl Engine {
                 return Ok(Some(c));
             }
         }
-        let gen = self.oauth.clients_gen.load(Ordering::Acquire);
+        let gen = self.cache_gen.load(Ordering::Acquire);
         let Some(client) = self.store.get_client(id).await? else {
             return Ok(None);
         };
@@ -373,12 +359,11 @@ impl Engine {
             cached_at: std::time::Instant::now(),
             standing: std::sync::OnceLock::new(),
         });
-        if self.oauth.clients_gen.load(Ordering::Acquire) == gen {
-            self.oauth.clients.insert(id.to_owned(), cached.clone());
-            if self.oauth.clients_gen.load(Ordering::Acquire) != gen {
-                self.oauth.clients.invalidate(id);
-            }
-        }
+        self.fill(
+            gen,
+            || self.oauth.clients.insert(id.to_owned(), cached.clone()),
+            || self.oauth.clients.invalidate(id),
+        );
         Ok(Some(cached))
     }
 
@@ -403,7 +388,7 @@ impl Engine {
         match self.store.client_grant(&candidate).await? {
             Some(g) => Ok(Some(c.standing.get_or_init(|| g).clone())),
             None => {
-                self.oauth.forget_client(&c.client.id);
+                self.forget_client(&c.client.id);
                 Ok(None)
             }
         }
@@ -430,9 +415,15 @@ impl Engine {
         Ok(Some((claims.clone(), active)))
     }
 
+    /// Drops a client from this node's cache (deleted here or on another node).
+    pub fn forget_client(&self, id: &str) {
+        self.cache_gen.fetch_add(1, Ordering::AcqRel);
+        self.oauth.clients.invalidate(id);
+    }
+
     /// A client was deleted: drop it here and on every other node.
     pub async fn client_changed(&self, id: &str) {
-        self.oauth.forget_client(id);
+        self.forget_client(id);
         self.publish(format!("client:{id}")).await;
     }
 

@@ -1333,7 +1333,7 @@ async fn a_client_deleted_behind_a_nodes_back_gets_no_new_grant() {
     let (s, v) = cc_call(app, &fx.conf_id, &fx.conf_secret).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
     assert_eq!(v["error"], "invalid_client");
-    // … and the node forgot it: the next call reads the store.
+    // … and stays refused.
     let (s, _) = cc_call(app, &fx.conf_id, &fx.conf_secret).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
 }

@@ -182,6 +182,20 @@ fn key(id: &str, tenant: &str, kind: Kind, budget: Option<u64>, seed: u8) -> Key
     }
 }
 
+/// A public OAuth client `cli_1` of tenant `default`.
+fn portal() -> keygate_store::OAuthClient {
+    keygate_store::OAuthClient {
+        id: "cli_1".into(),
+        tenant_id: "default".into(),
+        name: "Portal".into(),
+        client_type: "public".into(),
+        secret_hash: None,
+        redirect_uris: vec!["https://a.example/cb".into()],
+        scopes: vec!["docs:read".into()],
+        created_at_ms: 1,
+    }
+}
+
 fn page(limit: u32, cursor: Option<&str>) -> PageRequest {
     PageRequest {
         cursor: cursor.map(Into::into),
@@ -1219,24 +1233,13 @@ fn refresh(hash: &str, grant: &str) -> keygate_store::RefreshToken {
 
 #[tokio::test]
 async fn oauth_codes_and_refresh_tokens_are_single_use_across_racers() {
-    use keygate_store::{AuthCode, CodeUse, OAuthClient, OAuthGrant, RefreshUse};
+    use keygate_store::{AuthCode, CodeUse, OAuthGrant, RefreshUse};
     on_both(|s, _| async move {
         // Codes make grants only for a client that exists.
         s.insert_tenant(&tenant("default", None))
             .await
             .expect("tenant");
-        s.insert_client(&OAuthClient {
-            id: "cli_1".into(),
-            tenant_id: "default".into(),
-            name: "Portal".into(),
-            client_type: "public".into(),
-            secret_hash: None,
-            redirect_uris: vec!["https://a.example/cb".into()],
-            scopes: vec!["docs:read".into()],
-            created_at_ms: 1,
-        })
-        .await
-        .expect("client");
+        s.insert_client(&portal()).await.expect("client");
         let code = AuthCode {
             hash: "c1".into(),
             client_id: "cli_1".into(),
@@ -1437,18 +1440,9 @@ async fn oauth_codes_and_refresh_tokens_are_single_use_across_racers() {
 
 #[tokio::test]
 async fn oauth_clients_and_signing_keys_round_trip() {
-    use keygate_store::{OAuthClient, SigningKey};
+    use keygate_store::SigningKey;
     on_both(|s, _| async move {
-        let c = OAuthClient {
-            id: "cli_1".into(),
-            tenant_id: "default".into(),
-            name: "Portal".into(),
-            client_type: "public".into(),
-            secret_hash: None,
-            redirect_uris: vec!["https://a.example/cb".into()],
-            scopes: vec!["docs:read".into()],
-            created_at_ms: 1,
-        };
+        let c = portal();
         s.insert_tenant(&tenant("default", None))
             .await
             .expect("tenant");
