@@ -5,10 +5,13 @@
 //! `cargo bench -p keygate-server --bench scale` (prints `bytes per cached key` per size).
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use keygate_core::{FamilyId, KeyId, Kind, RequestFacts, RouteClass};
-use keygate_server::{Application, Config};
+use keygate_core::{FamilyId, KeyId, Kind};
+use keygate_server::Config;
 use std::sync::Arc;
 use std::time::Instant;
+
+mod support;
+use support::facts;
 
 /// Resident memory of this process, bytes (Linux `/proc/self/statm`).
 fn rss() -> u64 {
@@ -27,30 +30,11 @@ fn bench(c: &mut Criterion) {
             .expect("runtime");
         let dir = tempfile::tempdir().expect("tempdir");
         let (state, keys, app) = rt.block_on(async {
-            let mut config = Config {
-                listen: "127.0.0.1:0".into(),
-                database_url: format!("sqlite://{}", dir.path().join("bench.db").display()),
-                ..Config::default()
-            };
+            let mut config = Config::default();
             config.cache.max_entries = n as u64 + 16;
             config.cache.ttl_seconds = 3600;
-            let app = Application::build(config).await.expect("app");
+            let (app, _, mut template) = support::node_with_key(dir.path(), config).await;
             let state = app.state().clone();
-            let body: keygate_engine::issue::CreateKey =
-                serde_json::from_value(serde_json::json!({
-                    "kind": "pk", "name": "bench", "preset": "aidemo",
-                    "rate_limit": {"limit": 1_000_000_000u32, "window_seconds": 60},
-                }))
-                .expect("body");
-            let (_, mut template) = keygate_engine::issue::build_key(
-                &state.issuer(),
-                &*state.store,
-                &"default".into(),
-                body,
-                keygate_engine::clock::now_ms(),
-            )
-            .await
-            .expect("key");
             // No budget (the preset sets one): a budget is leased from the key's row, and
             // these keys have none in the store (the pipeline bench measures the leases).
             template.budget = None;
@@ -87,18 +71,6 @@ fn bench(c: &mut Criterion) {
             );
             (state, keys, app)
         });
-        let facts = |now| RequestFacts {
-            path: None,
-            method: "POST",
-            route_class: RouteClass::Normal,
-            scope: Some("ocr:read"),
-            origin: Some("https://claude.ai"),
-            ip: Some("10.1.2.3".parse().expect("ip")),
-            tenant_id: None,
-            cost: 1,
-            now_ms: now,
-            management: false,
-        };
         let mut next = 0usize;
         c.bench_function(&format!("authorize, {n} cached keys"), |b| {
             b.iter_custom(|iters| {
